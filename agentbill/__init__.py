@@ -1,0 +1,37 @@
+"""agentbill: pre-flight budget enforcement for AI agent runs.
+
+Every worker runs the same atomic Lua scripts in one shared Redis: a run is checked against the
+ceilings and its estimate reserved before it starts, and its actual units recorded after.
+"""
+
+from agentbill._client import AgentBillClient
+from agentbill._exceptions import (
+    AgentBillError,
+    BudgetExhaustedError,
+    CeilingExceededError,
+    InvalidRequestError,
+    RunBlockedError,
+    StoreError,
+    StoreUnavailableError,
+    TaskCeilingExceededError,
+)
+from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentBillClient",
+    "AgentBillError",
+    "BudgetExhaustedError",
+    "BudgetStatus",
+    "CeilingExceededError",
+    "Check",
+    "InvalidRequestError",
+    "RunBlockedError",
+    "Settlement",
+    "StoreError",
+    "StoreUnavailableError",
+    "TaskCeilingExceededError",
+    "TaskStatus",
+    "__version__",
+]

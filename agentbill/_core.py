@@ -1,0 +1,315 @@
+"""The logic of every operation, without I/O.
+
+Each operation is three steps: validate the arguments (``_models``), build the script's KEYS and
+ARGV (``*_call``), and decode the script's reply into a result (``decode_*``). The sync and async
+clients only add the round trip in between, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, NamedTuple, cast
+
+from agentbill._exceptions import InvalidRequestError
+from agentbill._keys import CustomerKeys, KeySpace, digest, reservation_id, tag_of_reservation
+from agentbill._models import (
+    ClientSettings,
+    PreflightRequest,
+    RecordRequest,
+)
+from agentbill._results import BudgetStatus, Check, Reason, Settlement, SettleStatus, TaskStatus
+
+DEFAULT_CUSTOMER = "default"
+# A retry of a record() without a reservation id is recognised by an internal request id;
+# retries finish within seconds, so it need not be remembered as long as a user's key.
+REQUEST_ID_TTL_MS = 10 * 60 * 1000
+
+Reply = Sequence[Any]
+
+
+class Call(NamedTuple):
+    """One script invocation: which script, its KEYS and its ARGV."""
+
+    script: str
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The client's settings in the units the scripts take (ms, plain ints)."""
+
+    keys: KeySpace
+    ceiling: int | None
+    reservation_ttl_ms: int
+    idempotency_ttl_ms: int
+    retention_ms: int
+    reap_limit: int
+
+    @classmethod
+    def from_settings(cls, s: ClientSettings) -> Policy:
+        return cls(
+            keys=KeySpace(s.namespace),
+            ceiling=s.ceiling,
+            reservation_ttl_ms=s.reservation_ttl * 1000,
+            idempotency_ttl_ms=s.idempotency_ttl * 1000,
+            retention_ms=s.outcome_retention * 1000,
+            reap_limit=s.reap_limit,
+        )
+
+
+def new_token() -> str:
+    """A random token for reservation and request ids (96 bits)."""
+    return os.urandom(12).hex()
+
+
+def fingerprint(*parts: object) -> str:
+    """What makes two requests under one idempotency key "the same request"."""
+    text = "\x1f".join("" if p is None else str(p) for p in parts)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _opt(value: int | None) -> str | int:
+    return "" if value is None else value
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _remaining(limit: int | None, used: int) -> int | None:
+    return None if limit is None else max(0, limit - used)
+
+
+def _datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def customer_of(customer_id: str | None) -> str:
+    return DEFAULT_CUSTOMER if customer_id is None else customer_id
+
+
+# -- preflight ---------------------------------------------------------------------------------
+
+
+def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, str]:
+    """KEYS/ARGV for preflight.lua, and the id of the reservation it would create."""
+    ck = p.keys.customer(req.customer_id)
+    rid = reservation_id(ck.tag, token)
+    task_digest = digest(req.task_ref) if req.task_ref is not None else ""
+    if req.idempotency_key is not None:
+        idem_key = ck.idempotency("preflight", req.idempotency_key)
+        fp = fingerprint(
+            "preflight", req.agent_id, req.estimated_units, req.task_ref, req.task_ceiling, req.ttl
+        )
+    else:
+        # Unused by the script, but every key a script may touch is declared (Redis Cluster).
+        idem_key, fp = ck.idempotency("preflight", rid), ""
+    ttl_ms = req.ttl * 1000 if req.ttl is not None else p.reservation_ttl_ms
+    args: tuple[str | int, ...] = (
+        rid,
+        req.estimated_units,
+        _opt(p.ceiling),
+        ttl_ms,
+        req.agent_id,
+        req.task_ref or "",
+        task_digest,
+        _opt(req.task_ceiling),
+        digest(req.agent_id, req.task_ref or ""),
+        fp,
+        p.idempotency_ttl_ms,
+        p.reap_limit,
+        p.retention_ms,
+        req.customer_id,
+    )
+    return Call("preflight", (*ck.fixed, idem_key), args), rid
+
+
+def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy) -> Check:
+    """preflight.lua's reply as a Check (not yet bound to a client)."""
+    approved = int(reply[0]) == 1
+    reason = cast(Reason, _text(reply[1])) if reply[1] is not None else None
+    limit = _int_or_none(reply[4])
+    spent, reserved = int(reply[5]), int(reply[6])
+    task_ceiling = _int_or_none(reply[7])
+    task_used, task_reserved = int(reply[8]), int(reply[9])
+    if task_ceiling is None and req.task_ceiling is not None and not approved:
+        task_ceiling = req.task_ceiling  # the ceiling this refused call would have opened
+    rule_limit = {
+        "ceiling_exceeded": p.ceiling,
+        "task_ceiling_exceeded": task_ceiling,
+    }.get(reason or "", limit)
+    has_task = req.task_ref is not None
+    return Check(
+        approved=approved,
+        reason=reason,
+        reservation_id=_text(reply[2]) if reply[2] is not None else None,
+        expires_at=_datetime(int(reply[3])) if reply[3] is not None else None,
+        remaining=_remaining(limit, spent + reserved),
+        limit=rule_limit,
+        agent_id=req.agent_id,
+        customer_id=req.customer_id,
+        estimated_units=req.estimated_units,
+        task_ref=req.task_ref,
+        task_ceiling=task_ceiling,
+        task_used=task_used if has_task else None,
+        task_remaining=_remaining(task_ceiling, task_used + task_reserved) if has_task else None,
+        replayed=int(reply[11]) == 1,
+    )
+
+
+# -- record / release --------------------------------------------------------------------------
+
+
+def settle_keys(p: Policy, req: RecordRequest) -> tuple[CustomerKeys, str]:
+    """The customer keys a record touches, and the customer id to store ('' if unknown).
+
+    With a reservation id, its embedded tag decides; a customer_id that names another customer
+    contradicts it and is refused before anything is written.
+    """
+    if req.reservation_id is None:
+        customer = customer_of(req.customer_id)
+        return p.keys.customer(customer), customer
+    ck = reservation_keys(p, req.reservation_id)
+    if req.customer_id is not None and p.keys.customer(req.customer_id).tag != ck.tag:
+        raise InvalidRequestError(
+            "customer_id", "contradicts reservation_id (it belongs to another customer)"
+        )
+    return ck, req.customer_id or ""
+
+
+def reservation_keys(p: Policy, rid: str) -> CustomerKeys:
+    tag = tag_of_reservation(rid)
+    if tag is None:
+        raise InvalidRequestError("reservation_id", "is not a reservation id issued by agentbill")
+    return p.keys.by_tag(tag)
+
+
+def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
+    """KEYS/ARGV for settle.lua, as record() calls it."""
+    ck, customer = settle_keys(p, req)
+    task_ref = req.task_ref or ""
+    if req.idempotency_key is not None:
+        idem_key = ck.idempotency("record", req.idempotency_key)
+        fp = fingerprint(
+            "record", req.reservation_id, req.agent_id, req.units, req.task_ref, req.success
+        )
+        ttl = p.idempotency_ttl_ms
+    elif req.reservation_id is None:
+        # Without an id a retried call could close a second reservation or charge twice:
+        # the request id makes the client's own retries land once.
+        idem_key, fp, ttl = ck.request(token), "request", REQUEST_ID_TTL_MS
+    else:
+        idem_key, fp, ttl = ck.request(token), "", REQUEST_ID_TTL_MS
+    args: tuple[str | int, ...] = (
+        req.reservation_id or "",
+        req.units,
+        1 if req.success else 0,
+        req.agent_id,
+        task_ref,
+        digest(task_ref) if req.task_ref is not None else "",
+        digest(req.agent_id, task_ref),
+        fp,
+        ttl,
+        p.reap_limit,
+        p.retention_ms,
+        customer,
+    )
+    return Call("settle", (*ck.fixed, idem_key), args)
+
+
+def release_call(p: Policy, rid: str, token: str) -> Call:
+    """KEYS/ARGV for settle.lua, as release() calls it."""
+    ck = reservation_keys(p, rid)
+    args: tuple[str | int, ...] = (
+        rid,
+        0,
+        0,
+        "",
+        "",
+        "",
+        "",
+        "",
+        REQUEST_ID_TTL_MS,
+        p.reap_limit,
+        p.retention_ms,
+        "",
+    )
+    return Call("settle", (*ck.fixed, ck.request(token)), args)
+
+
+def decode_settle(reply: Reply, metadata: dict[str, Any] | None = None) -> Settlement:
+    limit = _int_or_none(reply[6])
+    spent, reserved = int(reply[7]), int(reply[8])
+    return Settlement(
+        status=cast(SettleStatus, _text(reply[0])),
+        reservation_id=_text(reply[1]) if reply[1] is not None else None,
+        charged=int(reply[2]),
+        released=int(reply[3]),
+        late=int(reply[4]) == 1,
+        replayed=int(reply[5]) == 1,
+        spent=spent,
+        reserved=reserved,
+        limit=limit,
+        remaining=_remaining(limit, spent + reserved),
+        metadata=metadata,
+    )
+
+
+# -- admin -------------------------------------------------------------------------------------
+
+
+def set_budget_call(p: Policy, customer_id: str, limit: int | None) -> Call:
+    ck = p.keys.customer(customer_id)
+    return Call("set_budget", ck.fixed, (_opt(limit), customer_id, p.reap_limit, p.retention_ms))
+
+
+def get_budget_call(p: Policy, customer_id: str) -> Call:
+    ck = p.keys.customer(customer_id)
+    return Call("get_budget", ck.fixed, (p.reap_limit, p.retention_ms))
+
+
+def decode_budget(reply: Reply, customer_id: str) -> BudgetStatus:
+    limit = _int_or_none(reply[0])
+    spent, reserved = int(reply[1]), int(reply[2])
+    return BudgetStatus(
+        customer_id=customer_id,
+        limit=limit,
+        spent=spent,
+        reserved=reserved,
+        remaining=_remaining(limit, spent + reserved),
+        open_reservations=int(reply[3]),
+    )
+
+
+def open_task_call(p: Policy, customer_id: str, task_ref: str, ceiling: int | None) -> Call:
+    ck = p.keys.customer(customer_id)
+    args = (digest(task_ref), task_ref, _opt(ceiling), p.reap_limit, p.retention_ms)
+    return Call("open_task", ck.fixed, args)
+
+
+def get_task_call(p: Policy, customer_id: str, task_ref: str) -> Call:
+    ck = p.keys.customer(customer_id)
+    return Call("get_task", ck.fixed, (digest(task_ref), p.reap_limit, p.retention_ms))
+
+
+def decode_task(reply: Reply, customer_id: str, task_ref: str) -> TaskStatus:
+    ceiling = _int_or_none(reply[0])
+    used, reserved = int(reply[1]), int(reply[2])
+    return TaskStatus(
+        task_ref=task_ref,
+        customer_id=customer_id,
+        ceiling=ceiling,
+        used=used,
+        reserved=reserved,
+        remaining=_remaining(ceiling, used + reserved),
+        exists=int(reply[3]) == 1,
+    )

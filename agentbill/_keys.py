@@ -1,0 +1,126 @@
+"""The only place that builds Redis key names.
+
+Every key of one customer carries the same hash tag, ``{<tag>}``, so a script that touches all
+of them runs on one Redis Cluster slot. The tag is a digest of the customer id, not the id
+itself: customer ids may hold any printable character (``{``, ``}``, ``:``, ...), and a
+reservation id must carry the tag while staying within the 256-character id limit.
+
+Layout, for namespace ``ns`` and customer tag ``t``::
+
+    ns:{t}:budget   hash  limit (absent: unlimited), spent, reserved, open, seq, customer
+    ns:{t}:res      hash  reservation id -> open reservation (JSON)
+    ns:{t}:exp      zset  reservation id, scored by expiry (ms, Redis clock)
+    ns:{t}:open     zset  "<group>:<seq>:<reservation id>", lexical; oldest open per group
+    ns:{t}:tasks    hash  "<task digest>:c|u|r|n" -> ceiling, used, reserved, name
+    ns:{t}:closed   hash  reservation id -> outcome of a closed reservation (JSON)
+    ns:{t}:closedx  zset  reservation id, scored by when its outcome may be forgotten
+    ns:{t}:idem:<op>:<k>  str  idempotency record of a user's key k for one operation (TTL)
+    ns:{t}:req:<id>       str  the client's own request id, so its retries land once (TTL)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import quote
+
+RESERVATION_PREFIX = "rsv"
+
+
+def customer_tag(customer_id: str) -> str:
+    """The hash tag shared by every key of ``customer_id`` (96-bit digest, hex)."""
+    return hashlib.blake2b(customer_id.encode(), digest_size=12).hexdigest()
+
+
+def digest(*parts: str) -> str:
+    """A short fixed-length name for a tuple of ids (task refs, agent groups) inside a hash."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def namespace_prefix(namespace: str) -> str:
+    """``namespace`` made safe for key names and ACL key patterns (no ``{}*?[]:``)."""
+    return quote(namespace, safe="")
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerKeys:
+    """The fixed keys of one customer, in the order every script takes them as KEYS[1..7]."""
+
+    prefix: str
+    tag: str
+    budget: str
+    res: str
+    exp: str
+    open: str
+    tasks: str
+    closed: str
+    closedx: str
+
+    @property
+    def fixed(self) -> tuple[str, str, str, str, str, str, str]:
+        return (self.budget, self.res, self.exp, self.open, self.tasks, self.closed, self.closedx)
+
+    def idempotency(self, operation: str, key: str) -> str:
+        """The key remembering a user's idempotency key for one operation."""
+        return f"{self.prefix}:idem:{operation}:{quote(key, safe='')}"
+
+    def request(self, token: str) -> str:
+        """The key remembering one internal request id (the client's own retries)."""
+        return f"{self.prefix}:req:{token}"
+
+
+@lru_cache(maxsize=65536)
+def _customer_keys(ns: str, tag: str) -> CustomerKeys:
+    p = f"{ns}:{{{tag}}}"
+    return CustomerKeys(
+        prefix=p,
+        tag=tag,
+        budget=f"{p}:budget",
+        res=f"{p}:res",
+        exp=f"{p}:exp",
+        open=f"{p}:open",
+        tasks=f"{p}:tasks",
+        closed=f"{p}:closed",
+        closedx=f"{p}:closedx",
+    )
+
+
+class KeySpace:
+    """Key names for one namespace."""
+
+    __slots__ = ("namespace", "prefix")
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.prefix = namespace_prefix(namespace)
+
+    def customer(self, customer_id: str) -> CustomerKeys:
+        return _customer_keys(self.prefix, customer_tag(customer_id))
+
+    def by_tag(self, tag: str) -> CustomerKeys:
+        return _customer_keys(self.prefix, tag)
+
+    def pattern(self) -> str:
+        """A glob matching every key of this namespace (for ACLs and admin scans)."""
+        return f"{self.prefix}:*"
+
+
+def reservation_id(tag: str, token: str) -> str:
+    """An opaque reservation id that carries its customer's tag: ``rsv.<tag>.<token>``."""
+    return f"{RESERVATION_PREFIX}.{tag}.{token}"
+
+
+def tag_of_reservation(reservation_id: str) -> str | None:
+    """The customer tag inside a reservation id, or None if the id is not one of ours."""
+    parts = reservation_id.split(".")
+    if len(parts) != 3 or parts[0] != RESERVATION_PREFIX:
+        return None
+    tag = parts[1]
+    if len(tag) != 24 or any(ch not in "0123456789abcdef" for ch in tag):
+        return None
+    return tag

@@ -1,0 +1,168 @@
+"""Pydantic models for what users hand in: client settings and each operation's arguments.
+
+Validation happens here, once, at the boundary; everything past it passes plain ints and strs.
+A :class:`pydantic.ValidationError` never escapes: :func:`validate` turns it into an
+:class:`~agentbill.InvalidRequestError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import unicodedata
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    StringConstraints,
+    ValidationError,
+)
+
+from agentbill._exceptions import InvalidRequestError
+
+# Lua numbers are doubles: integers are exact up to 2**53 - 1.
+MAX_UNITS = 2**53 - 1
+MAX_ID_LENGTH = 256
+# A TTL up to ~68 years in seconds still fits comfortably in a double of milliseconds.
+MAX_TTL_SECONDS = 2**31 - 1
+MAX_METADATA_BYTES = 4096
+
+
+def _no_control_characters(value: str) -> str:
+    for ch in value:
+        if unicodedata.category(ch) == "Cc":
+            raise ValueError(f"must not contain control characters (found {ch!r})")
+    return value
+
+
+Id = Annotated[
+    str,
+    Strict(),
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH),
+    AfterValidator(_no_control_characters),
+]
+"""Any id: a non-empty str of at most 256 characters with no control character (Cc)."""
+
+Units = Annotated[int, Strict(), Field(ge=0, le=MAX_UNITS)]
+"""Units: an int (not a bool or float) from 0 to 2**53 - 1."""
+
+Seconds = Annotated[int, Strict(), Field(ge=1, le=MAX_TTL_SECONDS)]
+"""A TTL in whole seconds, at least 1."""
+
+Timeout = Annotated[float, Field(gt=0, le=300, allow_inf_nan=False)]
+
+
+def _json_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        encoded = json.dumps(value, allow_nan=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be JSON-serialisable without NaN or infinity ({exc})") from None
+    if len(encoded.encode()) > MAX_METADATA_BYTES:
+        raise ValueError(f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON")
+    return value
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_json_metadata)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+class ClientSettings(_Request):
+    """Everything ``AgentBillClient(...)`` accepts besides a ready-made redis client."""
+
+    api_key: SecretStr | None = None
+    ceiling: Units | None = None
+    redis_url: Annotated[str, Strict(), StringConstraints(min_length=1)] | None = None
+    namespace: Id = "agentbill"
+    reservation_ttl: Seconds = 3600
+    idempotency_ttl: Seconds = 24 * 3600
+    outcome_retention: Seconds = 24 * 3600
+    reap_limit: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 100
+    connect_timeout: Timeout = 1.0
+    socket_timeout: Timeout = 2.0
+    retry_attempts: Annotated[int, Strict(), Field(ge=1, le=10)] = 3
+    retry_deadline: Timeout = 2.5
+
+
+class PreflightRequest(_Request):
+    agent_id: Id
+    estimated_units: Units
+    customer_id: Id
+    task_ref: Id | None = None
+    task_ceiling: Units | None = None
+    idempotency_key: Id | None = None
+    ttl: Seconds | None = None
+
+
+class RecordRequest(_Request):
+    agent_id: Id
+    units: Units
+    customer_id: Id | None = None
+    reservation_id: Id | None = None
+    task_ref: Id | None = None
+    success: Annotated[bool, Strict()] = True
+    idempotency_key: Id | None = None
+    metadata: Metadata | None = None
+
+
+class ReservationRef(_Request):
+    reservation_id: Id
+
+
+class BudgetRequest(_Request):
+    customer_id: Id
+    limit: Units | None = None
+
+
+class TaskRequest(_Request):
+    task_ref: Id
+    customer_id: Id
+    ceiling: Units | None = None
+
+
+class CustomerRef(_Request):
+    customer_id: Id
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], **values: object) -> M:
+    """Build ``model`` from ``values`` or raise InvalidRequestError naming the first bad field."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequestError:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    field = ".".join(str(part) for part in err["loc"]) or "request"
+    message = err["msg"]
+    # Name the offending value's type for wrong-type errors, never the value itself:
+    # ids and keys may be secrets (an api_key, say) and must stay out of messages and logs.
+    return InvalidRequestError(field, message)
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _UnitsValue(_Request):
+    units: Units
+
+
+def validate_units(field: str, value: object) -> int:
+    """``value`` as units, or InvalidRequestError naming ``field``."""
+    try:
+        return _UnitsValue(units=value).units  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = _invalid(exc)
+        raise InvalidRequestError(field, str(err).split(": ", 1)[1]) from None

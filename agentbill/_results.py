@@ -1,0 +1,143 @@
+"""Small frozen results: what each operation returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from agentbill._exceptions import (
+    BudgetExhaustedError,
+    CeilingExceededError,
+    InvalidRequestError,
+    RunBlockedError,
+    TaskCeilingExceededError,
+)
+
+if TYPE_CHECKING:
+    from agentbill._client import AgentBillClient
+
+Reason = Literal["ceiling_exceeded", "budget_exhausted", "task_ceiling_exceeded"]
+SettleStatus = Literal["recorded", "released", "late", "expired", "direct", "noop"]
+
+_ERRORS: dict[str, type[RunBlockedError]] = {
+    "ceiling_exceeded": CeilingExceededError,
+    "budget_exhausted": BudgetExhaustedError,
+    "task_ceiling_exceeded": TaskCeilingExceededError,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Check:
+    """The decision of one preflight.
+
+    A refusal is returned, not raised: test ``approved``, or call :meth:`raise_for_refusal`.
+    When approved, the estimate is held in a reservation until :meth:`record`,
+    :meth:`release` or ``expires_at``.
+    """
+
+    approved: bool
+    reason: Reason | None
+    """None when approved; else which rule refused."""
+    reservation_id: str | None
+    expires_at: datetime | None
+    """When an unsettled reservation gives its units back (UTC, Redis clock)."""
+    remaining: int | None
+    """The customer's units left after this reservation; None when the customer is unlimited."""
+    limit: int | None
+    """The limit of the rule that refused; when approved, the customer's budget limit."""
+    agent_id: str
+    customer_id: str
+    estimated_units: int
+    task_ref: str | None = None
+    task_ceiling: int | None = None
+    task_used: int | None = None
+    task_remaining: int | None = None
+    replayed: bool = False
+    """True when this is the remembered answer to an earlier identical request."""
+    _client: AgentBillClient | None = field(default=None, repr=False, compare=False)
+
+    def __bool__(self) -> bool:
+        return self.approved
+
+    def raise_for_refusal(self) -> Check:
+        """Return self when approved; else raise the RunBlockedError subclass for ``reason``."""
+        if self.approved:
+            return self
+        raise _ERRORS.get(self.reason or "", RunBlockedError)(self)
+
+    def record(self, units: int, **kwargs: Any) -> Settlement:
+        """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
+        client, rid = self._bound()
+        return client.record(
+            self.agent_id,
+            units,
+            self.customer_id,
+            reservation_id=rid,
+            task_ref=self.task_ref,
+            **kwargs,
+        )
+
+    def release(self) -> Settlement:
+        """Close this reservation without charging anything."""
+        client, rid = self._bound()
+        return client.release(rid)
+
+    def _bound(self) -> tuple[AgentBillClient, str]:
+        if self._client is None or self.reservation_id is None:
+            raise InvalidRequestError(
+                "reservation_id", f"this check was refused ({self.reason}); it holds nothing"
+            )
+        return self._client, self.reservation_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settlement:
+    """The outcome of ``record`` or ``release``.
+
+    ``status``: ``recorded`` (closed and charged), ``released`` (closed, nothing charged),
+    ``late`` (the reservation had expired; its units were charged now), ``expired`` (it had
+    expired and nothing was charged), ``direct`` (no reservation to close: charged directly),
+    ``noop`` (nothing to close and nothing to charge).
+    """
+
+    status: SettleStatus
+    reservation_id: str | None
+    charged: int
+    """Units charged by the close this describes (for a replay: by the first close)."""
+    released: int
+    """Reserved units given back by this call."""
+    late: bool
+    replayed: bool
+    """True when the reservation was already closed (or the idempotency key already used):
+    nothing changed and ``status`` and ``charged`` are those of the first close."""
+    spent: int
+    reserved: int
+    limit: int | None
+    remaining: int | None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BudgetStatus:
+    """A customer's budget. ``limit`` None means unlimited (then ``remaining`` is None)."""
+
+    customer_id: str
+    limit: int | None
+    spent: int
+    reserved: int
+    remaining: int | None
+    open_reservations: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskStatus:
+    """A task's ceiling and use. ``ceiling`` None means attribution only (no ceiling)."""
+
+    task_ref: str
+    customer_id: str
+    ceiling: int | None
+    used: int
+    reserved: int
+    remaining: int | None
+    exists: bool
