@@ -16,7 +16,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from agentbill._exceptions import (
@@ -49,7 +50,7 @@ def _policy(attempts: int, deadline: float) -> dict[str, object]:
     return {
         "retry": retry_if_exception(is_transient),
         "stop": stop_after_attempt(attempts) | stop_after_delay(deadline),
-        "wait": wait_exponential_jitter(initial=0.05, max=0.5, jitter=0.05),
+        "wait": wait_exponential(multiplier=0.05, max=0.5) + wait_random(0, 0.05),
         "reraise": True,
     }
 

@@ -26,6 +26,14 @@ local function fmt(n)
   return string.format('%d', n)
 end
 
+-- HINCRBY with an exact integer argument. Skips zero: Lua's -0 would reach Redis as "-0",
+-- which HINCRBY rejects as "not an integer".
+local function incr(key, field, delta)
+  if delta ~= 0 then
+    return redis.call('HINCRBY', key, field, fmt(delta))
+  end
+end
+
 local function split(s)
   local out = {}
   for field in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do
@@ -44,16 +52,12 @@ end
 -- scope, charge `charged` units, and remember the outcome for `retention` ms.
 local function close_reservation(rid, r, status, charged, now, retention)
   local est = tonumber(r[4])
-  redis.call('HINCRBY', K.budget, 'reserved', -est)
-  redis.call('HINCRBY', K.budget, 'open', -1)
-  if charged > 0 then
-    redis.call('HINCRBY', K.budget, 'spent', charged)
-  end
+  incr(K.budget, 'reserved', -est)
+  incr(K.budget, 'open', -1)
+  incr(K.budget, 'spent', charged)
   if r[3] ~= '' then
-    redis.call('HINCRBY', K.tasks, r[3] .. ':r', -est)
-    if charged > 0 then
-      redis.call('HINCRBY', K.tasks, r[3] .. ':u', charged)
-    end
+    incr(K.tasks, r[3] .. ':r', -est)
+    incr(K.tasks, r[3] .. ':u', charged)
   end
   redis.call('HDEL', K.res, rid)
   redis.call('ZREM', K.exp, rid)

@@ -103,9 +103,9 @@ if reason then
 end
 
 -- Every rule passed: reserve on every scope.
-local seq = redis.call('HINCRBY', K.budget, 'seq', 1)
-redis.call('HINCRBY', K.budget, 'reserved', units)
-redis.call('HINCRBY', K.budget, 'open', 1)
+local seq = incr(K.budget, 'seq', 1)
+incr(K.budget, 'reserved', units)
+incr(K.budget, 'open', 1)
 redis.call('HSETNX', K.budget, 'customer', customer_id)
 if tf ~= '' then
   if not task_exists then
@@ -114,7 +114,7 @@ if tf ~= '' then
       redis.call('HSET', K.tasks, tf .. ':c', task_ceiling)
     end
   end
-  redis.call('HINCRBY', K.tasks, tf .. ':r', units)
+  incr(K.tasks, tf .. ':r', units)
 end
 local expires = now + ttl
 local member = group .. ':' .. string.format('%016d', seq) .. ':' .. rid

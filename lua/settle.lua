@@ -66,13 +66,13 @@ local function charge_direct(id, late)
   if not charge or units == 0 then
     return remember('noop', id, 0, 0, late)
   end
-  redis.call('HINCRBY', K.budget, 'spent', units)
+  incr(K.budget, 'spent', units)
   if customer_id ~= '' then
     redis.call('HSETNX', K.budget, 'customer', customer_id)
   end
   if tf ~= '' then
     redis.call('HSETNX', K.tasks, tf .. ':n', task_ref)
-    redis.call('HINCRBY', K.tasks, tf .. ':u', units)
+    incr(K.tasks, tf .. ':u', units)
   end
   return remember('direct', id, units, 0, late)
 end
@@ -114,9 +114,9 @@ local o = split(closed)
 if o[1] == 'expired' and charge and units > 0 then
   -- The reservation expired before this record arrived: its estimate is already back in the
   -- budget; charge what was used, once, against the scopes it was reserved on.
-  redis.call('HINCRBY', K.budget, 'spent', units)
+  incr(K.budget, 'spent', units)
   if o[4] ~= '' then
-    redis.call('HINCRBY', K.tasks, o[4] .. ':u', units)
+    incr(K.tasks, o[4] .. ':u', units)
   end
   o[1] = 'late'
   o[9] = fmt(units)

@@ -1,0 +1,52 @@
+"""Fixtures: a real redis-server started by the suite, and clients isolated by namespace."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import redis
+from agentbill import AgentBillClient
+from tests._servers import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests stay apart by namespace, never by flushing."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def client(redis_server: RedisServer, namespace: str) -> Iterator[AgentBillClient]:
+    with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
+        yield c
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain redis-py connection to the same server, for looking behind the client's back."""
+    with redis_server.client(decode_responses=True) as r:
+        yield r
+
+
+def namespace_keys(raw: redis.Redis, namespace: str) -> dict[str, object]:
+    """Every key of a namespace with its value, to prove that nothing was written."""
+    out: dict[str, object] = {}
+    for key in raw.scan_iter(match=f"{namespace}:*", count=1000):
+        kind = raw.type(key)
+        if kind == "hash":
+            out[key] = raw.hgetall(key)
+        elif kind == "zset":
+            out[key] = raw.zrange(key, 0, -1, withscores=True)
+        else:
+            out[key] = raw.get(key)
+    return out
