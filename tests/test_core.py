@@ -1,0 +1,72 @@
+"""The I/O-free core: keys, ids, argument building and reply decoding. No server needed."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from agentbill import InvalidRequestError
+from agentbill._core import Policy, preflight_call, record_call, release_call
+from agentbill._keys import KeySpace, customer_tag, tag_of_reservation
+from agentbill._models import ClientSettings, PreflightRequest, RecordRequest
+
+POLICY = Policy.from_settings(ClientSettings(namespace="ns"))
+
+
+def test_reservation_id_carries_the_customer_tag_within_256_chars() -> None:
+    req = PreflightRequest(agent_id="a", estimated_units=1, customer_id="c" * 256)
+    call, rid = preflight_call(POLICY, req, "0" * 24)
+    assert len(rid) <= 256
+    assert tag_of_reservation(rid) == customer_tag("c" * 256)
+    assert rid in call.args
+
+
+def test_all_keys_of_one_call_share_one_slot() -> None:
+    req = PreflightRequest(
+        agent_id="a", estimated_units=1, customer_id="{weird}:id", idempotency_key="k{}"
+    )
+    call, _ = preflight_call(POLICY, req, "1" * 24)
+    assert len({key_slot(k.encode()) for k in call.keys}) == 1
+
+
+@pytest.mark.parametrize("namespace", ["plain", "with:colon", "br{ace}s", "glob*?[x]", "spa ce"])
+def test_namespace_prefix_is_safe_for_hash_tags_and_acl_globs(namespace: str) -> None:
+    prefix = KeySpace(namespace).prefix
+    assert not set(prefix) & set("{}*?[]: ")
+    keys = KeySpace(namespace).customer("c")
+    assert keys.budget.startswith(prefix + ":{")
+
+
+def test_distinct_namespaces_never_share_keys() -> None:
+    a, b = KeySpace("a:b").customer("c"), KeySpace("a").customer("c")
+    assert not set(a.fixed) & set(b.fixed)
+
+
+@pytest.mark.parametrize("rid", ["", "rsv", "rsv.x.y", "rsv." + "g" * 24 + ".t", "abc.def.ghi"])
+def test_foreign_reservation_ids_are_rejected(rid: str) -> None:
+    assert tag_of_reservation(rid) is None
+
+
+def test_record_contradicting_customer_is_rejected_without_io() -> None:
+    _, rid = preflight_call(
+        POLICY, PreflightRequest(agent_id="a", estimated_units=1, customer_id="alice"), "2" * 24
+    )
+    req = RecordRequest(agent_id="a", units=1, customer_id="bob", reservation_id=rid)
+    with pytest.raises(InvalidRequestError) as info:
+        record_call(POLICY, req, "t")
+    assert info.value.field == "customer_id"
+
+
+def test_record_without_id_carries_a_request_id_so_retries_land_once() -> None:
+    req = RecordRequest(agent_id="a", units=1, customer_id="c")
+    first, second = record_call(POLICY, req, "tok1"), record_call(POLICY, req, "tok2")
+    assert first.keys[-1] != second.keys[-1]  # each logical call has its own request id
+    assert first.args[7] != ""  # ... and the script is told to remember it
+
+
+def test_release_needs_only_the_reservation_id() -> None:
+    _, rid = preflight_call(
+        POLICY, PreflightRequest(agent_id="a", estimated_units=1, customer_id="zed"), "3" * 24
+    )
+    call = release_call(POLICY, rid, "tok")
+    assert call.keys[0] == KeySpace("ns").customer("zed").budget
