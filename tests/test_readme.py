@@ -1,0 +1,35 @@
+"""Every Python example in the README runs, and prints what its comments say it prints."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from tests._servers import RedisServer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_has_examples() -> None:
+    assert len(BLOCKS) >= 3
+
+
+def test_every_python_block_runs_in_order(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTBILL_REDIS_URL", redis_server.url)
+    with redis_server.client() as r:
+        for key in r.scan_iter(match="agentbill:*"):
+            r.delete(key)
+    for i, block in enumerate(BLOCKS):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block, f"README block {i}", "exec"), {})
+        # A comment line right after a print shows (a prefix of) what it prints.
+        for shown in re.findall(r"^# (\w+\(.*?)(?:, \.\.\.\))?$", block, flags=re.M):
+            assert shown in out.getvalue(), f"block {i}: {shown!r} not in {out.getvalue()!r}"
