@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install agentbill with its dev tools
 
 demo: $(STAMP)  ## several worker processes share budgets on the embedded local server
-	$(PY) -m agentbill.demo
+	$(PY) examples/demo.py
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check agentbill tests benchmarks

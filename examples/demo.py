@@ -11,6 +11,7 @@ local server it started.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -19,7 +20,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from agentbill import AgentBillClient, RunBlockedError
+from agentbill import AgentBillClient
 from agentbill._local import local_status, stop_local_server
 
 CEILING = 40
@@ -52,6 +53,7 @@ def worker(namespace: str, seed: int) -> tuple[Counter[str], Counter[str]]:
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     home = Path(os.environ.setdefault("AGENTBILL_HOME", str(Path(".agentbill-demo").resolve())))
     os.environ.pop("AGENTBILL_REDIS_URL", None)  # the demo runs on the embedded default
     was_running = local_status().running

@@ -6,8 +6,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-
 import redis
+
 from agentbill import AgentBillClient
 from tests._servers import RedisServer
 

@@ -117,8 +117,10 @@ def test_keeps_name_signature_and_works_on_methods(client: AgentBillClient) -> N
             return task * depth
 
     agent = Agent()
-    assert agent.run("ab", depth=2) == "abab" and agent.calls == 1
-    assert Agent.run.__name__ == "run" and Agent.run.__doc__ == "Docs."
+    assert agent.run("ab", depth=2) == "abab"
+    assert agent.calls == 1
+    assert Agent.run.__name__ == "run"
+    assert Agent.run.__doc__ == "Docs."
     assert list(inspect.signature(Agent.run).parameters) == ["self", "task", "depth"]
     assert client.get_budget("c1").spent == 2
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 import redis
 from redis.crc import key_slot
+
 from agentbill import (
     AgentBillClient,
     BudgetExhaustedError,
@@ -22,7 +22,8 @@ from tests.conftest import namespace_keys
 def test_approval_reserves_the_estimate(client: AgentBillClient) -> None:
     client.set_budget("c1", 100)
     check = client.preflight("agent", 30, "c1")
-    assert check.approved and check.reason is None
+    assert check.approved
+    assert check.reason is None
     assert check.remaining == 70
     assert check.reservation_id is not None
     budget = client.get_budget("c1")
@@ -36,7 +37,8 @@ def test_approval_reserves_the_estimate(client: AgentBillClient) -> None:
 
 def test_expires_at_is_aware_utc_on_the_redis_clock(client: AgentBillClient) -> None:
     check = client.preflight("agent", 1, "c1", ttl=120)
-    assert check.expires_at is not None and check.expires_at.tzinfo is UTC
+    assert check.expires_at is not None
+    assert check.expires_at.tzinfo is UTC
     # Redis runs on this machine, so its clock and ours agree to well within a minute.
     expected = datetime.now(UTC) + timedelta(seconds=120)
     assert abs((check.expires_at - expected).total_seconds()) < 60
@@ -53,12 +55,14 @@ def test_ceiling_is_per_request_not_a_running_total(
     assert refused.limit == 50
     with pytest.raises(CeilingExceededError) as info:
         refused.raise_for_refusal()
-    assert info.value.reason == "ceiling_exceeded" and info.value.check is refused
+    assert info.value.reason == "ceiling_exceeded"
+    assert info.value.check is refused
 
 
 def test_customer_without_budget_is_unlimited(client: AgentBillClient) -> None:
     check = client.preflight("agent", 10**12, "big")
-    assert check.approved and check.remaining is None
+    assert check.approved
+    assert check.remaining is None
     assert client.get_budget("big").limit is None
 
 
@@ -69,12 +73,14 @@ def test_budget_exhausted_reports_numbers_and_reserves_nothing(
     client.preflight("agent", 7, "c1")
     before = namespace_keys(raw, namespace)
     refused = client.preflight("agent", 4, "c1")
-    assert not refused.approved and refused.reason == "budget_exhausted"
+    assert not refused.approved
+    assert refused.reason == "budget_exhausted"
     assert (refused.remaining, refused.limit, refused.reservation_id) == (3, 10, None)
     assert namespace_keys(raw, namespace) == before
     with pytest.raises(BudgetExhaustedError) as info:
         refused.raise_for_refusal()
-    assert info.value.customer_id == "c1" and info.value.remaining == 3
+    assert info.value.customer_id == "c1"
+    assert info.value.remaining == 3
     assert isinstance(info.value, RunBlockedError)
 
 
@@ -87,10 +93,13 @@ def test_default_customer_is_named_default(client: AgentBillClient) -> None:
 
 def test_task_ceiling_opens_task_on_first_preflight_only(client: AgentBillClient) -> None:
     first = client.preflight("agent", 4, "c1", task_ref="job", task_ceiling=10)
-    assert first.approved and first.task_ceiling == 10 and first.task_remaining == 6
+    assert first.approved
+    assert first.task_ceiling == 10
+    assert first.task_remaining == 6
     # A retry cannot raise its own ceiling: the second task_ceiling is ignored.
     second = client.preflight("agent", 7, "c1", task_ref="job", task_ceiling=1000)
-    assert not second.approved and second.reason == "task_ceiling_exceeded"
+    assert not second.approved
+    assert second.reason == "task_ceiling_exceeded"
     with pytest.raises(TaskCeilingExceededError) as info:
         second.raise_for_refusal()
     err = info.value
@@ -112,14 +121,17 @@ def test_refused_preflight_does_not_open_its_task(
 
 def test_refusal_by_task_ceiling_on_an_unknown_task(client: AgentBillClient) -> None:
     refused = client.preflight("agent", 11, "c1", task_ref="fresh", task_ceiling=10)
-    assert refused.reason == "task_ceiling_exceeded" and refused.task_ceiling == 10
+    assert refused.reason == "task_ceiling_exceeded"
+    assert refused.task_ceiling == 10
     assert not client.get_task("fresh", "c1").exists
 
 
 def test_unknown_task_without_ceiling_is_attribution_only(client: AgentBillClient) -> None:
     client.set_budget("c1", 100)
     check = client.preflight("agent", 40, "c1", task_ref="free")
-    assert check.approved and check.task_ceiling is None and check.task_remaining is None
+    assert check.approved
+    assert check.task_ceiling is None
+    assert check.task_remaining is None
     check.record(25)
     task = client.get_task("free", "c1")
     assert (task.exists, task.ceiling, task.used, task.remaining) == (True, None, 25, None)
@@ -165,7 +177,8 @@ def test_units_are_exact_up_to_2_pow_53_minus_1(client: AgentBillClient) -> None
     big = 2**53 - 1
     client.set_budget("c1", big)
     check = client.preflight("agent", big, "c1")
-    assert check.approved and check.remaining == 0
+    assert check.approved
+    assert check.remaining == 0
     assert client.get_budget("c1").reserved == big
     assert client.preflight("agent", 1, "c1").reason == "budget_exhausted"
     assert check.record(big).spent == big
@@ -178,7 +191,8 @@ def test_namespaces_never_see_each_other(redis_server: RedisServer, namespace: s
     ):
         a.set_budget("c1", 5)
         a.preflight("agent", 5, "c1")
-        assert b.get_budget("c1").limit is None and b.get_budget("c1").reserved == 0
+        assert b.get_budget("c1").limit is None
+        assert b.get_budget("c1").reserved == 0
         assert b.preflight("agent", 100, "c1").approved
         assert a.get_budget("c1").reserved == 5
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-
 import redis
+
 from agentbill import AgentBillClient, InvalidRequestError
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
@@ -54,7 +54,8 @@ def test_record_without_id_closes_the_oldest_open_reservation_of_its_group(
     assert (direct.status, direct.reservation_id, direct.charged) == ("direct", None, 3)
     budget = client.get_budget("c1")
     assert (budget.spent, budget.reserved, budget.open_reservations) == (17, 70, 2)
-    assert other_agent.approved and other_task.approved
+    assert other_agent.approved
+    assert other_task.approved
 
 
 def test_record_without_any_reservation_charges_directly(client: AgentBillClient) -> None:
@@ -110,7 +111,9 @@ def test_record_idempotency_key_charges_once(client: AgentBillClient) -> None:
 def test_preflight_idempotency_key_holds_one_reservation(client: AgentBillClient) -> None:
     a = client.preflight("agent", 5, "c1", idempotency_key="job-9")
     b = client.preflight("agent", 5, "c1", idempotency_key="job-9")
-    assert a.reservation_id == b.reservation_id and b.replayed and b.approved
+    assert a.reservation_id == b.reservation_id
+    assert b.replayed
+    assert b.approved
     assert client.get_budget("c1").open_reservations == 1
     with pytest.raises(InvalidRequestError) as info:
         client.preflight("agent", 6, "c1", idempotency_key="job-9")
@@ -122,7 +125,8 @@ def test_preflight_idempotency_key_holds_one_reservation(client: AgentBillClient
 def test_same_key_for_preflight_and_record_does_not_conflict(client: AgentBillClient) -> None:
     check = client.preflight("agent", 5, "c1", idempotency_key="task-1")
     result = check.record(3, idempotency_key="task-1")
-    assert result.status == "recorded" and client.get_budget("c1").spent == 3
+    assert result.status == "recorded"
+    assert client.get_budget("c1").spent == 3
 
 
 def test_refused_preflight_is_not_remembered_under_its_key(client: AgentBillClient) -> None:

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import redis
 from agentbill import AgentBillClient, InvalidRequestError
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
@@ -223,9 +223,11 @@ def test_property_any_valid_customer_id_round_trips(
     before = client.get_budget(customer)
     check = client.preflight("a", units, customer)
     if check.approved:
-        assert check.reservation_id is not None and len(check.reservation_id) <= 256
+        assert check.reservation_id is not None
+        assert len(check.reservation_id) <= 256
         check.record(units)
         after = client.get_budget(customer)
-        assert after.spent == before.spent + units and after.reserved == before.reserved
+        assert after.spent == before.spent + units
+        assert after.reserved == before.reserved
     else:
         assert before.spent + before.reserved + units > 2**53 - 1

