@@ -4,6 +4,7 @@ Every worker runs the same atomic Lua scripts in one shared Redis: a run is chec
 ceilings and its estimate reserved before it starts, and its actual units recorded after.
 """
 
+from agentbill._async_client import AsyncAgentBillClient
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import (
     AgentBillError,
@@ -15,13 +16,16 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
-from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus
+from agentbill._results import AsyncCheck, BaseCheck, BudgetStatus, Check, Settlement, TaskStatus
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AgentBillClient",
     "AgentBillError",
+    "AsyncAgentBillClient",
+    "AsyncCheck",
+    "BaseCheck",
     "BudgetExhaustedError",
     "BudgetStatus",
     "CeilingExceededError",

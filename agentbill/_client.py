@@ -1,34 +1,24 @@
-"""AgentBillClient: one script call per operation, over the logic in ``_core``."""
+"""AgentBillClient: one script call per operation, over the logic in ``_core``.
+
+``BaseClient`` holds what the sync and async clients share (settings, policy, properties); each
+client method is: plan (validate + build the call, in ``_core``), one round trip, decode.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
 from typing import Any
 
 import redis
-from pydantic import SecretStr
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agentbill import _core
 from agentbill._gate import Gate, Units
-from agentbill._models import (
-    BudgetRequest,
-    ClientSettings,
-    CustomerRef,
-    PreflightRequest,
-    RecordRequest,
-    ReservationRef,
-    TaskRequest,
-    validate,
-)
-from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus
+from agentbill._models import ClientSettings
+from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus, bind_check
 from agentbill._retry import retrying, translate
 from agentbill._scripts import bind
-
-logger = logging.getLogger("agentbill")
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 
@@ -57,13 +47,48 @@ def connection_options(settings: ClientSettings) -> dict[str, Any]:
     }
 
 
-class AgentBillClient:
+class BaseClient:
+    """What both clients share: validated settings, the policy the scripts take, the scripts."""
+
+    def __init__(self, settings: ClientSettings, client: Any, owns_client: bool) -> None:
+        self._settings = settings
+        self._policy = _core.Policy.from_settings(settings)
+        self._redis: Any = client
+        self._owns_redis = owns_client
+        self._scripts = bind(client)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(namespace={self.namespace!r}, ceiling={self.ceiling!r})"
+
+    @property
+    def namespace(self) -> str:
+        return self._settings.namespace
+
+    @property
+    def ceiling(self) -> int | None:
+        return self._settings.ceiling
+
+    def _gate(self, **kwargs: Any) -> Gate:
+        _core.validate_gate(
+            self._policy,
+            kwargs["agent_id"],
+            kwargs["estimated_units"],
+            kwargs["customer_id"],
+            kwargs["task_ref"],
+            kwargs["task_ceiling"],
+            kwargs["ttl"],
+        )
+        return Gate(self, **kwargs)
+
+
+class AgentBillClient(BaseClient):
     """Budget enforcement for agent runs, against a Redis shared by every worker.
 
-    Connects to ``redis`` (a ready ``redis.Redis``) if given, else ``redis_url``, else the
-    ``AGENTBILL_REDIS_URL`` environment variable, else an embedded local server shared by every
-    process on this machine. ``ceiling`` caps the estimate of any single run; ``namespace``
-    prefixes every key, so clients with different namespaces never see each other's data.
+    Connects to ``redis`` (a ready ``redis.Redis`` or ``RedisCluster``) if given, else
+    ``redis_url``, else the ``AGENTBILL_REDIS_URL`` environment variable, else an embedded local
+    server shared by every process on this machine. ``ceiling`` caps the estimate of any single
+    run; ``namespace`` prefixes every key, so clients with different namespaces never see each
+    other's data.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -86,9 +111,8 @@ class AgentBillClient:
         retry_attempts: int = 3,
         retry_deadline: float = 2.5,
     ) -> None:
-        settings = validate(
-            ClientSettings,
-            api_key=SecretStr(api_key) if isinstance(api_key, str) else api_key,
+        settings = _core.settings_from(
+            api_key=api_key,
             ceiling=ceiling,
             redis_url=redis_url,
             namespace=namespace,
@@ -101,43 +125,21 @@ class AgentBillClient:
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
         )
-        self._settings = settings
-        self._policy = _core.Policy.from_settings(settings)
-        self._owns_redis = redis is None
+        owns = redis is None
         if redis is None:
-            redis = self._connect(settings)
-        self._redis: Any = redis
-        self._scripts = bind(redis)
+            redis = _connect(settings)
+        super().__init__(settings, redis, owns)
         self._retrying = retrying(settings.retry_attempts, settings.retry_deadline)
 
-    @staticmethod
-    def _connect(settings: ClientSettings) -> redis.Redis:
-        return redis.Redis.from_url(connection_url(settings), **connection_options(settings))
-
-    def __repr__(self) -> str:
-        return f"AgentBillClient(namespace={self.namespace!r}, ceiling={self.ceiling!r})"
-
-    @property
-    def namespace(self) -> str:
-        return self._settings.namespace
-
-    @property
-    def ceiling(self) -> int | None:
-        return self._settings.ceiling
-
-    # -- the round trip ------------------------------------------------------------------------
-
-    def _call(self, call: _core.Call) -> Any:
-        script = self._scripts[call.script]
+    def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
+        script = self._scripts[plan.call.script]
         try:
             for attempt in self._retrying.copy():
                 with attempt:
-                    return script(keys=call.keys, args=call.args)
-        except redis.RedisError as exc:
+                    reply = script(keys=plan.call.keys, args=plan.call.args)
+            return plan.decode(reply)
+        except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
-        except OSError as exc:  # a socket error redis-py did not wrap
-            raise translate(exc) from exc
-        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -162,19 +164,17 @@ class AgentBillClient:
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError (nothing approved).
         """
-        req = validate(
-            PreflightRequest,
-            agent_id=agent_id,
-            estimated_units=estimated_units,
-            customer_id=_core.customer_of(customer_id),
-            task_ref=task_ref,
-            task_ceiling=task_ceiling,
-            idempotency_key=idempotency_key,
-            ttl=ttl,
+        plan = _core.plan_preflight(
+            self._policy,
+            agent_id,
+            estimated_units,
+            customer_id,
+            task_ref,
+            task_ceiling,
+            idempotency_key,
+            ttl,
         )
-        call, _ = _core.preflight_call(self._policy, req, _core.new_token())
-        check = _core.decode_preflight(self._call(call), req, self._policy)
-        return _bind(check, self)
+        return bind_check(self._run(plan), self)
 
     def record(
         self,
@@ -197,25 +197,23 @@ class AgentBillClient:
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
-        req = validate(
-            RecordRequest,
-            agent_id=agent_id,
-            units=units,
-            customer_id=customer_id,
-            reservation_id=reservation_id,
-            task_ref=task_ref,
-            success=success,
-            idempotency_key=idempotency_key,
-            metadata=metadata,
+        return self._run(
+            _core.plan_record(
+                self._policy,
+                agent_id,
+                units,
+                customer_id,
+                reservation_id,
+                task_ref,
+                success,
+                idempotency_key,
+                metadata,
+            )
         )
-        call = _core.record_call(self._policy, req, _core.new_token())
-        return _core.decode_settle(self._call(call), req.metadata)
 
     def release(self, reservation_id: str) -> Settlement:
         """Close a reservation without charging: its units return to every scope at once."""
-        ref = validate(ReservationRef, reservation_id=reservation_id)
-        call = _core.release_call(self._policy, ref.reservation_id, _core.new_token())
-        return _core.decode_settle(self._call(call))
+        return self._run(_core.plan_release(self._policy, reservation_id))
 
     def gate(
         self,
@@ -233,20 +231,10 @@ class AgentBillClient:
         On refusal the body does not run and the typed RunBlockedError is raised. After the body
         returns, ``units`` is recorded: an int, a callable of the result, or by default the
         estimate. If the body raises anything (KeyboardInterrupt and cancellation too), the
-        reservation is released and the exception re-raised.
+        reservation is released and the exception re-raised. Bad arguments raise
+        InvalidRequestError when decorating.
         """
-        # Validate now, so a bad decorator fails at import time rather than on first call.
-        validate(
-            PreflightRequest,
-            agent_id=agent_id,
-            estimated_units=estimated_units,
-            customer_id=_core.customer_of(customer_id),
-            task_ref=task_ref,
-            task_ceiling=task_ceiling,
-            ttl=ttl,
-        )
-        return Gate(
-            self,
+        return self._gate(
             agent_id=agent_id,
             estimated_units=estimated_units,
             customer_id=customer_id,
@@ -261,34 +249,21 @@ class AgentBillClient:
     def set_budget(self, customer_id: str | None, limit: int | None) -> BudgetStatus:
         """Set the customer's budget (``None``: unlimited). Lowering it below what is spent and
         reserved is allowed: it only refuses new runs."""
-        req = validate(BudgetRequest, customer_id=_core.customer_of(customer_id), limit=limit)
-        reply = self._call(_core.set_budget_call(self._policy, req.customer_id, req.limit))
-        return _core.decode_budget(reply, req.customer_id)
+        return self._run(_core.plan_set_budget(self._policy, customer_id, limit))
 
     def get_budget(self, customer_id: str | None = None) -> BudgetStatus:
         """The customer's limit, spent, reserved, remaining and open reservations."""
-        req = validate(CustomerRef, customer_id=_core.customer_of(customer_id))
-        reply = self._call(_core.get_budget_call(self._policy, req.customer_id))
-        return _core.decode_budget(reply, req.customer_id)
+        return self._run(_core.plan_get_budget(self._policy, customer_id))
 
     def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None
     ) -> TaskStatus:
         """Open a task of the customer with a ceiling (``None``: no ceiling), or change it."""
-        req = validate(
-            TaskRequest,
-            task_ref=task_ref,
-            customer_id=_core.customer_of(customer_id),
-            ceiling=ceiling,
-        )
-        call = _core.open_task_call(self._policy, req.customer_id, req.task_ref, req.ceiling)
-        return _core.decode_task(self._call(call), req.customer_id, req.task_ref)
+        return self._run(_core.plan_open_task(self._policy, task_ref, ceiling, customer_id))
 
     def get_task(self, task_ref: str, customer_id: str | None = None) -> TaskStatus:
         """The task's ceiling, used, reserved and remaining (``exists`` False if never seen)."""
-        req = validate(TaskRequest, task_ref=task_ref, customer_id=_core.customer_of(customer_id))
-        call = _core.get_task_call(self._policy, req.customer_id, req.task_ref)
-        return _core.decode_task(self._call(call), req.customer_id, req.task_ref)
+        return self._run(_core.plan_get_task(self._policy, task_ref, customer_id))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -304,5 +279,5 @@ class AgentBillClient:
         self.close()
 
 
-def _bind(check: Check, client: AgentBillClient) -> Check:
-    return dataclasses.replace(check, _client=client) if check.approved else check
+def _connect(settings: ClientSettings) -> redis.Redis:
+    return redis.Redis.from_url(connection_url(settings), **connection_options(settings))

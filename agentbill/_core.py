@@ -9,19 +9,33 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
+
+from pydantic import SecretStr
 
 from agentbill._exceptions import InvalidRequestError
 from agentbill._keys import CustomerKeys, KeySpace, digest, reservation_id, tag_of_reservation
 from agentbill._models import (
+    BudgetRequest,
     ClientSettings,
+    CustomerRef,
     PreflightRequest,
     RecordRequest,
+    ReservationRef,
+    TaskRequest,
+    validate,
 )
-from agentbill._results import BudgetStatus, Check, Reason, Settlement, SettleStatus, TaskStatus
+from agentbill._results import (
+    BaseCheck,
+    BudgetStatus,
+    Reason,
+    Settlement,
+    SettleStatus,
+    TaskStatus,
+)
 
 DEFAULT_CUSTOMER = "default"
 # A retry of a record() without a reservation id is recognised by an internal request id;
@@ -133,8 +147,8 @@ def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, 
     return Call("preflight", (*ck.fixed, idem_key), args), rid
 
 
-def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy) -> Check:
-    """preflight.lua's reply as a Check (not yet bound to a client)."""
+def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy) -> BaseCheck:
+    """preflight.lua's reply as a decision (not yet bound to a client)."""
     approved = int(reply[0]) == 1
     reason = cast(Reason, _text(reply[1])) if reply[1] is not None else None
     limit = _int_or_none(reply[4])
@@ -148,7 +162,7 @@ def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy) -> Check:
         "task_ceiling_exceeded": task_ceiling,
     }.get(reason or "", limit)
     has_task = req.task_ref is not None
-    return Check(
+    return BaseCheck(
         approved=approved,
         reason=reason,
         reservation_id=_text(reply[2]) if reply[2] is not None else None,
@@ -313,3 +327,122 @@ def decode_task(reply: Reply, customer_id: str, task_ref: str) -> TaskStatus:
         remaining=_remaining(ceiling, used + reserved),
         exists=int(reply[3]) == 1,
     )
+
+
+# -- plans: validated input -> (script call, reply decoder); what both clients execute ---------
+
+T = TypeVar("T")
+
+
+class Plan(NamedTuple, Generic[T]):
+    """One operation ready to run: the script call, and how to read its reply."""
+
+    call: Call
+    decode: Callable[[Reply], T]
+
+
+def plan_preflight(
+    p: Policy,
+    agent_id: object,
+    estimated_units: object,
+    customer_id: object,
+    task_ref: object,
+    task_ceiling: object,
+    idempotency_key: object,
+    ttl: object,
+) -> Plan[BaseCheck]:
+    req = validate(
+        PreflightRequest,
+        agent_id=agent_id,
+        estimated_units=estimated_units,
+        customer_id=DEFAULT_CUSTOMER if customer_id is None else customer_id,
+        task_ref=task_ref,
+        task_ceiling=task_ceiling,
+        idempotency_key=idempotency_key,
+        ttl=ttl,
+    )
+    call, _ = preflight_call(p, req, new_token())
+    return Plan(call, lambda reply: decode_preflight(reply, req, p))
+
+
+def plan_record(
+    p: Policy,
+    agent_id: object,
+    units: object,
+    customer_id: object,
+    reservation_id: object,
+    task_ref: object,
+    success: object,
+    idempotency_key: object,
+    metadata: object,
+) -> Plan[Settlement]:
+    req = validate(
+        RecordRequest,
+        agent_id=agent_id,
+        units=units,
+        customer_id=customer_id,
+        reservation_id=reservation_id,
+        task_ref=task_ref,
+        success=success,
+        idempotency_key=idempotency_key,
+        metadata=metadata,
+    )
+    return Plan(record_call(p, req, new_token()), lambda r: decode_settle(r, req.metadata))
+
+
+def plan_release(p: Policy, reservation_id: object) -> Plan[Settlement]:
+    ref = validate(ReservationRef, reservation_id=reservation_id)
+    return Plan(release_call(p, ref.reservation_id, new_token()), decode_settle)
+
+
+def plan_set_budget(p: Policy, customer_id: object, limit: object) -> Plan[BudgetStatus]:
+    req = validate(BudgetRequest, customer_id=_customer(customer_id), limit=limit)
+    call = set_budget_call(p, req.customer_id, req.limit)
+    return Plan(call, lambda reply: decode_budget(reply, req.customer_id))
+
+
+def plan_get_budget(p: Policy, customer_id: object) -> Plan[BudgetStatus]:
+    req = validate(CustomerRef, customer_id=_customer(customer_id))
+    call = get_budget_call(p, req.customer_id)
+    return Plan(call, lambda reply: decode_budget(reply, req.customer_id))
+
+
+def plan_open_task(
+    p: Policy, task_ref: object, ceiling: object, customer_id: object
+) -> Plan[TaskStatus]:
+    req = validate(
+        TaskRequest, task_ref=task_ref, customer_id=_customer(customer_id), ceiling=ceiling
+    )
+    call = open_task_call(p, req.customer_id, req.task_ref, req.ceiling)
+    return Plan(call, lambda reply: decode_task(reply, req.customer_id, req.task_ref))
+
+
+def plan_get_task(p: Policy, task_ref: object, customer_id: object) -> Plan[TaskStatus]:
+    req = validate(TaskRequest, task_ref=task_ref, customer_id=_customer(customer_id))
+    call = get_task_call(p, req.customer_id, req.task_ref)
+    return Plan(call, lambda reply: decode_task(reply, req.customer_id, req.task_ref))
+
+
+def validate_gate(
+    p: Policy,
+    agent_id: object,
+    estimated_units: object,
+    customer_id: object,
+    task_ref: object,
+    task_ceiling: object,
+    ttl: object,
+) -> None:
+    """Check a gate's arguments when it decorates, so a bad one fails at import time."""
+    plan_preflight(p, agent_id, estimated_units, customer_id, task_ref, task_ceiling, None, ttl)
+
+
+def _customer(customer_id: object) -> object:
+    return DEFAULT_CUSTOMER if customer_id is None else customer_id
+
+
+def settings_from(**values: object) -> ClientSettings:
+    """Validate the client's keyword arguments; the api_key is wrapped so it never prints."""
+    api_key = values.get("api_key")
+    if isinstance(api_key, str):
+        values["api_key"] = SecretStr(api_key)
+    return validate(ClientSettings, **values)

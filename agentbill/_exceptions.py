@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from agentbill._results import Check
+    from agentbill._results import BaseCheck
 
 __all__ = [
     "AgentBillError",
@@ -42,7 +42,7 @@ class RunBlockedError(AgentBillError):
     ``check`` is the refused :class:`~agentbill.Check`; ``reason`` its machine-readable reason.
     """
 
-    def __init__(self, check: Check) -> None:
+    def __init__(self, check: BaseCheck) -> None:
         self.check = check
         self.reason: str = check.reason or "refused"
         super().__init__(self._describe())
@@ -77,7 +77,7 @@ class CeilingExceededError(RunBlockedError):
 class BudgetExhaustedError(RunBlockedError):
     """The customer's budget cannot cover the estimate."""
 
-    def __init__(self, check: Check) -> None:
+    def __init__(self, check: BaseCheck) -> None:
         self.customer_id = check.customer_id
         super().__init__(check)
 
@@ -85,7 +85,7 @@ class BudgetExhaustedError(RunBlockedError):
 class TaskCeilingExceededError(RunBlockedError):
     """The task's ceiling cannot cover the estimate on top of what the task already used."""
 
-    def __init__(self, check: Check) -> None:
+    def __init__(self, check: BaseCheck) -> None:
         self.task_ref = check.task_ref
         self.ceiling = check.task_ceiling
         self.used = check.task_used

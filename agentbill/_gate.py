@@ -1,19 +1,23 @@
-"""``@client.gate(...)``: preflight before a function runs, record after, release on failure."""
+"""``@client.gate(...)``: preflight before a function runs, record after, release on failure.
+
+One Gate serves both clients. With ``AgentBillClient`` it wraps ``def`` and ``async def`` (the
+round trips then block the event loop briefly); with ``AsyncAgentBillClient`` it wraps
+``async def`` and awaits them. An ``async def`` is preflighted when its coroutine starts, not
+when it is created, so a coroutine that is never awaited holds nothing.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeAlias, TypeVar, cast
+from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 from agentbill._exceptions import AgentBillError
 from agentbill._models import validate_units
-
-if TYPE_CHECKING:
-    from agentbill._client import AgentBillClient
-    from agentbill._results import Check
+from agentbill._results import BaseCheck
 
 logger = logging.getLogger("agentbill")
 
@@ -27,12 +31,16 @@ Units: TypeAlias = int | Callable[[T], int] | None
 __all__ = ["Gate", "Units"]
 
 
+async def _resolved(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
 class Gate:
-    """A decorator bound to one client and one run description; see AgentBillClient.gate."""
+    """A decorator bound to one client and one run description; see ``AgentBillClient.gate``."""
 
     def __init__(
         self,
-        client: AgentBillClient,
+        client: Any,
         *,
         agent_id: str,
         estimated_units: int,
@@ -43,6 +51,7 @@ class Gate:
         ttl: int | None,
     ) -> None:
         self._client = client
+        self._is_async_client = inspect.iscoroutinefunction(client.preflight)
         self._agent_id = agent_id
         self._estimated_units = estimated_units
         self._customer_id = customer_id
@@ -54,10 +63,15 @@ class Gate:
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         if inspect.iscoroutinefunction(fn):
             return cast(Callable[P, R], self._wrap_async(fn))
+        if self._is_async_client:
+            raise TypeError(
+                f"{fn.__qualname__} is not an async def: an AsyncAgentBillClient gate awaits "
+                "the preflight, so it wraps coroutine functions only (use AgentBillClient)"
+            )
         return self._wrap_sync(fn)
 
-    def _preflight(self) -> Check:
-        check = self._client.preflight(
+    def _preflight(self) -> Any:
+        return self._client.preflight(
             self._agent_id,
             self._estimated_units,
             self._customer_id,
@@ -65,16 +79,6 @@ class Gate:
             task_ceiling=self._task_ceiling,
             ttl=self._ttl,
         )
-        return check.raise_for_refusal()
-
-    def _settle(self, check: Check, result: object) -> None:
-        try:
-            used = self._units_of(result)
-        except Exception:
-            # The work happened: charge what was reserved rather than nothing.
-            check.record(self._estimated_units)
-            raise
-        check.record(used)
 
     def _units_of(self, result: object) -> int:
         if self._units is None:
@@ -85,35 +89,53 @@ class Gate:
     def _wrap_sync(self, fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
-            check = self._preflight()
+            check = self._preflight().raise_for_refusal()
             try:
                 result = fn(*args, **kwargs)
-            except BaseException:
+            except BaseException:  # KeyboardInterrupt and SystemExit too
                 _release_quietly(check)
                 raise
-            self._settle(check, result)
+            try:
+                used = self._units_of(result)
+            except Exception:
+                check.record(self._estimated_units)  # the work happened: charge the estimate
+                raise
+            check.record(used)
             return result
 
         return gated
 
     def _wrap_async(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        # The preflight runs when the coroutine starts, not when it is created, and the record
-        # after it finishes: a coroutine that is never awaited holds nothing.
         @functools.wraps(fn)
         async def gated(*args: P.args, **kwargs: P.kwargs) -> T:
-            check = self._preflight()
+            check = (await _resolved(self._preflight())).raise_for_refusal()
             try:
                 result = await fn(*args, **kwargs)
-            except BaseException:  # CancelledError and KeyboardInterrupt too
-                _release_quietly(check)
+            except BaseException:  # CancelledError, timeouts and KeyboardInterrupt too
+                await _release_quietly_async(check)
                 raise
-            self._settle(check, result)
+            try:
+                used = self._units_of(result)
+            except Exception:
+                await _resolved(check.record(self._estimated_units))
+                raise
+            await _resolved(check.record(used))
             return result
 
         return gated
 
 
-def _release_quietly(check: Check) -> None:
+def _warn_unreleased(check: BaseCheck, exc: AgentBillError) -> None:
+    logger.warning(
+        "agentbill: could not release reservation %s after the run failed (%s); "
+        "its units return when it expires at %s",
+        check.reservation_id,
+        exc,
+        check.expires_at,
+    )
+
+
+def _release_quietly(check: Any) -> None:
     """Release after the body failed, never hiding the body's own exception.
 
     If Redis is unreachable now, the reservation keeps its units until its TTL.
@@ -121,10 +143,14 @@ def _release_quietly(check: Check) -> None:
     try:
         check.release()
     except AgentBillError as exc:
-        logger.warning(
-            "agentbill: could not release reservation %s after the run failed (%s); "
-            "its units return when it expires at %s",
-            check.reservation_id,
-            exc,
-            check.expires_at,
-        )
+        _warn_unreleased(check, exc)
+
+
+async def _release_quietly_async(check: Any) -> None:
+    try:
+        outcome = check.release()
+        if inspect.isawaitable(outcome):
+            # Shielded: a second cancellation must not abandon the release half-way.
+            await asyncio.shield(outcome)
+    except AgentBillError as exc:
+        _warn_unreleased(check, exc)

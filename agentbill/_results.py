@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from agentbill._exceptions import (
     BudgetExhaustedError,
@@ -15,6 +15,7 @@ from agentbill._exceptions import (
 )
 
 if TYPE_CHECKING:
+    from agentbill._async_client import AsyncAgentBillClient
     from agentbill._client import AgentBillClient
 
 Reason = Literal["ceiling_exceeded", "budget_exhausted", "task_ceiling_exceeded"]
@@ -28,12 +29,12 @@ _ERRORS: dict[str, type[RunBlockedError]] = {
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Check:
-    """The decision of one preflight.
+class BaseCheck:
+    """The decision of one preflight: the fields both Check and AsyncCheck carry.
 
     A refusal is returned, not raised: test ``approved``, or call :meth:`raise_for_refusal`.
-    When approved, the estimate is held in a reservation until :meth:`record`,
-    :meth:`release` or ``expires_at``.
+    When approved, the estimate is held in a reservation until it is recorded, released, or
+    ``expires_at`` passes.
     """
 
     approved: bool
@@ -55,21 +56,35 @@ class Check:
     task_remaining: int | None = None
     replayed: bool = False
     """True when this is the remembered answer to an earlier identical request."""
-    _client: AgentBillClient | None = field(default=None, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return self.approved
 
-    def raise_for_refusal(self) -> Check:
+    def raise_for_refusal(self) -> Self:
         """Return self when approved; else raise the RunBlockedError subclass for ``reason``."""
         if self.approved:
             return self
         raise _ERRORS.get(self.reason or "", RunBlockedError)(self)
 
+    def _reservation(self) -> str:
+        if self.reservation_id is None:
+            raise InvalidRequestError(
+                "reservation_id", f"this check was refused ({self.reason}); it holds nothing"
+            )
+        return self.reservation_id
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Check(BaseCheck):
+    """A preflight's decision from :class:`AgentBillClient`; see :class:`BaseCheck`."""
+
+    _client: AgentBillClient | None = field(default=None, repr=False, compare=False)
+
     def record(self, units: int, **kwargs: Any) -> Settlement:
         """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
-        client, rid = self._bound()
-        return client.record(
+        rid = self._reservation()
+        assert self._client is not None
+        return self._client.record(
             self.agent_id,
             units,
             self.customer_id,
@@ -80,15 +95,49 @@ class Check:
 
     def release(self) -> Settlement:
         """Close this reservation without charging anything."""
-        client, rid = self._bound()
-        return client.release(rid)
+        rid = self._reservation()
+        assert self._client is not None
+        return self._client.release(rid)
 
-    def _bound(self) -> tuple[AgentBillClient, str]:
-        if self._client is None or self.reservation_id is None:
-            raise InvalidRequestError(
-                "reservation_id", f"this check was refused ({self.reason}); it holds nothing"
-            )
-        return self._client, self.reservation_id
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AsyncCheck(BaseCheck):
+    """A preflight's decision from :class:`AsyncAgentBillClient`: ``record``/``release`` are
+    awaited."""
+
+    _client: AsyncAgentBillClient | None = field(default=None, repr=False, compare=False)
+
+    async def record(self, units: int, **kwargs: Any) -> Settlement:
+        """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
+        rid = self._reservation()
+        assert self._client is not None
+        return await self._client.record(
+            self.agent_id,
+            units,
+            self.customer_id,
+            reservation_id=rid,
+            task_ref=self.task_ref,
+            **kwargs,
+        )
+
+    async def release(self) -> Settlement:
+        """Close this reservation without charging anything."""
+        rid = self._reservation()
+        assert self._client is not None
+        return await self._client.release(rid)
+
+
+def _values(check: BaseCheck) -> dict[str, Any]:
+    return {f.name: getattr(check, f.name) for f in fields(BaseCheck)}
+
+
+def bind_check(check: BaseCheck, client: AgentBillClient) -> Check:
+    """The decoded decision as a Check whose record/release go through ``client``."""
+    return Check(**_values(check), _client=client if check.approved else None)
+
+
+def bind_async_check(check: BaseCheck, client: AsyncAgentBillClient) -> AsyncCheck:
+    return AsyncCheck(**_values(check), _client=client if check.approved else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

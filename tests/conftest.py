@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
 
-from agentbill import AgentBillClient
+from agentbill import AgentBillClient, AsyncAgentBillClient
+from tests._async_facade import blocking_client
 from tests._servers import RedisServer
 
 
@@ -29,6 +32,22 @@ def namespace() -> str:
 def client(redis_server: RedisServer, namespace: str) -> Iterator[AgentBillClient]:
     with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
         yield c
+
+
+@pytest.fixture(params=["sync", "async"])
+def both_clients(
+    request: pytest.FixtureRequest, redis_server: RedisServer, namespace: str
+) -> Iterator[AgentBillClient]:
+    """AgentBillClient, then AsyncAgentBillClient behind a blocking facade: one test body,
+    both clients, the same real server."""
+    if request.param == "sync":
+        with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
+            yield c
+        return
+    with asyncio.Runner() as runner:
+        aclient = AsyncAgentBillClient(redis_url=redis_server.url, namespace=namespace)
+        yield cast(AgentBillClient, blocking_client(aclient, runner))
+        runner.run(aclient.close())
 
 
 @pytest.fixture

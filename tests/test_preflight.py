@@ -19,6 +19,12 @@ from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
 
+@pytest.fixture
+def client(both_clients: AgentBillClient) -> AgentBillClient:
+    """Every test here runs on the sync client and on the async one."""
+    return both_clients
+
+
 def test_approval_reserves_the_estimate(client: AgentBillClient) -> None:
     client.set_budget("c1", 100)
     check = client.preflight("agent", 30, "c1")

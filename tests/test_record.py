@@ -12,6 +12,12 @@ from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
 
+@pytest.fixture
+def client(both_clients: AgentBillClient) -> AgentBillClient:
+    """Every test here runs on the sync client and on the async one."""
+    return both_clients
+
+
 def test_record_with_id_charges_actual_and_releases_the_rest(client: AgentBillClient) -> None:
     client.set_budget("c1", 100)
     check = client.preflight("agent", 40, "c1")

@@ -1,0 +1,186 @@
+"""AsyncAgentBillClient: AgentBillClient's twin on redis.asyncio, the same methods awaited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from agentbill import _core
+from agentbill._client import BaseClient, connection_options, connection_url
+from agentbill._gate import Gate, Units
+from agentbill._models import ClientSettings
+from agentbill._results import AsyncCheck, BudgetStatus, Settlement, TaskStatus, bind_async_check
+from agentbill._retry import async_retrying, translate
+
+
+class AsyncAgentBillClient(BaseClient):
+    """The asyncio twin of :class:`AgentBillClient`: same parameters, results and errors.
+
+    ``redis`` is a ready ``redis.asyncio.Redis`` (or ``RedisCluster``). Methods are awaited;
+    ``preflight`` returns an :class:`AsyncCheck` whose ``record``/``release`` are awaited too.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        ceiling: int | None = None,
+        *,
+        redis_url: str | None = None,
+        redis: aioredis.Redis | None = None,
+        namespace: str = "agentbill",
+        reservation_ttl: int = 3600,
+        idempotency_ttl: int = 24 * 3600,
+        outcome_retention: int = 24 * 3600,
+        reap_limit: int = 100,
+        connect_timeout: float = 1.0,
+        socket_timeout: float = 2.0,
+        retry_attempts: int = 3,
+        retry_deadline: float = 2.5,
+    ) -> None:
+        settings = _core.settings_from(
+            api_key=api_key,
+            ceiling=ceiling,
+            redis_url=redis_url,
+            namespace=namespace,
+            reservation_ttl=reservation_ttl,
+            idempotency_ttl=idempotency_ttl,
+            outcome_retention=outcome_retention,
+            reap_limit=reap_limit,
+            connect_timeout=connect_timeout,
+            socket_timeout=socket_timeout,
+            retry_attempts=retry_attempts,
+            retry_deadline=retry_deadline,
+        )
+        owns = redis is None
+        if redis is None:
+            redis = _connect(settings)
+        super().__init__(settings, redis, owns)
+        self._retrying = async_retrying(settings.retry_attempts, settings.retry_deadline)
+
+    async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
+        script = self._scripts[plan.call.script]
+        try:
+            async for attempt in self._retrying.copy():
+                with attempt:
+                    reply = await script(keys=plan.call.keys, args=plan.call.args)
+            return plan.decode(reply)
+        except (redis.RedisError, OSError) as exc:
+            raise translate(exc) from exc
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    async def preflight(
+        self,
+        agent_id: str,
+        estimated_units: int,
+        customer_id: str | None = None,
+        *,
+        task_ref: str | None = None,
+        task_ceiling: int | None = None,
+        idempotency_key: str | None = None,
+        ttl: int | None = None,
+    ) -> AsyncCheck:
+        """See :meth:`AgentBillClient.preflight`."""
+        plan = _core.plan_preflight(
+            self._policy,
+            agent_id,
+            estimated_units,
+            customer_id,
+            task_ref,
+            task_ceiling,
+            idempotency_key,
+            ttl,
+        )
+        return bind_async_check(await self._run(plan), self)
+
+    async def record(
+        self,
+        agent_id: str,
+        units: int,
+        customer_id: str | None = None,
+        *,
+        reservation_id: str | None = None,
+        task_ref: str | None = None,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
+        """See :meth:`AgentBillClient.record`."""
+        return await self._run(
+            _core.plan_record(
+                self._policy,
+                agent_id,
+                units,
+                customer_id,
+                reservation_id,
+                task_ref,
+                success,
+                idempotency_key,
+                metadata,
+            )
+        )
+
+    async def release(self, reservation_id: str) -> Settlement:
+        """See :meth:`AgentBillClient.release`."""
+        return await self._run(_core.plan_release(self._policy, reservation_id))
+
+    def gate(
+        self,
+        agent_id: str,
+        estimated_units: int,
+        customer_id: str | None = None,
+        *,
+        units: Units[Any] = None,
+        task_ref: str | None = None,
+        task_ceiling: int | None = None,
+        ttl: int | None = None,
+    ) -> Gate:
+        """See :meth:`AgentBillClient.gate`; decorates ``async def`` functions only."""
+        return self._gate(
+            agent_id=agent_id,
+            estimated_units=estimated_units,
+            customer_id=customer_id,
+            units=units,
+            task_ref=task_ref,
+            task_ceiling=task_ceiling,
+            ttl=ttl,
+        )
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    async def set_budget(self, customer_id: str | None, limit: int | None) -> BudgetStatus:
+        """See :meth:`AgentBillClient.set_budget`."""
+        return await self._run(_core.plan_set_budget(self._policy, customer_id, limit))
+
+    async def get_budget(self, customer_id: str | None = None) -> BudgetStatus:
+        """See :meth:`AgentBillClient.get_budget`."""
+        return await self._run(_core.plan_get_budget(self._policy, customer_id))
+
+    async def open_task(
+        self, task_ref: str, ceiling: int | None, customer_id: str | None = None
+    ) -> TaskStatus:
+        """See :meth:`AgentBillClient.open_task`."""
+        return await self._run(_core.plan_open_task(self._policy, task_ref, ceiling, customer_id))
+
+    async def get_task(self, task_ref: str, customer_id: str | None = None) -> TaskStatus:
+        """See :meth:`AgentBillClient.get_task`."""
+        return await self._run(_core.plan_get_task(self._policy, task_ref, customer_id))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close the connections this client opened (not a ``redis=`` client you passed in)."""
+        if self._owns_redis:
+            await self._redis.aclose()
+
+    async def __aenter__(self) -> AsyncAgentBillClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _connect(settings: ClientSettings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(connection_url(settings), **connection_options(settings))
