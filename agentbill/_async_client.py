@@ -28,7 +28,7 @@ class AsyncAgentBillClient(BaseClient):
         ceiling: int | None = None,
         *,
         redis_url: str | None = None,
-        redis: aioredis.Redis | None = None,
+        redis: aioredis.Redis | aioredis.RedisCluster | None = None,
         namespace: str = "agentbill",
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from agentbill import _core
@@ -100,7 +101,7 @@ class AgentBillClient(BaseClient):
         ceiling: int | None = None,
         *,
         redis_url: str | None = None,
-        redis: redis.Redis | None = None,
+        redis: redis.Redis | RedisCluster | None = None,
         namespace: str = "agentbill",
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,

@@ -236,6 +236,7 @@ def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
         p.reap_limit,
         p.retention_ms,
         customer,
+        token,
     )
     return Call("settle", (*ck.fixed, idem_key), args)
 

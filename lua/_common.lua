@@ -13,7 +13,7 @@
 -- Records are fields joined by \31 (unit separator): ids never hold control characters, and
 -- integers are written with %d because tostring() and cjson round to 14 significant digits.
 --   reservation: agent, task_ref, task digest, estimate, created_ms, expires_ms, open member
---   outcome:     status, <the 7 reservation fields>, charged, closed_ms
+--   outcome:     status, <the 7 reservation fields>, charged, closed_ms, request id that closed it
 
 local SEP = '\31'
 
@@ -49,8 +49,9 @@ local function now_ms()
 end
 
 -- Close the open reservation `rid` (record fields `r`): release its whole estimate on every
--- scope, charge `charged` units, and remember the outcome for `retention` ms.
-local function close_reservation(rid, r, status, charged, now, retention)
+-- scope, charge `charged` units, and remember the outcome (and the request that closed it, ''
+-- for expiry) for `retention` ms.
+local function close_reservation(rid, r, status, charged, now, retention, request)
   local est = tonumber(r[4])
   incr(K.budget, 'reserved', -est)
   incr(K.budget, 'open', -1)
@@ -62,7 +63,7 @@ local function close_reservation(rid, r, status, charged, now, retention)
   redis.call('HDEL', K.res, rid)
   redis.call('ZREM', K.exp, rid)
   redis.call('ZREM', K.open, r[7])
-  local outcome = {status, r[1], r[2], r[3], r[4], r[5], r[6], r[7], fmt(charged), fmt(now)}
+  local outcome = {status, r[1], r[2], r[3], r[4], r[5], r[6], r[7], fmt(charged), fmt(now), request}
   redis.call('HSET', K.closed, rid, table.concat(outcome, SEP))
   redis.call('ZADD', K.closedx, now + retention, rid)
 end
@@ -74,7 +75,7 @@ local function reap(now, limit, retention)
   for _, rid in ipairs(expired) do
     local rec = redis.call('HGET', K.res, rid)
     if rec then
-      close_reservation(rid, split(rec), 'expired', 0, now, retention)
+      close_reservation(rid, split(rec), 'expired', 0, now, retention, '')
     else
       redis.call('ZREM', K.exp, rid)
     end

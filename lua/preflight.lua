@@ -49,7 +49,9 @@ local function reply(approved, reason, id, expires, replayed)
 end
 
 -- A repeat of an approved request (same idempotency key, or the client's retry of the same
--- call after a lost reply) returns the first decision and holds nothing more.
+-- call after a lost reply) returns the first decision and holds nothing more. The reservation
+-- id is the call's request id: finding our own id means our first attempt's reply was lost,
+-- which is not a replay for the caller.
 local prior = false
 if fingerprint ~= '' then
   local v = redis.call('GET', idem_key)
@@ -75,7 +77,7 @@ if prior then
       expires = tonumber(split(closed)[7])
     end
   end
-  return reply(1, false, prior, expires, 1)
+  return reply(1, false, prior, expires, prior == rid and 0 or 1)
 end
 
 -- Check every rule before writing anything.

@@ -15,6 +15,7 @@
 -- ARGV[10] reap limit
 -- ARGV[11] outcome retention, ms
 -- ARGV[12] customer id (stored once, for people reading the keys), '' when not known
+-- ARGV[13] request id of this call (the same on the client's retries of it)
 -- Reply: {status, reservation id|false, charged, released, late 1|0, replayed 1|0,
 --         limit|false, spent, reserved, now_ms}
 -- status: 'recorded' closed and charged; 'released' closed, nothing charged; 'late' it had
@@ -32,6 +33,7 @@ local idem_ttl = tonumber(ARGV[9])
 local reap_limit = tonumber(ARGV[10])
 local retention = tonumber(ARGV[11])
 local customer_id = ARGV[12]
+local request = ARGV[13]
 local idem_key = KEYS[8]
 
 local now = now_ms()
@@ -50,13 +52,15 @@ if fingerprint ~= '' then
       return redis.error_reply('AGENTBILL idempotency_conflict')
     end
     local id = f[3] ~= '' and f[3] or false
-    return reply(f[2], id, tonumber(f[4]), tonumber(f[5]), tonumber(f[6]), 1)
+    -- Our own request id: the first attempt's reply was lost; answer as it would have.
+    local replayed = f[7] == request and 0 or 1
+    return reply(f[2], id, tonumber(f[4]), tonumber(f[5]), tonumber(f[6]), replayed)
   end
 end
 
 local function remember(status, id, charged, released, late)
   if fingerprint ~= '' then
-    local v = {fingerprint, status, id or '', fmt(charged), fmt(released), fmt(late)}
+    local v = {fingerprint, status, id or '', fmt(charged), fmt(released), fmt(late), request}
     redis.call('SET', idem_key, table.concat(v, SEP), 'PX', idem_ttl)
   end
   return reply(status, id, charged, released, late, 0)
@@ -85,7 +89,7 @@ local function close_open(id, r)
     return redis.error_reply('AGENTBILL task_mismatch')
   end
   local charged = charge and units or 0
-  close_reservation(id, r, charge and 'recorded' or 'released', charged, now, retention)
+  close_reservation(id, r, charge and 'recorded' or 'released', charged, now, retention, request)
   return remember(charge and 'recorded' or 'released', id, charged, tonumber(r[4]), 0)
 end
 
@@ -120,9 +124,15 @@ if o[1] == 'expired' and charge and units > 0 then
   end
   o[1] = 'late'
   o[9] = fmt(units)
+  o[11] = request
   redis.call('HSET', K.closed, rid, table.concat(o, SEP))
   return remember('late', rid, units, 0, 1)
 end
--- Closed before: a second close is a no-op that returns the first outcome.
+-- Closed before: a second close is a no-op that returns the first outcome. Closed by this very
+-- request (the client's retry after a lost reply): answer exactly as the first attempt did.
 local late = (o[1] == 'late' or o[1] == 'expired') and 1 or 0
+if o[11] == request then
+  local released = (o[1] == 'recorded' or o[1] == 'released') and tonumber(o[5]) or 0
+  return reply(o[1], rid, tonumber(o[9]), released, late, 0)
+end
 return reply(o[1], rid, tonumber(o[9]), 0, late, 1)

@@ -118,18 +118,46 @@ def running(**kwargs: object) -> Iterator[RedisServer]:
         server.stop()
 
 
+# A cluster node also listens on port + 10000 (the cluster bus), so its port is at most 55535.
+MAX_CLUSTER_PORT = 65535 - 10000
+
+
+def free_cluster_port() -> int:
+    """A free port at most 55535 whose bus port (port + 10000) is free as well."""
+    while True:
+        port = free_port()
+        if port > MAX_CLUSTER_PORT:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class Cluster:
     """A 3-master Redis Cluster on free ports, slots split evenly, no replicas."""
 
     def __init__(self, size: int = 3) -> None:
         self.nodes = [
-            RedisServer(extra={"cluster-enabled": "yes", "cluster-node-timeout": "2000"})
+            RedisServer(
+                extra={"cluster-enabled": "yes", "cluster-node-timeout": "2000"},
+                port=free_cluster_port(),
+            )
             for _ in range(size)
         ]
         for node in self.nodes:
             node.config["cluster-config-file"] = str(node.dir / "nodes.conf")
 
     def start(self, timeout: float = 20.0) -> Cluster:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # never leave the nodes that did start running
+            raise
+
+    def _start(self, timeout: float) -> Cluster:
         for node in self.nodes:
             node.start()
         per = 16384 // len(self.nodes)

@@ -1,0 +1,192 @@
+"""The same scripts on a real 3-node Redis Cluster, through redis-py's RedisCluster.
+
+Every key of one customer carries the customer's hash tag, so each script call touches one
+slot and runs on whichever node owns it; customers spread over the nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import cast
+
+import pytest
+import redis.asyncio.cluster as async_cluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from agentbill import AgentBillClient, AsyncAgentBillClient
+from agentbill._keys import KeySpace, customer_tag
+from agentbill._scripts import source
+from tests._async_facade import blocking_client
+from tests._servers import Cluster
+from tests.test_concurrency import Ask, check_budget_race, race, warm_up
+
+pytestmark = pytest.mark.cluster
+
+Nodes = list[tuple[str, int]]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    nodes = Cluster()
+    try:
+        yield nodes.start()
+    finally:
+        nodes.stop()
+
+
+def cluster_redis(nodes: Nodes) -> RedisCluster:
+    startup = [ClusterNode(host, port) for host, port in nodes]  # type: ignore[no-untyped-call]
+    return RedisCluster(
+        startup_nodes=startup,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        # agentbill's own retry policy is the only retry layer, as for the client it builds.
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+@contextmanager
+def cluster_client(nodes: Nodes, namespace: str) -> Iterator[AgentBillClient]:
+    with (
+        cluster_redis(nodes) as rc,
+        AgentBillClient(redis=rc, namespace=namespace) as client,
+    ):
+        yield client
+
+
+@contextmanager
+def async_cluster_client(nodes: Nodes, namespace: str) -> Iterator[AgentBillClient]:
+    """AsyncAgentBillClient over redis.asyncio's RedisCluster, behind the blocking facade."""
+    startup = [async_cluster.ClusterNode(host, port) for host, port in nodes]
+    with asyncio.Runner() as runner:
+        rc = async_cluster.RedisCluster(
+            startup_nodes=startup,
+            socket_connect_timeout=1.0,
+            socket_timeout=2.0,
+            retry=AsyncRetry(NoBackoff(), 0),
+        )
+        aclient = AsyncAgentBillClient(redis=rc, namespace=namespace)
+        try:
+            yield cast(AgentBillClient, blocking_client(aclient, runner))
+        finally:
+            runner.run(rc.aclose())
+
+
+@pytest.fixture
+def client(cluster: Cluster, namespace: str) -> Iterator[AgentBillClient]:
+    with cluster_client(cluster.startup_nodes, namespace) as c:
+        yield c
+
+
+@pytest.fixture(params=["sync", "async"])
+def both_clients(
+    request: pytest.FixtureRequest, cluster: Cluster, namespace: str
+) -> Iterator[AgentBillClient]:
+    make = cluster_client if request.param == "sync" else async_cluster_client
+    with make(cluster.startup_nodes, namespace) as c:
+        yield c
+
+
+CUSTOMERS = [f"customer-{i}" for i in range(50)]
+
+
+def test_every_operation_works_for_customers_on_every_node(both_clients: AgentBillClient) -> None:
+    client = both_clients
+    for i, customer in enumerate(CUSTOMERS):
+        limit, ceiling = 20 + i, 6
+        assert client.set_budget(customer, limit).limit == limit
+        assert client.open_task("task", ceiling, customer).ceiling == ceiling
+
+        first = client.preflight("agent", 4, customer, task_ref="task")
+        assert first.approved
+        refused = client.preflight("agent", 4, customer, task_ref="task")
+        assert refused.reason == "task_ceiling_exceeded"
+        assert first.record(3).charged == 3
+
+        other = client.preflight("agent", 2, customer)
+        assert other.approved
+        assert other.release().released == 2
+        direct = client.record("other-agent", 1, customer)
+        assert (direct.status, direct.charged) == ("direct", 1)
+
+        budget = client.get_budget(customer)
+        assert (budget.limit, budget.spent, budget.reserved) == (limit, 3 + 1, 0)
+        assert budget.open_reservations == 0
+        task = client.get_task("task", customer)
+        assert (task.ceiling, task.used, task.reserved) == (ceiling, 3, 0)
+        assert client.preflight("agent", limit, customer).reason == "budget_exhausted"
+
+
+def test_each_customer_lives_in_one_slot_and_customers_spread_over_nodes(
+    cluster: Cluster, client: AgentBillClient, namespace: str
+) -> None:
+    for customer in CUSTOMERS:
+        client.preflight("agent", 1, customer)  # writes the budget, reservation and index keys
+
+    nodes_of: dict[str, set[int]] = {}
+    slots_of: dict[str, set[int]] = {}
+    for node in cluster.nodes:
+        with node.client(decode_responses=True) as r:
+            for key in r.scan_iter(match=KeySpace(namespace).pattern(), count=1000):
+                tag = key.split("{", 1)[1].split("}", 1)[0]
+                nodes_of.setdefault(tag, set()).add(node.port)
+                slot = int(r.execute_command("CLUSTER", "KEYSLOT", key))
+                slots_of.setdefault(tag, set()).add(slot)
+
+    assert set(nodes_of) == {customer_tag(c) for c in CUSTOMERS}
+    assert all(len(nodes) == 1 for nodes in nodes_of.values())
+    assert all(len(slots) == 1 for slots in slots_of.values())
+    assert len(set().union(*nodes_of.values())) >= 2
+
+
+def test_scripts_are_reloaded_after_a_script_flush_on_every_node(
+    cluster: Cluster, both_clients: AgentBillClient
+) -> None:
+    """redis-py's Script answers NOSCRIPT by loading the script (on every primary) again."""
+    client = both_clients
+    customers = CUSTOMERS[:10]
+    for customer in customers:
+        client.set_budget(customer, 10)
+    assert all(loaded(cluster, "preflight")), "the scripts are cached before the flush"
+    for node in cluster.nodes:
+        with node.client() as r:
+            r.script_flush()
+    assert not any(loaded(cluster, "preflight"))
+
+    for customer in customers:
+        check = client.preflight("agent", 4, customer)
+        assert check.approved
+        assert check.record(4).charged == 4
+        assert client.get_budget(customer).spent == 4
+    assert all(loaded(cluster, "preflight"))
+
+
+def loaded(cluster: Cluster, operation: str) -> list[bool]:
+    """Whether each node has the operation's script cached."""
+    sha = hashlib.sha1(source(operation).encode()).hexdigest()
+    out = []
+    for node in cluster.nodes:
+        with node.client() as r:
+            out.extend(r.script_exists(sha))
+    return out
+
+
+def test_racing_preflights_never_approve_more_than_the_budget(
+    cluster: Cluster, client: AgentBillClient, namespace: str
+) -> None:
+    racers, limit = 10, 8
+    asks = [Ask(f"race-{units}-{i}", units) for i in range(3) for units in (limit, 1)]
+    for ask in asks:
+        client.set_budget(ask.customer, limit)
+    warm_up(client)
+
+    by_ask = race(partial(cluster_client, cluster.startup_nodes), namespace, racers, asks)
+
+    check_budget_race(client, by_ask, racers, limit)
