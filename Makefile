@@ -23,8 +23,8 @@ demo: $(STAMP)  ## several worker processes share budgets on the embedded local 
 	$(PY) examples/demo.py
 
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check agentbill tests benchmarks
-	$(PY) -m ruff format --check agentbill tests benchmarks
+	$(PY) -m ruff check agentbill tests benchmarks examples
+	$(PY) -m ruff format --check agentbill tests benchmarks examples
 
 typecheck: $(STAMP)  ## mypy --strict
 	$(PY) -m mypy
