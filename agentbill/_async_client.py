@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from agentbill import _core
 from agentbill._client import BaseClient, connection_options, connection_url
-from agentbill._gate import Gate, Units
+from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._models import ClientSettings
 from agentbill._results import AsyncCheck, BudgetStatus, Settlement, TaskStatus, bind_async_check
 from agentbill._retry import async_retrying, translate
@@ -143,6 +143,37 @@ class AsyncAgentBillClient(BaseClient):
             estimated_units=estimated_units,
             customer_id=customer_id,
             units=units,
+            task_ref=task_ref,
+            task_ceiling=task_ceiling,
+            ttl=ttl,
+        )
+
+    def run(
+        self,
+        agent_id: str,
+        estimated_units: int,
+        customer_id: str | None = None,
+        *,
+        task_ref: str | None = None,
+        task_ceiling: int | None = None,
+        ttl: int | None = None,
+        charge_estimate: bool = False,
+    ) -> AsyncRun:
+        """A gated block: ``async with client.run(...) as run: ...; await run.record(units)``.
+
+        Preflights on entry (typed RunBlockedError on refusal); releases if the block raises;
+        a block left without a record releases, or charges the estimate if
+        ``charge_estimate``. Bad arguments raise InvalidRequestError at once.
+        """
+        _core.validate_gate(
+            self._policy, agent_id, estimated_units, customer_id, task_ref, task_ceiling, ttl
+        )
+        return AsyncRun(
+            self,
+            charge_estimate,
+            agent_id=agent_id,
+            estimated_units=estimated_units,
+            customer_id=customer_id,
             task_ref=task_ref,
             task_ceiling=task_ceiling,
             ttl=ttl,

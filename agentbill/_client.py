@@ -15,7 +15,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from agentbill import _core
-from agentbill._gate import Gate, Units
+from agentbill._gate import Gate, Run, Units
 from agentbill._models import ClientSettings
 from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus, bind_check
 from agentbill._retry import retrying, translate
@@ -240,6 +240,37 @@ class AgentBillClient(BaseClient):
             estimated_units=estimated_units,
             customer_id=customer_id,
             units=units,
+            task_ref=task_ref,
+            task_ceiling=task_ceiling,
+            ttl=ttl,
+        )
+
+    def run(
+        self,
+        agent_id: str,
+        estimated_units: int,
+        customer_id: str | None = None,
+        *,
+        task_ref: str | None = None,
+        task_ceiling: int | None = None,
+        ttl: int | None = None,
+        charge_estimate: bool = False,
+    ) -> Run:
+        """A gated block: ``with client.run(...) as run: ...; run.record(units)``.
+
+        Preflights on entry (typed RunBlockedError on refusal); releases if the block raises;
+        a block left without a record releases, or charges the estimate if
+        ``charge_estimate``. Bad arguments raise InvalidRequestError at once.
+        """
+        _core.validate_gate(
+            self._policy, agent_id, estimated_units, customer_id, task_ref, task_ceiling, ttl
+        )
+        return Run(
+            self,
+            charge_estimate,
+            agent_id=agent_id,
+            estimated_units=estimated_units,
+            customer_id=customer_id,
             task_ref=task_ref,
             task_ceiling=task_ceiling,
             ttl=ttl,

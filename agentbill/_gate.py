@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 from agentbill._exceptions import AgentBillError
 from agentbill._models import validate_units
-from agentbill._results import BaseCheck
+from agentbill._results import BaseCheck, Settlement
 
 logger = logging.getLogger("agentbill")
 
@@ -28,7 +28,7 @@ T = TypeVar("T")
 Units: TypeAlias = int | Callable[[T], int] | None
 """What a gate records after the body: an int, a callable of the body's result, or the estimate."""
 
-__all__ = ["Gate", "Units"]
+__all__ = ["AsyncRun", "Gate", "Run", "Units"]
 
 
 async def _resolved(value: Any) -> Any:
@@ -154,3 +154,69 @@ async def _release_quietly_async(check: Any) -> None:
             await asyncio.shield(outcome)
     except AgentBillError as exc:
         _warn_unreleased(check, exc)
+
+
+class Run:
+    """``with client.run(...) as run``: a gated block for code that is not one function.
+
+    Entering preflights (raising the typed RunBlockedError on refusal, so the block does not
+    run). Inside, ``run.record(units)`` records what was used. Leaving the block: on an
+    exception (KeyboardInterrupt too) the reservation is released and the exception re-raised;
+    without a record, the estimate is charged if ``charge_estimate`` (the work happened but
+    nobody measured it), else the reservation is released.
+    """
+
+    def __init__(self, client: Any, charge_estimate: bool, **preflight: Any) -> None:
+        self._client = client
+        self._charge_estimate = charge_estimate
+        self._preflight = preflight
+        self._check: Any = None
+        self.settlement: Settlement | None = None
+
+    @property
+    def check(self) -> Any:
+        """The approved Check (AsyncCheck with the async client)."""
+        return self._check
+
+    def _finish(self) -> Any:
+        """Settle a block that ended normally: nothing to do if it recorded."""
+        if self.settlement is None:
+            if self._charge_estimate:
+                return self._check.record(self._check.estimated_units)
+            return self._check.release()
+        return None
+
+    def __enter__(self) -> Run:
+        self._check = self._client.preflight(**self._preflight).raise_for_refusal()
+        return self
+
+    def record(self, units: int, **kwargs: Any) -> Settlement:
+        self.settlement = self._check.record(units, **kwargs)
+        return self.settlement
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            _release_quietly(self._check)
+            return
+        self._finish()
+
+
+class AsyncRun(Run):
+    """``async with client.run(...) as run``; see :class:`Run`. ``await run.record(units)``."""
+
+    async def __aenter__(self) -> AsyncRun:
+        check = await self._client.preflight(**self._preflight)
+        self._check = check.raise_for_refusal()
+        return self
+
+    async def record(self, units: int, **kwargs: Any) -> Settlement:  # type: ignore[override]
+        self.settlement = await self._check.record(units, **kwargs)
+        return self.settlement
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            await _release_quietly_async(self._check)
+            return
+        outcome = self._finish()
+        if outcome is not None:
+            await asyncio.shield(outcome)

@@ -1,0 +1,79 @@
+"""``with client.run(...)`` and ``async with``: a gated block for code that is not one function."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agentbill import (
+    AgentBillClient,
+    AsyncAgentBillClient,
+    BudgetExhaustedError,
+    BudgetStatus,
+    InvalidRequestError,
+)
+from tests._servers import RedisServer
+
+
+def _state(b: BudgetStatus) -> tuple[int, int, int]:
+    return b.spent, b.reserved, b.open_reservations
+
+
+def test_block_records_what_it_says(client: AgentBillClient) -> None:
+    with client.run("agent", 10, customer_id="c1") as run:
+        assert client.get_budget("c1").reserved == 10
+        run.record(4)
+    assert run.settlement is not None
+    assert run.settlement.charged == 4
+    assert _state(client.get_budget("c1")) == (4, 0, 0)
+
+
+def test_block_without_record_releases_or_charges_the_estimate(client: AgentBillClient) -> None:
+    with client.run("agent", 10, customer_id="c1"):
+        pass
+    assert _state(client.get_budget("c1")) == (0, 0, 0)
+    with client.run("agent", 10, customer_id="c1", charge_estimate=True):
+        pass
+    assert _state(client.get_budget("c1")) == (10, 0, 0)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_block_that_raises_releases(client: AgentBillClient, exc: BaseException) -> None:
+    with pytest.raises(type(exc)), client.run("agent", 10, customer_id="c1"):
+        raise exc
+    assert _state(client.get_budget("c1")) == (0, 0, 0)
+
+
+def test_refusal_skips_the_block(client: AgentBillClient) -> None:
+    client.set_budget("c1", 5)
+    entered = False
+    with pytest.raises(BudgetExhaustedError), client.run("agent", 10, customer_id="c1"):
+        entered = True
+    assert not entered
+
+
+def test_bad_arguments_fail_before_the_block(client: AgentBillClient) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        client.run("agent", 1.5, customer_id="c1")  # type: ignore[arg-type]
+    assert info.value.field == "estimated_units"
+
+
+def test_async_block(redis_server: RedisServer, namespace: str) -> None:
+    async def main() -> None:
+        async with AsyncAgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
+            async with c.run("agent", 10, customer_id="c1") as run:
+                assert (await c.get_budget("c1")).reserved == 10
+                await run.record(6)
+            assert _state(await c.get_budget("c1")) == (6, 0, 0)
+
+            async with c.run("agent", 10, customer_id="c1", charge_estimate=True):
+                pass
+            assert _state(await c.get_budget("c1")) == (16, 0, 0)
+
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2), c.run("agent", 10, customer_id="c1"):
+                    await asyncio.sleep(30)
+            assert _state(await c.get_budget("c1")) == (16, 0, 0)
+
+    asyncio.run(main())
