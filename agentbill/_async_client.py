@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import redis
@@ -11,7 +12,7 @@ from agentbill import _core
 from agentbill._client import BaseClient, connection_options, connection_url
 from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._models import ClientSettings
-from agentbill._results import AsyncCheck, BudgetStatus, Settlement, TaskStatus, bind_async_check
+from agentbill._results import AsyncCheck, BudgetStatus, Settlement, TaskStatus
 from agentbill._retry import async_retrying, translate
 
 
@@ -92,8 +93,9 @@ class AsyncAgentBillClient(BaseClient):
             task_ceiling,
             idempotency_key,
             ttl,
+            functools.partial(AsyncCheck, _client=self),
         )
-        return bind_async_check(await self._run(plan), self)
+        return await self._run(plan)
 
     async def record(
         self,

@@ -6,6 +6,7 @@ client method is: plan (validate + build the call, in ``_core``), one round trip
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ from redis.retry import Retry
 from agentbill import _core
 from agentbill._gate import Gate, Run, Units
 from agentbill._models import ClientSettings
-from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus, bind_check
+from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus
 from agentbill._retry import retrying, translate
 from agentbill._scripts import bind
 
@@ -174,8 +175,9 @@ class AgentBillClient(BaseClient):
             task_ceiling,
             idempotency_key,
             ttl,
+            functools.partial(Check, _client=self),
         )
-        return bind_check(self._run(plan), self)
+        return self._run(plan)
 
     def record(
         self,

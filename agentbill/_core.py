@@ -43,6 +43,8 @@ DEFAULT_CUSTOMER = "default"
 REQUEST_ID_TTL_MS = 10 * 60 * 1000
 
 Reply = Sequence[Any]
+T = TypeVar("T")
+C = TypeVar("C", bound=BaseCheck)
 
 
 class Call(NamedTuple):
@@ -107,7 +109,8 @@ def _datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def customer_of(customer_id: str | None) -> str:
+def customer_of(customer_id: T | None) -> T | str:
+    """``customer_id``, or the customer named "default" when it is None."""
     return DEFAULT_CUSTOMER if customer_id is None else customer_id
 
 
@@ -147,8 +150,8 @@ def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, 
     return Call("preflight", (*ck.fixed, idem_key), args), rid
 
 
-def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy) -> BaseCheck:
-    """preflight.lua's reply as a decision (not yet bound to a client)."""
+def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy, make: Callable[..., C]) -> C:
+    """preflight.lua's reply as a decision, built by ``make`` (a Check bound to its client)."""
     approved = int(reply[0]) == 1
     reason = cast(Reason, _text(reply[1])) if reply[1] is not None else None
     limit = _int_or_none(reply[4])
@@ -162,7 +165,7 @@ def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy) -> BaseChec
         "task_ceiling_exceeded": task_ceiling,
     }.get(reason or "", limit)
     has_task = req.task_ref is not None
-    return BaseCheck(
+    return make(
         approved=approved,
         reason=reason,
         reservation_id=_text(reply[2]) if reply[2] is not None else None,
@@ -332,8 +335,6 @@ def decode_task(reply: Reply, customer_id: str, task_ref: str) -> TaskStatus:
 
 # -- plans: validated input -> (script call, reply decoder); what both clients execute ---------
 
-T = TypeVar("T")
-
 
 class Plan(NamedTuple, Generic[T]):
     """One operation ready to run: the script call, and how to read its reply."""
@@ -351,19 +352,21 @@ def plan_preflight(
     task_ceiling: object,
     idempotency_key: object,
     ttl: object,
-) -> Plan[BaseCheck]:
+    make: Callable[..., C],
+) -> Plan[C]:
+    """``make`` builds the decision: Check or AsyncCheck, already bound to the client."""
     req = validate(
         PreflightRequest,
         agent_id=agent_id,
         estimated_units=estimated_units,
-        customer_id=DEFAULT_CUSTOMER if customer_id is None else customer_id,
+        customer_id=customer_of(customer_id),
         task_ref=task_ref,
         task_ceiling=task_ceiling,
         idempotency_key=idempotency_key,
         ttl=ttl,
     )
     call, _ = preflight_call(p, req, new_token())
-    return Plan(call, lambda reply: decode_preflight(reply, req, p))
+    return Plan(call, lambda reply: decode_preflight(reply, req, p, make))
 
 
 def plan_record(
@@ -397,13 +400,13 @@ def plan_release(p: Policy, reservation_id: object) -> Plan[Settlement]:
 
 
 def plan_set_budget(p: Policy, customer_id: object, limit: object) -> Plan[BudgetStatus]:
-    req = validate(BudgetRequest, customer_id=_customer(customer_id), limit=limit)
+    req = validate(BudgetRequest, customer_id=customer_of(customer_id), limit=limit)
     call = set_budget_call(p, req.customer_id, req.limit)
     return Plan(call, lambda reply: decode_budget(reply, req.customer_id))
 
 
 def plan_get_budget(p: Policy, customer_id: object) -> Plan[BudgetStatus]:
-    req = validate(CustomerRef, customer_id=_customer(customer_id))
+    req = validate(CustomerRef, customer_id=customer_of(customer_id))
     call = get_budget_call(p, req.customer_id)
     return Plan(call, lambda reply: decode_budget(reply, req.customer_id))
 
@@ -412,14 +415,14 @@ def plan_open_task(
     p: Policy, task_ref: object, ceiling: object, customer_id: object
 ) -> Plan[TaskStatus]:
     req = validate(
-        TaskRequest, task_ref=task_ref, customer_id=_customer(customer_id), ceiling=ceiling
+        TaskRequest, task_ref=task_ref, customer_id=customer_of(customer_id), ceiling=ceiling
     )
     call = open_task_call(p, req.customer_id, req.task_ref, req.ceiling)
     return Plan(call, lambda reply: decode_task(reply, req.customer_id, req.task_ref))
 
 
 def plan_get_task(p: Policy, task_ref: object, customer_id: object) -> Plan[TaskStatus]:
-    req = validate(TaskRequest, task_ref=task_ref, customer_id=_customer(customer_id))
+    req = validate(TaskRequest, task_ref=task_ref, customer_id=customer_of(customer_id))
     call = get_task_call(p, req.customer_id, req.task_ref)
     return Plan(call, lambda reply: decode_task(reply, req.customer_id, req.task_ref))
 
@@ -434,11 +437,9 @@ def validate_gate(
     ttl: object,
 ) -> None:
     """Check a gate's arguments when it decorates, so a bad one fails at import time."""
-    plan_preflight(p, agent_id, estimated_units, customer_id, task_ref, task_ceiling, None, ttl)
-
-
-def _customer(customer_id: object) -> object:
-    return DEFAULT_CUSTOMER if customer_id is None else customer_id
+    plan_preflight(
+        p, agent_id, estimated_units, customer_id, task_ref, task_ceiling, None, ttl, BaseCheck
+    )
 
 
 def settings_from(**values: object) -> ClientSettings:

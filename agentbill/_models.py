@@ -8,7 +8,6 @@ A :class:`pydantic.ValidationError` never escapes: :func:`validate` turns it int
 from __future__ import annotations
 
 import json
-import math
 import unicodedata
 from typing import Annotated, Any, TypeVar
 
@@ -149,10 +148,6 @@ def _invalid(exc: ValidationError) -> InvalidRequestError:
     # Name the offending value's type for wrong-type errors, never the value itself:
     # ids and keys may be secrets (an api_key, say) and must stay out of messages and logs.
     return InvalidRequestError(field, message)
-
-
-def is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _UnitsValue(_Request):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -125,19 +125,6 @@ class AsyncCheck(BaseCheck):
         rid = self._reservation()
         assert self._client is not None
         return await self._client.release(rid)
-
-
-def _values(check: BaseCheck) -> dict[str, Any]:
-    return {f.name: getattr(check, f.name) for f in fields(BaseCheck)}
-
-
-def bind_check(check: BaseCheck, client: AgentBillClient) -> Check:
-    """The decoded decision as a Check whose record/release go through ``client``."""
-    return Check(**_values(check), _client=client if check.approved else None)
-
-
-def bind_async_check(check: BaseCheck, client: AsyncAgentBillClient) -> AsyncCheck:
-    return AsyncCheck(**_values(check), _client=client if check.approved else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
