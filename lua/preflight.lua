@@ -38,14 +38,19 @@ local idem_key = KEYS[8]
 local now = now_ms()
 reap(now, reap_limit, retention)
 
-local function reply(approved, reason, id, expires, replayed)
-  local limit, spent, reserved = budget_state()
-  local tceil, tused, tres = false, 0, 0
+-- The counters this call reads once: budget, and the task when there is one.
+local function read_state()
+  local st = {tused = 0, tres = 0, task_exists = false}
+  st.limit, st.spent, st.reserved = budget_state()
   if tf ~= '' then
-    tceil, tused, tres = task_state(tf)
+    st.tceil, st.tused, st.tres, st.task_exists = task_state(tf)
   end
-  return {approved, reason, id, expires, limit or false, spent, reserved, tceil or false,
-          tused, tres, now, replayed}
+  return st
+end
+
+local function reply(approved, reason, id, expires, replayed, st)
+  return {approved, reason, id, expires, st.limit or false, st.spent, st.reserved,
+          st.tceil or false, st.tused, st.tres, now, replayed}
 end
 
 -- A repeat of an approved request (same idempotency key, or the client's retry of the same
@@ -77,31 +82,24 @@ if prior then
       expires = tonumber(split(closed)[7])
     end
   end
-  return reply(1, false, prior, expires, prior == rid and 0 or 1)
+  return reply(1, false, prior, expires, prior == rid and 0 or 1, read_state())
 end
 
 -- Check every rule before writing anything.
-local limit, spent, reserved = budget_state()
+local st = read_state()
+if tf ~= '' and not st.task_exists and task_ceiling ~= '' then
+  st.tceil = tonumber(task_ceiling) -- the ceiling this call would open the task with
+end
 local reason = false
 if ceiling ~= '' and units > tonumber(ceiling) then
   reason = 'ceiling_exceeded'
-end
-local task_exists = false
-if tf ~= '' then
-  local tceil, tused, tres
-  tceil, tused, tres, task_exists = task_state(tf)
-  if not task_exists and task_ceiling ~= '' then
-    tceil = tonumber(task_ceiling)
-  end
-  if not reason and tceil and tused + tres + units > tceil then
-    reason = 'task_ceiling_exceeded'
-  end
-end
-if not reason and limit and spent + reserved + units > limit then
+elseif st.tceil and st.tused + st.tres + units > st.tceil then
+  reason = 'task_ceiling_exceeded'
+elseif st.limit and st.spent + st.reserved + units > st.limit then
   reason = 'budget_exhausted'
 end
 if reason then
-  return reply(0, reason, false, false, 0)
+  return reply(0, reason, false, false, 0, st)
 end
 
 -- Every rule passed: reserve on every scope.
@@ -110,14 +108,16 @@ incr(K.budget, 'reserved', units)
 incr(K.budget, 'open', 1)
 redis.call('HSETNX', K.budget, 'customer', customer_id)
 if tf ~= '' then
-  if not task_exists then
+  if not st.task_exists then
     redis.call('HSET', K.tasks, tf .. ':n', task_ref)
     if task_ceiling ~= '' then
       redis.call('HSET', K.tasks, tf .. ':c', task_ceiling)
     end
   end
   incr(K.tasks, tf .. ':r', units)
+  st.tres = st.tres + units
 end
+st.reserved = st.reserved + units
 local expires = now + ttl
 local member = group .. ':' .. string.format('%016d', seq) .. ':' .. rid
 local record = {agent, task_ref, tf, fmt(units), fmt(now), fmt(expires), member}
@@ -127,4 +127,4 @@ redis.call('ZADD', K.open, 0, member)
 if fingerprint ~= '' then
   redis.call('SET', idem_key, fingerprint .. SEP .. rid, 'PX', idem_ttl)
 end
-return reply(1, false, rid, expires, 0)
+return reply(1, false, rid, expires, 0, st)
