@@ -124,9 +124,17 @@ class AsyncAgentBillClient(BaseClient):
             )
         )
 
-    async def release(self, reservation_id: str) -> Settlement:
+    async def release(
+        self,
+        reservation_id: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        customer_id: str | None = None,
+    ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
-        return await self._run(_core.plan_release(self._policy, reservation_id))
+        return await self._run(
+            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        )
 
     def gate(
         self,

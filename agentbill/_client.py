@@ -214,9 +214,25 @@ class AgentBillClient(BaseClient):
             )
         )
 
-    def release(self, reservation_id: str) -> Settlement:
-        """Close a reservation without charging: its units return to every scope at once."""
-        return self._run(_core.plan_release(self._policy, reservation_id))
+    def release(
+        self,
+        reservation_id: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        customer_id: str | None = None,
+    ) -> Settlement:
+        """Close a reservation without charging: its units return to every scope at once.
+
+        Name it by ``reservation_id``, or by the ``idempotency_key`` of the preflight that made
+        it (with that preflight's ``customer_id``): this works from any process, and also when
+        the preflight's reply never arrived. Status ``noop`` when that preflight reserved
+        nothing; releasing twice releases once.
+
+        Raises InvalidRequestError (neither or both given), StoreUnavailableError.
+        """
+        return self._run(
+            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        )
 
     def gate(
         self,

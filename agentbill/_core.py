@@ -24,7 +24,7 @@ from agentbill._models import (
     CustomerRef,
     PreflightRequest,
     RecordRequest,
-    ReservationRef,
+    ReleaseRequest,
     TaskRequest,
     validate,
 )
@@ -244,11 +244,27 @@ def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
     return Call("settle", (*ck.fixed, idem_key), args)
 
 
-def release_call(p: Policy, rid: str, token: str) -> Call:
-    """KEYS/ARGV for settle.lua, as release() calls it."""
-    ck = reservation_keys(p, rid)
+def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
+    """KEYS/ARGV for settle.lua, as release() calls it: by reservation id, or by the
+    idempotency key of the preflight that reserved."""
+    if req.reservation_id is not None:
+        ck = reservation_keys(p, req.reservation_id)
+        if req.customer_id is not None and p.keys.customer(req.customer_id).tag != ck.tag:
+            raise InvalidRequestError(
+                "customer_id", "contradicts reservation_id (it belongs to another customer)"
+            )
+        keys: tuple[str, ...] = (*ck.fixed, ck.request(token))
+        by_key = 0
+    elif req.idempotency_key is not None:
+        ck = p.keys.customer(customer_of(req.customer_id))
+        keys = (*ck.fixed, ck.request(token), ck.idempotency("preflight", req.idempotency_key))
+        by_key = 1
+    else:
+        raise InvalidRequestError(
+            "reservation_id", "give a reservation_id or the preflight's idempotency_key"
+        )
     args: tuple[str | int, ...] = (
-        rid,
+        req.reservation_id or "",
         0,
         0,
         "",
@@ -260,8 +276,10 @@ def release_call(p: Policy, rid: str, token: str) -> Call:
         p.reap_limit,
         p.retention_ms,
         "",
+        token,
+        by_key,
     )
-    return Call("settle", (*ck.fixed, ck.request(token)), args)
+    return Call("settle", keys, args)
 
 
 def decode_settle(reply: Reply, metadata: dict[str, Any] | None = None) -> Settlement:
@@ -394,9 +412,18 @@ def plan_record(
     return Plan(record_call(p, req, new_token()), lambda r: decode_settle(r, req.metadata))
 
 
-def plan_release(p: Policy, reservation_id: object) -> Plan[Settlement]:
-    ref = validate(ReservationRef, reservation_id=reservation_id)
-    return Plan(release_call(p, ref.reservation_id, new_token()), decode_settle)
+def plan_release(
+    p: Policy, reservation_id: object, idempotency_key: object, customer_id: object
+) -> Plan[Settlement]:
+    req = validate(
+        ReleaseRequest,
+        reservation_id=reservation_id,
+        idempotency_key=idempotency_key,
+        customer_id=customer_id,
+    )
+    if req.reservation_id is not None and req.idempotency_key is not None:
+        raise InvalidRequestError("idempotency_key", "give a reservation_id or this, not both")
+    return Plan(release_call(p, req, new_token()), decode_settle)
 
 
 def plan_set_budget(p: Policy, customer_id: object, limit: object) -> Plan[BudgetStatus]:

@@ -111,8 +111,12 @@ class RecordRequest(_Request):
     metadata: Metadata | None = None
 
 
-class ReservationRef(_Request):
-    reservation_id: Id
+class ReleaseRequest(_Request):
+    """A reservation named by its id, or by the idempotency key of the preflight that made it."""
+
+    reservation_id: Id | None = None
+    idempotency_key: Id | None = None
+    customer_id: Id | None = None
 
 
 class BudgetRequest(_Request):

@@ -79,10 +79,19 @@ if prior then
   else
     local closed = redis.call('HGET', K.closed, prior)
     if closed then
-      expires = tonumber(split(closed)[7])
+      local o = split(closed)
+      expires = tonumber(o[7])
+      -- A key whose reservation was released or expired unused holds nothing and charged
+      -- nothing: replaying it would let the run go ahead unreserved and uncharged (a retried
+      -- job, say). Such a key reserves afresh below and points at the new reservation.
+      if prior ~= rid and (o[1] == 'released' or o[1] == 'expired') then
+        prior = false
+      end
     end
   end
-  return reply(1, false, prior, expires, prior == rid and 0 or 1, read_state())
+  if prior then
+    return reply(1, false, prior, expires, prior == rid and 0 or 1, read_state())
+  end
 end
 
 -- Check every rule before writing anything.

@@ -16,6 +16,9 @@
 -- ARGV[11] outcome retention, ms
 -- ARGV[12] customer id (stored once, for people reading the keys), '' when not known
 -- ARGV[13] request id of this call (the same on the client's retries of it)
+-- ARGV[14] '1': the reservation to close is the one the preflight idempotency record KEYS[9]
+--          points at (release by idempotency key); anything else: ARGV[1] names it
+-- KEYS[9]  that preflight idempotency record key (only with ARGV[14] '1')
 -- Reply: {status, reservation id|false, charged, released, late 1|0, replayed 1|0,
 --         limit|false, spent, reserved, now_ms}
 -- status: 'recorded' closed and charged; 'released' closed, nothing charged; 'late' it had
@@ -42,6 +45,14 @@ reap(now, reap_limit, retention)
 local function reply(status, id, charged, released, late, replayed)
   local limit, spent, reserved = budget_state()
   return {status, id, charged, released, late, replayed, limit or false, spent, reserved, now}
+end
+
+if ARGV[14] == '1' then
+  local v = redis.call('GET', KEYS[9])
+  if not v then
+    return reply('noop', false, 0, 0, 0, 0) -- that preflight reserved nothing (or long ago)
+  end
+  rid = split(v)[2]
 end
 
 if fingerprint ~= '' then

@@ -8,7 +8,7 @@ from redis.crc import key_slot
 from agentbill import InvalidRequestError
 from agentbill._core import Policy, preflight_call, record_call, release_call
 from agentbill._keys import KeySpace, customer_tag, tag_of_reservation
-from agentbill._models import ClientSettings, PreflightRequest, RecordRequest
+from agentbill._models import ClientSettings, PreflightRequest, RecordRequest, ReleaseRequest
 
 POLICY = Policy.from_settings(ClientSettings(namespace="ns"))
 
@@ -68,5 +68,5 @@ def test_release_needs_only_the_reservation_id() -> None:
     _, rid = preflight_call(
         POLICY, PreflightRequest(agent_id="a", estimated_units=1, customer_id="zed"), "3" * 24
     )
-    call = release_call(POLICY, rid, "tok")
+    call = release_call(POLICY, ReleaseRequest(reservation_id=rid), "tok")
     assert call.keys[0] == KeySpace("ns").customer("zed").budget

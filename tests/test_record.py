@@ -143,6 +143,82 @@ def test_refused_preflight_is_not_remembered_under_its_key(client: AgentBillClie
     assert client.preflight("agent", 5, "c1", idempotency_key="k").approved
 
 
+def test_key_of_a_released_reservation_reserves_afresh(client: AgentBillClient) -> None:
+    """Replaying a released approval would let a retried run go ahead unreserved and
+    uncharged: the key reserves again instead, and then replays that reservation."""
+    first = client.preflight("agent", 5, "c1", idempotency_key="job-1")
+    first.release()
+    second = client.preflight("agent", 5, "c1", idempotency_key="job-1")
+    assert second.approved
+    assert not second.replayed
+    assert second.reservation_id != first.reservation_id
+    assert client.get_budget("c1").reserved == 5
+    third = client.preflight("agent", 5, "c1", idempotency_key="job-1")
+    assert (third.reservation_id, third.replayed) == (second.reservation_id, True)
+    second.record(4)
+    assert client.get_budget("c1").spent == 4
+
+
+def test_key_of_a_recorded_reservation_keeps_replaying(client: AgentBillClient) -> None:
+    """A charged run's key never reserves again: a redelivery closes the same reservation."""
+    first = client.preflight("agent", 5, "c1", idempotency_key="job-1")
+    first.record(3)
+    again = client.preflight("agent", 5, "c1", idempotency_key="job-1")
+    assert (again.reservation_id, again.replayed) == (first.reservation_id, True)
+    assert again.record(3).replayed
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved) == (3, 0)
+
+
+def test_key_of_an_expired_reservation_reserves_afresh(client: AgentBillClient) -> None:
+    first = client.preflight("agent", 5, "c1", idempotency_key="job-1", ttl=1)
+    _wait_past(1.2)
+    second = client.preflight("agent", 5, "c1", idempotency_key="job-1", ttl=1)
+    assert not second.replayed
+    assert second.reservation_id != first.reservation_id
+    assert client.get_budget("c1").reserved == 5
+
+
+def test_release_by_the_preflights_idempotency_key(client: AgentBillClient) -> None:
+    check = client.preflight("agent", 5, "c1", idempotency_key="job-7", task_ref="t")
+    released = client.release(idempotency_key="job-7", customer_id="c1")
+    assert (released.status, released.reservation_id, released.released) == (
+        "released",
+        check.reservation_id,
+        5,
+    )
+    assert client.release(idempotency_key="job-7", customer_id="c1").replayed
+    budget = client.get_budget("c1")
+    assert (budget.reserved, budget.open_reservations, budget.spent) == (0, 0, 0)
+    assert client.get_task("t", "c1").reserved == 0
+
+
+def test_release_by_a_key_that_reserved_nothing_is_a_noop(
+    client: AgentBillClient, raw: redis.Redis, namespace: str
+) -> None:
+    client.set_budget("c1", 1)
+    assert not client.preflight("agent", 5, "c1", idempotency_key="refused").approved
+    before = namespace_keys(raw, namespace)
+    for key in ("refused", "never-used"):
+        outcome = client.release(idempotency_key=key, customer_id="c1")
+        assert (outcome.status, outcome.reservation_id, outcome.released) == ("noop", None, 0)
+    assert namespace_keys(raw, namespace) == before
+
+
+def test_release_needs_exactly_one_way_to_name_the_reservation(client: AgentBillClient) -> None:
+    check = client.preflight("agent", 5, "c1", idempotency_key="k")
+    with pytest.raises(InvalidRequestError) as info:
+        client.release()
+    assert info.value.field == "reservation_id"
+    with pytest.raises(InvalidRequestError) as info:
+        client.release(check.reservation_id, idempotency_key="k")
+    assert info.value.field == "idempotency_key"
+    with pytest.raises(InvalidRequestError) as info:
+        client.release(check.reservation_id, customer_id="c2")
+    assert info.value.field == "customer_id"
+    assert client.get_budget("c1").reserved == 5
+
+
 def test_customer_contradicting_the_reservation_is_refused_before_writing(
     client: AgentBillClient, raw: redis.Redis, namespace: str
 ) -> None:
