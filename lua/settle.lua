@@ -77,10 +77,8 @@ local function remember(status, id, charged, released, late)
   return reply(status, id, charged, released, late, 0)
 end
 
-local function charge_direct(id, late)
-  if not charge or units == 0 then
-    return remember('noop', id, 0, 0, late)
-  end
+-- Charge `units` with no reservation to close: to the customer, and to the task if named.
+local function charge_scopes()
   incr(K.budget, 'spent', units)
   if customer_id ~= '' then
     redis.call('HSETNX', K.budget, 'customer', customer_id)
@@ -89,7 +87,6 @@ local function charge_direct(id, late)
     redis.call('HSETNX', K.tasks, tf .. ':n', task_ref)
     incr(K.tasks, tf .. ':u', units)
   end
-  return remember('direct', id, units, 0, late)
 end
 
 local function close_open(id, r)
@@ -107,7 +104,11 @@ end
 if rid == '' then
   local oldest = redis.call('ZRANGEBYLEX', K.open, '[' .. group .. ':', '(' .. group .. ';', 'LIMIT', 0, 1)
   if #oldest == 0 then
-    return charge_direct(false, 0)
+    if not charge or units == 0 then
+      return remember('noop', false, 0, 0, 0)
+    end
+    charge_scopes()
+    return remember('direct', false, units, 0, 0)
   end
   local id = string.match(oldest[1], '^[^:]*:[^:]*:(.*)$')
   return close_open(id, split(redis.call('HGET', K.res, id)))
@@ -120,9 +121,18 @@ end
 
 local closed = redis.call('HGET', K.closed, rid)
 if not closed then
-  -- Not open and no outcome remembered (older than the retention, or never ours): the work
-  -- happened, so a record still charges it; a release has nothing to do.
-  return charge_direct(rid, 1)
+  -- Not open and no outcome remembered (older than the retention, or made while Redis was
+  -- unreachable): the work happened, so a record still charges it, flagged late, and the
+  -- outcome is remembered like a close so a repeat of the record charges nothing more. A
+  -- release has nothing to do.
+  if not charge or units == 0 then
+    return remember('noop', rid, 0, 0, 1)
+  end
+  charge_scopes()
+  local outcome = {'late', agent, task_ref, tf, '0', fmt(now), fmt(now), '', fmt(units), fmt(now), request}
+  redis.call('HSET', K.closed, rid, table.concat(outcome, SEP))
+  redis.call('ZADD', K.closedx, now + retention, rid)
+  return remember('late', rid, units, 0, 1)
 end
 
 local o = split(closed)

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from agentbill import AgentBillClient, InvalidRequestError
+from agentbill._keys import customer_tag, reservation_id
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
@@ -313,3 +314,16 @@ def test_outcomes_are_forgotten_after_the_retention(
         _wait_past(1.2)
         c.get_budget("c1")
         assert raw.hlen(c._policy.keys.customer("c1").closed) == 0
+
+
+def test_record_of_an_unknown_reservation_charges_once(client: AgentBillClient) -> None:
+    """A reservation Redis never saw (made offline) or has forgotten: the work happened, so
+    the record charges, flagged late, and a repeat of it charges nothing more."""
+    rid = reservation_id(customer_tag("c1"), "f" * 24)
+    first = client.record("agent", 7, "c1", reservation_id=rid, task_ref="t")
+    assert (first.status, first.late, first.charged, first.replayed) == ("late", True, 7, False)
+    again = client.record("agent", 7, "c1", reservation_id=rid, task_ref="t")
+    assert (again.status, again.charged, again.replayed) == ("late", 7, True)
+    assert client.release(rid).replayed
+    assert client.get_budget("c1").spent == 7
+    assert client.get_task("t", "c1").used == 7
