@@ -8,6 +8,7 @@ from agentbill._async_client import AsyncAgentBillClient
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import (
     AgentBillError,
+    AuthenticationError,
     BudgetExhaustedError,
     CeilingExceededError,
     InvalidRequestError,
@@ -16,7 +17,9 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
+from agentbill._outage import OutageStats
 from agentbill._results import AsyncCheck, BaseCheck, BudgetStatus, Check, Settlement, TaskStatus
+from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo
 
 __version__ = "0.1.0"
 
@@ -25,12 +28,17 @@ __all__ = [
     "AgentBillError",
     "AsyncAgentBillClient",
     "AsyncCheck",
+    "AuthenticationError",
     "BaseCheck",
     "BudgetExhaustedError",
     "BudgetStatus",
     "CeilingExceededError",
     "Check",
     "InvalidRequestError",
+    "IssuedKey",
+    "KeyAdmin",
+    "KeyInfo",
+    "OutageStats",
     "RunBlockedError",
     "Settlement",
     "StoreError",

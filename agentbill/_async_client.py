@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import redis
 import redis.asyncio as aioredis
 
 from agentbill import _core
 from agentbill._client import BaseClient, connection_options, connection_url
+from agentbill._exceptions import AgentBillError, StoreUnavailableError
 from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._models import ClientSettings
+from agentbill._outage import warn_undelivered
 from agentbill._results import AsyncCheck, BudgetStatus, Settlement, TaskStatus
 from agentbill._retry import async_retrying, translate
 
@@ -39,6 +41,8 @@ class AsyncAgentBillClient(BaseClient):
         socket_timeout: float = 2.0,
         retry_attempts: int = 3,
         retry_deadline: float = 2.5,
+        on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
+        outage_allowance: int | None = None,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -53,6 +57,8 @@ class AsyncAgentBillClient(BaseClient):
             socket_timeout=socket_timeout,
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
+            on_outage=on_outage,
+            outage_allowance=outage_allowance,
         )
         owns = redis is None
         if redis is None:
@@ -60,7 +66,7 @@ class AsyncAgentBillClient(BaseClient):
         super().__init__(settings, redis, owns)
         self._retrying = async_retrying(settings.retry_attempts, settings.retry_deadline)
 
-    async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
+    async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
         try:
             async for attempt in self._retrying.copy():
@@ -69,6 +75,34 @@ class AsyncAgentBillClient(BaseClient):
             return plan.decode(reply)
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
+
+    async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
+        result = await self._send(plan)
+        if self._outage.has_queued:
+            await self.flush()
+        return result
+
+    async def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
+        try:
+            settlement = await self._run(plan)
+        except StoreUnavailableError as exc:
+            return self._offline_settlement(plan, exc, release)
+        self._outage.settled(plan.reservation_id)
+        return settlement
+
+    async def flush(self) -> int:
+        """See :meth:`AgentBillClient.flush`."""
+        while (item := self._outage.take()) is not None:
+            try:
+                await self._send(item.plan)
+            except StoreUnavailableError:
+                self._outage.put_back(item)
+                break
+            except AgentBillError as exc:
+                self._outage.dropped(item, exc)
+                continue
+            self._outage.delivered(item)
+        return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -95,7 +129,10 @@ class AsyncAgentBillClient(BaseClient):
             ttl,
             functools.partial(AsyncCheck, _client=self),
         )
-        return await self._run(plan)
+        try:
+            return await self._run(plan)
+        except StoreUnavailableError as exc:
+            return self._offline_check(plan, exc)
 
     async def record(
         self,
@@ -110,7 +147,7 @@ class AsyncAgentBillClient(BaseClient):
         metadata: dict[str, Any] | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.record`."""
-        return await self._run(
+        return await self._settle(
             _core.plan_record(
                 self._policy,
                 agent_id,
@@ -132,8 +169,9 @@ class AsyncAgentBillClient(BaseClient):
         customer_id: str | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
-        return await self._run(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        return await self._settle(
+            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
+            release=True,
         )
 
     def gate(
@@ -212,7 +250,9 @@ class AsyncAgentBillClient(BaseClient):
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the connections this client opened (not a ``redis=`` client you passed in)."""
+        """See :meth:`AgentBillClient.close`."""
+        if self._outage.has_queued and await self.flush():
+            warn_undelivered(self._outage.stats())
         if self._owns_redis:
             await self._redis.aclose()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, Literal, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -16,8 +16,10 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from agentbill import _core
+from agentbill._exceptions import AgentBillError, StoreUnavailableError
 from agentbill._gate import Gate, Run, Units
 from agentbill._models import ClientSettings
+from agentbill._outage import OutageLedger, OutageStats, warn_offline, warn_undelivered
 from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus
 from agentbill._retry import retrying, translate
 from agentbill._scripts import bind
@@ -58,6 +60,7 @@ class BaseClient:
         self._redis: Any = client
         self._owns_redis = owns_client
         self._scripts = bind(client)
+        self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(namespace={self.namespace!r}, ceiling={self.ceiling!r})"
@@ -69,6 +72,35 @@ class BaseClient:
     @property
     def ceiling(self) -> int | None:
         return self._settings.ceiling
+
+    @property
+    def outage_stats(self) -> OutageStats:
+        """What this process approved offline and queued while Redis was unreachable."""
+        return self._outage.stats()
+
+    def _offline_check(self, plan: _core.Plan[_core.T], exc: StoreUnavailableError) -> _core.T:
+        """The preflight's decision when Redis cannot answer: the outage policy's, or ``exc``."""
+        if plan.offline is None or self._outage.fails_closed:
+            raise exc
+        check: Any = plan.offline()
+        if check.approved:
+            if not self._outage.approve(check.reservation_id, check.estimated_units):
+                raise exc
+            warn_offline(check, self._outage.mode, exc)
+        return cast(_core.T, check)
+
+    def _offline_settlement(
+        self, plan: _core.Plan[Settlement], exc: StoreUnavailableError, release: bool
+    ) -> Settlement:
+        """A record/release Redis cannot take now: queued by the outage policy, or ``exc``."""
+        if self._outage.fails_closed:
+            raise exc
+        rid = plan.reservation_id
+        if release and self._outage.is_offline(rid):
+            self._outage.settled(rid)  # Redis never held it: nothing to tell it
+            return _core.queued_settlement(rid, "released")
+        self._outage.enqueue(plan, rid)
+        return _core.queued_settlement(rid)
 
     def _gate(self, **kwargs: Any) -> Gate:
         _core.validate_gate(
@@ -90,7 +122,10 @@ class AgentBillClient(BaseClient):
     ``redis_url``, else the ``AGENTBILL_REDIS_URL`` environment variable, else an embedded local
     server shared by every process on this machine. ``ceiling`` caps the estimate of any single
     run; ``namespace`` prefixes every key, so clients with different namespaces never see each
-    other's data.
+    other's data. ``on_outage`` decides what a preflight does when Redis cannot answer:
+    ``"fail_closed"`` raises StoreUnavailableError; ``"fail_open"`` approves offline;
+    ``"allowance"`` approves offline up to ``outage_allowance`` units held by this process.
+    Offline runs' settlements are queued and delivered once Redis answers (see ``flush``).
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -112,6 +147,8 @@ class AgentBillClient(BaseClient):
         socket_timeout: float = 2.0,
         retry_attempts: int = 3,
         retry_deadline: float = 2.5,
+        on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
+        outage_allowance: int | None = None,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -126,6 +163,8 @@ class AgentBillClient(BaseClient):
             socket_timeout=socket_timeout,
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
+            on_outage=on_outage,
+            outage_allowance=outage_allowance,
         )
         owns = redis is None
         if redis is None:
@@ -133,7 +172,7 @@ class AgentBillClient(BaseClient):
         super().__init__(settings, redis, owns)
         self._retrying = retrying(settings.retry_attempts, settings.retry_deadline)
 
-    def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
+    def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
         try:
             for attempt in self._retrying.copy():
@@ -142,6 +181,37 @@ class AgentBillClient(BaseClient):
             return plan.decode(reply)
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
+
+    def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
+        """One round trip; then, if an outage left settlements queued, deliver them."""
+        result = self._send(plan)
+        if self._outage.has_queued:
+            self.flush()
+        return result
+
+    def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
+        try:
+            settlement = self._run(plan)
+        except StoreUnavailableError as exc:
+            return self._offline_settlement(plan, exc, release)
+        self._outage.settled(plan.reservation_id)
+        return settlement
+
+    def flush(self) -> int:
+        """Deliver the settlements an outage left queued, oldest first, each exactly once (it
+        keeps its request id). Runs by itself after every successful round trip. Returns how
+        many are still queued (Redis still unreachable)."""
+        while (item := self._outage.take()) is not None:
+            try:
+                self._send(item.plan)
+            except StoreUnavailableError:
+                self._outage.put_back(item)
+                break
+            except AgentBillError as exc:
+                self._outage.dropped(item, exc)
+                continue
+            self._outage.delivered(item)
+        return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -177,7 +247,10 @@ class AgentBillClient(BaseClient):
             ttl,
             functools.partial(Check, _client=self),
         )
-        return self._run(plan)
+        try:
+            return self._run(plan)
+        except StoreUnavailableError as exc:
+            return self._offline_check(plan, exc)
 
     def record(
         self,
@@ -200,7 +273,7 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
-        return self._run(
+        return self._settle(
             _core.plan_record(
                 self._policy,
                 agent_id,
@@ -230,8 +303,9 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
-        return self._run(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        return self._settle(
+            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
+            release=True,
         )
 
     def gate(
@@ -318,7 +392,10 @@ class AgentBillClient(BaseClient):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connections this client opened (not a ``redis=`` client you passed in)."""
+        """Deliver what an outage left queued, if Redis answers, then close the connections
+        this client opened (not a ``redis=`` client you passed in)."""
+        if self._outage.has_queued and self.flush():
+            warn_undelivered(self._outage.stats())
         if self._owns_redis:
             self._redis.close()
 

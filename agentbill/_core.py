@@ -183,6 +183,44 @@ def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy, make: Calla
     )
 
 
+def offline_decision(p: Policy, req: PreflightRequest, rid: str, make: Callable[..., C]) -> C:
+    """The decision a client makes alone while Redis is unreachable (outage policies
+    ``fail_open`` and ``allowance``): only the per-request ceiling can be checked; anything
+    within it is approved offline, as reservation ``rid`` that Redis has not seen."""
+    refused = p.ceiling is not None and req.estimated_units > p.ceiling
+    return make(
+        approved=not refused,
+        reason="ceiling_exceeded" if refused else None,
+        reservation_id=None if refused else rid,
+        expires_at=None,
+        remaining=None,
+        limit=p.ceiling if refused else None,
+        agent_id=req.agent_id,
+        customer_id=req.customer_id,
+        estimated_units=req.estimated_units,
+        task_ref=req.task_ref,
+        task_ceiling=req.task_ceiling,
+        offline=True,
+    )
+
+
+def queued_settlement(rid: str | None, status: SettleStatus = "queued") -> Settlement:
+    """What record()/release() return when their call waits for Redis (or, for a release of
+    an offline run, needed none): nothing is known of the budget yet."""
+    return Settlement(
+        status=status,
+        reservation_id=rid,
+        charged=0,
+        released=0,
+        late=False,
+        replayed=False,
+        spent=None,
+        reserved=None,
+        limit=None,
+        remaining=None,
+    )
+
+
 # -- record / release --------------------------------------------------------------------------
 
 
@@ -355,10 +393,17 @@ def decode_task(reply: Reply, customer_id: str, task_ref: str) -> TaskStatus:
 
 
 class Plan(NamedTuple, Generic[T]):
-    """One operation ready to run: the script call, and how to read its reply."""
+    """One operation ready to run: the script call, and how to read its reply.
+
+    A preflight also carries ``offline``, the decision to make alone if Redis cannot answer
+    (used only by a client whose outage policy allows it); a settle carries the reservation
+    id it closes, if it names one.
+    """
 
     call: Call
     decode: Callable[[Reply], T]
+    offline: Callable[[], T] | None = None
+    reservation_id: str | None = None
 
 
 def plan_preflight(
@@ -383,8 +428,12 @@ def plan_preflight(
         idempotency_key=idempotency_key,
         ttl=ttl,
     )
-    call, _ = preflight_call(p, req, new_token())
-    return Plan(call, lambda reply: decode_preflight(reply, req, p, make))
+    call, rid = preflight_call(p, req, new_token())
+    return Plan(
+        call,
+        lambda reply: decode_preflight(reply, req, p, make),
+        offline=lambda: offline_decision(p, req, rid, make),
+    )
 
 
 def plan_record(
@@ -409,7 +458,11 @@ def plan_record(
         idempotency_key=idempotency_key,
         metadata=metadata,
     )
-    return Plan(record_call(p, req, new_token()), lambda r: decode_settle(r, req.metadata))
+    return Plan(
+        record_call(p, req, new_token()),
+        lambda r: decode_settle(r, req.metadata),
+        reservation_id=req.reservation_id,
+    )
 
 
 def plan_release(
@@ -423,7 +476,7 @@ def plan_release(
     )
     if req.reservation_id is not None and req.idempotency_key is not None:
         raise InvalidRequestError("idempotency_key", "give a reservation_id or this, not both")
-    return Plan(release_call(p, req, new_token()), decode_settle)
+    return Plan(release_call(p, req, new_token()), decode_settle, reservation_id=req.reservation_id)
 
 
 def plan_set_budget(p: Policy, customer_id: object, limit: object) -> Plan[BudgetStatus]:

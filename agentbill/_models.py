@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -20,6 +20,8 @@ from pydantic import (
     Strict,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
 
 from agentbill._exceptions import InvalidRequestError
@@ -88,6 +90,18 @@ class ClientSettings(_Request):
     socket_timeout: Timeout = 2.0
     retry_attempts: Annotated[int, Strict(), Field(ge=1, le=10)] = 3
     retry_deadline: Timeout = 2.5
+    on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed"
+    outage_allowance: Units | None = Field(default=None, validate_default=True)
+
+    @field_validator("outage_allowance")
+    @classmethod
+    def _allowance_goes_with_its_mode(cls, value: int | None, info: ValidationInfo) -> int | None:
+        mode = info.data.get("on_outage")
+        if mode == "allowance" and value is None:
+            raise ValueError("is required with on_outage='allowance' (units per process)")
+        if mode != "allowance" and value is not None:
+            raise ValueError("is only used with on_outage='allowance'")
+        return value
 
 
 class PreflightRequest(_Request):

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from agentbill._client import AgentBillClient
 
 Reason = Literal["ceiling_exceeded", "budget_exhausted", "task_ceiling_exceeded"]
-SettleStatus = Literal["recorded", "released", "late", "expired", "direct", "noop"]
+SettleStatus = Literal["recorded", "released", "late", "expired", "direct", "noop", "queued"]
 
 _ERRORS: dict[str, type[RunBlockedError]] = {
     "ceiling_exceeded": CeilingExceededError,
@@ -56,6 +56,9 @@ class BaseCheck:
     task_remaining: int | None = None
     replayed: bool = False
     """True when this is the remembered answer to an earlier identical request."""
+    offline: bool = False
+    """True when Redis was unreachable and the client's outage policy approved the run alone
+    (no budget was checked; ``remaining``, ``limit`` and ``expires_at`` are None)."""
 
     def __bool__(self) -> bool:
         return self.approved
@@ -132,9 +135,11 @@ class Settlement:
     """The outcome of ``record`` or ``release``.
 
     ``status``: ``recorded`` (closed and charged), ``released`` (closed, nothing charged),
-    ``late`` (the reservation had expired; its units were charged now), ``expired`` (it had
+    ``late`` (the reservation had expired, or Redis never saw it: charged now), ``expired`` (it had
     expired and nothing was charged), ``direct`` (no reservation to close: charged directly),
-    ``noop`` (nothing to close and nothing to charge).
+    ``noop`` (nothing to close and nothing to charge), ``queued`` (Redis was unreachable and
+    the client's outage policy queued the call: it is delivered on the next successful round
+    trip; ``spent``, ``reserved``, ``limit`` and ``remaining`` are then None).
     """
 
     status: SettleStatus
@@ -147,8 +152,8 @@ class Settlement:
     replayed: bool
     """True when the reservation was already closed (or the idempotency key already used):
     nothing changed and ``status`` and ``charged`` are those of the first close."""
-    spent: int
-    reserved: int
+    spent: int | None
+    reserved: int | None
     limit: int | None
     remaining: int | None
     metadata: dict[str, Any] | None = None

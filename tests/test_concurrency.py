@@ -282,6 +282,8 @@ def mixed_worker(
             assert settled.reservation_id == check.reservation_id
             assert not settled.replayed
             tally.charged[customer] += settled.charged
+            assert settled.spent is not None  # None only for a settlement queued offline
+            assert settled.reserved is not None
             tally.committed_seen.append(settled.spent + settled.reserved)
     return tally
 

@@ -1,0 +1,244 @@
+"""Outage policies: fail_open and a bounded allowance approve offline while Redis is down, queue
+what they cannot settle, and deliver it exactly once when Redis is back. Nothing is lost.
+
+Each test body runs on the sync and the async client, against a real redis-server that is
+killed and restarted on the same port (AOF with fsync always, so Redis itself loses nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections.abc import Iterator
+from multiprocessing.synchronize import Event as EventType
+
+import pytest
+
+from agentbill import AgentBillClient, InvalidRequestError, StoreUnavailableError
+from tests._servers import RedisServer, running
+from tests.test_outage import AGENT, CUSTOMER, Connect, ReplyLosingProxy, connect, proxy
+
+__all__ = ["connect", "proxy"]  # fixtures used here, defined with the fail-closed tests
+
+
+@pytest.fixture
+def durable() -> Iterator[RedisServer]:
+    with running(extra={"appendonly": "yes", "appendfsync": "always"}) as server:
+        yield server
+
+
+def test_fail_open_approves_offline_and_records_everything_when_redis_is_back(
+    connect: Connect, durable: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with connect(redis_url=durable.url, namespace=namespace, on_outage="fail_open") as client:
+        client.set_budget(CUSTOMER, 10)
+        durable.kill()
+        with caplog.at_level(logging.WARNING, logger="agentbill"):
+            first = client.preflight(AGENT, 8, CUSTOMER, task_ref="t")
+            second = client.preflight(AGENT, 8, CUSTOMER)
+        assert (first.approved, first.offline, first.remaining, first.expires_at) == (
+            True,
+            True,
+            None,
+            None,
+        )
+        assert second.approved  # fail_open: no budget is checked while Redis is down
+        assert sum("approved 8 units offline" in r.getMessage() for r in caplog.records) == 2
+        queued = first.record(7)
+        assert (queued.status, queued.charged, queued.spent) == ("queued", 0, None)
+        assert second.release().status == "released"  # Redis never held it: nothing to send
+        stats = client.outage_stats
+        assert (stats.offline_runs, stats.offline_units, stats.held_units, stats.queued) == (
+            2,
+            16,
+            8,
+            1,
+        )
+
+        durable.restart()
+        client.get_budget(CUSTOMER)  # the first successful round trip delivers the queue
+        assert client.outage_stats.queued == 0
+        budget = client.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
+        assert client.get_task("t", CUSTOMER).used == 7
+        stats = client.outage_stats
+        assert (stats.queued, stats.delivered, stats.held_units) == (0, 1, 0)
+        # Delivered exactly once: recording the offline run again charges nothing more.
+        again = first.record(7)
+        assert (again.status, again.replayed) == ("late", True)
+        assert client.get_budget(CUSTOMER).spent == 7
+
+
+def test_allowance_bounds_what_one_process_approves_offline(
+    connect: Connect, durable: RedisServer, namespace: str
+) -> None:
+    with connect(
+        redis_url=durable.url, namespace=namespace, on_outage="allowance", outage_allowance=10
+    ) as client:
+        client.set_budget(CUSTOMER, 100)
+        durable.kill()
+        six = client.preflight(AGENT, 6, CUSTOMER)
+        with pytest.raises(StoreUnavailableError):
+            client.preflight(AGENT, 5, CUSTOMER)  # 6 + 5 > 10
+        four = client.preflight(AGENT, 4, CUSTOMER)
+        assert six.offline
+        assert four.offline
+        assert six.record(6).status == "queued"
+        with pytest.raises(StoreUnavailableError):
+            client.preflight(AGENT, 1, CUSTOMER)  # a queued record still holds its allowance
+        assert client.outage_stats.held_units == 10
+
+        durable.restart()
+        assert client.flush() == 0
+        assert client.get_budget(CUSTOMER).spent == 6
+        assert client.outage_stats.held_units == 4  # the run still going holds its part
+        settled = four.record(3)  # Redis is back: charged at once, flagged late
+        assert (settled.status, settled.late, settled.charged) == ("late", True, 3)
+        assert client.outage_stats.held_units == 0
+        assert client.get_budget(CUSTOMER).spent == 9
+
+
+def test_the_ceiling_is_still_enforced_offline(connect: Connect, namespace: str) -> None:
+    with (
+        running() as server,
+        connect(
+            redis_url=server.url, namespace=namespace, ceiling=5, on_outage="fail_open"
+        ) as client,
+    ):
+        server.kill()
+        refused = client.preflight(AGENT, 6, CUSTOMER)
+        assert (refused.approved, refused.reason, refused.limit, refused.offline) == (
+            False,
+            "ceiling_exceeded",
+            5,
+            True,
+        )
+        assert client.outage_stats.offline_runs == 0
+
+
+def test_a_record_of_a_real_reservation_is_queued_and_closes_it_later(
+    connect: Connect, durable: RedisServer, namespace: str
+) -> None:
+    with connect(redis_url=durable.url, namespace=namespace, on_outage="fail_open") as client:
+        check = client.preflight(AGENT, 5, CUSTOMER)
+        assert not check.offline
+        durable.kill()
+        assert check.record(3).status == "queued"
+        durable.restart()
+        assert client.flush() == 0
+        budget = client.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (3, 0, 0)
+
+
+def test_a_queued_call_whose_attempts_all_landed_is_delivered_once(
+    connect: Connect,
+    proxy: ReplyLosingProxy,
+    client: AgentBillClient,
+    namespace: str,
+) -> None:
+    """Every attempt ran but lost its reply: the call is in doubt, so it is queued, and its
+    delivery carries the same request id, so the record that did land is not charged again."""
+    client.preflight(AGENT, 0, "warm-up").release()  # scripts loaded: no NOSCRIPT detours
+    with connect(redis_url=proxy.url, namespace=namespace, on_outage="fail_open") as lossy:
+        proxy.lose_next_replies(10)
+        queued = lossy.record(AGENT, 4, CUSTOMER)
+        assert queued.status == "queued"
+        assert client.get_budget(CUSTOMER).spent == 4  # it did land, more than once sent
+        proxy.lose_next_replies(0)
+        assert lossy.flush() == 0
+        assert lossy.outage_stats.delivered == 1
+    assert client.get_budget(CUSTOMER).spent == 4
+
+
+def test_fail_closed_is_the_default_and_queues_nothing(connect: Connect, namespace: str) -> None:
+    with running() as server, connect(redis_url=server.url, namespace=namespace) as client:
+        check = client.preflight(AGENT, 1, CUSTOMER)
+        server.kill()
+        with pytest.raises(StoreUnavailableError):
+            client.preflight(AGENT, 1, CUSTOMER)
+        with pytest.raises(StoreUnavailableError):
+            check.record(1)
+        assert client.outage_stats.queued == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"on_outage": "allowance"}, "outage_allowance"),
+        ({"outage_allowance": 5}, "outage_allowance"),
+        ({"on_outage": "open"}, "on_outage"),
+        ({"on_outage": "allowance", "outage_allowance": -1}, "outage_allowance"),
+    ],
+)
+def test_outage_settings_are_validated(settings: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        AgentBillClient(redis_url="redis://127.0.0.1:1/0", **settings)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def _offline_worker(
+    url: str,
+    namespace: str,
+    allowance: int,
+    runs: int,
+    out: mp.Queue[tuple[int, int]],
+    redis_is_back: EventType,
+) -> None:
+    """Try ``runs`` runs of 1 unit with Redis down and report (approved, queued); once Redis
+    is back, deliver the queue and report (still queued, delivered)."""
+    client = AgentBillClient(
+        redis_url=url, namespace=namespace, on_outage="allowance", outage_allowance=allowance
+    )
+    approved = 0
+    for _ in range(runs):
+        try:
+            check = client.preflight(AGENT, 1, CUSTOMER)
+        except StoreUnavailableError:
+            continue
+        check.record(1)
+        approved += 1
+    out.put((approved, client.outage_stats.queued))
+    redis_is_back.wait(timeout=60)
+    out.put((client.flush(), client.outage_stats.delivered))
+    client.close()
+
+
+@pytest.mark.slow
+def test_overshoot_is_bounded_by_processes_times_allowance(
+    durable: RedisServer, namespace: str
+) -> None:
+    """Three processes with an allowance of 4 units each, a budget already spent, Redis down:
+    each approves exactly 4 units offline, and every one is charged once Redis is back."""
+    processes, allowance = 3, 4
+    with AgentBillClient(redis_url=durable.url, namespace=namespace) as admin:
+        admin.set_budget(CUSTOMER, 5)
+        admin.record(AGENT, 5, CUSTOMER)
+    durable.kill()
+    ctx = mp.get_context("spawn")
+    out: mp.Queue[tuple[int, int]] = ctx.Queue()
+    redis_is_back = ctx.Event()
+    workers = [
+        ctx.Process(
+            target=_offline_worker,
+            args=(durable.url, namespace, allowance, 10, out, redis_is_back),
+        )
+        for _ in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        offline = [out.get(timeout=60) for _ in range(processes)]
+        durable.restart()
+        redis_is_back.set()
+        delivered = [out.get(timeout=60) for _ in range(processes)]
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+    assert offline == [(allowance, allowance)] * processes  # every record waited in a queue
+    assert delivered == [(0, allowance)] * processes
+    with AgentBillClient(redis_url=durable.url, namespace=namespace) as admin:
+        budget = admin.get_budget(CUSTOMER)
+    # The overshoot is exactly processes x allowance, and every unit of it was charged.
+    assert (budget.spent, budget.reserved) == (5 + processes * allowance, 0)
