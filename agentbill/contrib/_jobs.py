@@ -56,7 +56,7 @@ From: TypeAlias = T | Callable[[JobCall], T]
 
 
 @dataclass(frozen=True, slots=True)
-class param(Generic[T]):  # noqa: N801 - used like a function: param("customer_id")
+class param(Generic[T]):  # lowercase: used like a function
     """The value of the job function's parameter ``name``, passed positionally or by keyword."""
 
     name: str
@@ -72,7 +72,7 @@ class param(Generic[T]):  # noqa: N801 - used like a function: param("customer_i
 
 
 @dataclass(frozen=True, slots=True)
-class header(Generic[T]):  # noqa: N801 - used like a function: header("customer_id")
+class header(Generic[T]):  # lowercase: used like a function
     """The value of the message header (Celery) or ``job.meta`` key (RQ) ``name``."""
 
     name: str

@@ -1,0 +1,301 @@
+"""Budgets for RQ jobs (``pip install 'agentbill[rq]'``).
+
+``@budgeted(...)`` over a job function preflights before its body runs in the worker, records
+what it used after it returns, and releases the reservation if it raises (RQ's
+``JobTimeoutException`` included) or returns an ``rq.Retry``. Values come from the job's
+arguments (:func:`param`), its ``job.meta`` (:func:`header`), constants or any callable of the
+:class:`JobCall`.
+
+Idempotency follows the job, not the process: the key is the job id and its attempt, which
+counts the job's runs (every retry and every repeat is the next attempt; a run of the same
+attempt again, such as the same job id enqueued again, replays its first approval and charges
+once). A refusal, or a budget value that cannot be resolved, fails the job with the typed error
+and cancels its remaining retries, as does an error while recording after the body ran (its
+work is done and paid for).
+
+A work horse killed outright (SIGKILL, out of memory, RQ's hard kill after the timeout, ``rq``'s
+stop-job command) runs no code: :class:`Worker`, whose main process sees the death, releases
+for it (``rq worker -w agentbill.contrib.rq.Worker``). Otherwise, and for an abandoned job whose
+whole worker died, the reservation expires after its ttl: by default the job's timeout plus
+:data:`TTL_MARGIN` seconds.
+
+Called outside a worker (no current job, or a job running another function), a budgeted
+function behaves like ``client.gate``: every call is a new run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ParamSpec, TypeVar, overload
+
+from agentbill._client import AgentBillClient
+from agentbill._exceptions import InvalidRequestError, RunBlockedError
+from agentbill._gate import Units
+from agentbill._results import Settlement
+from agentbill.contrib._jobs import (
+    From,
+    JobBudget,
+    JobCall,
+    JobRun,
+    bind_arguments,
+    header,
+    param,
+    require,
+)
+
+require("rq", "rq")  # before importing it: a missing extra raises an ImportError naming it
+
+import rq  # noqa: E402
+from rq.job import Job, Retry  # noqa: E402
+
+__all__ = [
+    "TTL_MARGIN",
+    "JobBudget",
+    "JobCall",
+    "Worker",
+    "budgeted",
+    "header",
+    "param",
+    "release_job",
+]
+
+logger = logging.getLogger("agentbill")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TTL_MARGIN = 120
+"""Seconds added to a job's timeout for its reservation's default ttl: RQ hard-kills a horse
+60 s after the timeout, checked every ``job_monitoring_interval`` (30 s by default)."""
+
+_NAMESPACE = "rq"
+"""Prefix of the idempotency keys: ``rq:<job id>:<attempt>``."""
+
+_RUNS_LEFT = "agentbill_runs_left"
+"""``job.meta`` key: the job's retries and repeats left when its first attempt began, from
+which every later attempt counts its number."""
+
+_SPEC = "__agentbill_rq__"
+
+
+def _attempt_of(job: Job) -> int:
+    """The job's attempt: 0 for its first run, one more for every retry and every repeat.
+
+    RQ counts down ``retries_left`` (raised, or abandoned, with ``retry=Retry(...)``) and
+    ``repeats_left`` (``repeat=Repeat(...)``) and counts up ``number_of_retries`` (the job
+    returned ``Retry``); it does not keep the starting counts, so the first attempt notes them
+    in ``job.meta`` (in memory: callers persist it). A run of the same attempt again has the
+    same counts, so the same number.
+    """
+    left = (job.retries_left or 0) + (job.repeats_left or 0)
+    first = job.meta.get(_RUNS_LEFT)
+    if not isinstance(first, int) or first < left:
+        first = left
+        if left:
+            job.meta[_RUNS_LEFT] = left
+    return (job.number_of_retries or 0) + first - left
+
+
+def _default_ttl(budget: JobBudget, job: Job) -> int | None:
+    """The budget's ttl, else the job's timeout plus TTL_MARGIN (None: the client's default)."""
+    if budget.ttl is not None:
+        return budget.ttl
+    if job.timeout is None or job.timeout < 0:  # -1: the job has no timeout
+        return None
+    return math.ceil(job.timeout) + TTL_MARGIN
+
+
+def _no_retries(job: Job | None) -> None:
+    """Make the failure being raised final: RQ retries only while ``retries_left`` > 0, read
+    from this very object when the worker handles the failure (``handle_job_failure``)."""
+    if job is not None and job.retries_left:
+        job.retries_left = 0
+
+
+class _Spec:
+    """What ``@budgeted`` attaches to its function: the budget, and how to start a run."""
+
+    def __init__(self, budget: JobBudget, fn: Callable[..., Any]) -> None:
+        self.budget = budget
+        self.fn = fn
+        self.wrapper: Callable[..., Any] = fn
+
+    def start(self, job: Job, arguments: Mapping[str, Any], *, persist: bool) -> JobRun:
+        noted = job.meta.get(_RUNS_LEFT)
+        attempt = _attempt_of(job)
+        if persist and job.meta.get(_RUNS_LEFT) != noted:
+            # So that a later run of this job counts from the same start.
+            job.save_meta()  # type: ignore[no-untyped-call]
+        call = JobCall(job.id, attempt, arguments, dict(job.meta))
+        budget = dataclasses.replace(self.budget, ttl=_default_ttl(self.budget, job))
+        return budget.start(call, _NAMESPACE)
+
+    def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[JobRun, Job | None]:
+        """Resolve and preflight this call; a refusal or bad value ends the job for good."""
+        job = rq.get_current_job()
+        if job is not None and _function_of(job) is not self.wrapper:
+            job = None  # called inside another job: a plain gated call
+        arguments = bind_arguments(self.fn, args, kwargs)
+        try:
+            if job is None:
+                call = JobCall(uuid.uuid4().hex, 0, arguments, {})
+                run = self.budget.start(call, _NAMESPACE)
+            else:
+                run = self.start(job, arguments, persist=True)
+            run.preflight()
+        except (RunBlockedError, InvalidRequestError):
+            _no_retries(job)
+            raise
+        return run, job
+
+    def finish(self, run: JobRun, job: Job | None, result: object) -> None:
+        if isinstance(result, Retry):  # the job asked RQ to run it again: this attempt failed
+            run.release()
+            return
+        try:
+            run.record(result)
+        except BaseException:
+            _no_retries(job)
+            raise
+
+
+def _function_of(job: Job) -> Any:
+    """The function object RQ runs for the job (unbound, for a method)."""
+    try:
+        func = job.func
+    except Exception:  # an import error: not ours to report here
+        return None
+    return getattr(func, "__func__", func)
+
+
+@overload
+def budgeted(budget: JobBudget, /) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+@overload
+def budgeted(
+    client: AgentBillClient,
+    /,
+    *,
+    agent_id: From[str],
+    estimated_units: From[int],
+    customer_id: From[str | None] = None,
+    task_ref: From[str | None] = None,
+    task_ceiling: int | None = None,
+    units: Units[Any] = None,
+    ttl: int | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def budgeted(
+    budget: JobBudget | AgentBillClient, /, **settings: Any
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Put a budget on an RQ job function (``def`` or ``async def``).
+
+    Give a :class:`JobBudget`, or a client and the budget's fields. In a worker, each run
+    preflights with the idempotency key ``rq:<job id>:<attempt>`` before the body (raising the
+    typed RunBlockedError, body not run, no retries, on refusal), records ``units`` after it
+    (an int, a callable of the result, or the estimate), and releases if the body raises or
+    returns ``rq.Retry``. ``ttl`` defaults to the job's timeout plus TTL_MARGIN.
+    """
+    if isinstance(budget, JobBudget):
+        if settings:
+            raise TypeError("budgeted(JobBudget(...)) takes no other arguments")
+    else:
+        budget = JobBudget(client=budget, **settings)
+    job_budget = budget
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        spec = _Spec(job_budget, fn)
+        wrapper = _wrap_async(spec, fn) if inspect.iscoroutinefunction(fn) else _wrap(spec, fn)
+        spec.wrapper = wrapper
+        setattr(wrapper, _SPEC, spec)
+        return wrapper
+
+    return decorate
+
+
+def _wrap(spec: _Spec, fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def job_function(*args: P.args, **kwargs: P.kwargs) -> R:
+        run, job = spec.begin(args, kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:  # JobTimeoutException, SystemExit and KeyboardInterrupt too
+            run.release()
+            raise
+        spec.finish(run, job, result)
+        return result
+
+    return job_function
+
+
+def _wrap_async(spec: _Spec, fn: Callable[P, Awaitable[Any]]) -> Callable[P, Any]:
+    @functools.wraps(fn)
+    async def job_function(*args: P.args, **kwargs: P.kwargs) -> Any:
+        run, job = spec.begin(args, kwargs)
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException:  # CancelledError and timeouts too
+            run.release()
+            raise
+        spec.finish(run, job, result)
+        return result
+
+    return job_function
+
+
+def release_job(job: Job) -> Settlement | None:
+    """Release the reservation of the job's current attempt, from any process: for a work horse
+    that died without running its own release. None if the job is not budgeted or its budget
+    cannot be resolved; a ``noop`` Settlement if that attempt holds nothing. Never raises.
+
+    Call it before RQ handles the failure, on the job object RQ then saves: the attempt's
+    count is noted in its ``job.meta``, as the horse noted it in Redis, so RQ's save keeps it.
+    """
+    try:
+        spec = getattr(_function_of(job), _SPEC, None)
+        if not isinstance(spec, _Spec):
+            return None
+        args = tuple(job.args) if job.instance is None else (job.instance, *job.args)
+        run = spec.start(job, bind_arguments(spec.fn, args, job.kwargs), persist=False)
+    except Exception as exc:
+        logger.warning("agentbill: could not release job %s (%s)", job.id, exc)
+        return None
+    return run.release()
+
+
+class Worker(rq.Worker):
+    """RQ's forking Worker that also releases a budgeted job's reservation when its work horse
+    dies without doing so (killed, out of memory, hard timeout, stopped). Run it with
+    ``rq worker -w agentbill.contrib.rq.Worker``.
+
+    For another worker class, call :func:`release_job` the same way: in the main process's
+    ``handle_job_failure``, before RQ's own.
+    """
+
+    def handle_job_failure(
+        self,
+        job: Job,
+        queue: rq.Queue,
+        started_job_registry: Any = None,
+        exc_string: str = "",
+        execution: Any = None,
+    ) -> None:
+        # In the horse, the job's own wrapper already released; the main process gets here
+        # only after the horse died (monitor_work_horse, _handle_stopped_job).
+        if not self.is_horse:
+            release_job(job)
+        super().handle_job_failure(
+            job,
+            queue,
+            started_job_registry=started_job_registry,
+            exc_string=exc_string,
+            execution=execution,
+        )

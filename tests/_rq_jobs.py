@@ -1,0 +1,116 @@
+"""Budgeted job functions for tests/test_contrib_rq.py, imported by RQ's work horses.
+
+The test passes the server and the namespace through the environment. Every job writes what a
+test asserts on under ``rqtest:<namespace>:``: the attempts its preflights saw, and how often
+its body ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import redis
+import rq
+
+from agentbill import AgentBillClient
+from agentbill.contrib.rq import JobBudget, JobCall, budgeted, header
+
+URL = os.environ["AGENTBILL_REDIS_URL"]
+NAMESPACE = os.environ["AGENTBILL_RQ_TEST_NAMESPACE"]
+AGENT = "rq-agent"
+ESTIMATE = 10
+
+client = AgentBillClient(redis_url=URL, namespace=NAMESPACE)
+store = redis.Redis.from_url(URL, decode_responses=True)
+
+
+def attempts_key(job_id: str) -> str:
+    return f"rqtest:{NAMESPACE}:attempts:{job_id}"
+
+
+def runs_key(job_id: str) -> str:
+    return f"rqtest:{NAMESPACE}:runs:{job_id}"
+
+
+def customer(call: JobCall) -> str:
+    """The ``customer_id`` argument; in a work horse, also notes the attempt it preflights."""
+    if rq.get_current_job() is not None:
+        store.rpush(attempts_key(call.job_id), call.attempt)
+    value: str = call.arguments["customer_id"]
+    return value
+
+
+def body_ran() -> int:
+    """Count a run of the current job's body (of a direct call: under "direct"); returns how
+    many runs so far."""
+    job = rq.get_current_job()
+    return int(store.incr(runs_key(job.id if job is not None else "direct")))
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=len)
+def summarise(customer_id: str, text: str) -> str:
+    body_ran()
+    return text
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=len)
+async def summarise_async(customer_id: str, text: str) -> str:
+    body_ran()
+    await asyncio.sleep(0)
+    return text
+
+
+@budgeted(
+    JobBudget(
+        client=client,
+        agent_id=AGENT,
+        estimated_units=ESTIMATE,
+        customer_id=header("customer_id"),  # from job.meta
+        units=len,
+    )
+)
+def tagged(text: str) -> str:
+    body_ran()
+    return text
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer)
+def crash(customer_id: str) -> None:
+    body_ran()
+    raise RuntimeError("the agent crashed")
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=3)
+def flaky(customer_id: str) -> str:
+    """Raises on its first run, succeeds after."""
+    if body_ran() == 1:
+        raise RuntimeError("transient")
+    return "ok"
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=4)
+def ask_again(customer_id: str) -> str | rq.Retry:
+    """Returns rq.Retry on its first run (RQ runs it again), succeeds after."""
+    if body_ran() == 1:
+        return rq.Retry(max=1)
+    return "done"
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer)
+def hang(customer_id: str) -> None:
+    """Runs until RQ's death penalty interrupts it (the test enqueues it with a timeout)."""
+    body_ran()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=2)
+def die(customer_id: str) -> str:
+    """Its work horse kills itself (no Python code runs after) on the first run."""
+    if body_ran() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "survived"
