@@ -17,9 +17,10 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
+from agentbill._models import Preflight
 from agentbill._outage import OutageStats
 from agentbill._results import AsyncCheck, BaseCheck, BudgetStatus, Check, Settlement, TaskStatus
-from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo
+from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,8 @@ __all__ = [
     "KeyAdmin",
     "KeyInfo",
     "OutageStats",
+    "Preflight",
+    "RevokedKey",
     "RunBlockedError",
     "Settlement",
     "StoreError",

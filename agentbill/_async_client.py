@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, cast
 
 import redis
 import redis.asyncio as aioredis
 
 from agentbill import _core
 from agentbill._client import BaseClient, connection_options, connection_url
-from agentbill._exceptions import AgentBillError, StoreUnavailableError
+from agentbill._exceptions import AgentBillError, StoreError, StoreUnavailableError
 from agentbill._gate import AsyncRun, Gate, Units
-from agentbill._models import ClientSettings
+from agentbill._models import ClientSettings, Preflight
 from agentbill._outage import warn_undelivered
 from agentbill._results import AsyncCheck, BudgetStatus, Settlement, TaskStatus
 from agentbill._retry import async_retrying, translate
+from agentbill._scripts import pipeline_args
 
 
 class AsyncAgentBillClient(BaseClient):
@@ -82,6 +84,31 @@ class AsyncAgentBillClient(BaseClient):
             await self.flush()
         return result
 
+    async def _send_batch(self, calls: list[_core.Call]) -> list[object]:
+        """See :meth:`AgentBillClient._send_batch`."""
+        replies: list[object] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        try:
+            async for attempt in self._retrying.copy():
+                with attempt:
+                    for _ in range(2):
+                        pipe = self._redis.pipeline(transaction=False)
+                        for i in pending:
+                            c = calls[i]
+                            pipe.execute_command(
+                                "EVALSHA", *pipeline_args(self._scripts[c.script], c.keys, c.args)
+                            )
+                        answered = await pipe.execute(raise_on_error=False)
+                        missing = _core.take_answers(pending, answered, replies)
+                        for name in {calls[i].script for i in missing}:
+                            await self._redis.script_load(self._scripts[name].script)
+                        pending = missing
+                        if not pending:
+                            return replies
+        except (redis.RedisError, OSError) as exc:
+            raise translate(exc) from exc
+        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+
     async def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
         try:
             settlement = await self._run(plan)
@@ -133,6 +160,28 @@ class AsyncAgentBillClient(BaseClient):
             return await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+
+    async def preflight_many(self, requests: Iterable[Preflight]) -> list[AsyncCheck]:
+        """See :meth:`AgentBillClient.preflight_many`."""
+        plans = _core.plan_preflight_many(
+            self._policy, requests, functools.partial(AsyncCheck, _client=self)
+        )
+        if not plans:
+            return []
+        try:
+            replies = await self._send_batch([plan.call for plan in plans])
+        except StoreUnavailableError as exc:
+            return [self._offline_check(plan, exc) for plan in plans]
+        checks, failed = _core.decode_batch(plans, replies)
+        if failed is not None:
+            try:
+                await self._send_batch(self._batch_releases(checks))
+            finally:
+                index, error = failed
+                raise _core.batch_error(index, translate(error)) from error
+        if self._outage.has_queued:
+            await self.flush()
+        return cast(list[AsyncCheck], checks)
 
     async def record(
         self,

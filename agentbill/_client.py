@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import redis
@@ -16,31 +17,36 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from agentbill import _core
-from agentbill._exceptions import AgentBillError, StoreUnavailableError
+from agentbill._exceptions import AgentBillError, StoreError, StoreUnavailableError
 from agentbill._gate import Gate, Run, Units
-from agentbill._models import ClientSettings
+from agentbill._models import ClientSettings, Preflight
 from agentbill._outage import OutageLedger, OutageStats, warn_offline, warn_undelivered
 from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus
 from agentbill._retry import retrying, translate
-from agentbill._scripts import bind
+from agentbill._scripts import bind, pipeline_args
+from agentbill._tenants import auth_options, check_url
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 
 
 def connection_url(settings: ClientSettings) -> str:
-    """``redis_url``, else ``$AGENTBILL_REDIS_URL``, else the embedded local server."""
-    if settings.redis_url is not None:
-        return settings.redis_url
-    from_env = os.environ.get(ENV_REDIS_URL)
-    if from_env:
-        return from_env
+    """``redis_url``, else ``$AGENTBILL_REDIS_URL``, else the embedded local server.
+
+    With a tenant key, InvalidRequestError when that is the embedded server (it has no tenants)
+    or a URL holding credentials of its own.
+    """
+    url = settings.redis_url or os.environ.get(ENV_REDIS_URL) or None
+    check_url(settings, url)
+    if url is not None:
+        return url
     from agentbill._local import ensure_local_server
 
     return ensure_local_server()
 
 
 def connection_options(settings: ClientSettings) -> dict[str, Any]:
-    """What every connection the client builds gets: bounded timeouts, no redis-py retries."""
+    """What every connection the client builds gets: bounded timeouts, no redis-py retries,
+    and the tenant key's username and password if ``api_key`` is one."""
     return {
         "socket_connect_timeout": settings.connect_timeout,
         "socket_timeout": settings.socket_timeout,
@@ -48,6 +54,7 @@ def connection_options(settings: ClientSettings) -> dict[str, Any]:
         "retry": Retry(NoBackoff(), 0),
         "retry_on_timeout": False,
         "health_check_interval": 0,
+        **auth_options(settings),
     }
 
 
@@ -101,6 +108,14 @@ class BaseClient:
             return _core.queued_settlement(rid, "released")
         self._outage.enqueue(plan, rid)
         return _core.queued_settlement(rid)
+
+    def _batch_releases(self, checks: list[Any]) -> list[_core.Call]:
+        """Calls releasing what this batch itself approved (not replays of earlier calls)."""
+        return [
+            _core.plan_release(self._policy, c.reservation_id, None, None).call
+            for c in checks
+            if c is not None and c.approved and not c.replayed and not c.offline
+        ]
 
     def _gate(self, **kwargs: Any) -> Gate:
         _core.validate_gate(
@@ -189,6 +204,34 @@ class AgentBillClient(BaseClient):
             self.flush()
         return result
 
+    def _send_batch(self, calls: list[_core.Call]) -> list[object]:
+        """Every call in one pipelined round trip (each script call atomic on its own); the
+        replies in order, an item Redis refused as its exception. Items answered NOSCRIPT are
+        sent again once their script is loaded; a retry after a transport error resends only
+        unanswered items, which carry their request ids, so none lands twice."""
+        replies: list[object] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        try:
+            for attempt in self._retrying.copy():
+                with attempt:
+                    for _ in range(2):
+                        pipe = self._redis.pipeline(transaction=False)
+                        for i in pending:
+                            c = calls[i]
+                            pipe.execute_command(
+                                "EVALSHA", *pipeline_args(self._scripts[c.script], c.keys, c.args)
+                            )
+                        answered = pipe.execute(raise_on_error=False)
+                        missing = _core.take_answers(pending, answered, replies)
+                        for name in {calls[i].script for i in missing}:
+                            self._redis.script_load(self._scripts[name].script)
+                        pending = missing
+                        if not pending:
+                            return replies
+        except (redis.RedisError, OSError) as exc:
+            raise translate(exc) from exc
+        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+
     def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
         try:
             settlement = self._run(plan)
@@ -251,6 +294,36 @@ class AgentBillClient(BaseClient):
             return self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+
+    def preflight_many(self, requests: Iterable[Preflight]) -> list[Check]:
+        """Many preflights in one round trip: one Check per ``Preflight`` in order, each decided
+        atomically on its own, exactly as ``preflight`` would (a batch is not atomic as a
+        whole: items are decided in order, and other workers' calls may land in between).
+
+        Raises InvalidRequestError naming ``requests[i].<field>`` (nothing sent) for bad input;
+        if Redis refuses an item (an idempotency key reused with other arguments), what the
+        batch approved is released and that item's error raised. StoreUnavailableError: the
+        outage policy decides each item, as for ``preflight``.
+        """
+        plans = _core.plan_preflight_many(
+            self._policy, requests, functools.partial(Check, _client=self)
+        )
+        if not plans:
+            return []
+        try:
+            replies = self._send_batch([plan.call for plan in plans])
+        except StoreUnavailableError as exc:
+            return [self._offline_check(plan, exc) for plan in plans]
+        checks, failed = _core.decode_batch(plans, replies)
+        if failed is not None:
+            try:
+                self._send_batch(self._batch_releases(checks))
+            finally:
+                index, error = failed
+                raise _core.batch_error(index, translate(error)) from error
+        if self._outage.has_queued:
+            self.flush()
+        return cast(list[Check], checks)
 
     def record(
         self,

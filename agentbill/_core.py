@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from pydantic import SecretStr
+from redis.exceptions import NoScriptError
 
-from agentbill._exceptions import InvalidRequestError
+from agentbill._exceptions import AgentBillError, InvalidRequestError
 from agentbill._keys import CustomerKeys, KeySpace, digest, reservation_id, tag_of_reservation
 from agentbill._models import (
     BudgetRequest,
     ClientSettings,
     CustomerRef,
+    Preflight,
     PreflightRequest,
     RecordRequest,
     ReleaseRequest,
@@ -36,6 +38,7 @@ from agentbill._results import (
     SettleStatus,
     TaskStatus,
 )
+from agentbill._tenants import parse_api_key, tenant_namespace
 
 DEFAULT_CUSTOMER = "default"
 # A retry of a record() without a reservation id is recognised by an internal request id;
@@ -436,6 +439,59 @@ def plan_preflight(
     )
 
 
+def plan_preflight_many(p: Policy, requests: object, make: Callable[..., C]) -> list[Plan[C]]:
+    """One plan per item of ``requests`` (Preflight tuples); a bad item raises
+    InvalidRequestError naming ``requests[i].<field>`` and nothing is planned."""
+    if isinstance(requests, str | bytes) or not isinstance(requests, Iterable):
+        raise InvalidRequestError("requests", "must be an iterable of Preflight")
+    plans = []
+    for i, item in enumerate(requests):
+        if not isinstance(item, Preflight):
+            raise InvalidRequestError(f"requests[{i}]", "must be a Preflight(...)")
+        try:
+            plans.append(plan_preflight(p, *item, make))
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"requests[{i}].{exc.field}", exc.message) from None
+    return plans
+
+
+def decode_batch(
+    plans: Sequence[Plan[T]], replies: Sequence[object]
+) -> tuple[list[T | None], tuple[int, Exception] | None]:
+    """Each reply of a pipelined batch decoded by its plan; the first item Redis answered with
+    an error (its index and the error) is returned beside, its result None."""
+    results: list[T | None] = []
+    first_error: tuple[int, Exception] | None = None
+    for i, (plan, reply) in enumerate(zip(plans, replies, strict=True)):
+        if isinstance(reply, Exception):
+            results.append(None)
+            first_error = first_error or (i, reply)
+        else:
+            results.append(plan.decode(cast(Reply, reply)))
+    return results, first_error
+
+
+def take_answers(
+    pending: list[int], answered: Sequence[object], replies: list[object]
+) -> list[int]:
+    """Store a pipeline's answers to the ``pending`` items in ``replies``; the items answered
+    NOSCRIPT (to send again once their script is loaded)."""
+    missing = []
+    for i, reply in zip(pending, answered, strict=True):
+        if isinstance(reply, NoScriptError):
+            missing.append(i)
+        else:
+            replies[i] = reply
+    return missing
+
+
+def batch_error(index: int, error: AgentBillError) -> AgentBillError:
+    """``error`` of item ``index`` of a batch, its field (if any) named ``requests[i].field``."""
+    if isinstance(error, InvalidRequestError):
+        return InvalidRequestError(f"requests[{index}].{error.field}", error.message)
+    return error
+
+
 def plan_record(
     p: Policy,
     agent_id: object,
@@ -523,8 +579,15 @@ def validate_gate(
 
 
 def settings_from(**values: object) -> ClientSettings:
-    """Validate the client's keyword arguments; the api_key is wrapped so it never prints."""
+    """Validate the client's keyword arguments; the api_key is wrapped so it never prints.
+
+    An ``agb_...`` tenant key sets the namespace (InvalidRequestError if ``namespace`` names
+    another); any other api_key is a label, kept secret and never used.
+    """
     api_key = values.get("api_key")
     if isinstance(api_key, str):
+        key = parse_api_key(api_key)
+        if key is not None:
+            values["namespace"] = tenant_namespace(key, values.get("namespace"))
         values["api_key"] = SecretStr(api_key)
     return validate(ClientSettings, **values)

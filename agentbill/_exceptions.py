@@ -7,6 +7,7 @@
     │   └── TaskCeilingExceededError  the task's ceiling cannot cover the estimate
     ├── InvalidRequestError           bad input; also a ValueError; nothing was written
     └── StoreError                    Redis answered with an error we did not expect
+        ├── AuthenticationError       Redis refused the credentials (a wrong or revoked key)
         └── StoreUnavailableError     Redis could not be reached or did not answer in time
 
 Refusals carry the numbers a handler needs (``reason``, ``limit``, ``remaining``); failures say
@@ -15,13 +16,17 @@ what failed and are always raised ``from`` the underlying redis-py exception.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from agentbill._results import BaseCheck
 
 __all__ = [
     "AgentBillError",
+    "AuthenticationError",
     "BudgetExhaustedError",
     "CeilingExceededError",
     "InvalidRequestError",
@@ -30,6 +35,23 @@ __all__ = [
     "StoreUnavailableError",
     "TaskCeilingExceededError",
 ]
+
+
+def _check_fields(check: BaseCheck) -> dict[str, Any]:
+    fields = {f.name: getattr(check, f.name) for f in dataclasses.fields(check)}
+    fields.pop("_client", None)
+    if check.expires_at is not None:
+        fields["expires_at"] = check.expires_at.isoformat()
+    return fields
+
+
+def _check_from_fields(fields: Mapping[str, Any]) -> BaseCheck:
+    from agentbill._results import BaseCheck  # _results imports this module
+
+    values = dict(fields)
+    if isinstance(values.get("expires_at"), str):
+        values["expires_at"] = datetime.fromisoformat(values["expires_at"])
+    return BaseCheck(**values)
 
 
 class AgentBillError(Exception):
@@ -42,10 +64,23 @@ class RunBlockedError(AgentBillError):
     ``check`` is the refused :class:`~agentbill.Check`; ``reason`` its machine-readable reason.
     """
 
-    def __init__(self, check: BaseCheck) -> None:
-        self.check = check
+    def __init__(self, check: BaseCheck | Mapping[str, Any]) -> None:
+        if isinstance(check, Mapping):
+            check = _check_from_fields(check)
+        self.check: BaseCheck = check
         self.reason: str = check.reason or "refused"
-        super().__init__(self._describe())
+        # args is the check's fields, JSON-safe: the error pickles, and a task queue's result
+        # backend that rebuilds errors as cls(*args) (Celery's) gets the typed error back.
+        super().__init__(_check_fields(check))
+
+    def __str__(self) -> str:
+        return self._describe()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._describe()!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
 
     @property
     def limit(self) -> int | None:
@@ -77,20 +112,20 @@ class CeilingExceededError(RunBlockedError):
 class BudgetExhaustedError(RunBlockedError):
     """The customer's budget cannot cover the estimate."""
 
-    def __init__(self, check: BaseCheck) -> None:
-        self.customer_id = check.customer_id
+    def __init__(self, check: BaseCheck | Mapping[str, Any]) -> None:
         super().__init__(check)
+        self.customer_id = self.check.customer_id
 
 
 class TaskCeilingExceededError(RunBlockedError):
     """The task's ceiling cannot cover the estimate on top of what the task already used."""
 
-    def __init__(self, check: BaseCheck) -> None:
-        self.task_ref = check.task_ref
-        self.ceiling = check.task_ceiling
-        self.used = check.task_used
-        self.task_remaining = check.task_remaining
+    def __init__(self, check: BaseCheck | Mapping[str, Any]) -> None:
         super().__init__(check)
+        self.task_ref = self.check.task_ref
+        self.ceiling = self.check.task_ceiling
+        self.used = self.check.task_used
+        self.task_remaining = self.check.task_remaining
 
     @property
     def remaining(self) -> int | None:
@@ -106,11 +141,22 @@ class InvalidRequestError(AgentBillError, ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
-        super().__init__(f"{field}: {message}")
+        self.message = message
+        super().__init__(field, message)  # args rebuild it: it pickles
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
 
 
 class StoreError(AgentBillError):
     """Redis answered with an error agentbill did not expect (permissions, memory, scripts)."""
+
+
+class AuthenticationError(StoreError):
+    """Redis refused the credentials: a wrong or revoked ``api_key``, or a missing one where
+    Redis requires one. Never retried, and never an outage: an outage policy does not approve
+    runs offline because of it. The message never holds the key.
+    """
 
 
 class StoreUnavailableError(StoreError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -114,6 +114,18 @@ class PreflightRequest(_Request):
     ttl: Seconds | None = None
 
 
+class Preflight(NamedTuple):
+    """One decision of ``preflight_many``: the arguments of one ``preflight`` call."""
+
+    agent_id: str
+    estimated_units: int
+    customer_id: str | None = None
+    task_ref: str | None = None
+    task_ceiling: int | None = None
+    idempotency_key: str | None = None
+    ttl: int | None = None
+
+
 class RecordRequest(_Request):
     agent_id: Id
     units: Units
@@ -178,4 +190,4 @@ def validate_units(field: str, value: object) -> int:
         return _UnitsValue(units=value).units  # type: ignore[arg-type]
     except ValidationError as exc:
         err = _invalid(exc)
-        raise InvalidRequestError(field, str(err).split(": ", 1)[1]) from None
+        raise InvalidRequestError(field, err.message) from None

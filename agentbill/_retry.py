@@ -22,6 +22,7 @@ from tenacity import (
 
 from agentbill._exceptions import (
     AgentBillError,
+    AuthenticationError,
     InvalidRequestError,
     StoreError,
     StoreUnavailableError,
@@ -72,7 +73,9 @@ def translate(exc: Exception) -> AgentBillError:
                 return InvalidRequestError(field, text)
         return StoreError(f"Redis refused the command: {message}")
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
-        return StoreError(f"Redis refused the credentials: {type(exc).__name__}")
+        # redis-py's message is the server's ("invalid username-password pair or user is
+        # disabled"): it never holds the password.
+        return AuthenticationError(f"Redis refused the credentials: {exc}")
     if is_transient(exc):
         return StoreUnavailableError(f"Redis is unavailable: {type(exc).__name__}: {exc}")
     return StoreError(f"Redis error: {type(exc).__name__}: {exc}")

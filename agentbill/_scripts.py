@@ -38,6 +38,13 @@ def source(operation: str) -> str:
     return f"{prelude}\n{body}"
 
 
+def pipeline_args(script: Any, keys: tuple[str, ...], args: tuple[str | int, ...]) -> list[Any]:
+    """EVALSHA's arguments for ``script`` in a pipeline. A redis-py Script queued in a pipeline
+    sends SCRIPT EXISTS on every execute; a batch sends EVALSHA alone and, for any item answered
+    NOSCRIPT, loads that script and sends the item again (see the clients' ``_send_batch``)."""
+    return [script.sha, len(keys), *keys, *args]
+
+
 def bind(client: Any) -> dict[str, Any]:
     """One redis-py Script (or AsyncScript) per operation, registered on ``client``."""
     return {op: client.register_script(source(op)) for op in OPERATIONS}

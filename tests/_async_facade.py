@@ -30,6 +30,8 @@ class Blocking:
         return call
 
     def _wrap(self, value: Any) -> Any:
+        if isinstance(value, list):  # preflight_many
+            return [self._wrap(item) for item in value]
         return Blocking(value, self._runner) if isinstance(value, AsyncCheck) else value
 
     def __bool__(self) -> bool:

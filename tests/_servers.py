@@ -8,6 +8,8 @@ shared server on port 6379 is never touched.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import ipaddress
 import shutil
 import signal
 import socket
@@ -15,6 +17,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import redis
@@ -191,3 +195,125 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate it signed, valid for 127.0.0.1 and localhost."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Write a fresh CA and server certificate (PEM) into ``directory``; valid for one day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+
+    def certificate(
+        subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None
+    ) -> x509.CertificateBuilder:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        certificate("agentbill test CA", ca_key, None)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        certificate("127.0.0.1", server_key, ca_cert.subject)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(
+        ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key"
+    )
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+class AclRedisServer(RedisServer):
+    """A redis-server where only the admin (user ``default``, ``admin_password``) may do
+    anything; a connection without credentials is refused (NOAUTH).
+
+    ``aclfile``: keep users in an ACL file in the server's directory (ACL SAVE persists them,
+    a restart loads them). ``tls``: listen on TLS only (``rediss://``), on the same free port.
+    ``url`` has no credentials (what a tenant's client gets); ``admin_url`` has the admin's.
+    """
+
+    def __init__(
+        self, *, admin_password: str, aclfile: bool = False, tls: TlsFiles | None = None
+    ) -> None:
+        port = free_port()
+        extra: dict[str, str] = {}
+        if tls is not None:
+            extra |= {
+                "port": "0",
+                "tls-port": str(port),
+                "tls-cert-file": str(tls.cert),
+                "tls-key-file": str(tls.key),
+                "tls-ca-cert-file": str(tls.ca),
+                "tls-auth-clients": "no",
+            }
+        super().__init__(extra=extra, port=port)
+        self.admin_password = admin_password
+        self.tls = tls
+        if aclfile:
+            # With an aclfile, requirepass is ignored: the file says who the admin is.
+            digest = hashlib.sha256(admin_password.encode()).hexdigest()
+            path = self.dir / "users.acl"
+            path.write_text(f"user default on #{digest} ~* &* +@all\n")
+            self.config["aclfile"] = str(path)
+        else:
+            self.config["requirepass"] = admin_password
+
+    @property
+    def url(self) -> str:
+        if self.tls is None:
+            return f"redis://127.0.0.1:{self.port}/0"
+        return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
+
+    def start(self, timeout: float = 10.0) -> AclRedisServer:
+        super().start(timeout)
+        return self
+
+    @property
+    def admin_url(self) -> str:
+        return self.url.replace("://", f"://default:{self.admin_password}@", 1)
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        """A connection as the admin, unless ``username``/``password`` say otherwise."""
+        kwargs.setdefault("password", self.admin_password)
+        if self.tls is not None:
+            kwargs.setdefault("ssl", True)
+            kwargs.setdefault("ssl_ca_certs", str(self.tls.ca))
+        return super().client(**kwargs)

@@ -14,13 +14,14 @@ from functools import partial
 from typing import cast
 
 import pytest
+import redis
 import redis.asyncio.cluster as async_cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from agentbill import AgentBillClient, AsyncAgentBillClient
+from agentbill import AgentBillClient, AsyncAgentBillClient, Preflight
 from agentbill._keys import KeySpace, customer_tag
 from agentbill._scripts import source
 from tests._async_facade import blocking_client
@@ -122,6 +123,22 @@ def test_every_operation_works_for_customers_on_every_node(both_clients: AgentBi
         task = client.get_task("task", customer)
         assert (task.ceiling, task.used, task.reserved) == (ceiling, 3, 0)
         assert client.preflight("agent", limit, customer).reason == "budget_exhausted"
+
+
+def test_preflight_many_spans_customers_on_every_node(
+    both_clients: AgentBillClient, cluster: Cluster
+) -> None:
+    client = both_clients
+    for customer in CUSTOMERS:
+        client.set_budget(customer, 5)
+    for host, port in cluster.startup_nodes:  # every node forgets the scripts: NOSCRIPT paths
+        with redis.Redis(host=host, port=port) as node:
+            node.script_flush()
+    asks = [Preflight("agent", units, c) for c in CUSTOMERS for units in (3, 3)]
+    checks = client.preflight_many(asks)
+    assert [c.approved for c in checks] == [True, False] * len(CUSTOMERS)
+    for customer in CUSTOMERS:
+        assert client.get_budget(customer).reserved == 3
 
 
 def test_each_customer_lives_in_one_slot_and_customers_spread_over_nodes(

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+from datetime import UTC, datetime
+
 import pytest
 from redis.crc import key_slot
 
-from agentbill import InvalidRequestError
+from agentbill import (
+    AgentBillError,
+    BaseCheck,
+    BudgetExhaustedError,
+    InvalidRequestError,
+    RunBlockedError,
+    TaskCeilingExceededError,
+)
 from agentbill._core import Policy, preflight_call, record_call, release_call
 from agentbill._keys import KeySpace, customer_tag, tag_of_reservation
 from agentbill._models import ClientSettings, PreflightRequest, RecordRequest, ReleaseRequest
@@ -70,3 +81,58 @@ def test_release_needs_only_the_reservation_id() -> None:
     )
     call = release_call(POLICY, ReleaseRequest(reservation_id=rid), "tok")
     assert call.keys[0] == KeySpace("ns").customer("zed").budget
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        BudgetExhaustedError(
+            BaseCheck(
+                approved=False,
+                reason="budget_exhausted",
+                reservation_id=None,
+                expires_at=datetime(2026, 1, 1, tzinfo=UTC),
+                remaining=3,
+                limit=10,
+                agent_id="a",
+                customer_id="c",
+                estimated_units=5,
+            )
+        ),
+        TaskCeilingExceededError(
+            BaseCheck(
+                approved=False,
+                reason="task_ceiling_exceeded",
+                reservation_id=None,
+                expires_at=None,
+                remaining=None,
+                limit=4,
+                agent_id="a",
+                customer_id="c",
+                estimated_units=5,
+                task_ref="t",
+                task_ceiling=4,
+                task_used=1,
+                task_remaining=3,
+            )
+        ),
+        InvalidRequestError("estimated_units", "must be >= 0"),
+    ],
+    ids=["budget", "task", "invalid"],
+)
+def test_errors_survive_pickle_and_a_rebuild_from_their_args(error: AgentBillError) -> None:
+    """Task queues store a job's exception: by pickle, or (Celery's json backend) as its args,
+    rebuilt with cls(*args). Either way the typed error, with its numbers, comes back."""
+    for copy in (pickle.loads(pickle.dumps(error)), type(error)(*error.args)):
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+        assert vars(copy).keys() == vars(error).keys()
+        if isinstance(error, RunBlockedError):
+            assert isinstance(copy, RunBlockedError)
+            assert (copy.check, copy.reason, copy.limit, copy.remaining) == (
+                error.check,
+                error.reason,
+                error.limit,
+                error.remaining,
+            )
+    json.dumps(error.args)  # what a json result backend stores

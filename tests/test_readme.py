@@ -23,6 +23,7 @@ def test_every_python_block_runs_in_order(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AGENTBILL_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("AGENTBILL_ADMIN_URL", redis_server.url)  # the tenant keys example
     with redis_server.client() as r:
         for key in r.scan_iter(match="agentbill:*"):
             r.delete(key)

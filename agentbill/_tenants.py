@@ -1,0 +1,417 @@
+"""Tenant keys: one Redis ACL user per key, confined to its namespace's keys and commands.
+
+A tenant is a namespace. :class:`KeyAdmin` (and ``python -m agentbill keys``), run with a
+privileged connection, creates a Redis ACL user per key::
+
+    ACL SETUSER agentbill:<prefix>:<key id> reset on #<sha256 of the secret>
+        resetkeys ~<prefix>:* resetchannels -@all +<each command below>
+
+where ``<prefix>`` is the namespace as every key name starts with it (``_keys.namespace_prefix``:
+percent-quoted, so it holds no ``:`` and no glob character). The key handed to the tenant is
+``agb_<prefix>.<key id>.<secret>``: readable up to the last dot, secret after it. Only the
+secret's SHA-256 is sent to Redis (``#<hash>``), which keeps nothing else; agentbill keeps
+nothing at all: the key is shown once.
+
+A script runs with the permissions of the user who calls it (Redis 7, Valkey), so the scripts
+of a tenant's client can touch only that tenant's keys, with only the commands granted here.
+
+:func:`parse_api_key` reads a key for the clients: a string starting with ``agb_`` and holding
+a ``.`` is a key and must be well formed (InvalidRequestError naming ``api_key`` otherwise);
+any other ``api_key`` (``"agb_your_key"``, say) is a label, accepted and never sent anywhere.
+No function here puts a secret into a repr, a message or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote
+
+import redis
+from pydantic import BaseModel, ConfigDict, SecretStr, StringConstraints
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+from redis.retry import Retry
+
+from agentbill._exceptions import InvalidRequestError
+from agentbill._keys import namespace_prefix
+from agentbill._models import ClientSettings, Id, validate
+from agentbill._retry import translate
+
+__all__ = [
+    "ENV_ADMIN_URL",
+    "IssuedKey",
+    "KeyAdmin",
+    "KeyInfo",
+    "RevokedKey",
+    "TenantKey",
+    "parse_api_key",
+]
+
+ENV_ADMIN_URL = "AGENTBILL_ADMIN_URL"
+KEY_PREFIX = "agb_"
+USER_PREFIX = "agentbill:"
+KEY_ID_PATTERN = r"[0-9a-f]{16}"
+SECRET_BYTES = 32  # secrets.token_urlsafe(32): 43 characters
+
+# What the scripts call (lua/*.lua, every ``redis.call``); tests/test_tenants.py checks this
+# list against the files, so a script cannot start using a command its tenants lack.
+SCRIPT_COMMANDS = (
+    "get",
+    "set",
+    "hget",
+    "hmget",
+    "hset",
+    "hsetnx",
+    "hdel",
+    "hexists",
+    "hincrby",
+    "zadd",
+    "zrem",
+    "zrangebyscore",
+    "zrangebylex",
+    "time",
+)
+# What redis-py sends for a client: Script runs EVALSHA and, when the server answers NOSCRIPT
+# (after a restart, a failover or SCRIPT FLUSH), SCRIPT LOAD; a URL naming a database other
+# than 0 makes every new connection SELECT it; PING is the cheapest liveness check. AUTH and
+# HELLO need no grant. On connect redis-py also sends CLIENT SETINFO (Redis 7.2+) and, over
+# TCP with RESP3, CLIENT MAINT_NOTIFICATIONS (newer servers); it ignores a refusal of either,
+# but each refusal is an ACL LOG entry, so they are granted where the server knows them.
+# Both only describe the caller's own connection.
+CLIENT_COMMANDS = ("evalsha", "script|load", "select", "ping")
+OPTIONAL_COMMANDS = ("client|setinfo", "client|maint_notifications")
+
+Persisted = Literal["aclfile", "config"]
+
+_API_KEY = re.compile(
+    rf"agb_(?P<prefix>[A-Za-z0-9_.~%-]+)"  # the namespace prefix: it may hold dots
+    rf"\.(?P<key_id>{KEY_ID_PATTERN})"
+    rf"\.(?P<secret>[A-Za-z0-9_-]{{43}})"  # secrets.token_urlsafe(32)
+)
+_MALFORMED = (
+    "is not a well-formed agentbill key: expected agb_<namespace>.<key id>.<secret>, as "
+    "printed by `python -m agentbill keys create` (check for missing or extra characters)"
+)
+
+
+class TenantKey(BaseModel):
+    """A parsed ``agb_...`` key: the tenant's namespace, the key's id, and its secret."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+    namespace: Id
+    key_id: Annotated[str, StringConstraints(pattern=rf"^{KEY_ID_PATTERN}$")]
+    secret: SecretStr
+
+    @property
+    def username(self) -> str:
+        """The Redis ACL user this key authenticates as."""
+        return username_for(self.namespace, self.key_id)
+
+
+def username_for(namespace: str, key_id: str) -> str:
+    """``agentbill:<prefix>:<key id>``: the prefix holds no ``:``, so the name splits in three."""
+    return f"{USER_PREFIX}{namespace_prefix(namespace)}:{key_id}"
+
+
+def is_key(api_key: str) -> bool:
+    """Whether ``api_key`` claims to be an agentbill key (then it must parse). A key copied
+    with leading blanks still claims to be one: it is refused, never taken for a label."""
+    return api_key.lstrip().startswith(KEY_PREFIX) and "." in api_key
+
+
+def parse_api_key(api_key: str) -> TenantKey | None:
+    """The key in ``api_key``; None if it is a label (no ``agb_`` prefix, or no ``.``).
+
+    Raises InvalidRequestError naming ``api_key`` when it claims to be a key but is malformed.
+    The message never contains the value.
+    """
+    if not is_key(api_key):
+        return None
+    match = _API_KEY.fullmatch(api_key)
+    if match is None:
+        raise InvalidRequestError("api_key", _MALFORMED)
+    prefix = match["prefix"]
+    try:
+        namespace = unquote(prefix, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidRequestError("api_key", _MALFORMED) from None
+    if namespace_prefix(namespace) != prefix:
+        raise InvalidRequestError("api_key", _MALFORMED)
+    try:
+        return validate(
+            TenantKey,
+            namespace=namespace,
+            key_id=match["key_id"],
+            secret=SecretStr(match["secret"]),
+        )
+    except InvalidRequestError:
+        raise InvalidRequestError("api_key", _MALFORMED) from None
+
+
+def format_key(namespace: str, key_id: str, secret: str) -> str:
+    return f"{KEY_PREFIX}{namespace_prefix(namespace)}.{key_id}.{secret}"
+
+
+# -- the clients' side ---------------------------------------------------------------------
+
+
+def tenant_namespace(key: TenantKey, namespace: object) -> str:
+    """The namespace a client with ``key`` uses: the key's. ``namespace`` may be left at its
+    default or equal the key's; any other value raises InvalidRequestError naming it."""
+    default = ClientSettings.model_fields["namespace"].default
+    if namespace in (default, key.namespace):
+        return key.namespace
+    raise InvalidRequestError(
+        "namespace", "differs from the namespace of api_key: a key works only in its own"
+    )
+
+
+def settings_key(settings: ClientSettings) -> TenantKey | None:
+    """The key in the settings' ``api_key``, or None (no api_key, or a label)."""
+    if settings.api_key is None:
+        return None
+    return parse_api_key(settings.api_key.get_secret_value())
+
+
+def check_url(settings: ClientSettings, url: str | None) -> None:
+    """With a key, refuse the embedded server (``url`` None: it has no tenants) and a URL with
+    credentials of its own (redis-py would let them override the key's).
+
+    Raises InvalidRequestError naming ``api_key`` or ``redis_url``; the URL is never quoted.
+    """
+    if settings_key(settings) is None:
+        return
+    if url is None:
+        raise InvalidRequestError(
+            "api_key",
+            "is a key for a shared Redis, but none is configured: pass redis_url= or set "
+            "AGENTBILL_REDIS_URL (the embedded local server has no tenants)",
+        )
+    try:
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return  # redis-py reports a bad URL itself, as it does without a key
+    if options.get("username") or options.get("password"):
+        raise InvalidRequestError(
+            "redis_url",
+            "carries a username or password, and so does api_key: leave them out of the URL",
+        )
+
+
+def auth_options(settings: ClientSettings) -> dict[str, str]:
+    """``username`` and ``password`` for redis-py when the settings hold a key, else nothing."""
+    key = settings_key(settings)
+    if key is None:
+        return {}
+    return {"username": key.username, "password": key.secret.get_secret_value()}
+
+
+# -- the admin's side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A tenant key as the admin sees it: never its secret."""
+
+    key_id: str
+    namespace: str
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A key just created. ``api_key.get_secret_value()`` is the ``agb_...`` string to hand to
+    the tenant: it is not stored anywhere and cannot be shown again.
+
+    ``persisted``: ``"aclfile"`` (saved with ACL SAVE), ``"config"`` (CONFIG REWRITE), or None:
+    the user lives in the server's memory only and is lost when Redis restarts.
+    """
+
+    key_id: str
+    namespace: str
+    username: str
+    api_key: SecretStr
+    persisted: Persisted | None
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedKey:
+    """A key just revoked; ``persisted`` as for :class:`IssuedKey` (None: a restart of Redis
+    would bring the deleted user back from where it was persisted before, if anywhere)."""
+
+    key_id: str
+    namespace: str
+    username: str
+    persisted: Persisted | None
+
+
+def tenant_acl_rules(namespace: str, secret: str, commands: tuple[str, ...]) -> list[str]:
+    """The ACL SETUSER rules of one key: its secret's hash, its namespace's keys, ``commands``."""
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    # `reset` first: a rule set that says everything the user may do, whatever it had before.
+    rules = ["reset", "on", f"#{digest}", "resetkeys", f"~{namespace_prefix(namespace)}:*"]
+    rules += ["resetchannels", "-@all"]
+    return rules + [f"+{command}" for command in commands]
+
+
+class _KeyId(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+    key_id: Annotated[str, StringConstraints(pattern=rf"^{KEY_ID_PATTERN}$")]
+
+
+class _Namespace(BaseModel):
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+    namespace: Id
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class KeyAdmin:
+    """Creates, lists and revokes tenant keys, over a privileged Redis connection.
+
+    Connects to ``redis`` (a ready ``redis.Redis``) if given, else ``redis_url``, else the
+    ``AGENTBILL_ADMIN_URL`` environment variable; never to the embedded local server. The
+    connection needs the ``@admin`` ACL commands (``ACL``, ``CONFIG GET``, ``COMMAND``).
+
+    ``rewrite_config``: when the server has no ``aclfile``, run CONFIG REWRITE after each change
+    so users survive a restart (the server must have been started with a config file).
+
+    Errors: InvalidRequestError (bad argument, unknown key id, no URL), AuthenticationError
+    (the admin credentials were refused), StoreError / StoreUnavailableError.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        redis: redis.Redis | None = None,
+        rewrite_config: bool = False,
+        timeout: float = 5.0,
+    ) -> None:
+        self._owns = redis is None
+        if redis is None:
+            url = redis_url or os.environ.get(ENV_ADMIN_URL)
+            if not url:
+                raise InvalidRequestError(
+                    "redis_url", f"give the admin connection's URL, or set {ENV_ADMIN_URL}"
+                )
+            redis = _open(url, timeout)
+        self._redis: Any = redis
+        self._rewrite_config = rewrite_config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rewrite_config={self._rewrite_config!r})"
+
+    def _call(self, *args: Any) -> Any:
+        try:
+            return self._redis.execute_command(*args)
+        except (redis.RedisError, OSError) as exc:
+            raise translate(exc) from exc
+
+    def create_key(self, namespace: str) -> IssuedKey:
+        """Create a key for ``namespace``: a new ACL user; other keys of it are untouched."""
+        ns = validate(_Namespace, namespace=namespace).namespace
+        commands = SCRIPT_COMMANDS + CLIENT_COMMANDS + self._optional_commands()
+        while True:
+            key_id = secrets.token_hex(8)
+            username = username_for(ns, key_id)
+            # 64 random bits per namespace: a clash is a formality, but never overwrite a user.
+            if self._call("ACL", "GETUSER", username) is None:
+                break
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        self._call("ACL", "SETUSER", username, *tenant_acl_rules(ns, secret, commands))
+        try:
+            persisted = self._persist()
+        except BaseException:
+            # A key nobody was shown must not stay usable.
+            self._call("ACL", "DELUSER", username)
+            raise
+        return IssuedKey(
+            key_id=key_id,
+            namespace=ns,
+            username=username,
+            api_key=SecretStr(format_key(ns, key_id, secret)),
+            persisted=persisted,
+        )
+
+    def list_keys(self, namespace: str | None = None) -> list[KeyInfo]:
+        """Every agentbill key on the server (of ``namespace`` if given), by namespace, id."""
+        found = []
+        for name in self._call("ACL", "USERS"):
+            info = _key_info(_text(name))
+            if info is not None and namespace in (None, info.namespace):
+                found.append(info)
+        return sorted(found, key=lambda k: (k.namespace, k.key_id))
+
+    def revoke_key(self, key_id: str) -> RevokedKey:
+        """Delete the key's ACL user. Redis disconnects every client authenticated with it, so
+        its next call is refused at once; new connections are refused too.
+
+        Raises InvalidRequestError naming ``key_id`` when no key has this id.
+        """
+        kid = validate(_KeyId, key_id=key_id).key_id
+        for info in self.list_keys():
+            if info.key_id == kid:
+                self._call("ACL", "DELUSER", info.username)
+                persisted = self._persist()
+                return RevokedKey(info.key_id, info.namespace, info.username, persisted)
+        raise InvalidRequestError("key_id", "no agentbill key has this id on this server")
+
+    def close(self) -> None:
+        """Close the connection this admin opened (not a ``redis=`` client you passed in)."""
+        if self._owns:
+            self._redis.close()
+
+    def __enter__(self) -> KeyAdmin:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _optional_commands(self) -> tuple[str, ...]:
+        known: set[str] = set()
+        for info in self._call("COMMAND", "INFO", "client").values():
+            known.update(_text(sub[0]).lower() for sub in info.get("subcommands") or ())
+        return tuple(command for command in OPTIONAL_COMMANDS if command in known)
+
+    def _persist(self) -> Persisted | None:
+        # CONFIG GET answers {name: value}; an empty value is "no aclfile".
+        if any(_text(v) for v in self._call("CONFIG", "GET", "aclfile").values()):
+            self._call("ACL", "SAVE")
+            return "aclfile"
+        if self._rewrite_config:
+            self._call("CONFIG", "REWRITE")
+            return "config"
+        return None
+
+
+def _open(url: str, timeout: float) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+
+
+def _key_info(username: str) -> KeyInfo | None:
+    parts = username.split(":")
+    if len(parts) != 3 or f"{parts[0]}:" != USER_PREFIX:
+        return None
+    prefix, key_id = parts[1], parts[2]
+    if re.fullmatch(KEY_ID_PATTERN, key_id) is None:
+        return None
+    try:
+        namespace = unquote(prefix, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    return KeyInfo(key_id=key_id, namespace=namespace, username=username)
