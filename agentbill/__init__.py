@@ -11,7 +11,9 @@ from agentbill._exceptions import (
     AuthenticationError,
     BudgetExhaustedError,
     CeilingExceededError,
+    ConcurrencyLimitedError,
     InvalidRequestError,
+    RateLimitedError,
     RunBlockedError,
     StoreError,
     StoreUnavailableError,
@@ -19,7 +21,18 @@ from agentbill._exceptions import (
 )
 from agentbill._models import Preflight
 from agentbill._outage import OutageStats
-from agentbill._results import AsyncCheck, BaseCheck, BudgetStatus, Check, Settlement, TaskStatus
+from agentbill._results import (
+    AsyncCheck,
+    BaseCheck,
+    BudgetStatus,
+    Check,
+    Event,
+    RateLimit,
+    Settlement,
+    TaskStatus,
+    ThresholdCrossing,
+    Usage,
+)
 from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
 
 __version__ = "0.1.0"
@@ -35,12 +48,16 @@ __all__ = [
     "BudgetStatus",
     "CeilingExceededError",
     "Check",
+    "ConcurrencyLimitedError",
+    "Event",
     "InvalidRequestError",
     "IssuedKey",
     "KeyAdmin",
     "KeyInfo",
     "OutageStats",
     "Preflight",
+    "RateLimit",
+    "RateLimitedError",
     "RevokedKey",
     "RunBlockedError",
     "Settlement",
@@ -48,5 +65,7 @@ __all__ = [
     "StoreUnavailableError",
     "TaskCeilingExceededError",
     "TaskStatus",
+    "ThresholdCrossing",
+    "Usage",
     "__version__",
 ]

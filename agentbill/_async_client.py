@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
 import redis
@@ -15,7 +15,15 @@ from agentbill._exceptions import AgentBillError, StoreError, StoreUnavailableEr
 from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._models import ClientSettings, Preflight
 from agentbill._outage import warn_undelivered
-from agentbill._results import AsyncCheck, BudgetStatus, Settlement, TaskStatus
+from agentbill._results import (
+    AsyncCheck,
+    BudgetStatus,
+    Event,
+    Settlement,
+    TaskStatus,
+    ThresholdCrossing,
+    Usage,
+)
 from agentbill._retry import async_retrying, translate
 from agentbill._scripts import pipeline_args
 
@@ -45,6 +53,8 @@ class AsyncAgentBillClient(BaseClient):
         retry_deadline: float = 2.5,
         on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
         outage_allowance: int | None = None,
+        ledger_max_len: int = 100_000,
+        on_threshold: Callable[[ThresholdCrossing], object] | None = None,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -61,11 +71,12 @@ class AsyncAgentBillClient(BaseClient):
             retry_deadline=retry_deadline,
             on_outage=on_outage,
             outage_allowance=outage_allowance,
+            ledger_max_len=ledger_max_len,
         )
         owns = redis is None
         if redis is None:
             redis = _connect(settings)
-        super().__init__(settings, redis, owns)
+        super().__init__(settings, redis, owns, on_threshold)
         self._retrying = async_retrying(settings.retry_attempts, settings.retry_deadline)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
@@ -80,6 +91,7 @@ class AsyncAgentBillClient(BaseClient):
 
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
+        self._notify(result)
         if self._outage.has_queued:
             await self.flush()
         return result
@@ -179,6 +191,8 @@ class AsyncAgentBillClient(BaseClient):
             finally:
                 index, error = failed
                 raise _core.batch_error(index, translate(error)) from error
+        for check in checks:
+            self._notify(check)
         if self._outage.has_queued:
             await self.flush()
         return cast(list[AsyncCheck], checks)
@@ -278,13 +292,62 @@ class AsyncAgentBillClient(BaseClient):
 
     # -- admin ---------------------------------------------------------------------------------
 
-    async def set_budget(self, customer_id: str | None, limit: int | None) -> BudgetStatus:
+    async def set_budget(
+        self,
+        customer_id: str | None,
+        limit: int | None,
+        *,
+        period: Literal["hour", "day", "week", "month"] | None = None,
+        tz: str = "UTC",
+        agent_id: str | None = None,
+        thresholds: Sequence[int] = (),
+    ) -> BudgetStatus:
         """See :meth:`AgentBillClient.set_budget`."""
-        return await self._run(_core.plan_set_budget(self._policy, customer_id, limit))
+        return await self._run(
+            _core.plan_set_budget(
+                self._policy, customer_id, limit, period, tz, agent_id, thresholds
+            )
+        )
 
-    async def get_budget(self, customer_id: str | None = None) -> BudgetStatus:
+    async def set_rate_limit(
+        self,
+        customer_id: str | None,
+        units: int | None,
+        per_seconds: int | None,
+        *,
+        burst: int | None = None,
+        agent_id: str | None = None,
+    ) -> BudgetStatus:
+        """See :meth:`AgentBillClient.set_rate_limit`."""
+        return await self._run(
+            _core.plan_set_rate_limit(
+                self._policy, customer_id, units, per_seconds, burst, agent_id
+            )
+        )
+
+    async def set_concurrency_limit(
+        self, customer_id: str | None, max_in_flight: int | None, *, agent_id: str | None = None
+    ) -> BudgetStatus:
+        """See :meth:`AgentBillClient.set_concurrency_limit`."""
+        return await self._run(
+            _core.plan_set_concurrency_limit(self._policy, customer_id, max_in_flight, agent_id)
+        )
+
+    async def get_budget(
+        self, customer_id: str | None = None, *, agent_id: str | None = None
+    ) -> BudgetStatus:
         """See :meth:`AgentBillClient.get_budget`."""
-        return await self._run(_core.plan_get_budget(self._policy, customer_id))
+        return await self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
+
+    async def get_usage(self, customer_id: str | None = None) -> Usage:
+        """See :meth:`AgentBillClient.get_usage`."""
+        return await self._run(_core.plan_get_usage(self._policy, customer_id))
+
+    async def events(
+        self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
+    ) -> list[Event]:
+        """See :meth:`AgentBillClient.events`."""
+        return await self._run(_core.plan_events(self._policy, customer_id, since, limit))
 
     async def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None

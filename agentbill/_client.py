@@ -7,8 +7,9 @@ client method is: plan (validate + build the call, in ``_core``), one round trip
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
 import redis
@@ -17,16 +18,31 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from agentbill import _core
-from agentbill._exceptions import AgentBillError, StoreError, StoreUnavailableError
+from agentbill._exceptions import (
+    AgentBillError,
+    InvalidRequestError,
+    StoreError,
+    StoreUnavailableError,
+)
 from agentbill._gate import Gate, Run, Units
 from agentbill._models import ClientSettings, Preflight
 from agentbill._outage import OutageLedger, OutageStats, warn_offline, warn_undelivered
-from agentbill._results import BudgetStatus, Check, Settlement, TaskStatus
+from agentbill._results import (
+    BudgetStatus,
+    Check,
+    Event,
+    Settlement,
+    TaskStatus,
+    ThresholdCrossing,
+    Usage,
+)
 from agentbill._retry import retrying, translate
 from agentbill._scripts import bind, pipeline_args
 from agentbill._tenants import auth_options, check_url
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
+
+logger = logging.getLogger("agentbill")
 
 
 def connection_url(settings: ClientSettings) -> str:
@@ -61,13 +77,33 @@ def connection_options(settings: ClientSettings) -> dict[str, Any]:
 class BaseClient:
     """What both clients share: validated settings, the policy the scripts take, the scripts."""
 
-    def __init__(self, settings: ClientSettings, client: Any, owns_client: bool) -> None:
+    def __init__(
+        self,
+        settings: ClientSettings,
+        client: Any,
+        owns_client: bool,
+        on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+    ) -> None:
         self._settings = settings
         self._policy = _core.Policy.from_settings(settings)
         self._redis: Any = client
         self._owns_redis = owns_client
         self._scripts = bind(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
+        if on_threshold is not None and not callable(on_threshold):
+            raise InvalidRequestError("on_threshold", "must be a callable of ThresholdCrossing")
+        self._on_threshold = on_threshold
+
+    def _notify(self, result: object) -> None:
+        """Pass the thresholds a call crossed to ``on_threshold``; its errors are logged, never
+        raised into the run (the decision stands either way)."""
+        if self._on_threshold is None:
+            return
+        for crossing in getattr(result, "crossed", ()):
+            try:
+                self._on_threshold(crossing)
+            except Exception:
+                logger.exception("agentbill: on_threshold raised for %r", crossing)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(namespace={self.namespace!r}, ceiling={self.ceiling!r})"
@@ -164,6 +200,8 @@ class AgentBillClient(BaseClient):
         retry_deadline: float = 2.5,
         on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
         outage_allowance: int | None = None,
+        ledger_max_len: int = 100_000,
+        on_threshold: Callable[[ThresholdCrossing], object] | None = None,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -180,11 +218,12 @@ class AgentBillClient(BaseClient):
             retry_deadline=retry_deadline,
             on_outage=on_outage,
             outage_allowance=outage_allowance,
+            ledger_max_len=ledger_max_len,
         )
         owns = redis is None
         if redis is None:
             redis = _connect(settings)
-        super().__init__(settings, redis, owns)
+        super().__init__(settings, redis, owns, on_threshold)
         self._retrying = retrying(settings.retry_attempts, settings.retry_deadline)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
@@ -200,6 +239,7 @@ class AgentBillClient(BaseClient):
     def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         """One round trip; then, if an outage left settlements queued, deliver them."""
         result = self._send(plan)
+        self._notify(result)
         if self._outage.has_queued:
             self.flush()
         return result
@@ -321,6 +361,8 @@ class AgentBillClient(BaseClient):
             finally:
                 index, error = failed
                 raise _core.batch_error(index, translate(error)) from error
+        for check in checks:
+            self._notify(check)
         if self._outage.has_queued:
             self.flush()
         return cast(list[Check], checks)
@@ -443,14 +485,74 @@ class AgentBillClient(BaseClient):
 
     # -- admin ---------------------------------------------------------------------------------
 
-    def set_budget(self, customer_id: str | None, limit: int | None) -> BudgetStatus:
-        """Set the customer's budget (``None``: unlimited). Lowering it below what is spent and
-        reserved is allowed: it only refuses new runs."""
-        return self._run(_core.plan_set_budget(self._policy, customer_id, limit))
+    def set_budget(
+        self,
+        customer_id: str | None,
+        limit: int | None,
+        *,
+        period: Literal["hour", "day", "week", "month"] | None = None,
+        tz: str = "UTC",
+        agent_id: str | None = None,
+        thresholds: Sequence[int] = (),
+    ) -> BudgetStatus:
+        """Set the budget of the customer, or with ``agent_id`` of that agent within it
+        (``limit`` None: unlimited). ``period``: None for a lifetime budget, else a calendar
+        hour, day, week (ISO, from Monday) or month in time zone ``tz`` (IANA), after which a
+        fresh budget starts by itself. ``thresholds``: percents of the limit whose crossing (by
+        spent + reserved) is written to the ledger and passed to ``on_threshold``, once per
+        period. Lowering a limit below what is spent and reserved only refuses new runs.
+        Returns that scope's status."""
+        return self._run(
+            _core.plan_set_budget(
+                self._policy, customer_id, limit, period, tz, agent_id, thresholds
+            )
+        )
 
-    def get_budget(self, customer_id: str | None = None) -> BudgetStatus:
-        """The customer's limit, spent, reserved, remaining and open reservations."""
-        return self._run(_core.plan_get_budget(self._policy, customer_id))
+    def set_rate_limit(
+        self,
+        customer_id: str | None,
+        units: int | None,
+        per_seconds: int | None,
+        *,
+        burst: int | None = None,
+        agent_id: str | None = None,
+    ) -> BudgetStatus:
+        """Limit the customer (or with ``agent_id`` that agent) to ``units`` per
+        ``per_seconds`` sustained, in bursts of up to ``burst`` units (default ``units``):
+        GCRA on the estimates preflights reserve; a refused preflight consumes nothing.
+        ``units`` None removes the limit."""
+        return self._run(
+            _core.plan_set_rate_limit(
+                self._policy, customer_id, units, per_seconds, burst, agent_id
+            )
+        )
+
+    def set_concurrency_limit(
+        self, customer_id: str | None, max_in_flight: int | None, *, agent_id: str | None = None
+    ) -> BudgetStatus:
+        """At most ``max_in_flight`` open reservations (runs in flight) for the customer, or
+        with ``agent_id`` for that agent; None removes the limit."""
+        return self._run(
+            _core.plan_set_concurrency_limit(self._policy, customer_id, max_in_flight, agent_id)
+        )
+
+    def get_budget(
+        self, customer_id: str | None = None, *, agent_id: str | None = None
+    ) -> BudgetStatus:
+        """The budget of the customer (or of one agent) in its current period: limit, spent,
+        reserved, remaining, open reservations, the period's bounds and the other limits."""
+        return self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
+
+    def get_usage(self, customer_id: str | None = None) -> Usage:
+        """The customer's budget and each of its agents', in one round trip."""
+        return self._run(_core.plan_get_usage(self._policy, customer_id))
+
+    def events(
+        self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
+    ) -> list[Event]:
+        """The customer's ledger, oldest first: after the event whose ``id`` is ``since``, at
+        most ``limit`` of them. The ledger keeps the last ``ledger_max_len`` (about)."""
+        return self._run(_core.plan_events(self._policy, customer_id, since, limit))
 
     def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None

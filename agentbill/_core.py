@@ -22,23 +22,34 @@ from agentbill._keys import CustomerKeys, KeySpace, digest, reservation_id, tag_
 from agentbill._models import (
     BudgetRequest,
     ClientSettings,
+    ConcurrencyRequest,
     CustomerRef,
+    EventsRequest,
     Preflight,
     PreflightRequest,
+    RateLimitRequest,
     RecordRequest,
     ReleaseRequest,
+    ScopeRef,
     TaskRequest,
     validate,
 )
 from agentbill._results import (
     BaseCheck,
     BudgetStatus,
+    Event,
+    EventType,
+    Period,
+    RateLimit,
     Reason,
     Settlement,
     SettleStatus,
     TaskStatus,
+    ThresholdCrossing,
+    Usage,
 )
 from agentbill._tenants import parse_api_key, tenant_namespace
+from agentbill._zones import zone_table
 
 DEFAULT_CUSTOMER = "default"
 # A retry of a record() without a reservation id is recognised by an internal request id;
@@ -68,6 +79,7 @@ class Policy:
     idempotency_ttl_ms: int
     retention_ms: int
     reap_limit: int
+    ledger_len: int
 
     @classmethod
     def from_settings(cls, s: ClientSettings) -> Policy:
@@ -78,7 +90,13 @@ class Policy:
             idempotency_ttl_ms=s.idempotency_ttl * 1000,
             retention_ms=s.outcome_retention * 1000,
             reap_limit=s.reap_limit,
+            ledger_len=s.ledger_max_len,
         )
+
+    @property
+    def common(self) -> tuple[int, int, int]:
+        """ARGV[1..3] of every script: reap limit, outcome retention (ms), ledger cap."""
+        return (self.reap_limit, self.retention_ms, self.ledger_len)
 
 
 def new_token() -> str:
@@ -135,6 +153,7 @@ def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, 
         idem_key, fp = ck.idempotency("preflight", rid), ""
     ttl_ms = req.ttl * 1000 if req.ttl is not None else p.reservation_ttl_ms
     args: tuple[str | int, ...] = (
+        *p.common,
         rid,
         req.estimated_units,
         _opt(p.ceiling),
@@ -146,9 +165,8 @@ def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, 
         digest(req.agent_id, req.task_ref or ""),
         fp,
         p.idempotency_ttl_ms,
-        p.reap_limit,
-        p.retention_ms,
         req.customer_id,
+        digest(req.agent_id),
     )
     return Call("preflight", (*ck.fixed, idem_key), args), rid
 
@@ -163,10 +181,9 @@ def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy, make: Calla
     task_used, task_reserved = int(reply[8]), int(reply[9])
     if task_ceiling is None and req.task_ceiling is not None and not approved:
         task_ceiling = req.task_ceiling  # the ceiling this refused call would have opened
-    rule_limit = {
-        "ceiling_exceeded": p.ceiling,
-        "task_ceiling_exceeded": task_ceiling,
-    }.get(reason or "", limit)
+    rule_limit = _int_or_none(reply[13]) if not approved else limit
+    if reason == "task_ceiling_exceeded":
+        rule_limit = task_ceiling
     has_task = req.task_ref is not None
     return make(
         approved=approved,
@@ -183,7 +200,31 @@ def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy, make: Calla
         task_used=task_used if has_task else None,
         task_remaining=_remaining(task_ceiling, task_used + task_reserved) if has_task else None,
         replayed=int(reply[11]) == 1,
+        scope=_text(reply[12]) if reply[12] is not None else None,
+        used=_int_or_none(reply[14]),
+        reserved=_int_or_none(reply[15]),
+        retry_after=int(reply[16]) / 1000 if reply[16] is not None else None,
+        period_end=_datetime(int(reply[18])) if reply[18] is not None else None,
+        crossed=decode_crossed(reply[19], req.customer_id, req.agent_id),
     )
+
+
+def decode_crossed(
+    items: Sequence[Any], customer_id: str, agent_id: str | None
+) -> tuple[ThresholdCrossing, ...]:
+    """ "<scope>:<percent>:<committed>" items as ThresholdCrossing results."""
+    out = []
+    for item in items:
+        scope, percent, committed = _text(item).split(":")
+        out.append(
+            ThresholdCrossing(
+                customer_id=customer_id,
+                agent_id=agent_id if scope == "agent" else None,
+                percent=int(percent),
+                committed=int(committed),
+            )
+        )
+    return tuple(out)
 
 
 def offline_decision(p: Policy, req: PreflightRequest, rid: str, make: Callable[..., C]) -> C:
@@ -268,6 +309,7 @@ def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
     else:
         idem_key, fp, ttl = ck.request(token), "", REQUEST_ID_TTL_MS
     args: tuple[str | int, ...] = (
+        *p.common,
         req.reservation_id or "",
         req.units,
         1 if req.success else 0,
@@ -277,10 +319,10 @@ def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
         digest(req.agent_id, task_ref),
         fp,
         ttl,
-        p.reap_limit,
-        p.retention_ms,
         customer,
         token,
+        0,
+        digest(req.agent_id),
     )
     return Call("settle", (*ck.fixed, idem_key), args)
 
@@ -305,6 +347,7 @@ def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
             "reservation_id", "give a reservation_id or the preflight's idempotency_key"
         )
     args: tuple[str | int, ...] = (
+        *p.common,
         req.reservation_id or "",
         0,
         0,
@@ -314,18 +357,20 @@ def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
         "",
         "",
         REQUEST_ID_TTL_MS,
-        p.reap_limit,
-        p.retention_ms,
         "",
         token,
         by_key,
+        "",
     )
     return Call("settle", keys, args)
 
 
-def decode_settle(reply: Reply, metadata: dict[str, Any] | None = None) -> Settlement:
+def decode_settle(
+    reply: Reply, customer_id: str | None = None, metadata: dict[str, Any] | None = None
+) -> Settlement:
     limit = _int_or_none(reply[6])
     spent, reserved = int(reply[7]), int(reply[8])
+    crossed = reply[10] if len(reply) > 10 else ()
     return Settlement(
         status=cast(SettleStatus, _text(reply[0])),
         reservation_id=_text(reply[1]) if reply[1] is not None else None,
@@ -338,44 +383,142 @@ def decode_settle(reply: Reply, metadata: dict[str, Any] | None = None) -> Settl
         limit=limit,
         remaining=_remaining(limit, spent + reserved),
         metadata=metadata,
+        crossed=decode_crossed(crossed, customer_id or "", None) if crossed else (),
     )
 
 
 # -- admin -------------------------------------------------------------------------------------
 
 
-def set_budget_call(p: Policy, customer_id: str, limit: int | None) -> Call:
+def set_budget_call(p: Policy, req: BudgetRequest) -> Call:
+    ck = p.keys.customer(req.customer_id)
+    args = (
+        *p.common,
+        digest(req.agent_id) if req.agent_id is not None else "",
+        _opt(req.limit),
+        req.period or "",
+        zone_table(req.tz) if req.period is not None else "",
+        ",".join(str(t) for t in sorted(set(req.thresholds))),
+        req.customer_id,
+        req.agent_id or "",
+    )
+    return Call("set_budget", ck.fixed, args)
+
+
+def set_limits_call(p: Policy, req: RateLimitRequest | ConcurrencyRequest) -> Call:
+    ck = p.keys.customer(req.customer_id)
+    if isinstance(req, RateLimitRequest):
+        if req.units is None or req.per_seconds is None:
+            limit: tuple[str | int, ...] = ("rate", "", "", "")
+        else:
+            burst = req.burst if req.burst is not None else req.units
+            limit = ("rate", req.units, req.per_seconds * 1000, burst)
+    else:
+        limit = ("concurrency", _opt(req.max_in_flight), "", "")
+    dig = digest(req.agent_id) if req.agent_id is not None else ""
+    args = (*p.common, dig, *limit, req.customer_id, req.agent_id or "")
+    return Call("set_limits", ck.fixed, args)
+
+
+def get_budget_call(p: Policy, customer_id: str, agent_id: str | None) -> Call:
     ck = p.keys.customer(customer_id)
-    return Call("set_budget", ck.fixed, (_opt(limit), customer_id, p.reap_limit, p.retention_ms))
+    return Call("get_budget", ck.fixed, (*p.common, digest(agent_id) if agent_id else ""))
 
 
-def get_budget_call(p: Policy, customer_id: str) -> Call:
-    ck = p.keys.customer(customer_id)
-    return Call("get_budget", ck.fixed, (p.reap_limit, p.retention_ms))
-
-
-def decode_budget(reply: Reply, customer_id: str) -> BudgetStatus:
+def decode_scope(reply: Reply, customer_id: str, agent_id: str | None, now_ms: int) -> BudgetStatus:
+    """A scope_reply (see lua/_common.lua) as a BudgetStatus."""
     limit = _int_or_none(reply[0])
     spent, reserved = int(reply[1]), int(reply[2])
+    start = _int_or_none(reply[5])
+    end = _int_or_none(reply[6])
+    rate_units = _int_or_none(reply[7])
+    thresholds = _text(reply[11])
+    period = _text(reply[12]) or None
     return BudgetStatus(
         customer_id=customer_id,
+        agent_id=agent_id,
         limit=limit,
         spent=spent,
         reserved=reserved,
         remaining=_remaining(limit, spent + reserved),
         open_reservations=int(reply[3]),
+        period=cast(Period, period),
+        period_start=_datetime(start) if start is not None else None,
+        period_end=_datetime(end) if end is not None else None,
+        resets_in=(end - now_ms) / 1000 if end is not None else None,
+        thresholds=tuple(int(t) for t in thresholds.split(",") if t),
+        rate_limit=RateLimit(
+            units=rate_units, per_seconds=int(reply[8]) // 1000, burst=int(reply[9])
+        )
+        if rate_units is not None
+        else None,
+        max_in_flight=_int_or_none(reply[10]),
     )
+
+
+def decode_budget(reply: Reply, customer_id: str, agent_id: str | None = None) -> BudgetStatus:
+    """get_budget.lua / set_budget.lua / set_limits.lua: the agent's scope if one was asked."""
+    now = int(reply[2])
+    if agent_id is not None:
+        return decode_scope(reply[1], customer_id, agent_id, now)
+    return decode_scope(reply[0], customer_id, None, now)
+
+
+def get_usage_call(p: Policy, customer_id: str) -> Call:
+    return Call("get_usage", p.keys.customer(customer_id).fixed, p.common)
+
+
+def decode_usage(reply: Reply, customer_id: str) -> Usage:
+    now = int(reply[2])
+    pairs = reply[1]
+    agents = tuple(
+        decode_scope(pairs[i + 1], customer_id, _text(pairs[i]), now)
+        for i in range(0, len(pairs), 2)
+    )
+    return Usage(
+        customer=decode_scope(reply[0], customer_id, None, now),
+        agents=tuple(sorted(agents, key=lambda a: a.agent_id or "")),
+    )
+
+
+def events_call(p: Policy, customer_id: str, since: str | None, limit: int | None) -> Call:
+    args = (*p.common, since or "-", limit if limit is not None else 2**31 - 1)
+    return Call("events", p.keys.customer(customer_id).fixed, args)
+
+
+def decode_events(reply: Reply, customer_id: str) -> list[Event]:
+    out = []
+    for raw_id, raw_fields in reply:
+        entry_id = _text(raw_id)
+        f = {_text(raw_fields[i]): _text(raw_fields[i + 1]) for i in range(0, len(raw_fields), 2)}
+        out.append(
+            Event(
+                id=entry_id,
+                type=cast(EventType, f["t"]),
+                time=_datetime(int(entry_id.split("-")[0])),
+                customer_id=customer_id,
+                agent_id=f["a"] or None,
+                task_ref=f["k"] or None,
+                units=int(f["u"]),
+                released=int(f["x"]),
+                reservation_id=f["r"] or None,
+                reason=f["why"] or None,
+                scope=f["s"] or None,
+                period=f["p"] or None,
+            )
+        )
+    return out
 
 
 def open_task_call(p: Policy, customer_id: str, task_ref: str, ceiling: int | None) -> Call:
     ck = p.keys.customer(customer_id)
-    args = (digest(task_ref), task_ref, _opt(ceiling), p.reap_limit, p.retention_ms)
+    args = (*p.common, digest(task_ref), task_ref, _opt(ceiling))
     return Call("open_task", ck.fixed, args)
 
 
 def get_task_call(p: Policy, customer_id: str, task_ref: str) -> Call:
     ck = p.keys.customer(customer_id)
-    return Call("get_task", ck.fixed, (digest(task_ref), p.reap_limit, p.retention_ms))
+    return Call("get_task", ck.fixed, (*p.common, digest(task_ref)))
 
 
 def decode_task(reply: Reply, customer_id: str, task_ref: str) -> TaskStatus:
@@ -516,7 +659,7 @@ def plan_record(
     )
     return Plan(
         record_call(p, req, new_token()),
-        lambda r: decode_settle(r, req.metadata),
+        lambda r: decode_settle(r, req.customer_id, req.metadata),
         reservation_id=req.reservation_id,
     )
 
@@ -532,19 +675,83 @@ def plan_release(
     )
     if req.reservation_id is not None and req.idempotency_key is not None:
         raise InvalidRequestError("idempotency_key", "give a reservation_id or this, not both")
-    return Plan(release_call(p, req, new_token()), decode_settle, reservation_id=req.reservation_id)
+    return Plan(
+        release_call(p, req, new_token()),
+        lambda r: decode_settle(r, req.customer_id),
+        reservation_id=req.reservation_id,
+    )
 
 
-def plan_set_budget(p: Policy, customer_id: object, limit: object) -> Plan[BudgetStatus]:
-    req = validate(BudgetRequest, customer_id=customer_of(customer_id), limit=limit)
-    call = set_budget_call(p, req.customer_id, req.limit)
-    return Plan(call, lambda reply: decode_budget(reply, req.customer_id))
+def plan_set_budget(
+    p: Policy,
+    customer_id: object,
+    limit: object,
+    period: object,
+    tz: object,
+    agent_id: object,
+    thresholds: object,
+) -> Plan[BudgetStatus]:
+    req = validate(
+        BudgetRequest,
+        customer_id=customer_of(customer_id),
+        limit=limit,
+        period=period,
+        tz=tz,
+        agent_id=agent_id,
+        thresholds=tuple(thresholds) if isinstance(thresholds, list) else thresholds,
+    )
+    call = set_budget_call(p, req)
+    return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
 
 
-def plan_get_budget(p: Policy, customer_id: object) -> Plan[BudgetStatus]:
+def plan_set_rate_limit(
+    p: Policy,
+    customer_id: object,
+    units: object,
+    per_seconds: object,
+    burst: object,
+    agent_id: object,
+) -> Plan[BudgetStatus]:
+    req = validate(
+        RateLimitRequest,
+        customer_id=customer_of(customer_id),
+        units=units,
+        per_seconds=per_seconds,
+        burst=burst,
+        agent_id=agent_id,
+    )
+    call = set_limits_call(p, req)
+    return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
+
+
+def plan_set_concurrency_limit(
+    p: Policy, customer_id: object, max_in_flight: object, agent_id: object
+) -> Plan[BudgetStatus]:
+    req = validate(
+        ConcurrencyRequest,
+        customer_id=customer_of(customer_id),
+        max_in_flight=max_in_flight,
+        agent_id=agent_id,
+    )
+    call = set_limits_call(p, req)
+    return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
+
+
+def plan_get_budget(p: Policy, customer_id: object, agent_id: object) -> Plan[BudgetStatus]:
+    req = validate(ScopeRef, customer_id=customer_of(customer_id), agent_id=agent_id)
+    call = get_budget_call(p, req.customer_id, req.agent_id)
+    return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
+
+
+def plan_get_usage(p: Policy, customer_id: object) -> Plan[Usage]:
     req = validate(CustomerRef, customer_id=customer_of(customer_id))
-    call = get_budget_call(p, req.customer_id)
-    return Plan(call, lambda reply: decode_budget(reply, req.customer_id))
+    return Plan(get_usage_call(p, req.customer_id), lambda r: decode_usage(r, req.customer_id))
+
+
+def plan_events(p: Policy, customer_id: object, since: object, limit: object) -> Plan[list[Event]]:
+    req = validate(EventsRequest, customer_id=customer_of(customer_id), since=since, limit=limit)
+    call = events_call(p, req.customer_id, req.since, req.limit)
+    return Plan(call, lambda reply: decode_events(reply, req.customer_id))
 
 
 def plan_open_task(

@@ -4,7 +4,9 @@
     ├── RunBlockedError               a budget rule said no (a refusal, not a failure)
     │   ├── CeilingExceededError      estimate above the client's per-request ceiling
     │   ├── BudgetExhaustedError      the customer's budget cannot cover the estimate
-    │   └── TaskCeilingExceededError  the task's ceiling cannot cover the estimate
+    │   ├── TaskCeilingExceededError  the task's ceiling cannot cover the estimate
+    │   ├── RateLimitedError          a rate limit cannot take it now (retry_after)
+    │   └── ConcurrencyLimitedError   too many runs in flight
     ├── InvalidRequestError           bad input; also a ValueError; nothing was written
     └── StoreError                    Redis answered with an error we did not expect
         ├── AuthenticationError       Redis refused the credentials (a wrong or revoked key)
@@ -29,7 +31,9 @@ __all__ = [
     "AuthenticationError",
     "BudgetExhaustedError",
     "CeilingExceededError",
+    "ConcurrencyLimitedError",
     "InvalidRequestError",
+    "RateLimitedError",
     "RunBlockedError",
     "StoreError",
     "StoreUnavailableError",
@@ -37,20 +41,28 @@ __all__ = [
 ]
 
 
+_TIMES = ("expires_at", "period_end")
+
+
 def _check_fields(check: BaseCheck) -> dict[str, Any]:
+    """A check's fields, JSON-safe (times as ISO strings, crossings as dicts)."""
     fields = {f.name: getattr(check, f.name) for f in dataclasses.fields(check)}
     fields.pop("_client", None)
-    if check.expires_at is not None:
-        fields["expires_at"] = check.expires_at.isoformat()
+    for name in _TIMES:
+        if fields.get(name) is not None:
+            fields[name] = fields[name].isoformat()
+    fields["crossed"] = [dataclasses.asdict(c) for c in check.crossed]
     return fields
 
 
 def _check_from_fields(fields: Mapping[str, Any]) -> BaseCheck:
-    from agentbill._results import BaseCheck  # _results imports this module
+    from agentbill._results import BaseCheck, ThresholdCrossing  # _results imports this module
 
     values = dict(fields)
-    if isinstance(values.get("expires_at"), str):
-        values["expires_at"] = datetime.fromisoformat(values["expires_at"])
+    for name in _TIMES:
+        if isinstance(values.get(name), str):
+            values[name] = datetime.fromisoformat(values[name])
+    values["crossed"] = tuple(ThresholdCrossing(**c) for c in values.get("crossed", ()))
     return BaseCheck(**values)
 
 
@@ -95,7 +107,12 @@ class RunBlockedError(AgentBillError):
     @property
     def retry_after(self) -> float | None:
         """Seconds after which asking again may succeed; None when waiting will not help."""
-        return None
+        return self.check.retry_after
+
+    @property
+    def scope(self) -> str | None:
+        """Which scope's rule refused: request, task, customer or agent."""
+        return self.check.scope
 
     def _describe(self) -> str:
         c = self.check
@@ -131,6 +148,15 @@ class TaskCeilingExceededError(RunBlockedError):
     def remaining(self) -> int | None:
         """The task's units left under its ceiling."""
         return self.check.task_remaining
+
+
+class RateLimitedError(RunBlockedError):
+    """A rate limit (of the customer or of the agent) cannot take the estimate now; see
+    ``retry_after``."""
+
+
+class ConcurrencyLimitedError(RunBlockedError):
+    """The customer (or the agent) already has its maximum of runs in flight."""
 
 
 class InvalidRequestError(AgentBillError, ValueError):

@@ -14,6 +14,7 @@ Layout, for namespace ``ns`` and customer tag ``t``::
     ns:{t}:tasks    hash  "<task digest>:c|u|r|n" -> ceiling, used, reserved, name
     ns:{t}:closed   hash  reservation id -> outcome of a closed reservation (JSON)
     ns:{t}:closedx  zset  reservation id, scored by when its outcome may be forgotten
+    ns:{t}:ledger   stream every decision, record, release, expiry, threshold crossing
     ns:{t}:idem:<op>:<k>  str  idempotency record of a user's key k for one operation (TTL)
     ns:{t}:req:<id>       str  the client's own request id, so its retries land once (TTL)
 """
@@ -49,7 +50,7 @@ def namespace_prefix(namespace: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class CustomerKeys:
-    """The fixed keys of one customer, in the order every script takes them as KEYS[1..7]."""
+    """The fixed keys of one customer, in the order every script takes them as KEYS[1..8]."""
 
     prefix: str
     tag: str
@@ -60,10 +61,20 @@ class CustomerKeys:
     tasks: str
     closed: str
     closedx: str
+    ledger: str
 
     @property
-    def fixed(self) -> tuple[str, str, str, str, str, str, str]:
-        return (self.budget, self.res, self.exp, self.open, self.tasks, self.closed, self.closedx)
+    def fixed(self) -> tuple[str, ...]:
+        return (
+            self.budget,
+            self.res,
+            self.exp,
+            self.open,
+            self.tasks,
+            self.closed,
+            self.closedx,
+            self.ledger,
+        )
 
     def idempotency(self, operation: str, key: str) -> str:
         """The key remembering a user's idempotency key for one operation."""
@@ -87,6 +98,7 @@ def _customer_keys(ns: str, tag: str) -> CustomerKeys:
         tasks=f"{p}:tasks",
         closed=f"{p}:closed",
         closedx=f"{p}:closedx",
+        ledger=f"{p}:ledger",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import unicodedata
 from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -92,6 +93,7 @@ class ClientSettings(_Request):
     retry_deadline: Timeout = 2.5
     on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed"
     outage_allowance: Units | None = Field(default=None, validate_default=True)
+    ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000
 
     @field_validator("outage_allowance")
     @classmethod
@@ -145,9 +147,61 @@ class ReleaseRequest(_Request):
     customer_id: Id | None = None
 
 
+def _time_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            "is not an IANA time zone name (such as 'UTC' or 'Europe/Berlin')"
+        ) from None
+    return value
+
+
+TimeZone = Annotated[
+    str, Strict(), StringConstraints(min_length=1, max_length=64), AfterValidator(_time_zone)
+]
+Percent = Annotated[int, Strict(), Field(ge=1, le=1000)]
+
+
 class BudgetRequest(_Request):
     customer_id: Id
     limit: Units | None = None
+    period: Literal["hour", "day", "week", "month"] | None = None
+    tz: TimeZone = "UTC"
+    agent_id: Id | None = None
+    thresholds: tuple[Percent, ...] = Field(default=(), max_length=20)
+
+
+class RateLimitRequest(_Request):
+    customer_id: Id
+    units: Annotated[int, Strict(), Field(ge=1, le=MAX_UNITS)] | None
+    per_seconds: Seconds | None
+    burst: Annotated[int, Strict(), Field(ge=1, le=MAX_UNITS)] | None = None
+    agent_id: Id | None = None
+
+    @field_validator("per_seconds")
+    @classmethod
+    def _window_goes_with_units(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None and info.data.get("units") is not None:
+            raise ValueError("is required with units")
+        return value
+
+
+class ConcurrencyRequest(_Request):
+    customer_id: Id
+    max_in_flight: Annotated[int, Strict(), Field(ge=0, le=MAX_UNITS)] | None
+    agent_id: Id | None = None
+
+
+class ScopeRef(_Request):
+    customer_id: Id
+    agent_id: Id | None = None
+
+
+class EventsRequest(_Request):
+    customer_id: Id
+    since: Annotated[str, Strict(), StringConstraints(pattern=r"^\d{1,20}-\d{1,20}$")] | None = None
+    limit: Annotated[int, Strict(), Field(ge=1, le=1_000_000)] | None = None
 
 
 class TaskRequest(_Request):

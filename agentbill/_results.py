@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from agentbill._exceptions import (
     BudgetExhaustedError,
     CeilingExceededError,
+    ConcurrencyLimitedError,
     InvalidRequestError,
+    RateLimitedError,
     RunBlockedError,
     TaskCeilingExceededError,
 )
@@ -18,14 +20,37 @@ if TYPE_CHECKING:
     from agentbill._async_client import AsyncAgentBillClient
     from agentbill._client import AgentBillClient
 
-Reason = Literal["ceiling_exceeded", "budget_exhausted", "task_ceiling_exceeded"]
+Reason = Literal[
+    "ceiling_exceeded",
+    "task_ceiling_exceeded",
+    "budget_exhausted",
+    "rate_limited",
+    "concurrency_limited",
+]
+Scope = Literal["request", "task", "customer", "agent"]
+Period = Literal["hour", "day", "week", "month"]
+EventType = Literal["approved", "refused", "recorded", "released", "expired", "threshold"]
 SettleStatus = Literal["recorded", "released", "late", "expired", "direct", "noop", "queued"]
 
 _ERRORS: dict[str, type[RunBlockedError]] = {
     "ceiling_exceeded": CeilingExceededError,
     "budget_exhausted": BudgetExhaustedError,
     "task_ceiling_exceeded": TaskCeilingExceededError,
+    "rate_limited": RateLimitedError,
+    "concurrency_limited": ConcurrencyLimitedError,
 }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThresholdCrossing:
+    """A budget's soft threshold crossed (once per period): committed units (spent + reserved)
+    reached ``percent`` of the limit. Passed to the client's ``on_threshold`` callback."""
+
+    customer_id: str
+    agent_id: str | None
+    """None for the customer's own budget; else the agent whose budget it is."""
+    percent: int
+    committed: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +84,20 @@ class BaseCheck:
     offline: bool = False
     """True when Redis was unreachable and the client's outage policy approved the run alone
     (no budget was checked; ``remaining``, ``limit`` and ``expires_at`` are None)."""
+    scope: Scope | None = None
+    """Which scope's rule refused: request (the ceiling), task, customer or agent."""
+    used: int | None = None
+    """On a refusal: what the refusing rule counts as used (spent units; runs in flight for
+    concurrency)."""
+    reserved: int | None = None
+    """On a refusal: the units the refusing rule's scope holds in open reservations."""
+    retry_after: float | None = None
+    """On a rate_limited refusal: seconds until the same ask would pass (None: it never will,
+    the ask is above the burst)."""
+    period_end: datetime | None = None
+    """When the customer's current budget period ends (None for a lifetime budget)."""
+    crossed: tuple[ThresholdCrossing, ...] = ()
+    """Soft thresholds this call crossed."""
 
     def __bool__(self) -> bool:
         return self.approved
@@ -157,11 +196,23 @@ class Settlement:
     limit: int | None
     remaining: int | None
     metadata: dict[str, Any] | None = None
+    crossed: tuple[ThresholdCrossing, ...] = ()
+    """Soft thresholds this call crossed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimit:
+    """Sustained ``units`` per ``per_seconds``, in bursts of up to ``burst`` units (GCRA)."""
+
+    units: int
+    per_seconds: int
+    burst: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BudgetStatus:
-    """A customer's budget. ``limit`` None means unlimited (then ``remaining`` is None)."""
+    """The budget of a customer, or of one of its agents (``agent_id`` set), in its current
+    period. ``limit`` None means unlimited (then ``remaining`` is None)."""
 
     customer_id: str
     limit: int | None
@@ -169,6 +220,49 @@ class BudgetStatus:
     reserved: int
     remaining: int | None
     open_reservations: int
+    agent_id: str | None = None
+    period: Period | None = None
+    """None: a lifetime budget."""
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    resets_in: float | None = None
+    """Seconds until the period ends and a fresh one starts (Redis clock)."""
+    thresholds: tuple[int, ...] = ()
+    rate_limit: RateLimit | None = None
+    max_in_flight: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """A customer's budget and every agent's that ran or has a budget: what is left, what is
+    held, and by whom."""
+
+    customer: BudgetStatus
+    agents: tuple[BudgetStatus, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One ledger entry.
+
+    ``units``: asked (approved, refused), charged (recorded), committed units (threshold).
+    ``released``: reserved units given back (recorded, released, expired).
+    """
+
+    id: str
+    """The stream id: pass it as ``since`` to read on from here."""
+    type: EventType
+    time: datetime
+    customer_id: str
+    agent_id: str | None
+    task_ref: str | None
+    units: int
+    released: int
+    reservation_id: str | None
+    reason: str | None
+    """A refusal's reason; how a record closed (recorded, late, direct); a threshold's percent."""
+    scope: str | None
+    period: str | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-OPERATIONS = ("preflight", "settle", "get_budget", "set_budget", "open_task", "get_task")
+OPERATIONS = (
+    "preflight",
+    "settle",
+    "get_budget",
+    "set_budget",
+    "set_limits",
+    "get_usage",
+    "events",
+    "open_task",
+    "get_task",
+)
 PRELUDE = "_common"
 
 

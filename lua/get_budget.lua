@@ -1,14 +1,17 @@
--- get_budget: the customer's budget after returning expired reservations.
+-- get_budget: the customer's budget (and one agent's) after returning expired reservations.
 --
--- KEYS[1..7]  the customer's keys (see _common.lua)
--- ARGV[1] reap limit
--- ARGV[2] outcome retention, ms
--- Reply: {limit|false, spent, reserved, open reservations, now_ms}
+-- KEYS[1..8]  the customer's keys (see _common.lua)
+-- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
+-- ARGV[4] agent digest, '' for the customer alone
+-- Reply: {customer scope, agent scope|false, now_ms}; a scope is scope_reply's list.
 
-local reap_limit = tonumber(ARGV[1])
-local retention = tonumber(ARGV[2])
+local adig = ARGV[4]
 
 local now = now_ms()
-reap(now, reap_limit, retention)
-local limit, spent, reserved, open = budget_state()
-return {limit or false, spent, reserved, open, now}
+reap(now)
+local cs = scope_read('', now)
+local agent = false
+if adig ~= '' then
+  agent = scope_reply(scope_read('a:' .. adig .. ':', now, cs))
+end
+return {scope_reply(cs), agent, now}

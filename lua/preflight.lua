@@ -1,56 +1,66 @@
--- preflight: check the per-request ceiling, the task ceiling and the customer budget, and only
--- if all pass reserve the estimate on every scope. One call, atomic; a refusal writes nothing.
+-- preflight: check every rule and only if all pass reserve the estimate on every scope. One
+-- call, atomic: the per-request ceiling, the task ceiling, the customer's and the agent's
+-- budget in their current periods, their rate limits (GCRA) and their concurrency limits. A
+-- refusal changes no counter (it is written to the ledger, as every decision is).
 --
--- KEYS[1..7]  the customer's keys (see _common.lua)
--- KEYS[8]     idempotency record key (same hash tag; unused when ARGV[10] is '')
--- ARGV[1]  reservation id to create (client-made, so a retried call finds its own reservation)
--- ARGV[2]  estimated units (integer >= 0)
--- ARGV[3]  per-request ceiling in units, '' for none
--- ARGV[4]  reservation ttl, ms
--- ARGV[5]  agent id
--- ARGV[6]  task_ref, '' for none
--- ARGV[7]  task digest, '' for none
--- ARGV[8]  task ceiling in units, used only if this call opens the task, '' for none
--- ARGV[9]  group digest of (agent, task_ref): record() without an id closes its oldest
--- ARGV[10] request fingerprint when an idempotency key is given, else ''
--- ARGV[11] idempotency record ttl, ms
--- ARGV[12] reap limit (max expired reservations returned by this call)
--- ARGV[13] outcome retention, ms
--- ARGV[14] customer id (stored once, for people reading the keys)
+-- KEYS[1..8]  the customer's keys (see _common.lua)
+-- KEYS[9]     idempotency record key (same hash tag; unused when ARGV[13] is '')
+-- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
+-- ARGV[4]  reservation id to create (client-made, so a retried call finds its own reservation)
+-- ARGV[5]  estimated units (integer >= 0)
+-- ARGV[6]  per-request ceiling in units, '' for none
+-- ARGV[7]  reservation ttl, ms
+-- ARGV[8]  agent id
+-- ARGV[9]  task_ref, '' for none
+-- ARGV[10] task digest, '' for none
+-- ARGV[11] task ceiling in units, used only if this call opens the task, '' for none
+-- ARGV[12] group digest of (agent, task_ref): record() without an id closes its oldest
+-- ARGV[13] request fingerprint when an idempotency key is given, else ''
+-- ARGV[14] idempotency record ttl, ms
+-- ARGV[15] customer id (stored once, for people reading the keys)
+-- ARGV[16] agent digest (the agent's scope: fields 'a:<digest>:...')
 -- Reply: {approved 1|0, reason|false, reservation id|false, expires_ms|false, limit|false,
---         spent, reserved, task ceiling|false, task used, task reserved, now_ms, replayed 1|0}
+--         spent, reserved, task ceiling|false, task used, task reserved, now_ms, replayed 1|0,
+--         scope|false, rule limit|false, rule used|false, rule reserved|false,
+--         retry_after_ms|false, period start|false, period end|false, {crossed thresholds}}
+--   spent/reserved/limit/period are the customer's in its current period; on a refusal the
+--   rule numbers are those of the rule that refused, scope one of request, task, customer,
+--   agent; a crossed threshold is "<scope>:<percent>:<committed units>".
 -- Error: 'AGENTBILL idempotency_conflict' when the key was used with other arguments.
 
-local rid = ARGV[1]
-local units = tonumber(ARGV[2])
-local ceiling = ARGV[3]
-local ttl = tonumber(ARGV[4])
-local agent, task_ref, tf = ARGV[5], ARGV[6], ARGV[7]
-local task_ceiling = ARGV[8]
-local group = ARGV[9]
-local fingerprint = ARGV[10]
-local idem_ttl = tonumber(ARGV[11])
-local reap_limit = tonumber(ARGV[12])
-local retention = tonumber(ARGV[13])
-local customer_id = ARGV[14]
-local idem_key = KEYS[8]
+local rid = ARGV[4]
+local units = tonumber(ARGV[5])
+local ceiling = ARGV[6]
+local ttl = tonumber(ARGV[7])
+local agent, task_ref, tf = ARGV[8], ARGV[9], ARGV[10]
+local task_ceiling = ARGV[11]
+local group = ARGV[12]
+local fingerprint = ARGV[13]
+local idem_ttl = tonumber(ARGV[14])
+local customer_id = ARGV[15]
+local adig = ARGV[16]
+local idem_key = KEYS[9]
 
 local now = now_ms()
-reap(now, reap_limit, retention)
+reap(now)
 
--- The counters this call reads once: budget, and the task when there is one.
+local cs, as -- the customer's and the agent's scope
+local task = {used = 0, reserved = 0, exists = false}
+
 local function read_state()
-  local st = {tused = 0, tres = 0, task_exists = false}
-  st.limit, st.spent, st.reserved = budget_state()
+  cs = scope_read('', now)
+  as = scope_read('a:' .. adig .. ':', now, cs)
   if tf ~= '' then
-    st.tceil, st.tused, st.tres, st.task_exists = task_state(tf)
+    task.ceiling, task.used, task.reserved, task.exists = task_state(tf)
   end
-  return st
 end
 
-local function reply(approved, reason, id, expires, replayed, st)
-  return {approved, reason, id, expires, st.limit or false, st.spent, st.reserved,
-          st.tceil or false, st.tused, st.tres, now, replayed}
+local function reply(approved, reason, id, expires, replayed, rule, crossed)
+  rule = rule or {}
+  return {approved, reason, id, expires, cs.limit or false, cs.spent, cs.reserved,
+          task.ceiling or false, task.used, task.reserved, now, replayed,
+          rule.scope or false, rule.limit or false, rule.used or false, rule.reserved or false,
+          rule.retry or false, cs.pstart, cs.pend, crossed or {}}
 end
 
 -- A repeat of an approved request (same idempotency key, or the client's retry of the same
@@ -90,50 +100,100 @@ if prior then
     end
   end
   if prior then
-    return reply(1, false, prior, expires, prior == rid and 0 or 1, read_state())
+    read_state()
+    return reply(1, false, prior, expires, prior == rid and 0 or 1)
   end
 end
 
 -- Check every rule before writing anything.
-local st = read_state()
-if tf ~= '' and not st.task_exists and task_ceiling ~= '' then
-  st.tceil = tonumber(task_ceiling) -- the ceiling this call would open the task with
+read_state()
+if tf ~= '' and not task.exists and task_ceiling ~= '' then
+  task.ceiling = tonumber(task_ceiling) -- the ceiling this call would open the task with
 end
-local reason = false
+
+-- GCRA: `s` may take `units` now if its theoretical arrival time, advanced by units x the
+-- emission interval, is within the burst tolerance of now. Returns the new TAT, or false and
+-- the ms to wait (false: waiting never helps, the ask is above the burst).
+local function rate(s)
+  if not s.rl_n then
+    return true
+  end
+  local interval = s.rl_per / s.rl_n
+  local tat = math.max(s.rl_tat, now) + units * interval
+  local allowed_at = tat - s.rl_burst * interval
+  if allowed_at <= now then
+    return tat
+  end
+  return false, units <= s.rl_burst and math.ceil(allowed_at - now) or false
+end
+
+local rule = nil
+local ctat, atat, wait
 if ceiling ~= '' and units > tonumber(ceiling) then
-  reason = 'ceiling_exceeded'
-elseif st.tceil and st.tused + st.tres + units > st.tceil then
-  reason = 'task_ceiling_exceeded'
-elseif st.limit and st.spent + st.reserved + units > st.limit then
-  reason = 'budget_exhausted'
+  rule = {reason = 'ceiling_exceeded', scope = 'request', limit = tonumber(ceiling), used = 0, reserved = 0}
+elseif task.ceiling and task.used + task.reserved + units > task.ceiling then
+  rule = {reason = 'task_ceiling_exceeded', scope = 'task', limit = task.ceiling, used = task.used, reserved = task.reserved}
+elseif cs.limit and cs.spent + cs.reserved + units > cs.limit then
+  rule = {reason = 'budget_exhausted', scope = 'customer', limit = cs.limit, used = cs.spent, reserved = cs.reserved}
+elseif as.limit and as.spent + as.reserved + units > as.limit then
+  rule = {reason = 'budget_exhausted', scope = 'agent', limit = as.limit, used = as.spent, reserved = as.reserved}
+else
+  ctat, wait = rate(cs)
+  if not ctat then
+    rule = {reason = 'rate_limited', scope = 'customer', limit = cs.rl_n, retry = wait}
+  else
+    atat, wait = rate(as)
+    if not atat then
+      rule = {reason = 'rate_limited', scope = 'agent', limit = as.rl_n, retry = wait}
+    elseif cs.cc and cs.open + 1 > cs.cc then
+      rule = {reason = 'concurrency_limited', scope = 'customer', limit = cs.cc, used = cs.open, reserved = 0}
+    elseif as.cc and as.open + 1 > as.cc then
+      rule = {reason = 'concurrency_limited', scope = 'agent', limit = as.cc, used = as.open, reserved = 0}
+    end
+  end
 end
-if reason then
-  return reply(0, reason, false, false, 0, st)
+if rule then
+  ledger('refused', agent, task_ref, units, 0, '', rule.reason, rule.scope, cs.pid)
+  return reply(0, rule.reason, false, false, 0, rule)
 end
 
 -- Every rule passed: reserve on every scope.
+scope_roll(cs)
+scope_roll(as)
 local seq = incr(K.budget, 'seq', 1)
 incr(K.budget, 'reserved', units)
 incr(K.budget, 'open', 1)
+incr(K.budget, as.p .. 'reserved', units)
+incr(K.budget, as.p .. 'open', 1)
 redis.call('HSETNX', K.budget, 'customer', customer_id)
+if not as.name then
+  redis.call('HSET', K.budget, as.p .. 'name', agent)
+end
+if cs.rl_n then redis.call('HSET', K.budget, 'rl_tat', string.format('%.17g', ctat)) end
+if as.rl_n then redis.call('HSET', K.budget, as.p .. 'rl_tat', string.format('%.17g', atat)) end
 if tf ~= '' then
-  if not st.task_exists then
+  if not task.exists then
     redis.call('HSET', K.tasks, tf .. ':n', task_ref)
     if task_ceiling ~= '' then
       redis.call('HSET', K.tasks, tf .. ':c', task_ceiling)
     end
   end
   incr(K.tasks, tf .. ':r', units)
-  st.tres = st.tres + units
+  task.reserved = task.reserved + units
 end
-st.reserved = st.reserved + units
+cs.reserved, cs.open = cs.reserved + units, cs.open + 1
+as.reserved, as.open = as.reserved + units, as.open + 1
 local expires = now + ttl
 local member = group .. ':' .. string.format('%016d', seq) .. ':' .. rid
-local record = {agent, task_ref, tf, fmt(units), fmt(now), fmt(expires), member}
+local record = {agent, task_ref, tf, fmt(units), fmt(now), fmt(expires), member, cs.pid, adig, as.pid}
 redis.call('HSET', K.res, rid, table.concat(record, SEP))
 redis.call('ZADD', K.exp, expires, rid)
 redis.call('ZADD', K.open, 0, member)
 if fingerprint ~= '' then
   redis.call('SET', idem_key, fingerprint .. SEP .. rid, 'PX', idem_ttl)
 end
-return reply(1, false, rid, expires, 0, st)
+ledger('approved', agent, task_ref, units, 0, rid, '', '', cs.pid)
+local crossed = {}
+check_thresholds(cs, 'customer', agent, crossed)
+check_thresholds(as, 'agent', agent, crossed)
+return reply(1, false, rid, expires, 0, nil, crossed)

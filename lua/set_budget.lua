@@ -1,25 +1,47 @@
--- set_budget: set (or remove, for unlimited) the customer's budget limit. Lowering it below
--- what is spent and reserved is allowed: it only refuses new runs.
+-- set_budget: set (or remove, for unlimited) the budget of the customer or of one of its
+-- agents: its limit, period, time zone and thresholds. Lowering a limit below what is spent
+-- and reserved is allowed: it only refuses new runs. Thresholds are re-armed. A changed
+-- period (or zone) starts a new period at once.
 --
--- KEYS[1..7]  the customer's keys (see _common.lua)
--- ARGV[1] limit in units, '' for unlimited
--- ARGV[2] customer id (stored once, for people reading the keys)
--- ARGV[3] reap limit
--- ARGV[4] outcome retention, ms
--- Reply: {limit|false, spent, reserved, open reservations, now_ms}
+-- KEYS[1..8]  the customer's keys (see _common.lua)
+-- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
+-- ARGV[4] agent digest, '' for the customer's own budget
+-- ARGV[5] limit in units, '' for unlimited
+-- ARGV[6] period: '', 'hour', 'day', 'week' or 'month'
+-- ARGV[7] zone table ('<utc_ms>:<offset_ms>,...'), '' for UTC
+-- ARGV[8] thresholds: percents joined by ',', '' for none
+-- ARGV[9] customer id (stored once, for people reading the keys)
+-- ARGV[10] agent id ('' for the customer)
+-- Reply: {customer scope, agent scope|false, now_ms}, as get_budget.
 
-local limit_arg = ARGV[1]
-local customer_id = ARGV[2]
-local reap_limit = tonumber(ARGV[3])
-local retention = tonumber(ARGV[4])
+local adig, limit, period, tzt, thr = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local customer_id, agent = ARGV[9], ARGV[10]
+local p = adig == '' and '' or ('a:' .. adig .. ':')
 
 local now = now_ms()
-reap(now, reap_limit, retention)
-if limit_arg == '' then
-  redis.call('HDEL', K.budget, 'limit')
-else
-  redis.call('HSET', K.budget, 'limit', limit_arg)
+reap(now)
+local old = redis.call('HGET', K.budget, p .. 'thr') or ''
+for pct in string.gmatch(old .. ',' .. thr, '%d+') do
+  redis.call('HDEL', K.budget, p .. 'thr:' .. pct)
 end
+local function put(field, value)
+  if value == '' then
+    redis.call('HDEL', K.budget, p .. field)
+  else
+    redis.call('HSET', K.budget, p .. field, value)
+  end
+end
+put('limit', limit)
+put('period', period)
+put('tzt', tzt)
+put('thr', thr)
 redis.call('HSETNX', K.budget, 'customer', customer_id)
-local limit, spent, reserved, open = budget_state()
-return {limit or false, spent, reserved, open, now}
+if agent ~= '' then
+  redis.call('HSET', K.budget, p .. 'name', agent)
+end
+local cs = scope_read('', now)
+local a = false
+if adig ~= '' then
+  a = scope_reply(scope_read(p, now, cs))
+end
+return {scope_reply(cs), a, now}

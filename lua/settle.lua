@@ -1,54 +1,65 @@
 -- settle: close a reservation (record() charges the actual units and releases the rest;
 -- release() charges nothing), or charge directly when there is no reservation to close.
+-- A reservation's units are charged to the periods it was reserved in; a direct charge to
+-- the current ones.
 --
--- KEYS[1..7]  the customer's keys (see _common.lua)
--- KEYS[8]     idempotency record key (same hash tag; unused when ARGV[8] is '')
--- ARGV[1]  reservation id, or '' to close the oldest open reservation of ARGV[7]'s group
--- ARGV[2]  units actually used, charged in full when ARGV[3] is '1' (integer >= 0)
--- ARGV[3]  '1' charge, '0' release without charging
--- ARGV[4]  agent id; with a reservation id, it must match the reservation ('' skips the check)
--- ARGV[5]  task_ref, '' for none
--- ARGV[6]  task digest; with a reservation id, it must match when given ('' for none)
--- ARGV[7]  group digest of (agent, task_ref)
--- ARGV[8]  request fingerprint when an idempotency key or request id is given, else ''
--- ARGV[9]  idempotency record ttl, ms
--- ARGV[10] reap limit
--- ARGV[11] outcome retention, ms
--- ARGV[12] customer id (stored once, for people reading the keys), '' when not known
--- ARGV[13] request id of this call (the same on the client's retries of it)
--- ARGV[14] '1': the reservation to close is the one the preflight idempotency record KEYS[9]
---          points at (release by idempotency key); anything else: ARGV[1] names it
--- KEYS[9]  that preflight idempotency record key (only with ARGV[14] '1')
+-- KEYS[1..8]  the customer's keys (see _common.lua)
+-- KEYS[9]     idempotency record key (same hash tag; unused when ARGV[11] is '')
+-- KEYS[10]    with ARGV[15] '1': the preflight idempotency record naming the reservation
+-- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
+-- ARGV[4]  reservation id, or '' to close the oldest open reservation of ARGV[10]'s group
+-- ARGV[5]  units actually used, charged in full when ARGV[6] is '1' (integer >= 0)
+-- ARGV[6]  '1' charge, '0' release without charging
+-- ARGV[7]  agent id; with a reservation id, it must match the reservation ('' skips the check)
+-- ARGV[8]  task_ref, '' for none
+-- ARGV[9]  task digest; with a reservation id, it must match when given ('' for none)
+-- ARGV[10] group digest of (agent, task_ref)
+-- ARGV[11] request fingerprint when an idempotency key or request id is given, else ''
+-- ARGV[12] idempotency record ttl, ms
+-- ARGV[13] customer id (stored once, for people reading the keys), '' when not known
+-- ARGV[14] request id of this call (the same on the client's retries of it)
+-- ARGV[15] '1': release the reservation KEYS[10] points at (release by idempotency key)
+-- ARGV[16] agent digest, for a direct charge ('' when the agent is not known)
 -- Reply: {status, reservation id|false, charged, released, late 1|0, replayed 1|0,
---         limit|false, spent, reserved, now_ms}
+--         limit|false, spent, reserved, now_ms, {crossed thresholds}}
 -- status: 'recorded' closed and charged; 'released' closed, nothing charged; 'late' it had
---         expired, charged now; 'expired' it had expired, nothing to release; 'direct' no
---         reservation, charged directly; 'noop' nothing to close and nothing to charge.
+--         expired (or was never seen), charged now; 'expired' it had expired, nothing to
+--         release; 'direct' no reservation, charged directly; 'noop' nothing to do.
 -- Errors: 'AGENTBILL idempotency_conflict', 'AGENTBILL agent_mismatch', 'AGENTBILL task_mismatch'
 
-local rid = ARGV[1]
-local units = tonumber(ARGV[2])
-local charge = ARGV[3] == '1'
-local agent, task_ref, tf = ARGV[4], ARGV[5], ARGV[6]
-local group = ARGV[7]
-local fingerprint = ARGV[8]
-local idem_ttl = tonumber(ARGV[9])
-local reap_limit = tonumber(ARGV[10])
-local retention = tonumber(ARGV[11])
-local customer_id = ARGV[12]
-local request = ARGV[13]
-local idem_key = KEYS[8]
+local rid = ARGV[4]
+local units = tonumber(ARGV[5])
+local charge = ARGV[6] == '1'
+local agent, task_ref, tf = ARGV[7], ARGV[8], ARGV[9]
+local group = ARGV[10]
+local fingerprint = ARGV[11]
+local idem_ttl = tonumber(ARGV[12])
+local customer_id = ARGV[13]
+local request = ARGV[14]
+local adig = ARGV[16]
+local idem_key = KEYS[9]
 
 local now = now_ms()
-reap(now, reap_limit, retention)
+reap(now)
+local crossed = {}
 
 local function reply(status, id, charged, released, late, replayed)
-  local limit, spent, reserved = budget_state()
-  return {status, id, charged, released, late, replayed, limit or false, spent, reserved, now}
+  local cs = scope_read('', now)
+  return {status, id, charged, released, late, replayed, cs.limit or false, cs.spent,
+          cs.reserved, now, crossed}
 end
 
-if ARGV[14] == '1' then
-  local v = redis.call('GET', KEYS[9])
+-- Thresholds the customer, and the agent `dig`, may have crossed after a charge.
+local function after_charge(dig, who)
+  local cs = scope_read('', now)
+  check_thresholds(cs, 'customer', who, crossed)
+  if dig ~= '' then
+    check_thresholds(scope_read('a:' .. dig .. ':', now, cs), 'agent', who, crossed)
+  end
+end
+
+if ARGV[15] == '1' then
+  local v = redis.call('GET', KEYS[10])
   if not v then
     return reply('noop', false, 0, 0, 0, 0) -- that preflight reserved nothing (or long ago)
   end
@@ -77,9 +88,20 @@ local function remember(status, id, charged, released, late)
   return reply(status, id, charged, released, late, 0)
 end
 
--- Charge `units` with no reservation to close: to the customer, and to the task if named.
-local function charge_scopes()
+-- Charge `units` with no reservation to close: to the customer and the agent in their
+-- current periods, and to the task if named.
+local function charge_now(reason, id)
+  local cs = scope_read('', now)
+  scope_roll(cs)
   incr(K.budget, 'spent', units)
+  if adig ~= '' then
+    local as = scope_read('a:' .. adig .. ':', now, cs)
+    scope_roll(as)
+    incr(K.budget, as.p .. 'spent', units)
+    if not as.name then
+      redis.call('HSET', K.budget, as.p .. 'name', agent)
+    end
+  end
   if customer_id ~= '' then
     redis.call('HSETNX', K.budget, 'customer', customer_id)
   end
@@ -87,6 +109,9 @@ local function charge_scopes()
     redis.call('HSETNX', K.tasks, tf .. ':n', task_ref)
     incr(K.tasks, tf .. ':u', units)
   end
+  ledger('recorded', agent, task_ref, units, 0, id or '', reason, '', cs.pid)
+  after_charge(adig, agent)
+  return cs.pid
 end
 
 local function close_open(id, r)
@@ -97,8 +122,12 @@ local function close_open(id, r)
     return redis.error_reply('AGENTBILL task_mismatch')
   end
   local charged = charge and units or 0
-  close_reservation(id, r, charge and 'recorded' or 'released', charged, now, retention, request)
-  return remember(charge and 'recorded' or 'released', id, charged, tonumber(r[4]), 0)
+  local status = charge and 'recorded' or 'released'
+  close_reservation(id, r, status, charged, now, request)
+  if charged > 0 then
+    after_charge(r[9] or '', r[1])
+  end
+  return remember(status, id, charged, tonumber(r[4]), 0)
 end
 
 if rid == '' then
@@ -107,7 +136,7 @@ if rid == '' then
     if not charge or units == 0 then
       return remember('noop', false, 0, 0, 0)
     end
-    charge_scopes()
+    charge_now('direct', false)
     return remember('direct', false, units, 0, 0)
   end
   local id = string.match(oldest[1], '^[^:]*:[^:]*:(.*)$')
@@ -128,18 +157,30 @@ if not closed then
   if not charge or units == 0 then
     return remember('noop', rid, 0, 0, 1)
   end
-  charge_scopes()
-  local outcome = {'late', agent, task_ref, tf, '0', fmt(now), fmt(now), '', fmt(units), fmt(now), request}
+  local pid = charge_now('late', rid)
+  local outcome = {'late', agent, task_ref, tf, '0', fmt(now), fmt(now), '', fmt(units),
+                   fmt(now), request, pid, adig, ''}
   redis.call('HSET', K.closed, rid, table.concat(outcome, SEP))
-  redis.call('ZADD', K.closedx, now + retention, rid)
+  redis.call('ZADD', K.closedx, now + RETENTION, rid)
   return remember('late', rid, units, 0, 1)
 end
 
 local o = split(closed)
 if o[1] == 'expired' and charge and units > 0 then
   -- The reservation expired before this record arrived: its estimate is already back in the
-  -- budget; charge what was used, once, against the scopes it was reserved on.
-  incr(K.budget, 'spent', units)
+  -- budget; charge what was used, once, against the scopes and periods it was reserved in.
+  local function charge_period(p, rp)
+    local v = redis.call('HMGET', K.budget, p .. 'pid', p .. 'ppid')
+    if (v[1] or '') == rp then
+      incr(K.budget, p .. 'spent', units)
+    elseif v[2] == rp then
+      incr(K.budget, p .. 'pspent', units)
+    end
+  end
+  charge_period('', o[12] or '')
+  if (o[13] or '') ~= '' then
+    charge_period('a:' .. o[13] .. ':', o[14] or '')
+  end
   if o[4] ~= '' then
     incr(K.tasks, o[4] .. ':u', units)
   end
@@ -147,6 +188,8 @@ if o[1] == 'expired' and charge and units > 0 then
   o[9] = fmt(units)
   o[11] = request
   redis.call('HSET', K.closed, rid, table.concat(o, SEP))
+  ledger('recorded', o[2], o[3], units, 0, rid, 'late', '', o[12] or '')
+  after_charge(o[13] or '', o[2])
   return remember('late', rid, units, 0, 1)
 end
 -- Closed before: a second close is a no-op that returns the first outcome. Closed by this very

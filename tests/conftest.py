@@ -57,12 +57,16 @@ def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
         yield r
 
 
-def namespace_keys(raw: redis.Redis, namespace: str) -> dict[str, object]:
-    """Every key of a namespace with its value, to prove that nothing was written."""
+def namespace_keys(raw: redis.Redis, namespace: str, ledger: bool = False) -> dict[str, object]:
+    """Every key of a namespace with its value, to prove that nothing was written. The ledger
+    streams, where refusals are recorded too, are left out unless ``ledger``."""
     out: dict[str, object] = {}
     for key in raw.scan_iter(match=f"{namespace}:*", count=1000):
         kind = raw.type(key)
-        if kind == "hash":
+        if kind == "stream":
+            if ledger:
+                out[key] = raw.xrange(key)
+        elif kind == "hash":
             out[key] = raw.hgetall(key)
         elif kind == "zset":
             out[key] = raw.zrange(key, 0, -1, withscores=True)

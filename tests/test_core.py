@@ -72,7 +72,7 @@ def test_record_without_id_carries_a_request_id_so_retries_land_once() -> None:
     req = RecordRequest(agent_id="a", units=1, customer_id="c")
     first, second = record_call(POLICY, req, "tok1"), record_call(POLICY, req, "tok2")
     assert first.keys[-1] != second.keys[-1]  # each logical call has its own request id
-    assert first.args[7] != ""  # ... and the script is told to remember it
+    assert first.args[10] != ""  # ... and the script is told to remember it (ARGV[11])
 
 
 def test_release_needs_only_the_reservation_id() -> None:

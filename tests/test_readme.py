@@ -31,6 +31,13 @@ def test_every_python_block_runs_in_order(
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             exec(compile(block, f"README block {i}", "exec"), {})
-        # A comment line right after a print shows (a prefix of) what it prints.
-        for shown in re.findall(r"^# (\w+\(.*?)(?:, \.\.\.\))?$", block, flags=re.M):
-            assert shown in out.getvalue(), f"block {i}: {shown!r} not in {out.getvalue()!r}"
+        # The comment lines that end a block which prints show what it prints, in order
+        # (a line ending in ", ...)" shows a prefix of one).
+        lines = block.rstrip("\n").splitlines()
+        shown = []
+        while "print(" in block and lines and lines[-1].startswith("# "):
+            shown.insert(0, lines.pop()[2:].removesuffix(", ...)"))
+        printed = out.getvalue().splitlines()
+        assert len(printed) >= len(shown), f"block {i}: printed {printed!r}"
+        for want, got in zip(shown, printed[-len(shown) :] if shown else [], strict=True):
+            assert got.startswith(want), f"block {i}: {got!r} does not show {want!r}"
