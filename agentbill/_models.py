@@ -87,10 +87,10 @@ class ClientSettings(_Request):
     idempotency_ttl: Seconds = 24 * 3600
     outcome_retention: Seconds = 24 * 3600
     reap_limit: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 100
-    connect_timeout: Timeout = 1.0
-    socket_timeout: Timeout = 2.0
+    connect_timeout: Timeout = 0.5
+    socket_timeout: Timeout = 1.0
     retry_attempts: Annotated[int, Strict(), Field(ge=1, le=10)] = 3
-    retry_deadline: Timeout = 2.5
+    retry_deadline: Timeout = 1.0
     on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed"
     outage_allowance: Units | None = Field(default=None, validate_default=True)
     ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000

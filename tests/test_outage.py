@@ -1,9 +1,9 @@
 """Fail closed: when Redis cannot answer, every operation raises StoreUnavailableError, in time.
 
 The bounds below are the product's contract with the default client settings (a 1 s connect
-timeout, a 2 s socket timeout, at most 3 attempts within a 2.5 s retry deadline), not
-performance claims: a refused connection fails within 2 s, a server that accepts but never
-answers within 5 s. A reply lost on the way back is retried with the same request id, so the
+timeout, a 1 s socket timeout, at most 3 attempts within a 1 s retry deadline), not
+performance claims: a refused connection fails within 2 s, and so does a server that accepts
+but never answers. A reply lost on the way back is retried with the same request id, so the
 write it carried lands once. Each test body runs on the sync and the async client.
 """
 
@@ -33,7 +33,7 @@ AGENT = "agent"
 CUSTOMER = "acme"
 SCRIPT_COMMANDS = (b"EVALSHA", b"EVAL")
 UNREACHABLE_BOUND = 2.0
-SILENT_BOUND = 5.0
+SILENT_BOUND = 2.0
 
 Operation = Callable[[AgentBillClient], object]
 
@@ -112,7 +112,7 @@ def other_clients(raw: redis.Redis) -> list[object]:
     return [c for c in raw.client_list() if int(c["id"]) != me]
 
 
-def test_paused_server_fails_closed_within_5s_and_holds_at_most_one_reservation(
+def test_paused_server_fails_closed_within_2s_and_holds_at_most_one_reservation(
     connect: Connect,
 ) -> None:
     """A SIGSTOPped server: the kernel still accepts connections and buffers requests.
@@ -231,7 +231,7 @@ def silent_listener() -> Iterator[int]:
         close_socket(sock)
 
 
-def test_a_listener_that_never_answers_fails_closed_within_5s(
+def test_a_listener_that_never_answers_fails_closed_within_2s(
     connect: Connect, silent_listener: int
 ) -> None:
     with connect(redis_url=f"redis://127.0.0.1:{silent_listener}/0") as client:
@@ -505,11 +505,12 @@ def test_the_connection_agentbill_builds_has_redis_py_retries_off(
 def test_each_attempt_sends_the_script_once(
     connect: Connect, proxy: ReplyLosingProxy, namespace: str
 ) -> None:
-    """If redis-py retried inside each of agentbill's attempts, the proxy would count more."""
+    """If redis-py retried inside each of agentbill's attempts, the proxy would count more.
+    (A long deadline, so that every attempt is made however slow this machine is.)"""
     attempts = inspect.signature(AgentBillClient).parameters["retry_attempts"].default
     proxy.refuse_scripts = True
     with (
-        connect(redis_url=proxy.url, namespace=namespace) as client,
+        connect(redis_url=proxy.url, namespace=namespace, retry_deadline=30.0) as client,
         pytest.raises(StoreUnavailableError) as caught,
     ):
         client.preflight(AGENT, 1, CUSTOMER)
