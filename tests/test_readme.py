@@ -34,7 +34,7 @@ def test_every_python_block_runs_in_order(
         # The comment lines that end a block which prints show what it prints, in order
         # (a line ending in ", ...)" shows a prefix of one).
         lines = block.rstrip("\n").splitlines()
-        shown = []
+        shown: list[str] = []
         while "print(" in block and lines and lines[-1].startswith("# "):
             shown.insert(0, lines.pop()[2:].removesuffix(", ...)"))
         printed = out.getvalue().splitlines()
