@@ -32,7 +32,7 @@ typecheck: $(STAMP)  ## mypy --strict
 test: lint typecheck  ## lint, typecheck and the whole suite against real redis-server processes
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## benchmarks (not part of the suite)
+bench: $(STAMP)  ## benchmarks (~4 min): writes benchmarks/RESULTS.md and benchmarks/results.png
 	$(PY) -m benchmarks
 
 check: test  ## everything CI runs
