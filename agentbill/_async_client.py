@@ -24,7 +24,7 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import async_retrying, translate
+from agentbill._retry import RetryPolicy, translate
 from agentbill._scripts import pipeline_args
 
 
@@ -77,17 +77,16 @@ class AsyncAgentBillClient(BaseClient):
         if redis is None:
             redis = _connect(settings)
         super().__init__(settings, redis, owns, on_threshold)
-        self._retrying = async_retrying(settings.retry_attempts, settings.retry_deadline)
+        self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
+        keys, args = plan.call.keys, plan.call.args
         try:
-            async for attempt in self._retrying.copy():
-                with attempt:
-                    reply = await script(keys=plan.call.keys, args=plan.call.args)
-            return plan.decode(reply)
+            reply = await self._retry.acall(lambda: script(keys=keys, args=args))
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
+        return plan.decode(reply)
 
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
@@ -100,26 +99,28 @@ class AsyncAgentBillClient(BaseClient):
         """See :meth:`AgentBillClient._send_batch`."""
         replies: list[object] = [None] * len(calls)
         pending = list(range(len(calls)))
+
+        async def attempt() -> list[object]:
+            nonlocal pending
+            for _ in range(2):
+                pipe = self._redis.pipeline(transaction=False)
+                for i in pending:
+                    c = calls[i]
+                    args = pipeline_args(self._scripts[c.script], c.keys, c.args)
+                    pipe.execute_command("EVALSHA", *args)
+                answered = await pipe.execute(raise_on_error=False)
+                missing = _core.take_answers(pending, answered, replies)
+                for name in {calls[i].script for i in missing}:
+                    await self._redis.script_load(self._scripts[name].script)
+                pending = missing
+                if not pending:
+                    return replies
+            raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+
         try:
-            async for attempt in self._retrying.copy():
-                with attempt:
-                    for _ in range(2):
-                        pipe = self._redis.pipeline(transaction=False)
-                        for i in pending:
-                            c = calls[i]
-                            pipe.execute_command(
-                                "EVALSHA", *pipeline_args(self._scripts[c.script], c.keys, c.args)
-                            )
-                        answered = await pipe.execute(raise_on_error=False)
-                        missing = _core.take_answers(pending, answered, replies)
-                        for name in {calls[i].script for i in missing}:
-                            await self._redis.script_load(self._scripts[name].script)
-                        pending = missing
-                        if not pending:
-                            return replies
+            return await self._retry.acall(attempt)
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
-        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
 
     async def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
         try:

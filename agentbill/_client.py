@@ -36,7 +36,7 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import retrying, translate
+from agentbill._retry import RetryPolicy, translate
 from agentbill._scripts import bind, pipeline_args
 from agentbill._tenants import auth_options, check_url
 
@@ -224,17 +224,16 @@ class AgentBillClient(BaseClient):
         if redis is None:
             redis = _connect(settings)
         super().__init__(settings, redis, owns, on_threshold)
-        self._retrying = retrying(settings.retry_attempts, settings.retry_deadline)
+        self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
+        keys, args = plan.call.keys, plan.call.args
         try:
-            for attempt in self._retrying.copy():
-                with attempt:
-                    reply = script(keys=plan.call.keys, args=plan.call.args)
-            return plan.decode(reply)
+            reply = self._retry.call(lambda: script(keys=keys, args=args))
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
+        return plan.decode(reply)
 
     def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         """One round trip; then, if an outage left settlements queued, deliver them."""
@@ -251,26 +250,28 @@ class AgentBillClient(BaseClient):
         unanswered items, which carry their request ids, so none lands twice."""
         replies: list[object] = [None] * len(calls)
         pending = list(range(len(calls)))
+
+        def attempt() -> list[object]:
+            nonlocal pending
+            for _ in range(2):
+                pipe = self._redis.pipeline(transaction=False)
+                for i in pending:
+                    c = calls[i]
+                    args = pipeline_args(self._scripts[c.script], c.keys, c.args)
+                    pipe.execute_command("EVALSHA", *args)
+                answered = pipe.execute(raise_on_error=False)
+                missing = _core.take_answers(pending, answered, replies)
+                for name in {calls[i].script for i in missing}:
+                    self._redis.script_load(self._scripts[name].script)
+                pending = missing
+                if not pending:
+                    return replies
+            raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+
         try:
-            for attempt in self._retrying.copy():
-                with attempt:
-                    for _ in range(2):
-                        pipe = self._redis.pipeline(transaction=False)
-                        for i in pending:
-                            c = calls[i]
-                            pipe.execute_command(
-                                "EVALSHA", *pipeline_args(self._scripts[c.script], c.keys, c.args)
-                            )
-                        answered = pipe.execute(raise_on_error=False)
-                        missing = _core.take_answers(pending, answered, replies)
-                        for name in {calls[i].script for i in missing}:
-                            self._redis.script_load(self._scripts[name].script)
-                        pending = missing
-                        if not pending:
-                            return replies
+            return self._retry.call(attempt)
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
-        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
 
     def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
         try:

@@ -9,6 +9,12 @@ its connection, so this is the only layer. Refusals are answers, never retried.
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 from redis import exceptions as rx
 from tenacity import (
     AsyncRetrying,
@@ -28,6 +34,8 @@ from agentbill._exceptions import (
     StoreUnavailableError,
 )
 
+T = TypeVar("T")
+
 _SCRIPT_ERRORS = {
     "idempotency_conflict": (
         "idempotency_key",
@@ -45,24 +53,62 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, rx.ConnectionError | rx.TimeoutError | TimeoutError)
 
 
-def _policy(attempts: int, deadline: float) -> dict[str, object]:
-    # stop_after_delay is checked after each failed attempt, so with the default 1 s socket
-    # timeout and 1 s deadline a server that never answers costs one attempt: about 1 s in all,
-    # and a refused connection is tried up to three times within that second.
-    return {
-        "retry": retry_if_exception(is_transient),
-        "stop": stop_after_attempt(attempts) | stop_after_delay(deadline),
-        "wait": wait_exponential(multiplier=0.05, max=0.5) + wait_random(0, 0.05),
-        "reraise": True,
-    }
+class RetryPolicy:
+    """At most ``attempts`` attempts within ``deadline`` seconds, for transient failures only.
+
+    The first attempt is a plain call: the retry machinery (tenacity) is built only after a
+    transient failure, with what is left of the attempts and of the deadline, so the common
+    case pays nothing for it. ``stop_after_delay`` is checked after each failed attempt, so with
+    the default 1 s socket timeout and 1 s deadline a server that never answers costs one
+    attempt (about 1 s in all), and a refused connection is tried three times within that
+    second.
+    """
+
+    def __init__(self, attempts: int, deadline: float) -> None:
+        self.attempts = attempts
+        self.deadline = deadline
+
+    def _rest(self, exc: BaseException, started: float) -> dict[str, object] | None:
+        """tenacity's settings for the attempts after a first failure, or None: give up."""
+        left = self.deadline - (time.monotonic() - started)
+        if not is_transient(exc) or self.attempts < 2 or left <= 0:
+            return None
+        return {
+            "retry": retry_if_exception(is_transient),
+            "stop": stop_after_attempt(self.attempts - 1) | stop_after_delay(left),
+            "wait": wait_exponential(multiplier=0.05, max=0.5) + wait_random(0, 0.05),
+            "reraise": True,
+        }
+
+    def call(self, fn: Callable[[], T]) -> T:
+        started = time.monotonic()
+        try:
+            return fn()
+        except Exception as exc:
+            rest = self._rest(exc, started)
+            if rest is None:
+                raise
+        time.sleep(FIRST_WAIT + random.uniform(0, FIRST_WAIT))
+        return Retrying(**rest)(fn)  # type: ignore[arg-type]
+
+    async def acall(self, fn: Callable[[], Awaitable[T]]) -> T:
+        started = time.monotonic()
+        try:
+            return await fn()
+        except Exception as exc:
+            rest = self._rest(exc, started)
+            if rest is None:
+                raise
+        await asyncio.sleep(FIRST_WAIT + random.uniform(0, FIRST_WAIT))
+
+        async def attempt() -> T:  # a coroutine function, so tenacity awaits it
+            return await fn()
+
+        return await AsyncRetrying(**rest)(attempt)  # type: ignore[arg-type]
 
 
-def retrying(attempts: int, deadline: float) -> Retrying:
-    return Retrying(**_policy(attempts, deadline))  # type: ignore[arg-type]
-
-
-def async_retrying(attempts: int, deadline: float) -> AsyncRetrying:
-    return AsyncRetrying(**_policy(attempts, deadline))  # type: ignore[arg-type]
+FIRST_WAIT = 0.05
+"""Seconds (plus up to as much again, at random) between the first attempt and the second."""
 
 
 def translate(exc: Exception) -> AgentBillError:

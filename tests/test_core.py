@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from agentbill import (
@@ -20,6 +23,7 @@ from agentbill import (
 from agentbill._core import Policy, preflight_call, record_call, release_call
 from agentbill._keys import KeySpace, customer_tag, tag_of_reservation
 from agentbill._models import ClientSettings, PreflightRequest, RecordRequest, ReleaseRequest
+from agentbill._retry import RetryPolicy
 
 POLICY = Policy.from_settings(ClientSettings(namespace="ns"))
 
@@ -136,3 +140,35 @@ def test_errors_survive_pickle_and_a_rebuild_from_their_args(error: AgentBillErr
                 error.remaining,
             )
     json.dumps(error.args)  # what a json result backend stores
+
+
+def _failing(calls: list[int], exc: Exception, pause: float = 0.0) -> Callable[[], int]:
+    def fn() -> int:
+        calls.append(1)
+        time.sleep(pause)
+        raise exc
+
+    return fn
+
+
+def test_retries_only_transient_failures_and_count_the_first_attempt() -> None:
+    policy = RetryPolicy(attempts=3, deadline=10.0)
+    calls: list[int] = []
+    with pytest.raises(redis.ConnectionError):
+        policy.call(_failing(calls, redis.ConnectionError("refused")))
+    assert len(calls) == 3  # the plain first call and two retries: three in all
+    calls.clear()
+    with pytest.raises(redis.ResponseError):
+        policy.call(_failing(calls, redis.ResponseError("a script error is an answer")))
+    assert len(calls) == 1
+    assert policy.call(lambda: 7) == 7
+
+
+def test_the_deadline_counts_from_the_first_attempt() -> None:
+    """Each attempt takes 0.6 s; with a 1 s deadline the second is the last."""
+    calls: list[int] = []
+    with pytest.raises(redis.TimeoutError):
+        RetryPolicy(attempts=5, deadline=1.0).call(
+            _failing(calls, redis.TimeoutError("silent"), pause=0.6)
+        )
+    assert len(calls) == 2
