@@ -19,6 +19,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
+from agentbill._lease import AsyncLease, Lease, LeaseCheck, LeaseStats
 from agentbill._models import Preflight
 from agentbill._outage import OutageStats
 from agentbill._results import (
@@ -42,6 +43,7 @@ __all__ = [
     "AgentBillError",
     "AsyncAgentBillClient",
     "AsyncCheck",
+    "AsyncLease",
     "AuthenticationError",
     "BaseCheck",
     "BudgetExhaustedError",
@@ -54,6 +56,9 @@ __all__ = [
     "IssuedKey",
     "KeyAdmin",
     "KeyInfo",
+    "Lease",
+    "LeaseCheck",
+    "LeaseStats",
     "OutageStats",
     "Preflight",
     "RateLimit",

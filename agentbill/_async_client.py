@@ -13,7 +13,8 @@ from agentbill import _core
 from agentbill._client import BaseClient, connection_options, connection_url
 from agentbill._exceptions import AgentBillError, StoreError, StoreUnavailableError
 from agentbill._gate import AsyncRun, Gate, Units
-from agentbill._models import ClientSettings, Preflight
+from agentbill._lease import AsyncLease
+from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import warn_undelivered
 from agentbill._results import (
     AsyncCheck,
@@ -197,6 +198,33 @@ class AsyncAgentBillClient(BaseClient):
         if self._outage.has_queued:
             await self.flush()
         return cast(list[AsyncCheck], checks)
+
+    def lease(
+        self,
+        agent_id: str,
+        customer_id: str | None = None,
+        *,
+        slice_units: int,
+        task_ref: str | None = None,
+        ttl: int = 60,
+    ) -> AsyncLease:
+        """See :meth:`AgentBillClient.lease`."""
+        req = validate(
+            LeaseRequest,
+            agent_id=agent_id,
+            customer_id=customer_id,
+            slice_units=slice_units,
+            task_ref=task_ref,
+            ttl=ttl,
+        )
+        return AsyncLease(
+            self,
+            req.agent_id,
+            req.customer_id,
+            slice_units=req.slice_units,
+            task_ref=req.task_ref,
+            ttl=req.ttl,
+        )
 
     async def record(
         self,

@@ -25,7 +25,8 @@ from agentbill._exceptions import (
     StoreUnavailableError,
 )
 from agentbill._gate import Gate, Run, Units
-from agentbill._models import ClientSettings, Preflight
+from agentbill._lease import Lease
+from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import OutageLedger, OutageStats, warn_offline, warn_undelivered
 from agentbill._results import (
     BudgetStatus,
@@ -367,6 +368,39 @@ class AgentBillClient(BaseClient):
         if self._outage.has_queued:
             self.flush()
         return cast(list[Check], checks)
+
+    def lease(
+        self,
+        agent_id: str,
+        customer_id: str | None = None,
+        *,
+        slice_units: int,
+        task_ref: str | None = None,
+        ttl: int = 60,
+    ) -> Lease:
+        """Reserve slices of the budget and decide runs locally: ``lease.preflight(units)`` costs
+        no round trip while the current slice (``slice_units``, at most half of what the budget
+        has left, never less than the ask) has room; ``run.record(units)`` is local; slices are
+        settled with what their runs used. A slice is an ordinary reservation, so overspend
+        stays exactly zero; the cost is that a slice held here is unavailable to other
+        workers until it is settled. ``ttl`` is each slice's. Use it as a context manager (or
+        call ``close()``)."""
+        req = validate(
+            LeaseRequest,
+            agent_id=agent_id,
+            customer_id=customer_id,
+            slice_units=slice_units,
+            task_ref=task_ref,
+            ttl=ttl,
+        )
+        return Lease(
+            self,
+            req.agent_id,
+            req.customer_id,
+            slice_units=req.slice_units,
+            task_ref=req.task_ref,
+            ttl=req.ttl,
+        )
 
     def record(
         self,

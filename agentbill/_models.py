@@ -193,6 +193,14 @@ class ConcurrencyRequest(_Request):
     agent_id: Id | None = None
 
 
+class LeaseRequest(_Request):
+    agent_id: Id
+    customer_id: Id | None = None
+    slice_units: Annotated[int, Strict(), Field(ge=1, le=MAX_UNITS)]
+    task_ref: Id | None = None
+    ttl: Seconds
+
+
 class ScopeRef(_Request):
     customer_id: Id
     agent_id: Id | None = None

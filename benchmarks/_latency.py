@@ -29,6 +29,8 @@ PREFLIGHT = "preflight"
 PAIR = "preflight + record (pair)"
 BATCH = 10
 PREFLIGHT_MANY = f"preflight_many of {BATCH}, per decision"
+LEASE = "lease: preflight + record, per run"
+LEASE_SLICE = 1000
 BATCHED = "batched"  # preflight_many's customer: its reservations are left open
 RAW_PREFLIGHT = "preflight as a bare EVALSHA"
 RAW_PAIR = "pair as two bare EVALSHAs"
@@ -60,6 +62,11 @@ def agentbill_ops(client: AgentBillClient, customer: str = HOT) -> list[Op]:
         client.preflight(AGENT, 1, customer).record(1)
 
     batch = [Preflight(AGENT, 1, BATCHED)] * BATCH
+    # Left open for the run: one slice round trip per LEASE_SLICE runs, the rest local.
+    lease = client.lease(AGENT, customer, slice_units=LEASE_SLICE, ttl=3600)
+
+    def leased() -> None:
+        lease.preflight(1).record(1)
 
     return [
         Op(PREFLIGHT, preflight, release_after),
@@ -68,6 +75,7 @@ def agentbill_ops(client: AgentBillClient, customer: str = HOT) -> list[Op]:
         # open reservations barely change a preflight's cost (see the scale rows).
         Op(PREFLIGHT_MANY, lambda: client.preflight_many(batch), per_call=BATCH),
         Op(GET_BUDGET, lambda: client.get_budget(customer)),
+        Op(LEASE, leased),
     ]
 
 

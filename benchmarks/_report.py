@@ -152,6 +152,33 @@ def targets(res: Results) -> list[Target]:
                 f"agentbill {client_cpu(L.PREFLIGHT)}.",
             )
         )
+    if L.PAIR in lat and L.PREFLIGHT_MANY in lat:
+        pair_p50 = lat[L.PAIR].p50
+        many = lat[L.PREFLIGHT_MANY].p50  # per decision
+        out.append(
+            Target(
+                f"preflight_many of {L.BATCH} >= 4.4x the pair's throughput (decisions/s)",
+                pair_p50 / many,
+                4.4,
+                False,
+                f"one pipelined round trip carries {L.BATCH} script calls; redis-server still "
+                f"runs preflight.lua {L.BATCH} times ({_us(srv[L.PREFLIGHT])} each) and the "
+                f"client builds and decodes {L.BATCH} calls, so the cost per decision falls "
+                f"toward the script and client time, not toward zero; the pair also records.",
+            )
+        )
+    if L.PAIR in lat and L.LEASE in lat:
+        out.append(
+            Target(
+                ">= 50x the pair's throughput with leases (runs/s)",
+                lat[L.PAIR].p50 / lat[L.LEASE].p50,
+                50.0,
+                False,
+                f"a leased run is a local decision and a local record (client CPU "
+                f"{client_cpu(L.LEASE)} per run); one slice of {L.LEASE_SLICE} units costs one "
+                f"preflight and one record for {L.LEASE_SLICE} runs.",
+            )
+        )
     procs = max((t.procs for t in res.throughput if t.kind == "pair"), default=0)
     hot, spread = res.tput("pair", procs), res.tput("spread", procs)
     ratios = []
