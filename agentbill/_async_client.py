@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
@@ -15,7 +17,7 @@ from agentbill._exceptions import AgentBillError, StoreError, StoreUnavailableEr
 from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._lease import AsyncLease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
-from agentbill._outage import warn_undelivered
+from agentbill._outage import AsyncFlusher, warn_undelivered
 from agentbill._results import (
     AsyncCheck,
     BudgetStatus,
@@ -55,6 +57,7 @@ class AsyncAgentBillClient(BaseClient):
         on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
+        background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
     ) -> None:
         settings = _core.settings_from(
@@ -73,12 +76,14 @@ class AsyncAgentBillClient(BaseClient):
             on_outage=on_outage,
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
+            background_settle=background_settle,
         )
         owns = redis is None
         if redis is None:
             redis = _connect(settings)
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
+        self._flusher = AsyncFlusher(self.flush)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
@@ -92,7 +97,7 @@ class AsyncAgentBillClient(BaseClient):
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
         self._notify(result)
-        if self._outage.has_queued:
+        if self._outage.has_queued and not self._settings.background_settle:
             await self.flush()
         return result
 
@@ -124,6 +129,10 @@ class AsyncAgentBillClient(BaseClient):
             raise translate(exc) from exc
 
     async def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
+        if self._settings.background_settle:
+            self._outage.enqueue(plan, plan.reservation_id)
+            self._flusher.wake()
+            return _core.queued_settlement(plan.reservation_id)
         try:
             settlement = await self._run(plan)
         except StoreUnavailableError as exc:
@@ -133,16 +142,28 @@ class AsyncAgentBillClient(BaseClient):
 
     async def flush(self) -> int:
         """See :meth:`AgentBillClient.flush`."""
-        while (item := self._outage.take()) is not None:
+        while batch := self._outage.take():
             try:
-                await self._send(item.plan)
+                replies = await self._send_batch([item.plan.call for item in batch])
             except StoreUnavailableError:
-                self._outage.put_back(item)
+                self._outage.put_back(batch)
                 break
             except AgentBillError as exc:
-                self._outage.dropped(item, exc)
+                for item in batch:
+                    self._outage.dropped(item, exc)
                 continue
-            self._outage.delivered(item)
+            except BaseException:  # cancelled or interrupted: the batch stays queued
+                self._outage.put_back(batch)
+                raise
+            self._delivered(batch, replies)
+        else:
+            # Another thread (or the background) may be sending a batch: wait for its outcome,
+            # so that 0 means every settlement queued before this call is in Redis.
+            deadline = (
+                time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+            )
+            while self._outage.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------
@@ -392,6 +413,7 @@ class AsyncAgentBillClient(BaseClient):
 
     async def close(self) -> None:
         """See :meth:`AgentBillClient.close`."""
+        await self._flusher.stop()
         if self._outage.has_queued and await self.flush():
             warn_undelivered(self._outage.stats())
         if self._owns_redis:

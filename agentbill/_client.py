@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, cast
 
@@ -27,7 +28,13 @@ from agentbill._exceptions import (
 from agentbill._gate import Gate, Run, Units
 from agentbill._lease import Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
-from agentbill._outage import OutageLedger, OutageStats, warn_offline, warn_undelivered
+from agentbill._outage import (
+    Flusher,
+    OutageLedger,
+    OutageStats,
+    warn_offline,
+    warn_undelivered,
+)
 from agentbill._results import (
     BudgetStatus,
     Check,
@@ -154,6 +161,15 @@ class BaseClient:
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
 
+    def _delivered(self, batch: list[Any], replies: list[object]) -> None:
+        """Account for a delivered batch of queued settlements, item by item."""
+        for item, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                self._outage.dropped(item, translate(reply))
+                continue
+            self._notify(item.plan.decode(reply))
+            self._outage.delivered(item)
+
     def _gate(self, **kwargs: Any) -> Gate:
         _core.validate_gate(
             self._policy,
@@ -178,6 +194,9 @@ class AgentBillClient(BaseClient):
     ``"fail_closed"`` raises StoreUnavailableError; ``"fail_open"`` approves offline;
     ``"allowance"`` approves offline up to ``outage_allowance`` units held by this process.
     Offline runs' settlements are queued and delivered once Redis answers (see ``flush``).
+    ``background_settle``: ``record`` and ``release`` queue their call and return at once
+    (status ``queued``); a background thread delivers the queue in pipelined batches, and
+    ``close()`` (or leaving the ``with`` block) delivers what is left.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -202,6 +221,7 @@ class AgentBillClient(BaseClient):
         on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
+        background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
     ) -> None:
         settings = _core.settings_from(
@@ -220,12 +240,14 @@ class AgentBillClient(BaseClient):
             on_outage=on_outage,
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
+            background_settle=background_settle,
         )
         owns = redis is None
         if redis is None:
             redis = _connect(settings)
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
+        self._flusher = Flusher(self.flush)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
@@ -240,7 +262,7 @@ class AgentBillClient(BaseClient):
         """One round trip; then, if an outage left settlements queued, deliver them."""
         result = self._send(plan)
         self._notify(result)
-        if self._outage.has_queued:
+        if self._outage.has_queued and not self._settings.background_settle:
             self.flush()
         return result
 
@@ -275,6 +297,10 @@ class AgentBillClient(BaseClient):
             raise translate(exc) from exc
 
     def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
+        if self._settings.background_settle:
+            self._outage.enqueue(plan, plan.reservation_id)
+            self._flusher.wake()
+            return _core.queued_settlement(plan.reservation_id)
         try:
             settlement = self._run(plan)
         except StoreUnavailableError as exc:
@@ -283,19 +309,33 @@ class AgentBillClient(BaseClient):
         return settlement
 
     def flush(self) -> int:
-        """Deliver the settlements an outage left queued, oldest first, each exactly once (it
-        keeps its request id). Runs by itself after every successful round trip. Returns how
-        many are still queued (Redis still unreachable)."""
-        while (item := self._outage.take()) is not None:
+        """Deliver the queued settlements (an outage's, or all of them with
+        ``background_settle``), oldest first, in pipelined batches, each exactly once (it keeps
+        its request id). Runs by itself after every successful round trip (with
+        ``background_settle``, in the background). Returns how many are still queued (Redis
+        still unreachable)."""
+        while batch := self._outage.take():
             try:
-                self._send(item.plan)
+                replies = self._send_batch([item.plan.call for item in batch])
             except StoreUnavailableError:
-                self._outage.put_back(item)
+                self._outage.put_back(batch)
                 break
             except AgentBillError as exc:
-                self._outage.dropped(item, exc)
+                for item in batch:
+                    self._outage.dropped(item, exc)
                 continue
-            self._outage.delivered(item)
+            except BaseException:  # cancelled or interrupted: the batch stays queued
+                self._outage.put_back(batch)
+                raise
+            self._delivered(batch, replies)
+        else:
+            # Another thread (or the background) may be sending a batch: wait for its outcome,
+            # so that 0 means every settlement queued before this call is in Redis.
+            deadline = (
+                time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+            )
+            while self._outage.in_flight and time.monotonic() < deadline:
+                time.sleep(0.01)
         return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------
@@ -604,6 +644,7 @@ class AgentBillClient(BaseClient):
     def close(self) -> None:
         """Deliver what an outage left queued, if Redis answers, then close the connections
         this client opened (not a ``redis=`` client you passed in)."""
+        self._flusher.stop()
         if self._outage.has_queued and self.flush():
             warn_undelivered(self._outage.stats())
         if self._owns_redis:

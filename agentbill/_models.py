@@ -94,6 +94,7 @@ class ClientSettings(_Request):
     on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed"
     outage_allowance: Units | None = Field(default=None, validate_default=True)
     ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000
+    background_settle: Annotated[bool, Strict()] = False
 
     @field_validator("outage_allowance")
     @classmethod

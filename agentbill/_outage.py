@@ -17,16 +17,22 @@ logs what it could not send).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 logger = logging.getLogger("agentbill")
 
 OutageMode = Literal["fail_closed", "fail_open", "allowance"]
+
+BATCH = 100
+"""Queued settlements sent per pipelined round trip."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,7 +49,7 @@ class OutageStats:
     held_units: int
     """Estimates of offline runs not yet settled in Redis: the allowance in use."""
     queued: int
-    """Settlements waiting for Redis."""
+    """Settlements waiting for Redis (or being sent to it right now)."""
     delivered: int
     """Queued settlements delivered to Redis since the client was made."""
     dropped: int
@@ -60,11 +66,20 @@ class Queued:
 
 
 class _State:
-    __slots__ = ("delivered", "dropped", "held", "offline_runs", "offline_units", "queue")
+    __slots__ = (
+        "delivered",
+        "dropped",
+        "held",
+        "in_flight",
+        "offline_runs",
+        "offline_units",
+        "queue",
+    )
 
     def __init__(self) -> None:
         self.held: dict[str, int] = {}
         self.queue: deque[Queued] = deque()
+        self.in_flight = 0  # taken from the queue, being sent
         self.offline_runs = 0
         self.offline_units = 0
         self.delivered = 0
@@ -123,23 +138,34 @@ class OutageLedger:
             s.queue.append(Queued(plan, rid if rid in s.held else None))
 
     @property
+    def in_flight(self) -> int:
+        return self._state().in_flight
+
+    @property
     def has_queued(self) -> bool:
-        return bool(self._state().queue)
+        s = self._state()
+        return bool(s.queue) or s.in_flight > 0
 
-    def take(self) -> Queued | None:
-        """The oldest queued settlement, removed; :meth:`put_back` it if delivery failed."""
+    def take(self, n: int = BATCH) -> list[Queued]:
+        """The oldest ``n`` queued settlements, removed; :meth:`put_back` them if delivery
+        failed."""
         with self._lock:
-            q = self._state().queue
-            return q.popleft() if q else None
+            s = self._state()
+            items = [s.queue.popleft() for _ in range(min(n, len(s.queue)))]
+            s.in_flight += len(items)
+            return items
 
-    def put_back(self, item: Queued) -> None:
+    def put_back(self, items: list[Queued]) -> None:
         with self._lock:
-            self._state().queue.appendleft(item)
+            s = self._state()
+            s.queue.extendleft(reversed(items))
+            s.in_flight -= len(items)
 
     def delivered(self, item: Queued) -> None:
         with self._lock:
             s = self._state()
             s.delivered += 1
+            s.in_flight -= 1
             if item.offline_rid is not None:
                 s.held.pop(item.offline_rid, None)
 
@@ -148,6 +174,7 @@ class OutageLedger:
         with self._lock:
             s = self._state()
             s.dropped += 1
+            s.in_flight -= 1
             if item.offline_rid is not None:
                 s.held.pop(item.offline_rid, None)
 
@@ -160,7 +187,7 @@ class OutageLedger:
                 offline_runs=s.offline_runs,
                 offline_units=s.offline_units,
                 held_units=sum(s.held.values()),
-                queued=len(s.queue),
+                queued=len(s.queue) + s.in_flight,
                 delivered=s.delivered,
                 dropped=s.dropped,
             )
@@ -185,3 +212,99 @@ def warn_undelivered(stats: OutageStats) -> None:
         "lost with this process",
         stats.queued,
     )
+
+
+BACKOFF_START, BACKOFF_MAX = 0.05, 2.0
+
+
+class Flusher:
+    """``background_settle``: a daemon thread that delivers the queue (``flush``) whenever it
+    is woken, and while Redis is unreachable tries again with a backoff (0.05 s to 2 s). It is
+    started on first use, and again in a forked child."""
+
+    def __init__(self, flush: Callable[[], int]) -> None:
+        self._flush = flush
+        self._event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._stopped = False
+
+    def wake(self) -> None:
+        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+            self._pid = os.getpid()
+            self._event = threading.Event()
+            self._thread = threading.Thread(target=self._loop, name="agentbill-settle", daemon=True)
+            self._thread.start()
+        self._event.set()
+
+    def _loop(self) -> None:
+        backoff = BACKOFF_START
+        while True:
+            self._event.wait()
+            self._event.clear()
+            if self._stopped:
+                return
+            try:
+                left = self._flush()
+            except Exception:  # never let the thread die: the queue would stall
+                logger.exception("agentbill: background settle failed; retrying")
+                left = 1
+            if left:
+                self._event.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                self._event.set()
+            else:
+                backoff = BACKOFF_START
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._event.set()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout=5)
+
+
+class AsyncFlusher:
+    """:class:`Flusher` for the async client: a task on the running event loop."""
+
+    def __init__(self, flush: Callable[[], Awaitable[int]]) -> None:
+        self._flush = flush
+        self._event: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def wake(self) -> None:
+        if self._task is None or self._task.done():
+            self._event = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        assert self._event is not None
+        self._event.set()
+
+    async def _loop(self) -> None:
+        assert self._event is not None
+        backoff = BACKOFF_START
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            if self._stopped:
+                return
+            try:
+                left = await self._flush()
+            except Exception:
+                logger.exception("agentbill: background settle failed; retrying")
+                left = 1
+            if left:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                self._event.set()
+            else:
+                backoff = BACKOFF_START
+
+    async def stop(self) -> None:
+        """Let the task finish the batch it is sending, then end it (cancelled after 5 s: a
+        batch being sent then goes back to the queue)."""
+        self._stopped = True
+        if self._task is not None and not self._task.done():
+            assert self._event is not None
+            self._event.set()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._task, timeout=5)
