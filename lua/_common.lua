@@ -280,4 +280,23 @@ local function scope_reply(s)
           s.rl_n or false, s.rl_per, s.rl_burst, s.cc or false, s.thr, s.period}
 end
 
+-- The reply of get_budget, set_budget and set_limits: {customer scope, agent scope|false,
+-- now_ms}, for the agent of digest `adig` ('' for none).
+local function budget_reply(adig, now)
+  local cs = scope_read('', now)
+  local agent = false
+  if adig ~= '' then
+    agent = scope_reply(scope_read('a:' .. adig .. ':', now, cs))
+  end
+  return {scope_reply(cs), agent, now}
+end
+
+-- Name the customer (once) and the agent ('' for none) in the budget hash, for people reading it.
+local function name_scopes(customer_id, p, agent)
+  redis.call('HSETNX', K.budget, 'customer', customer_id)
+  if agent ~= '' then
+    redis.call('HSET', K.budget, p .. 'name', agent)
+  end
+end
+
 -- ------------------------------------------------------------------------------------------

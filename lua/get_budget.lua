@@ -9,9 +9,4 @@ local adig = ARGV[4]
 
 local now = now_ms()
 reap(now)
-local cs = scope_read('', now)
-local agent = false
-if adig ~= '' then
-  agent = scope_reply(scope_read('a:' .. adig .. ':', now, cs))
-end
-return {scope_reply(cs), agent, now}
+return budget_reply(adig, now)

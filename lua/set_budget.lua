@@ -35,13 +35,5 @@ put('limit', limit)
 put('period', period)
 put('tzt', tzt)
 put('thr', thr)
-redis.call('HSETNX', K.budget, 'customer', customer_id)
-if agent ~= '' then
-  redis.call('HSET', K.budget, p .. 'name', agent)
-end
-local cs = scope_read('', now)
-local a = false
-if adig ~= '' then
-  a = scope_reply(scope_read(p, now, cs))
-end
-return {scope_reply(cs), a, now}
+name_scopes(customer_id, p, agent)
+return budget_reply(adig, now)

@@ -29,13 +29,5 @@ elseif n == '' then
 else
   redis.call('HSET', K.budget, p .. 'cc', n)
 end
-redis.call('HSETNX', K.budget, 'customer', customer_id)
-if agent ~= '' then
-  redis.call('HSET', K.budget, p .. 'name', agent)
-end
-local cs = scope_read('', now)
-local a = false
-if adig ~= '' then
-  a = scope_reply(scope_read(p, now, cs))
-end
-return {scope_reply(cs), a, now}
+name_scopes(customer_id, p, agent)
+return budget_reply(adig, now)

@@ -4,23 +4,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from agentbill import AgentBillClient
 from tests._servers import RedisServer, running
-from tests.test_outage import Connect, connect
+from tests.test_outage import Connect, connect, wait_until
 
 __all__ = ["connect"]  # the sync/async client fixture, defined with the outage tests
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
