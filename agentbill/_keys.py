@@ -29,11 +29,14 @@ from urllib.parse import quote
 RESERVATION_PREFIX = "rsv"
 
 
+# Both are on the hot path of every call, for the same few ids over and over: cached.
+@lru_cache(maxsize=65536)
 def customer_tag(customer_id: str) -> str:
     """The hash tag shared by every key of ``customer_id`` (96-bit digest, hex)."""
     return hashlib.blake2b(customer_id.encode(), digest_size=12).hexdigest()
 
 
+@lru_cache(maxsize=65536)
 def digest(*parts: str) -> str:
     """A short fixed-length name for a tuple of ids (task refs, agent groups) inside a hash."""
     h = hashlib.blake2b(digest_size=12)
