@@ -150,8 +150,8 @@ end
 local SCOPE_FIELDS = {'limit', 'period', 'tzt', 'pid', 'spent', 'reserved', 'open', 'rl_n',
                       'rl_per', 'rl_burst', 'rl_tat', 'cc', 'thr', 'name'}
 
--- The state of scope `p` at `now`. An agent without a budget of its own counts in its
--- customer's period (`fallback`: the customer's state).
+-- The state of scope `p` at `now`. An agent without a period of its own (no budget, or a
+-- budget set without one) counts in its customer's period (`fallback`: the customer's state).
 local function scope_read(p, now, fallback)
   local names = {}
   for i, f in ipairs(SCOPE_FIELDS) do names[i] = p .. f end
@@ -163,7 +163,7 @@ local function scope_read(p, now, fallback)
     rl_burst = tonumber(v[10] or '0'), rl_tat = tonumber(v[11] or '0'),
     cc = v[12] and tonumber(v[12]), thr = v[13] or '', name = v[14],
   }
-  if fallback and not s.limit then
+  if fallback and s.period == '' then
     s.period, s.tzt = fallback.period, fallback.tzt
   end
   s.pid, s.pstart, s.pend = period_of(s.period, s.tzt, now)

@@ -147,6 +147,18 @@ def test_an_agent_budget_is_checked_in_the_same_step(client: AgentBillClient) ->
     assert client.get_budget("c1").reserved == 11
 
 
+def test_an_agent_budget_without_a_period_counts_in_the_customers(
+    client: AgentBillClient, raw: redis.Redis
+) -> None:
+    client.set_budget("c1", 100, period="day")
+    status = client.set_budget("c1", 5, agent_id="writer")
+    assert (status.period, status.period_end) == ("day", client.get_budget("c1").period_end)
+    client.preflight("writer", 5, "c1").record(5)
+    assert client.preflight("writer", 1, "c1").scope == "agent"
+    to_period_end(client, raw, "c1")
+    assert client.preflight("writer", 5, "c1").approved  # a new day for the agent too
+
+
 def test_an_agent_budget_can_have_its_own_period(client: AgentBillClient, raw: redis.Redis) -> None:
     client.set_budget("c1", 100, period="month")
     client.set_budget("c1", 5, period="hour", agent_id="writer")
