@@ -12,8 +12,17 @@ import redis
 import redis.asyncio as aioredis
 
 from agentbill import _core
-from agentbill._client import BaseClient, connection_options, connection_url
-from agentbill._exceptions import AgentBillError, StoreError, StoreUnavailableError
+from agentbill._client import (
+    BaseClient,
+    check_callback,
+    from_url,
+)
+from agentbill._exceptions import (
+    AgentBillError,
+    InvalidRequestError,
+    StoreError,
+    StoreUnavailableError,
+)
 from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._lease import AsyncLease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
@@ -29,6 +38,9 @@ from agentbill._results import (
 )
 from agentbill._retry import RetryPolicy, translate
 from agentbill._scripts import pipeline_args
+
+REDIS_TYPES = (aioredis.Redis, aioredis.RedisCluster)
+REDIS_TYPES_TEXT = "must be a redis.asyncio Redis or RedisCluster"
 
 
 class AsyncAgentBillClient(BaseClient):
@@ -78,9 +90,12 @@ class AsyncAgentBillClient(BaseClient):
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
         )
+        check_callback(on_threshold)
         owns = redis is None
         if redis is None:
             redis = _connect(settings)
+        elif not isinstance(redis, REDIS_TYPES):
+            raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
         self._flusher = AsyncFlusher(self.flush)
@@ -327,7 +342,14 @@ class AsyncAgentBillClient(BaseClient):
         ``charge_estimate``. Bad arguments raise InvalidRequestError at once.
         """
         _core.validate_gate(
-            self._policy, agent_id, estimated_units, customer_id, task_ref, task_ceiling, ttl
+            self._policy,
+            agent_id,
+            estimated_units,
+            customer_id,
+            task_ref,
+            task_ceiling,
+            ttl,
+            charge_estimate=charge_estimate,
         )
         return AsyncRun(
             self,
@@ -427,4 +449,5 @@ class AsyncAgentBillClient(BaseClient):
 
 
 def _connect(settings: ClientSettings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(connection_url(settings), **connection_options(settings))
+    client: aioredis.Redis = from_url(aioredis.Redis.from_url, settings)
+    return client

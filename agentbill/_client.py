@@ -98,8 +98,6 @@ class BaseClient:
         self._owns_redis = owns_client
         self._scripts = bind(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
-        if on_threshold is not None and not callable(on_threshold):
-            raise InvalidRequestError("on_threshold", "must be a callable of ThresholdCrossing")
         self._on_threshold = on_threshold
 
     def _notify(self, result: object) -> None:
@@ -179,8 +177,31 @@ class BaseClient:
             kwargs["task_ref"],
             kwargs["task_ceiling"],
             kwargs["ttl"],
+            units=kwargs["units"],
         )
         return Gate(self, **kwargs)
+
+
+REDIS_TYPES = (redis.Redis, RedisCluster)
+REDIS_TYPES_TEXT = "must be a redis.Redis or redis.cluster.RedisCluster (not a URL: use redis_url)"
+
+
+def check_callback(on_threshold: object) -> None:
+    """``on_threshold`` is None or callable: checked before anything connects."""
+    if on_threshold is not None and not callable(on_threshold):
+        raise InvalidRequestError("on_threshold", "must be a callable of ThresholdCrossing")
+
+
+def from_url(factory: Callable[..., Any], settings: ClientSettings) -> Any:
+    """``factory(url, ...)`` for the connection URL; a URL redis-py cannot use is an
+    InvalidRequestError naming redis_url (never quoting it: it may hold a password)."""
+    url = connection_url(settings)
+    try:
+        return factory(url, **connection_options(settings))
+    except ValueError:
+        raise InvalidRequestError(
+            "redis_url", "is not a Redis URL redis-py can use (redis://, rediss:// or unix://)"
+        ) from None
 
 
 class AgentBillClient(BaseClient):
@@ -242,9 +263,12 @@ class AgentBillClient(BaseClient):
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
         )
+        check_callback(on_threshold)
         owns = redis is None
         if redis is None:
             redis = _connect(settings)
+        elif not isinstance(redis, REDIS_TYPES):
+            raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
         self._flusher = Flusher(self.flush)
@@ -545,7 +569,14 @@ class AgentBillClient(BaseClient):
         ``charge_estimate``. Bad arguments raise InvalidRequestError at once.
         """
         _core.validate_gate(
-            self._policy, agent_id, estimated_units, customer_id, task_ref, task_ceiling, ttl
+            self._policy,
+            agent_id,
+            estimated_units,
+            customer_id,
+            task_ref,
+            task_ceiling,
+            ttl,
+            charge_estimate=charge_estimate,
         )
         return Run(
             self,
@@ -658,4 +689,5 @@ class AgentBillClient(BaseClient):
 
 
 def _connect(settings: ClientSettings) -> redis.Redis:
-    return redis.Redis.from_url(connection_url(settings), **connection_options(settings))
+    client: redis.Redis = from_url(redis.Redis.from_url, settings)
+    return client

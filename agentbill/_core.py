@@ -33,6 +33,7 @@ from agentbill._models import (
     ScopeRef,
     TaskRequest,
     validate,
+    validate_units,
 )
 from agentbill._results import (
     BaseCheck,
@@ -179,11 +180,7 @@ def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy, make: Calla
     spent, reserved = int(reply[5]), int(reply[6])
     task_ceiling = _int_or_none(reply[7])
     task_used, task_reserved = int(reply[8]), int(reply[9])
-    if task_ceiling is None and req.task_ceiling is not None and not approved:
-        task_ceiling = req.task_ceiling  # the ceiling this refused call would have opened
     rule_limit = _int_or_none(reply[13]) if not approved else limit
-    if reason == "task_ceiling_exceeded":
-        rule_limit = task_ceiling
     has_task = req.task_ref is not None
     return make(
         approved=approved,
@@ -778,11 +775,19 @@ def validate_gate(
     task_ref: object,
     task_ceiling: object,
     ttl: object,
+    *,
+    units: object = None,
+    charge_estimate: object = False,
 ) -> None:
-    """Check a gate's arguments when it decorates, so a bad one fails at import time."""
+    """Check a gate's (or a run block's) arguments when it is made, so a bad one fails at
+    once (at import time, for a decorator), not after a run."""
     plan_preflight(
         p, agent_id, estimated_units, customer_id, task_ref, task_ceiling, None, ttl, BaseCheck
     )
+    if units is not None and not callable(units):
+        validate_units("units", units)
+    if not isinstance(charge_estimate, bool):
+        raise InvalidRequestError("charge_estimate", "must be a bool")
 
 
 def settings_from(**values: object) -> ClientSettings:

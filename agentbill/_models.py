@@ -96,6 +96,15 @@ class ClientSettings(_Request):
     ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000
     background_settle: Annotated[bool, Strict()] = False
 
+    @field_validator("outcome_retention")
+    @classmethod
+    def _outcomes_outlive_keys(cls, value: int, info: ValidationInfo) -> int:
+        # A preflight key replays its approval while remembered; whether that approval was
+        # released (so the key must reserve afresh) is known only while its outcome is.
+        if value < info.data.get("idempotency_ttl", 0):
+            raise ValueError("must be at least idempotency_ttl")
+        return value
+
     @field_validator("outage_allowance")
     @classmethod
     def _allowance_goes_with_its_mode(cls, value: int | None, info: ValidationInfo) -> int | None:

@@ -84,7 +84,12 @@ end
 if prior then
   local expires = false
   local open = redis.call('HGET', K.res, prior)
-  if open then
+  if open and prior ~= rid and tonumber(split(open)[6]) <= now then
+    -- Due but not reaped yet (more were due than the reap limit): it holds nothing from now
+    -- on, so it expires here, and the key reserves afresh below, as for any expired one.
+    close_reservation(prior, split(open), 'expired', 0, now, '')
+    prior = false
+  elseif open then
     expires = tonumber(split(open)[6])
   else
     local closed = redis.call('HGET', K.closed, prior)

@@ -74,9 +74,12 @@ if fingerprint ~= '' then
       return redis.error_reply('AGENTBILL idempotency_conflict')
     end
     local id = f[3] ~= '' and f[3] or false
-    -- Our own request id: the first attempt's reply was lost; answer as it would have.
-    local replayed = f[7] == request and 0 or 1
-    return reply(f[2], id, tonumber(f[4]), tonumber(f[5]), tonumber(f[6]), replayed)
+    -- Our own request id: the first attempt's reply was lost; answer as it would have. Any
+    -- other request gave nothing back itself: released is the first call's alone.
+    if f[7] == request then
+      return reply(f[2], id, tonumber(f[4]), tonumber(f[5]), tonumber(f[6]), 0)
+    end
+    return reply(f[2], id, tonumber(f[4]), 0, tonumber(f[6]), 1)
   end
 end
 

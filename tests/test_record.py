@@ -307,7 +307,9 @@ def test_reaping_is_bounded_per_call(redis_server: RedisServer, namespace: str) 
 def test_outcomes_are_forgotten_after_the_retention(
     redis_server: RedisServer, namespace: str, raw: redis.Redis
 ) -> None:
-    with AgentBillClient(redis_url=redis_server.url, namespace=namespace, outcome_retention=1) as c:
+    with AgentBillClient(
+        redis_url=redis_server.url, namespace=namespace, outcome_retention=1, idempotency_ttl=1
+    ) as c:
         check = c.preflight("agent", 1, "c1")
         check.record(1)
         assert raw.hlen(c._policy.keys.customer("c1").closed) == 1
@@ -327,3 +329,11 @@ def test_record_of_an_unknown_reservation_charges_once(client: AgentBillClient) 
     assert client.release(rid).replayed
     assert client.get_budget("c1").spent == 7
     assert client.get_task("t", "c1").used == 7
+
+
+def test_outcomes_must_outlive_idempotency_keys(redis_server: RedisServer) -> None:
+    """A released key reserves afresh only while its outcome says it was released: a key kept
+    longer than outcomes would replay an approval that holds nothing."""
+    with pytest.raises(InvalidRequestError) as info:
+        AgentBillClient(redis_url=redis_server.url, outcome_retention=60, idempotency_ttl=120)
+    assert info.value.field == "outcome_retention"
