@@ -43,6 +43,7 @@ from agentbill._results import (
     Period,
     RateLimit,
     Reason,
+    Scope,
     Settlement,
     SettleStatus,
     TaskStatus,
@@ -56,6 +57,7 @@ DEFAULT_CUSTOMER = "default"
 # A retry of a record() without a reservation id is recognised by an internal request id;
 # retries finish within seconds, so it need not be remembered as long as a user's key.
 REQUEST_ID_TTL_MS = 10 * 60 * 1000
+SEP = "\x1f"  # joins packed script arguments and replies (ids hold no control characters)
 
 Reply = Sequence[Any]
 T = TypeVar("T")
@@ -153,8 +155,7 @@ def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, 
         # Unused by the script, but every key a script may touch is declared (Redis Cluster).
         idem_key, fp = ck.idempotency("preflight", rid), ""
     ttl_ms = req.ttl * 1000 if req.ttl is not None else p.reservation_ttl_ms
-    args: tuple[str | int, ...] = (
-        *p.common,
+    fields: tuple[str | int, ...] = (
         rid,
         req.estimated_units,
         _opt(p.ceiling),
@@ -169,26 +170,41 @@ def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, 
         req.customer_id,
         digest(req.agent_id),
     )
-    return Call("preflight", (*ck.fixed, idem_key), args), rid
+    return Call("preflight", (*ck.fixed, idem_key), (*p.common, pack(fields))), rid
 
 
-def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy, make: Callable[..., C]) -> C:
+def unpack(reply: Any) -> list[str | None]:
+    """A packed script reply (one string, fields joined by \x1f; see packed() in
+    lua/_common.lua) as its fields, '' as None."""
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return [field or None for field in text.split(SEP)]
+
+
+def pack(fields: Iterable[str | int]) -> str:
+    """Script arguments as one (see ARGV[4] of preflight.lua and settle.lua)."""
+    return SEP.join(str(field) for field in fields)
+
+
+def _int(value: str | None) -> int:
+    return int(value) if value else 0
+
+
+def decode_preflight(reply: Any, req: PreflightRequest, p: Policy, make: Callable[..., C]) -> C:
     """preflight.lua's reply as a decision, built by ``make`` (a Check bound to its client)."""
-    approved = int(reply[0]) == 1
-    reason = cast(Reason, _text(reply[1])) if reply[1] is not None else None
-    limit = _int_or_none(reply[4])
-    spent, reserved = int(reply[5]), int(reply[6])
-    task_ceiling = _int_or_none(reply[7])
-    task_used, task_reserved = int(reply[8]), int(reply[9])
-    rule_limit = _int_or_none(reply[13]) if not approved else limit
+    f = unpack(reply)
+    approved = f[0] == "1"
+    limit = _int_or_none(f[4])
+    spent, reserved = _int(f[5]), _int(f[6])
+    task_ceiling = _int_or_none(f[7])
+    task_used, task_reserved = _int(f[8]), _int(f[9])
     has_task = req.task_ref is not None
     return make(
         approved=approved,
-        reason=reason,
-        reservation_id=_text(reply[2]) if reply[2] is not None else None,
-        expires_at=_datetime(int(reply[3])) if reply[3] is not None else None,
+        reason=cast(Reason, f[1]),
+        reservation_id=f[2],
+        expires_at=_datetime(int(f[3])) if f[3] else None,
         remaining=_remaining(limit, spent + reserved),
-        limit=rule_limit,
+        limit=limit if approved else _int_or_none(f[13]),
         agent_id=req.agent_id,
         customer_id=req.customer_id,
         estimated_units=req.estimated_units,
@@ -196,13 +212,13 @@ def decode_preflight(reply: Reply, req: PreflightRequest, p: Policy, make: Calla
         task_ceiling=task_ceiling,
         task_used=task_used if has_task else None,
         task_remaining=_remaining(task_ceiling, task_used + task_reserved) if has_task else None,
-        replayed=int(reply[11]) == 1,
-        scope=_text(reply[12]) if reply[12] is not None else None,
-        used=_int_or_none(reply[14]),
-        reserved=_int_or_none(reply[15]),
-        retry_after=int(reply[16]) / 1000 if reply[16] is not None else None,
-        period_end=_datetime(int(reply[18])) if reply[18] is not None else None,
-        crossed=decode_crossed(reply[19], req.customer_id, req.agent_id),
+        replayed=f[11] == "1",
+        scope=cast(Scope | None, f[12]),
+        used=_int_or_none(f[14]),
+        reserved=_int_or_none(f[15]),
+        retry_after=int(f[16]) / 1000 if f[16] else None,
+        period_end=_datetime(int(f[18])) if f[18] else None,
+        crossed=decode_crossed(f[19].split(",") if f[19] else (), req.customer_id, req.agent_id),
     )
 
 
@@ -305,8 +321,7 @@ def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
         idem_key, fp, ttl = ck.request(token), "request", REQUEST_ID_TTL_MS
     else:
         idem_key, fp, ttl = ck.request(token), "", REQUEST_ID_TTL_MS
-    args: tuple[str | int, ...] = (
-        *p.common,
+    fields: tuple[str | int, ...] = (
         req.reservation_id or "",
         req.units,
         1 if req.success else 0,
@@ -321,7 +336,7 @@ def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
         0,
         digest(req.agent_id),
     )
-    return Call("settle", (*ck.fixed, idem_key), args)
+    return Call("settle", (*ck.fixed, idem_key), (*p.common, pack(fields)))
 
 
 def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
@@ -343,8 +358,7 @@ def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
         raise InvalidRequestError(
             "reservation_id", "give a reservation_id or the preflight's idempotency_key"
         )
-    args: tuple[str | int, ...] = (
-        *p.common,
+    fields: tuple[str | int, ...] = (
         req.reservation_id or "",
         0,
         0,
@@ -359,22 +373,23 @@ def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
         by_key,
         "",
     )
-    return Call("settle", keys, args)
+    return Call("settle", keys, (*p.common, pack(fields)))
 
 
 def decode_settle(
-    reply: Reply, customer_id: str | None = None, metadata: dict[str, Any] | None = None
+    reply: Any, customer_id: str | None = None, metadata: dict[str, Any] | None = None
 ) -> Settlement:
-    limit = _int_or_none(reply[6])
-    spent, reserved = int(reply[7]), int(reply[8])
-    crossed = reply[10] if len(reply) > 10 else ()
+    f = unpack(reply)
+    limit = _int_or_none(f[6])
+    spent, reserved = _int(f[7]), _int(f[8])
+    crossed = f[10].split(",") if f[10] else ()
     return Settlement(
-        status=cast(SettleStatus, _text(reply[0])),
-        reservation_id=_text(reply[1]) if reply[1] is not None else None,
-        charged=int(reply[2]),
-        released=int(reply[3]),
-        late=int(reply[4]) == 1,
-        replayed=int(reply[5]) == 1,
+        status=cast(SettleStatus, f[0]),
+        reservation_id=f[1],
+        charged=_int(f[2]),
+        released=_int(f[3]),
+        late=f[4] == "1",
+        replayed=f[5] == "1",
         spent=spent,
         reserved=reserved,
         limit=limit,

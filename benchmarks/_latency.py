@@ -96,7 +96,8 @@ def floor_ops(client: AgentBillClient, r: redis.Redis, n: int, customer: str = H
         pre = _core.plan_preflight(
             policy, AGENT, 1, customer, None, None, None, None, BaseCheck
         ).call
-        rid = next(a for a in pre.args if isinstance(a, str) and tag_of_reservation(a))
+        rid = str(pre.args[-1]).split("\x1f")[0]  # the packed fields start with it
+        assert tag_of_reservation(rid)
         rec = _core.plan_record(policy, AGENT, 1, None, rid, None, True, None, None).call
         return evalsha(pre_sha, pre), evalsha(settle_sha, rec), rid
 

@@ -53,6 +53,25 @@ local function incr(key, field, delta)
   end
 end
 
+-- A reply as one string: `n` fields joined by \31, false or nil as '', a table (of strings) as
+-- its items joined by ','. One bulk string is far cheaper for a client to parse than an array.
+local function packed(t, n)
+  local out = {}
+  for i = 1, n do
+    local v = t[i]
+    if v == false or v == nil then
+      out[i] = ''
+    elseif type(v) == 'number' then
+      out[i] = string.format('%d', v)
+    elseif type(v) == 'table' then
+      out[i] = table.concat(v, ',')
+    else
+      out[i] = v
+    end
+  end
+  return table.concat(out, SEP)
+end
+
 local function split(s)
   local out = {}
   for field in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do

@@ -546,8 +546,11 @@ class BudgetMachine(RuleBasedStateMachine):
             # A key whose reservation was released or expired reserves afresh.
             status = prior.status
             if status == "open" and prior.expires_ms <= call.t0:
-                status = "open" if KNOWN_DUE_RESERVATION_REPLAYS_UNDER_ITS_KEY else "expired"
                 event("preflight: key of a due reservation not yet returned")
+                if not KNOWN_DUE_RESERVATION_REPLAYS_UNDER_ITS_KEY:
+                    # The call expires it there and then, and reserves afresh.
+                    m.close(prior, "expired", 0)
+                    status = "expired"
             if status in ("open", "recorded", "late"):
                 event(f"preflight: replayed ({prior.status})")
                 self._check_replay(call, a, prior)

@@ -21,7 +21,7 @@ from collections.abc import Callable, MutableSequence
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
-from agentbill import AgentBillClient, Check, Settlement, StoreUnavailableError
+from agentbill import AgentBillClient, Check, Settlement, StoreUnavailableError, _core
 
 T = TypeVar("T")
 
@@ -115,19 +115,20 @@ class Tap:
     def __init__(self, client: AgentBillClient) -> None:
         self._inner = client._scripts["preflight"]
         client._scripts["preflight"] = self
-        self.reply: list[Any] | None = None
+        self.reply: Any = None
 
     def __call__(self, keys: Any, args: Any) -> Any:
         self.reply = None
         reply = self._inner(keys=keys, args=args)
-        self.reply = list(reply)
+        self.reply = reply
         return reply
 
     def committed(self) -> tuple[int, int | None]:
         """spent + reserved and the limit, as the last preflight left them."""
         assert self.reply is not None
-        limit = None if self.reply[4] is None else int(self.reply[4])
-        return int(self.reply[5]) + int(self.reply[6]), limit
+        fields = _core.unpack(self.reply)  # the script's packed reply (see lua/preflight.lua)
+        limit = None if fields[4] is None else int(fields[4])
+        return int(fields[5] or 0) + int(fields[6] or 0), limit
 
 
 class Worker:
