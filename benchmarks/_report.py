@@ -110,11 +110,11 @@ def targets(res: Results) -> list[Target]:
                 1.8,
                 True,
                 f"a PING is one round trip; the same round trip carrying preflight's 9 keys and "
-                f"16 arguments to a script that does nothing costs {noop:.2f} PINGs (redis-py "
-                f"packs 27 arguments, the server builds KEYS/ARGV). Running preflight.lua makes "
+                f"4 arguments to a script that does nothing costs {noop:.2f} PINGs (redis-py "
+                f"packs 15 arguments, the server builds KEYS/ARGV). Running preflight.lua makes "
                 f"that bare EVALSHA {raw:.2f} PINGs: redis-server spends "
                 f"{x(srv[L.PREFLIGHT]):.2f} PINGs ({_us(srv[L.PREFLIGHT])}) in the script, and "
-                f"the reply has 20 elements to parse. agentbill's client-side Python adds the "
+                f"the reply is one packed string. agentbill's client-side Python adds the "
                 f"other {pf - raw:.2f} PINGs. Client CPU per call: PING "
                 f"{client_cpu(L.PING)}, no-op script {client_cpu(L.NOOP_SCRIPT)}, bare "
                 f"EVALSHA {client_cpu(L.RAW_PREFLIGHT)}, preflight {client_cpu(L.PREFLIGHT)} "
@@ -146,7 +146,7 @@ def targets(res: Results) -> list[Target]:
                 True,
                 f"limits' acquire_moving_window.lua runs 4 commands on 1 key with 4 arguments: "
                 f"redis-server spends {_us(srv[L.LIMITS_MOVING])} on it against "
-                f"{_us(srv[L.PREFLIGHT])} on preflight.lua (9 keys, 16 arguments, a reaper pass, "
+                f"{_us(srv[L.PREFLIGHT])} on preflight.lua (9 keys, 4 arguments, a reaper pass, "
                 f"the replay checks, two scopes' policies and counters, the reservation record, "
                 f"two index entries and a ledger entry). Client CPU per call: limits "
                 f"{client_cpu(L.LIMITS_MOVING)}, agentbill {client_cpu(L.PREFLIGHT)}.",
