@@ -279,9 +279,6 @@ PARAMS: list[Param] = [
     Param("lease", "ttl", bad_seconds(optional=False)),
 ]
 
-# Covered by the Hypothesis properties of tests/test_validation.py (sync client).
-IN_TEST_VALIDATION = {"preflight.agent_id", "record.units"}
-
 # Gaps these properties found (now fixed), each a regression test below.
 ONCE_UNCHECKED = {
     "gate.units": bad_units(optional=True),
@@ -298,11 +295,6 @@ FUZZ = settings(
 @pytest.fixture
 def client(both_clients: AgentBillClient) -> AgentBillClient:
     return both_clients
-
-
-@pytest.fixture
-def flavour(client: AgentBillClient) -> str:
-    return "sync" if isinstance(client, AgentBillClient) else "async"
 
 
 def _refused_without_writing(
@@ -327,13 +319,10 @@ def _names(got: str, field: str) -> bool:
 @pytest.mark.parametrize("param", PARAMS, ids=lambda p: p.id)
 def test_a_bad_value_names_its_parameter_and_writes_nothing(
     client: AgentBillClient,
-    flavour: str,
     raw: redis.Redis,
     namespace: str,
     param: Param,
 ) -> None:
-    if flavour == "sync" and param.id in IN_TEST_VALIDATION:
-        pytest.skip("a Hypothesis property in tests/test_validation.py covers it")
     client.preflight("a", 1, "c", task_ref="t", idempotency_key="k")  # data to keep unchanged
 
     @FUZZ
