@@ -25,7 +25,7 @@ from agentbill._exceptions import (
 )
 from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._lease import AsyncLease
-from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
+from agentbill._models import ClientSettings, Preflight
 from agentbill._outage import AsyncFlusher, warn_undelivered
 from agentbill._results import (
     AsyncCheck,
@@ -245,22 +245,7 @@ class AsyncAgentBillClient(BaseClient):
         ttl: int = 60,
     ) -> AsyncLease:
         """See :meth:`AgentBillClient.lease`."""
-        req = validate(
-            LeaseRequest,
-            agent_id=agent_id,
-            customer_id=customer_id,
-            slice_units=slice_units,
-            task_ref=task_ref,
-            ttl=ttl,
-        )
-        return AsyncLease(
-            self,
-            req.agent_id,
-            req.customer_id,
-            slice_units=req.slice_units,
-            task_ref=req.task_ref,
-            ttl=req.ttl,
-        )
+        return self._lease(AsyncLease, agent_id, customer_id, slice_units, task_ref, ttl)
 
     async def record(
         self,

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -26,7 +26,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
 )
 from agentbill._gate import Gate, Run, Units
-from agentbill._lease import Lease
+from agentbill._lease import AsyncLease, Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import (
     Flusher,
@@ -51,6 +51,9 @@ from agentbill._tenants import auth_options, check_url
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 
 logger = logging.getLogger("agentbill")
+
+L = TypeVar("L", Lease, AsyncLease)
+LEASE_FIELDS = ("agent_id", "customer_id", "slice_units", "task_ref", "ttl")
 
 
 def connection_url(settings: ClientSettings) -> str:
@@ -167,6 +170,19 @@ class BaseClient:
                 continue
             self._notify(item.plan.decode(reply))
             self._outage.delivered(item)
+
+    def _lease(self, cls: type[L], *args: object) -> L:
+        """``cls`` (Lease or AsyncLease) for validated lease arguments."""
+        req = validate(LeaseRequest, **dict(zip(LEASE_FIELDS, args, strict=True)))
+        client: Any = self  # the client whose twin cls is
+        return cls(
+            client,
+            req.agent_id,
+            req.customer_id,
+            slice_units=req.slice_units,
+            task_ref=req.task_ref,
+            ttl=req.ttl,
+        )
 
     def _gate(self, **kwargs: Any) -> Gate:
         _core.validate_gate(
@@ -449,22 +465,7 @@ class AgentBillClient(BaseClient):
         stays exactly zero; the cost is that a slice held here is unavailable to other
         workers until it is settled. ``ttl`` is each slice's. Use it as a context manager (or
         call ``close()``)."""
-        req = validate(
-            LeaseRequest,
-            agent_id=agent_id,
-            customer_id=customer_id,
-            slice_units=slice_units,
-            task_ref=task_ref,
-            ttl=ttl,
-        )
-        return Lease(
-            self,
-            req.agent_id,
-            req.customer_id,
-            slice_units=req.slice_units,
-            task_ref=req.task_ref,
-            ttl=req.ttl,
-        )
+        return self._lease(Lease, agent_id, customer_id, slice_units, task_ref, ttl)
 
     def record(
         self,

@@ -206,7 +206,7 @@ local function scope_roll(s)
   end
 end
 
--- Settle `est` reserved units of scope prefix `p`, reserved in period `rp`, charging
+-- Give back `est` reserved units of scope prefix `p`, reserved in period `rp`, and charge
 -- `charged`: to that period's counters while they are the current or the previous period's
 -- (older periods' counters are gone; the ledger keeps the record).
 local function scope_settle(p, rp, est, charged)
@@ -218,7 +218,6 @@ local function scope_settle(p, rp, est, charged)
     incr(K.budget, p .. 'preserved', -est)
     incr(K.budget, p .. 'pspent', charged)
   end
-  incr(K.budget, p .. 'open', -1)
 end
 
 -- Threshold crossings of scope `s` (committed = spent + reserved, in percent of the limit),
@@ -249,8 +248,10 @@ end
 local function close_reservation(rid, r, status, charged, now, request)
   local est = tonumber(r[4])
   scope_settle('', rec(r, 8), est, charged)
+  incr(K.budget, 'open', -1)
   if rec(r, 9) ~= '' then
     scope_settle('a:' .. r[9] .. ':', rec(r, 10), est, charged)
+    incr(K.budget, 'a:' .. r[9] .. ':open', -1)
   end
   if r[3] ~= '' then
     incr(K.tasks, r[3] .. ':r', -est)

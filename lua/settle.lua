@@ -176,17 +176,9 @@ local o = split(closed)
 if o[1] == 'expired' and charge and units > 0 then
   -- The reservation expired before this record arrived: its estimate is already back in the
   -- budget; charge what was used, once, against the scopes and periods it was reserved in.
-  local function charge_period(p, rp)
-    local v = redis.call('HMGET', K.budget, p .. 'pid', p .. 'ppid')
-    if (v[1] or '') == rp then
-      incr(K.budget, p .. 'spent', units)
-    elseif v[2] == rp then
-      incr(K.budget, p .. 'pspent', units)
-    end
-  end
-  charge_period('', o[12] or '')
+  scope_settle('', o[12] or '', 0, units)
   if (o[13] or '') ~= '' then
-    charge_period('a:' .. o[13] .. ':', o[14] or '')
+    scope_settle('a:' .. o[13] .. ':', o[14] or '', 0, units)
   end
   if o[4] ~= '' then
     incr(K.tasks, o[4] .. ':u', units)
