@@ -17,6 +17,9 @@ import redis
 
 from agentbill import AgentBillClient, AsyncAgentBillClient, InvalidRequestError, LeaseCheck
 from tests._servers import RedisServer
+from tests.test_outage import ReplyLosingProxy, proxy
+
+__all__ = ["proxy"]  # the reply-losing proxy fixture, defined with the outage tests
 
 
 class BlockingLease:
@@ -200,3 +203,24 @@ def test_racing_processes_with_leases_never_overspend(
     assert (budget.reserved, budget.open_reservations) == (0, 0)
     # Slices held by others at the moment a process gave up are the only units left unused.
     assert approved >= limit - procs_n * 10
+
+
+def test_a_slice_whose_reply_was_lost_is_reserved_once(
+    proxy: ReplyLosingProxy, redis_server: RedisServer, namespace: str
+) -> None:
+    """A slice is one preflight with a client-made reservation id: the client's retry after a
+    lost reply finds its own reservation, so the lease holds one slice, not two."""
+    with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as looker:
+        looker.preflight("agent", 0, "warm-up").release()  # scripts loaded: no NOSCRIPT detour
+        with (
+            AgentBillClient(redis_url=proxy.url, namespace=namespace) as lossy,
+            lossy.lease("agent", "c1", slice_units=10) as lease,
+        ):
+            proxy.lose_next_replies(1)
+            run = lease.preflight(1)
+            assert (proxy.lost, run.approved) == (1, True)
+            budget = looker.get_budget("c1")
+            assert (budget.reserved, budget.open_reservations) == (10, 1)
+            run.record(1)
+        budget = looker.get_budget("c1")
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (1, 0, 0)
