@@ -46,9 +46,10 @@ local idem_key = KEYS[9]
 local now = now_ms()
 reap(now)
 local crossed = {}
+local charged_cs = false -- the customer's state after the charge, if after_charge read it
 
 local function reply(status, id, charged, released, late, replayed)
-  local cs = scope_read('', now)
+  local cs = charged_cs or scope_read('', now)
   return packed({status, id, charged, released, late, replayed, cs.limit or false, cs.spent,
                  cs.reserved, now, crossed}, 11)
 end
@@ -56,6 +57,7 @@ end
 -- Thresholds the customer, and the agent `dig`, may have crossed after a charge.
 local function after_charge(dig, who)
   local cs = scope_read('', now)
+  charged_cs = cs -- nothing after this changes the counters: the reply reuses it
   check_thresholds(cs, 'customer', who, crossed)
   if dig ~= '' then
     check_thresholds(scope_read('a:' .. dig .. ':', now, cs), 'agent', who, crossed)
