@@ -554,8 +554,10 @@ class Plan(NamedTuple, Generic[T]):
     """One operation ready to run: the script call, and how to read its reply.
 
     A preflight also carries ``offline``, the decision to make alone if Redis cannot answer
-    (used only by a client whose outage policy allows it); a settle carries the reservation
-    id it closes, if it names one.
+    (used only by a client whose outage policy allows it), and the id of the reservation it
+    would create (made by the client, so a preflight whose reply never came, cancelled or
+    timed out, can still be released by id); a settle carries the reservation id it closes,
+    if it names one.
     """
 
     call: Call
@@ -591,6 +593,7 @@ def plan_preflight(
         call,
         lambda reply: decode_preflight(reply, req, p, make),
         offline=lambda: offline_decision(p, req, rid, make),
+        reservation_id=rid,
     )
 
 
