@@ -61,6 +61,8 @@ class AsyncAgentBillClient(BaseClient):
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,
         outcome_retention: int = 24 * 3600,
+        task_retention: int = 30 * 24 * 3600,
+        idle_retention: int = 90 * 24 * 3600,
         reap_limit: int = 100,
         connect_timeout: float = 0.5,
         socket_timeout: float = 1.0,
@@ -80,6 +82,8 @@ class AsyncAgentBillClient(BaseClient):
             reservation_ttl=reservation_ttl,
             idempotency_ttl=idempotency_ttl,
             outcome_retention=outcome_retention,
+            task_retention=task_retention,
+            idle_retention=idle_retention,
             reap_limit=reap_limit,
             connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
@@ -206,10 +210,34 @@ class AsyncAgentBillClient(BaseClient):
             ttl,
             functools.partial(AsyncCheck, _client=self),
         )
+        return await self._preflight(plan)
+
+    async def _preflight(self, plan: _core.Plan[AsyncCheck], track: bool = True) -> AsyncCheck:
         try:
-            return await self._run(plan)
+            check = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+        if track:
+            self._track(check)
+        return check
+
+    async def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> AsyncCheck:
+        """See :meth:`AgentBillClient._reserve_slice`."""
+        plan = _core.plan_preflight(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            task_ref,
+            None,
+            None,
+            ttl,
+            functools.partial(AsyncCheck, _client=self),
+            adoptable=False,
+        )
+        return await self._preflight(plan, track=False)
 
     async def preflight_many(self, requests: Iterable[Preflight]) -> list[AsyncCheck]:
         """See :meth:`AgentBillClient.preflight_many`."""
@@ -231,6 +259,7 @@ class AsyncAgentBillClient(BaseClient):
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:
             self._notify(check)
+            self._track(cast(AsyncCheck, check))
         if self._outage.has_queued:
             await self.flush()
         return cast(list[AsyncCheck], checks)
@@ -260,19 +289,20 @@ class AsyncAgentBillClient(BaseClient):
         metadata: dict[str, Any] | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.record`."""
-        return await self._settle(
-            _core.plan_record(
-                self._policy,
-                agent_id,
-                units,
-                customer_id,
-                reservation_id,
-                task_ref,
-                success,
-                idempotency_key,
-                metadata,
-            )
+        plan = _core.plan_record(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            self._own,
         )
+        self._own.discard(plan.reservation_id)
+        return await self._settle(plan)
 
     async def release(
         self,
@@ -282,10 +312,11 @@ class AsyncAgentBillClient(BaseClient):
         customer_id: str | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
-        return await self._settle(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
-            release=True,
-        )
+        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        self._own.discard(plan.reservation_id)
+        settlement = await self._settle(plan, release=True)
+        self._own.discard(settlement.reservation_id)
+        return settlement
 
     def gate(
         self,

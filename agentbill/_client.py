@@ -35,7 +35,9 @@ from agentbill._outage import (
     warn_offline,
     warn_undelivered,
 )
+from agentbill._own import OwnReservations
 from agentbill._results import (
+    BaseCheck,
     BudgetStatus,
     Check,
     Event,
@@ -102,6 +104,14 @@ class BaseClient:
         self._scripts = bind(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
         self._on_threshold = on_threshold
+        self._own = OwnReservations()
+
+    def _track(self, check: BaseCheck) -> None:
+        """Remember an approval Redis made, so this client's records without an id close its
+        own reservations first (see ``_own``)."""
+        if check.approved and not check.offline and check.reservation_id is not None:
+            group = (check.customer_id, check.agent_id, check.task_ref)
+            self._own.add(group, check.reservation_id, check.expires_at)
 
     def _notify(self, result: object) -> None:
         """Pass the thresholds a call crossed to ``on_threshold``; its errors are logged, never
@@ -157,7 +167,7 @@ class BaseClient:
     def _batch_releases(self, checks: list[Any]) -> list[_core.Call]:
         """Calls releasing what this batch itself approved (not replays of earlier calls)."""
         return [
-            _core.plan_release(self._policy, c.reservation_id, None, None).call
+            _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True).call
             for c in checks
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
@@ -250,6 +260,8 @@ class AgentBillClient(BaseClient):
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,
         outcome_retention: int = 24 * 3600,
+        task_retention: int = 30 * 24 * 3600,
+        idle_retention: int = 90 * 24 * 3600,
         reap_limit: int = 100,
         connect_timeout: float = 0.5,
         socket_timeout: float = 1.0,
@@ -269,6 +281,8 @@ class AgentBillClient(BaseClient):
             reservation_ttl=reservation_ttl,
             idempotency_ttl=idempotency_ttl,
             outcome_retention=outcome_retention,
+            task_retention=task_retention,
+            idle_retention=idle_retention,
             reap_limit=reap_limit,
             connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
@@ -412,10 +426,35 @@ class AgentBillClient(BaseClient):
             ttl,
             functools.partial(Check, _client=self),
         )
+        return self._preflight(plan)
+
+    def _preflight(self, plan: _core.Plan[Check], track: bool = True) -> Check:
         try:
-            return self._run(plan)
+            check = self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+        if track:
+            self._track(check)
+        return check
+
+    def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> Check:
+        """A lease's slice: a preflight whose reservation only a request naming it can close
+        (never a record without an id, which would take it from under the lease's runs)."""
+        plan = _core.plan_preflight(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            task_ref,
+            None,
+            None,
+            ttl,
+            functools.partial(Check, _client=self),
+            adoptable=False,
+        )
+        return self._preflight(plan, track=False)
 
     def preflight_many(self, requests: Iterable[Preflight]) -> list[Check]:
         """Many preflights in one round trip: one Check per ``Preflight`` in order, each decided
@@ -445,6 +484,7 @@ class AgentBillClient(BaseClient):
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:
             self._notify(check)
+            self._track(cast(Check, check))
         if self._outage.has_queued:
             self.flush()
         return cast(list[Check], checks)
@@ -488,19 +528,20 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
-        return self._settle(
-            _core.plan_record(
-                self._policy,
-                agent_id,
-                units,
-                customer_id,
-                reservation_id,
-                task_ref,
-                success,
-                idempotency_key,
-                metadata,
-            )
+        plan = _core.plan_record(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            self._own,
         )
+        self._own.discard(plan.reservation_id)
+        return self._settle(plan)
 
     def release(
         self,
@@ -518,10 +559,11 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
-        return self._settle(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
-            release=True,
-        )
+        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        self._own.discard(plan.reservation_id)
+        settlement = self._settle(plan, release=True)
+        self._own.discard(settlement.reservation_id)  # released by key: now its id is known
+        return settlement
 
     def gate(
         self,

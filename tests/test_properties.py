@@ -411,6 +411,8 @@ SETTINGS: dict[str, st.SearchStrategy[object]] = {
     "reservation_ttl": bad_seconds(optional=False),
     "idempotency_ttl": bad_seconds(optional=False),
     "outcome_retention": bad_seconds(optional=False),
+    "task_retention": bad_seconds(optional=False),
+    "idle_retention": bad_seconds(optional=False),
     "reap_limit": bad_ints(1, 10_000),
     "connect_timeout": bad_timeouts,
     "socket_timeout": bad_timeouts,
