@@ -195,7 +195,24 @@ class AsyncAgentBillClient(BaseClient):
         ttl: int | None = None,
     ) -> AsyncCheck:
         """See :meth:`AgentBillClient.preflight`."""
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return await self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+    ) -> _core.Plan[AsyncCheck]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -206,6 +223,8 @@ class AsyncAgentBillClient(BaseClient):
             ttl,
             functools.partial(AsyncCheck, _client=self),
         )
+
+    async def _preflight(self, plan: _core.Plan[AsyncCheck]) -> AsyncCheck:
         try:
             return await self._run(plan)
         except StoreUnavailableError as exc:

@@ -401,7 +401,24 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError (nothing approved).
         """
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+    ) -> _core.Plan[Check]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -412,6 +429,8 @@ class AgentBillClient(BaseClient):
             ttl,
             functools.partial(Check, _client=self),
         )
+
+    def _preflight(self, plan: _core.Plan[Check]) -> Check:
         try:
             return self._run(plan)
         except StoreUnavailableError as exc:

@@ -77,3 +77,55 @@ def test_async_block(redis_server: RedisServer, namespace: str) -> None:
             assert _state(await c.get_budget("c1")) == (16, 0, 0)
 
     asyncio.run(main())
+
+
+# -- a run object is single-use; `with` on the async client's run is a TypeError (issue 16, 13) --
+
+
+def test_a_run_object_is_single_use(client: AgentBillClient) -> None:
+    run = client.run("agent", 10, customer_id="c1")
+    with pytest.raises(RuntimeError, match="not entered"):
+        run.record(1)
+    with run:
+        run.record(3)
+    with pytest.raises(RuntimeError, match="once"), run:
+        pass  # a second block would hold a reservation its first settlement hides
+    assert _state(client.get_budget("c1")) == (3, 0, 0)
+
+
+def test_an_async_run_object_is_single_use(redis_server: RedisServer, namespace: str) -> None:
+    async def main() -> None:
+        async with AsyncAgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
+            run = c.run("agent", 10, customer_id="c1")
+            with pytest.raises(RuntimeError, match="not entered"):
+                await run.record(1)
+            async with run:
+                await run.record(3)
+            with pytest.raises(RuntimeError, match="once"):
+                async with run:
+                    pass
+            assert _state(await c.get_budget("c1")) == (3, 0, 0)
+
+    asyncio.run(main())
+
+
+def test_with_on_the_async_clients_run_says_async_with(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    async def main() -> None:
+        async with AsyncAgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
+            with pytest.raises(TypeError, match="async with"), c.run("agent", 10, "c1"):
+                pass
+            assert _state(await c.get_budget("c1")) == (0, 0, 0)
+
+    asyncio.run(main())
+
+
+def test_async_with_on_the_sync_clients_run_says_with(client: AgentBillClient) -> None:
+    async def main() -> None:
+        with pytest.raises(TypeError, match="AsyncAgentBillClient"):
+            async with client.run("agent", 10, "c1"):
+                pass
+
+    asyncio.run(main())
+    assert _state(client.get_budget("c1")) == (0, 0, 0)
