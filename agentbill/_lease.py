@@ -142,13 +142,15 @@ class LeaseCheck(BaseCheck):
         return run.book.finish(run, status, units)
 
 
-def _outcome(s: Slice, status: SettleStatus, charged: int, released: int) -> Settlement:
+def _outcome(
+    s: Slice, status: SettleStatus, charged: int, released: int, *, late: bool = False
+) -> Settlement:
     return Settlement(
         status=status,
         reservation_id=s.check.reservation_id,
         charged=charged,
         released=released,
-        late=False,
+        late=late,
         replayed=False,
         spent=None,
         reserved=None,
@@ -190,6 +192,8 @@ class LeaseBook:
         """The burst of the agent's (True) and the customer's (False) rate limit, once one
         refused a slice."""
         self.closed = False
+        self.owed = 0
+        """Units of late records whose slice was already settled: charged with the next."""
         self.runs = 0
         self.refused = 0
         self.slice_count = 0
@@ -337,21 +341,38 @@ class LeaseBook:
             return units if maybe else None
 
     def finish(self, run: LeaseRun, status: SettleStatus, units: int) -> Settlement:
-        """Close ``run``: the first close counts, a later one returns its outcome, replayed."""
+        """Close ``run`` as a Check's reservation closes (see design of settle.lua): the first
+        close counts; a record after its release is charged now, flagged late (a release never
+        erases a record); any other later close returns the first outcome, replayed."""
         with self.lock:
-            if run.outcome is not None:
-                return replace(run.outcome, replayed=True)
+            first = run.outcome
             s = run.slice
-            s.held -= run.estimate
-            s.used += units
-            s.open.discard(run)
-            run.outcome = _outcome(s, status, units, run.estimate)
+            if first is None:
+                s.held -= run.estimate
+                s.used += units
+                s.open.discard(run)
+                run.outcome = _outcome(s, status, units, run.estimate)
+                return run.outcome
+            if status != "recorded" or first.status != "released":
+                return replace(first, replayed=True)
+            if not s.settled:
+                s.used += units
+            elif not self.closed:
+                self.owed += units  # charged with the next slice settled, or on close
+            else:
+                raise InvalidRequestError(
+                    "lease",
+                    "is closed and this run was released: its units cannot be charged with a "
+                    "slice any more (record them with the client)",
+                )
+            run.outcome = _outcome(s, "late", units, 0, late=True)
             return run.outcome
 
     def to_settle(self, closing: bool = False) -> list[tuple[Slice, int]]:
         """Slices done with (not current, or stale) and with no run open, or, when closing,
         every slice (its open runs charged their estimates, which is their close): each with
-        the units to charge. They are marked settled."""
+        the units to charge (the first also carries the late records of runs whose slice was
+        already settled). They are marked settled."""
         now = time.monotonic()
         with self.lock:
             if closing:
@@ -364,11 +385,18 @@ class LeaseBook:
                         run.outcome = _outcome(s, "recorded", run.estimate, 0)
                     s.open.clear()
                     s.settled = True
-                    out.append((s, s.used + s.held))
+                    out.append((s, s.used + s.held + self.owed))
+                    self.owed = 0
             self.slices = [s for s in self.slices if not s.settled]
             if self.current is not None and self.current.settled:
                 self.current = None
             return out
+
+    def take_owed(self) -> int:
+        """Late records no slice was left to carry (the lease is closing): to charge alone."""
+        with self.lock:
+            owed, self.owed = self.owed, 0
+            return owed
 
     def settled(self, charged: int) -> None:
         with self.lock:
@@ -458,6 +486,10 @@ class Lease:
         for s, charge in self.book.to_settle(closing):
             s.check.record(charge)
             self.book.settled(charge)
+        if closing and (owed := self.book.take_owed()):
+            book = self.book
+            self._client.record(book.agent_id, owed, book.customer_id, task_ref=self._task_ref)
+            book.settled(owed)
 
     def stats(self) -> LeaseStats:
         return self.book.stats()
@@ -522,6 +554,12 @@ class AsyncLease:
         for s, charge in self.book.to_settle(closing):
             await s.check.record(charge)
             self.book.settled(charge)
+        if closing and (owed := self.book.take_owed()):
+            book = self.book
+            await self._client.record(
+                book.agent_id, owed, book.customer_id, task_ref=self._task_ref
+            )
+            book.settled(owed)
 
     def stats(self) -> LeaseStats:
         return self.book.stats()

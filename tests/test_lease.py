@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import itertools
 import multiprocessing as mp
+import random
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -263,12 +265,55 @@ def test_a_run_recorded_twice_charges_its_first_record(
         first = run.record(3)
         again = run.record(7)
         assert (again.status, again.charged, again.replayed) == ("recorded", 3, True)
-        released = lease.preflight(10)
-        assert released.release().status == "released"
-        late = released.record(9)  # released first: the record changes nothing, like a Check's
-        assert (late.status, late.charged, late.replayed) == ("released", 0, True)
         assert first.reservation_id == run.reservation_id
     assert client.get_budget("c1").spent == 3
+
+
+def test_a_record_after_a_release_is_charged_late(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    """As for a Check: a release never erases a record. The record is charged, flagged late,
+    with its slice, or with the next slice settled (or on close) if its own was settled."""
+    client, lease_of = make_lease
+    with lease_of("agent", "c1", slice_units=10) as lease:
+        run = lease.preflight(4)
+        assert run.release().status == "released"
+        late = run.record(9)
+        assert (late.status, late.charged, late.late, late.replayed) == ("late", 9, True, False)
+        assert run.release() == replace(late, replayed=True)  # closed: nothing changes
+        assert run.record(1) == replace(late, replayed=True)
+
+        early = lease.preflight(1)  # the same slice: 9 + 1 fits in 10
+        early.release()
+        lease.preflight(10).record(10)  # a second slice; the first is no longer current
+        lease.preflight(10).release()  # a third; the first is settled (9)
+        assert client.get_budget("c1").spent == 9
+        early.record(5)  # its slice is settled: charged with the next one settled
+        last = lease.preflight(11)  # a fourth; the second is settled (10 + 5)
+        assert client.get_budget("c1").spent == 9 + 10 + 5
+        last.release()
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (24, 0, 0)
+    with pytest.raises(InvalidRequestError) as info:
+        last.record(1)  # released, and the lease is closed: it cannot be charged silently
+    assert info.value.field == "lease"
+
+
+def test_a_late_record_no_slice_carries_is_charged_on_close(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    client, lease_of = make_lease
+    client.set_budget("c1", 10)
+    lease = lease_of("agent", "c1", slice_units=10, ttl=1)
+    run = lease.preflight(10)
+    run.release()
+    time.sleep(0.85)  # past 80% of the slice's ttl: it is settled on the next round trip
+    assert not lease.preflight(11).approved  # settled; no other slice is reserved
+    assert lease.stats().held == 0
+    run.record(6)  # no slice left to carry it
+    lease.close()
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
 
 
 def test_a_bad_record_changes_nothing(make_lease: tuple[AgentBillClient, Any]) -> None:
@@ -498,3 +543,36 @@ def test_a_lease_approves_what_a_plain_preflight_would(
         assert by_lease.approved == by_plain.approved, (by_lease, by_plain)
 
     compare()
+
+
+def test_threads_sharing_a_lease_charge_every_run_once(client: AgentBillClient) -> None:
+    """8 threads x 60 runs on one lease, each closed twice (a record, then the release of a
+    try/finally; or both from two racing threads): each run's unit is charged exactly once."""
+    client.set_budget("c1", 10_000)
+    with client.lease("agent", "c1", slice_units=25) as lease:
+
+        def worker(seed: int) -> int:
+            rng = random.Random(seed)
+            recorded = 0
+            for _ in range(60):
+                run = lease.preflight(2)
+                assert run.approved
+                if rng.random() < 0.5:
+                    try:
+                        recorded += run.record(1).charged
+                    finally:
+                        run.release()
+                else:  # the two closes race from two threads
+                    with ThreadPoolExecutor(2) as pair:
+                        closes = [pair.submit(run.record, 1), pair.submit(run.release)]
+                        outcomes = [c.result() for c in closes]
+                    first = next(o for o in outcomes if not o.replayed)
+                    recorded += first.charged if first.status == "recorded" else 0
+                    recorded += sum(o.charged for o in outcomes if o.status == "late")
+            return recorded
+
+        with ThreadPoolExecutor(8) as pool:
+            charged = sum(pool.map(worker, range(8)))
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (charged, 0, 0)
+    assert charged == 8 * 60  # a record always counts: before or after the release
