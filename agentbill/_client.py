@@ -478,8 +478,9 @@ class AgentBillClient(BaseClient):
         ttl: int = 60,
     ) -> Lease:
         """Reserve slices of the budget and decide runs locally: ``lease.preflight(units)`` costs
-        no round trip while the current slice (``slice_units``, at most half of what the budget
-        has left, never less than the ask) has room; ``run.record(units)`` is local; slices are
+        no round trip while the current slice (``slice_units``, sized to fit every rule, never
+        less than the ask) has room, and approves whatever a plain preflight would;
+        ``run.record(units)`` is local and closes the run once, like a Check's; slices are
         settled with what their runs used. A slice is an ordinary reservation, so overspend
         stays exactly zero; the cost is that a slice held here is unavailable to other
         workers until it is settled. ``ttl`` is each slice's. Use it as a context manager (or

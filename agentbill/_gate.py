@@ -299,6 +299,12 @@ class _Block:
         return None
 
 
+def _failed(exc_type: type[BaseException] | None) -> bool:
+    """A block that ends on an exception failed, unless it is GeneratorExit: the consumer of a
+    generator the block is in stopped early, and the work up to there happened."""
+    return exc_type is not None and not issubclass(exc_type, GeneratorExit)
+
+
 class Run(_Block):
     """``with client.run(...) as run``: a gated block for code that is not one function.
 
@@ -306,7 +312,9 @@ class Run(_Block):
     run). Inside, ``run.record(units)`` records what was used. Leaving the block: on an
     exception (KeyboardInterrupt too) the reservation is released and the exception re-raised;
     without a record, the estimate is charged if ``charge_estimate`` (the work happened but
-    nobody measured it), else the reservation is released. A run object is used for one block.
+    nobody measured it), else the reservation is released. GeneratorExit (the block is in a
+    generator whose consumer stopped early) ends it like a normal exit. A run object is used
+    for one block.
     """
 
     def __enter__(self) -> Run:
@@ -318,8 +326,8 @@ class Run(_Block):
         self.settlement = self._approved().record(units, **kwargs)
         return self.settlement
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        if _failed(exc_type):
             _release_quietly(self._check.release, self._check.reservation_id)
             return
         self._finish()
@@ -350,8 +358,10 @@ class AsyncRun(_Block):
         self.settlement = settlement
         return settlement
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: object, tb: object
+    ) -> None:
+        if _failed(exc_type):
             await _release_quietly_async(self._check.release, self._check.reservation_id)
             return
         outcome = self._finish()

@@ -63,6 +63,7 @@ class Slice:
     open: set[LeaseRun] = field(default_factory=set)
     runs: int = 0
     settled: bool = False
+    last_outcome: Settlement | None = None
 
     def fits(self, units: int, now: float) -> bool:
         return (
@@ -145,7 +146,18 @@ class LeaseCheck(BaseCheck):
 def _outcome(
     s: Slice, status: SettleStatus, charged: int, released: int, *, late: bool = False
 ) -> Settlement:
-    return Settlement(
+    """A run's local outcome. Settlements are frozen, and building one costs about as much as
+    the rest of a leased run: the slice's last one is reused when it is the same."""
+    last = s.last_outcome
+    if (
+        last is not None
+        and last.status == status
+        and last.charged == charged
+        and last.released == released
+        and last.late == late
+    ):
+        return last
+    s.last_outcome = Settlement(
         status=status,
         reservation_id=s.check.reservation_id,
         charged=charged,
@@ -157,6 +169,7 @@ def _outcome(
         limit=None,
         remaining=None,
     )
+    return s.last_outcome
 
 
 BudgetScope = Literal["customer", "agent", "task"]
