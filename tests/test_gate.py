@@ -206,3 +206,17 @@ def test_an_async_body_returning_an_async_generator_is_released_and_refused(
         asyncio.run(lazy())
     budget = client.get_budget("c1")
     assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
+
+
+def test_a_def_returning_a_coroutine_is_released_and_refused(client: AgentBillClient) -> None:
+    """A plain def whose result is a coroutine (its work not done yet) is not metered: the
+    coroutine is closed (no "never awaited" warning), the reservation released."""
+
+    @client.gate("agent", 5, "c1")
+    def lazy() -> object:
+        return asyncio.sleep(0)
+
+    with pytest.raises(TypeError, match="awaitable"):
+        lazy()
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
