@@ -199,7 +199,25 @@ class AsyncAgentBillClient(BaseClient):
         ttl: int | None = None,
     ) -> AsyncCheck:
         """See :meth:`AgentBillClient.preflight`."""
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return await self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[AsyncCheck]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -209,8 +227,8 @@ class AsyncAgentBillClient(BaseClient):
             idempotency_key,
             ttl,
             functools.partial(AsyncCheck, _client=self),
+            adoptable=adoptable,
         )
-        return await self._preflight(plan)
 
     async def _preflight(self, plan: _core.Plan[AsyncCheck], track: bool = True) -> AsyncCheck:
         try:
@@ -225,17 +243,8 @@ class AsyncAgentBillClient(BaseClient):
         self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
     ) -> AsyncCheck:
         """See :meth:`AgentBillClient._reserve_slice`."""
-        plan = _core.plan_preflight(
-            self._policy,
-            agent_id,
-            units,
-            customer_id,
-            task_ref,
-            None,
-            None,
-            ttl,
-            functools.partial(AsyncCheck, _client=self),
-            adoptable=False,
+        plan = self._plan_preflight(
+            agent_id, units, customer_id, task_ref, None, None, ttl, adoptable=False
         )
         return await self._preflight(plan, track=False)
 

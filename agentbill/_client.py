@@ -415,7 +415,25 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError (nothing approved).
         """
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[Check]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -425,8 +443,8 @@ class AgentBillClient(BaseClient):
             idempotency_key,
             ttl,
             functools.partial(Check, _client=self),
+            adoptable=adoptable,
         )
-        return self._preflight(plan)
 
     def _preflight(self, plan: _core.Plan[Check], track: bool = True) -> Check:
         try:
@@ -442,17 +460,8 @@ class AgentBillClient(BaseClient):
     ) -> Check:
         """A lease's slice: a preflight whose reservation only a request naming it can close
         (never a record without an id, which would take it from under the lease's runs)."""
-        plan = _core.plan_preflight(
-            self._policy,
-            agent_id,
-            units,
-            customer_id,
-            task_ref,
-            None,
-            None,
-            ttl,
-            functools.partial(Check, _client=self),
-            adoptable=False,
+        plan = self._plan_preflight(
+            agent_id, units, customer_id, task_ref, None, None, ttl, adoptable=False
         )
         return self._preflight(plan, track=False)
 
@@ -499,8 +508,9 @@ class AgentBillClient(BaseClient):
         ttl: int = 60,
     ) -> Lease:
         """Reserve slices of the budget and decide runs locally: ``lease.preflight(units)`` costs
-        no round trip while the current slice (``slice_units``, at most half of what the budget
-        has left, never less than the ask) has room; ``run.record(units)`` is local; slices are
+        no round trip while the current slice (``slice_units``, sized to fit every rule, never
+        less than the ask) has room, and approves whatever a plain preflight would;
+        ``run.record(units)`` is local and closes the run once, like a Check's; slices are
         settled with what their runs used. A slice is an ordinary reservation, so overspend
         stays exactly zero; the cost is that a slice held here is unavailable to other
         workers until it is settled. ``ttl`` is each slice's. Use it as a context manager (or
