@@ -431,3 +431,30 @@ def test_mcp_without_the_server_module_exits_1(monkeypatch: pytest.MonkeyPatch) 
     ran = invoke("mcp")
     assert ran.code == 1
     assert "no MCP server" in one_error_line(ran)
+
+
+# -- the README ----------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def operator_commands() -> list[str]:
+    """The commands of the README's first shell block under "Operate" (the ones that end)."""
+    section = README.read_text().split("## Operate", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("agentbill ")]
+
+
+def test_the_readmes_operator_commands_run(env: dict[str, str], tmp_path: Path) -> None:
+    commands = operator_commands()
+    assert len(commands) >= 10
+    path = f"{AGENTBILL.parent}{os.pathsep}{env.get('PATH', '')}"
+    for line in commands:
+        done = subprocess.run(
+            ["bash", "-c", line], cwd=tmp_path, env=env | {"PATH": path, "AGENTBILL_HOME": str(
+                tmp_path / "home")}, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        # `local status` answers 3 here: the embedded server is not running.
+        assert done.returncode == (3 if "local status" in line else 0), (line, done.stderr)
+        assert done.stderr == "", line
+    assert (tmp_path / "ledger.csv").read_text().startswith("id,type,time,")
