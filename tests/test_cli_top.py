@@ -181,21 +181,25 @@ class Terminal:
         )  # fmt: skip
         return done.stdout
 
-    def screen(self) -> str:
-        return self("capture-pane", "-p", "-t", "top")
+    def screen(self, history: int = 0) -> str:
+        """What the pane shows, and ``history`` lines scrolled off above it."""
+        return self("capture-pane", "-p", "-t", "top", "-S", str(-history))
 
-    def wait_for(self, ready: Callable[[str], bool], what: str, timeout: float = 30) -> str:
+    def wait_for(
+        self, ready: Callable[[str], bool], what: str, timeout: float = 30, history: int = 0
+    ) -> str:
         """The screen once ``ready`` holds for it (a bounded wait, not a timing assertion)."""
         deadline = time.monotonic() + timeout
         while True:
-            shown = self.screen()
+            shown = self.screen(history)
             if ready(shown):
                 return shown
             if time.monotonic() > deadline:
-                size = self(
-                    "display-message", "-p", "-t", "top", "#{window_width}x#{window_height}"
-                )
-                raise AssertionError(f"the screen ({size.strip()}) never showed {what}:\n{shown}")
+                state = self(
+                    "display-message", "-p", "-t", "top",
+                    "#{window_width}x#{window_height}, pane dead: #{pane_dead}",
+                )  # fmt: skip
+                raise AssertionError(f"the screen ({state.strip()}) never showed {what}:\n{shown}")
             time.sleep(0.1)
 
     def close(self) -> None:
@@ -249,6 +253,7 @@ def test_live_top_refreshes_and_quits_on_q(
     held.release()
 
     terminal("send-keys", "-t", "top", "q")
-    ended = terminal.wait_for(lambda s: "agentbill-exit=" in s, "top's exit")
+    # The shell's line may scroll off the screen once top leaves its alternate screen.
+    ended = terminal.wait_for(lambda s: "agentbill-exit=" in s, "top's exit", history=100)
     assert "agentbill-exit=0" in ended
     assert "Traceback" not in ended
