@@ -252,6 +252,7 @@ def test_events_follow_streams_new_events_until_interrupted(
         (("events", "b", "--json", "--csv"), "--csv"),
         (("events", "b", "--follow", "--limit", "3"), "--limit"),
         (("top", "--json"), "--once"),
+        (("top",), "needs a terminal"),
         (("budget", "sett", "b", "10"), "sett"),
         (("budget", "set", "b", "10", "--nope"), "--nope"),
     ],

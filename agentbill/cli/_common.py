@@ -1,4 +1,4 @@
-"""The root of the command line: its exit statuses, its error lines, and its connection options.
+"""What every command shares: exit statuses, the one error line, the connection options.
 
 Every command runs inside :meth:`AgentBillGroup.main`, which turns whatever a command raises
 into one line on stderr and an exit status: 2 for bad input (a usage error, or an

@@ -356,6 +356,8 @@ def top(
     """
     if as_json and not once:
         bad_input("--json prints one frame: add --once", "--json")
+    if not once and not console().is_terminal:
+        bad_input("the live view needs a terminal: add --once (and --json for a script)", "--once")
     with session(redis_url, namespace) as s:
         sampler = Sampler(s, Customers(s.redis, s.namespace, customer or (), rescan), rows, window)
         if not once:
