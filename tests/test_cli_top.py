@@ -203,9 +203,16 @@ class Terminal:
             time.sleep(0.1)
 
     def close(self) -> None:
+        """Stop the server and remove its socket file."""
+        found = subprocess.run(
+            [self._tmux, "-L", self._socket, "display-message", "-p", "#{socket_path}"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
         subprocess.run(
             [self._tmux, "-L", self._socket, "kill-server"], capture_output=True, check=False
         )
+        if found.returncode == 0 and found.stdout.strip():
+            Path(found.stdout.strip()).unlink(missing_ok=True)
 
 
 @pytest.fixture
