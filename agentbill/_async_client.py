@@ -6,7 +6,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -38,6 +38,10 @@ from agentbill._results import (
 )
 from agentbill._retry import RetryPolicy, translate
 from agentbill._scripts import pipeline_args
+from agentbill._telemetry import instrument
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 REDIS_TYPES = (aioredis.Redis, aioredis.RedisCluster)
 REDIS_TYPES_TEXT = "must be a redis.asyncio Redis or RedisCluster"
@@ -73,6 +77,9 @@ class AsyncAgentBillClient(BaseClient):
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+        metrics: bool | CollectorRegistry = False,
+        metrics_customers: bool = False,
+        trace_customers: bool = False,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -103,6 +110,7 @@ class AsyncAgentBillClient(BaseClient):
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
         self._flusher = AsyncFlusher(self.flush)
+        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -48,7 +48,11 @@ from agentbill._results import (
 )
 from agentbill._retry import RetryPolicy, translate
 from agentbill._scripts import bind, pipeline_args
+from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 
@@ -105,6 +109,7 @@ class BaseClient:
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
         self._on_threshold = on_threshold
         self._own = OwnReservations()
+        self._telemetry: Telemetry = OFF
 
     def _track(self, check: BaseCheck) -> None:
         """Remember an approval Redis made, so this client's records without an id close its
@@ -114,8 +119,10 @@ class BaseClient:
             self._own.add(group, check.reservation_id, check.expires_at)
 
     def _notify(self, result: object) -> None:
-        """Pass the thresholds a call crossed to ``on_threshold``; its errors are logged, never
-        raised into the run (the decision stands either way)."""
+        """Count a result Redis decided in the metrics, and pass the thresholds it crossed to
+        ``on_threshold``; its errors are logged, never raised into the run (the decision stands
+        either way)."""
+        self._telemetry.observe(result)
         if self._on_threshold is None:
             return
         for crossing in getattr(result, "crossed", ()):
@@ -149,6 +156,7 @@ class BaseClient:
             if not self._outage.approve(check.reservation_id, check.estimated_units):
                 raise exc
             warn_offline(check, self._outage.mode, exc)
+        self._telemetry.observe(check)
         return cast(_core.T, check)
 
     def _offline_settlement(
@@ -244,6 +252,10 @@ class AgentBillClient(BaseClient):
     ``background_settle``: ``record`` and ``release`` queue their call and return at once
     (status ``queued``); a background thread delivers the queue in pipelined batches, and
     ``close()`` (or leaving the ``with`` block) delivers what is left.
+    ``metrics``: count preflights, units, settlements and errors with prometheus-client (True:
+    its default registry; or a ``CollectorRegistry``); ``metrics_customers`` adds a customer
+    label. With OpenTelemetry configured, every operation is a span; ``trace_customers`` puts
+    the customer id in them. See ``_telemetry``.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -272,6 +284,9 @@ class AgentBillClient(BaseClient):
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+        metrics: bool | CollectorRegistry = False,
+        metrics_customers: bool = False,
+        trace_customers: bool = False,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -302,6 +317,7 @@ class AgentBillClient(BaseClient):
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
         self._flusher = Flusher(self.flush)
+        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
