@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,6 +43,7 @@ from tests._servers import AclRedisServer, RedisServer, free_port
 from tests.conftest import namespace_keys
 
 T = TypeVar("T")
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 # A hang fails the test instead of waiting for pytest's timeout; no call needs near this long.
 CALL_TIMEOUT = 30.0
@@ -593,18 +596,38 @@ def test_parse_address_takes_loopback_hosts_only() -> None:
 # -- tenant keys -------------------------------------------------------------------------------
 
 
-def test_a_tenant_key_is_all_the_host_needs(tmp_path: Path) -> None:
+def readme_host_config() -> dict[str, Any]:
+    """The host configuration block of the README's MCP section."""
+    section = README.read_text().split("### Agent hosts (MCP)", 1)[1]
+    block = re.search(r"```json\n(.*?)```", section, flags=re.S)
+    assert block is not None
+    config: dict[str, Any] = json.loads(block.group(1))["mcpServers"]["agentbill"]
+    return config
+
+
+def test_a_host_configured_as_the_readme_says_needs_only_a_tenant_key() -> None:
+    config = readme_host_config()
+    assert config["command"] == "python"
+    assert set(config["env"]) == {"AGENTBILL_REDIS_URL", "AGENTBILL_API_KEY"}
     server = AclRedisServer(admin_password="admin-secret").start()
     try:
         with KeyAdmin(server.admin_url) as admin:
             issued = admin.create_key("acme-tenant")
         key = issued.api_key.get_secret_value()
-        env = {"AGENTBILL_REDIS_URL": server.url, "AGENTBILL_API_KEY": key}
+        params = StdioServerParameters(
+            command=sys.executable,
+            args=config["args"],
+            env={"AGENTBILL_REDIS_URL": server.url, "AGENTBILL_API_KEY": key},
+        )
 
         async def body() -> None:
-            async with stdio(env) as mcp:
+            async with Client(params, mode="legacy", read_timeout_seconds=CALL_TIMEOUT) as mcp:
                 check = await call(mcp, "preflight", agent_id="a", estimated_units=4)
                 assert check["approved"] is True
+                settled = await call(
+                    mcp, "record", agent_id="a", units=3, reservation_id=check["reservation_id"]
+                )
+                assert settled["spent"] == 3
                 with KeyAdmin(server.admin_url) as admin:
                     admin.revoke_key(issued.key_id)
                 message = await error(mcp, "get_budget", {})
@@ -613,9 +636,28 @@ def test_a_tenant_key_is_all_the_host_needs(tmp_path: Path) -> None:
 
         run(body)
         with AgentBillClient(redis_url=server.admin_url, namespace="acme-tenant") as operator:
-            assert operator.get_budget().reserved == 4
+            assert (operator.get_budget().spent, operator.get_budget().reserved) == (3, 0)
     finally:
         server.stop()
+
+
+def test_agentbill_stays_light_and_a_missing_extra_is_named() -> None:
+    probe = (
+        "import sys, agentbill; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mcp'))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    missing = (
+        "import sys; sys.modules['mcp'] = None\n"
+        "try:\n"
+        "    import agentbill.mcp_server\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", missing], capture_output=True, text=True, check=True
+    )
+    assert "pip install 'agentbill[mcp]'" in out.stdout
 
 
 # -- transports and entry points ---------------------------------------------------------------

@@ -93,8 +93,9 @@ def tool_errors() -> Iterator[None]:
         ) from exc
     except StoreUnavailableError as exc:
         raise ToolError(
-            f"{exc}. Budgets cannot be checked now: do not start work that needs a preflight. "
-            "A write may or may not have landed: retry it later with the same idempotency_key."
+            f"{str(exc).rstrip('.')}. Budgets cannot be checked now: do not start work that "
+            "needs a preflight. A write may or may not have landed: retry it later with the "
+            "same idempotency_key."
         ) from exc
     except StoreError as exc:
         raise ToolError(str(exc)) from exc
