@@ -374,6 +374,27 @@ def test_a_refusal_is_a_result_not_a_tool_error(
     assert client.get_budget("beta").reserved == 5
 
 
+def test_ids_are_taken_exactly_as_sent(
+    redis_server: RedisServer, namespace: str, client: AgentBillClient
+) -> None:
+    """The SDK would parse a string argument that looks like JSON: customer "null" would be
+    the default customer and customer "[1]" refused, unlike in the Python client."""
+
+    async def body() -> None:
+        async with stdio(server_env(redis_server.url, namespace), "--allow-admin") as mcp:
+            for customer in ("null", "[1]", '{"a": 1}', "12", "true"):
+                check = await call(mcp, "preflight", agent_id="a", estimated_units=2,
+                                   customer_id=customer, idempotency_key="null")  # fmt: skip
+                assert check["approved"] is True
+                assert client.get_budget(customer).reserved == 2, customer
+            # A list sent as a JSON string, as some hosts send them, is still a list.
+            status = await call(mcp, "set_budget", limit=10, thresholds="[50, 80]")
+            assert status["thresholds"] == [50, 80]
+
+    run(body)
+    assert client.get_budget().reserved == 0
+
+
 BAD_CALLS: list[tuple[str, dict[str, Any], str]] = [
     ("preflight", {"agent_id": "a", "estimated_units": -1}, "estimated_units"),
     ("preflight", {"agent_id": "a", "estimated_units": "5"}, "estimated_units"),

@@ -3,14 +3,16 @@ over stdio or streamable HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.tools import Tool
-from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict
 
@@ -54,17 +56,47 @@ def client_from_env() -> AsyncAgentBillClient:
         raise InvalidRequestError(names.get(exc.field, exc.field), exc.message) from None
 
 
+class ExactArguments(FuncMetadata):
+    """Arguments as the agent sent them. The SDK parses any string that looks like JSON for a
+    parameter not annotated plain ``str``: ``customer_id: "null"`` would become None, the
+    default customer, though a Python worker's customer "null" is another budget. Only a list
+    parameter (``lists``) sent as a JSON string, as some hosts send them, is parsed here."""
+
+    lists: frozenset[str] = frozenset()
+
+    def pre_parse_json(self, data: dict[str, Any]) -> dict[str, Any]:
+        parsed = dict(data)
+        for name in self.lists & data.keys():
+            if isinstance(data[name], str):
+                with contextlib.suppress(ValueError):
+                    parsed[name] = json.loads(data[name])
+        return parsed
+
+
 def strict_tool(fn: Callable[..., Awaitable[BaseModel]], annotations: ToolAnnotations) -> Tool:
-    """``fn`` as a Tool whose arguments must all be known: the SDK ignores an unknown one, and a
-    misspelt ``customer_id`` would then charge the default customer's budget."""
+    """``fn`` as a Tool that takes its arguments exactly: an unknown one is refused (the SDK
+    would ignore it, and a misspelt ``customer_id`` would charge the default customer), and
+    strings stay strings (see ExactArguments)."""
     tool = Tool.from_function(fn, annotations=annotations)
-    loose = tool.fn_metadata.arg_model
+    meta = tool.fn_metadata
     strict = cast(
         type[ArgModelBase],
-        type(loose.__name__, (loose,), {"model_config": ConfigDict(extra="forbid")}),
+        type(
+            meta.arg_model.__name__, (meta.arg_model,), {"model_config": ConfigDict(extra="forbid")}
+        ),
     )
-    tool.fn_metadata.arg_model = strict
     tool.parameters = strict.model_json_schema(by_alias=True)  # additionalProperties: false
+    tool.fn_metadata = ExactArguments(
+        arg_model=strict,
+        output_schema=meta.output_schema,
+        output_model=meta.output_model,
+        wrap_output=meta.wrap_output,
+        lists=frozenset(
+            name
+            for name, schema in tool.parameters["properties"].items()
+            if "array" in {schema.get("type"), *(s.get("type") for s in schema.get("anyOf", ()))}
+        ),
+    )
     return tool
 
 
