@@ -89,7 +89,8 @@ def tool_errors() -> Iterator[None]:
         raise ToolError(f"invalid {exc.field}: {exc.message} (nothing was written)") from exc
     except AuthenticationError as exc:
         raise ToolError(
-            f"{exc}: the server's AGENTBILL_API_KEY is wrong or revoked (ask the operator)"
+            f"{str(exc).rstrip('.')}: the server's AGENTBILL_API_KEY is wrong or revoked "
+            "(ask the operator)"
         ) from exc
     except StoreUnavailableError as exc:
         raise ToolError(
