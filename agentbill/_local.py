@@ -211,8 +211,13 @@ def _revive(layout: _Layout, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     if _ping(layout.socket) is _Answer.READY:
         return
-    logger.warning("the local server on %s does not answer; starting it again", layout.socket)
     with _locked(layout, timeout=max(deadline - time.monotonic(), 0.0)):
+        if _ping(layout.socket) is _Answer.SILENT:  # not started again by another process
+            logger.warning(
+                "the local server on %s stopped answering; starting it again (its data is in %s)",
+                layout.socket,
+                layout.home,
+            )
         _start_unless_running(layout, deadline)
 
 
