@@ -159,7 +159,19 @@ class AsyncAgentBillClient(BaseClient):
 
     async def flush(self) -> int:
         """See :meth:`AgentBillClient.flush`."""
-        while batch := self._outage.take():
+        # Another thread (or the background) may be sending a batch: its outcome is waited
+        # for, and what it puts back is tried here, so that 0 means every settlement queued
+        # before this call is in Redis.
+        wait_until = (
+            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+        )
+        while True:
+            batch = self._outage.take()
+            if not batch:
+                if not self._outage.in_flight or time.monotonic() >= wait_until:
+                    break
+                await asyncio.sleep(0.01)
+                continue
             try:
                 replies = await self._send_batch([item.plan.call for item in batch])
             except StoreUnavailableError as exc:
@@ -173,14 +185,6 @@ class AsyncAgentBillClient(BaseClient):
                 raise
             if not self._delivered(batch, replies):
                 break
-        else:
-            # Another thread (or the background) may be sending a batch: wait for its outcome,
-            # so that 0 means every settlement queued before this call is in Redis.
-            deadline = (
-                time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
-            )
-            while self._outage.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
         return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ answers the client's other calls is this process's load, not an outage: it keeps
 request id) for up to :data:`LOAD_DEADLINE` seconds. Once a failure is seen while Redis has
 answered nothing for a while (:class:`Health`), Redis is *down*: calls waiting for a slot fail
 at once instead of queueing behind attempts that will time out too, until Redis answers again.
+For an async client, a timeout that expired while the event loop itself was blocked (by its
+own tasks, or by the OS) for half the attempt or more is load too (:class:`LoopWatch`).
 """
 
 from __future__ import annotations
@@ -242,10 +244,16 @@ class Slots:
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._cond:
-            while self._free == 0:
+            waited = False
+            while True:
                 down = self._health.down
-                if down is not None:
+                if down is not None and (waited or self._free == 0):
+                    # A call that finds a slot free still tries (Redis may be back); one
+                    # that had to wait would only queue behind attempts that time out.
                     raise _down_now(down)
+                if self._free > 0:
+                    break
+                waited = True
                 self._cond.wait()
             self._free -= 1
         try:
@@ -304,6 +312,8 @@ class AsyncSlots:
             raise
 
     def _release(self) -> None:
+        if self._health.down is not None:
+            self._fail_waiters()  # they had to wait: see Slots.held
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -321,6 +331,58 @@ class AsyncSlots:
                 waiter.set_exception(_down_now(down))
 
 
+class LoopWatch:
+    """How long an event loop was blocked lately: by its own tasks' work between two of its
+    iterations, or by the OS not running the process. A timeout that expired while the loop
+    could not read the reply is no sign of a silent Redis. While calls are in flight, a
+    callback every :attr:`TICK` seconds notes how late it ran."""
+
+    TICK = 0.05
+    KEEP = 120.0  # seconds of stalls remembered: longer than any attempt
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.users = 0
+        self._ticking = False
+        self._due = math.inf  # when the pending tick should run
+        self._stalls: deque[tuple[float, float]] = deque()  # (when it ended, how long)
+
+    def enter(self) -> None:
+        self.users += 1
+        if not self._ticking:
+            self._ticking = True
+            self._schedule()
+
+    def leave(self) -> None:
+        self.users -= 1
+
+    def _schedule(self) -> None:
+        self._due = time.monotonic() + self.TICK
+        self.loop.call_later(self.TICK, self._tick, self._due)
+
+    def _tick(self, due: float) -> None:
+        now = time.monotonic()
+        self._due = math.inf
+        if now - due > self.TICK / 2:
+            self._stalls.append((now, now - due))
+        while self._stalls and self._stalls[0][0] < now - self.KEEP:
+            self._stalls.popleft()
+        if self.users > 0:
+            self._schedule()
+        else:
+            self._ticking = False
+
+    def stalled(self, start: float, end: float) -> float:
+        """Seconds of [start, end] the loop was blocked, as far as its ticks saw; the tick
+        still waiting to run (an iteration runs its callbacks before its due timers) counts
+        as blocked since it was due."""
+        stalls = list(self._stalls)
+        now = time.monotonic()
+        if now - self._due > self.TICK / 2:
+            stalls.append((now, now - self._due))
+        return sum(max(0.0, min(end, ended) - max(start, ended - n)) for ended, n in stalls)
+
+
 # -- the policy ----------------------------------------------------------------------------------
 
 
@@ -328,22 +390,39 @@ class _Attempts:
     """One call's attempts: what they saw, and what tenacity needs for the ones after the
     first."""
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, watch: LoopWatch | None = None) -> None:
         self.policy = policy
-        self.started = time.monotonic()
+        self.watch = watch
+        self.started = self.attempt_started = time.monotonic()
         self.doubt: Exception | None = None
         """The last failure after which the call may have run."""
         self.heal = False
         """The last attempt's connection was refused: try to revive the local server first."""
+        self.stalled = False
+        """The last attempt timed out while this process's event loop was blocked."""
+
+    def begin(self) -> None:
+        self.attempt_started = time.monotonic()
 
     def saw(self, exc: Exception | None) -> None:
         health = self.policy.health
+        self.stalled = False
         if exc is None or _answered(exc):
             health.answered()
         elif unreachable(exc):
             self.doubt = exc
             self.heal = self.policy.heal is not None and _refused(exc)
-            health.failed(exc)
+            if self._blocked_loop():
+                self.stalled = True  # our own load: neither Redis's failure nor an outage
+            else:
+                health.failed(exc)
+
+    def _blocked_loop(self) -> bool:
+        """The event loop was blocked for half of the attempt or more (async clients)."""
+        if self.watch is None or not self.policy.health.enabled:
+            return False
+        start, end = self.attempt_started, time.monotonic()
+        return self.watch.stalled(start, end) >= (end - start) / 2
 
     def left(self) -> float:
         return self.policy.deadline - (time.monotonic() - self.started)
@@ -355,7 +434,7 @@ class _Attempts:
             return False
         if time.monotonic() - self.started >= LOAD_DEADLINE:
             return False
-        return pool_full(exc) or self.policy.health.answering()
+        return pool_full(exc) or self.stalled or self.policy.health.answering()
 
     def give_up_at_once(self, exc: Exception) -> bool:
         if not is_transient(exc):
@@ -416,6 +495,7 @@ class RetryPolicy:
         self.health = Health(quiet, enabled=watch_health)
         self.slots = Slots(connections, self.health)
         self.async_slots = AsyncSlots(connections, self.health)
+        self._watch: LoopWatch | None = None
 
     def call(self, fn: Callable[[], T]) -> T:
         with self.slots.held():
@@ -425,6 +505,7 @@ class RetryPolicy:
                 if run.heal and self.heal is not None:
                     run.heal = False
                     self.heal(max(run.left(), self.deadline / 2))
+                run.begin()
                 try:
                     result = fn()
                 except Exception as exc:
@@ -449,12 +530,18 @@ class RetryPolicy:
 
     async def acall(self, fn: Callable[[], Awaitable[T]]) -> T:
         async with self.async_slots.held():
-            run = _Attempts(self)
+            # Let the tasks that are ready run first: when many calls start at once, their own
+            # work (planning, queueing) would otherwise run inside this call's connect and
+            # read timeouts, and a loop busy with its callers is not a silent Redis.
+            await asyncio.sleep(0)
+            watch = self._loop_watch()
+            run = _Attempts(self, watch)
 
             async def attempt() -> T:  # a coroutine function, so tenacity awaits it
                 if run.heal and self.heal is not None:
                     run.heal = False
                     await asyncio.to_thread(self.heal, max(run.left(), self.deadline / 2))
+                run.begin()
                 try:
                     result = await fn()
                 except Exception as exc:
@@ -463,6 +550,7 @@ class RetryPolicy:
                 run.saw(None)
                 return result
 
+            watch.enter()
             try:
                 try:
                     return await attempt()
@@ -476,3 +564,11 @@ class RetryPolicy:
                 if final is exc:
                     raise
                 raise final from exc
+            finally:
+                watch.leave()
+
+    def _loop_watch(self) -> LoopWatch:
+        loop = asyncio.get_running_loop()
+        if self._watch is None or self._watch.loop is not loop:
+            self._watch = LoopWatch(loop)
+        return self._watch

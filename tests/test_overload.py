@@ -68,6 +68,42 @@ def test_a_thousand_concurrent_async_preflights_are_load_not_an_outage(
     assert reserved == LIMIT
 
 
+def test_an_event_loop_blocked_by_its_own_work_is_load_not_an_outage(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    """Callers arrive in waves, and between waves the loop is blocked (synchronous work in a
+    task) for longer than the connect timeout: the timeouts that expire meanwhile measure
+    this process, not Redis. (Without the loop watch, every call here was approved offline.)"""
+    waves, per_wave, blocked = 5, 200, 0.6
+
+    async def race() -> tuple[list[BaseCheck | BaseException], int, int]:
+        async with AsyncAgentBillClient(
+            redis_url=redis_server.url, namespace=namespace, on_outage="fail_open"
+        ) as client:
+            await client.set_budget(CUSTOMER, LIMIT)
+        async with AsyncAgentBillClient(
+            redis_url=redis_server.url, namespace=namespace, on_outage="fail_open"
+        ) as client:
+            calls: list[asyncio.Future[BaseCheck]] = []
+            for _ in range(waves):
+                calls += [
+                    asyncio.ensure_future(client.preflight(AGENT, 1, CUSTOMER))
+                    for _ in range(per_wave)
+                ]
+                time.sleep(blocked)  # the loop runs nothing meanwhile
+                await asyncio.sleep(0)
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            budget = await client.get_budget(CUSTOMER)
+            return list(results), budget.reserved, client.outage_stats.offline_runs
+
+    results, reserved, offline_runs = asyncio.run(race())
+    online, offline, errors = _tally(results)
+    assert errors == []
+    assert (offline, offline_runs) == (0, 0)
+    assert online == LIMIT
+    assert reserved == LIMIT
+
+
 def test_two_hundred_threads_on_one_sync_client_are_load_not_an_outage(
     redis_server: RedisServer, namespace: str
 ) -> None:
