@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import threading
 from collections.abc import Callable, Iterator
 
@@ -23,9 +24,12 @@ import redis
 
 from agentbill import (
     AgentBillClient,
+    InvalidRequestError,
     StoreBusyError,
+    StoreError,
     StoreUnavailableError,
 )
+from agentbill._retry import RetryPolicy, translate
 from tests._servers import RedisServer, running
 from tests.test_outage import AGENT, CUSTOMER, Connect, connect, wait_until
 
@@ -228,3 +232,77 @@ def test_a_queued_record_redis_refuses_for_good_is_dropped_loudly_and_released(
         assert (budget.spent, budget.reserved, budget.open_reservations) == (5, 0, 0)
         released = [e for e in looker.events(CUSTOMER) if e.type == "released"]
         assert [e.reservation_id for e in released] == [second.reservation_id]
+
+
+# -- which error is which (no server needed) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (redis.ResponseError("BUSY Redis is busy running a script."), "BUSY"),
+        (redis.exceptions.OutOfMemoryError("command not allowed when used memory"), "OOM"),
+        (redis.BusyLoadingError("Redis is loading the dataset in memory"), "LOADING"),
+        (redis.ReadOnlyError("You can't write against a read only replica."), "READONLY"),
+        (redis.exceptions.MasterDownError("Link with MASTER is down"), "MASTERDOWN"),
+        (redis.exceptions.TryAgainError("Multiple keys request during rehashing"), "TRYAGAIN"),
+        (redis.exceptions.ClusterDownError("The cluster is down"), "CLUSTERDOWN"),
+        (redis.ResponseError("NOREPLICAS Not enough good replicas to write."), "NOREPLICAS"),
+        (redis.ResponseError("MISCONF Redis is configured to save RDB snapshots"), "MISCONF"),
+    ],
+)
+def test_not_now_answers_are_busy_errors(error: Exception, code: str) -> None:
+    busy = translate(error)
+    assert isinstance(busy, StoreBusyError)
+    assert busy.code == code
+    again = pickle.loads(pickle.dumps(busy))
+    assert (type(again), again.code, str(again)) == (StoreBusyError, code, str(busy))
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (redis.ConnectionError("Connection refused"), StoreUnavailableError),
+        (redis.TimeoutError("Timeout reading from socket"), StoreUnavailableError),
+        (redis.ResponseError("AGENTBILL idempotency_conflict"), InvalidRequestError),
+        (redis.ResponseError("NOPERM this user has no permissions"), StoreError),
+        (redis.ResponseError("ERR Error running script"), StoreError),
+    ],
+)
+def test_other_errors_are_not_busy(error: Exception, kind: type[Exception]) -> None:
+    translated = translate(error)
+    assert type(translated) is kind
+
+
+def _raising(*errors: Exception) -> Callable[[], object]:
+    left = list(errors)
+
+    def call() -> object:
+        raise left.pop(0) if len(left) > 1 else left[0]
+
+    return call
+
+
+def test_busy_is_retried_and_ends_as_busy() -> None:
+    busy = redis.ResponseError("BUSY Redis is busy running a script.")
+    calls: list[int] = []
+
+    def fn() -> object:
+        calls.append(1)
+        raise busy
+
+    with pytest.raises(redis.ResponseError) as caught:
+        RetryPolicy(attempts=3, deadline=10.0).call(fn)
+    assert caught.value is busy
+    assert len(calls) == 3
+
+
+def test_a_busy_answer_after_an_attempt_in_doubt_is_in_doubt() -> None:
+    """StoreBusyError promises that nothing was written; after a lost reply that is unknown,
+    so the call ends as StoreUnavailableError (an outage policy queues it, same request id)."""
+    reset = redis.ConnectionError("Connection reset by peer")
+    busy = redis.ResponseError("BUSY Redis is busy running a script.")
+    with pytest.raises(redis.ConnectionError) as caught:
+        RetryPolicy(attempts=3, deadline=10.0).call(_raising(reset, busy))
+    assert caught.value is reset
+    assert type(translate(caught.value)) is StoreUnavailableError
