@@ -34,8 +34,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import TypeVar
 
 from redis import exceptions as rx
@@ -241,8 +241,7 @@ class Slots:
         self._free = self.size  # the child has none of its parent's calls in flight
         self._cond = threading.Condition()
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
+    def acquire(self) -> None:
         with self._cond:
             waited = False
             while True:
@@ -256,12 +255,11 @@ class Slots:
                 waited = True
                 self._cond.wait()
             self._free -= 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._free += 1
-                self._cond.notify()
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
 
     def _wake_all(self) -> None:
         with self._cond:
@@ -284,15 +282,7 @@ class AsyncSlots:
         self._free = self.size
         self._waiters = deque()
 
-    @asynccontextmanager
-    async def held(self) -> AsyncIterator[None]:
-        await self._acquire()
-        try:
-            yield
-        finally:
-            self._release()
-
-    async def _acquire(self) -> None:
+    async def acquire(self) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
@@ -305,13 +295,13 @@ class AsyncSlots:
             await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._release()  # handed a slot as it was cancelled
+                self.release()  # handed a slot as it was cancelled
             else:
                 with suppress(ValueError):
                     self._waiters.remove(waiter)
             raise
 
-    def _release(self) -> None:
+    def release(self) -> None:
         if self._health.down is not None:
             self._fail_waiters()  # they had to wait: see Slots.held
         while self._waiters:
@@ -498,74 +488,87 @@ class RetryPolicy:
         self._watch: LoopWatch | None = None
 
     def call(self, fn: Callable[[], T]) -> T:
-        with self.slots.held():
-            run = _Attempts(self)
+        self.slots.acquire()
+        try:
+            return self._attempts(fn)
+        finally:
+            self.slots.release()
 
-            def attempt() -> T:
-                if run.heal and self.heal is not None:
-                    run.heal = False
-                    self.heal(max(run.left(), self.deadline / 2))
-                run.begin()
-                try:
-                    result = fn()
-                except Exception as exc:
-                    run.saw(exc)
-                    raise
-                run.saw(None)
-                return result
+    def _attempts(self, fn: Callable[[], T]) -> T:
+        run = _Attempts(self)
 
+        def attempt() -> T:
+            if run.heal and self.heal is not None:
+                run.heal = False
+                self.heal(max(run.left(), self.deadline / 2))
+            run.begin()
             try:
-                try:
-                    return attempt()
-                except Exception as exc:
-                    if run.give_up_at_once(exc):
-                        raise
-                time.sleep(FIRST_WAIT + random.uniform(0, FIRST_WAIT))
-                return Retrying(**run.settings())(attempt)  # type: ignore[arg-type]
+                result = fn()
             except Exception as exc:
-                final = run.outcome(exc)
-                if final is exc:
+                run.saw(exc)
+                raise
+            run.saw(None)
+            return result
+
+        try:
+            try:
+                return attempt()
+            except Exception as exc:
+                if run.give_up_at_once(exc):
                     raise
-                raise final from exc
+            time.sleep(FIRST_WAIT + random.uniform(0, FIRST_WAIT))
+            return Retrying(**run.settings())(attempt)  # type: ignore[arg-type]
+        except Exception as exc:
+            final = run.outcome(exc)
+            if final is exc:
+                raise
+            raise final from exc
 
     async def acall(self, fn: Callable[[], Awaitable[T]]) -> T:
-        async with self.async_slots.held():
+        await self.async_slots.acquire()
+        try:
             # Let the tasks that are ready run first: when many calls start at once, their own
             # work (planning, queueing) would otherwise run inside this call's connect and
             # read timeouts, and a loop busy with its callers is not a silent Redis.
             await asyncio.sleep(0)
             watch = self._loop_watch()
-            run = _Attempts(self, watch)
-
-            async def attempt() -> T:  # a coroutine function, so tenacity awaits it
-                if run.heal and self.heal is not None:
-                    run.heal = False
-                    await asyncio.to_thread(self.heal, max(run.left(), self.deadline / 2))
-                run.begin()
-                try:
-                    result = await fn()
-                except Exception as exc:
-                    run.saw(exc)
-                    raise
-                run.saw(None)
-                return result
-
             watch.enter()
             try:
-                try:
-                    return await attempt()
-                except Exception as exc:
-                    if run.give_up_at_once(exc):
-                        raise
-                await asyncio.sleep(FIRST_WAIT + random.uniform(0, FIRST_WAIT))
-                return await AsyncRetrying(**run.settings())(attempt)  # type: ignore[arg-type]
-            except Exception as exc:
-                final = run.outcome(exc)
-                if final is exc:
-                    raise
-                raise final from exc
+                return await self._async_attempts(fn, watch)
             finally:
                 watch.leave()
+        finally:
+            self.async_slots.release()
+
+    async def _async_attempts(self, fn: Callable[[], Awaitable[T]], watch: LoopWatch) -> T:
+        run = _Attempts(self, watch)
+
+        async def attempt() -> T:  # a coroutine function, so tenacity awaits it
+            if run.heal and self.heal is not None:
+                run.heal = False
+                await asyncio.to_thread(self.heal, max(run.left(), self.deadline / 2))
+            run.begin()
+            try:
+                result = await fn()
+            except Exception as exc:
+                run.saw(exc)
+                raise
+            run.saw(None)
+            return result
+
+        try:
+            try:
+                return await attempt()
+            except Exception as exc:
+                if run.give_up_at_once(exc):
+                    raise
+            await asyncio.sleep(FIRST_WAIT + random.uniform(0, FIRST_WAIT))
+            return await AsyncRetrying(**run.settings())(attempt)  # type: ignore[arg-type]
+        except Exception as exc:
+            final = run.outcome(exc)
+            if final is exc:
+                raise
+            raise final from exc
 
     def _loop_watch(self) -> LoopWatch:
         loop = asyncio.get_running_loop()
