@@ -281,6 +281,9 @@ class AgentBillClient(BaseClient):
     ``"fail_closed"`` raises StoreUnavailableError; ``"fail_open"`` approves offline;
     ``"allowance"`` approves offline up to ``outage_allowance`` units held by this process.
     Offline runs' settlements are queued and delivered once Redis answers (see ``flush``).
+    Only Redis unreachable or silent is an outage: Redis answering "not now" (BUSY, OOM, ...)
+    raises StoreBusyError, and the client's own load is never one: at most
+    ``max_connections`` calls talk to Redis at once, and the others wait for a connection.
     ``background_settle``: ``record`` and ``release`` queue their call and return at once
     (status ``queued``); a background thread delivers the queue in pipelined batches, and
     ``close()`` (or leaving the ``with`` block) delivers what is left.

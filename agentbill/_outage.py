@@ -61,11 +61,12 @@ class OutageStats:
     held_units: int
     """Estimates of offline runs not yet settled in Redis: the allowance in use."""
     queued: int
-    """Settlements waiting for Redis (or being sent to it right now)."""
+    """Settlements waiting for Redis (unreachable, silent or busy), or being sent right now."""
     delivered: int
     """Queued settlements delivered to Redis since the client was made."""
     dropped: int
-    """Queued settlements Redis refused (an error no retry can fix); each was logged."""
+    """Queued settlements Redis refused for good (a bad request, which no retry can fix); each
+    was logged as an error, and a dropped record's reservation released."""
 
 
 @dataclass(slots=True)
