@@ -303,7 +303,7 @@ class AsyncSlots:
 
     def release(self) -> None:
         if self._health.down is not None:
-            self._fail_waiters()  # they had to wait: see Slots.held
+            self._fail_waiters()  # they had to wait: see Slots.acquire
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -402,8 +402,8 @@ class _Attempts:
         elif unreachable(exc):
             self.doubt = exc
             self.heal = self.policy.heal is not None and _refused(exc)
-            if self._blocked_loop():
-                self.stalled = True  # our own load: neither Redis's failure nor an outage
+            if not _refused(exc) and self._blocked_loop():
+                self.stalled = True  # a timeout of our own making: not Redis's failure
             else:
                 health.failed(exc)
 
