@@ -20,6 +20,7 @@ from agentbill._client import (
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
+    StoreBusyError,
     StoreError,
     StoreUnavailableError,
 )
@@ -36,7 +37,7 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import RetryPolicy, translate
+from agentbill._retry import Heal, translate
 from agentbill._scripts import pipeline_args
 from agentbill._telemetry import instrument
 
@@ -72,6 +73,7 @@ class AsyncAgentBillClient(BaseClient):
         socket_timeout: float = 1.0,
         retry_attempts: int = 3,
         retry_deadline: float = 1.0,
+        max_connections: int = 50,
         on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
@@ -96,19 +98,19 @@ class AsyncAgentBillClient(BaseClient):
             socket_timeout=socket_timeout,
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
+            max_connections=max_connections,
             on_outage=on_outage,
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
         )
         check_callback(on_threshold)
-        owns = redis is None
+        owns, heal = redis is None, None
         if redis is None:
-            redis = _connect(settings)
+            redis, heal = _connect(settings)
         elif not isinstance(redis, REDIS_TYPES):
             raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
-        super().__init__(settings, redis, owns, on_threshold)
-        self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
+        super().__init__(settings, redis, owns, on_threshold, heal)
         self._flusher = AsyncFlusher(self.flush)
         self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
@@ -124,7 +126,7 @@ class AsyncAgentBillClient(BaseClient):
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
         self._notify(result)
-        if self._outage.has_queued and not self._settings.background_settle:
+        if self._outage.due() and not self._settings.background_settle:
             await self.flush()
         return result
 
@@ -157,40 +159,44 @@ class AsyncAgentBillClient(BaseClient):
 
     async def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
         if self._settings.background_settle:
-            self._outage.enqueue(plan, plan.reservation_id)
+            settlement = self._queue_settlement(plan, release)
             self._flusher.wake()
-            return _core.queued_settlement(plan.reservation_id)
+            return settlement
         try:
             settlement = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_settlement(plan, exc, release)
-        self._outage.settled(plan.reservation_id)
+        self._outage.settled(plan, release)
         return settlement
 
     async def flush(self) -> int:
         """See :meth:`AgentBillClient.flush`."""
-        while batch := self._outage.take():
+        # Another thread (or the background) may be sending a batch: its outcome is waited
+        # for, and what it puts back is tried here, so that 0 means every settlement queued
+        # before this call is in Redis.
+        wait_until = (
+            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+        )
+        while True:
+            batch = self._outage.take()
+            if not batch:
+                if not self._outage.in_flight or time.monotonic() >= wait_until:
+                    break
+                await asyncio.sleep(0.01)
+                continue
             try:
                 replies = await self._send_batch([item.plan.call for item in batch])
-            except StoreUnavailableError:
-                self._outage.put_back(batch)
+            except StoreUnavailableError as exc:
+                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
                 break
             except AgentBillError as exc:
-                for item in batch:
-                    self._outage.dropped(item, exc)
-                continue
+                self._undeliverable(batch, exc)
+                break
             except BaseException:  # cancelled or interrupted: the batch stays queued
                 self._outage.put_back(batch)
                 raise
-            self._delivered(batch, replies)
-        else:
-            # Another thread (or the background) may be sending a batch: wait for its outcome,
-            # so that 0 means every settlement queued before this call is in Redis.
-            deadline = (
-                time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
-            )
-            while self._outage.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            if not self._delivered(batch, replies):
+                break
         return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------
@@ -481,6 +487,5 @@ class AsyncAgentBillClient(BaseClient):
         await self.close()
 
 
-def _connect(settings: ClientSettings) -> aioredis.Redis:
-    client: aioredis.Redis = from_url(aioredis.Redis.from_url, settings)
-    return client
+def _connect(settings: ClientSettings) -> tuple[aioredis.Redis, Heal | None]:
+    return from_url(aioredis.Redis, aioredis.BlockingConnectionPool, settings)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from agentbill._core import customer_of, new_token
 from agentbill._exceptions import InvalidRequestError
+from agentbill._fork import reset_at_fork
 from agentbill._keys import customer_tag, reservation_id
 from agentbill._models import validate_units
 from agentbill._results import BaseCheck, BudgetStatus, RateLimit, Settlement, SettleStatus
@@ -201,6 +202,7 @@ class LeaseBook:
         self.lock = threading.Lock()
         self.slices: list[Slice] = []
         self.current: Slice | None = None
+        reset_at_fork(self)
         self.left: dict[BudgetScope, int] = {}
         """What each budget scope had left at its last answer."""
         self.bursts: dict[bool, int] = {}
@@ -214,6 +216,13 @@ class LeaseBook:
         self.slice_count = 0
         self.settled_units = 0
         self.settled_count = 0
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock, and no slices: the parent's slices are the parent's
+        to decide on and settle (the child reserves its own)."""
+        self.lock = threading.Lock()
+        self.slices = []
+        self.current = None
 
     def try_local(self, units: int) -> LeaseCheck | None:
         """Approve ``units`` on the current slice if it fits; None: a new slice is needed."""

@@ -107,6 +107,7 @@ class ClientSettings(_Request):
     socket_timeout: Timeout = 1.0
     retry_attempts: Annotated[int, Strict(), Field(ge=1, le=10)] = 3
     retry_deadline: Timeout = 1.0
+    max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 50
     on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed"
     outage_allowance: Units | None = Field(default=None, validate_default=True)
     ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000

@@ -14,11 +14,12 @@ process after ``fork()`` starts with an empty book: its parent's reservations ar
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
 from datetime import datetime
+
+from agentbill._fork import reset_at_fork
 
 LIMIT = 100_000
 """Reservations remembered per client; beyond it, the oldest are forgotten (they are then
@@ -32,23 +33,17 @@ class OwnReservations:
     """Open reservations this client made, oldest first per group; safe across threads."""
 
     def __init__(self) -> None:
-        self._reset()
+        self._after_fork()
+        reset_at_fork(self)
 
-    def _reset(self) -> None:
-        self._pid = os.getpid()
+    def _after_fork(self) -> None:
+        """A new book (and lock): a forked child's reservations are its own."""
         self._lock = threading.Lock()
         self._groups: dict[Group, OrderedDict[str, float]] = {}
         self._group_of: OrderedDict[str, Group] = OrderedDict()
 
-    def _here(self) -> None:
-        # Checked before taking the lock: a lock copied by fork() while another thread held it
-        # would never be released in the child.
-        if self._pid != os.getpid():
-            self._reset()
-
     def add(self, group: Group, rid: str, expires_at: datetime | None) -> None:
         """Remember reservation ``rid`` of ``group``, open until ``expires_at``."""
-        self._here()
         deadline = expires_at.timestamp() if expires_at is not None else float("inf")
         with self._lock:
             if rid in self._group_of:
@@ -62,7 +57,6 @@ class OwnReservations:
     def take(self, group: Group) -> str | None:
         """The oldest reservation of ``group`` not past its expiry, forgotten here (the record
         about to name it closes it, or finds it closed); None if there is none."""
-        self._here()
         now = time.time()
         with self._lock:
             rids = self._groups.get(group)
@@ -80,7 +74,6 @@ class OwnReservations:
         """Forget ``rid``: it was settled by a request naming it."""
         if rid is None:
             return
-        self._here()
         with self._lock:
             group = self._group_of.pop(rid, None)
             if group is not None:
@@ -94,5 +87,4 @@ class OwnReservations:
                 del self._groups[group]
 
     def __len__(self) -> int:
-        self._here()
         return len(self._group_of)

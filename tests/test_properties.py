@@ -418,6 +418,7 @@ SETTINGS: dict[str, st.SearchStrategy[object]] = {
     "socket_timeout": bad_timeouts,
     "retry_attempts": bad_ints(1, 10),
     "retry_deadline": bad_timeouts,
+    "max_connections": bad_ints(1, 10_000),
     "on_outage": st.one_of(
         st.text(max_size=12).filter(lambda s: s not in ("fail_closed", "fail_open", "allowance")),
         not_str,

@@ -172,7 +172,8 @@ def session(redis_url: str | None, namespace: str) -> Iterator[Session]:
     ``$AGENTBILL_API_KEY`` if set); close on exit."""
     api_key = os.environ.get(ENV_API_KEY) or None
     settings = _core.settings_from(api_key=api_key, redis_url=redis_url, namespace=namespace)
-    raw: redis.Redis = from_url(redis.Redis.from_url, settings)
+    raw: redis.Redis
+    raw, _ = from_url(redis.Redis, redis.BlockingConnectionPool, settings)
     try:
         with AgentBillClient(api_key=api_key, redis=raw, namespace=settings.namespace) as client:
             yield Session(client, raw, settings.namespace, shown_url(redis_url))
