@@ -285,13 +285,14 @@ def go(harness: Harness, job_id: str, run: int) -> None:
     harness.store.set(f"rqtest:{harness.namespace}:go:{job_id}:{run}", 1)
 
 
-@pytest.mark.parametrize("outcomes", ["of", "fo"], ids=["release-first", "record-first"])
+@pytest.mark.parametrize("outcomes", ["ofo", "foo"], ids=["release-first", "record-first"])
 def test_overlapping_runs_of_one_job_id_charge_the_success_once(
     rq_harness: Harness, outcomes: str
 ) -> None:
     """The same job id enqueued again while its first run still runs: the two runs share one
     reservation (the idempotency key). One fails and releases, the other records 7; in either
-    order the success is charged once and nothing stays reserved."""
+    order the success is charged once and nothing stays reserved. Enqueued a third time, the
+    job has succeeded already: charged nothing more."""
     cust = customer()
     rq_harness.client.set_budget(cust, 100)
     job_id = f"twice-{uuid.uuid4().hex[:8]}"
@@ -310,6 +311,12 @@ def test_overlapping_runs_of_one_job_id_charge_the_success_once(
         go(rq_harness, job_id, 1)
     finally:
         rq_harness.wait(first)
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
+    go(rq_harness, job_id, 3)  # run 3 need not wait
+    third = rq_harness.enqueue("on_cue", cust, outcomes, job_id=job_id)
+    rq_harness.work()
+    assert rq_harness.status(third) == JobStatus.FINISHED, rq_harness.failure(third)
     budget = rq_harness.client.get_budget(cust)
     assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
 
