@@ -6,7 +6,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -38,6 +38,10 @@ from agentbill._results import (
 )
 from agentbill._retry import RetryPolicy, translate
 from agentbill._scripts import pipeline_args
+from agentbill._telemetry import instrument
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 REDIS_TYPES = (aioredis.Redis, aioredis.RedisCluster)
 REDIS_TYPES_TEXT = "must be a redis.asyncio Redis or RedisCluster"
@@ -61,6 +65,8 @@ class AsyncAgentBillClient(BaseClient):
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,
         outcome_retention: int = 24 * 3600,
+        task_retention: int = 30 * 24 * 3600,
+        idle_retention: int = 90 * 24 * 3600,
         reap_limit: int = 100,
         connect_timeout: float = 0.5,
         socket_timeout: float = 1.0,
@@ -71,6 +77,9 @@ class AsyncAgentBillClient(BaseClient):
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+        metrics: bool | CollectorRegistry = False,
+        metrics_customers: bool = False,
+        trace_customers: bool = False,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -80,6 +89,8 @@ class AsyncAgentBillClient(BaseClient):
             reservation_ttl=reservation_ttl,
             idempotency_ttl=idempotency_ttl,
             outcome_retention=outcome_retention,
+            task_retention=task_retention,
+            idle_retention=idle_retention,
             reap_limit=reap_limit,
             connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
@@ -99,6 +110,7 @@ class AsyncAgentBillClient(BaseClient):
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
         self._flusher = AsyncFlusher(self.flush)
+        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
@@ -195,7 +207,25 @@ class AsyncAgentBillClient(BaseClient):
         ttl: int | None = None,
     ) -> AsyncCheck:
         """See :meth:`AgentBillClient.preflight`."""
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return await self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[AsyncCheck]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -205,11 +235,26 @@ class AsyncAgentBillClient(BaseClient):
             idempotency_key,
             ttl,
             functools.partial(AsyncCheck, _client=self),
+            adoptable=adoptable,
         )
+
+    async def _preflight(self, plan: _core.Plan[AsyncCheck], track: bool = True) -> AsyncCheck:
         try:
-            return await self._run(plan)
+            check = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+        if track:
+            self._track(check)
+        return check
+
+    async def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> AsyncCheck:
+        """See :meth:`AgentBillClient._reserve_slice`."""
+        plan = self._plan_preflight(
+            agent_id, units, customer_id, task_ref, None, None, ttl, adoptable=False
+        )
+        return await self._preflight(plan, track=False)
 
     async def preflight_many(self, requests: Iterable[Preflight]) -> list[AsyncCheck]:
         """See :meth:`AgentBillClient.preflight_many`."""
@@ -231,6 +276,7 @@ class AsyncAgentBillClient(BaseClient):
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:
             self._notify(check)
+            self._track(cast(AsyncCheck, check))
         if self._outage.has_queued:
             await self.flush()
         return cast(list[AsyncCheck], checks)
@@ -260,19 +306,20 @@ class AsyncAgentBillClient(BaseClient):
         metadata: dict[str, Any] | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.record`."""
-        return await self._settle(
-            _core.plan_record(
-                self._policy,
-                agent_id,
-                units,
-                customer_id,
-                reservation_id,
-                task_ref,
-                success,
-                idempotency_key,
-                metadata,
-            )
+        plan = _core.plan_record(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            self._own,
         )
+        self._own.discard(plan.reservation_id)
+        return await self._settle(plan)
 
     async def release(
         self,
@@ -282,10 +329,11 @@ class AsyncAgentBillClient(BaseClient):
         customer_id: str | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
-        return await self._settle(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
-            release=True,
-        )
+        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        self._own.discard(plan.reservation_id)
+        settlement = await self._settle(plan, release=True)
+        self._own.discard(settlement.reservation_id)
+        return settlement
 
     def gate(
         self,

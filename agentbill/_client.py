@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -35,7 +35,9 @@ from agentbill._outage import (
     warn_offline,
     warn_undelivered,
 )
+from agentbill._own import OwnReservations
 from agentbill._results import (
+    BaseCheck,
     BudgetStatus,
     Check,
     Event,
@@ -46,7 +48,11 @@ from agentbill._results import (
 )
 from agentbill._retry import RetryPolicy, translate
 from agentbill._scripts import bind, pipeline_args
+from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 
@@ -102,10 +108,21 @@ class BaseClient:
         self._scripts = bind(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
         self._on_threshold = on_threshold
+        self._own = OwnReservations()
+        self._telemetry: Telemetry = OFF
+
+    def _track(self, check: BaseCheck) -> None:
+        """Remember an approval Redis made, so this client's records without an id close its
+        own reservations first (see ``_own``)."""
+        if check.approved and not check.offline and check.reservation_id is not None:
+            group = (check.customer_id, check.agent_id, check.task_ref)
+            self._own.add(group, check.reservation_id, check.expires_at)
 
     def _notify(self, result: object) -> None:
-        """Pass the thresholds a call crossed to ``on_threshold``; its errors are logged, never
-        raised into the run (the decision stands either way)."""
+        """Count a result Redis decided in the metrics, and pass the thresholds it crossed to
+        ``on_threshold``; its errors are logged, never raised into the run (the decision stands
+        either way)."""
+        self._telemetry.observe(result)
         if self._on_threshold is None:
             return
         for crossing in getattr(result, "crossed", ()):
@@ -139,6 +156,7 @@ class BaseClient:
             if not self._outage.approve(check.reservation_id, check.estimated_units):
                 raise exc
             warn_offline(check, self._outage.mode, exc)
+        self._telemetry.observe(check)
         return cast(_core.T, check)
 
     def _offline_settlement(
@@ -157,7 +175,7 @@ class BaseClient:
     def _batch_releases(self, checks: list[Any]) -> list[_core.Call]:
         """Calls releasing what this batch itself approved (not replays of earlier calls)."""
         return [
-            _core.plan_release(self._policy, c.reservation_id, None, None).call
+            _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True).call
             for c in checks
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
@@ -234,6 +252,10 @@ class AgentBillClient(BaseClient):
     ``background_settle``: ``record`` and ``release`` queue their call and return at once
     (status ``queued``); a background thread delivers the queue in pipelined batches, and
     ``close()`` (or leaving the ``with`` block) delivers what is left.
+    ``metrics``: count preflights, units, settlements and errors with prometheus-client (True:
+    its default registry; or a ``CollectorRegistry``); ``metrics_customers`` adds a customer
+    label. With OpenTelemetry configured, every operation is a span; ``trace_customers`` puts
+    the customer id in them. See ``_telemetry``.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -250,6 +272,8 @@ class AgentBillClient(BaseClient):
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,
         outcome_retention: int = 24 * 3600,
+        task_retention: int = 30 * 24 * 3600,
+        idle_retention: int = 90 * 24 * 3600,
         reap_limit: int = 100,
         connect_timeout: float = 0.5,
         socket_timeout: float = 1.0,
@@ -260,6 +284,9 @@ class AgentBillClient(BaseClient):
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+        metrics: bool | CollectorRegistry = False,
+        metrics_customers: bool = False,
+        trace_customers: bool = False,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -269,6 +296,8 @@ class AgentBillClient(BaseClient):
             reservation_ttl=reservation_ttl,
             idempotency_ttl=idempotency_ttl,
             outcome_retention=outcome_retention,
+            task_retention=task_retention,
+            idle_retention=idle_retention,
             reap_limit=reap_limit,
             connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
@@ -288,6 +317,7 @@ class AgentBillClient(BaseClient):
         super().__init__(settings, redis, owns, on_threshold)
         self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
         self._flusher = Flusher(self.flush)
+        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
@@ -401,7 +431,25 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError (nothing approved).
         """
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[Check]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -411,11 +459,27 @@ class AgentBillClient(BaseClient):
             idempotency_key,
             ttl,
             functools.partial(Check, _client=self),
+            adoptable=adoptable,
         )
+
+    def _preflight(self, plan: _core.Plan[Check], track: bool = True) -> Check:
         try:
-            return self._run(plan)
+            check = self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+        if track:
+            self._track(check)
+        return check
+
+    def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> Check:
+        """A lease's slice: a preflight whose reservation only a request naming it can close
+        (never a record without an id, which would take it from under the lease's runs)."""
+        plan = self._plan_preflight(
+            agent_id, units, customer_id, task_ref, None, None, ttl, adoptable=False
+        )
+        return self._preflight(plan, track=False)
 
     def preflight_many(self, requests: Iterable[Preflight]) -> list[Check]:
         """Many preflights in one round trip: one Check per ``Preflight`` in order, each decided
@@ -445,6 +509,7 @@ class AgentBillClient(BaseClient):
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:
             self._notify(check)
+            self._track(cast(Check, check))
         if self._outage.has_queued:
             self.flush()
         return cast(list[Check], checks)
@@ -459,8 +524,9 @@ class AgentBillClient(BaseClient):
         ttl: int = 60,
     ) -> Lease:
         """Reserve slices of the budget and decide runs locally: ``lease.preflight(units)`` costs
-        no round trip while the current slice (``slice_units``, at most half of what the budget
-        has left, never less than the ask) has room; ``run.record(units)`` is local; slices are
+        no round trip while the current slice (``slice_units``, sized to fit every rule, never
+        less than the ask) has room, and approves whatever a plain preflight would;
+        ``run.record(units)`` is local and closes the run once, like a Check's; slices are
         settled with what their runs used. A slice is an ordinary reservation, so overspend
         stays exactly zero; the cost is that a slice held here is unavailable to other
         workers until it is settled. ``ttl`` is each slice's. Use it as a context manager (or
@@ -488,19 +554,20 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
-        return self._settle(
-            _core.plan_record(
-                self._policy,
-                agent_id,
-                units,
-                customer_id,
-                reservation_id,
-                task_ref,
-                success,
-                idempotency_key,
-                metadata,
-            )
+        plan = _core.plan_record(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            self._own,
         )
+        self._own.discard(plan.reservation_id)
+        return self._settle(plan)
 
     def release(
         self,
@@ -518,10 +585,11 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
-        return self._settle(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
-            release=True,
-        )
+        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        self._own.discard(plan.reservation_id)
+        settlement = self._settle(plan, release=True)
+        self._own.discard(settlement.reservation_id)  # released by key: now its id is known
+        return settlement
 
     def gate(
         self,

@@ -118,6 +118,11 @@ def translate(exc: Exception) -> AgentBillError:
         for code, (field, text) in _SCRIPT_ERRORS.items():
             if f"AGENTBILL {code}" in message:
                 return InvalidRequestError(field, text)
+        if "AGENTBILL overflow " in message:
+            field = message.split("AGENTBILL overflow ", 1)[1].split()[0]
+            return InvalidRequestError(
+                field, "would take a counter past 2**53 - 1 (Lua numbers are exact to there)"
+            )
         return StoreError(f"Redis refused the command: {message}")
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
         # redis-py's message is the server's ("invalid username-password pair or user is
