@@ -16,9 +16,13 @@ import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
+
+if TYPE_CHECKING:
+    from anthropic import Anthropic, AsyncAnthropic
+    from openai import AsyncOpenAI, OpenAI
 
 TEXT = ["Budgets ", "hold ", "before ", "the ", "run."]
 
@@ -41,7 +45,8 @@ class MockLLM:
     status: int = 200
     """Anything else: every request gets this error status with the provider's error body."""
     stall_after: int | None = None
-    """Streams stop sending after this many events (until the client goes away)."""
+    """Streams stop sending after this many events (until the client goes away); 0 also
+    holds an async non-streaming answer back until the client gives up."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -53,13 +58,13 @@ class MockLLM:
     def async_transport(self) -> httpx2.MockTransport:
         return httpx2.MockTransport(self._handle_async)
 
-    def openai(self) -> Any:
+    def openai(self) -> OpenAI:
         from openai import OpenAI
 
         http = httpx2.Client(transport=self.transport())
         return OpenAI(api_key="sk-test", base_url="http://mock/v1", http_client=http, max_retries=0)
 
-    def async_openai(self) -> Any:
+    def async_openai(self) -> AsyncOpenAI:
         from openai import AsyncOpenAI
 
         http = httpx2.AsyncClient(transport=self.async_transport())
@@ -67,13 +72,13 @@ class MockLLM:
             api_key="sk-test", base_url="http://mock/v1", http_client=http, max_retries=0
         )
 
-    def anthropic(self) -> Any:
+    def anthropic(self) -> Anthropic:
         from anthropic import Anthropic
 
         http = httpx2.Client(transport=self.transport())
         return Anthropic(api_key="sk-test", base_url="http://mock", http_client=http, max_retries=0)
 
-    def async_anthropic(self) -> Any:
+    def async_anthropic(self) -> AsyncAnthropic:
         from anthropic import AsyncAnthropic
 
         http = httpx2.AsyncClient(transport=self.async_transport())
@@ -164,6 +169,8 @@ class MockLLM:
         if self.status != 200:
             return self._error(path)
         if not body.get("stream"):
+            if self.stall_after == 0:
+                await asyncio.Event().wait()
             return httpx2.Response(200, json=self.body(path, body))
         events = self.events(path, body)
         stall = self.stall_after
@@ -297,7 +304,7 @@ class MockLLM:
 
     def _anthropic_events(self, model: str) -> list[bytes]:
         usage = self.anthropic_usage()
-        start = {
+        start: dict[str, Any] = {
             "id": "msg_1",
             "type": "message",
             "role": "assistant",

@@ -12,6 +12,7 @@ client is left unmetered.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -203,7 +204,13 @@ def _sync_manager_class(cls: type[Any]) -> type:
 def _async_manager_class(cls: type[Any]) -> type:
     async def __aenter__(self: Any) -> Any:
         meter, plan = self._agentbill
-        ticket = await meter.preflight(plan)
+        try:
+            ticket = await meter.preflight(plan)
+        except BaseException:
+            for pending in vars(self).values():  # the request, made but never to be awaited
+                if inspect.iscoroutine(pending):
+                    pending.close()
+            raise
         try:
             stream = await cls.__aenter__(self)
         except BaseException:
