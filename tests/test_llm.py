@@ -32,6 +32,7 @@ from agentbill import (
     AsyncAgentBillClient,
     BudgetExhaustedError,
     InvalidRequestError,
+    TaskCeilingExceededError,
 )
 from agentbill.llm import LLMRequest, UnknownModelPriceError
 from tests._llm_mock import MockLLM
@@ -503,3 +504,14 @@ def test_importing_agentbill_imports_no_sdk_price_table_or_tokenizer() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_calls_count_in_their_task_under_its_ceiling(side: Side, reader: AgentBillClient) -> None:
+    mock = MockLLM()
+    llm = side.wrap(mock, "chat", task_ref="report-7", task_ceiling=10_000)
+    call(side, llm, "chat")
+    task = reader.get_task("report-7", CUSTOMER)
+    assert (task.ceiling, task.used, task.reserved) == (10_000, 1_450, 0)
+    with pytest.raises(TaskCeilingExceededError):
+        call(side, llm, "chat", max_tokens=9_000)  # its bound is above what the task has left
+    assert len(mock.requests) == 1

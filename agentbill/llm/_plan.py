@@ -8,6 +8,7 @@ body for responses read byte by byte), bounds its cost and asks the estimator wh
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ logger = logging.getLogger("agentbill")
 
 Provider = Literal["openai", "anthropic"]
 RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
+MAX_USAGE_METADATA = 3_000
+"""The provider's usage goes into the record's metadata when its JSON is at most this long."""
 """The header the SDKs' ``with_raw_response`` / ``with_streaming_response`` set on a call."""
 
 
@@ -185,4 +188,6 @@ def charge(s: Settings, plan: CallPlan, tally: Tally) -> tuple[int, dict[str, ob
             "agentbill: could not price %s's usage (%s); charging the estimate", tally.model, exc
         )
         return plan.units, {**meta, "usage": None}
+    if len(json.dumps(tally.usage)) > MAX_USAGE_METADATA:  # records take 4 KiB of metadata
+        return used, {**meta, "usage": None}
     return used, {**meta, "usage": tally.usage}
