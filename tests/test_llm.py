@@ -515,3 +515,38 @@ def test_calls_count_in_their_task_under_its_ceiling(side: Side, reader: AgentBi
     with pytest.raises(TaskCeilingExceededError):
         call(side, llm, "chat", max_tokens=9_000)  # its bound is above what the task has left
     assert len(mock.requests) == 1
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+def test_a_stream_closed_before_its_end_is_charged_its_reservation(
+    side: Side, reader: AgentBillClient, api: str
+) -> None:
+    mock = MockLLM()
+    llm = side.wrap(mock, api, unit="usd")
+    kwargs = kwargs_for(api, True)
+
+    def sync() -> None:
+        stream = method(llm, api)(**kwargs)
+        next(stream)
+        stream.close()
+
+    async def coro() -> None:
+        stream = await method(llm, api)(**kwargs)
+        await anext(stream)
+        await stream.close()
+
+    side.run(sync, coro)
+    (_, estimate), recorded = ledger(reader)
+    assert recorded == ("recorded", estimate)
+    budget = reader.get_budget(CUSTOMER)
+    assert (budget.spent, budget.reserved) == (estimate, 0)
+
+
+def test_a_price_in_fractions_of_a_micro_dollar_is_rounded_up(
+    side: Side, reader: AgentBillClient
+) -> None:
+    # gpt-4o-mini: 800 input at $0.15/M, 401 cached at $0.075/M, 250 output at $0.60/M:
+    # 120 + 30.075 + 150 = 300.075 micro-dollars, charged as 301.
+    mock = MockLLM(prompt_tokens=1_201, cached_tokens=401)
+    call(side, side.wrap(mock, "chat", unit="usd"), "chat", model="gpt-4o-mini")
+    assert reader.get_budget(CUSTOMER).spent == 301
