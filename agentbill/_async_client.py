@@ -330,8 +330,11 @@ class AsyncAgentBillClient(BaseClient):
             metadata,
             self._own,
         )
-        self._own.discard(plan.reservation_id)
-        return await self._settle(plan)
+        settlement = await self._settle(plan)
+        # Forgotten only once the call is made: one that raised closed nothing.
+        self._own.discard(plan.reservation_id or plan.prefer)
+        self._own.discard(settlement.reservation_id)
+        return settlement
 
     async def release(
         self,
@@ -342,8 +345,8 @@ class AsyncAgentBillClient(BaseClient):
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
         plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
-        self._own.discard(plan.reservation_id)
         settlement = await self._settle(plan, release=True)
+        self._own.discard(plan.reservation_id)
         self._own.discard(settlement.reservation_id)
         return settlement
 

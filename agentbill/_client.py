@@ -630,8 +630,11 @@ class AgentBillClient(BaseClient):
             metadata,
             self._own,
         )
-        self._own.discard(plan.reservation_id)
-        return self._settle(plan)
+        settlement = self._settle(plan)
+        # Forgotten only once the call is made: one that raised closed nothing.
+        self._own.discard(plan.reservation_id or plan.prefer)
+        self._own.discard(settlement.reservation_id)
+        return settlement
 
     def release(
         self,
@@ -650,8 +653,8 @@ class AgentBillClient(BaseClient):
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
         plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
-        self._own.discard(plan.reservation_id)
         settlement = self._settle(plan, release=True)
+        self._own.discard(plan.reservation_id)
         self._own.discard(settlement.reservation_id)  # released by key: now its id is known
         return settlement
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentbill import AgentBillClient, InvalidRequestError
+from tests._ids import valid_ids
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
@@ -226,9 +227,7 @@ def test_property_bad_units(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    customer=st.text(min_size=1, max_size=256).filter(
-        lambda s: not any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in s)
-    ),
+    customer=valid_ids(),
     units=st.integers(0, 2**53 - 1),
 )
 def test_property_any_valid_customer_id_round_trips(
