@@ -92,7 +92,7 @@ const GATE_OPTIONS = [
   'units', 'signal',
 ]
 
-interface Settings {
+export interface Settings {
   readonly policy: core.Policy
   readonly key: TenantKey | undefined
   readonly redisUrl: string | undefined
@@ -103,7 +103,7 @@ interface Settings {
   readonly tls: TlsOptions | undefined
 }
 
-function settingsFrom(o: Record<string, unknown>): Settings {
+export function settingsFrom(o: Record<string, unknown>): Settings {
   v.known('', o, CLIENT_OPTIONS)
   const apiKey = o['apiKey'] === undefined ? undefined : o['apiKey']
   if (apiKey !== undefined && typeof apiKey !== 'string') {
@@ -195,7 +195,7 @@ function errorText(exc: unknown): string {
   return exc instanceof Error ? exc.message : String(exc)
 }
 
-const AUTH_ERROR = /^(WRONGPASS|NOAUTH|NOPERM)|invalid username-password|user is disabled|no permissions/i
+const AUTH_ERROR = /^(WRONGPASS|NOAUTH|NOPERM)|invalid username-password|user is disabled|no permissions|unauthenticated/i
 
 function isAuthError(exc: unknown): boolean {
   return AUTH_ERROR.test(errorText(exc))
@@ -443,7 +443,7 @@ export class AgentBillClient {
    * open reservation of (customer, agent, taskRef), or charge `units` directly if none is open.
    * `success: false` releases without charging. Closing twice charges once.
    */
-  record(options: RecordOptions): Promise<Settlement> {
+  async record(options: RecordOptions): Promise<Settlement> {
     // TODO(issue 16): prefer a reservation this client made for the same (customer, agent,
     // taskRef) once the Python client does (design-16.md); until then the script's oldest.
     return this.#run(core.planRecord(this.#settings.policy, options))
@@ -454,7 +454,7 @@ export class AgentBillClient {
    * `idempotencyKey` (and `customerId`) of the preflight that made it, from any process, Python
    * or Node. Status `noop` when that preflight reserved nothing; releasing twice releases once.
    */
-  release(reservation: string | ReleaseOptions): Promise<Settlement> {
+  async release(reservation: string | ReleaseOptions): Promise<Settlement> {
     return this.#run(core.planRelease(this.#settings.policy, reservation))
   }
 
@@ -505,42 +505,42 @@ export class AgentBillClient {
   // -- admin -------------------------------------------------------------------------------------------
 
   /** Set the budget of the customer, or with `agentId` of that agent (`limit` null: unlimited). */
-  setBudget(options: SetBudgetOptions): Promise<BudgetStatus> {
+  async setBudget(options: SetBudgetOptions): Promise<BudgetStatus> {
     return this.#run(core.planSetBudget(this.#settings.policy, options))
   }
 
   /** Limit the customer (or an agent) to `units` per `perSeconds`, bursts up to `burst`. */
-  setRateLimit(options: SetRateLimitOptions): Promise<BudgetStatus> {
+  async setRateLimit(options: SetRateLimitOptions): Promise<BudgetStatus> {
     return this.#run(core.planSetRateLimit(this.#settings.policy, options))
   }
 
   /** At most `maxInFlight` open reservations for the customer (or an agent); null removes it. */
-  setConcurrencyLimit(options: SetConcurrencyLimitOptions): Promise<BudgetStatus> {
+  async setConcurrencyLimit(options: SetConcurrencyLimitOptions): Promise<BudgetStatus> {
     return this.#run(core.planSetConcurrencyLimit(this.#settings.policy, options))
   }
 
   /** The budget of the customer (or of one agent) in its current period. */
-  getBudget(options: { customerId?: string; agentId?: string } = {}): Promise<BudgetStatus> {
+  async getBudget(options: { customerId?: string; agentId?: string } = {}): Promise<BudgetStatus> {
     return this.#run(core.planGetBudget(this.#settings.policy, options))
   }
 
   /** The customer's budget and each of its agents', in one round trip. */
-  getUsage(options: { customerId?: string } = {}): Promise<Usage> {
+  async getUsage(options: { customerId?: string } = {}): Promise<Usage> {
     return this.#run(core.planGetUsage(this.#settings.policy, options))
   }
 
   /** The customer's ledger, oldest first: after the event whose id is `since`, at most `limit`. */
-  events(options: { customerId?: string; since?: string; limit?: number } = {}): Promise<Event[]> {
+  async events(options: { customerId?: string; since?: string; limit?: number } = {}): Promise<Event[]> {
     return this.#run(core.planEvents(this.#settings.policy, options))
   }
 
   /** Open a task of the customer with a ceiling (null: none), or change it. */
-  openTask(options: { taskRef: string; ceiling: number | null; customerId?: string }): Promise<TaskStatus> {
+  async openTask(options: { taskRef: string; ceiling: number | null; customerId?: string }): Promise<TaskStatus> {
     return this.#run(core.planOpenTask(this.#settings.policy, options))
   }
 
   /** The task's ceiling, used, reserved and remaining (`exists` false if never seen). */
-  getTask(options: { taskRef: string; customerId?: string }): Promise<TaskStatus> {
+  async getTask(options: { taskRef: string; customerId?: string }): Promise<TaskStatus> {
     return this.#run(core.planGetTask(this.#settings.policy, options))
   }
 

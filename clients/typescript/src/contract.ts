@@ -4,7 +4,7 @@
  * field name only; the order lives in that one file, shared with the Python client.
  */
 import { createHash } from 'node:crypto'
-import { readFileSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 
 export type FieldType =
   | 'int'
@@ -70,7 +70,14 @@ export const SCRIPT_NAMES = [
 ] as const
 export type ScriptName = (typeof SCRIPT_NAMES)[number]
 
-const LUA_DIR = new URL('../lua/', import.meta.url)
+// The package's lua/ (copied from the repository's at build time): beside dist/, or two levels
+// up from the suite's compiled build/src/.
+const LUA_DIR = [new URL('../lua/', import.meta.url), new URL('../../lua/', import.meta.url)].find(
+  (dir) => existsSync(new URL('contract.json', dir)),
+)
+if (LUA_DIR === undefined) {
+  throw new Error('agentbill: lua/contract.json is missing from the package (run npm run build)')
+}
 
 function loadContract(): ContractFile {
   const parsed = JSON.parse(readFileSync(new URL('contract.json', LUA_DIR), 'utf8')) as ContractFile

@@ -110,9 +110,9 @@ export class Check implements CheckFields {
   }
 
   /** Close this reservation, charging `units` in full and releasing the estimate. */
-  record(units: number, extras: RecordExtras = {}): Promise<Settlement> {
+  async record(units: number, extras: RecordExtras = {}): Promise<Settlement> {
     const rid = this.#reservation()
-    return this.#client.record({
+    return await this.#client.record({
       ...extras,
       agentId: this.agentId,
       units,
@@ -123,8 +123,8 @@ export class Check implements CheckFields {
   }
 
   /** Close this reservation without charging anything. */
-  release(): Promise<Settlement> {
-    return this.#client.release(this.#reservation())
+  async release(): Promise<Settlement> {
+    return await this.#client.release(this.#reservation())
   }
 
   /** This check when approved; else throws the RunBlockedError subclass for `reason`. */
