@@ -214,6 +214,21 @@ function isTransient(exc: unknown): boolean {
   )
 }
 
+class DeadlineError extends Error {
+  constructor() {
+    super('Command timed out: no answer within the retry deadline')
+  }
+}
+
+/** `work`, or a transient DeadlineError after `ms` (the call may still land: it keeps its id). */
+function withTimeout<T>(work: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new DeadlineError()), Math.max(ms, 1))
+  })
+  return Promise.race([work, deadline]).finally(() => clearTimeout(timer))
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((done) => setTimeout(done, ms))
 }
@@ -232,6 +247,7 @@ export class AgentBillClient {
   #redis: Promise<Redis | Cluster> | undefined
   #lastConnectionError: unknown
   #closed = false
+  #inFlight = 0
   readonly #onThreshold: ((crossing: ThresholdCrossing) => unknown) | undefined
 
   constructor(options: ClientOptions = {}) {
@@ -302,7 +318,9 @@ export class AgentBillClient {
       commandTimeout: s.socketTimeoutMs,
       // agentbill's own retry policy (#retrying) is the only retry layer.
       maxRetriesPerRequest: 0,
-      retryStrategy: (times: number) => Math.min(times * 50, 500),
+      // Reconnect while a call waits; an idle client stays disconnected (and keeps no timer
+      // running) until its next call.
+      retryStrategy: (times: number) => (this.#inFlight > 0 ? Math.min(times * 50, 500) : null),
       // The ready check sends INFO, which a tenant's ACL user may not run.
       enableReadyCheck: false,
       lazyConnect: true,
@@ -312,6 +330,11 @@ export class AgentBillClient {
     })
     redis.on('ready', () => {
       this.#lastConnectionError = undefined
+    })
+    // An idle client does not keep the process alive (a script that never calls close() still
+    // exits); its socket is referenced only while a call is in flight.
+    redis.on('connect', () => {
+      if (this.#inFlight === 0) socketOf(redis)?.unref()
     })
     redis.connect().catch(() => undefined) // failures reach the first command
     return redis
@@ -338,20 +361,24 @@ export class AgentBillClient {
   }
 
   /** `fn` with at most retryAttempts attempts within retryDeadline, for transport failures only;
-   * every call carries its request id, so a retry after a lost reply lands once. */
+   * every call carries its request id, so a retry after a lost reply lands once. A retry gets
+   * only what is left of the deadline: a call fails closed within about socketTimeout plus
+   * nothing more when Redis is silent, and within the deadline when it refuses connections. */
   async #retrying<T>(fn: () => Promise<T>): Promise<T> {
     const s = this.#settings
     const started = performance.now()
     for (let attempt = 1; ; attempt++) {
       try {
-        return await fn()
+        if (attempt === 1) return await fn()
+        const left = s.retryDeadlineMs - (performance.now() - started)
+        return await withTimeout(fn(), left)
       } catch (exc) {
         const left = s.retryDeadlineMs - (performance.now() - started)
         if (!isTransient(exc) || isAuthError(this.#lastConnectionError) || attempt >= s.retryAttempts || left <= 0) {
           throw this.#translate(exc)
         }
         const wait = Math.min(50 * 2 ** (attempt - 1), 500)
-        await sleep(Math.min(wait + Math.random() * 50, Math.max(left, 0)))
+        await sleep(Math.min(wait + Math.random() * 50, left))
       }
     }
   }
@@ -360,6 +387,9 @@ export class AgentBillClient {
    * LOAD then EVALSHA again (a tenant's ACL user may run these two, not EVAL). */
   async #eval(call: Call): Promise<unknown> {
     const redis = await this.#connection()
+    if (redis instanceof Redis && redis.status === 'end' && this.#given === undefined) {
+      redis.connect().catch(() => undefined) // it stopped reconnecting while idle
+    }
     const script = scripts[call.script]
     const send = (): Promise<unknown> => redis.evalsha(script.sha, call.keys.length, ...call.keys, ...call.args)
     try {
@@ -375,8 +405,29 @@ export class AgentBillClient {
     return await send()
   }
 
+  /** `fn` with the connection this client built held open (referenced) while it runs. */
+  async #holding<T>(fn: () => Promise<T>): Promise<T> {
+    this.#inFlight += 1
+    const own = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
+    socketOf(own)?.ref()
+    try {
+      return await fn()
+    } finally {
+      this.#inFlight -= 1
+      if (this.#inFlight === 0) {
+        const redis = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
+        if (this.#inFlight === 0) socketOf(redis)?.unref()
+      }
+    }
+  }
+
+  /** One script call, retried; the connection held while it runs. */
+  #send(call: Call): Promise<unknown> {
+    return this.#holding(() => this.#retrying(() => this.#eval(call)))
+  }
+
   async #run<T>(plan: core.Plan<T>): Promise<T> {
-    const reply = await this.#retrying(() => this.#eval(plan.call))
+    const reply = await this.#send(plan.call)
     const result = plan.decode(reply)
     this.#notify(result)
     return result
@@ -422,7 +473,7 @@ export class AgentBillClient {
     if (!Array.isArray(requests)) throw new InvalidRequestError('requests', 'must be an array of preflight options')
     const plans = requests.map((r, i) => core.planPreflight(this.#settings.policy, r, `requests[${i}]`))
     // Sent together on one connection (per node on a Cluster): one round trip in effect.
-    const outcomes = await Promise.allSettled(plans.map((plan) => this.#retrying(() => this.#eval(plan.call))))
+    const outcomes = await Promise.allSettled(plans.map((plan) => this.#send(plan.call)))
     const failed = outcomes.findIndex((o) => o.status === 'rejected')
     const checks = outcomes.map((o, i) => (o.status === 'fulfilled' ? this.#check(plans[i]!.decode(o.value)) : undefined))
     if (failed >= 0) {
@@ -554,6 +605,12 @@ export class AgentBillClient {
     if (redis === undefined) return
     await redis.quit().catch(() => redis.disconnect())
   }
+}
+
+/** The socket of a Redis this client built (ioredis keeps it as `stream`), if connected. */
+function socketOf(redis: Redis | Cluster | undefined): { ref(): unknown; unref(): unknown } | undefined {
+  const stream = (redis as { stream?: { ref?: unknown; unref?: unknown } } | undefined)?.stream
+  return typeof stream?.ref === 'function' ? (stream as { ref(): unknown; unref(): unknown }) : undefined
 }
 
 function reportCallbackError(exc: unknown): void {

@@ -34,7 +34,7 @@ test('nothing listening: StoreUnavailableError within 2 s, nothing approved', as
   const c = new AgentBillClient({ redisUrl: `redis://127.0.0.1:${port}/0` })
   const [ms, exc] = await timed(c.preflight({ agentId: 'a', estimatedUnits: 1 }))
   assert.ok(exc instanceof StoreUnavailableError, String(exc))
-  assert.ok(ms < FAIL_CLOSED_BOUND_MS, `${ms} ms`)
+  assert.ok(ms < FAIL_CLOSED_BOUND_MS, `connected client: ${ms} ms`)
   await c.close()
 })
 
@@ -46,11 +46,11 @@ test('a server that accepts but never answers: StoreUnavailableError within 2 s'
   try {
     const [ms, exc] = await timed(c.preflight({ agentId: 'a', estimatedUnits: 1 }))
     assert.ok(exc instanceof StoreUnavailableError, String(exc))
-    assert.ok(ms < FAIL_CLOSED_BOUND_MS, `${ms} ms`)
+    assert.ok(ms < FAIL_CLOSED_BOUND_MS, `connected client: ${ms} ms`)
     const fresh = new AgentBillClient({ redisUrl: silent.url })
     const [ms2, exc2] = await timed(fresh.preflight({ agentId: 'a', estimatedUnits: 1 }))
     assert.ok(exc2 instanceof StoreUnavailableError, String(exc2))
-    assert.ok(ms2 < FAIL_CLOSED_BOUND_MS, `${ms2} ms`)
+    assert.ok(ms2 < FAIL_CLOSED_BOUND_MS, `new client: ${ms2} ms`)
     await fresh.close()
   } finally {
     silent.resume()
