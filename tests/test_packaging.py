@@ -24,7 +24,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
     )  # fmt: skip
-    (built,) = out.glob("agentbill-*.whl")
+    (built,) = out.glob("agentbill_redis-*.whl")  # the distribution name (pyproject.toml)
     return built
 
 
