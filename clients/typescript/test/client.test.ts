@@ -275,3 +275,18 @@ test('gate: an AbortSignal firing releases at once and rejects with its reason',
   assert.equal((await c.events({ customerId: 'u' })).filter((e) => e.type === 'approved').length, 1)
   await c.close()
 })
+
+test('preflightMany: an item Redis refuses releases what the batch approved, and names the item', async () => {
+  const c = client()
+  await c.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u', idempotencyKey: 'k' })
+  await assert.rejects(
+    c.preflightMany([
+      { agentId: 'a', estimatedUnits: 3, customerId: 'u' },
+      { agentId: 'a', estimatedUnits: 2, customerId: 'u', idempotencyKey: 'k' }, // other arguments
+    ]),
+    (e: unknown) => e instanceof InvalidRequestError && e.field === 'requests[1].idempotencyKey',
+  )
+  const b = await c.getBudget({ customerId: 'u' })
+  assert.deepEqual([b.reserved, b.openReservations], [1, 1]) // only the earlier preflight holds
+  await c.close()
+})
