@@ -6,7 +6,7 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -20,6 +20,7 @@ from agentbill._client import (
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
+    StoreBusyError,
     StoreError,
     StoreUnavailableError,
 )
@@ -36,8 +37,12 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import RetryPolicy, translate
+from agentbill._retry import Heal, translate
 from agentbill._scripts import pipeline_args
+from agentbill._telemetry import instrument
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 REDIS_TYPES = (aioredis.Redis, aioredis.RedisCluster)
 REDIS_TYPES_TEXT = "must be a redis.asyncio Redis or RedisCluster"
@@ -61,16 +66,22 @@ class AsyncAgentBillClient(BaseClient):
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,
         outcome_retention: int = 24 * 3600,
+        task_retention: int = 30 * 24 * 3600,
+        idle_retention: int = 90 * 24 * 3600,
         reap_limit: int = 100,
         connect_timeout: float = 0.5,
         socket_timeout: float = 1.0,
         retry_attempts: int = 3,
         retry_deadline: float = 1.0,
+        max_connections: int = 50,
         on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+        metrics: bool | CollectorRegistry = False,
+        metrics_customers: bool = False,
+        trace_customers: bool = False,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -80,25 +91,28 @@ class AsyncAgentBillClient(BaseClient):
             reservation_ttl=reservation_ttl,
             idempotency_ttl=idempotency_ttl,
             outcome_retention=outcome_retention,
+            task_retention=task_retention,
+            idle_retention=idle_retention,
             reap_limit=reap_limit,
             connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
+            max_connections=max_connections,
             on_outage=on_outage,
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
         )
         check_callback(on_threshold)
-        owns = redis is None
+        owns, heal = redis is None, None
         if redis is None:
-            redis = _connect(settings)
+            redis, heal = _connect(settings)
         elif not isinstance(redis, REDIS_TYPES):
             raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
-        super().__init__(settings, redis, owns, on_threshold)
-        self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
+        super().__init__(settings, redis, owns, on_threshold, heal)
         self._flusher = AsyncFlusher(self.flush)
+        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
@@ -112,7 +126,7 @@ class AsyncAgentBillClient(BaseClient):
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
         self._notify(result)
-        if self._outage.has_queued and not self._settings.background_settle:
+        if self._outage.due() and not self._settings.background_settle:
             await self.flush()
         return result
 
@@ -145,40 +159,44 @@ class AsyncAgentBillClient(BaseClient):
 
     async def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
         if self._settings.background_settle:
-            self._outage.enqueue(plan, plan.reservation_id)
+            settlement = self._queue_settlement(plan, release)
             self._flusher.wake()
-            return _core.queued_settlement(plan.reservation_id)
+            return settlement
         try:
             settlement = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_settlement(plan, exc, release)
-        self._outage.settled(plan.reservation_id)
+        self._outage.settled(plan, release)
         return settlement
 
     async def flush(self) -> int:
         """See :meth:`AgentBillClient.flush`."""
-        while batch := self._outage.take():
+        # Another thread (or the background) may be sending a batch: its outcome is waited
+        # for, and what it puts back is tried here, so that 0 means every settlement queued
+        # before this call is in Redis.
+        wait_until = (
+            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+        )
+        while True:
+            batch = self._outage.take()
+            if not batch:
+                if not self._outage.in_flight or time.monotonic() >= wait_until:
+                    break
+                await asyncio.sleep(0.01)
+                continue
             try:
                 replies = await self._send_batch([item.plan.call for item in batch])
-            except StoreUnavailableError:
-                self._outage.put_back(batch)
+            except StoreUnavailableError as exc:
+                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
                 break
             except AgentBillError as exc:
-                for item in batch:
-                    self._outage.dropped(item, exc)
-                continue
+                self._undeliverable(batch, exc)
+                break
             except BaseException:  # cancelled or interrupted: the batch stays queued
                 self._outage.put_back(batch)
                 raise
-            self._delivered(batch, replies)
-        else:
-            # Another thread (or the background) may be sending a batch: wait for its outcome,
-            # so that 0 means every settlement queued before this call is in Redis.
-            deadline = (
-                time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
-            )
-            while self._outage.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            if not self._delivered(batch, replies):
+                break
         return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------
@@ -195,7 +213,25 @@ class AsyncAgentBillClient(BaseClient):
         ttl: int | None = None,
     ) -> AsyncCheck:
         """See :meth:`AgentBillClient.preflight`."""
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return await self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[AsyncCheck]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -205,11 +241,26 @@ class AsyncAgentBillClient(BaseClient):
             idempotency_key,
             ttl,
             functools.partial(AsyncCheck, _client=self),
+            adoptable=adoptable,
         )
+
+    async def _preflight(self, plan: _core.Plan[AsyncCheck], track: bool = True) -> AsyncCheck:
         try:
-            return await self._run(plan)
+            check = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+        if track:
+            self._track(check)
+        return check
+
+    async def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> AsyncCheck:
+        """See :meth:`AgentBillClient._reserve_slice`."""
+        plan = self._plan_preflight(
+            agent_id, units, customer_id, task_ref, None, None, ttl, adoptable=False
+        )
+        return await self._preflight(plan, track=False)
 
     async def preflight_many(self, requests: Iterable[Preflight]) -> list[AsyncCheck]:
         """See :meth:`AgentBillClient.preflight_many`."""
@@ -231,6 +282,7 @@ class AsyncAgentBillClient(BaseClient):
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:
             self._notify(check)
+            self._track(cast(AsyncCheck, check))
         if self._outage.has_queued:
             await self.flush()
         return cast(list[AsyncCheck], checks)
@@ -260,19 +312,20 @@ class AsyncAgentBillClient(BaseClient):
         metadata: dict[str, Any] | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.record`."""
-        return await self._settle(
-            _core.plan_record(
-                self._policy,
-                agent_id,
-                units,
-                customer_id,
-                reservation_id,
-                task_ref,
-                success,
-                idempotency_key,
-                metadata,
-            )
+        plan = _core.plan_record(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            self._own,
         )
+        self._own.discard(plan.reservation_id)
+        return await self._settle(plan)
 
     async def release(
         self,
@@ -282,10 +335,11 @@ class AsyncAgentBillClient(BaseClient):
         customer_id: str | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
-        return await self._settle(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
-            release=True,
-        )
+        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        self._own.discard(plan.reservation_id)
+        settlement = await self._settle(plan, release=True)
+        self._own.discard(settlement.reservation_id)
+        return settlement
 
     def gate(
         self,
@@ -433,6 +487,5 @@ class AsyncAgentBillClient(BaseClient):
         await self.close()
 
 
-def _connect(settings: ClientSettings) -> aioredis.Redis:
-    client: aioredis.Redis = from_url(aioredis.Redis.from_url, settings)
-    return client
+def _connect(settings: ClientSettings) -> tuple[aioredis.Redis, Heal | None]:
+    return from_url(aioredis.Redis, aioredis.BlockingConnectionPool, settings)

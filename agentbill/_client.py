@@ -11,9 +11,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
@@ -22,6 +23,7 @@ from agentbill import _core
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
+    StoreBusyError,
     StoreError,
     StoreUnavailableError,
 )
@@ -32,10 +34,14 @@ from agentbill._outage import (
     Flusher,
     OutageLedger,
     OutageStats,
+    Queued,
+    idempotency_record,
     warn_offline,
     warn_undelivered,
 )
+from agentbill._own import OwnReservations
 from agentbill._results import (
+    BaseCheck,
     BudgetStatus,
     Check,
     Event,
@@ -44,9 +50,13 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import RetryPolicy, translate
+from agentbill._retry import Heal, RetryPolicy, translate
 from agentbill._scripts import bind, pipeline_args
+from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 
@@ -56,8 +66,9 @@ L = TypeVar("L", Lease, AsyncLease)
 LEASE_FIELDS = ("agent_id", "customer_id", "slice_units", "task_ref", "ttl")
 
 
-def connection_url(settings: ClientSettings) -> str:
-    """``redis_url``, else ``$AGENTBILL_REDIS_URL``, else the embedded local server.
+def connection_url(settings: ClientSettings) -> tuple[str, Heal | None]:
+    """``redis_url``, else ``$AGENTBILL_REDIS_URL``, else the embedded local server; with it,
+    for the embedded server, what starts that server again should it die.
 
     With a tenant key, InvalidRequestError when that is the embedded server (it has no tenants)
     or a URL holding credentials of its own.
@@ -65,16 +76,20 @@ def connection_url(settings: ClientSettings) -> str:
     url = settings.redis_url or os.environ.get(ENV_REDIS_URL) or None
     check_url(settings, url)
     if url is not None:
-        return url
-    from agentbill._local import ensure_local_server
+        return url, None
+    from agentbill._local import ensure_local_server, local_reviver
 
-    return ensure_local_server()
+    return ensure_local_server(), local_reviver()
 
 
 def connection_options(settings: ClientSettings) -> dict[str, Any]:
     """What every connection the client builds gets: bounded timeouts, no redis-py retries,
-    and the tenant key's username and password if ``api_key`` is one."""
+    a bounded pool that makes a call wait for a free connection rather than fail (never more
+    than ``max_connections``: the client's own slots keep within it), and the tenant key's
+    username and password if ``api_key`` is one."""
     return {
+        "max_connections": settings.max_connections,
+        "timeout": None,  # BlockingConnectionPool: wait for a connection as long as it takes
         "socket_connect_timeout": settings.connect_timeout,
         "socket_timeout": settings.socket_timeout,
         # agentbill's own retry policy (_retry.py) is the only retry layer.
@@ -94,6 +109,7 @@ class BaseClient:
         client: Any,
         owns_client: bool,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+        heal: Heal | None = None,
     ) -> None:
         self._settings = settings
         self._policy = _core.Policy.from_settings(settings)
@@ -102,10 +118,31 @@ class BaseClient:
         self._scripts = bind(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
         self._on_threshold = on_threshold
+        self._own = OwnReservations()
+        self._telemetry: Telemetry = OFF
+        self._retry = RetryPolicy(
+            settings.retry_attempts,
+            settings.retry_deadline,
+            connections=settings.max_connections,
+            # Redis silent for half a socket timeout while a call of ours timed out: down.
+            quiet=settings.socket_timeout / 2,
+            # One Cluster node can be down while the others answer: no client-wide verdict.
+            watch_health=not isinstance(client, CLUSTER_TYPES),
+            heal=heal,
+        )
+
+    def _track(self, check: BaseCheck) -> None:
+        """Remember an approval Redis made, so this client's records without an id close its
+        own reservations first (see ``_own``)."""
+        if check.approved and not check.offline and check.reservation_id is not None:
+            group = (check.customer_id, check.agent_id, check.task_ref)
+            self._own.add(group, check.reservation_id, check.expires_at)
 
     def _notify(self, result: object) -> None:
-        """Pass the thresholds a call crossed to ``on_threshold``; its errors are logged, never
-        raised into the run (the decision stands either way)."""
+        """Count a result Redis decided in the metrics, and pass the thresholds it crossed to
+        ``on_threshold``; its errors are logged, never raised into the run (the decision stands
+        either way)."""
+        self._telemetry.observe(result)
         if self._on_threshold is None:
             return
         for crossing in getattr(result, "crossed", ()):
@@ -131,45 +168,69 @@ class BaseClient:
         return self._outage.stats()
 
     def _offline_check(self, plan: _core.Plan[_core.T], exc: StoreUnavailableError) -> _core.T:
-        """The preflight's decision when Redis cannot answer: the outage policy's, or ``exc``."""
-        if plan.offline is None or self._outage.fails_closed:
+        """The preflight's decision when Redis cannot answer: the outage policy's, or ``exc``
+        (always when Redis answered "not now": busy is not an outage)."""
+        if plan.offline is None or self._outage.fails_closed or isinstance(exc, StoreBusyError):
             raise exc
         check: Any = plan.offline()
         if check.approved:
-            if not self._outage.approve(check.reservation_id, check.estimated_units):
+            key = idempotency_record(plan)
+            if not self._outage.approve(check.reservation_id, check.estimated_units, key):
                 raise exc
             warn_offline(check, self._outage.mode, exc)
+        self._telemetry.observe(check)
         return cast(_core.T, check)
 
     def _offline_settlement(
         self, plan: _core.Plan[Settlement], exc: StoreUnavailableError, release: bool
     ) -> Settlement:
-        """A record/release Redis cannot take now: queued by the outage policy, or ``exc``."""
-        if self._outage.fails_closed:
+        """A record/release Redis cannot take now: queued by the outage policy (an offline
+        run's release too: its preflight may have reached Redis), or ``exc`` (always when Redis
+        answered "not now")."""
+        if self._outage.fails_closed or isinstance(exc, StoreBusyError):
             raise exc
-        rid = plan.reservation_id
-        if release and self._outage.is_offline(rid):
-            self._outage.settled(rid)  # Redis never held it: nothing to tell it
-            return _core.queued_settlement(rid, "released")
-        self._outage.enqueue(plan, rid)
-        return _core.queued_settlement(rid)
+        self._outage.enqueue(plan, release)
+        return _core.queued_settlement(plan.reservation_id)
+
+    def _queue_settlement(self, plan: _core.Plan[Settlement], release: bool) -> Settlement:
+        """``background_settle``: queue the call for the flusher."""
+        self._outage.enqueue(plan, release)
+        return _core.queued_settlement(plan.reservation_id)
 
     def _batch_releases(self, checks: list[Any]) -> list[_core.Call]:
         """Calls releasing what this batch itself approved (not replays of earlier calls)."""
         return [
-            _core.plan_release(self._policy, c.reservation_id, None, None).call
+            _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True).call
             for c in checks
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
 
-    def _delivered(self, batch: list[Any], replies: list[object]) -> None:
-        """Account for a delivered batch of queued settlements, item by item."""
+    def _delivered(self, batch: list[Queued], replies: list[object]) -> bool:
+        """Account for a delivered batch of queued settlements, item by item: an item Redis
+        answered "not now" is queued again; one it refused for good is dropped (and a dropped
+        record's reservation released). False when some item must wait."""
+        delivered, busy, dropped = [], [], []
         for item, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
-                self._outage.dropped(item, translate(reply))
+                error = translate(reply)
+                if isinstance(error, StoreUnavailableError):
+                    busy.append(item)
+                else:
+                    dropped.append((item, cast(Exception, error)))
                 continue
-            self._notify(item.plan.decode(reply))
-            self._outage.delivered(item)
+            self._notify(item.plan.decode(cast(_core.Reply, reply)))
+            delivered.append(item)
+        self._outage.finish(delivered, busy, dropped, self._release_plan)
+        return not busy
+
+    def _release_plan(self, reservation_id: str) -> _core.Plan[Settlement]:
+        return _core.plan_release(self._policy, reservation_id, None, None)
+
+    def _undeliverable(self, batch: list[Queued], exc: AgentBillError) -> None:
+        """Redis refused a whole batch with an error that is not any item's own (a revoked key,
+        say): nothing is dropped for it; the batch waits, and the error is logged."""
+        self._outage.put_back(batch, busy=True)
+        logger.warning("agentbill: queued settlements wait: Redis refused their delivery: %s", exc)
 
     def _lease(self, cls: type[L], *args: object) -> L:
         """``cls`` (Lease or AsyncLease) for validated lease arguments."""
@@ -198,6 +259,8 @@ class BaseClient:
         return Gate(self, **kwargs)
 
 
+CLUSTER_TYPES: tuple[type, ...] = (RedisCluster, AsyncRedisCluster)
+
 REDIS_TYPES = (redis.Redis, RedisCluster)
 REDIS_TYPES_TEXT = "must be a redis.Redis or redis.cluster.RedisCluster (not a URL: use redis_url)"
 
@@ -208,16 +271,21 @@ def check_callback(on_threshold: object) -> None:
         raise InvalidRequestError("on_threshold", "must be a callable of ThresholdCrossing")
 
 
-def from_url(factory: Callable[..., Any], settings: ClientSettings) -> Any:
-    """``factory(url, ...)`` for the connection URL; a URL redis-py cannot use is an
-    InvalidRequestError naming redis_url (never quoting it: it may hold a password)."""
-    url = connection_url(settings)
+def from_url(
+    client_class: Any, pool_class: Any, settings: ClientSettings
+) -> tuple[Any, Heal | None]:
+    """A ``client_class`` over a ``pool_class`` (a BlockingConnectionPool) for the connection
+    URL, and what revives the embedded server if that is what it connects to. A URL redis-py
+    cannot use is an InvalidRequestError naming redis_url (never quoting it: it may hold a
+    password)."""
+    url, heal = connection_url(settings)
     try:
-        return factory(url, **connection_options(settings))
+        pool = pool_class.from_url(url, **connection_options(settings))
     except ValueError:
         raise InvalidRequestError(
             "redis_url", "is not a Redis URL redis-py can use (redis://, rediss:// or unix://)"
         ) from None
+    return client_class.from_pool(pool), heal
 
 
 class AgentBillClient(BaseClient):
@@ -231,9 +299,16 @@ class AgentBillClient(BaseClient):
     ``"fail_closed"`` raises StoreUnavailableError; ``"fail_open"`` approves offline;
     ``"allowance"`` approves offline up to ``outage_allowance`` units held by this process.
     Offline runs' settlements are queued and delivered once Redis answers (see ``flush``).
+    Only Redis unreachable or silent is an outage: Redis answering "not now" (BUSY, OOM, ...)
+    raises StoreBusyError, and the client's own load is never one: at most
+    ``max_connections`` calls talk to Redis at once, and the others wait for a connection.
     ``background_settle``: ``record`` and ``release`` queue their call and return at once
     (status ``queued``); a background thread delivers the queue in pipelined batches, and
     ``close()`` (or leaving the ``with`` block) delivers what is left.
+    ``metrics``: count preflights, units, settlements and errors with prometheus-client (True:
+    its default registry; or a ``CollectorRegistry``); ``metrics_customers`` adds a customer
+    label. With OpenTelemetry configured, every operation is a span; ``trace_customers`` puts
+    the customer id in them. See ``_telemetry``.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -250,16 +325,22 @@ class AgentBillClient(BaseClient):
         reservation_ttl: int = 3600,
         idempotency_ttl: int = 24 * 3600,
         outcome_retention: int = 24 * 3600,
+        task_retention: int = 30 * 24 * 3600,
+        idle_retention: int = 90 * 24 * 3600,
         reap_limit: int = 100,
         connect_timeout: float = 0.5,
         socket_timeout: float = 1.0,
         retry_attempts: int = 3,
         retry_deadline: float = 1.0,
+        max_connections: int = 50,
         on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed",
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
+        metrics: bool | CollectorRegistry = False,
+        metrics_customers: bool = False,
+        trace_customers: bool = False,
     ) -> None:
         settings = _core.settings_from(
             api_key=api_key,
@@ -269,25 +350,28 @@ class AgentBillClient(BaseClient):
             reservation_ttl=reservation_ttl,
             idempotency_ttl=idempotency_ttl,
             outcome_retention=outcome_retention,
+            task_retention=task_retention,
+            idle_retention=idle_retention,
             reap_limit=reap_limit,
             connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
             retry_attempts=retry_attempts,
             retry_deadline=retry_deadline,
+            max_connections=max_connections,
             on_outage=on_outage,
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
         )
         check_callback(on_threshold)
-        owns = redis is None
+        owns, heal = redis is None, None
         if redis is None:
-            redis = _connect(settings)
+            redis, heal = _connect(settings)
         elif not isinstance(redis, REDIS_TYPES):
             raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
-        super().__init__(settings, redis, owns, on_threshold)
-        self._retry = RetryPolicy(settings.retry_attempts, settings.retry_deadline)
+        super().__init__(settings, redis, owns, on_threshold, heal)
         self._flusher = Flusher(self.flush)
+        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         script = self._scripts[plan.call.script]
@@ -302,7 +386,7 @@ class AgentBillClient(BaseClient):
         """One round trip; then, if an outage left settlements queued, deliver them."""
         result = self._send(plan)
         self._notify(result)
-        if self._outage.has_queued and not self._settings.background_settle:
+        if self._outage.due() and not self._settings.background_settle:
             self.flush()
         return result
 
@@ -338,44 +422,50 @@ class AgentBillClient(BaseClient):
 
     def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
         if self._settings.background_settle:
-            self._outage.enqueue(plan, plan.reservation_id)
+            settlement = self._queue_settlement(plan, release)
             self._flusher.wake()
-            return _core.queued_settlement(plan.reservation_id)
+            return settlement
         try:
             settlement = self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_settlement(plan, exc, release)
-        self._outage.settled(plan.reservation_id)
+        self._outage.settled(plan, release)
         return settlement
 
     def flush(self) -> int:
         """Deliver the queued settlements (an outage's, or all of them with
         ``background_settle``), oldest first, in pipelined batches, each exactly once (it keeps
         its request id). Runs by itself after every successful round trip (with
-        ``background_settle``, in the background). Returns how many are still queued (Redis
-        still unreachable)."""
-        while batch := self._outage.take():
+        ``background_settle``, in the background). Returns how many are still queued: Redis
+        unreachable, silent or answering "not now" (BUSY, OOM, ...); those are kept for the
+        next try. A settlement Redis refuses for good is dropped, logged and counted, and a
+        dropped record's reservation released (see ``outage_stats``)."""
+        # Another thread (or the background) may be sending a batch: its outcome is waited
+        # for, and what it puts back is tried here, so that 0 means every settlement queued
+        # before this call is in Redis.
+        wait_until = (
+            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+        )
+        while True:
+            batch = self._outage.take()
+            if not batch:
+                if not self._outage.in_flight or time.monotonic() >= wait_until:
+                    break
+                time.sleep(0.01)
+                continue
             try:
                 replies = self._send_batch([item.plan.call for item in batch])
-            except StoreUnavailableError:
-                self._outage.put_back(batch)
+            except StoreUnavailableError as exc:
+                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
                 break
             except AgentBillError as exc:
-                for item in batch:
-                    self._outage.dropped(item, exc)
-                continue
+                self._undeliverable(batch, exc)
+                break
             except BaseException:  # cancelled or interrupted: the batch stays queued
                 self._outage.put_back(batch)
                 raise
-            self._delivered(batch, replies)
-        else:
-            # Another thread (or the background) may be sending a batch: wait for its outcome,
-            # so that 0 means every settlement queued before this call is in Redis.
-            deadline = (
-                time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
-            )
-            while self._outage.in_flight and time.monotonic() < deadline:
-                time.sleep(0.01)
+            if not self._delivered(batch, replies):
+                break
         return self._outage.stats().queued
 
     # -- runs ----------------------------------------------------------------------------------
@@ -401,7 +491,25 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError (nothing approved).
         """
-        plan = _core.plan_preflight(
+        plan = self._plan_preflight(
+            agent_id, estimated_units, customer_id, task_ref, task_ceiling, idempotency_key, ttl
+        )
+        return self._preflight(plan)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[Check]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
             agent_id,
             estimated_units,
@@ -411,11 +519,27 @@ class AgentBillClient(BaseClient):
             idempotency_key,
             ttl,
             functools.partial(Check, _client=self),
+            adoptable=adoptable,
         )
+
+    def _preflight(self, plan: _core.Plan[Check], track: bool = True) -> Check:
         try:
-            return self._run(plan)
+            check = self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
+        if track:
+            self._track(check)
+        return check
+
+    def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> Check:
+        """A lease's slice: a preflight whose reservation only a request naming it can close
+        (never a record without an id, which would take it from under the lease's runs)."""
+        plan = self._plan_preflight(
+            agent_id, units, customer_id, task_ref, None, None, ttl, adoptable=False
+        )
+        return self._preflight(plan, track=False)
 
     def preflight_many(self, requests: Iterable[Preflight]) -> list[Check]:
         """Many preflights in one round trip: one Check per ``Preflight`` in order, each decided
@@ -445,6 +569,7 @@ class AgentBillClient(BaseClient):
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:
             self._notify(check)
+            self._track(cast(Check, check))
         if self._outage.has_queued:
             self.flush()
         return cast(list[Check], checks)
@@ -459,8 +584,9 @@ class AgentBillClient(BaseClient):
         ttl: int = 60,
     ) -> Lease:
         """Reserve slices of the budget and decide runs locally: ``lease.preflight(units)`` costs
-        no round trip while the current slice (``slice_units``, at most half of what the budget
-        has left, never less than the ask) has room; ``run.record(units)`` is local; slices are
+        no round trip while the current slice (``slice_units``, sized to fit every rule, never
+        less than the ask) has room, and approves whatever a plain preflight would;
+        ``run.record(units)`` is local and closes the run once, like a Check's; slices are
         settled with what their runs used. A slice is an ordinary reservation, so overspend
         stays exactly zero; the cost is that a slice held here is unavailable to other
         workers until it is settled. ``ttl`` is each slice's. Use it as a context manager (or
@@ -488,19 +614,20 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
-        return self._settle(
-            _core.plan_record(
-                self._policy,
-                agent_id,
-                units,
-                customer_id,
-                reservation_id,
-                task_ref,
-                success,
-                idempotency_key,
-                metadata,
-            )
+        plan = _core.plan_record(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            self._own,
         )
+        self._own.discard(plan.reservation_id)
+        return self._settle(plan)
 
     def release(
         self,
@@ -518,10 +645,11 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
-        return self._settle(
-            _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id),
-            release=True,
-        )
+        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        self._own.discard(plan.reservation_id)
+        settlement = self._settle(plan, release=True)
+        self._own.discard(settlement.reservation_id)  # released by key: now its id is known
+        return settlement
 
     def gate(
         self,
@@ -689,6 +817,5 @@ class AgentBillClient(BaseClient):
         self.close()
 
 
-def _connect(settings: ClientSettings) -> redis.Redis:
-    client: redis.Redis = from_url(redis.Redis.from_url, settings)
-    return client
+def _connect(settings: ClientSettings) -> tuple[redis.Redis, Heal | None]:
+    return from_url(redis.Redis, redis.BlockingConnectionPool, settings)

@@ -35,6 +35,7 @@ from agentbill._models import (
     validate,
     validate_units,
 )
+from agentbill._own import OwnReservations
 from agentbill._results import (
     BaseCheck,
     BudgetStatus,
@@ -81,6 +82,8 @@ class Policy:
     reservation_ttl_ms: int
     idempotency_ttl_ms: int
     retention_ms: int
+    task_retention_ms: int
+    idle_retention_ms: int
     reap_limit: int
     ledger_len: int
 
@@ -92,14 +95,23 @@ class Policy:
             reservation_ttl_ms=s.reservation_ttl * 1000,
             idempotency_ttl_ms=s.idempotency_ttl * 1000,
             retention_ms=s.outcome_retention * 1000,
+            task_retention_ms=s.task_retention * 1000,
+            idle_retention_ms=s.idle_retention * 1000,
             reap_limit=s.reap_limit,
             ledger_len=s.ledger_max_len,
         )
 
     @property
-    def common(self) -> tuple[int, int, int]:
-        """ARGV[1..3] of every script: reap limit, outcome retention (ms), ledger cap."""
-        return (self.reap_limit, self.retention_ms, self.ledger_len)
+    def common(self) -> tuple[int, int, int, int, int]:
+        """ARGV[1..5] of every script: reap limit, outcome retention (ms), ledger cap, task
+        retention (ms), idle retention (ms)."""
+        return (
+            self.reap_limit,
+            self.retention_ms,
+            self.ledger_len,
+            self.task_retention_ms,
+            self.idle_retention_ms,
+        )
 
 
 def new_token() -> str:
@@ -141,8 +153,12 @@ def customer_of(customer_id: T | None) -> T | str:
 # -- preflight ---------------------------------------------------------------------------------
 
 
-def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, str]:
-    """KEYS/ARGV for preflight.lua, and the id of the reservation it would create."""
+def preflight_call(
+    p: Policy, req: PreflightRequest, token: str, adoptable: bool = True
+) -> tuple[Call, str]:
+    """KEYS/ARGV for preflight.lua, and the id of the reservation it would create.
+    ``adoptable`` False: only a request naming the reservation may close it (a lease's slice),
+    never a record without an id."""
     ck = p.keys.customer(req.customer_id)
     rid = reservation_id(ck.tag, token)
     task_digest = digest(req.task_ref) if req.task_ref is not None else ""
@@ -169,6 +185,7 @@ def preflight_call(p: Policy, req: PreflightRequest, token: str) -> tuple[Call, 
         p.idempotency_ttl_ms,
         req.customer_id,
         digest(req.agent_id),
+        1 if adoptable else 0,
     )
     return Call("preflight", (*ck.fixed, idem_key), (*p.common, pack(fields))), rid
 
@@ -305,8 +322,9 @@ def reservation_keys(p: Policy, rid: str) -> CustomerKeys:
     return p.keys.by_tag(tag)
 
 
-def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
-    """KEYS/ARGV for settle.lua, as record() calls it."""
+def record_call(p: Policy, req: RecordRequest, token: str, prefer: str | None = None) -> Call:
+    """KEYS/ARGV for settle.lua, as record() calls it. ``prefer``: without a reservation id,
+    the reservation to close first if it is still open (one this client made)."""
     ck, customer = settle_keys(p, req)
     task_ref = req.task_ref or ""
     if req.idempotency_key is not None:
@@ -335,13 +353,16 @@ def record_call(p: Policy, req: RecordRequest, token: str) -> Call:
         token,
         0,
         digest(req.agent_id),
+        prefer or "",
+        0,
     )
     return Call("settle", (*ck.fixed, idem_key), (*p.common, pack(fields)))
 
 
-def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
+def release_call(p: Policy, req: ReleaseRequest, token: str, rollback: bool = False) -> Call:
     """KEYS/ARGV for settle.lua, as release() calls it: by reservation id, or by the
-    idempotency key of the preflight that reserved."""
+    idempotency key of the preflight that reserved. ``rollback``: the release undoes an
+    approval of a batch that failed (the threshold crossings it made are taken back)."""
     if req.reservation_id is not None:
         ck = reservation_keys(p, req.reservation_id)
         if req.customer_id is not None and p.keys.customer(req.customer_id).tag != ck.tag:
@@ -372,6 +393,8 @@ def release_call(p: Policy, req: ReleaseRequest, token: str) -> Call:
         token,
         by_key,
         "",
+        "",
+        1 if rollback else 0,
     )
     return Call("settle", keys, (*p.common, pack(fields)))
 
@@ -383,6 +406,7 @@ def decode_settle(
     limit = _int_or_none(f[6])
     spent, reserved = _int(f[7]), _int(f[8])
     crossed = f[10].split(",") if f[10] else ()
+    charged_agent = f[11]  # whose budget an agent's crossed threshold is
     return Settlement(
         status=cast(SettleStatus, f[0]),
         reservation_id=f[1],
@@ -395,7 +419,7 @@ def decode_settle(
         limit=limit,
         remaining=_remaining(limit, spent + reserved),
         metadata=metadata,
-        crossed=decode_crossed(crossed, customer_id or "", None) if crossed else (),
+        crossed=decode_crossed(crossed, customer_id or "", charged_agent) if crossed else (),
     )
 
 
@@ -576,8 +600,10 @@ def plan_preflight(
     idempotency_key: object,
     ttl: object,
     make: Callable[..., C],
+    adoptable: bool = True,
 ) -> Plan[C]:
-    """``make`` builds the decision: Check or AsyncCheck, already bound to the client."""
+    """``make`` builds the decision: Check or AsyncCheck, already bound to the client.
+    ``adoptable``: see :func:`preflight_call`."""
     req = validate(
         PreflightRequest,
         agent_id=agent_id,
@@ -588,7 +614,7 @@ def plan_preflight(
         idempotency_key=idempotency_key,
         ttl=ttl,
     )
-    call, rid = preflight_call(p, req, new_token())
+    call, rid = preflight_call(p, req, new_token(), adoptable)
     return Plan(
         call,
         lambda reply: decode_preflight(reply, req, p, make),
@@ -660,7 +686,10 @@ def plan_record(
     success: object,
     idempotency_key: object,
     metadata: object,
+    own: OwnReservations | None = None,
 ) -> Plan[Settlement]:
+    """``own``: the client's own reservations; without a reservation id the record closes
+    the oldest of its group still open first (and it is forgotten there)."""
     req = validate(
         RecordRequest,
         agent_id=agent_id,
@@ -672,15 +701,22 @@ def plan_record(
         idempotency_key=idempotency_key,
         metadata=metadata,
     )
+    prefer = None
+    if req.reservation_id is None and own is not None:
+        prefer = own.take((customer_of(req.customer_id), req.agent_id, req.task_ref))
     return Plan(
-        record_call(p, req, new_token()),
+        record_call(p, req, new_token(), prefer),
         lambda r: decode_settle(r, req.customer_id, req.metadata),
         reservation_id=req.reservation_id,
     )
 
 
 def plan_release(
-    p: Policy, reservation_id: object, idempotency_key: object, customer_id: object
+    p: Policy,
+    reservation_id: object,
+    idempotency_key: object,
+    customer_id: object,
+    rollback: bool = False,
 ) -> Plan[Settlement]:
     req = validate(
         ReleaseRequest,
@@ -691,7 +727,7 @@ def plan_release(
     if req.reservation_id is not None and req.idempotency_key is not None:
         raise InvalidRequestError("idempotency_key", "give a reservation_id or this, not both")
     return Plan(
-        release_call(p, req, new_token()),
+        release_call(p, req, new_token(), rollback),
         lambda r: decode_settle(r, req.customer_id),
         reservation_id=req.reservation_id,
     )

@@ -10,7 +10,10 @@
     ├── InvalidRequestError           bad input; also a ValueError; nothing was written
     └── StoreError                    Redis answered with an error we did not expect
         ├── AuthenticationError       Redis refused the credentials (a wrong or revoked key)
-        └── StoreUnavailableError     Redis could not be reached or did not answer in time
+        └── StoreUnavailableError     Redis could not run the call now; nothing was approved
+            └── StoreBusyError        Redis answered "not now" (BUSY, OOM, LOADING, ...): .code;
+                                      nothing was written, so the same call may simply be
+                                      made again; never triggers the outage policy
 
 Refusals carry the numbers a handler needs (``reason``, ``limit``, ``remaining``); failures say
 what failed and are always raised ``from`` the underlying redis-py exception.
@@ -35,6 +38,7 @@ __all__ = [
     "InvalidRequestError",
     "RateLimitedError",
     "RunBlockedError",
+    "StoreBusyError",
     "StoreError",
     "StoreUnavailableError",
     "TaskCeilingExceededError",
@@ -186,7 +190,29 @@ class AuthenticationError(StoreError):
 
 
 class StoreUnavailableError(StoreError):
-    """Redis could not be reached, or did not answer within the configured timeouts.
+    """Redis could not run the call now: it could not be reached, did not answer within the
+    configured timeouts, or (the subclass :class:`StoreBusyError`) answered "not now".
 
-    Nothing was approved: in the default fail-closed mode no run may start without Redis.
+    Nothing was approved: in the default fail-closed mode no run may start without Redis. This
+    class itself (Redis unreachable or silent) is what an outage policy (``on_outage``) acts
+    on; the call may have run before its reply was lost, so make it again as the same request
+    (the same reservation id or idempotency key).
     """
+
+
+class StoreBusyError(StoreUnavailableError):
+    """Redis answered that it cannot run the call now: ``code`` is its error code (``BUSY``: a
+    script is running; ``OOM``: maxmemory reached; ``LOADING``, ``MASTERDOWN``, ``READONLY``,
+    ``TRYAGAIN``, ``CLUSTERDOWN``, ``NOREPLICAS``, ``MISCONF``).
+
+    Redis refused every attempt before writing anything, so the same call may simply be made
+    again, later (a record without a reservation id or idempotency key included). Redis is up:
+    no outage policy approves a run offline or queues a settlement because of it.
+    """
+
+    def __init__(self, message: str, code: str) -> None:
+        self.code = code
+        super().__init__(message, code)  # args rebuild it: it pickles
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -7,12 +7,13 @@ reservation id must carry the tag while staying within the 256-character id limi
 
 Layout, for namespace ``ns`` and customer tag ``t``::
 
-    ns:{t}:budget   hash  limit (absent: unlimited), spent, reserved, open, seq, customer
-    ns:{t}:res      hash  reservation id -> open reservation (JSON)
+    ns:{t}:budget   hash  policies and counters of the customer and its agents
+    ns:{t}:res      hash  reservation id -> open reservation (fields joined by \x1f)
     ns:{t}:exp      zset  reservation id, scored by expiry (ms, Redis clock)
     ns:{t}:open     zset  "<group>:<seq>:<reservation id>", lexical; oldest open per group
     ns:{t}:tasks    hash  "<task digest>:c|u|r|n" -> ceiling, used, reserved, name
-    ns:{t}:closed   hash  reservation id -> outcome of a closed reservation (JSON)
+    ns:{t}:tasksx   zset  task digest, scored by when it may be forgotten once idle
+    ns:{t}:closed   hash  reservation id -> outcome of a closed reservation (fields joined)
     ns:{t}:closedx  zset  reservation id, scored by when its outcome may be forgotten
     ns:{t}:ledger   stream every decision, record, release, expiry, threshold crossing
     ns:{t}:idem:<op>:<k>  str  idempotency record of a user's key k for one operation (TTL)
@@ -53,7 +54,7 @@ def namespace_prefix(namespace: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class CustomerKeys:
-    """The fixed keys of one customer, in the order every script takes them as KEYS[1..8]."""
+    """The fixed keys of one customer, in the order every script takes them as KEYS[1..9]."""
 
     prefix: str
     tag: str
@@ -62,6 +63,7 @@ class CustomerKeys:
     exp: str
     open: str
     tasks: str
+    tasksx: str
     closed: str
     closedx: str
     ledger: str
@@ -74,6 +76,7 @@ class CustomerKeys:
             self.exp,
             self.open,
             self.tasks,
+            self.tasksx,
             self.closed,
             self.closedx,
             self.ledger,
@@ -99,6 +102,7 @@ def _customer_keys(ns: str, tag: str) -> CustomerKeys:
         exp=f"{p}:exp",
         open=f"{p}:open",
         tasks=f"{p}:tasks",
+        tasksx=f"{p}:tasksx",
         closed=f"{p}:closed",
         closedx=f"{p}:closedx",
         ledger=f"{p}:ledger",

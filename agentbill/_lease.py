@@ -3,21 +3,26 @@
 ``client.lease(agent_id, customer_id, slice_units=...)`` returns a :class:`Lease`. Its
 ``preflight(estimated_units)`` approves a run locally while the current *slice* (an ordinary
 reservation made by one preflight, so every rule was checked for it) has room for the estimate;
-when it has not, the lease reserves a new slice (one round trip) and the old one is settled
-(recorded with what its runs used, releasing the rest) once its last run is settled. Runs are
-recorded and released locally; slices are settled on the lease's next preflight and on
-``close()``.
+when it has not, the lease reserves a new slice and the old one is settled (recorded with what
+its runs used, releasing the rest) once its last run is settled. Runs are recorded and released
+locally, once each, like a Check's reservation; slices are settled on the lease's next
+preflight and on ``close()``.
 
 Overspend stays exactly what it is without leases: the units a lease approves locally are
 units it holds in Redis, so no other worker can be approved against them. The cost is the
 other side of that: a slice held by one worker is unavailable to the others until it is
-settled. Slice size adapts: a slice is ``slice_units``, but at most half of what the refusing
-rule had left when a full slice was refused, and never less than the ask.
+settled.
+
+A slice is sized to fit every rule, so a lease approves whatever a plain preflight of the run
+would (on the same state): ``slice_units``, within the client's ceiling and the bursts of the
+rate limits it has met, at most half of what a budget or the task ceiling had left at its last
+answer, and never less than the ask. A refused slice is asked again smaller while the rule that
+refused it may have room for the run (see :meth:`LeaseBook.acquire`).
 
 A slice expires like any reservation (``ttl``); the lease stops deciding on it a safety margin
 before that (on this process's monotonic clock), and its record then still charges what its
 runs used, flagged late if it did expire. Closing a lease while runs are still open charges
-their estimates (their later record or release changes nothing).
+their estimates; that is their close (their later record or release returns it, replayed).
 
 The bookkeeping lives in :class:`LeaseBook`, without I/O; :class:`Lease` and
 :class:`AsyncLease` add the round trips.
@@ -25,14 +30,19 @@ The bookkeeping lives in :class:`LeaseBook`, without I/O; :class:`Lease` and
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
+from agentbill._core import customer_of, new_token
 from agentbill._exceptions import InvalidRequestError
+from agentbill._fork import reset_at_fork
+from agentbill._keys import customer_tag, reservation_id
 from agentbill._models import validate_units
-from agentbill._results import BaseCheck
+from agentbill._results import BaseCheck, BudgetStatus, RateLimit, Settlement, SettleStatus
 
 if TYPE_CHECKING:
     from agentbill._async_client import AsyncAgentBillClient
@@ -48,14 +58,15 @@ SAFETY = 0.8
 class Slice:
     """One reservation held by a lease, and what its local runs did with it."""
 
-    check: Any
+    check: Any  # the slice's Check (AsyncCheck on the async client)
     size: int
     usable_until: float
     used: int = 0
     held: int = 0
-    open: int = 0
+    open: set[LeaseRun] = field(default_factory=set)
     runs: int = 0
     settled: bool = False
+    last_outcome: Settlement | None = None
 
     def fits(self, units: int, now: float) -> bool:
         return (
@@ -63,6 +74,35 @@ class Slice:
             and now < self.usable_until
             and self.used + self.held + units <= self.size
         )
+
+
+@dataclass(slots=True, eq=False)
+class LeaseRun:
+    """One run a lease approved: open until its first record or release (or the lease's close),
+    whose outcome every later close returns."""
+
+    book: LeaseBook
+    slice: Slice
+    estimate: int
+    outcome: Settlement | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SliceAsk:
+    """Preflight a slice of ``size`` units; answered with the Check."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateAsk:
+    """Read the rate limit of the scope that refused a slice (the agent's, or the customer's);
+    answered with that scope's BudgetStatus."""
+
+    agent: bool
+
+
+Ask = SliceAsk | RateAsk
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,40 +121,108 @@ class LeaseStats:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LeaseCheck(BaseCheck):
     """A run decided by a lease. ``record``/``release`` are local (no round trip): the slice
-    is settled with the sum of its runs later. ``reservation_id`` is the slice's."""
+    is settled with the sum of its runs later. ``reservation_id`` is the slice's.
 
-    _book: LeaseBook | None = field(default=None, repr=False, compare=False)
-    _slice: Slice | None = field(default=None, repr=False, compare=False)
+    A run closes once, like a Check's reservation: the first ``record`` or ``release`` counts,
+    and any later one changes nothing and returns that first outcome with ``replayed`` True.
+    The outcomes are local: ``spent``, ``reserved``, ``limit`` and ``remaining`` are None."""
 
-    def record(self, units: int) -> None:
-        """Count ``units`` as used by this run (the slice is charged them when settled)."""
-        assert self._book is not None
-        self._book.finish(self, validate_units("units", units))
+    _run: LeaseRun | None = field(default=None, repr=False, compare=False)
 
-    def release(self) -> None:
+    def record(self, units: int) -> Settlement:
+        """Count ``units`` as used by this run (its slice is charged them when settled), and
+        give its estimate back to the lease's next runs."""
+        self._reservation()
+        return self._close("recorded", validate_units("units", units))
+
+    def release(self) -> Settlement:
         """This run used nothing: its estimate is free for the lease's next runs."""
-        assert self._book is not None
-        self._book.finish(self, 0)
+        self._reservation()
+        return self._close("released", 0)
+
+    def _close(self, status: SettleStatus, units: int) -> Settlement:
+        run = self._run
+        assert run is not None  # every approved LeaseCheck has its run
+        return run.book.finish(run, status, units)
+
+
+def _outcome(
+    s: Slice, status: SettleStatus, charged: int, released: int, *, late: bool = False
+) -> Settlement:
+    """A run's local outcome. Settlements are frozen, and building one costs about as much as
+    the rest of a leased run: the slice's last one is reused when it is the same."""
+    last = s.last_outcome
+    if (
+        last is not None
+        and last.status == status
+        and last.charged == charged
+        and last.released == released
+        and last.late == late
+    ):
+        return last
+    s.last_outcome = Settlement(
+        status=status,
+        reservation_id=s.check.reservation_id,
+        charged=charged,
+        released=released,
+        late=late,
+        replayed=False,
+        spent=None,
+        reserved=None,
+        limit=None,
+        remaining=None,
+    )
+    return s.last_outcome
+
+
+BudgetScope = Literal["customer", "agent", "task"]
 
 
 class LeaseBook:
-    """A lease's slices and runs, without I/O; every method is safe across threads."""
+    """A lease's slices and runs, without I/O; every method is safe across threads.
 
-    def __init__(self, agent_id: str, customer_id: str | None, slice_units: int, ttl: int) -> None:
+    How big a slice may be comes from what the lease learnt from its answers: the client's
+    ``ceiling``, what each budget scope (customer, agent, task) had left at its last answer, and
+    the bursts of the rate limits that refused it (see :meth:`acquire`).
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        customer_id: str | None,
+        slice_units: int,
+        ttl: int,
+        ceiling: int | None = None,
+    ) -> None:
         self.agent_id = agent_id
         self.customer_id = customer_id
         self.slice_units = slice_units
         self.ttl = ttl
+        self.ceiling = ceiling
         self.lock = threading.Lock()
         self.slices: list[Slice] = []
         self.current: Slice | None = None
-        self.rule_left: int | None = None
+        reset_at_fork(self)
+        self.left: dict[BudgetScope, int] = {}
+        """What each budget scope had left at its last answer."""
+        self.bursts: dict[bool, int] = {}
+        """The burst of the agent's (True) and the customer's (False) rate limit, once one
+        refused a slice."""
         self.closed = False
+        self.owed = 0
+        """Units of late records whose slice was already settled: charged with the next."""
         self.runs = 0
         self.refused = 0
         self.slice_count = 0
         self.settled_units = 0
         self.settled_count = 0
+
+    def _after_fork(self) -> None:
+        """In a forked child: a new lock, and no slices: the parent's slices are the parent's
+        to decide on and settle (the child reserves its own)."""
+        self.lock = threading.Lock()
+        self.slices = []
+        self.current = None
 
     def try_local(self, units: int) -> LeaseCheck | None:
         """Approve ``units`` on the current slice if it fits; None: a new slice is needed."""
@@ -127,8 +235,9 @@ class LeaseBook:
             return self._approve(s, units)
 
     def _approve(self, s: Slice, units: int) -> LeaseCheck:
+        run = LeaseRun(self, s, units)
         s.held += units
-        s.open += 1
+        s.open.add(run)
         s.runs += 1
         self.runs += 1
         c = s.check
@@ -144,55 +253,150 @@ class LeaseBook:
             estimated_units=units,
             task_ref=c.task_ref,
             period_end=c.period_end,
-            _book=self,
-            _slice=s,
+            _run=run,
         )
 
     def slice_size(self, units: int) -> int:
-        """``slice_units``, but at most half of what the budget had left at the last answer,
-        and never less than the ask."""
-        size = self.slice_units
-        if self.rule_left is not None:
-            size = min(size, self.rule_left // 2)
-        return max(size, units)
+        """``slice_units``, within the ceiling and the bursts of the rate limits known, at most
+        half of what any budget scope had left at its last answer, and never less than the
+        ask."""
+        with self.lock:
+            size = self.slice_units
+            for cap in (self.ceiling, *self.bursts.values()):
+                if cap is not None:
+                    size = min(size, cap)
+            for left in self.left.values():
+                size = min(size, left // 2)
+            return max(size, units)
 
-    def add_slice(self, check: Any, size: int, units: int) -> LeaseCheck:
+    def acquire(self, units: int) -> Generator[Ask, BaseCheck | BudgetStatus, LeaseCheck]:
+        """The round trips that get a run of ``units`` a slice, as a dialogue without I/O: it
+        yields what to ask Redis and is sent the answer; it returns the run's decision.
+
+        A refused slice is asked again smaller when the rule that refused it may still have
+        room for the run: a budget or the task ceiling (half of what it has left), the ceiling,
+        a rate limit (what its burst allows now, from its settings and ``retry_after``). Sizes
+        strictly shrink and never go below the ask, and the run is refused only when a plain
+        preflight of ``units`` would be too: by a rule whose numbers leave no room for it, or
+        by the answer to a slice of exactly ``units``.
+        """
+        size = self.slice_size(units)
+        while True:
+            check = yield SliceAsk(size)
+            assert isinstance(check, BaseCheck)
+            if check.approved:
+                return self.add_slice(check, size, units)
+            if check.reason == "rate_limited" and size > units:
+                status = yield RateAsk(agent=check.scope == "agent")
+                assert isinstance(status, BudgetStatus)
+                smaller = self.rate_room(check, size, units, status.rate_limit)
+            else:
+                smaller = self.budget_room(check, size, units)
+            if smaller is None:
+                with self.lock:
+                    self.refused += 1
+                return _refusal(check, units)
+            size = smaller
+
+    def add_slice(self, check: BaseCheck, size: int, units: int) -> LeaseCheck:
         """A slice of ``size`` was reserved (``check``): it becomes current; approve on it."""
         with self.lock:
             s = Slice(check, size, time.monotonic() + self.ttl * SAFETY)
             self.slices.append(s)
             self.current = s
             self.slice_count += 1
-            self.rule_left = check.remaining
+            self._learn("customer", check.remaining)
+            self._learn("task", check.task_remaining)
+            if "agent" in self.left:  # what this slice took of it (others' use is unknown)
+                self.left["agent"] = max(0, self.left["agent"] - size)
             return self._approve(s, units)
 
-    def refused_slice(self, check: BaseCheck, size: int, units: int) -> int | None:
-        """A slice of ``size`` was refused: a smaller size to ask for, when the budget that
-        refused has room for the ask itself; else None (the run is refused)."""
-        with self.lock:
-            left: int | None = None
-            if check.reason == "budget_exhausted" and check.limit is not None:
-                left = check.limit - (check.used or 0) - (check.reserved or 0)
-            self.rule_left = left
-            if left is not None and units <= left < size:
-                return max(units, left // 2)  # strictly smaller than size: this ends
-            self.refused += 1
-            return None
+    def _learn(self, scope: BudgetScope, left: int | None) -> None:
+        if left is None:
+            self.left.pop(scope, None)
+        else:
+            self.left[scope] = max(0, left)
 
-    def finish(self, run: LeaseCheck, units: int) -> None:
+    def budget_room(self, check: BaseCheck, size: int, units: int) -> int | None:
+        """After a refusal other than a rate limit's: a smaller size to ask for, or None (a
+        preflight of ``units`` is refused too)."""
         with self.lock:
-            s = run._slice
-            assert s is not None
-            if s.settled:  # the lease was closed under it and charged its estimate
-                return
-            s.held -= run.estimated_units
-            s.used += units
-            s.open -= 1
+            if check.reason == "concurrency_limited":
+                return None  # one more run in flight, whatever its size
+            if check.reason == "ceiling_exceeded" and check.limit is not None:
+                self.ceiling = check.limit
+                return check.limit if units <= check.limit < size else None
+            if check.reason in ("budget_exhausted", "task_ceiling_exceeded") and (
+                check.limit is not None and check.scope in ("customer", "agent", "task")
+            ):
+                left = check.limit - (check.used or 0) - (check.reserved or 0)
+                self._learn(check.scope, left)
+                if units <= left < size:
+                    return max(units, left // 2)  # strictly smaller than size: this ends
+                return None
+            return units if units < size else None  # a rule unknown here: ask for the run
+
+    def rate_room(
+        self, check: BaseCheck, size: int, units: int, rate: RateLimit | None
+    ) -> int | None:
+        """After a rate limit refused ``size``: the size its burst allows now, or None (a
+        preflight of ``units`` is refused too). ``rate`` is the refusing scope's limit, read
+        after the refusal.
+
+        GCRA (lua/preflight.lua) takes ``n`` units now when ``n <= burst - backlog``, the backlog
+        in units; a refusal of ``size <= burst`` waits ``retry_after = (size - (burst -
+        backlog)) x interval``, rounded up to the ms, so what the rate allows now is at least
+        ``size - ceil(retry_ms / interval)`` and less than ``size - (retry_ms - 1) / interval``.
+        """
+        with self.lock:
+            agent = check.scope == "agent"
+            if rate is None:  # removed since: ask for the run alone
+                self.bursts.pop(agent, None)
+                return units
+            self.bursts[agent] = rate.burst
+            if check.retry_after is None:  # size is above the burst
+                return max(units, min(size - 1, rate.burst)) if units <= rate.burst else None
+            retry_ms = round(check.retry_after * 1000)
+            per_ms = rate.per_seconds * 1000
+            allowed = size - math.ceil(retry_ms * rate.units / per_ms)
+            if units <= allowed:
+                return max(units, allowed)
+            maybe = units * per_ms < size * per_ms - (retry_ms - 1) * rate.units
+            return units if maybe else None
+
+    def finish(self, run: LeaseRun, status: SettleStatus, units: int) -> Settlement:
+        """Close ``run`` as a Check's reservation closes (see design of settle.lua): the first
+        close counts; a record after its release is charged now, flagged late (a release never
+        erases a record); any other later close returns the first outcome, replayed."""
+        with self.lock:
+            first = run.outcome
+            s = run.slice
+            if first is None:
+                s.held -= run.estimate
+                s.used += units
+                s.open.discard(run)
+                run.outcome = _outcome(s, status, units, run.estimate)
+                return run.outcome
+            if status != "recorded" or first.status != "released":
+                return replace(first, replayed=True)
+            if not s.settled:
+                s.used += units
+            elif not self.closed:
+                self.owed += units  # charged with the next slice settled, or on close
+            else:
+                raise InvalidRequestError(
+                    "lease",
+                    "is closed and this run was released: its units cannot be charged with a "
+                    "slice any more (record them with the client)",
+                )
+            run.outcome = _outcome(s, "late", units, 0, late=True)
+            return run.outcome
 
     def to_settle(self, closing: bool = False) -> list[tuple[Slice, int]]:
         """Slices done with (not current, or stale) and with no run open, or, when closing,
-        every slice (its open runs charged their estimates): each with the units to charge.
-        They are marked settled."""
+        every slice (its open runs charged their estimates, which is their close): each with
+        the units to charge (the first also carries the late records of runs whose slice was
+        already settled). They are marked settled."""
         now = time.monotonic()
         with self.lock:
             if closing:
@@ -200,13 +404,29 @@ class LeaseBook:
             out = []
             for s in self.slices:
                 done = closing or s is not self.current or now >= s.usable_until
-                if done and (s.open == 0 or closing):
+                if done and (not s.open or closing):
+                    for run in s.open:
+                        run.outcome = _outcome(s, "recorded", run.estimate, 0)
+                    s.open.clear()
                     s.settled = True
-                    out.append((s, s.used + s.held))
+                    out.append((s, s.used + s.held + self.owed))
+                    self.owed = 0
             self.slices = [s for s in self.slices if not s.settled]
             if self.current is not None and self.current.settled:
                 self.current = None
             return out
+
+    def owed_id(self) -> str:
+        """A new reservation id of this lease's customer, never issued: a record naming it
+        charges its units directly (``late``), and never closes another reservation, as a
+        record without an id could."""
+        return reservation_id(customer_tag(customer_of(self.customer_id)), new_token())
+
+    def take_owed(self) -> int:
+        """Late records no slice was left to carry (the lease is closing): to charge alone."""
+        with self.lock:
+            owed, self.owed = self.owed, 0
+            return owed
 
     def settled(self, charged: int) -> None:
         with self.lock:
@@ -225,7 +445,7 @@ class LeaseBook:
             )
 
 
-def _refusal(check: Any, units: int) -> LeaseCheck:
+def _refusal(check: BaseCheck, units: int) -> LeaseCheck:
     """A slice refusal, as the run's refusal (the numbers of the rule that refused)."""
     return LeaseCheck(
         approved=False,
@@ -262,43 +482,58 @@ class Lease:
     ) -> None:
         self._client = client
         self._task_ref = task_ref
-        self.book = LeaseBook(agent_id, customer_id, slice_units, ttl)
+        self.book = LeaseBook(agent_id, customer_id, slice_units, ttl, client.ceiling)
 
     def preflight(self, estimated_units: int) -> LeaseCheck:
-        """Approve a run locally if the current slice has room, else reserve a new slice (one
-        round trip). A refusal is returned, with the numbers of the rule that refused."""
+        """Approve a run locally if the current slice has room, else reserve a new slice (a
+        round trip; more if the slice must be smaller, see :meth:`LeaseBook.acquire`). A
+        refusal is returned, with the numbers of the rule that refused: the lease refuses a run
+        only when a plain preflight of it would be refused too."""
         units = validate_units("estimated_units", estimated_units)
         local = self.book.try_local(units)
         if local is not None:
             return local
         self._settle()
-        size = self.book.slice_size(units)
+        dialogue = self.book.acquire(units)
+        answer: BaseCheck | BudgetStatus | None = None
         while True:
-            check = self._client.preflight(
-                self.book.agent_id,
-                size,
-                self.book.customer_id,
-                task_ref=self._task_ref,
-                ttl=self.book.ttl,
+            try:
+                ask = dialogue.send(answer)  # type: ignore[arg-type]  # None starts it
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            answer = self._answer(ask)
+
+    def _answer(self, ask: Ask) -> BaseCheck | BudgetStatus:
+        book = self.book
+        if isinstance(ask, SliceAsk):
+            return self._client._reserve_slice(
+                book.agent_id, ask.size, book.customer_id, self._task_ref, book.ttl
             )
-            if check.approved:
-                return self.book.add_slice(check, size, units)
-            smaller = self.book.refused_slice(check, size, units)
-            if smaller is None:
-                return _refusal(check, units)
-            size = smaller
+        agent = book.agent_id if ask.agent else None
+        return self._client.get_budget(book.customer_id, agent_id=agent)
 
     def _settle(self, closing: bool = False) -> None:
         for s, charge in self.book.to_settle(closing):
             s.check.record(charge)
             self.book.settled(charge)
+        if closing and (owed := self.book.take_owed()):
+            book = self.book
+            self._client.record(
+                book.agent_id,
+                owed,
+                book.customer_id,
+                reservation_id=book.owed_id(),
+                task_ref=self._task_ref,
+            )
+            book.settled(owed)
 
     def stats(self) -> LeaseStats:
         return self.book.stats()
 
     def close(self) -> None:
         """Settle every slice: charge what its runs used and release the rest. A run still
-        open is charged directly when it records."""
+        open is charged its estimate (that is its close: its later record or release returns
+        that outcome, replayed)."""
         self._settle(closing=True)
 
     def __enter__(self) -> Lease:
@@ -324,7 +559,7 @@ class AsyncLease:
     ) -> None:
         self._client = client
         self._task_ref = task_ref
-        self.book = LeaseBook(agent_id, customer_id, slice_units, ttl)
+        self.book = LeaseBook(agent_id, customer_id, slice_units, ttl, client.ceiling)
 
     async def preflight(self, estimated_units: int) -> LeaseCheck:
         """See :meth:`Lease.preflight`."""
@@ -333,26 +568,38 @@ class AsyncLease:
         if local is not None:
             return local
         await self._settle()
-        size = self.book.slice_size(units)
+        dialogue = self.book.acquire(units)
+        answer: BaseCheck | BudgetStatus | None = None
         while True:
-            check = await self._client.preflight(
-                self.book.agent_id,
-                size,
-                self.book.customer_id,
-                task_ref=self._task_ref,
-                ttl=self.book.ttl,
+            try:
+                ask = dialogue.send(answer)  # type: ignore[arg-type]  # None starts it
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            answer = await self._answer(ask)
+
+    async def _answer(self, ask: Ask) -> BaseCheck | BudgetStatus:
+        book = self.book
+        if isinstance(ask, SliceAsk):
+            return await self._client._reserve_slice(
+                book.agent_id, ask.size, book.customer_id, self._task_ref, book.ttl
             )
-            if check.approved:
-                return self.book.add_slice(check, size, units)
-            smaller = self.book.refused_slice(check, size, units)
-            if smaller is None:
-                return _refusal(check, units)
-            size = smaller
+        agent = book.agent_id if ask.agent else None
+        return await self._client.get_budget(book.customer_id, agent_id=agent)
 
     async def _settle(self, closing: bool = False) -> None:
         for s, charge in self.book.to_settle(closing):
             await s.check.record(charge)
             self.book.settled(charge)
+        if closing and (owed := self.book.take_owed()):
+            book = self.book
+            await self._client.record(
+                book.agent_id,
+                owed,
+                book.customer_id,
+                reservation_id=book.owed_id(),
+                task_ref=self._task_ref,
+            )
+            book.settled(owed)
 
     def stats(self) -> LeaseStats:
         return self.book.stats()

@@ -27,6 +27,7 @@ Every failure is a :class:`~agentbill.StoreUnavailableError`.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ __all__ = [
     "data_dir",
     "ensure_local_server",
     "find_server_binary",
+    "local_reviver",
     "local_status",
     "stop_local_server",
 ]
@@ -191,6 +193,34 @@ def ensure_local_server() -> str:
     return layout.url
 
 
+def local_reviver() -> Callable[[float], None]:
+    """What a client of this user's local server calls when its connections are refused: it
+    starts the server again if it died (bound to the data directory of now), within the
+    seconds it is given.
+
+    Like :func:`ensure_local_server`, but bounded: a server that answers is left alone (no
+    lock); otherwise, holding ``server.lock`` (waited for at most the time given), one that
+    does not answer is replaced and the new one waited for until the time is up. Raises
+    StoreUnavailableError when that is not enough; a server being started keeps starting, and
+    the next call finds it. Its data comes back from the append-only file.
+    """
+    return functools.partial(_revive, _Layout(_home()))
+
+
+def _revive(layout: _Layout, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    if _ping(layout.socket) is _Answer.READY:
+        return
+    with _locked(layout, timeout=max(deadline - time.monotonic(), 0.0)):
+        if _ping(layout.socket) is _Answer.SILENT:  # not started again by another process
+            logger.warning(
+                "the local server on %s stopped answering; starting it again (its data is in %s)",
+                layout.socket,
+                layout.home,
+            )
+        _start_unless_running(layout, deadline)
+
+
 def local_status() -> LocalStatus:
     """Describe this user's local server without starting it or creating anything."""
     layout = _Layout(_home())
@@ -281,13 +311,13 @@ def _check_socket_path(socket: Path) -> None:
 
 
 @contextmanager
-def _locked(layout: _Layout) -> Iterator[None]:
-    lock = FileLock(layout.lockfile, timeout=LOCK_TIMEOUT, mode=0o600)
+def _locked(layout: _Layout, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    lock = FileLock(layout.lockfile, timeout=timeout, mode=0o600)
     try:
         lock.acquire()
     except Timeout as exc:
         raise StoreUnavailableError(
-            f"another process held {layout.lockfile} for {LOCK_TIMEOUT:g}s while starting or "
+            f"another process held {layout.lockfile} for {timeout:g}s while starting or "
             f"stopping the local server"
         ) from exc
     try:
@@ -296,12 +326,12 @@ def _locked(layout: _Layout) -> Iterator[None]:
         lock.release()
 
 
-def _start_unless_running(layout: _Layout) -> None:
+def _start_unless_running(layout: _Layout, deadline: float | None = None) -> None:
     if _ping(layout.socket) is _Answer.SILENT:
         binary = find_server_binary()
         _clear_stale(layout)
         _spawn(binary, layout)
-    _wait_ready(layout, deadline=time.monotonic() + START_TIMEOUT)
+    _wait_ready(layout, deadline=deadline or time.monotonic() + START_TIMEOUT)
 
 
 def _clear_stale(layout: _Layout) -> None:
@@ -357,6 +387,7 @@ def _spawn(binary: Path, layout: _Layout) -> None:
 
 
 def _wait_ready(layout: _Layout, deadline: float) -> None:
+    waited_from = time.monotonic()
     while True:
         if _ping(layout.socket) is _Answer.READY:
             return
@@ -364,9 +395,9 @@ def _wait_ready(layout: _Layout, deadline: float) -> None:
         if pid is not None and not _alive(pid):
             raise _start_failure(layout, f"the local server (pid {pid}) exited while starting")
         if time.monotonic() >= deadline:
+            waited = time.monotonic() - waited_from
             raise _start_failure(
-                layout,
-                f"the local server did not answer on {layout.socket} within {START_TIMEOUT:g}s",
+                layout, f"the local server did not answer on {layout.socket} within {waited:.3g}s"
             )
         time.sleep(_POLL_INTERVAL)
 
@@ -382,6 +413,14 @@ def _start_failure(layout: _Layout, what: str) -> StoreUnavailableError:
 
 _announced: set[Path] = set()
 _announced_lock = threading.Lock()
+
+
+def _new_announced_lock() -> None:
+    global _announced_lock
+    _announced_lock = threading.Lock()  # a forked child's copy may be held by no one
+
+
+os.register_at_fork(after_in_child=_new_announced_lock)
 
 
 def _announce(layout: _Layout) -> None:

@@ -35,10 +35,23 @@ MAX_TTL_SECONDS = 2**31 - 1
 MAX_METADATA_BYTES = 4096
 
 
-def _no_control_characters(value: str) -> str:
+# Characters an id may not hold: control characters (the scripts' field separator among them),
+# line and paragraph separators, and lone surrogates (not text).
+_FORBIDDEN = frozenset({"Cc", "Zl", "Zp", "Cs"})
+# Characters that show nothing: an id made only of these (" ", "\u200b") names nothing a person
+# could read back.
+_INVISIBLE = frozenset({"Zs", "Cf", "Mn", "Me"})
+
+
+def _printable_id(value: str) -> str:
+    visible = False
     for ch in value:
-        if unicodedata.category(ch) == "Cc":
-            raise ValueError(f"must not contain control characters (found {ch!r})")
+        category = unicodedata.category(ch)
+        if category in _FORBIDDEN:
+            raise ValueError(f"must not contain control or line-separator characters ({ch!r})")
+        visible = visible or category not in _INVISIBLE
+    if not visible:
+        raise ValueError("must contain a visible character")
     return value
 
 
@@ -46,9 +59,10 @@ Id = Annotated[
     str,
     Strict(),
     StringConstraints(min_length=1, max_length=MAX_ID_LENGTH),
-    AfterValidator(_no_control_characters),
+    AfterValidator(_printable_id),
 ]
-"""Any id: a non-empty str of at most 256 characters with no control character (Cc)."""
+"""Any id: a str of 1 to 256 characters, at least one of them visible, with no control or
+line-separator character."""
 
 Units = Annotated[int, Strict(), Field(ge=0, le=MAX_UNITS)]
 """Units: an int (not a bool or float) from 0 to 2**53 - 1."""
@@ -86,11 +100,14 @@ class ClientSettings(_Request):
     reservation_ttl: Seconds = 3600
     idempotency_ttl: Seconds = 24 * 3600
     outcome_retention: Seconds = 24 * 3600
+    task_retention: Seconds = 30 * 24 * 3600
+    idle_retention: Seconds = 90 * 24 * 3600
     reap_limit: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 100
     connect_timeout: Timeout = 0.5
     socket_timeout: Timeout = 1.0
     retry_attempts: Annotated[int, Strict(), Field(ge=1, le=10)] = 3
     retry_deadline: Timeout = 1.0
+    max_connections: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 50
     on_outage: Literal["fail_closed", "fail_open", "allowance"] = "fail_closed"
     outage_allowance: Units | None = Field(default=None, validate_default=True)
     ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000
@@ -103,6 +120,16 @@ class ClientSettings(_Request):
         # released (so the key must reserve afresh) is known only while its outcome is.
         if value < info.data.get("idempotency_ttl", 0):
             raise ValueError("must be at least idempotency_ttl")
+        return value
+
+    @field_validator("idle_retention")
+    @classmethod
+    def _customers_outlive_their_parts(cls, value: int, info: ValidationInfo) -> int:
+        # A customer's keys expire after idle_retention; outcomes and tasks must not outlive
+        # the keys that hold them.
+        for part in ("outcome_retention", "task_retention"):
+            if value < info.data.get(part, 0):
+                raise ValueError(f"must be at least {part}")
         return value
 
     @field_validator("outage_allowance")

@@ -7,12 +7,19 @@ its reservation id is a normal one that Redis has never seen, its settlement is 
 Redis is still unreachable, and every queued settlement is delivered, in order and exactly
 once (each keeps its request id), on the client's next successful round trip. A record of an
 offline run charges the real budgets then, flagged ``late``, so nothing is lost; the overshoot
-is what was approved offline.
+is what was approved offline. An offline run's release is queued like a record (its
+preflight may have reached Redis after all, if Redis was silent rather than down).
+
+The same queue carries every settlement of a ``background_settle`` client. A queued settlement
+that Redis answers "not now" (BUSY, OOM, ...) stays queued and is tried again with a backoff;
+one that Redis refuses for good (a bad request, such as an idempotency conflict) is dropped,
+logged as an error and counted, and a dropped record's reservation is released, so that it is
+never left holding its units until its TTL.
 
 The ledger is per process: a client inherited across ``fork()`` starts a fresh one in the
-child, so a queued settlement is never delivered by two processes. It lives in memory: a
-process that dies with settlements queued loses them (``close()`` tries a last delivery and
-logs what it could not send).
+child (with new locks), so a queued settlement is never delivered by two processes. It lives
+in memory: a process that dies with settlements queued loses them (``close()`` tries a last
+delivery and logs what it could not send).
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from agentbill._fork import reset_at_fork
 
 logger = logging.getLogger("agentbill")
 
@@ -33,6 +42,9 @@ OutageMode = Literal["fail_closed", "fail_open", "allowance"]
 
 BATCH = 100
 """Queued settlements sent per pipelined round trip."""
+
+BACKOFF_START, BACKOFF_MAX = 0.05, 2.0
+"""Seconds between delivery attempts while Redis cannot take the queue: doubling, capped."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,24 +61,36 @@ class OutageStats:
     held_units: int
     """Estimates of offline runs not yet settled in Redis: the allowance in use."""
     queued: int
-    """Settlements waiting for Redis (or being sent to it right now)."""
+    """Settlements waiting for Redis (unreachable, silent or busy), or being sent right now."""
     delivered: int
     """Queued settlements delivered to Redis since the client was made."""
     dropped: int
-    """Queued settlements Redis refused (an error no retry can fix); each was logged."""
+    """Queued settlements Redis refused for good (a bad request, which no retry can fix); each
+    was logged as an error, and a dropped record's reservation released."""
 
 
 @dataclass(slots=True)
 class Queued:
-    """One settlement waiting for Redis: the exact call (same request id), and for an offline
-    run its reservation id, whose allowance is freed once the call lands."""
+    """One settlement waiting for Redis: the exact call (same request id), whether it is a
+    release, and the offline runs whose allowance it frees once it lands."""
 
     plan: Any
-    offline_rid: str | None
+    release: bool
+    offline: tuple[str, ...]
+
+
+def idempotency_record(plan: Any) -> str:
+    """The Redis key of the preflight idempotency record that a preflight plan, or a release
+    by idempotency key, names: the last of its KEYS (see ``_core.preflight_call`` and
+    ``release_call``)."""
+    key: str = plan.call.keys[-1]
+    return key
 
 
 class _State:
     __slots__ = (
+        "backoff",
+        "by_key",
         "delivered",
         "dropped",
         "held",
@@ -74,119 +98,190 @@ class _State:
         "offline_runs",
         "offline_units",
         "queue",
+        "retry_at",
     )
 
     def __init__(self) -> None:
-        self.held: dict[str, int] = {}
+        self.held: dict[str, tuple[int, str]] = {}  # offline run -> (units, idempotency record)
+        self.by_key: dict[str, set[str]] = {}  # idempotency record -> its offline runs
         self.queue: deque[Queued] = deque()
         self.in_flight = 0  # taken from the queue, being sent
         self.offline_runs = 0
         self.offline_units = 0
         self.delivered = 0
         self.dropped = 0
+        self.retry_at = 0.0  # Redis said "not now": no opportunistic delivery before this
+        self.backoff = BACKOFF_START
+
+    def free(self, runs: tuple[str, ...]) -> None:
+        for rid in runs:
+            held = self.held.pop(rid, None)
+            if held is not None:
+                rids = self.by_key.get(held[1], set())
+                rids.discard(rid)
+                if not rids:
+                    self.by_key.pop(held[1], None)
 
 
 class OutageLedger:
-    """The outage policy of one client, and what it approved and queued in this process."""
+    """The outage policy of one client, and what it approved and queued in this process.
+
+    It is per process: in a forked child it starts empty (the parent keeps the queue), with a
+    lock of its own (see ``_fork``).
+    """
 
     def __init__(self, mode: OutageMode, allowance: int | None) -> None:
         self.mode = mode
         self.allowance = allowance
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._s = _State()
+        reset_at_fork(self)
 
-    def _state(self) -> _State:
-        """This process's state: a forked child starts empty (its parent keeps the queue)."""
-        if self._pid != os.getpid():
-            self._lock = threading.Lock()
-            self._pid = os.getpid()
-            self._s = _State()
-        return self._s
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._s = _State()
 
     @property
     def fails_closed(self) -> bool:
         return self.mode == "fail_closed"
 
-    def approve(self, rid: str, units: int) -> bool:
-        """Whether a run of ``units`` may be approved offline; if so, hold it as ``rid``."""
+    def approve(self, rid: str, units: int, key: str) -> bool:
+        """Whether a run of ``units`` may be approved offline; if so, hold it as ``rid``
+        (``key``: its preflight's idempotency record, by which it may be released too)."""
         if self.fails_closed:
             return False
         with self._lock:
-            s = self._state()
-            if self.allowance is not None and sum(s.held.values()) + units > self.allowance:
+            s = self._s
+            if self.allowance is not None and self._held(s) + units > self.allowance:
                 return False
-            s.held[rid] = units
+            s.held[rid] = (units, key)
+            s.by_key.setdefault(key, set()).add(rid)
             s.offline_runs += 1
             s.offline_units += units
         return True
 
-    def is_offline(self, rid: str | None) -> bool:
-        with self._lock:
-            return rid is not None and rid in self._state().held
+    @staticmethod
+    def _held(s: _State) -> int:
+        return sum(units for units, _ in s.held.values())
 
-    def settled(self, rid: str | None) -> None:
-        """``rid``'s settlement reached Redis (or it was released): free its allowance."""
-        if rid is None:
-            return
-        with self._lock:
-            self._state().held.pop(rid, None)
+    def _offline(self, s: _State, plan: Any, release: bool) -> tuple[str, ...]:
+        """The offline runs a settle plan closes: the one it names, or for a release by
+        idempotency key every offline run its preflight made."""
+        rid = plan.reservation_id
+        if rid is not None:
+            return (rid,) if rid in s.held else ()
+        if release:
+            return tuple(s.by_key.get(idempotency_record(plan), ()))
+        return ()
 
-    def enqueue(self, plan: Any, rid: str | None) -> None:
+    def settled(self, plan: Any, release: bool) -> None:
+        """``plan``'s settlement reached Redis: free the allowance of the runs it closed."""
         with self._lock:
-            s = self._state()
-            s.queue.append(Queued(plan, rid if rid in s.held else None))
+            s = self._s
+            s.free(self._offline(s, plan, release))
+
+    def enqueue(self, plan: Any, release: bool) -> None:
+        """Queue a settlement for Redis. A release frees its offline runs' allowance at once (a
+        released run charges nothing); a record frees it when it lands."""
+        with self._lock:
+            s = self._s
+            runs = self._offline(s, plan, release)
+            if release:
+                s.free(runs)
+                runs = ()
+            s.queue.append(Queued(plan, release, runs))
 
     @property
     def in_flight(self) -> int:
-        return self._state().in_flight
+        return self._s.in_flight
 
     @property
     def has_queued(self) -> bool:
-        s = self._state()
+        s = self._s
         return bool(s.queue) or s.in_flight > 0
 
+    def due(self) -> bool:
+        """Something is queued, and Redis did not just say "not now" to it."""
+        s = self._s
+        return bool(s.queue) and time.monotonic() >= s.retry_at
+
     def take(self, n: int = BATCH) -> list[Queued]:
-        """The oldest ``n`` queued settlements, removed; :meth:`put_back` them if delivery
-        failed."""
+        """The oldest ``n`` queued settlements, removed; :meth:`put_back` them or
+        :meth:`finish` them."""
         with self._lock:
-            s = self._state()
+            s = self._s
             items = [s.queue.popleft() for _ in range(min(n, len(s.queue)))]
             s.in_flight += len(items)
             return items
 
-    def put_back(self, items: list[Queued]) -> None:
+    def put_back(self, items: list[Queued], busy: bool = False) -> None:
+        """Queue ``items`` again, first and in order, for Redis could not take them;
+        ``busy``: Redis answered "not now", so the next opportunistic delivery backs off."""
         with self._lock:
-            s = self._state()
+            s = self._s
             s.queue.extendleft(reversed(items))
             s.in_flight -= len(items)
+            if busy:
+                s.retry_at = time.monotonic() + s.backoff
+                s.backoff = min(s.backoff * 2, BACKOFF_MAX)
 
-    def delivered(self, item: Queued) -> None:
+    def finish(
+        self,
+        delivered: list[Queued],
+        busy: list[Queued],
+        dropped: list[tuple[Queued, Exception]],
+        release: Callable[[str], Any],
+    ) -> None:
+        """Account for a batch Redis answered: ``delivered`` landed; ``busy`` were refused for
+        now (queued again, first); ``dropped`` were refused for good: each is logged as an
+        error and counted, and a dropped record's reservation is released (``release(rid)``
+        makes that call, queued last) so that its units come back instead of staying held."""
         with self._lock:
-            s = self._state()
-            s.delivered += 1
-            s.in_flight -= 1
-            if item.offline_rid is not None:
-                s.held.pop(item.offline_rid, None)
+            s = self._s
+            s.in_flight -= len(delivered) + len(dropped)
+            s.delivered += len(delivered)
+            s.dropped += len(dropped)
+            for item in delivered:
+                s.free(item.offline)
+            if not busy:
+                s.backoff = BACKOFF_START
+        for item, exc in dropped:
+            self._drop(item, exc, release)
+        if busy:
+            self.put_back(busy, busy=True)
 
-    def dropped(self, item: Queued, exc: Exception) -> None:
-        logger.error("agentbill: Redis refused a queued settlement, dropping it: %s", exc)
+    def _drop(self, item: Queued, exc: Exception, release: Callable[[str], Any]) -> None:
+        rid = item.plan.reservation_id
+        if item.release or rid is None:
+            what = "release" if item.release else "record without a reservation id"
+            logger.error(
+                "agentbill: Redis refused a queued %s for good, so it is dropped: %s", what, exc
+            )
+            with self._lock:
+                self._s.free(item.offline)
+            return
+        logger.error(
+            "agentbill: Redis refused the queued record of reservation %s for good (%s); the "
+            "record is dropped and the reservation is released, so its units come back "
+            "uncharged",
+            rid,
+            exc,
+        )
+        plan = release(rid)
         with self._lock:
-            s = self._state()
-            s.dropped += 1
-            s.in_flight -= 1
-            if item.offline_rid is not None:
-                s.held.pop(item.offline_rid, None)
+            s = self._s
+            s.free(item.offline)
+            s.queue.append(Queued(plan, True, ()))
 
     def stats(self) -> OutageStats:
         with self._lock:
-            s = self._state()
+            s = self._s
             return OutageStats(
                 mode=self.mode,
                 allowance=self.allowance,
                 offline_runs=s.offline_runs,
                 offline_units=s.offline_units,
-                held_units=sum(s.held.values()),
+                held_units=self._held(s),
                 queued=len(s.queue) + s.in_flight,
                 delivered=s.delivered,
                 dropped=s.dropped,
@@ -214,24 +309,24 @@ def warn_undelivered(stats: OutageStats) -> None:
     )
 
 
-BACKOFF_START, BACKOFF_MAX = 0.05, 2.0
-
-
 class Flusher:
     """``background_settle``: a daemon thread that delivers the queue (``flush``) whenever it
-    is woken, and while Redis is unreachable tries again with a backoff (0.05 s to 2 s). It is
-    started on first use, and again in a forked child."""
+    is woken, and while Redis cannot take it (unreachable, silent or busy) tries again with a
+    backoff (0.05 s to 2 s). It is started on first use, and again in a forked child."""
 
     def __init__(self, flush: Callable[[], int]) -> None:
         self._flush = flush
         self._event = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = 0
         self._stopped = False
+        reset_at_fork(self)
+
+    def _after_fork(self) -> None:
+        self._event = threading.Event()  # its lock may have been held by the parent's thread
+        self._thread = None
 
     def wake(self) -> None:
-        if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-            self._pid = os.getpid()
+        if self._thread is None or not self._thread.is_alive():
             self._event = threading.Event()
             self._thread = threading.Thread(target=self._loop, name="agentbill-settle", daemon=True)
             self._thread.start()
@@ -259,7 +354,7 @@ class Flusher:
     def stop(self) -> None:
         self._stopped = True
         self._event.set()
-        if self._thread is not None and self._pid == os.getpid():
+        if self._thread is not None:
             self._thread.join(timeout=5)
 
 
@@ -271,6 +366,11 @@ class AsyncFlusher:
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        reset_at_fork(self)
+
+    def _after_fork(self) -> None:
+        self._event = None
+        self._task = None
 
     def wake(self) -> None:
         if self._task is None or self._task.done():

@@ -78,6 +78,9 @@ SCRIPT_COMMANDS = (
     "hgetall",
     "xadd",
     "xrange",
+    "xdel",
+    "pexpire",
+    "persist",
 )
 # What redis-py sends for a client: Script runs EVALSHA and, when the server answers NOSCRIPT
 # (after a restart, a failover or SCRIPT FLUSH), SCRIPT LOAD; a URL naming a database other

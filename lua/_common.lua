@@ -1,45 +1,64 @@
 -- agentbill shared prelude: prepended to every operation script by the client that loads it.
 --
--- Every script of one customer takes the same first eight KEYS, all sharing the customer's
+-- Every script of one customer takes the same first nine KEYS, all sharing the customer's
 -- {hash tag} so one script call runs on one Redis Cluster slot:
 --   KEYS[1] budget   hash  policy and counters of the customer and of each of its agents
 --   KEYS[2] res      hash  reservation id -> open reservation record
 --   KEYS[3] exp      zset  reservation id scored by its expiry (ms, Redis clock)
 --   KEYS[4] open     zset  "<group>:<seq>:<reservation id>" (all scores 0: lexical order)
 --   KEYS[5] tasks    hash  "<task digest>:c|u|r|n" -> ceiling, used, reserved, task_ref
---   KEYS[6] closed   hash  reservation id -> outcome of a closed reservation
---   KEYS[7] closedx  zset  reservation id scored by when its outcome may be forgotten
---   KEYS[8] ledger   stream every decision, record, release, expiry and threshold crossing
--- and the same first three ARGV:
---   ARGV[1] reap limit (max expired reservations returned, and outcomes forgotten, per call)
+--   KEYS[6] tasksx   zset  task digest scored by when an idle task may be forgotten (ms)
+--   KEYS[7] closed   hash  reservation id -> outcome of a closed reservation
+--   KEYS[8] closedx  zset  reservation id scored by when its outcome may be forgotten
+--   KEYS[9] ledger   stream every decision, record, release, expiry and threshold crossing
+-- and the same first five ARGV:
+--   ARGV[1] reap limit (max expired reservations returned, outcomes and tasks forgotten, per call)
 --   ARGV[2] outcome retention, ms
 --   ARGV[3] ledger length cap (approximate, XADD MAXLEN ~)
+--   ARGV[4] task retention, ms: an idle task with nothing reserved is forgotten after it
+--   ARGV[5] idle retention, ms: the keys of a customer that sees no write for this long expire
+--           (the budget hash and open reservations only if no budget or limit was ever set)
 --
 -- A scope is the customer (field prefix '') or one of its agents ('a:<agent digest>:'). Its
 -- fields in the budget hash: limit, period (''|hour|day|week|month), tzt (UTC offsets of the
 -- budget's time zone, '' for UTC), thr (threshold percents), rl_n/rl_per/rl_burst/rl_tat (rate
 -- limit: units per rl_per ms, burst, GCRA theoretical arrival time), cc (max in flight), name
--- (agent id); counters open (in flight), pid (current period id, '' for a lifetime budget),
--- spent and reserved in period pid, and ppid/pspent/preserved of the period before it. A new
--- period needs no reset: counters whose pid is not the current period read as zero, and the
--- first write of the new period moves them to ppid/pspent/preserved.
+-- (agent id); counters: open (in flight), and spent and reserved of period pid (pend: its end,
+-- ms, '' for none). A period id is '' for a lifetime budget, else the kind's letter and the
+-- local calendar index ('d20000'), with '.<ms>' added for a wall-clock period that repeats
+-- (clocks set back). Other periods' counters are kept as s:<pid> and r:<pid>, listed in arch
+-- ("<pid>@<end ms>,..."), so a reservation is settled in the period it was made in whatever
+-- period is current now, and a period that becomes current again (a budget's period changed
+-- and back) finds its counters. An archived period is forgotten once nothing is reserved in it
+-- and it ended more than a day and two hours ago (the widest spread of UTC offsets).
+-- Threshold marks: thr:<pct> -> "<pid>\31<reservation id>\31<ledger entry id>". The customer
+-- scope also holds: customer (its id), seq, policy ('1' once a budget or limit was set: its
+-- keys then never expire on their own).
 --
 -- Records are fields joined by \31 (unit separator): ids never hold control characters, and
 -- integers are written with %d because tostring() and cjson round to 14 significant digits.
---   reservation: agent, task_ref, task digest, estimate, created_ms, expires_ms, open member,
---                customer period id, agent digest, agent period id
+--   reservation: agent, task_ref, task digest, estimate, created_ms, expires_ms, open member
+--                ('' when no record without an id may close it), customer period id, agent
+--                digest, agent period id
 --   outcome:     status, <the first 7 reservation fields>, charged, closed_ms, request id that
---                closed it, customer period id, agent digest, agent period id
+--                closed it, customer period id, agent digest, agent period id, how it was
+--                closed ('1' by a request naming it, '0' by a record without an id)
+--
+-- Scripts check everything that could make them fail before their first write (reaping
+-- included): Redis does not roll a script back, so an error leaves Redis exactly as it was.
 
 local SEP = '\31'
+local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are doubles, exact up to here
 
 local K = {
-  budget = KEYS[1], res = KEYS[2], exp = KEYS[3], open = KEYS[4],
-  tasks = KEYS[5], closed = KEYS[6], closedx = KEYS[7], ledger = KEYS[8],
+  budget = KEYS[1], res = KEYS[2], exp = KEYS[3], open = KEYS[4], tasks = KEYS[5],
+  tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9],
 }
 local REAP_LIMIT = tonumber(ARGV[1])
 local RETENTION = tonumber(ARGV[2])
 local LEDGER_LEN = tonumber(ARGV[3])
+local TASK_RETENTION = tonumber(ARGV[4])
+local IDLE = tonumber(ARGV[5])
 
 local function fmt(n)
   return string.format('%d', n)
@@ -51,6 +70,11 @@ local function incr(key, field, delta)
   if delta ~= 0 then
     return redis.call('HINCRBY', key, field, fmt(delta))
   end
+end
+
+-- The error of a counter that would leave the exact range: raised before any write.
+local function overflow(field)
+  return redis.error_reply('AGENTBILL overflow ' .. field)
 end
 
 -- A reply as one string: `n` fields joined by \31, false or nil as '', a table (of strings) as
@@ -80,25 +104,44 @@ local function split(s)
   return out
 end
 
--- Milliseconds on the Redis server's clock: every worker agrees on it. A customer's
--- '_clock_offset' field (tests only: it lets a test cross a period boundary without waiting)
--- shifts it.
+-- Milliseconds on the Redis server's clock: every worker agrees on it.
 local function now_ms()
   local t = redis.call('TIME')
-  local shift = tonumber(redis.call('HGET', K.budget, '_clock_offset') or '0')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + shift
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- One ledger entry; its stream id carries the time (ms, Redis clock).
+-- One ledger entry; its stream id carries the time (ms, Redis clock). Returns the entry id.
 local function ledger(kind, agent, task_ref, units, released, rid, reason, scope, pid)
-  redis.call('XADD', K.ledger, 'MAXLEN', '~', LEDGER_LEN, '*',
+  return redis.call('XADD', K.ledger, 'MAXLEN', '~', LEDGER_LEN, '*',
     't', kind, 'a', agent, 'k', task_ref, 'u', fmt(units), 'x', fmt(released),
     'r', rid or '', 'why', reason or '', 's', scope or '', 'p', pid or '')
+end
+
+-- Keep the customer's keys for as long as they are needed, and no longer: called after the
+-- writes of every script that writes. Outcomes live for the retention (the hash expires when
+-- its last outcome may be forgotten), tasks and the ledger for IDLE after the last write; so do
+-- the budget hash and the open reservations, unless a budget or limit was ever set (a policy
+-- must never vanish on its own: then they have no TTL).
+local function touch()
+  redis.call('PEXPIRE', K.closed, fmt(RETENTION))
+  redis.call('PEXPIRE', K.closedx, fmt(RETENTION))
+  redis.call('PEXPIRE', K.tasks, fmt(IDLE))
+  redis.call('PEXPIRE', K.tasksx, fmt(IDLE))
+  redis.call('PEXPIRE', K.ledger, fmt(IDLE))
+  local keep = redis.call('HGET', K.budget, 'policy') == '1'
+  for _, key in ipairs({K.budget, K.res, K.exp, K.open}) do
+    if keep then
+      redis.call('PERSIST', key)
+    else
+      redis.call('PEXPIRE', key, fmt(IDLE))
+    end
+  end
 end
 
 -- -- periods -----------------------------------------------------------------------------------
 
 local DAY = 86400000
+local SPREAD = 26 * 3600000 -- UTC-12 to UTC+14: how far apart two zones' calendars can be
 
 -- Civil date from days since 1970-01-01, and back (H. Hinnant's algorithms, integers only).
 local function civil(days)
@@ -122,46 +165,93 @@ local function days_from_civil(y, m)
   return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
 end
 
--- UTC offset (ms) at UTC instant `t` from a zone table "<utc_ms>:<offset_ms>,..." (ascending;
--- the first entry applies before the second). '' is UTC.
-local function offset_at(tzt, t)
-  local off = 0
-  for at, o in string.gmatch(tzt, '(-?%d+):(-?%d+)') do
-    if tonumber(at) > t then break end
-    off = tonumber(o)
+-- The calendar bucket of local time `l` (ms): its id and its local start and end.
+local function bucket(kind, l)
+  if kind == 'hour' then
+    local n = math.floor(l / 3600000)
+    return 'h' .. fmt(n), n * 3600000, (n + 1) * 3600000
+  elseif kind == 'day' then
+    local n = math.floor(l / DAY)
+    return 'd' .. fmt(n), n * DAY, (n + 1) * DAY
+  elseif kind == 'week' then -- ISO weeks: Monday 00:00 (1970-01-01 was a Thursday)
+    local n = math.floor((math.floor(l / DAY) + 3) / 7)
+    return 'w' .. fmt(n), (n * 7 - 3) * DAY, (n * 7 + 4) * DAY
   end
-  return off
+  local y, m = civil(math.floor(l / DAY))
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return 'm' .. fmt(y * 12 + m - 1), days_from_civil(y, m) * DAY, days_from_civil(ny, nm) * DAY
 end
 
--- The period containing `now` for a budget of `kind` in zone table `tzt`:
--- id ('' for a lifetime budget), start_ms and end_ms (false, false for a lifetime budget).
+-- A zone table "<utc_ms>:<offset_ms>,..." (ascending; the first entry holds since always; ''
+-- is UTC) as the instants its offsets start at, and the offsets.
+local function zone(tzt)
+  local at, off = {}, {}
+  for a, o in string.gmatch(tzt, '(-?%d+):(-?%d+)') do
+    at[#at + 1], off[#off + 1] = tonumber(a), tonumber(o)
+  end
+  if #at == 0 or at[1] > -MAX then
+    table.insert(at, 1, -MAX)
+    table.insert(off, 1, 0)
+  end
+  return at, off
+end
+
+-- The period of a budget of `kind` in zone table `tzt` that contains `now`: its id ('' for a
+-- lifetime budget), start and end (UTC ms; false, false for a lifetime budget).
+--
+-- A period is the longest stretch of time around `now` over which the wall clock stays in one
+-- calendar bucket. Its bounds are found by walking the zone's offset segments back and forth
+-- from `now`: where the clock jumps over a bucket's edge (clocks set forward at midnight, say)
+-- the period starts or ends at the jump. Where clocks go back into a bucket the clock had left
+-- (or, for hours, back within the same hour), the bucket's second run is a period of its own,
+-- with an id of its own: a repeated hour is two periods of an hour budget.
 local function period_of(kind, tzt, now)
   if kind == '' then
     return '', false, false
   end
-  local local_now = now + offset_at(tzt, now)
-  local s, e, id
-  if kind == 'hour' then
-    local n = math.floor(local_now / 3600000)
-    s, e, id = n * 3600000, (n + 1) * 3600000, 'h' .. fmt(n)
-  elseif kind == 'day' then
-    local n = math.floor(local_now / DAY)
-    s, e, id = n * DAY, (n + 1) * DAY, 'd' .. fmt(n)
-  elseif kind == 'week' then -- ISO weeks: Monday 00:00 (1970-01-01 was a Thursday)
-    local n = math.floor((math.floor(local_now / DAY) + 3) / 7)
-    s, e, id = (n * 7 - 3) * DAY, (n * 7 + 4) * DAY, 'w' .. fmt(n)
-  else -- month
-    local y, m = civil(math.floor(local_now / DAY))
-    local ny, nm = y, m + 1
-    if nm == 13 then ny, nm = y + 1, 1 end
-    s, e, id = days_from_civil(y, m) * DAY, days_from_civil(ny, nm) * DAY, 'm' .. fmt(y * 12 + m - 1)
+  local at, off = zone(tzt)
+  local i = 1
+  while at[i + 1] and at[i + 1] <= now do i = i + 1 end
+  local id, S, E = bucket(kind, now + off[i])
+  local start, finish
+  local j = i
+  while true do
+    local lo = S - off[j]
+    if lo > at[j] or j == 1 then
+      start = math.max(lo, at[j])
+      break
+    end
+    local before = at[j] - 1 + off[j - 1] -- the wall clock 1 ms before the offset changed
+    local after = at[j] + off[j]
+    if before < S then
+      start = at[j]
+      break
+    end
+    if before >= E or (kind == 'hour' and after < before) then
+      start = at[j]
+      id = id .. '.' .. fmt(at[j])
+      break
+    end
+    j = j - 1
   end
-  -- Local boundaries back to UTC, with the offset in force at each boundary.
-  local function utc(l)
-    local u = l - offset_at(tzt, l - offset_at(tzt, now))
-    return l - offset_at(tzt, u)
+  j = i
+  while true do
+    local hi = E - off[j]
+    local nxt = at[j + 1]
+    if not nxt or hi < nxt then
+      finish = hi
+      break
+    end
+    local before = nxt - 1 + off[j]
+    local after = nxt + off[j + 1]
+    if after >= E or after < S or (kind == 'hour' and after < before) then
+      finish = nxt
+      break
+    end
+    j = j + 1
   end
-  return id, utc(s), utc(e)
+  return id, start, finish
 end
 
 -- -- scopes ------------------------------------------------------------------------------------
@@ -188,64 +278,127 @@ local function scope_read(p, now, fallback)
   s.pid, s.pstart, s.pend = period_of(s.period, s.tzt, now)
   if s.stored == s.pid then
     s.spent, s.reserved = tonumber(v[5] or '0'), tonumber(v[6] or '0')
-  else
-    s.spent, s.reserved = 0, 0 -- a new period: nothing spent or held in it yet
+  else -- another period is stored: this one's counters are archived, or it starts at zero
+    local a = redis.call('HMGET', K.budget, p .. 's:' .. s.pid, p .. 'r:' .. s.pid)
+    s.spent, s.reserved = tonumber(a[1] or '0'), tonumber(a[2] or '0')
   end
   return s
 end
 
--- Before the first write of a scope's counters in a new period: the old period's counters
--- become the previous period's, and the new period's start at zero.
-local function scope_roll(s)
-  if s.stored ~= s.pid then
-    local old = redis.call('HMGET', K.budget, s.p .. 'spent', s.p .. 'reserved')
-    redis.call('HSET', K.budget, s.p .. 'ppid', s.stored, s.p .. 'pspent', old[1] or '0',
-      s.p .. 'preserved', old[2] or '0', s.p .. 'pid', s.pid, s.p .. 'spent', '0',
-      s.p .. 'reserved', '0')
-    s.stored = s.pid
+-- Before the first write of a scope's counters in a period other than the stored one: the
+-- stored period's counters are archived, the current period's brought back (or started at
+-- zero), and archived periods nobody can settle in any more are forgotten.
+local function scope_roll(s, now)
+  if s.stored == s.pid then return end
+  local p = s.p
+  local v = redis.call('HMGET', K.budget, p .. 'spent', p .. 'reserved', p .. 'pend', p .. 'arch')
+  local kept, drop = {}, {}
+  for entry in string.gmatch(v[4] or '', '[^,]+') do
+    local pid, ends = string.match(entry, '^(.*)@(.*)$')
+    local a = redis.call('HMGET', K.budget, p .. 's:' .. pid, p .. 'r:' .. pid)
+    local r = tonumber(a[2] or '0')
+    if pid == s.pid or (r == 0 and ends ~= '' and tonumber(ends) + SPREAD < now) then
+      drop[#drop + 1] = p .. 's:' .. pid
+      drop[#drop + 1] = p .. 'r:' .. pid
+    else
+      kept[#kept + 1] = entry
+    end
+  end
+  local spent, reserved = v[1] or '0', v[2] or '0'
+  if spent ~= '0' or reserved ~= '0' then
+    kept[#kept + 1] = s.stored .. '@' .. (v[3] or '')
+    redis.call('HSET', K.budget, p .. 's:' .. s.stored, spent, p .. 'r:' .. s.stored, reserved)
+  end
+  if #drop > 0 then redis.call('HDEL', K.budget, unpack(drop)) end
+  redis.call('HSET', K.budget, p .. 'pid', s.pid, p .. 'pend', s.pend and fmt(s.pend) or '',
+    p .. 'spent', fmt(s.spent), p .. 'reserved', fmt(s.reserved), p .. 'arch', table.concat(kept, ','))
+  s.stored = s.pid
+end
+
+-- The counter fields of period `rp` of scope prefix `p`: the stored period's, an archived
+-- one's, or nil when that period's counters are gone (the ledger keeps its records).
+local function period_fields(p, rp)
+  local v = redis.call('HMGET', K.budget, p .. 'pid', p .. 'r:' .. rp)
+  if (v[1] or '') == rp then
+    return p .. 'spent', p .. 'reserved'
+  elseif v[2] then
+    return p .. 's:' .. rp, p .. 'r:' .. rp
   end
 end
 
 -- Give back `est` reserved units of scope prefix `p`, reserved in period `rp`, and charge
--- `charged`: to that period's counters while they are the current or the previous period's
--- (older periods' counters are gone; the ledger keeps the record).
+-- `charged` to that period's counters while they exist.
 local function scope_settle(p, rp, est, charged)
-  local v = redis.call('HMGET', K.budget, p .. 'pid', p .. 'ppid')
-  if (v[1] or '') == rp then
-    incr(K.budget, p .. 'reserved', -est)
-    incr(K.budget, p .. 'spent', charged)
-  elseif v[2] == rp then
-    incr(K.budget, p .. 'preserved', -est)
-    incr(K.budget, p .. 'pspent', charged)
+  local spent, reserved = period_fields(p, rp)
+  if spent then
+    incr(K.budget, reserved, -est)
+    incr(K.budget, spent, charged)
   end
 end
 
+-- Whether charging `units` to period `rp` of scope `p` keeps its spent counter exact.
+local function charge_fits(p, rp, units)
+  local spent = period_fields(p, rp)
+  return not spent or tonumber(redis.call('HGET', K.budget, spent) or '0') + units <= MAX
+end
+
 -- Threshold crossings of scope `s` (committed = spent + reserved, in percent of the limit),
--- each once per period: marked, written to the ledger and added to `crossed`.
-local function check_thresholds(s, scope, agent, crossed)
+-- each once per period: marked (with the reservation `rid` that crossed it, '' for a charge),
+-- written to the ledger and added to `crossed`.
+local function check_thresholds(s, scope, agent, crossed, rid)
   if not s.limit or s.limit == 0 or s.thr == '' then return end
   for pct in string.gmatch(s.thr, '%d+') do
     if (s.spent + s.reserved) * 100 >= tonumber(pct) * s.limit then
       local mark = s.p .. 'thr:' .. pct
-      if redis.call('HGET', K.budget, mark) ~= s.pid then
-        redis.call('HSET', K.budget, mark, s.pid)
-        ledger('threshold', agent, '', s.spent + s.reserved, 0, '', pct, scope, s.pid)
+      local v = redis.call('HGET', K.budget, mark)
+      if not v or split(v)[1] ~= s.pid then
+        local entry = ledger('threshold', agent, '', s.spent + s.reserved, 0, rid, pct, scope, s.pid)
+        redis.call('HSET', K.budget, mark, s.pid .. SEP .. (rid or '') .. SEP .. entry)
         crossed[#crossed + 1] = scope .. ':' .. pct .. ':' .. fmt(s.spent + s.reserved)
       end
     end
   end
 end
 
--- -- reservations ------------------------------------------------------------------------------
+-- Undo the threshold crossings reservation `rid` made in scope prefix `p`, period `rp`, that
+-- its release takes back below (a batch rolled back): the mark and its ledger entry go, so the
+-- real crossing later is reported.
+local function uncross(p, rp, rid)
+  local thr = redis.call('HGET', K.budget, p .. 'thr')
+  if not thr then return end
+  local spent, reserved = period_fields(p, rp)
+  if not spent then return end
+  local c = redis.call('HMGET', K.budget, p .. 'limit', spent, reserved)
+  if not c[1] then return end
+  local committed = tonumber(c[2] or '0') + tonumber(c[3] or '0')
+  for pct in string.gmatch(thr, '%d+') do
+    local mark = redis.call('HGET', K.budget, p .. 'thr:' .. pct)
+    if mark then
+      local m = split(mark)
+      if m[1] == rp and m[2] == rid and committed * 100 < tonumber(pct) * tonumber(c[1]) then
+        redis.call('HDEL', K.budget, p .. 'thr:' .. pct)
+        redis.call('XDEL', K.ledger, m[3])
+      end
+    end
+  end
+end
+
+-- -- reservations and tasks --------------------------------------------------------------------
 
 local function rec(r, i)
   return r[i] or ''
 end
 
+-- A task was active: it is forgotten TASK_RETENTION after its last activity, once idle.
+local function task_seen(tf, now)
+  redis.call('ZADD', K.tasksx, now + TASK_RETENTION, tf)
+end
+
 -- Close the open reservation `rid` (record fields `r`): release its whole estimate on every
 -- scope, charge `charged` units to the periods it was reserved in, and remember the outcome
--- (and the request that closed it, '' for expiry) for the retention.
-local function close_reservation(rid, r, status, charged, now, request)
+-- (the request that closed it, '' for expiry, and whether that request named it) for the
+-- retention.
+local function close_reservation(rid, r, status, charged, now, request, named)
   local est = tonumber(r[4])
   scope_settle('', rec(r, 8), est, charged)
   incr(K.budget, 'open', -1)
@@ -256,26 +409,35 @@ local function close_reservation(rid, r, status, charged, now, request)
   if r[3] ~= '' then
     incr(K.tasks, r[3] .. ':r', -est)
     incr(K.tasks, r[3] .. ':u', charged)
+    task_seen(r[3], now)
   end
   redis.call('HDEL', K.res, rid)
   redis.call('ZREM', K.exp, rid)
-  redis.call('ZREM', K.open, r[7])
+  if r[7] ~= '' then
+    redis.call('ZREM', K.open, r[7])
+  end
   local outcome = {status, r[1], r[2], r[3], r[4], r[5], r[6], r[7], fmt(charged), fmt(now),
-                   request, rec(r, 8), rec(r, 9), rec(r, 10)}
+                   request, rec(r, 8), rec(r, 9), rec(r, 10), named}
   redis.call('HSET', K.closed, rid, table.concat(outcome, SEP))
   redis.call('ZADD', K.closedx, now + RETENTION, rid)
   local kind = status == 'released' and 'released' or (status == 'expired' and 'expired' or 'recorded')
   ledger(kind, r[1], r[2], charged, est, rid, status, '', rec(r, 8))
 end
 
--- Lazy expiry, bounded: return at most REAP_LIMIT expired reservations to the budget and forget
--- at most REAP_LIMIT outcomes past their retention. No cron and no sweeper process is needed.
-local function reap(now)
-  local expired = redis.call('ZRANGEBYSCORE', K.exp, '-inf', now, 'LIMIT', 0, REAP_LIMIT)
+-- Lazy expiry, bounded: return at most REAP_LIMIT expired reservations to the budget, and
+-- forget at most REAP_LIMIT outcomes past their retention and idle tasks past theirs. No cron
+-- and no sweeper process is needed. Returns true when a counter or a task changed.
+-- `expired_before`: due reservations this call already expired itself (they count towards the
+-- limit).
+local function reap(now, expired_before)
+  local changed = false
+  local left = REAP_LIMIT - (expired_before or 0)
+  local expired = left > 0 and redis.call('ZRANGEBYSCORE', K.exp, '-inf', now, 'LIMIT', 0, left) or {}
   for _, rid in ipairs(expired) do
     local r = redis.call('HGET', K.res, rid)
     if r then
-      close_reservation(rid, split(r), 'expired', 0, now, '')
+      close_reservation(rid, split(r), 'expired', 0, now, '', '1')
+      changed = true
     else
       redis.call('ZREM', K.exp, rid)
     end
@@ -285,6 +447,27 @@ local function reap(now)
     redis.call('HDEL', K.closed, unpack(old))
     redis.call('ZREM', K.closedx, unpack(old))
   end
+  local idle = redis.call('ZRANGEBYSCORE', K.tasksx, '-inf', now, 'LIMIT', 0, REAP_LIMIT)
+  for _, tf in ipairs(idle) do
+    if tonumber(redis.call('HGET', K.tasks, tf .. ':r') or '0') == 0 then
+      redis.call('HDEL', K.tasks, tf .. ':c', tf .. ':u', tf .. ':r', tf .. ':n')
+      redis.call('ZREM', K.tasksx, tf)
+      changed = true
+    else
+      task_seen(tf, now) -- a run of it is still open: it is not idle
+    end
+  end
+  return changed
+end
+
+-- Whether reap(now) would write anything.
+local function due(now)
+  for _, key in ipairs({K.exp, K.closedx, K.tasksx}) do
+    if #redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1) > 0 then
+      return true
+    end
+  end
+  return false
 end
 
 local function task_state(tf)
@@ -294,7 +477,7 @@ end
 
 -- A scope's state as scripts reply it: limit|false, spent, reserved, open, period id,
 -- period start|false, period end|false, rate units|false, rate per ms, burst, max in flight|false,
--- thresholds, period kind, time zone table.
+-- thresholds, period kind.
 local function scope_reply(s)
   return {s.limit or false, s.spent, s.reserved, s.open, s.pid, s.pstart, s.pend,
           s.rl_n or false, s.rl_per, s.rl_burst, s.cc or false, s.thr, s.period}
@@ -318,5 +501,3 @@ local function name_scopes(customer_id, p, agent)
     redis.call('HSET', K.budget, p .. 'name', agent)
   end
 end
-
--- ------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 -- get_budget: the customer's budget (and one agent's) after returning expired reservations.
 --
--- KEYS[1..8]  the customer's keys (see _common.lua)
--- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
--- ARGV[4] agent digest, '' for the customer alone
+-- KEYS[1..9]  the customer's keys (see _common.lua)
+-- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
+-- ARGV[6] agent digest, '' for the customer alone
 -- Reply: {customer scope, agent scope|false, now_ms}; a scope is scope_reply's list.
 
-local adig = ARGV[4]
+local adig = ARGV[6]
 
 local now = now_ms()
-reap(now)
+if reap(now) then touch() end
 return budget_reply(adig, now)

@@ -1,13 +1,13 @@
 -- get_task: one task of the customer after returning expired reservations.
 --
--- KEYS[1..8]  the customer's keys (see _common.lua)
--- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
--- ARGV[4] task digest
+-- KEYS[1..9]  the customer's keys (see _common.lua)
+-- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
+-- ARGV[6] task digest
 -- Reply: {ceiling|false, used, reserved, exists 1|0, now_ms}
 
-local tf = ARGV[4]
+local tf = ARGV[6]
 
 local now = now_ms()
-reap(now)
+if reap(now) then touch() end
 local c, u, r, exists = task_state(tf)
 return {c or false, u, r, exists and 1 or 0, now}

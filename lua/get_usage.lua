@@ -1,12 +1,12 @@
 -- get_usage: the customer's budget and every agent's that ever ran (or has a budget), after
 -- returning expired reservations: how much is left, how much is held, and by whom.
 --
--- KEYS[1..8]  the customer's keys (see _common.lua)
--- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
+-- KEYS[1..9]  the customer's keys (see _common.lua)
+-- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- Reply: {customer scope, {agent id, agent scope, ...}, now_ms}
 
 local now = now_ms()
-reap(now)
+if reap(now) then touch() end
 local cs = scope_read('', now)
 local agents = {}
 local all = redis.call('HGETALL', K.budget)

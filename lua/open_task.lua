@@ -1,13 +1,13 @@
 -- open_task: open a task of the customer with a ceiling (or none), or change its ceiling.
 --
--- KEYS[1..8]  the customer's keys (see _common.lua)
--- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
--- ARGV[4] task digest
--- ARGV[5] task_ref
--- ARGV[6] ceiling in units, '' for none
+-- KEYS[1..9]  the customer's keys (see _common.lua)
+-- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
+-- ARGV[6] task digest
+-- ARGV[7] task_ref
+-- ARGV[8] ceiling in units, '' for none
 -- Reply: {ceiling|false, used, reserved, exists 1|0, now_ms}
 
-local tf, task_ref, ceiling = ARGV[4], ARGV[5], ARGV[6]
+local tf, task_ref, ceiling = ARGV[6], ARGV[7], ARGV[8]
 
 local now = now_ms()
 reap(now)
@@ -17,5 +17,7 @@ if ceiling == '' then
 else
   redis.call('HSET', K.tasks, tf .. ':c', ceiling)
 end
+task_seen(tf, now)
+touch()
 local c, u, r = task_state(tf)
 return {c or false, u, r, 1, now}

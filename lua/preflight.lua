@@ -3,10 +3,10 @@
 -- budget in their current periods, their rate limits (GCRA) and their concurrency limits. A
 -- refusal changes no counter (it is written to the ledger, as every decision is).
 --
--- KEYS[1..8]  the customer's keys (see _common.lua)
--- KEYS[9]     idempotency record key (same hash tag; unused when field 10 is '')
--- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
--- ARGV[4]     the fields below, joined by \31 (one argument packs and parses far faster than a
+-- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[10]    idempotency record key (same hash tag; unused when field 10 is '')
+-- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
+-- ARGV[6]     the fields below, joined by \31 (one argument packs and parses far faster than a
 --             dozen; ids hold no control characters):
 --    1 reservation id to create (client-made, so a retried call finds its own reservation)
 --    2 estimated units (integer >= 0)
@@ -21,6 +21,7 @@
 --   11 idempotency record ttl, ms
 --   12 customer id (stored once, for people reading the keys)
 --   13 agent digest (the agent's scope: fields 'a:<digest>:...')
+--   14 '1' a record without an id may close this reservation, '0' only a request naming it
 -- Reply: one string, these fields packed (see packed() in _common.lua: false is ''):
 --        {approved 1|0, reason|false, reservation id|false, expires_ms|false, limit|false,
 --         spent, reserved, task ceiling|false, task used, task reserved, now_ms, replayed 1|0,
@@ -29,9 +30,10 @@
 --   spent/reserved/limit/period are the customer's in its current period; on a refusal the
 --   rule numbers are those of the rule that refused, scope one of request, task, customer,
 --   agent; a crossed threshold is "<scope>:<percent>:<committed units>".
--- Error: 'AGENTBILL idempotency_conflict' when the key was used with other arguments.
+-- Errors (nothing written): 'AGENTBILL idempotency_conflict' when the key was used with other
+-- arguments; 'AGENTBILL overflow estimated_units' when reserving would take a counter past 2^53-1.
 
-local A = split(ARGV[4])
+local A = split(ARGV[6])
 local rid = A[1]
 local units = tonumber(A[2])
 local ceiling = A[3]
@@ -43,10 +45,10 @@ local fingerprint = A[10]
 local idem_ttl = tonumber(A[11])
 local customer_id = A[12]
 local adig = A[13]
-local idem_key = KEYS[9]
+local adoptable = A[14] == '1'
+local idem_key = KEYS[10]
 
 local now = now_ms()
-reap(now)
 
 local cs, as -- the customer's and the agent's scope
 local task = {used = 0, reserved = 0, exists = false}
@@ -54,6 +56,7 @@ local task = {used = 0, reserved = 0, exists = false}
 local function read_state()
   cs = scope_read('', now)
   as = scope_read('a:' .. adig .. ':', now, cs)
+  task = {used = 0, reserved = 0, exists = false}
   if tf ~= '' then
     task.ceiling, task.used, task.reserved, task.exists = task_state(tf)
   end
@@ -68,10 +71,7 @@ local function reply(approved, reason, id, expires, replayed, rule, crossed)
                  crossed or {}}, 20)
 end
 
--- A repeat of an approved request (same idempotency key, or the client's retry of the same
--- call after a lost reply) returns the first decision and holds nothing more. The reservation
--- id is the call's request id: finding our own id means our first attempt's reply was lost,
--- which is not a replay for the caller.
+-- Everything that could fail, before the first write (reaping included).
 local prior = false
 if fingerprint ~= '' then
   local v = redis.call('GET', idem_key)
@@ -83,6 +83,27 @@ if fingerprint ~= '' then
     prior = f[2]
   end
 end
+read_state()
+-- A scope with a limit never reserves past it (at most 2^53-1); one without could. Reaping
+-- only lowers what is reserved, so counters that fit now fit after it.
+local function fits(limit, reserved)
+  return limit or reserved + units <= MAX
+end
+local risky = not (fits(cs.limit, cs.reserved) and fits(as.limit, as.reserved)
+                   and fits(task.ceiling or (task_ceiling ~= '' and not task.exists), task.reserved))
+if risky and due(now) then
+  return overflow('estimated_units') -- decided before reaping writes anything
+end
+
+if reap(now) then
+  read_state()
+end
+
+-- A repeat of an approved request (same idempotency key, or the client's retry of the same
+-- call after a lost reply) returns the first decision and holds nothing more. The reservation
+-- id is the call's request id: finding our own id means our first attempt's reply was lost,
+-- which is not a replay for the caller. (Our own id is also found closed when it was released
+-- before this call landed: a cancelled caller released it; it must not reserve now.)
 if not prior and (redis.call('HEXISTS', K.res, rid) == 1 or redis.call('HEXISTS', K.closed, rid) == 1) then
   prior = rid
 end
@@ -92,7 +113,8 @@ if prior then
   if open and prior ~= rid and tonumber(split(open)[6]) <= now then
     -- Due but not reaped yet (more were due than the reap limit): it holds nothing from now
     -- on, so it expires here, and the key reserves afresh below, as for any expired one.
-    close_reservation(prior, split(open), 'expired', 0, now, '')
+    close_reservation(prior, split(open), 'expired', 0, now, '', '1')
+    read_state()
     prior = false
   elseif open then
     expires = tonumber(split(open)[6])
@@ -110,13 +132,10 @@ if prior then
     end
   end
   if prior then
-    read_state()
     return reply(1, false, prior, expires, prior == rid and 0 or 1)
   end
 end
 
--- Check every rule before writing anything.
-read_state()
 if tf ~= '' and not task.exists and task_ceiling ~= '' then
   task.ceiling = tonumber(task_ceiling) -- the ceiling this call would open the task with
 end
@@ -162,14 +181,18 @@ else
     end
   end
 end
+if not rule and (cs.reserved + units > MAX or as.reserved + units > MAX or task.reserved + units > MAX) then
+  return overflow('estimated_units') -- only when `risky`, with nothing reaped: nothing written
+end
 if rule then
   ledger('refused', agent, task_ref, units, 0, '', rule.reason, rule.scope, cs.pid)
+  touch()
   return reply(0, rule.reason, false, false, 0, rule)
 end
 
 -- Every rule passed: reserve on every scope.
-scope_roll(cs)
-scope_roll(as)
+scope_roll(cs, now)
+scope_roll(as, now)
 local seq = incr(K.budget, 'seq', 1)
 incr(K.budget, 'reserved', units)
 incr(K.budget, 'open', 1)
@@ -190,20 +213,25 @@ if tf ~= '' then
   end
   incr(K.tasks, tf .. ':r', units)
   task.reserved = task.reserved + units
+  task_seen(tf, now)
 end
 cs.reserved, cs.open = cs.reserved + units, cs.open + 1
 as.reserved, as.open = as.reserved + units, as.open + 1
 local expires = now + ttl
-local member = group .. ':' .. string.format('%016d', seq) .. ':' .. rid
+local member = ''
+if adoptable then
+  member = group .. ':' .. string.format('%016d', seq) .. ':' .. rid
+  redis.call('ZADD', K.open, 0, member)
+end
 local record = {agent, task_ref, tf, fmt(units), fmt(now), fmt(expires), member, cs.pid, adig, as.pid}
 redis.call('HSET', K.res, rid, table.concat(record, SEP))
 redis.call('ZADD', K.exp, expires, rid)
-redis.call('ZADD', K.open, 0, member)
 if fingerprint ~= '' then
   redis.call('SET', idem_key, fingerprint .. SEP .. rid, 'PX', idem_ttl)
 end
 ledger('approved', agent, task_ref, units, 0, rid, '', '', cs.pid)
 local crossed = {}
-check_thresholds(cs, 'customer', agent, crossed)
-check_thresholds(as, 'agent', agent, crossed)
+check_thresholds(cs, 'customer', agent, crossed, rid)
+check_thresholds(as, 'agent', agent, crossed, rid)
+touch()
 return reply(1, false, rid, expires, 0, nil, crossed)

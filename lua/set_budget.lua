@@ -3,19 +3,19 @@
 -- and reserved is allowed: it only refuses new runs. Thresholds are re-armed. A changed
 -- period (or zone) starts a new period at once.
 --
--- KEYS[1..8]  the customer's keys (see _common.lua)
--- ARGV[1..3]  reap limit, outcome retention (ms), ledger cap (see _common.lua)
--- ARGV[4] agent digest, '' for the customer's own budget
--- ARGV[5] limit in units, '' for unlimited
--- ARGV[6] period: '', 'hour', 'day', 'week' or 'month'
--- ARGV[7] zone table ('<utc_ms>:<offset_ms>,...'), '' for UTC
--- ARGV[8] thresholds: percents joined by ',', '' for none
--- ARGV[9] customer id (stored once, for people reading the keys)
--- ARGV[10] agent id ('' for the customer)
+-- KEYS[1..9]  the customer's keys (see _common.lua)
+-- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
+-- ARGV[6] agent digest, '' for the customer's own budget
+-- ARGV[7] limit in units, '' for unlimited
+-- ARGV[8] period: '', 'hour', 'day', 'week' or 'month'
+-- ARGV[9] zone table ('<utc_ms>:<offset_ms>,...'), '' for UTC
+-- ARGV[10] thresholds: percents joined by ',', '' for none
+-- ARGV[11] customer id (stored once, for people reading the keys)
+-- ARGV[12] agent id ('' for the customer)
 -- Reply: {customer scope, agent scope|false, now_ms}, as get_budget.
 
-local adig, limit, period, tzt, thr = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local customer_id, agent = ARGV[9], ARGV[10]
+local adig, limit, period, tzt, thr = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local customer_id, agent = ARGV[11], ARGV[12]
 local p = adig == '' and '' or ('a:' .. adig .. ':')
 
 local now = now_ms()
@@ -36,4 +36,8 @@ put('period', period)
 put('tzt', tzt)
 put('thr', thr)
 name_scopes(customer_id, p, agent)
+if limit ~= '' or period ~= '' or thr ~= '' then
+  redis.call('HSET', K.budget, 'policy', '1')
+end
+touch()
 return budget_reply(adig, now)

@@ -174,3 +174,43 @@ def hang_first_time(self: BudgetedTask[Any, Any], customer_id: str, used: int) -
     if delivery == 1:
         time.sleep(60)
     return used
+
+
+def go_marker(task_id: str | None, delivery: int) -> str:
+    return marker(f"go-{delivery}", task_id)
+
+
+def _wait_for_go(task_id: str | None, delivery: int) -> None:
+    """Block until the test sets this delivery's go marker (at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while not markers().exists(go_marker(task_id, delivery)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"delivery {delivery} of {task_id} never got its go")
+        time.sleep(0.02)
+
+
+@app.task(bind=True, base=BudgetedTask, budget=budget(), acks_late=True)
+def on_cue(self: BudgetedTask[Any, Any], customer_id: str, used: int, outcomes: str) -> int:
+    """acks_late: with the quick visibility timeout, the broker delivers the message again while
+    the first delivery still runs. Delivery n waits for the test's go, then fails if the n-th
+    letter of ``outcomes`` is "f", else returns ``used``."""
+    delivery = _ran(self.request.id)
+    _wait_for_go(self.request.id, delivery)
+    if outcomes[delivery - 1] == "f":
+        raise ValueError(f"delivery {delivery} failed on cue")
+    return used
+
+
+@app.task(
+    bind=True,
+    base=BudgetedTask,
+    budget=budget(),
+    autoretry_for=(ConnectionError,),
+    retry_kwargs={"countdown": 0},
+    max_retries=3,
+)
+def fails_twice(self: BudgetedTask[Any, Any], customer_id: str, used: int) -> int:
+    """Its first two runs raise an autoretried error; later runs return ``used``."""
+    if _ran(self.request.id) <= 2:
+        raise ConnectionError("transient")
+    return used

@@ -8,15 +8,21 @@ its body ran.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import redis
 import rq
 
 from agentbill import AgentBillClient
 from agentbill.contrib.rq import JobBudget, JobCall, budgeted, header
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 URL = os.environ["AGENTBILL_REDIS_URL"]
 NAMESPACE = os.environ["AGENTBILL_RQ_TEST_NAMESPACE"]
@@ -114,3 +120,74 @@ def die(customer_id: str) -> str:
     if body_ran() == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return "survived"
+
+
+def go_key(job_id: str, run: int) -> str:
+    return f"rqtest:{NAMESPACE}:go:{job_id}:{run}"
+
+
+def wait_for_go(job_id: str, run: int) -> None:
+    """Block until the test sets the go marker of this run of the job (at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while not store.exists(go_key(job_id, run)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run {run} of {job_id} never got its go")
+        time.sleep(0.02)
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=7)
+def on_cue(customer_id: str, outcomes: str) -> str:
+    """Run n waits for the test's go, then fails if the n-th letter of ``outcomes`` is "f"
+    and returns otherwise (charged 7)."""
+    job = rq.get_current_job()
+    assert job is not None
+    run = body_ran()
+    wait_for_go(job.id, run)
+    if outcomes[run - 1] == "f":
+        raise RuntimeError(f"run {run} failed on cue")
+    return "ok"
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=4)
+def fails_twice(customer_id: str) -> str:
+    """Raises on its first two runs, succeeds after."""
+    if body_ran() <= 2:
+        raise RuntimeError("transient")
+    return "ok"
+
+
+def traced(fn: Callable[P, R]) -> Callable[P, R]:
+    """A decorator of the user's, stacked above @budgeted."""
+
+    @functools.wraps(fn)
+    def traced_call(*args: P.args, **kwargs: P.kwargs) -> R:
+        store.incr(f"rqtest:{NAMESPACE}:traced")
+        return fn(*args, **kwargs)
+
+    return traced_call
+
+
+@traced
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=len)
+def traced_summarise(customer_id: str, text: str) -> str:
+    body_ran()
+    return text
+
+
+@traced
+@budgeted(client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=2)
+def traced_die(customer_id: str) -> str:
+    """Its work horse kills itself (no Python code runs after) on the first run."""
+    if body_ran() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "survived"
+
+
+def opaque_summarise(customer_id: str, text: str) -> str:
+    """A hand-made wrapper of summarise: it copies summarise's attributes, not ``__wrapped__``."""
+    return summarise(customer_id, text)
+
+
+opaque_summarise.__dict__.update(
+    {name: value for name, value in summarise.__dict__.items() if name != "__wrapped__"}
+)

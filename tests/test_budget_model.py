@@ -1,8 +1,8 @@
 """The budget model: periods, agent budgets, rate and concurrency limits, thresholds, the ledger
 and usage, all decided by the one preflight script against a real redis-server.
 
-Period boundaries are crossed with the scripts' test-only clock offset (the customer's
-``_clock_offset`` field, in ms), never by sleeping. Each test body runs on both clients.
+Period boundaries are crossed by moving the customer's clock in a test-only variant of the
+scripts (tests/_clock.py), never by sleeping. Each test body runs on both clients.
 """
 
 from __future__ import annotations
@@ -25,8 +25,15 @@ from agentbill import (
     RateLimitedError,
     ThresholdCrossing,
 )
+from tests._clock import movable_clock
+from tests._clock import shift_clock as move
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
+
+
+@pytest.fixture(autouse=True)
+def _movable_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    movable_clock(monkeypatch)  # autouse: installed before the clients are built
 
 
 @pytest.fixture
@@ -36,8 +43,7 @@ def client(both_clients: AgentBillClient) -> AgentBillClient:
 
 def shift_clock(client: AgentBillClient, raw: redis.Redis, customer: str, ms: int) -> None:
     """Move the customer's script clock ``ms`` further (tests only)."""
-    key = client._policy.keys.customer(customer).budget
-    raw.hincrby(key, "_clock_offset", ms)
+    move(raw, client.namespace, customer, ms)
 
 
 def to_period_end(client: AgentBillClient, raw: redis.Redis, customer: str) -> None:
@@ -82,14 +88,16 @@ def test_a_reservation_is_charged_to_the_period_it_was_made_in(
     budget = client.get_budget("c1")
     assert (budget.spent, budget.reserved) == (0, 10)  # the 6 went to the hour before
     key = client._policy.keys.customer("c1").budget
-    assert (raw.hget(key, "pspent"), raw.hget(key, "preserved")) == ("6", "0")
+    before = held_period(client, raw, "c1")
+    assert (raw.hget(key, f"s:{before}"), raw.hget(key, f"r:{before}")) == ("6", "0")
     recorded = [e for e in client.events("c1") if e.type == "recorded"]
     assert [(e.units, e.period) for e in recorded] == [(6, held_period(client, raw, "c1"))]
 
 
 def held_period(client: AgentBillClient, raw: redis.Redis, customer: str) -> str | None:
-    value = raw.hget(client._policy.keys.customer(customer).budget, "ppid")
-    return None if value is None else str(value)
+    """The id of the customer's latest archived period (its counters kept as s:/r:<id>)."""
+    value = raw.hget(client._policy.keys.customer(customer).budget, "arch")
+    return None if not value else str(value).split(",")[-1].split("@")[0]
 
 
 @pytest.mark.parametrize("period", ["hour", "day", "week", "month"])

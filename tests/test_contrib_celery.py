@@ -23,7 +23,13 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLo
 from celery.result import AsyncResult
 from celery.signals import task_prerun
 
-from agentbill import AgentBillClient, AgentBillError, BudgetExhaustedError, RunBlockedError
+from agentbill import (
+    AgentBillClient,
+    AgentBillError,
+    BudgetExhaustedError,
+    InvalidRequestError,
+    RunBlockedError,
+)
 from agentbill.contrib.celery import TTL_MARGIN, BudgetedTask, JobBudget, header, param
 from tests import _celery_app as tasks
 from tests._servers import RedisServer
@@ -173,6 +179,9 @@ class Markers:
 
     def count(self, kind: str, task_id: str) -> int:
         return int(self.get(kind, task_id) or 0)
+
+    def set(self, kind: str, task_id: str) -> None:
+        self.raw.set(f"{self.namespace}:marker:{kind}:{task_id}", 1)
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +380,60 @@ def test_acks_late_redelivery_after_the_worker_died_is_charged_once(
     assert spent_reserved(client, customer) == (6, 0)
 
 
+# -- issue 16: deliveries that overlap, retry histories ----------------------------------------
+
+
+@pytest.mark.parametrize("outcomes", ["of", "fo"], ids=["release-first", "record-first"])
+def test_redelivery_while_the_first_delivery_runs_charges_the_success_once(
+    worker_env: dict[str, str],
+    redis_server: RedisServer,
+    client: AgentBillClient,
+    customer: str,
+    markers: Markers,
+    tmp_path: Path,
+    outcomes: str,
+) -> None:
+    """An acks_late message outlives the broker's visibility timeout (2 s here) and is delivered
+    again while its first delivery still runs: two deliveries of one attempt, sharing one
+    reservation. One fails (a release), the other returns 7 (a record); in either order the
+    success is charged once and nothing stays reserved. Its own broker database."""
+    url = broker_url(redis_server, 4)
+    env = {**worker_env, tasks.BROKER_ENV: url, tasks.QUICK_REDELIVERY_ENV: "1"}
+    sender = Celery("sender", broker=url, backend=url, set_as_current=False)
+    w = Worker(env, tmp_path / "overlap.log").start()
+    try:
+        result = sender.send_task(tasks.on_cue.name, (customer, 7, outcomes))
+        wait_for("the redelivery", lambda: markers.count("ran", result.id) == 2, timeout=30)
+        assert spent_reserved(client, customer) == (0, 10)  # one reservation, shared
+        markers.set("go-2", result.id)
+        wait_for("the second delivery to end", lambda: markers.count("postrun", result.id) == 1)
+        markers.set("go-1", result.id)
+        wait_for("the first delivery to end", lambda: markers.count("postrun", result.id) == 2)
+        value = result.get(timeout=20)  # SUCCESS, in either order: Celery never overwrites it
+    finally:
+        w.stop()
+        sender.close()
+    assert value == 7
+    assert markers.count("ran", result.id) == 2
+    assert spent_reserved(client, customer) == (7, 0)
+    assert client.get_budget(customer).open_reservations == 0
+
+
+def test_task_id_sent_again_after_retries_is_charged_once(
+    worker: Worker, client: AgentBillClient, customer: str, markers: Markers
+) -> None:
+    """A task that failed twice (autoretried) and then returned 4, sent again with the same task
+    id: its retry count restarts at 0, yet the task was already charged, so the run replays
+    that approval and charges nothing more."""
+    task_id = str(uuid.uuid4())
+    assert tasks.fails_twice.apply_async((customer, 4), task_id=task_id).get(timeout=20) == 4
+    assert spent_reserved(client, customer) == (4, 0)
+    assert tasks.fails_twice.apply_async((customer, 4), task_id=task_id).get(timeout=20) == 4
+    wait_for("the fourth run to end", lambda: markers.count("postrun", task_id) == 4)
+    assert markers.count("ran", task_id) == 4
+    assert spent_reserved(client, customer) == (4, 0)
+
+
 # -- no worker: eager apply(), direct calls ----------------------------------------------------
 
 
@@ -474,6 +537,27 @@ def test_rate_limited_refusal_retries_only_when_opted_in(
         impatient.apply(throw=True)
 
 
+def test_a_retry_that_changes_the_budget_is_an_idempotency_conflict(
+    eager_app: Celery, client: AgentBillClient, customer: str
+) -> None:
+    """Every run of a task id shares one idempotency key, so every run must resolve to the same
+    budget: a retry whose new arguments change the estimate fails, holding nothing."""
+    budget = JobBudget(
+        client=client, agent_id="a", estimated_units=param("estimate"), customer_id=customer
+    )
+
+    @eager_app.task(bind=True, base=BudgetedTask, budget=budget)
+    def grow(self: BudgetedTask[Any, Any], estimate: int) -> int:
+        if self.request.retries == 0:
+            raise self.retry(args=(estimate + 1,), countdown=0)
+        return estimate
+
+    with pytest.raises(InvalidRequestError) as info:
+        grow.apply((3,)).get()  # the retry runs eagerly too, as apply() returns
+    assert info.value.field == "idempotency_key"
+    assert spent_reserved(client, customer) == (0, 0)
+
+
 def test_task_without_budget_is_a_type_error(eager_app: Celery) -> None:
     @eager_app.task(base=BudgetedTask)
     def unbudgeted() -> int:
@@ -489,7 +573,7 @@ def test_reservation_ttl_defaults_to_the_hard_time_limit_plus_a_margin(
     request = Context({"id": "t1", "retries": 2, "timelimit": (30, 20)})
     run = tasks.hang._budget_run(request, ("c",), {})
     assert run.budget.ttl == 30 + TTL_MARGIN
-    assert run.idempotency_key == "celery:t1:2"
+    assert run.idempotency_key == "celery:t1"  # every run of the task shares it
     assert tasks.hard_limited._budget_run(Context({"id": "t2"}), ("c",)).budget.ttl == (
         2 + TTL_MARGIN
     )

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -144,6 +144,12 @@ def test_every_run_of_a_repeated_job_is_charged(rq_harness: Harness) -> None:
     assert rq_harness.attempts(job) == [0, 1, 2]  # a repeat is the next attempt, not a replay
     budget = rq_harness.client.get_budget(cust)
     assert (budget.spent, budget.reserved, budget.open_reservations) == (3 * 4, 0, 0)
+    # The same job id enqueued again: each repeat was charged already, and is not again.
+    rq_harness.enqueue("summarise", cust, "four", repeat=rq.Repeat(times=2), job_id=job.id)
+    rq_harness.work()
+    assert rq_harness.runs(job) == 6
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (3 * 4, 0, 0)
 
 
 def test_refused_job_never_runs_and_is_not_retried(rq_harness: Harness) -> None:
@@ -244,8 +250,8 @@ def test_plain_rq_worker_leaves_a_killed_horse_reservation_to_its_ttl(
     assert rq_harness.status(job) == JobStatus.FAILED
     budget = rq_harness.client.get_budget(cust)
     assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 10, 1)
-    rq_harness.client.release(idempotency_key=f"rq:{job.id}:0", customer_id=cust)
-    assert rq_harness.client.get_budget(cust).reserved == 0  # the key is rq:<job id>:<attempt>
+    rq_harness.client.release(idempotency_key=f"rq:{job.id}", customer_id=cust)
+    assert rq_harness.client.get_budget(cust).reserved == 0  # the key is rq:<job id>
 
 
 def test_redelivered_job_is_charged_once(rq_harness: Harness) -> None:
@@ -262,6 +268,145 @@ def test_redelivered_job_is_charged_once(rq_harness: Harness) -> None:
     assert rq_harness.attempts(first) == [0, 0]
     budget = rq_harness.client.get_budget(cust)
     assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
+
+
+# -- issue 16: runs of one job id that overlap, retry histories, wrapped job functions ---------
+
+
+def wait_until(what: str, probe: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WORKER_DEADLINE
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def go(harness: Harness, job_id: str, run: int) -> None:
+    """Let run ``run`` of the job (an on_cue job) end."""
+    harness.store.set(f"rqtest:{harness.namespace}:go:{job_id}:{run}", 1)
+
+
+@pytest.mark.parametrize("outcomes", ["ofo", "foo"], ids=["release-first", "record-first"])
+def test_overlapping_runs_of_one_job_id_charge_the_success_once(
+    rq_harness: Harness, outcomes: str
+) -> None:
+    """The same job id enqueued again while its first run still runs: the two runs share one
+    reservation (the idempotency key). One fails and releases, the other records 7; in either
+    order the success is charged once and nothing stays reserved. Enqueued a third time, the
+    job has succeeded already: charged nothing more."""
+    cust = customer()
+    rq_harness.client.set_budget(cust, 100)
+    job_id = f"twice-{uuid.uuid4().hex[:8]}"
+    job = rq_harness.enqueue("on_cue", cust, outcomes, job_id=job_id)
+    first = rq_harness.start()
+    try:
+        wait_until("the first run", lambda: rq_harness.runs(job) == 1)
+        rq_harness.enqueue("on_cue", cust, outcomes, job_id=job_id)
+        second = rq_harness.start()
+        try:
+            wait_until("the second run", lambda: rq_harness.runs(job) == 2)
+            assert rq_harness.client.get_budget(cust).reserved == 10  # one reservation, shared
+            go(rq_harness, job_id, 2)
+        finally:
+            rq_harness.wait(second)
+        go(rq_harness, job_id, 1)
+    finally:
+        rq_harness.wait(first)
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
+    go(rq_harness, job_id, 3)  # run 3 need not wait
+    third = rq_harness.enqueue("on_cue", cust, outcomes, job_id=job_id)
+    rq_harness.work()
+    assert rq_harness.status(third) == JobStatus.FINISHED, rq_harness.failure(third)
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
+
+
+def test_a_failing_run_releases_only_the_reservation_it_holds(rq_harness: Harness) -> None:
+    """Runs 1 and 2 of one job id overlap and share a reservation; run 2 fails at once and its
+    retry, run 3, reserves afresh under the same key. When run 1 fails later, it releases the
+    reservation it held (already released), not the one the key now names (run 3's)."""
+    cust = customer()
+    rq_harness.client.set_budget(cust, 100)
+    job_id = f"stale-{uuid.uuid4().hex[:8]}"
+    job = rq_harness.enqueue("on_cue", cust, "ffo", job_id=job_id)
+    first = rq_harness.start()
+    try:
+        wait_until("the first run", lambda: rq_harness.runs(job) == 1)
+        go(rq_harness, job_id, 2)
+        rq_harness.enqueue("on_cue", cust, "ffo", job_id=job_id, retry=rq.Retry(max=1))
+        second = rq_harness.start()
+        try:
+            wait_until("the retry", lambda: rq_harness.runs(job) == 3)
+            assert rq_harness.client.get_budget(cust).reserved == 10  # run 3's own
+            go(rq_harness, job_id, 1)
+            rq_harness.wait(first)  # run 1 failed and released what it held
+            assert rq_harness.client.get_budget(cust).reserved == 10  # run 3's, still held
+            go(rq_harness, job_id, 3)
+        finally:
+            rq_harness.wait(second)
+    finally:
+        rq_harness.wait(first)
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
+
+
+def test_job_id_enqueued_again_after_failed_attempts_is_charged_once(rq_harness: Harness) -> None:
+    """A job that failed twice and then succeeded under Retry(max=3), enqueued again with the
+    same id: the attempt count restarts, yet the job was already charged, so the run replays
+    that approval and charges nothing more."""
+    cust = customer()
+    rq_harness.client.set_budget(cust, 100)
+    job_id = f"retried-{uuid.uuid4().hex[:8]}"
+    first = rq_harness.enqueue("fails_twice", cust, job_id=job_id, retry=rq.Retry(max=3))
+    rq_harness.work()
+    assert rq_harness.status(first) == JobStatus.FINISHED, rq_harness.failure(first)
+    assert rq_harness.client.get_budget(cust).spent == 4
+    again = rq_harness.enqueue("fails_twice", cust, job_id=job_id, retry=rq.Retry(max=3))
+    rq_harness.work()
+    assert rq_harness.status(again) == JobStatus.FINISHED, rq_harness.failure(again)
+    assert rq_harness.runs(first) == 4
+    assert rq_harness.attempts(first) == [0, 1, 2, 0]
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (4, 0, 0)
+
+
+def test_job_that_failed_for_good_and_is_enqueued_again_reserves_afresh(
+    rq_harness: Harness,
+) -> None:
+    """Its reservation was released, so the key holds nothing: the new run reserves (and is
+    charged) like a first run."""
+    cust = customer()
+    rq_harness.client.set_budget(cust, 10)  # room for one estimate at a time
+    job_id = f"failed-{uuid.uuid4().hex[:8]}"
+    failed = rq_harness.enqueue("crash", cust, job_id=job_id)
+    rq_harness.work()
+    assert rq_harness.status(failed) == JobStatus.FAILED
+    ok = rq_harness.enqueue("summarise", cust, "again", job_id=job_id)
+    rq_harness.work()
+    assert rq_harness.status(ok) == JobStatus.FINISHED, rq_harness.failure(ok)
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (5, 0, 0)
+
+
+def test_decorator_stacked_above_budgeted_keeps_the_job_rules(rq_harness: Harness) -> None:
+    """``@traced`` (functools.wraps) above ``@budgeted``: still the job's reservation, so the
+    worker releases it when the horse is killed, and the same job id run again charges once."""
+    cust = customer()
+    rq_harness.client.set_budget(cust, 100)
+    killed = rq_harness.enqueue("traced_die", cust)
+    job_id = f"traced-{uuid.uuid4().hex[:8]}"
+    first = rq_harness.enqueue("traced_summarise", cust, "four", job_id=job_id)
+    rq_harness.work()
+    again = rq_harness.enqueue("traced_summarise", cust, "four", job_id=job_id)
+    rq_harness.work()
+    assert rq_harness.status(killed) == JobStatus.FAILED
+    assert rq_harness.status(again) == JobStatus.FINISHED, rq_harness.failure(again)
+    assert int(rq_harness.store.get(f"rqtest:{rq_harness.namespace}:traced") or 0) == 3
+    assert rq_harness.runs(first) == 2
+    assert rq_harness.attempts(first) == [0, 0]
+    assert rq_harness.attempts(killed) == [0]
+    budget = rq_harness.client.get_budget(cust)
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (4, 0, 0)
 
 
 # -- in this process: outside a worker, and RQ's synchronous queue -----------------------------
@@ -320,6 +465,28 @@ def test_synchronous_queue_runs_budgeted_jobs_in_process(
         assert result is not None
         assert BudgetExhaustedError.__name__ in (result.exc_string or "")
         assert client.get_budget(cust).reserved == 0
+
+
+def test_a_job_function_hiding_its_budget_is_refused(
+    jobs: ModuleType, redis_server: RedisServer
+) -> None:
+    """A wrapper that copies the budgeted function's attributes but not ``__wrapped__`` cannot be
+    traced to its budget: the job fails loudly, rather than run as a plain gated call."""
+    cust = customer()
+    with (
+        AgentBillClient(redis_url=redis_server.url, namespace=LOCAL_NAMESPACE) as client,
+        redis.Redis.from_url(redis_server.url) as connection,
+    ):
+        client.set_budget(cust, 100)
+        queue = rq.Queue(f"opaque-{LOCAL_NAMESPACE}", connection=connection, is_async=False)
+        job = queue.enqueue(jobs.opaque_summarise, cust, "text", retry=rq.Retry(max=2))
+        assert job.get_status() == JobStatus.FAILED
+        result = job.latest_result()
+        assert result is not None
+        assert "without a __wrapped__ chain" in (result.exc_string or "")
+        assert jobs.store.get(jobs.runs_key(job.id)) is None  # the body never ran
+        budget = client.get_budget(cust)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
 
 
 # -- the extra ---------------------------------------------------------------------------------

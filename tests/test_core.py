@@ -33,7 +33,7 @@ def test_reservation_id_carries_the_customer_tag_within_256_chars() -> None:
     call, rid = preflight_call(POLICY, req, "0" * 24)
     assert len(rid) <= 256
     assert tag_of_reservation(rid) == customer_tag("c" * 256)
-    assert str(call.args[3]).split("\x1f")[0] == rid  # the first packed field (ARGV[4])
+    assert str(call.args[5]).split("\x1f")[0] == rid  # the first packed field (ARGV[6])
 
 
 def test_all_keys_of_one_call_share_one_slot() -> None:
@@ -76,7 +76,7 @@ def test_record_without_id_carries_a_request_id_so_retries_land_once() -> None:
     req = RecordRequest(agent_id="a", units=1, customer_id="c")
     first, second = record_call(POLICY, req, "tok1"), record_call(POLICY, req, "tok2")
     assert first.keys[-1] != second.keys[-1]  # each logical call has its own request id
-    fields = str(first.args[3]).split("\x1f")  # ARGV[4]: settle.lua's fields, packed
+    fields = str(first.args[5]).split("\x1f")  # ARGV[6]: settle.lua's fields, packed
     assert fields[7] != ""  # ... and the script is told to remember it (field 8)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -156,5 +157,66 @@ def test_async_cancellation_releases(client: AgentBillClient) -> None:
             await task
 
     asyncio.run(main())
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
+
+
+# -- generators: refused when decorated, never charged for being created (issue 16, 13) ----------
+
+
+def test_generator_functions_are_refused_when_decorated(both_clients: AgentBillClient) -> None:
+    """A generator's body runs while it is iterated, after the call returned: the gate cannot
+    know when the work ends, so it refuses them (use a run block inside the generator)."""
+
+    def tokens() -> Iterator[str]:
+        yield "a"
+
+    async def stream() -> AsyncIterator[str]:
+        yield "a"
+
+    for fn in (tokens, stream):
+        with pytest.raises(TypeError, match=r"generator.*client\.run"):
+            both_clients.gate("agent", 5, "c1")(fn)
+    budget = both_clients.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
+
+
+def test_a_body_returning_a_generator_is_released_and_refused(client: AgentBillClient) -> None:
+    @client.gate("agent", 5, "c1")
+    def lazy() -> Iterator[int]:
+        return iter(x for x in range(3))  # a plain def whose work happens later
+
+    with pytest.raises(TypeError, match="generator"):
+        lazy()
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
+
+
+def test_an_async_body_returning_an_async_generator_is_released_and_refused(
+    client: AgentBillClient,
+) -> None:
+    async def stream() -> AsyncIterator[int]:
+        yield 1
+
+    @client.gate("agent", 5, "c1")
+    async def lazy() -> AsyncIterator[int]:
+        return stream()
+
+    with pytest.raises(TypeError, match="generator"):
+        asyncio.run(lazy())
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
+
+
+def test_a_def_returning_a_coroutine_is_released_and_refused(client: AgentBillClient) -> None:
+    """A plain def whose result is a coroutine (its work not done yet) is not metered: the
+    coroutine is closed (no "never awaited" warning), the reservation released."""
+
+    @client.gate("agent", 5, "c1")
+    def lazy() -> object:
+        return asyncio.sleep(0)
+
+    with pytest.raises(TypeError, match="awaitable"):
+        lazy()
     budget = client.get_budget("c1")
     assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)

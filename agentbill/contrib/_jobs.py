@@ -4,13 +4,26 @@ A :class:`JobBudget` describes the run a job makes: its agent, estimate, custome
 value is a constant, or a callable of the :class:`JobCall` (the job's id, attempt, arguments
 bound to the function's parameters, and headers), such as :func:`param` and :func:`header`.
 
-:class:`JobRun` is one attempt of one job: it preflights with an idempotency key made from the
-job id and the attempt number, so a redelivered attempt replays its first approval (reserving
-nothing more) and its record charges once, while a retry (a new attempt) reserves afresh.
+:class:`JobRun` is one run of one job. Every run of a job (a redelivery, a retry, the same job
+id enqueued again) preflights with one idempotency key made from the job id alone, and the
+server's rules for a preflight key make each of them right:
+
+- the key's reservation is open (another delivery of the job is running, or died unsettled):
+  the run shares it and reserves nothing more; the first to settle decides, and a record after
+  a release is still charged (late), so a success is never lost;
+- it was recorded: the approval is replayed and the run's record charges nothing more, so a
+  job is charged once however often it runs;
+- it was released or expired (the run before failed, or was killed): the run reserves afresh;
+- the key is unknown, or forgotten after the client's ``idempotency_ttl``: the run reserves.
+
+A run that fails releases the reservation it holds, by its id: by then the key may name a later
+run's reservation (a retry that reserved afresh). Only a process that holds no reservation id
+(a worker's main process, for a child that died) releases by the key.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping
@@ -115,12 +128,13 @@ class JobBudget:
     ttl: int | None = None
     """Seconds an unsettled reservation holds its units (a worker killed mid-job)."""
 
-    def start(self, call: JobCall, namespace: str) -> JobRun:
-        """Resolve this budget against one call (InvalidRequestError if a value is bad)."""
+    def start(self, call: JobCall, idempotency_key: str) -> JobRun:
+        """Resolve this budget against one call, whose runs share ``idempotency_key``
+        (InvalidRequestError if a value is bad)."""
         return JobRun(
             self,
             call,
-            idempotency_key=f"{namespace}:{call.job_id}:{call.attempt}",
+            idempotency_key=idempotency_key,
             agent_id=_value(self.agent_id, call),
             estimated_units=_value(self.estimated_units, call),
             customer_id=_value(self.customer_id, call),
@@ -129,8 +143,8 @@ class JobBudget:
 
 
 class JobRun:
-    """One attempt of one budgeted job: preflight, then record or release, each at most once
-    in effect however often the attempt is delivered."""
+    """One run of one budgeted job: preflight, then record or release, charged once however
+    often the job runs (see the module's docstring)."""
 
     def __init__(
         self,
@@ -153,8 +167,8 @@ class JobRun:
         self.check: Check | None = None
 
     def preflight(self) -> Check:
-        """Reserve the estimate, or raise the typed RunBlockedError; a redelivery of this
-        attempt gets its first approval back."""
+        """Reserve the estimate (or share or replay the job's reservation, by the key), or raise
+        the typed RunBlockedError."""
         check = self.budget.client.preflight(
             self.agent_id,
             self.estimated_units,
@@ -175,8 +189,8 @@ class JobRun:
         return validate_units("units", used)
 
     def record(self, result: object) -> Settlement:
-        """Charge what the job used (the estimate if ``units`` cannot be computed). A
-        redelivered attempt closes the same reservation, which charges once."""
+        """Charge what the job used (the estimate if ``units`` cannot be computed) on the
+        reservation this run holds: once, whichever run of the job closes it first."""
         assert self.check is not None
         try:
             used = self.units_of(result)
@@ -186,19 +200,34 @@ class JobRun:
         return self.check.record(used)
 
     def release(self) -> Settlement | None:
-        """Give the reservation of this attempt back, found by its idempotency key (so it works
-        from another process, and is a no-op if nothing was reserved). Never raises an
-        AgentBillError: on failure, the units return when the reservation expires."""
-        try:
-            return self.budget.client.release(
-                idempotency_key=self.idempotency_key, customer_id=self.customer_id
+        """Give back the reservation this run holds, by its id: never one a later run of the
+        job reserved under the same key. None if this run holds none (its preflight did not
+        return). Never raises an AgentBillError: on failure, the units return when the
+        reservation expires."""
+        if self.check is None or self.check.reservation_id is None:
+            return None
+        return self._release(self.check.release)
+
+    def release_by_key(self) -> Settlement | None:
+        """Give back the reservation the job's key names now, from a process that holds no
+        reservation id (a worker's main process, for a child that died): a ``noop`` if it holds
+        nothing. Never raises an AgentBillError."""
+        return self._release(
+            functools.partial(
+                self.budget.client.release,
+                idempotency_key=self.idempotency_key,
+                customer_id=self.customer_id,
             )
+        )
+
+    def _release(self, release: Callable[[], Settlement]) -> Settlement | None:
+        try:
+            return release()
         except AgentBillError as exc:
             logger.warning(
-                "agentbill: could not release job %s attempt %s (%s); its units return when "
-                "the reservation expires",
+                "agentbill: could not release job %s (%s); its units return when the "
+                "reservation expires",
                 self.call.job_id,
-                self.call.attempt,
                 exc,
             )
             return None

@@ -14,15 +14,18 @@ other way:
   too);
 - in the worker's main process, when the child cannot run code any more (hard time limit,
   ``revoke(terminate=True)``, a child killed or lost, cold shutdown): :class:`BudgetRequest`,
-  the task's Request class, releases by the attempt's idempotency key before Celery requeues
+  the task's Request class, releases by the task's idempotency key before Celery requeues
   or fails the message;
 - otherwise (the whole worker killed) the reservation expires after its TTL: by default the
   task's hard time limit plus :data:`TTL_MARGIN` seconds, else the client's
   ``reservation_ttl``.
 
-The idempotency key is ``celery:<task id>:<request.retries>``: a redelivered message (``acks_late``
-after a lost worker, the broker's visibility timeout) is the same attempt, so it replays its
-approval and charges once, while a retry is a new attempt that reserves afresh.
+The idempotency key is ``celery:<task id>``, the same for every run of the task (see
+``agentbill.contrib._jobs`` for the rules): a redelivered message (``acks_late`` after a lost
+worker, the broker's visibility timeout) shares the reservation of the delivery still running,
+or reserves afresh if that one was released; a retry reserves afresh (its attempt before was
+released); the same task id sent again after it succeeded replays that approval and is charged
+nothing more, whatever its retry count.
 """
 
 from __future__ import annotations
@@ -148,7 +151,8 @@ class BudgetedTask(Task[P, R]):
             hard = _hard_time_limit(self, request)
             if hard:
                 budget = dataclasses.replace(budget, ttl=int(hard) + TTL_MARGIN)
-        return budget.start(_call_of(self, request, args, kwargs), IDEMPOTENCY_NAMESPACE)
+        call = _call_of(self, request, args, kwargs)
+        return budget.start(call, f"{IDEMPOTENCY_NAMESPACE}:{call.job_id}")
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         request = self.request
@@ -197,7 +201,10 @@ class BudgetRequest(Request):
     When the pool child is gone or about to be killed (hard time limit, ``revoke(terminate=
     True)``, the child killed or lost, cold shutdown), nothing runs in it any more: this releases
     the attempt's reservation by its idempotency key, before Celery requeues or fails the
-    message. Subclass it (and point your task's ``Request`` at the subclass) to add your own.
+    message. It holds no reservation id (the child made the reservation), so it releases the
+    one the task id's key names, which is the dead child's unless another delivery of the task
+    reserved afresh under that key since. Subclass it (and point your task's ``Request`` at the
+    subclass) to add your own.
     """
 
     _agentbill_released = False
@@ -230,4 +237,4 @@ class BudgetRequest(Request):
         except Exception as exc:  # an unresolvable budget never reserved anything
             logger.warning("agentbill: no budget to release for task %s: %r", self.id, exc)
             return
-        run.release()
+        run.release_by_key()

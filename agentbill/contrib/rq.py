@@ -6,12 +6,14 @@ what it used after it returns, and releases the reservation if it raises (RQ's
 arguments (:func:`param`), its ``job.meta`` (:func:`header`), constants or any callable of the
 :class:`JobCall`.
 
-Idempotency follows the job, not the process: the key is the job id and its attempt, which
-counts the job's runs (every retry and every repeat is the next attempt; a run of the same
-attempt again, such as the same job id enqueued again, replays its first approval and charges
-once). A refusal, or a budget value that cannot be resolved, fails the job with the typed error
-and cancels its remaining retries, as does an error while recording after the body ran (its
-work is done and paid for).
+Idempotency follows the job, not the process: every run of a job preflights with the key
+``rq:<job id>`` (``rq:<job id>:repeat:<n>`` for its n-th repeat, each of which is charged). A
+run of the job while another still runs shares its reservation; a retry (raised, abandoned, or
+``rq.Retry`` returned) reserves afresh, its run before having released; the same job id
+enqueued again after it succeeded replays that approval and is charged nothing more, whatever
+its retry history. See ``agentbill.contrib._jobs`` for the rules. A refusal, or a budget value
+that cannot be resolved, fails the job with the typed error and cancels its remaining retries,
+as does an error while recording after the body ran (its work is done and paid for).
 
 A work horse killed outright (SIGKILL, out of memory, RQ's hard kill after the timeout, ``rq``'s
 stop-job command) runs no code: :class:`Worker`, whose main process sees the death, releases
@@ -19,8 +21,12 @@ for it (``rq worker -w agentbill.contrib.rq.Worker``). Otherwise, and for an aba
 whole worker died, the reservation expires after its ttl: by default the job's timeout plus
 :data:`TTL_MARGIN` seconds.
 
-Called outside a worker (no current job, or a job running another function), a budgeted
-function behaves like ``client.gate``: every call is a new run.
+The job's function may be wrapped by decorators stacked above ``@budgeted`` that keep
+``__wrapped__`` (``functools.wraps``): the outermost budgeted function in that chain is the
+job's. Called outside a worker (no current job, or a job running another function), a budgeted
+function behaves like ``client.gate``: every call is a new run. A job function that carries a
+budget it cannot be traced to (copied attributes without ``__wrapped__``) is refused with a
+TypeError, not run as a plain call.
 """
 
 from __future__ import annotations
@@ -75,13 +81,29 @@ TTL_MARGIN = 120
 60 s after the timeout, checked every ``job_monitoring_interval`` (30 s by default)."""
 
 _NAMESPACE = "rq"
-"""Prefix of the idempotency keys: ``rq:<job id>:<attempt>``."""
+"""Prefix of the idempotency keys: ``rq:<job id>``, ``rq:<job id>:repeat:<n>``."""
 
 _RUNS_LEFT = "agentbill_runs_left"
 """``job.meta`` key: the job's retries and repeats left when its first attempt began, from
 which every later attempt counts its number."""
 
+_REPEATS_LEFT = "agentbill_repeats_left"
+"""``job.meta`` key: the job's repeats left when its first run began, from which every later
+run counts its repeat."""
+
 _SPEC = "__agentbill_rq__"
+
+
+def _counted(job: Job, note: str, left: int) -> int:
+    """How many of the job's runs ``left`` has counted down since its first run, which notes
+    its start in ``job.meta[note]`` (in memory: callers persist it). A job id enqueued again
+    starts from its new counts (RQ writes a new ``meta``)."""
+    first = job.meta.get(note)
+    if not isinstance(first, int) or first < left:
+        first = left
+        if left:
+            job.meta[note] = left
+    return first - left
 
 
 def _attempt_of(job: Job) -> int:
@@ -89,17 +111,18 @@ def _attempt_of(job: Job) -> int:
 
     RQ counts down ``retries_left`` (raised, or abandoned, with ``retry=Retry(...)``) and
     ``repeats_left`` (``repeat=Repeat(...)``) and counts up ``number_of_retries`` (the job
-    returned ``Retry``); it does not keep the starting counts, so the first attempt notes them
-    in ``job.meta`` (in memory: callers persist it). A run of the same attempt again has the
-    same counts, so the same number.
+    returned ``Retry``); it does not keep the starting counts, so the first attempt notes them.
+    A run of the same attempt again has the same counts, so the same number.
     """
     left = (job.retries_left or 0) + (job.repeats_left or 0)
-    first = job.meta.get(_RUNS_LEFT)
-    if not isinstance(first, int) or first < left:
-        first = left
-        if left:
-            job.meta[_RUNS_LEFT] = left
-    return (job.number_of_retries or 0) + first - left
+    return (job.number_of_retries or 0) + _counted(job, _RUNS_LEFT, left)
+
+
+def _idempotency_key(job: Job) -> str:
+    """The key every run of the job shares: retries reuse it (their run before released), a
+    repeat is a new run of the work, with a key of its own."""
+    repeat = _counted(job, _REPEATS_LEFT, job.repeats_left or 0)
+    return f"{_NAMESPACE}:{job.id}" + (f":repeat:{repeat}" if repeat else "")
 
 
 def _default_ttl(budget: JobBudget, job: Job) -> int | None:
@@ -127,25 +150,35 @@ class _Spec:
         self.wrapper: Callable[..., Any] = fn
 
     def start(self, job: Job, arguments: Mapping[str, Any], *, persist: bool) -> JobRun:
-        noted = job.meta.get(_RUNS_LEFT)
+        noted = (job.meta.get(_RUNS_LEFT), job.meta.get(_REPEATS_LEFT))
         attempt = _attempt_of(job)
-        if persist and job.meta.get(_RUNS_LEFT) != noted:
+        key = _idempotency_key(job)
+        if persist and (job.meta.get(_RUNS_LEFT), job.meta.get(_REPEATS_LEFT)) != noted:
             # So that a later run of this job counts from the same start.
             job.save_meta()  # type: ignore[no-untyped-call]
         call = JobCall(job.id, attempt, arguments, dict(job.meta))
         budget = dataclasses.replace(self.budget, ttl=_default_ttl(self.budget, job))
-        return budget.start(call, _NAMESPACE)
+        return budget.start(call, key)
 
     def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[JobRun, Job | None]:
         """Resolve and preflight this call; a refusal or bad value ends the job for good."""
         job = rq.get_current_job()
-        if job is not None and _function_of(job) is not self.wrapper:
-            job = None  # called inside another job: a plain gated call
+        if job is not None:
+            func = _function_of(job)
+            if _job_spec(func) is not self:
+                if getattr(func, _SPEC, None) is self:
+                    _no_retries(job)
+                    raise TypeError(
+                        f"job {job.id} runs {func!r}, which carries the budget of "
+                        f"{self.fn.__qualname__} without a __wrapped__ chain to it: stack "
+                        "decorators above @budgeted with functools.wraps"
+                    )
+                job = None  # called inside another job: a plain gated call
         arguments = bind_arguments(self.fn, args, kwargs)
         try:
             if job is None:
                 call = JobCall(uuid.uuid4().hex, 0, arguments, {})
-                run = self.budget.start(call, _NAMESPACE)
+                run = self.budget.start(call, f"{_NAMESPACE}:direct:{call.job_id}")
             else:
                 run = self.start(job, arguments, persist=True)
             run.preflight()
@@ -174,6 +207,20 @@ def _function_of(job: Job) -> Any:
     return getattr(func, "__func__", func)
 
 
+def _job_spec(func: object) -> _Spec | None:
+    """The budget of the job function ``func``: the outermost ``@budgeted`` function in its
+    chain of ``__wrapped__`` (decorators stacked above with ``functools.wraps``). Those
+    decorators copy its attribute too, so the wrapper it names must be the function itself."""
+    seen: set[int] = set()
+    while func is not None and id(func) not in seen:
+        seen.add(id(func))
+        spec = getattr(func, _SPEC, None)
+        if isinstance(spec, _Spec) and spec.wrapper is func:
+            return spec
+        func = getattr(func, "__wrapped__", None)
+    return None
+
+
 @overload
 def budgeted(budget: JobBudget, /) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
@@ -199,10 +246,11 @@ def budgeted(
     """Put a budget on an RQ job function (``def`` or ``async def``).
 
     Give a :class:`JobBudget`, or a client and the budget's fields. In a worker, each run
-    preflights with the idempotency key ``rq:<job id>:<attempt>`` before the body (raising the
+    preflights with the job's idempotency key (``rq:<job id>``) before the body (raising the
     typed RunBlockedError, body not run, no retries, on refusal), records ``units`` after it
-    (an int, a callable of the result, or the estimate), and releases if the body raises or
-    returns ``rq.Retry``. ``ttl`` defaults to the job's timeout plus TTL_MARGIN.
+    (an int, a callable of the result, or the estimate), and releases its reservation if the
+    body raises or returns ``rq.Retry``. ``ttl`` defaults to the job's timeout plus
+    TTL_MARGIN.
     """
     if isinstance(budget, JobBudget):
         if settings:
@@ -252,23 +300,24 @@ def _wrap_async(spec: _Spec, fn: Callable[P, Awaitable[Any]]) -> Callable[P, Any
 
 
 def release_job(job: Job) -> Settlement | None:
-    """Release the reservation of the job's current attempt, from any process: for a work horse
-    that died without running its own release. None if the job is not budgeted or its budget
-    cannot be resolved; a ``noop`` Settlement if that attempt holds nothing. Never raises.
+    """Release the reservation the job's idempotency key names, from any process: for a work
+    horse that died without running its own release (it is that horse's, unless another run of
+    the job reserved afresh under the key since). None if the job is not budgeted or its
+    budget cannot be resolved; a ``noop`` Settlement if the key holds nothing. Never raises.
 
-    Call it before RQ handles the failure, on the job object RQ then saves: the attempt's
-    count is noted in its ``job.meta``, as the horse noted it in Redis, so RQ's save keeps it.
+    Call it before RQ handles the failure, on the job object RQ then saves: the run's counts
+    are noted in its ``job.meta``, as the horse noted them in Redis, so RQ's save keeps them.
     """
     try:
-        spec = getattr(_function_of(job), _SPEC, None)
-        if not isinstance(spec, _Spec):
+        spec = _job_spec(_function_of(job))
+        if spec is None:
             return None
         args = tuple(job.args) if job.instance is None else (job.instance, *job.args)
         run = spec.start(job, bind_arguments(spec.fn, args, job.kwargs), persist=False)
     except Exception as exc:
         logger.warning("agentbill: could not release job %s (%s)", job.id, exc)
         return None
-    return run.release()
+    return run.release_by_key()
 
 
 class Worker(rq.Worker):
