@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
-from agentbill._retry import _SCRIPT_ERRORS
+from agentbill._exceptions import InvalidRequestError
+from agentbill._retry import _SCRIPT_ERRORS, translate
 from agentbill._scripts import OPERATIONS
 
 LUA = Path(__file__).resolve().parent.parent / "lua"
@@ -36,11 +38,11 @@ def _norm(text: str) -> str:
 class Header:
     """What a script's header comment says, item by item (texts whitespace-collapsed)."""
 
-    keys: dict[str, str] = field(default_factory=dict)  # "1", "9", "1..8" -> text
-    argv: dict[str, str] = field(default_factory=dict)  # "1", "4", "1..3" -> text
+    keys: dict[str, str] = field(default_factory=dict)  # "1", "10", "1..9" -> text
+    argv: dict[str, str] = field(default_factory=dict)  # "1", "6", "1..5" -> text
     packed: list[tuple[int, str]] = field(default_factory=list)
-    reply: str = ""  # everything from "Reply:" to the end of the header
-    errors: list[str] = field(default_factory=list)
+    reply: str = ""  # everything from "Reply:" to "Error(s)"
+    errors: list[str] = field(default_factory=list)  # codes, "overflow units" with a field
 
 
 _ITEM = re.compile(
@@ -57,11 +59,11 @@ def parse_header(path: Path) -> Header:
         lines.append(line[2:])
     header = Header()
     current: tuple[dict[str, str] | list[tuple[int, str]], str | int, int] | None = None
-    in_reply = False
+    in_reply = in_errors = False
     for body in lines:
-        if body.strip().startswith("Error"):
-            header.errors += re.findall(r"'AGENTBILL (\w+)'", body)
-            current, in_reply = None, False
+        if body.strip().startswith("Error") or in_errors:  # to the end of the header
+            header.errors += re.findall(r"'AGENTBILL (\w+(?: \w+)?)'", body)
+            current, in_reply, in_errors = None, False, True
             continue
         if in_reply:
             header.reply += " " + body
@@ -157,9 +159,14 @@ def test_every_name_is_unique_and_every_type_known() -> None:
 
 
 def test_python_translates_every_script_error_as_the_contract_says() -> None:
-    assert {code: (e["field"], e["message"]) for code, e in CONTRACT["errors"].items()} == (
-        _SCRIPT_ERRORS
-    )
+    named = {code: e for code, e in CONTRACT["errors"].items() if e["field"] is not None}
+    assert {code: (e["field"], e["message"]) for code, e in named.items()} == _SCRIPT_ERRORS
+    # An error without a field of its own names it after the code ('AGENTBILL overflow units').
+    for code, e in CONTRACT["errors"].items():
+        if e["field"] is None:
+            error = translate(redis.ResponseError(f"AGENTBILL {code} units"))
+            assert isinstance(error, InvalidRequestError)
+            assert (error.field, error.message) == ("units", e["message"])
 
 
 # -- the file against the header comments ------------------------------------------------------
@@ -179,13 +186,14 @@ def test_common_keys_and_args_match_the_prelude_header() -> None:
 def test_keys_and_args_match_the_header(op: str) -> None:
     header = parse_header(LUA / f"{op}.lua")
     script = SCRIPTS[op]
-    assert header.keys.pop("1..8") == "the customer's keys (see _common.lua)"
-    assert header.argv.pop("1..3") == (
-        "reap limit, outcome retention (ms), ledger cap (see _common.lua)"
+    customer, common = len(CONTRACT["customer_keys"]), len(CONTRACT["common_args"])
+    assert header.keys.pop(f"1..{customer}") == "the customer's keys (see _common.lua)"
+    assert header.argv.pop(f"1..{common}") == (
+        "reap limit, retentions, ledger cap (see _common.lua)"
     )
-    expected_keys = [(str(i), f["doc"]) for i, f in enumerate(script["keys"], 9)]
+    expected_keys = [(str(i), f["doc"]) for i, f in enumerate(script["keys"], customer + 1)]
     assert list(header.keys.items()) == expected_keys
-    expected_args = [(str(i), f["doc"]) for i, f in enumerate(script["args"], 4)]
+    expected_args = [(str(i), f["doc"]) for i, f in enumerate(script["args"], common + 1)]
     assert list(header.argv.items()) == expected_args
 
 
@@ -209,11 +217,27 @@ def test_reply_matches_the_header(op: str) -> None:
 
 @pytest.mark.parametrize("op", sorted(SCRIPTS))
 def test_errors_match_the_header_and_the_code(op: str) -> None:
+    """Every error a script raises is in its header and in the file; an error that names a
+    field after its code (overflow('units'), 'AGENTBILL overflow units') names a packed field
+    of that script, so a client can say which of its arguments was at fault."""
     header = parse_header(LUA / f"{op}.lua")
-    raised = re.findall(r"error_reply\('AGENTBILL (\w+)'\)", source(op))
+    body = source(op)
+    raised = re.findall(r"error_reply\('AGENTBILL (\w+)'\)", body)
+    overflows = re.findall(r"\boverflow\('(\w+)'\)", body)
+    raised += [f"overflow {name}" for name in overflows]
     listed = SCRIPTS[op].get("errors", [])
-    assert header.errors == listed
-    assert sorted(set(raised)) == sorted(listed)
+    assert [e.split()[0] for e in header.errors] == listed
+    assert sorted(set(raised)) == sorted(set(header.errors))
+    packed = {f["name"] for f in SCRIPTS[op].get("packed", [])}
+    for error in set(header.errors):
+        code, _, named = error.partition(" ")
+        assert bool(named) == (CONTRACT["errors"][code]["field"] is None), error
+        assert not named or named in packed, error
+
+
+def test_the_overflow_error_is_raised_as_the_contract_says() -> None:
+    prelude = source("_common")
+    assert "redis.error_reply('AGENTBILL overflow ' .. field)" in prelude
 
 
 # -- the file against the code -----------------------------------------------------------------
@@ -226,8 +250,9 @@ def _max_index(pattern: str, text: str) -> int:
 @pytest.mark.parametrize("op", sorted(SCRIPTS))
 def test_the_code_reads_no_key_or_argument_the_contract_lacks(op: str) -> None:
     script, body = SCRIPTS[op], source(op)
-    assert _max_index(r"KEYS\[(\d+)\]", body) <= 8 + len(script["keys"])
-    assert _max_index(r"ARGV\[(\d+)\]", body) == 3 + len(script["args"]) or not script["args"]
+    customer, common = len(CONTRACT["customer_keys"]), len(CONTRACT["common_args"])
+    assert _max_index(r"KEYS\[(\d+)\]", body) <= customer + len(script["keys"])
+    assert _max_index(r"ARGV\[(\d+)\]", body) == common + len(script["args"]) or not script["args"]
     if "packed" in script:
         assert _max_index(r"\bA\[(\d+)\]", body) == len(script["packed"])
 
@@ -240,6 +265,31 @@ def test_packed_replies_have_as_many_fields_as_the_contract(op: str) -> None:
     assert counts == {len(reply_fields(op))}
 
 
+def test_prelude_keys_and_args_are_the_contract_names_in_order() -> None:
+    """_common.lua's K table and its ARGV locals use the file's names, in the file's order."""
+    prelude = source("_common")
+    table = re.search(r"local K = \{(.*?)\}", prelude, re.S)
+    assert table is not None
+    pairs = re.findall(r"(\w+) = KEYS\[(\d+)\]", table[1])
+    assert [(name, str(i)) for i, name in enumerate(
+        (k["name"] for k in CONTRACT["customer_keys"]), 1
+    )] == pairs  # fmt: skip
+    read = [int(i) for i in re.findall(r"^local \w+ = tonumber\(ARGV\[(\d+)\]\)", prelude, re.M)]
+    assert read == list(range(1, len(CONTRACT["common_args"]) + 1))
+
+
+def _scope_comment() -> list[str]:
+    """The items the comment above scope_reply lists (after "as scripts reply it:")."""
+    prelude = source("_common").split("local function scope_reply", 1)[0]
+    comment = " ".join(
+        line.removeprefix("--").strip()
+        for line in prelude.splitlines()[-4:]
+        if line.startswith("--")
+    )
+    listed = comment.split("reply it:", 1)[1].strip().removesuffix(".")
+    return [item.strip() for item in listed.split(",")]
+
+
 def test_scope_reply_sends_the_scope_struct() -> None:
     prelude = source("_common")
     body = re.search(r"local function scope_reply\(s\)\s+return \{(.*?)\}\nend", prelude, re.S)
@@ -247,6 +297,7 @@ def test_scope_reply_sends_the_scope_struct() -> None:
     items = [item.strip() for item in body[1].split(",")]
     names = [f["name"] for f in CONTRACT["structs"]["scope"]["fields"]]
     assert len(items) == len(names)
+    assert _scope_comment() == [f["doc"] for f in CONTRACT["structs"]["scope"]["fields"]]
     # Spot checks that the order is the contract's: the counters and the nullable ones.
     by_name = dict(zip(names, items, strict=True))
     assert by_name["limit"] == "s.limit or false"
@@ -410,3 +461,94 @@ def test_the_validation_vectors_hold_for_python() -> None:
     assert [gen.id_valid(i["value"]) for i in v["ids"]] == [i["valid"] for i in v["ids"]]
     assert [gen.units_valid(u["value"]) for u in v["units"]] == [u["valid"] for u in v["units"]]
     assert {True, False} == {i["valid"] for i in v["ids"]} == {u["valid"] for u in v["units"]}
+
+
+# -- the Python client builds and reads by name (agentbill/_contract.py) -----------------------
+
+
+def test_python_reads_the_contract_file_beside_its_scripts() -> None:
+    from agentbill import _contract
+    from agentbill._scripts import lua_dir
+
+    assert json.loads((lua_dir() / "contract.json").read_text(encoding="utf-8")) == CONTRACT
+    assert _contract.FILE == CONTRACT
+    for op, script in _contract.SCRIPTS.items():
+        assert script.packed == tuple(f["name"] for f in SCRIPTS[op].get("packed", []))
+
+
+def test_core_numbers_no_field() -> None:
+    """Field order lives in lua/contract.json alone: _core.py names every key, argument and
+    reply field (no ``f[12]``, no ``reply[2]``, no hand-ordered KEYS or ARGV)."""
+    text = (Path(__file__).resolve().parent.parent / "agentbill" / "_core.py").read_text("utf-8")
+    assert re.findall(r"\[\s*-?\d+\s*\]", text) == []
+    assert ".fixed" not in text  # the customer's keys come in the contract's order
+    assert text.count("\\x1f") == 1  # fingerprint()'s joiner: a digest's input, not a field
+
+
+def test_a_missing_or_unknown_name_is_an_error_not_a_shifted_field() -> None:
+    from agentbill._contract import SCRIPTS as BY_NAME
+    from agentbill._contract import common_args
+    from agentbill._keys import KeySpace
+
+    ck = KeySpace("ns").customer("c")
+    get_task = BY_NAME["get_task"]
+    assert get_task.keys(ck) == tuple(getattr(ck, k["name"]) for k in CONTRACT["customer_keys"])
+    assert get_task.args(("c",), task_digest="d") == ("c", "d")
+    with pytest.raises(TypeError):
+        get_task.args(("c",))
+    with pytest.raises(TypeError):
+        get_task.args(("c",), task_digest="d", nope=1)
+    with pytest.raises(TypeError):
+        get_task.keys(ck, idem="x")
+    with pytest.raises(TypeError):
+        common_args(reap_limit=1)
+    settle = BY_NAME["settle"]
+    assert settle.keys(ck, idem="i")[-1] == "i"
+    assert settle.keys(ck, idem="i", preflight_idem="p")[-2:] == ("i", "p")
+    with pytest.raises(TypeError):
+        settle.keys(ck)  # idem is not optional
+
+
+def test_values_are_encoded_as_the_contract_says() -> None:
+    from agentbill._contract import SCRIPTS as BY_NAME
+
+    call = BY_NAME["set_budget"].args(
+        (),
+        agent_digest=None,
+        limit=0,
+        period="day",
+        zone_table=None,
+        thresholds=[50, 80],
+        customer_id="c",
+        agent_id=None,
+    )
+    assert call == ("", "0", "day", "", "50,80", "c", "")
+    settle = BY_NAME["settle"]
+    values: dict[str, object] = dict.fromkeys(settle.packed)
+    values.update(units=5, idempotency_ttl_ms=9, request_id="q", charge=True, by_idempotency_key=0)
+    values["rollback"] = False
+    (packed,) = settle.args((), **values)
+    read = settle.read_args([*range(len(CONTRACT["common_args"])), packed])
+    assert read["units"] == "5"
+    assert read["charge"] == "1"
+    assert read["rollback"] == read["by_idempotency_key"] == "0"
+    assert read["reservation_id"] == read["prefer"] == ""
+    assert list(read) == list(settle.packed)
+
+
+def test_a_reply_is_read_by_name_and_a_wrong_length_is_refused() -> None:
+    from agentbill._contract import SCRIPTS as BY_NAME
+    from agentbill._contract import ContractError
+
+    fields = reply_fields("settle")
+    values = {f["name"]: str(i) for i, f in enumerate(fields)}
+    values["reservation_id"] = ""
+    text = CONTRACT["encoding"]["separator"].join(values[f["name"]] for f in fields)
+    reply = BY_NAME["settle"].unpack(text.encode())
+    assert reply.status == values["status"]
+    assert reply.agent_id == values["agent_id"]
+    assert reply.reservation_id is None  # '' reads as None
+    with pytest.raises(ContractError):
+        BY_NAME["settle"].unpack(text + CONTRACT["encoding"]["separator"] + "extra")
+    with pytest.raises(ContractError):
+        BY_NAME["get_budget"].items([1, 2])

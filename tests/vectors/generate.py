@@ -34,6 +34,7 @@ from agentbill._keys import (  # noqa: E402
     tag_of_reservation,
 )
 from agentbill._models import PreflightRequest, validate, validate_units  # noqa: E402
+from agentbill._own import OwnReservations  # noqa: E402
 from agentbill._results import BaseCheck  # noqa: E402
 from agentbill._zones import zone_table  # noqa: E402
 
@@ -86,7 +87,10 @@ TAGGED = [
 ]
 
 # Each case: the client's settings, one operation's arguments (as the Python methods name them),
-# and the request id the client would draw.
+# and the request id the client would draw. "extra": what the client adds on its own: a
+# preflight a record without an id must not close (``adoptable``: a lease's slice), the
+# reservation of this client's own that such a record closes first (``prefer``), a release
+# undoing an approval of a failed batch (``rollback``).
 CALLS: list[dict[str, Any]] = [
     {
         "name": "preflight, the sheet's snippet",
@@ -109,10 +113,24 @@ CALLS: list[dict[str, Any]] = [
         },
     },
     {
+        "name": "preflight not adoptable (a lease's slice), with retentions set",
+        "client": {"task_retention": 3600, "idle_retention": 7 * 86400},
+        "op": "preflight",
+        "request": {"agent_id": "my_agent", "estimated_units": 1000, "task_ref": "t-1"},
+        "extra": {"adoptable": False},
+    },
+    {
         "name": "record without a reservation id",
         "client": {},
         "op": "record",
         "request": {"agent_id": "my_agent", "units": 10},
+    },
+    {
+        "name": "record without an id, this client's own reservation first",
+        "client": {"idle_retention": 30 * 86400},
+        "op": "record",
+        "request": {"agent_id": "my_agent", "units": 7, "customer_id": "u", "task_ref": "t"},
+        "extra": {"prefer": "rsv." + customer_tag("u") + ".0123456789abcdef01234567"},
     },
     {
         "name": "record by id, failed, with a key",
@@ -145,6 +163,15 @@ CALLS: list[dict[str, Any]] = [
         "request": {
             "reservation_id": "rsv." + customer_tag("default") + ".0123456789abcdef01234567"
         },
+    },
+    {
+        "name": "release rolling back a failed batch's approval",
+        "client": {},
+        "op": "release",
+        "request": {
+            "reservation_id": "rsv." + customer_tag("user_123") + ".0123456789abcdef01234567"
+        },
+        "extra": {"rollback": True},
     },
     {
         "name": "release by a preflight's idempotency key",
@@ -294,10 +321,20 @@ def plan(case: dict[str, Any], token: str) -> _core.Plan[Any]:
     if case["op"] == "set_budget" and isinstance(args[5], list):
         args[5] = tuple(args[5])
     fn = getattr(_core, f"plan_{case['op']}")
+    extra = dict(case.get("extra", {}))
+    if "prefer" in extra:  # the client's book of its own reservations holds this one
+        own = OwnReservations()
+        group = (
+            _core.customer_of(values.get("customer_id")),
+            values["agent_id"],
+            values.get("task_ref"),
+        )
+        own.add(group, extra.pop("prefer"), None)
+        extra["own"] = own
     with drawn_token(token):
         if case["op"] == "preflight":
-            return fn(policy, *args, BaseCheck)  # type: ignore[no-any-return]
-        return fn(policy, *args)  # type: ignore[no-any-return]
+            return fn(policy, *args, BaseCheck, **extra)  # type: ignore[no-any-return]
+        return fn(policy, *args, **extra)  # type: ignore[no-any-return]
 
 
 def named(script: str, keys: list[str], args: list[str]) -> dict[str, Any]:
