@@ -128,6 +128,53 @@ def test_node_releases_by_the_idempotency_key_of_a_python_preflight(
     )
 
 
+def test_a_record_without_an_id_closes_its_own_languages_reservation_not_an_older_one(
+    py: AgentBillClient, js: dict[str, Any]
+) -> None:
+    """Each client closes the reservation it made itself first, whichever language made the
+    group's oldest: a Node record without an id leaves an older Python reservation open for its
+    owner, and a Python one leaves an older Node reservation."""
+    older_in_python = py.preflight("agent", 7, "acme")
+    made, closed = node(
+        {
+            "client": js,
+            "op": "steps",
+            "args": [
+                {
+                    "op": "preflight",
+                    "args": {"agentId": "agent", "estimatedUnits": 5, "customerId": "acme"},
+                },
+                {"op": "record", "args": {"agentId": "agent", "units": 4, "customerId": "acme"}},
+            ],
+        }
+    )
+    assert (closed["status"], closed["reservationId"], closed["charged"]) == (
+        "recorded",
+        made["reservationId"],
+        4,
+    )
+    mine = older_in_python.record(7)  # still open for its owner: not closed late
+    assert (mine.status, mine.late, mine.charged) == ("recorded", False, 7)
+
+    older_in_node = node(
+        {
+            "client": js,
+            "op": "preflight",
+            "args": {"agentId": "agent", "estimatedUnits": 3, "customerId": "acme"},
+        }
+    )
+    own = py.preflight("agent", 2, "acme")
+    closed_in_python = py.record("agent", 2, "acme")
+    assert (closed_in_python.status, closed_in_python.reservation_id) == (
+        "recorded",
+        own.reservation_id,
+    )
+    theirs = py.record("agent", 3, reservation_id=older_in_node["reservationId"])
+    assert (theirs.status, theirs.late) == ("recorded", False)
+    budget = py.get_budget("acme")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (4 + 7 + 2 + 3, 0, 0)
+
+
 def test_the_ledger_node_writes_reads_back_in_python_with_the_same_fields(
     py: AgentBillClient, js: dict[str, Any]
 ) -> None:

@@ -26,6 +26,7 @@ import {
 } from './errors.js'
 import { KeySpace } from './keys.js'
 import { answersPing, dataDir, HOME_ENV, socketPath } from './local.js'
+import { OwnReservations } from './own.js'
 import {
   Check,
   type BudgetStatus,
@@ -57,6 +58,11 @@ export interface ClientOptions {
   readonly idempotencyTtl?: number | undefined
   /** Seconds a closed reservation's outcome is remembered (default 86400, >= idempotencyTtl). */
   readonly outcomeRetention?: number | undefined
+  /** Seconds an idle task (nothing reserved) is remembered after its last use (default 30 days). */
+  readonly taskRetention?: number | undefined
+  /** Seconds after a customer's last write when its keys expire (default 90 days, at least
+   * outcomeRetention and taskRetention); never, once a budget or limit was set for it. */
+  readonly idleRetention?: number | undefined
   /** Expired reservations returned per call (default 100). */
   readonly reapLimit?: number | undefined
   /** About how many ledger entries a customer keeps (default 100000). */
@@ -84,7 +90,7 @@ export interface GateOptions<R> extends PreflightOptions {
 
 const CLIENT_OPTIONS = [
   'apiKey', 'ceiling', 'redisUrl', 'redis', 'namespace', 'reservationTtl', 'idempotencyTtl',
-  'outcomeRetention', 'reapLimit', 'ledgerMaxLen', 'connectTimeout', 'socketTimeout',
+  'outcomeRetention', 'taskRetention', 'idleRetention', 'reapLimit', 'ledgerMaxLen', 'connectTimeout', 'socketTimeout',
   'retryAttempts', 'retryDeadline', 'tls', 'onThreshold',
 ]
 const GATE_OPTIONS = [
@@ -126,6 +132,16 @@ export function settingsFrom(o: Record<string, unknown>): Settings {
     // released (so the key must reserve afresh) is known only while its outcome is.
     throw new InvalidRequestError('outcomeRetention', 'must be at least idempotencyTtl')
   }
+  const taskRetention = v.seconds('taskRetention', o['taskRetention'] ?? 30 * 86400)
+  const idleRetention = v.seconds('idleRetention', o['idleRetention'] ?? 90 * 86400)
+  // A customer's keys expire after idleRetention; outcomes and tasks must not outlive the keys
+  // that hold them.
+  if (idleRetention < outcomeRetention) {
+    throw new InvalidRequestError('idleRetention', 'must be at least outcomeRetention')
+  }
+  if (idleRetention < taskRetention) {
+    throw new InvalidRequestError('idleRetention', 'must be at least taskRetention')
+  }
   const redisUrl = o['redisUrl']
   if (redisUrl !== undefined && (typeof redisUrl !== 'string' || redisUrl === '')) {
     throw new InvalidRequestError('redisUrl', 'must be a non-empty string')
@@ -137,6 +153,8 @@ export function settingsFrom(o: Record<string, unknown>): Settings {
       reservationTtlMs: v.seconds('reservationTtl', o['reservationTtl'] ?? 3600) * 1000,
       idempotencyTtlMs: idempotencyTtl * 1000,
       retentionMs: outcomeRetention * 1000,
+      taskRetentionMs: taskRetention * 1000,
+      idleRetentionMs: idleRetention * 1000,
       reapLimit: num('reapLimit', 100, 1, 10_000),
       ledgerLen: num('ledgerMaxLen', 100_000, 1, 100_000_000),
     },
@@ -248,6 +266,7 @@ export class AgentBillClient {
   #lastConnectionError: unknown
   #closed = false
   #inFlight = 0
+  readonly #own = new OwnReservations()
   readonly #onThreshold: ((crossing: ThresholdCrossing) => unknown) | undefined
 
   constructor(options: ClientOptions = {}) {
@@ -449,6 +468,15 @@ export class AgentBillClient {
     return new Check(fields, this)
   }
 
+  /** Remember an approval Redis made, so this client's records without an id close its own
+   * reservations first (see own.ts). */
+  #track(check: Check): Check {
+    if (check.approved && check.reservationId !== undefined) {
+      this.#own.add([check.customerId, check.agentId, check.taskRef], check.reservationId, check.expiresAt)
+    }
+    return check
+  }
+
   // -- runs ------------------------------------------------------------------------------------------
 
   /**
@@ -459,7 +487,7 @@ export class AgentBillClient {
    */
   async preflight(options: PreflightOptions): Promise<Check> {
     const plan = core.planPreflight(this.#settings.policy, options)
-    return this.#check(await this.#run(plan))
+    return this.#track(this.#check(await this.#run(plan)))
   }
 
   /**
@@ -477,27 +505,42 @@ export class AgentBillClient {
     const failed = outcomes.findIndex((o) => o.status === 'rejected')
     const checks = outcomes.map((o, i) => (o.status === 'fulfilled' ? this.#check(plans[i]!.decode(o.value)) : undefined))
     if (failed >= 0) {
+      // Undo what this batch itself approved (not replays of earlier calls); the releases take
+      // back the threshold crossings those approvals made.
+      const policy = this.#settings.policy
       await Promise.allSettled(
-        checks.filter((c) => c?.approved && !c.replayed).map((c) => this.release(c!.reservationId!)),
+        checks
+          .filter((c) => c?.approved && !c.replayed)
+          .map((c) => this.#send(core.planRelease(policy, c!.reservationId!, undefined, true).call)),
       )
       const error = (outcomes[failed] as PromiseRejectedResult).reason as unknown
       if (error instanceof InvalidRequestError) throw new InvalidRequestError(`requests[${failed}].${error.field}`, error.detail)
       throw error
     }
-    for (const check of checks) this.#notify(check)
+    for (const check of checks) {
+      this.#notify(check)
+      this.#track(check!)
+    }
     return checks as Check[]
   }
 
   /**
    * Record the units a run actually used. With `reservationId`: close that reservation,
-   * charging `units` in full and releasing the whole estimate. Without it: close the oldest
-   * open reservation of (customer, agent, taskRef), or charge `units` directly if none is open.
-   * `success: false` releases without charging. Closing twice charges once.
+   * charging `units` in full and releasing the whole estimate. Without it: close an open
+   * reservation of (customer, agent, taskRef), this client's own oldest first (else the
+   * group's oldest, whoever made it), or charge `units` directly if none is open.
+   * `success: false` releases without charging. Closing twice charges once; a record after a
+   * release or an expiry is charged, `late`.
    */
   async record(options: RecordOptions): Promise<Settlement> {
-    // TODO(issue 16): prefer a reservation this client made for the same (customer, agent,
-    // taskRef) once the Python client does (design-16.md); until then the script's oldest.
-    return this.#run(core.planRecord(this.#settings.policy, options))
+    const request = core.validateRecord(options)
+    let prefer: string | undefined
+    if (request.reservationId === undefined) {
+      prefer = this.#own.take([request.customerId ?? core.DEFAULT_CUSTOMER, request.agentId, request.taskRef])
+    }
+    const plan = core.recordPlan(this.#settings.policy, request, undefined, prefer)
+    this.#own.discard(plan.reservationId)
+    return this.#run(plan)
   }
 
   /**
@@ -506,7 +549,11 @@ export class AgentBillClient {
    * or Node. Status `noop` when that preflight reserved nothing; releasing twice releases once.
    */
   async release(reservation: string | ReleaseOptions): Promise<Settlement> {
-    return this.#run(core.planRelease(this.#settings.policy, reservation))
+    const plan = core.planRelease(this.#settings.policy, reservation)
+    this.#own.discard(plan.reservationId)
+    const settlement = await this.#run(plan)
+    this.#own.discard(settlement.reservationId) // released by key: now its id is known
+    return settlement
   }
 
   /**

@@ -23,6 +23,13 @@ export interface FieldSpec {
   readonly type: FieldType
   readonly key?: string
   readonly optional?: boolean
+  /** For a `list` field: the struct each item is (its fields joined by the struct's separator). */
+  readonly items?: string
+}
+
+interface StructSpec {
+  readonly fields: readonly FieldSpec[]
+  readonly separator?: string
 }
 
 interface ReplySpec {
@@ -51,9 +58,10 @@ interface ContractFile {
   }
   readonly customer_keys: readonly FieldSpec[]
   readonly common_args: readonly FieldSpec[]
-  readonly structs: Readonly<Record<string, { readonly fields: readonly FieldSpec[] }>>
+  readonly structs: Readonly<Record<string, StructSpec>>
   readonly enums: Readonly<Record<string, readonly string[]>>
-  readonly errors: Readonly<Record<string, { readonly field: string; readonly message: string }>>
+  /** `field` null: the error names its field after its code ('AGENTBILL overflow units'). */
+  readonly errors: Readonly<Record<string, { readonly field: string | null; readonly message: string }>>
   readonly scripts: Readonly<Record<string, ScriptSpec>>
 }
 
@@ -215,7 +223,15 @@ export function buildCall(
 
 // -- reading replies -------------------------------------------------------------------------------
 
-type Decoded = string | number | boolean | null | readonly string[] | Fields | readonly (readonly [string, Fields])[]
+type Decoded =
+  | string
+  | number
+  | boolean
+  | null
+  | readonly string[]
+  | Fields
+  | readonly Fields[]
+  | readonly (readonly [string, Fields])[]
 
 /** A decoded reply: each field read by its contract name, its type checked against the contract. */
 export class Fields {
@@ -257,7 +273,16 @@ export class Fields {
   }
 
   list(name: string): readonly string[] {
+    const spec = this.#specs.get(name)
+    if (spec?.items !== undefined) throw new Error(`reply field ${name} holds ${spec.items} items: read it with structs()`)
     return this.#get(name, ['list']) as readonly string[]
+  }
+
+  /** A list of structs (the field's `items`), each read by name. */
+  structs(name: string): readonly Fields[] {
+    const spec = this.#specs.get(name)
+    if (spec !== undefined && spec.items === undefined) throw new Error(`reply field ${name} is a plain list`)
+    return this.#get(name, ['list']) as readonly Fields[]
   }
 
   struct(name: string): Fields {
@@ -306,7 +331,10 @@ function decodeOne(field: FieldSpec, raw: unknown): Decoded {
     if (base === 'int') return raw
   }
   const value = text(raw)
-  if (base === 'list') return value ? value.split(ENC.list_separator) : []
+  if (base === 'list') {
+    const items = value ? value.split(ENC.list_separator) : []
+    return field.items === undefined ? items : items.map((item) => decodeStruct(field.items!, item))
+  }
   if (value === null || value === ENC.null) {
     if (nullable) return null
     if (base === 'int') return 0 // a packed reply writes every int; '' only where the type says
@@ -324,6 +352,17 @@ function decodeOne(field: FieldSpec, raw: unknown): Decoded {
     default:
       return value
   }
+}
+
+/** One item of a list of structs: the struct's fields joined by its separator. */
+function decodeStruct(name: string, item: string): Fields {
+  const struct = contract.structs[name]
+  if (struct?.separator === undefined) throw new Error(`lua/contract.json: ${name} has no separator`)
+  const parts = item.split(struct.separator)
+  if (parts.length !== struct.fields.length) {
+    throw new ReplyFormatError(`a ${name} has ${parts.length} fields; the contract names ${struct.fields.length}`)
+  }
+  return new Fields(struct.fields, new Map(struct.fields.map((f, i) => [f.name, decodeOne(f, parts[i])])))
 }
 
 function decodeArrayOf(fields: readonly FieldSpec[], raw: unknown): Fields {
@@ -377,10 +416,15 @@ export function decodeLedgerEntry(raw: unknown): { id: string; fields: Fields } 
   }
 }
 
-/** The field and message of a script error ('AGENTBILL <code>'), or undefined. */
+/** The field (as the contract names it) and message of a script error ('AGENTBILL <code>', or
+ * 'AGENTBILL <code> <field>' for an error whose field the contract leaves null), or undefined. */
 export function scriptError(message: string): { field: string; message: string } | undefined {
   for (const [code, spec] of Object.entries(contract.errors)) {
-    if (message.includes(`AGENTBILL ${code}`)) return spec
+    const at = message.indexOf(`AGENTBILL ${code}`)
+    if (at < 0) continue
+    if (spec.field !== null) return { field: spec.field, message: spec.message }
+    const named = /^ (\w+)/.exec(message.slice(at + `AGENTBILL ${code}`.length))
+    if (named !== null) return { field: named[1]!, message: spec.message }
   }
   return undefined
 }

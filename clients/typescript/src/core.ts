@@ -37,12 +37,20 @@ export interface Policy {
   readonly reservationTtlMs: number
   readonly idempotencyTtlMs: number
   readonly retentionMs: number
+  readonly taskRetentionMs: number
+  readonly idleRetentionMs: number
   readonly reapLimit: number
   readonly ledgerLen: number
 }
 
 function common(p: Policy): Named {
-  return { reap_limit: p.reapLimit, retention_ms: p.retentionMs, ledger_len: p.ledgerLen }
+  return {
+    reap_limit: p.reapLimit,
+    retention_ms: p.retentionMs,
+    ledger_len: p.ledgerLen,
+    task_retention_ms: p.taskRetentionMs,
+    idle_retention_ms: p.idleRetentionMs,
+  }
 }
 
 /** One operation ready to run: the script call, how to read its reply, and for a preflight
@@ -83,20 +91,19 @@ function date(ms: number | null): Date | undefined {
   return ms === null ? undefined : new Date(ms)
 }
 
+/** A reply's crossed thresholds (`threshold_crossing` items); `agentId` is the agent whose
+ * budget an agent's crossing is. */
 export function decodeCrossed(
-  items: readonly string[],
+  items: readonly Fields[],
   customerId: string,
   agentId: string | undefined,
 ): ThresholdCrossing[] {
-  return items.map((item) => {
-    const [scope, percent, committed] = item.split(':')
-    return {
-      customerId,
-      agentId: scope === 'agent' ? agentId : undefined,
-      percent: Number(percent),
-      committed: Number(committed),
-    }
-  })
+  return items.map((item) => ({
+    customerId,
+    agentId: item.str('scope') === 'agent' ? agentId : undefined,
+    percent: item.int('percent'),
+    committed: item.int('committed'),
+  }))
 }
 
 // -- preflight -----------------------------------------------------------------------------------
@@ -139,7 +146,14 @@ export function validatePreflight(input: unknown, field = ''): PreflightRequest 
   }
 }
 
-export function preflightCall(p: Policy, req: PreflightRequest, token: string): { call: Call; reservationId: string } {
+/** KEYS/ARGV for preflight.lua, and the id of the reservation it would create. `adoptable`
+ * false: only a request naming the reservation may close it, never a record without an id. */
+export function preflightCall(
+  p: Policy,
+  req: PreflightRequest,
+  token: string,
+  adoptable = true,
+): { call: Call; reservationId: string } {
   const ck = p.keys.customer(req.customerId)
   const rid = reservationId(ck.tag, token)
   let idem: string
@@ -166,6 +180,7 @@ export function preflightCall(p: Policy, req: PreflightRequest, token: string): 
     idempotency_ttl_ms: p.idempotencyTtlMs,
     customer_id: req.customerId,
     agent_digest: digestOf(req.agentId),
+    adoptable,
   })
   return { call, reservationId: rid }
 }
@@ -198,7 +213,7 @@ export function decodePreflight(raw: unknown, req: PreflightRequest): CheckField
     reserved: u(f.intOrNull('rule_reserved')),
     retryAfter: retry === null ? undefined : retry / 1000,
     periodEnd: date(f.intOrNull('period_end_ms')),
-    crossed: decodeCrossed(f.list('crossed'), req.customerId, req.agentId),
+    crossed: decodeCrossed(f.structs('crossed'), req.customerId, req.agentId),
   }
 }
 
@@ -258,21 +273,48 @@ function decodeSettle(raw: unknown, customerId: string | undefined, metadata?: R
     limit: u(limit),
     remaining: remainingOf(limit, spent + reserved),
     metadata,
-    crossed: decodeCrossed(f.list('crossed'), customerId ?? '', undefined),
+    // agent_id: whose budget an agent's crossed threshold is
+    crossed: decodeCrossed(f.structs('crossed'), customerId ?? '', u(f.strOrNull('agent_id'))),
   }
 }
 
-export function planRecord(p: Policy, input: unknown, token = newToken()): Plan<Settlement> {
+export interface RecordRequest {
+  readonly agentId: string
+  readonly units: number
+  readonly customerId: string | undefined
+  readonly reservationId: string | undefined
+  readonly taskRef: string | undefined
+  readonly success: boolean
+  readonly idempotencyKey: string | undefined
+  readonly metadata: Record<string, unknown> | undefined
+}
+
+export function validateRecord(input: unknown): RecordRequest {
   const o = v.options('options', input)
   v.known('', o, ['agentId', 'units', 'customerId', 'reservationId', 'taskRef', 'success', 'idempotencyKey', 'metadata'])
-  const agentId = v.id('agentId', o['agentId'])
-  const units = v.units('units', o['units'])
-  let customerId = v.optionalId('customerId', o['customerId'])
-  const rid = v.optionalId('reservationId', o['reservationId'])
-  const taskRef = v.optionalId('taskRef', o['taskRef'])
-  const success = o['success'] === undefined ? true : v.boolean('success', o['success'])
-  const idempotencyKey = v.optionalId('idempotencyKey', o['idempotencyKey'])
-  const metadata = v.metadata('metadata', o['metadata'])
+  return {
+    agentId: v.id('agentId', o['agentId']),
+    units: v.units('units', o['units']),
+    customerId: v.optionalId('customerId', o['customerId']),
+    reservationId: v.optionalId('reservationId', o['reservationId']),
+    taskRef: v.optionalId('taskRef', o['taskRef']),
+    success: o['success'] === undefined ? true : v.boolean('success', o['success']),
+    idempotencyKey: v.optionalId('idempotencyKey', o['idempotencyKey']),
+    metadata: v.metadata('metadata', o['metadata']),
+  }
+}
+
+/**
+ * KEYS/ARGV for settle.lua, as record() calls it. `prefer`: without a reservation id, the
+ * reservation to close first if it is still open (one this client made, see own.ts).
+ */
+export function planRecord(p: Policy, input: unknown, token = newToken(), prefer?: string): Plan<Settlement> {
+  return recordPlan(p, validateRecord(input), token, prefer)
+}
+
+export function recordPlan(p: Policy, req: RecordRequest, token = newToken(), prefer?: string): Plan<Settlement> {
+  const { agentId, units, reservationId: rid, taskRef, success, idempotencyKey, metadata } = req
+  let customerId = req.customerId
   let ck: CustomerKeys
   let storedCustomer: string | null
   if (rid === undefined) {
@@ -317,11 +359,16 @@ export function planRecord(p: Policy, input: unknown, token = newToken()): Plan<
     request_id: token,
     by_idempotency_key: false,
     agent_digest: digestOf(agentId),
+    prefer: rid === undefined ? (prefer ?? null) : null,
+    rollback: false,
   })
   return { call, decode: (raw) => decodeSettle(raw, customerId, metadata), reservationId: rid }
 }
 
-export function planRelease(p: Policy, input: unknown, token = newToken()): Plan<Settlement> {
+/** KEYS/ARGV for settle.lua, as release() calls it: by reservation id, or by the idempotency
+ * key of the preflight that reserved. `rollback`: the release undoes an approval of a batch
+ * that failed (the threshold crossings it made are taken back). */
+export function planRelease(p: Policy, input: unknown, token = newToken(), rollback = false): Plan<Settlement> {
   const o: Record<string, unknown> = typeof input === 'string' ? { reservationId: input } : v.options('options', input)
   v.known('', o, ['reservationId', 'idempotencyKey', 'customerId'])
   const rid = v.optionalId('reservationId', o['reservationId'])
@@ -358,6 +405,8 @@ export function planRelease(p: Policy, input: unknown, token = newToken()): Plan
     request_id: token,
     by_idempotency_key: byKey,
     agent_digest: null,
+    prefer: null,
+    rollback,
   })
   return { call, decode: (raw) => decodeSettle(raw, customerId), reservationId: rid }
 }

@@ -10,8 +10,12 @@ export const MAX_ID_LENGTH = 256
 export const MAX_TTL_SECONDS = 2 ** 31 - 1
 export const MAX_METADATA_BYTES = 4096
 
-// Unicode category Cc: C0 controls, DEL and C1 controls.
-const CONTROL = /[\u0000-\u001f\u007f-\u009f]/u
+// Characters an id may not hold: control characters (Cc: the scripts' field separator among
+// them), line and paragraph separators (Zl, Zp). Unpaired surrogates (Cs) are refused apart.
+const FORBIDDEN = /[\p{Cc}\p{Zl}\p{Zp}]/u
+// A character that shows something: not a space (Zs), a format character (Cf) or a combining
+// mark (Mn, Me). An id made only of those (" ", "\u200b") names nothing a person could read back.
+const VISIBLE = /[^\p{Zs}\p{Cf}\p{Mn}\p{Me}]/u
 
 function typeName(value: unknown): string {
   if (value === null) return 'null'
@@ -19,7 +23,8 @@ function typeName(value: unknown): string {
   return typeof value
 }
 
-/** Any id: a non-empty string of at most 256 characters (code points), no control character. */
+/** Any id: a string of 1 to 256 characters (code points), at least one of them visible, with no
+ * control or line-separator character. */
 export function id(field: string, value: unknown): string {
   if (typeof value !== 'string') {
     throw new InvalidRequestError(field, `must be a string, not ${typeName(value)}`)
@@ -34,11 +39,12 @@ export function id(field: string, value: unknown): string {
   if (length > MAX_ID_LENGTH) {
     throw new InvalidRequestError(field, `must be at most ${MAX_ID_LENGTH} characters`)
   }
-  const control = CONTROL.exec(value)
-  if (control !== null) {
-    const code = control[0].codePointAt(0)!.toString(16).padStart(4, '0')
-    throw new InvalidRequestError(field, `must not contain control characters (found U+${code})`)
+  const forbidden = FORBIDDEN.exec(value)
+  if (forbidden !== null) {
+    const code = forbidden[0].codePointAt(0)!.toString(16).padStart(4, '0')
+    throw new InvalidRequestError(field, `must not contain control or line-separator characters (found U+${code})`)
   }
+  if (!VISIBLE.test(value)) throw new InvalidRequestError(field, 'must contain a visible character')
   return value
 }
 

@@ -141,6 +141,8 @@ test('bad input throws InvalidRequestError naming the field, and nothing is writ
     [{ agentId: 'a', estimatedUnits: 10n }, 'estimatedUnits'],
     [{ agentId: '', estimatedUnits: 1 }, 'agentId'],
     [{ agentId: 'a\nb', estimatedUnits: 1 }, 'agentId'],
+    [{ agentId: ' \u200b', estimatedUnits: 1 }, 'agentId'], // nothing visible
+    [{ agentId: 'a\u2028b', estimatedUnits: 1 }, 'agentId'], // a line separator
     [{ agentId: 'a', estimatedUnits: 1, customerId: 'x'.repeat(257) }, 'customerId'],
     [{ agentId: 'a', estimatedUnits: 1, ttl: 0 }, 'ttl'],
     [{ agentId: 'a', estimatedUnits: 1, estimatedUnit: 1 }, 'estimatedUnit'],
@@ -158,6 +160,15 @@ test('bad input throws InvalidRequestError naming the field, and nothing is writ
   )
   assert.throws(() => new AgentBillClient({ redisUrl: server.url, ceiling: -1 }), (e: unknown) => e instanceof InvalidRequestError && e.field === 'ceiling')
   assert.throws(() => new AgentBillClient({ redisUrl: server.url, namespace: '' }), (e: unknown) => e instanceof InvalidRequestError && e.field === 'namespace')
+  const settings: [Record<string, unknown>, string][] = [
+    [{ taskRetention: 0 }, 'taskRetention'],
+    [{ idleRetention: 1.5 }, 'idleRetention'],
+    [{ idleRetention: 3600 }, 'idleRetention'], // below the default outcomeRetention (a day)
+    [{ taskRetention: 7200, idleRetention: 3600, outcomeRetention: 60, idempotencyTtl: 60 }, 'idleRetention'],
+  ]
+  for (const [options, field] of settings) {
+    assert.throws(() => new AgentBillClient({ redisUrl: server.url, ...options }), (e: unknown) => e instanceof InvalidRequestError && e.field === field)
+  }
   assert.deepEqual(await keysOf(ns), [])
   await c.close()
 })
@@ -288,5 +299,94 @@ test('preflightMany: an item Redis refuses releases what the batch approved, and
   )
   const b = await c.getBudget({ customerId: 'u' })
   assert.deepEqual([b.reserved, b.openReservations], [1, 1]) // only the earlier preflight holds
+  await c.close()
+})
+
+test('taskRetention and idleRetention reach the scripts: an idle customer\'s keys expire after idleRetention', async () => {
+  const ns = namespace()
+  const c = new AgentBillClient({ redisUrl: server.url, namespace: ns, idempotencyTtl: 60, outcomeRetention: 60, taskRetention: 120, idleRetention: 300 })
+  await (await c.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u', taskRef: 't' })).record(1)
+  const keys = await keysOf(ns)
+  const ttl = async (suffix: string): Promise<number> => raw.pttl(keys.find((k) => k.endsWith(suffix))!)
+  for (const suffix of [':budget', ':ledger', ':tasks', ':tasksx']) {
+    const ms = await ttl(suffix)
+    assert.ok(ms > 290_000 && ms <= 300_000, `${suffix}: ${ms}`) // no budget was set: it expires
+  }
+  const closed = await ttl(':closed')
+  assert.ok(closed > 50_000 && closed <= 60_000, `closed: ${closed}`)
+  const when = Number(await raw.zscore(keys.find((k) => k.endsWith(':tasksx'))!, (await raw.hkeys(keys.find((k) => k.endsWith(':tasks'))!))[0]!.split(':')[0]!))
+  const [seconds, micros] = await raw.time()
+  const redisNow = Number(seconds) * 1000 + Math.floor(Number(micros) / 1000)
+  assert.ok(when - redisNow > 110_000 && when - redisNow <= 120_000, `task forgotten in ${when - redisNow} ms`)
+  await c.close()
+})
+
+test('a counter past 2**53 - 1 is an InvalidRequestError naming the field, and nothing is written', async () => {
+  const ns = namespace()
+  const c = new AgentBillClient({ redisUrl: server.url, namespace: ns })
+  const max = Number.MAX_SAFE_INTEGER
+  await c.preflight({ agentId: 'a', estimatedUnits: max - 1, customerId: 'u' }) // no limit: it fits
+  const snapshot = async (): Promise<string> => {
+    const out: Record<string, unknown> = {}
+    for (const key of await keysOf(ns)) out[key] = [await raw.type(key), await raw.dump(key)]
+    return JSON.stringify(out)
+  }
+  const before = await snapshot()
+  await assert.rejects(
+    c.preflight({ agentId: 'a', estimatedUnits: 5, customerId: 'u' }),
+    (e: unknown) => e instanceof InvalidRequestError && e.field === 'estimatedUnits' && /2\*\*53/.test(e.message),
+  )
+  assert.equal(await snapshot(), before)
+  const other = new AgentBillClient({ redisUrl: server.url, namespace: namespace() })
+  await other.record({ agentId: 'a', units: max, customerId: 'v' }) // spent at the top
+  const check = await other.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'v' })
+  await assert.rejects(check.record(1), (e: unknown) => e instanceof InvalidRequestError && e.field === 'units')
+  assert.equal((await check.release()).status, 'released') // the failed record changed nothing
+  const b = await other.getBudget({ customerId: 'v' })
+  assert.deepEqual([b.spent, b.reserved], [max, 0])
+  await c.close()
+  await other.close()
+})
+
+test("a record without an id closes this client's own reservation first, not another's older one", async () => {
+  const ns = namespace()
+  const mine = new AgentBillClient({ redisUrl: server.url, namespace: ns })
+  const other = new AgentBillClient({ redisUrl: server.url, namespace: ns })
+  const theirs = await other.preflight({ agentId: 'agent', estimatedUnits: 7, customerId: 'u' })
+  const first = await mine.preflight({ agentId: 'agent', estimatedUnits: 5, customerId: 'u' })
+  const second = await mine.preflight({ agentId: 'agent', estimatedUnits: 3, customerId: 'u' })
+  const closed = await mine.record({ agentId: 'agent', units: 4, customerId: 'u' })
+  assert.deepEqual([closed.status, closed.reservationId, closed.charged], ['recorded', first.reservationId, 4])
+  await second.release() // settled by id: forgotten by the book
+  // None of its own left open: the group's oldest (the other client's), as the script decides.
+  const next = await mine.record({ agentId: 'agent', units: 6, customerId: 'u' })
+  assert.deepEqual([next.status, next.reservationId], ['recorded', theirs.reservationId])
+  // Its owner's own record is still charged, late: every reported unit counts once.
+  const late = await theirs.record(7)
+  assert.deepEqual([late.status, late.charged, late.late], ['late', 7, true])
+  const b = await mine.getBudget({ customerId: 'u' })
+  assert.deepEqual([b.spent, b.reserved, b.openReservations], [4 + 6 + 7, 0, 0])
+  await mine.close()
+  await other.close()
+})
+
+test('a record after a release is charged, late; a release never erases a record', async () => {
+  const c = client()
+  const check = await c.preflight({ agentId: 'a', estimatedUnits: 10, customerId: 'u' })
+  assert.equal((await check.release()).status, 'released')
+  const late = await check.record(8)
+  assert.deepEqual([late.status, late.charged, late.late, late.replayed], ['late', 8, true, false])
+  const again = await check.release()
+  assert.deepEqual([again.status, again.replayed], ['late', true])
+  assert.equal((await c.getBudget({ customerId: 'u' })).spent, 8)
+  await c.close()
+})
+
+test("a settle's crossed agent threshold names the agent whose budget it is", async () => {
+  const crossings: ThresholdCrossing[] = []
+  const c = client({ onThreshold: (x: ThresholdCrossing) => crossings.push(x) })
+  await c.setBudget({ customerId: 'acme', agentId: 'writer', limit: 10, thresholds: [50] })
+  await c.record({ agentId: 'writer', units: 6, customerId: 'acme' }) // direct: a charge crosses 50%
+  assert.deepEqual(crossings.map((x) => [x.customerId, x.agentId, x.percent, x.committed]), [['acme', 'writer', 50, 6]])
   await c.close()
 })

@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict'
 import { readFileSync } from 'node:fs'
 import { test } from 'node:test'
-import { buildCall, contract, decodeReply, pack, scripts, SCRIPT_NAMES } from '../src/contract.js'
+import { buildCall, contract, decodeReply, pack, scriptError, scripts, SCRIPT_NAMES } from '../src/contract.js'
 
 const SEP = contract.encoding.separator
 
@@ -37,24 +37,41 @@ test('a missing, unknown or mistyped name is an error, never a shifted field', (
   assert.throws(() => pack('settle', { units: 1 }), /no value for field/)
   assert.throws(() => buildCall('get_task', {}, {}, { task_digest: 'd' }), /no value for key budget/)
   const keys = Object.fromEntries(contract.customer_keys.map((k) => [k.name, k.name]))
-  const common = { reap_limit: 1, retention_ms: 2, ledger_len: 3 }
+  const common = { reap_limit: 1, retention_ms: 2, ledger_len: 3, task_retention_ms: 4, idle_retention_ms: 5 }
   assert.throws(() => buildCall('get_task', keys, common, { task_digest: 'd', nope: 1 }), /no field nope/)
   assert.throws(() => buildCall('get_task', keys, common, { task_digest: 12 }), /must be a string/)
   assert.throws(() => buildCall('open_task', keys, common, { task_digest: 'd', task_ref: 't', ceiling: 1.5 }), /safe integer/)
-  assert.deepEqual(buildCall('get_task', keys, common, { task_digest: 'd' }).args, ['1', '2', '3', 'd'])
+  assert.deepEqual(buildCall('get_task', keys, common, { task_digest: 'd' }).args, ['1', '2', '3', '4', '5', 'd'])
 })
 
 test('a packed reply is read by name and typed by the contract', () => {
   const fields = contract.scripts['settle']!.reply.fields!
-  const values: Record<string, string> = { status: 'late', reservation_id: '', charged: '5', released: '0', late: '1', replayed: '0', limit: '', spent: '9', reserved: '2', now_ms: '1700000000000', crossed: 'customer:80:9,agent:50:4' }
+  const values: Record<string, string> = { status: 'late', reservation_id: '', charged: '5', released: '0', late: '1', replayed: '0', limit: '', spent: '9', reserved: '2', now_ms: '1700000000000', crossed: 'customer:80:9,agent:50:4', agent_id: 'bob' }
   const reply = decodeReply('settle', fields.map((f) => values[f.name]).join(SEP))
   assert.equal(reply.str('status'), 'late')
   assert.equal(reply.strOrNull('reservation_id'), null)
   assert.equal(reply.intOrNull('limit'), null)
   assert.equal(reply.int('spent'), 9)
   assert.equal(reply.bool('late'), true)
-  assert.deepEqual(reply.list('crossed'), ['customer:80:9', 'agent:50:4'])
+  assert.deepEqual(
+    reply.structs('crossed').map((c) => [c.str('scope'), c.int('percent'), c.int('committed')]),
+    [['customer', 80, 9], ['agent', 50, 4]],
+  )
+  assert.equal(reply.strOrNull('agent_id'), 'bob')
+  assert.throws(() => reply.list('crossed'), /structs\(\)/)
   assert.throws(() => reply.int('nope'), /no field nope/)
   assert.throws(() => reply.str('spent'), /is int/)
   assert.throws(() => decodeReply('settle', 'a\u001fb'), /replied 2 fields/)
+})
+
+test("a script error names its field as the contract says, the overflow's after its code", () => {
+  assert.deepEqual(scriptError('ERR AGENTBILL idempotency_conflict script: ...'), {
+    field: 'idempotency_key',
+    message: contract.errors['idempotency_conflict']!.message,
+  })
+  assert.deepEqual(scriptError('AGENTBILL overflow estimated_units'), {
+    field: 'estimated_units',
+    message: contract.errors['overflow']!.message,
+  })
+  assert.equal(scriptError('ERR something else'), undefined)
 })

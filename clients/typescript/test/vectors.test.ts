@@ -47,16 +47,19 @@ test('every key of every (namespace, customer) pair', () => {
   }
 })
 
+/** The plan the client makes for a vector case; `extra` is what the client adds on its own (a
+ * preflight not adoptable, its own reservation to close first, a batch's rollback). */
 function planOf(c: Json): core.Plan<unknown> {
   const policy = settingsFrom(camel(c.client)).policy
   const request = camel(c.request)
+  const extra = c.extra ?? {}
   switch (c.op) {
     case 'preflight':
-      return core.preflightCall(policy, core.validatePreflight(request), c.token) as unknown as core.Plan<unknown>
+      return core.preflightCall(policy, core.validatePreflight(request), c.token, extra.adoptable ?? true) as unknown as core.Plan<unknown>
     case 'record':
-      return core.planRecord(policy, request, c.token)
+      return core.planRecord(policy, request, c.token, extra.prefer)
     case 'release':
-      return core.planRelease(policy, request, c.token)
+      return core.planRelease(policy, request, c.token, extra.rollback ?? false)
     case 'set_budget':
       return core.planSetBudget(policy, request)
     case 'set_rate_limit':
@@ -81,6 +84,7 @@ function planOf(c: Json): core.Plan<unknown> {
 test('every call vector: the same script, KEYS and ARGV as Python, byte for byte', () => {
   const cases = load('calls.json')
   assert.ok(cases.length >= 15)
+  assert.ok(cases.some((c: Json) => c.extra?.prefer) && cases.some((c: Json) => c.extra?.rollback))
   for (const c of cases) {
     const { call } = planOf(c)
     assert.equal(call.script, c.script, c.name)

@@ -1,5 +1,6 @@
 // A Node worker for tests/test_interop.py: `node worker.mjs '<json>'` runs one step with the
-// built package and prints its result as JSON. The step is {client: {...options}, op, args}.
+// built package and prints its result as JSON. The step is {client: {...options}, op, args};
+// op 'steps' runs each of args ([{op, args}, ...]) in turn on one client, and gives their results.
 import { existsSync } from 'node:fs'
 import { AgentBillClient } from '../../dist/index.js'
 
@@ -24,13 +25,21 @@ async function race(client, { agentId, customerId, units, go }) {
   }
 }
 
+async function run(client, op, args) {
+  if (op === 'race') return await race(client, args)
+  if (op === 'preflight') return (await client.preflight(args)).fields()
+  if (op === 'steps') {
+    const results = []
+    for (const s of args) results.push(await run(client, s.op, s.args))
+    return results
+  }
+  return await client[op](args)
+}
+
 let client
 try {
   client = new AgentBillClient(step.client)
-  let result
-  if (step.op === 'race') result = await race(client, step.args)
-  else if (step.op === 'preflight') result = (await client.preflight(step.args)).fields()
-  else result = await client[step.op](step.args)
+  const result = await run(client, step.op, step.args)
   process.stdout.write(JSON.stringify({ ok: plain(result) }))
 } catch (err) {
   process.stdout.write(JSON.stringify({ error: err.name, field: err.field ?? null, message: err.message }))
