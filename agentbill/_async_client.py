@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -44,6 +44,12 @@ from agentbill._telemetry import instrument
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+if TYPE_CHECKING:
+    from genai_prices.types import ModelPrice
+
+    from agentbill.llm import EstimateSpec
+
+LLM = TypeVar("LLM")
 REDIS_TYPES = (aioredis.Redis, aioredis.RedisCluster)
 REDIS_TYPES_TEXT = "must be a redis.asyncio Redis or RedisCluster"
 
@@ -324,8 +330,11 @@ class AsyncAgentBillClient(BaseClient):
             metadata,
             self._own,
         )
-        self._own.discard(plan.reservation_id)
-        return await self._settle(plan)
+        settlement = await self._settle(plan)
+        # Forgotten only once the call is made: one that raised closed nothing.
+        self._own.discard(plan.reservation_id or plan.prefer)
+        self._own.discard(settlement.reservation_id)
+        return settlement
 
     async def release(
         self,
@@ -336,8 +345,8 @@ class AsyncAgentBillClient(BaseClient):
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
         plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
-        self._own.discard(plan.reservation_id)
         settlement = await self._settle(plan, release=True)
+        self._own.discard(plan.reservation_id)
         self._own.discard(settlement.reservation_id)
         return settlement
 
@@ -399,6 +408,37 @@ class AsyncAgentBillClient(BaseClient):
             task_ref=task_ref,
             task_ceiling=task_ceiling,
             ttl=ttl,
+        )
+
+    def wrap(
+        self,
+        llm_client: LLM,
+        *,
+        agent_id: str,
+        customer_id: str | None = None,
+        task_ref: str | None = None,
+        task_ceiling: int | None = None,
+        unit: Literal["token", "usd"] = "token",
+        estimate: EstimateSpec = "bound",
+        prices: Mapping[str, ModelPrice] | None = None,
+        default_max_output_tokens: int = 4096,
+    ) -> LLM:
+        """See :meth:`AgentBillClient.wrap`: for ``AsyncOpenAI`` and ``AsyncAnthropic``; the
+        wrapped client's methods are awaited as before, and its round trips to Redis are too.
+        Not awaited itself."""
+        from agentbill.llm._wrap import wrap_async
+
+        return wrap_async(
+            self,
+            llm_client,
+            agent_id=agent_id,
+            customer_id=customer_id,
+            task_ref=task_ref,
+            task_ceiling=task_ceiling,
+            unit=unit,
+            estimate=estimate,
+            prices=prices,
+            default_max_output_tokens=default_max_output_tokens,
         )
 
     # -- admin ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis
@@ -56,13 +56,17 @@ from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
 
 if TYPE_CHECKING:
+    from genai_prices.types import ModelPrice
     from prometheus_client import CollectorRegistry
+
+    from agentbill.llm import EstimateSpec
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 
 logger = logging.getLogger("agentbill")
 
 L = TypeVar("L", Lease, AsyncLease)
+LLM = TypeVar("LLM")
 LEASE_FIELDS = ("agent_id", "customer_id", "slice_units", "task_ref", "ttl")
 
 
@@ -626,8 +630,11 @@ class AgentBillClient(BaseClient):
             metadata,
             self._own,
         )
-        self._own.discard(plan.reservation_id)
-        return self._settle(plan)
+        settlement = self._settle(plan)
+        # Forgotten only once the call is made: one that raised closed nothing.
+        self._own.discard(plan.reservation_id or plan.prefer)
+        self._own.discard(settlement.reservation_id)
+        return settlement
 
     def release(
         self,
@@ -646,8 +653,8 @@ class AgentBillClient(BaseClient):
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
         plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
-        self._own.discard(plan.reservation_id)
         settlement = self._settle(plan, release=True)
+        self._own.discard(plan.reservation_id)
         self._own.discard(settlement.reservation_id)  # released by key: now its id is known
         return settlement
 
@@ -716,6 +723,44 @@ class AgentBillClient(BaseClient):
             task_ref=task_ref,
             task_ceiling=task_ceiling,
             ttl=ttl,
+        )
+
+    def wrap(
+        self,
+        llm_client: LLM,
+        *,
+        agent_id: str,
+        customer_id: str | None = None,
+        task_ref: str | None = None,
+        task_ceiling: int | None = None,
+        unit: Literal["token", "usd"] = "token",
+        estimate: EstimateSpec = "bound",
+        prices: Mapping[str, ModelPrice] | None = None,
+        default_max_output_tokens: int = 4096,
+    ) -> LLM:
+        """A copy of ``llm_client`` (``OpenAI`` or ``Anthropic``; the async ones go to
+        AsyncAgentBillClient) whose model calls are preflighted before the HTTP request and
+        recorded from the response's usage after it; see ``agentbill.llm``. ``unit``: tokens,
+        or micro-dollars priced by genai-prices (``prices`` adds or overrides a model's price).
+        ``estimate``: ``"bound"`` (the most the call can cost), an int, or a callable of
+        ``agentbill.llm.LLMRequest``. A refusal raises the typed RunBlockedError and sends
+        nothing; a call that raises is released.
+
+        Raises InvalidRequestError naming the bad argument (a sync/async mismatch names
+        ``llm_client``)."""
+        from agentbill.llm._wrap import wrap_sync
+
+        return wrap_sync(
+            self,
+            llm_client,
+            agent_id=agent_id,
+            customer_id=customer_id,
+            task_ref=task_ref,
+            task_ceiling=task_ceiling,
+            unit=unit,
+            estimate=estimate,
+            prices=prices,
+            default_max_output_tokens=default_max_output_tokens,
         )
 
     # -- admin ---------------------------------------------------------------------------------

@@ -619,13 +619,14 @@ class Plan(NamedTuple, Generic[T]):
     (used only by a client whose outage policy allows it), and the id of the reservation it
     would create (made by the client, so a preflight whose reply never came, cancelled or
     timed out, can still be released by id); a settle carries the reservation id it closes,
-    if it names one.
+    if it names one, else the one of the client's own it prefers to close (``prefer``).
     """
 
     call: Call
     decode: Callable[[Reply], T]
     offline: Callable[[], T] | None = None
     reservation_id: str | None = None
+    prefer: str | None = None
 
 
 def plan_preflight(
@@ -727,7 +728,7 @@ def plan_record(
     own: OwnReservations | None = None,
 ) -> Plan[Settlement]:
     """``own``: the client's own reservations; without a reservation id the record closes
-    the oldest of its group still open first (and it is forgotten there)."""
+    the oldest of its group still open first (the client forgets it once the call is made)."""
     req = validate(
         RecordRequest,
         agent_id=agent_id,
@@ -741,11 +742,12 @@ def plan_record(
     )
     prefer = None
     if req.reservation_id is None and own is not None:
-        prefer = own.take((customer_of(req.customer_id), req.agent_id, req.task_ref))
+        prefer = own.oldest((customer_of(req.customer_id), req.agent_id, req.task_ref))
     return Plan(
         record_call(p, req, new_token(), prefer),
         lambda r: decode_settle(r, req.customer_id, req.metadata),
         reservation_id=req.reservation_id,
+        prefer=prefer,
     )
 
 

@@ -37,19 +37,19 @@ MAX_METADATA_BYTES = 4096
 
 # Characters an id may not hold: control characters (the scripts' field separator among them),
 # line and paragraph separators, and lone surrogates (not text).
-_FORBIDDEN = frozenset({"Cc", "Zl", "Zp", "Cs"})
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 # Characters that show nothing: an id made only of these (" ", "\u200b") names nothing a person
 # could read back.
-_INVISIBLE = frozenset({"Zs", "Cf", "Mn", "Me"})
+INVISIBLE_CATEGORIES = frozenset({"Zs", "Cf", "Mn", "Me"})
 
 
 def _printable_id(value: str) -> str:
     visible = False
     for ch in value:
         category = unicodedata.category(ch)
-        if category in _FORBIDDEN:
+        if category in FORBIDDEN_CATEGORIES:
             raise ValueError(f"must not contain control or line-separator characters ({ch!r})")
-        visible = visible or category not in _INVISIBLE
+        visible = visible or category not in INVISIBLE_CATEGORIES
     if not visible:
         raise ValueError("must contain a visible character")
     return value

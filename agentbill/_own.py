@@ -54,19 +54,19 @@ class OwnReservations:
                 old, old_group = self._group_of.popitem(last=False)
                 self._forget(old_group, old)
 
-    def take(self, group: Group) -> str | None:
-        """The oldest reservation of ``group`` not past its expiry, forgotten here (the record
-        about to name it closes it, or finds it closed); None if there is none."""
+    def oldest(self, group: Group) -> str | None:
+        """The oldest reservation of ``group`` not past its expiry (those past it are forgotten);
+        None if there is none. It stays remembered until :meth:`discard`: a record that failed
+        closed nothing."""
         now = time.time()
         with self._lock:
             rids = self._groups.get(group)
             while rids:
-                rid, deadline = rids.popitem(last=False)
-                del self._group_of[rid]
+                rid, deadline = next(iter(rids.items()))
                 if deadline > now:
-                    if not rids:
-                        del self._groups[group]
                     return rid
+                del rids[rid]
+                del self._group_of[rid]
             self._groups.pop(group, None)
             return None
 

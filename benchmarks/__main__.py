@@ -32,6 +32,7 @@ import redis
 from agentbill import AgentBillClient
 from benchmarks import _latency as L
 from benchmarks import _report as R
+from benchmarks._memory import footprints
 from benchmarks._scale import add_customers, add_open_reservations, memory
 from benchmarks._throughput import Pool, Throughput, combine, hot, naive_key, spread
 from benchmarks._timing import Op, interleave, spinners
@@ -54,6 +55,7 @@ class Options:
     open_reservations: int
     spin: bool
     out: Path | None
+    memory_customers: int
 
     def describe(self) -> str:
         return (
@@ -90,6 +92,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         open_reservations=a.open if a.open is not None else (10_000 if quick else 100_000),
         spin=not a.no_spinners,
         out=a.out if a.out is not None else (None if quick else HERE),
+        memory_customers=200 if quick else 1000,
     )
 
 
@@ -261,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         measure_latency(res, server, opts, phase)
         measure_throughput(res, server, opts, phase)
         measure_scale(res, opts, phase)
+        with phase("memory per customer and per 10,000 runs"), running() as quiet:
+            res.memory = footprints(quiet.url, opts.memory_customers)
     res.phases = phase.times
     res.wall = time.perf_counter() - t0
     chart_name = "results.png"

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks import _latency as L
+from benchmarks._memory import Footprint
 from benchmarks._throughput import Throughput
 from benchmarks._timing import Samples
 
@@ -39,6 +40,7 @@ class Results:
     scale_names: dict[str, str] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     profile: list[tuple[str, float]] = field(default_factory=list)
+    memory: list[Footprint] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
 
@@ -286,6 +288,28 @@ def markdown(res: Results, commit: str, chart: str | None) -> str:
     if missed:
         out += ["", "### Why the misses", ""]
         out += [f"- **{t.name}** ({t.measured:.2f} against {t.bound:g}): {t.why}" for t in missed]
+
+    if res.memory:
+        out += ["", "## Memory in Redis", ""]
+        out += [
+            "`MEMORY USAGE` of every key each workload left (`benchmarks/_memory.py`), per "
+            "customer or per 10,000 runs, and the largest parts.",
+            "",
+        ]
+        out += _table(
+            ["workload", "bytes", "largest parts"],
+            [
+                [
+                    f.name,
+                    f"{f.each:,.0f}",
+                    ", ".join(
+                        f"{kind} {size / f.count:,.0f}"
+                        for kind, size in sorted(f.by_kind.items(), key=lambda kv: -kv[1])[:4]
+                    ),
+                ]
+                for f in res.memory
+            ],
+        )
 
     out += ["", "## Latency: one process, one call at a time", ""]
     rows = []

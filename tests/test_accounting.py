@@ -90,6 +90,21 @@ def test_a_record_without_an_id_closes_this_clients_own_reservation_first(
     assert (budget.spent, budget.reserved) == (11, 0)
 
 
+def test_a_record_without_an_id_that_failed_closed_nothing_of_this_clients(
+    client: AgentBillClient,
+) -> None:
+    """A refused record (a reused idempotency key) must not make the client forget the
+    reservation it meant to close: the next one closes the oldest (the model test found it)."""
+    from agentbill import InvalidRequestError
+
+    client.record("someone-else", 0, "u", idempotency_key="k")
+    oldest = client.preflight("agent", 5, "u")
+    client.preflight("agent", 5, "u")
+    with pytest.raises(InvalidRequestError):
+        client.record("agent", 1, "u", idempotency_key="k")
+    assert client.record("agent", 1, "u").reservation_id == oldest.reservation_id
+
+
 def test_the_readme_pattern_preflight_then_record_without_an_id(client: AgentBillClient) -> None:
     check = client.preflight("my_agent", 10, "user_123")
     settled = client.record("my_agent", 8, "user_123")

@@ -474,6 +474,23 @@ NOT_FUZZED = {
     "gate.units",  # an int, a callable of the result, or None (see ONCE_UNCHECKED)
     "run.charge_estimate",  # see ONCE_UNCHECKED
     "preflight_many.requests",  # test_preflight_many_* above
+    # wrap() needs an SDK client to wrap: its arguments are checked, each with bad values,
+    # in tests/test_llm.py (test_wrap_checks_its_arguments_and_writes_nothing); its ids go
+    # through the same validation as gate's, fuzzed above.
+    *(
+        f"wrap.{name}"
+        for name in (
+            "llm_client",
+            "agent_id",
+            "customer_id",
+            "task_ref",
+            "task_ceiling",
+            "unit",
+            "estimate",
+            "prices",
+            "default_max_output_tokens",
+        )
+    ),
 }
 
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentbill import AgentBillClient, InvalidRequestError
-from agentbill._models import CustomerRef, validate
+from tests._ids import valid_ids
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
@@ -223,21 +223,11 @@ def test_property_bad_units(
     )
 
 
-def _valid_id(text: str) -> bool:
-    """What the id rule (agentbill._models.Id) accepts: no control or line-separator character,
-    at least one visible one."""
-    try:
-        validate(CustomerRef, customer_id=text)
-    except InvalidRequestError:
-        return False
-    return True
-
-
 @settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    customer=st.text(min_size=1, max_size=256).filter(_valid_id),
+    customer=valid_ids(),
     units=st.integers(0, 2**53 - 1),
 )
 def test_property_any_valid_customer_id_round_trips(

@@ -1,0 +1,309 @@
+"""The round trips of a metered call: preflight before it, record or release after it.
+
+One :class:`Meter` per wrapped client (``SyncMeter`` / ``AsyncMeter``, twins). A call's
+reservation is a ticket, settled exactly once:
+
+- the SDK method raised (an API error, a timeout, cancellation): released;
+- it returned a parsed response: recorded from its ``usage`` at once;
+- it returned a stream (or a raw response not read yet): recorded when the HTTP response is
+  closed, which the SDKs do when the stream ends, is closed, or its ``with`` block exits; the
+  wrapper also closes it when a ``for`` loop over it is broken out of or cancelled. Usage is
+  read from the bytes as they pass (see ``_usage``); a stream closed before its usage arrived
+  is charged the reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+from agentbill._exceptions import AgentBillError
+from agentbill.llm._plan import CallPlan, Settings, charge
+from agentbill.llm._usage import EventSplitter, Tally
+
+logger = logging.getLogger("agentbill")
+
+
+class Reader:
+    """Watches a response body as it passes: SSE events, or a whole JSON body."""
+
+    def __init__(self, tally: Tally, response: Any) -> None:
+        self.tally = tally
+        encoding = response.headers.get("content-encoding", "identity").lower()
+        # A compressed body cannot be read as it passes: it goes through untouched and,
+        # its usage unseen, the call is charged its reservation.
+        self._readable = encoding in ("", "identity")
+        kind = response.headers.get("content-type", "")
+        self._events = EventSplitter(tally) if kind.startswith("text/event-stream") else None
+        self._body: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self._readable:
+            return chunk
+        if self._events is not None:
+            return self._events.feed(chunk)
+        self._body.append(chunk)
+        return chunk
+
+    def finish(self) -> bytes:
+        if not self._readable:
+            return b""
+        if self._events is not None:
+            return self._events.finish()
+        self.tally.feed_json(b"".join(self._body))
+        return b""
+
+
+class MeteredStream:
+    """A response body that reports to its ticket when it is closed (mixed into the HTTP
+    library's SyncByteStream: httpx2 for current SDKs, httpx for older ones)."""
+
+    def __init__(self, inner: Any, reader: Reader, on_close: Callable[[], None]) -> None:
+        self._inner = inner
+        self._reader = reader
+        self._on_close = on_close
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            if out := self._reader.feed(chunk):
+                yield out
+        if tail := self._reader.finish():
+            yield tail
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._on_close()
+
+
+class AsyncMeteredStream:
+    """The async twin of :class:`MeteredStream` (mixed into AsyncByteStream)."""
+
+    def __init__(self, inner: Any, reader: Reader, on_close: Callable[[], Awaitable[None]]) -> None:
+        self._inner = inner
+        self._reader = reader
+        self._on_close = on_close
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            if out := self._reader.feed(chunk):
+                yield out
+        if tail := self._reader.finish():
+            yield tail
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            await self._on_close()
+
+
+HTTP_LIBRARIES = ("httpx2", "httpx")
+
+
+def _library(obj: object) -> ModuleType | None:
+    """httpx2 or httpx, if ``obj`` is one of their responses."""
+    root = type(obj).__module__.partition(".")[0]
+    module = sys.modules.get(root) if root in HTTP_LIBRARIES else None
+    return module if module is not None and isinstance(obj, module.Response) else None
+
+
+@cache
+def _stream_class(library: ModuleType, is_async: bool) -> type:
+    if is_async:
+        return type("AsyncMeteredStream", (AsyncMeteredStream, library.AsyncByteStream), {})
+    return type("MeteredStream", (MeteredStream, library.SyncByteStream), {})
+
+
+def http_response(result: object) -> Any:
+    """The HTTP response behind what an SDK method returned: a stream's ``response``, a raw
+    response's ``http_response``; None for a parsed model."""
+    for name in ("http_response", "response"):
+        candidate = getattr(result, name, None)
+        if candidate is not None and _library(candidate) is not None:
+            return candidate
+    return None
+
+
+def read_body(response: Any) -> bytes | None:
+    """The body if it was already read (a raw response of a non-streaming call), else None."""
+    library = _library(response)
+    assert library is not None
+    try:
+        content: bytes = response.content
+    except library.ResponseNotRead:
+        return None
+    return content
+
+
+def hook(response: Any, reader: Reader, on_close: Callable[[], object], is_async: bool) -> None:
+    """Read ``response``'s body through ``reader`` as it passes; ``on_close`` when closed."""
+    library = _library(response)
+    assert library is not None
+    response.stream = _stream_class(library, is_async)(response.stream, reader, on_close)
+
+
+def model_body(result: object) -> object:
+    """A parsed response's ``model``, ``usage`` and ``service_tier`` as plain JSON."""
+    dump = getattr(result, "model_dump", None)
+    if not callable(dump):
+        return None
+    return dump(mode="json", include={"model", "usage", "service_tier"})
+
+
+def _sync_iter_class(cls: type[Any]) -> type:
+    def __iter__(self: Any) -> Iterator[object]:
+        try:
+            yield from cls.__iter__(self)
+        finally:  # exhausted, broken out of, or abandoned: the response is done with
+            self.close()
+
+    return type(cls.__name__, (cls,), {"__iter__": __iter__, "__qualname__": cls.__qualname__})
+
+
+def _async_iter_class(cls: type[Any]) -> type:
+    async def __aiter__(self: Any) -> AsyncIterator[object]:
+        try:
+            async for item in cls.__aiter__(self):
+                yield item
+        finally:  # exhausted, broken out of, or cancelled
+            await self.close()
+
+    return type(cls.__name__, (cls,), {"__aiter__": __aiter__, "__qualname__": cls.__qualname__})
+
+
+_CLOSING: dict[type, type] = {}
+
+
+def close_when_left(stream: object) -> None:
+    """Make a ``for`` / ``async for`` loop over an SDK stream close it when the loop ends in
+    any way, so a loop that breaks out settles the call at once (a stream is then done: the
+    SDKs give no way to resume one after its connection is closed)."""
+    cls = type(stream)
+    if cls in _CLOSING.values():
+        return
+    if cls not in _CLOSING:
+        if hasattr(cls, "__aiter__"):
+            _CLOSING[cls] = _async_iter_class(cls)
+        elif hasattr(cls, "__iter__"):
+            _CLOSING[cls] = _sync_iter_class(cls)
+        else:
+            return
+    stream.__class__ = _CLOSING[cls]
+
+
+class SyncTicket:
+    """One call's reservation, with AgentBillClient: settled exactly once."""
+
+    def __init__(self, settings: Settings, plan: CallPlan, check: Any) -> None:
+        self._settings = settings
+        self._plan = plan
+        self._check = check
+        self._done = False
+
+    def record(self, tally: Tally) -> None:
+        if self._done:
+            return
+        self._done = True
+        units, metadata = charge(self._settings, self._plan, tally)
+        self._check.record(units, metadata=metadata)
+
+    def release(self) -> None:
+        """After the call raised: never hides the call's own exception."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._check.release()
+        except AgentBillError as exc:
+            _warn_unreleased(self._check, exc)
+
+    def attach(self, result: object) -> object:
+        """Record now (a parsed response), or when the response closes (a stream)."""
+        tally = self._plan.tally()
+        response = http_response(result)
+        if response is None:
+            tally.feed_body(model_body(result))
+            self.record(tally)
+            return result
+        body = read_body(response)
+        if body is not None:
+            _finish_read(tally, response, body)
+            self.record(tally)
+            return result
+        hook(response, Reader(tally, response), lambda: self.record(tally), is_async=False)
+        close_when_left(result)
+        return result
+
+
+class AsyncTicket:
+    """The async twin of :class:`SyncTicket`; its round trips finish even when the task that
+    awaits them is cancelled."""
+
+    def __init__(self, settings: Settings, plan: CallPlan, check: Any) -> None:
+        self._settings = settings
+        self._plan = plan
+        self._check = check
+        self._done = False
+
+    async def record(self, tally: Tally) -> None:
+        if self._done:
+            return
+        self._done = True
+        units, metadata = charge(self._settings, self._plan, tally)
+        await asyncio.shield(self._check.record(units, metadata=metadata))
+
+    async def release(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            await asyncio.shield(self._check.release())
+        except AgentBillError as exc:
+            _warn_unreleased(self._check, exc)
+
+    async def attach(self, result: object) -> object:
+        tally = self._plan.tally()
+        response = http_response(result)
+        if response is None:
+            tally.feed_body(model_body(result))
+            await self.record(tally)
+            return result
+        body = read_body(response)
+        if body is not None:
+            _finish_read(tally, response, body)
+            await self.record(tally)
+            return result
+
+        async def on_close() -> None:
+            await self.record(tally)
+
+        hook(response, Reader(tally, response), on_close, is_async=True)
+        close_when_left(result)
+        return result
+
+
+def _finish_read(tally: Tally, response: Any, body: bytes) -> None:
+    """Feed a body httpx already read (and decoded) whole."""
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        splitter = EventSplitter(tally)
+        splitter.feed(body)
+        splitter.finish()
+    else:
+        tally.feed_json(body)
+
+
+def _warn_unreleased(check: Any, exc: AgentBillError) -> None:
+    logger.warning(
+        "agentbill: could not release reservation %s after the LLM call failed (%s); "
+        "its units return when it expires at %s",
+        check.reservation_id,
+        exc,
+        check.expires_at,
+    )
