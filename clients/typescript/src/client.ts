@@ -536,11 +536,14 @@ export class AgentBillClient {
     const request = core.validateRecord(options)
     let prefer: string | undefined
     if (request.reservationId === undefined) {
-      prefer = this.#own.take([request.customerId ?? core.DEFAULT_CUSTOMER, request.agentId, request.taskRef])
+      prefer = this.#own.oldest([request.customerId ?? core.DEFAULT_CUSTOMER, request.agentId, request.taskRef])
     }
     const plan = core.recordPlan(this.#settings.policy, request, undefined, prefer)
-    this.#own.discard(plan.reservationId)
-    return this.#run(plan)
+    const settlement = await this.#run(plan)
+    // Forgotten only once the call is made: one that threw closed nothing.
+    this.#own.discard(plan.reservationId ?? prefer)
+    this.#own.discard(settlement.reservationId)
+    return settlement
   }
 
   /**
@@ -550,8 +553,8 @@ export class AgentBillClient {
    */
   async release(reservation: string | ReleaseOptions): Promise<Settlement> {
     const plan = core.planRelease(this.#settings.policy, reservation)
-    this.#own.discard(plan.reservationId)
     const settlement = await this.#run(plan)
+    this.#own.discard(plan.reservationId)
     this.#own.discard(settlement.reservationId) // released by key: now its id is known
     return settlement
   }

@@ -53,20 +53,18 @@ export class OwnReservations {
     }
   }
 
-  /** The oldest reservation of `group` not past its expiry, forgotten here (the record about
-   * to name it closes it, or finds it closed); undefined if there is none. */
-  take(group: Group): string | undefined {
+  /** The oldest reservation of `group` not past its expiry (those past it are forgotten);
+   * undefined if there is none. It stays remembered until `discard`: a record that failed
+   * closed nothing. */
+  oldest(group: Group): string | undefined {
     const key = keyOf(group)
     const rids = this.#groups.get(key)
     if (rids === undefined) return undefined
     const now = Date.now()
     for (const [rid, deadline] of rids) {
+      if (deadline > now) return rid
       rids.delete(rid)
       this.#groupOf.delete(rid)
-      if (deadline > now) {
-        if (rids.size === 0) this.#groups.delete(key)
-        return rid
-      }
     }
     this.#groups.delete(key)
     return undefined

@@ -390,3 +390,16 @@ test("a settle's crossed agent threshold names the agent whose budget it is", as
   assert.deepEqual(crossings.map((x) => [x.customerId, x.agentId, x.percent, x.committed]), [['acme', 'writer', 50, 6]])
   await c.close()
 })
+
+test('a record without an id that Redis refused forgets nothing: the next one closes the oldest', async () => {
+  const c = client()
+  await c.record({ agentId: 'someone-else', units: 0, customerId: 'u', idempotencyKey: 'k' })
+  const oldest = await c.preflight({ agentId: 'agent', estimatedUnits: 5, customerId: 'u' })
+  await c.preflight({ agentId: 'agent', estimatedUnits: 5, customerId: 'u' })
+  await assert.rejects(
+    c.record({ agentId: 'agent', units: 1, customerId: 'u', idempotencyKey: 'k' }), // other arguments
+    (e: unknown) => e instanceof InvalidRequestError && e.field === 'idempotencyKey',
+  )
+  assert.equal((await c.record({ agentId: 'agent', units: 1, customerId: 'u' })).reservationId, oldest.reservationId)
+  await c.close()
+})
