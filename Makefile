@@ -50,7 +50,7 @@ ts-test: $(STAMP) $(NPM_STAMP)  ## the TypeScript suite, against redis-server pr
 test: lint typecheck ts-typecheck ts-test  ## lint, typecheck, the TypeScript suite, then the Python suite (interop included)
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## benchmarks (~4 min): writes benchmarks/RESULTS.md and benchmarks/results.png
+bench: $(STAMP) $(NPM_STAMP)  ## benchmarks (~4 min): writes benchmarks/RESULTS.md and benchmarks/results.png
 	$(PY) -m benchmarks
 
 check: test  ## everything CI runs

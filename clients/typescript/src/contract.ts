@@ -159,13 +159,29 @@ function encode(field: FieldSpec, value: WireValue | undefined, where: string): 
   }
 }
 
+// The names of each list of fields, worked out once (a call checks its names against them).
+const namesOf = new WeakMap<readonly FieldSpec[], ReadonlySet<string>>()
+function names(fields: readonly FieldSpec[]): ReadonlySet<string> {
+  let known = namesOf.get(fields)
+  if (known === undefined) {
+    known = new Set(fields.map((f) => f.name))
+    namesOf.set(fields, known)
+  }
+  return known
+}
+
 function encodeAll(fields: readonly FieldSpec[], values: Named, where: string): string[] {
-  const known = new Set(fields.map((f) => f.name))
+  const known = names(fields)
   for (const name of Object.keys(values)) {
     if (!known.has(name)) throw new Error(`${where}: the contract has no field ${name}`)
   }
   return fields.map((f) => encode(f, values[f.name], where))
 }
+
+// Each script's KEYS: the customer's, then its own.
+const keySpecsOf = Object.fromEntries(
+  SCRIPT_NAMES.map((name) => [name, [...contract.customer_keys, ...contract.scripts[name]!.keys]]),
+) as unknown as Record<ScriptName, readonly FieldSpec[]>
 
 /** The fields of a packed argument, in the contract's order, joined by its separator. */
 export function pack(script: ScriptName, values: Named): string {
@@ -187,8 +203,8 @@ export function buildCall(
   packed?: Named,
 ): Call {
   const spec = contract.scripts[script]!
-  const keySpecs = [...contract.customer_keys, ...spec.keys]
-  const known = new Set(keySpecs.map((k) => k.name))
+  const keySpecs = keySpecsOf[script]
+  const known = names(keySpecs)
   for (const name of Object.keys(keys)) {
     if (!known.has(name)) throw new Error(`${script}: the contract has no key ${name}`)
   }

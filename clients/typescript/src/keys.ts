@@ -39,6 +39,13 @@ export const customerTag = cached((customerId: string): string =>
 
 /** A short fixed-length name for a tuple of ids (task refs, agent groups): each part + NUL. */
 export function digest(...parts: string[]): string {
+  // (agent, taskRef) groups repeat as agent ids do: cached. An id holds no NUL, so the joined
+  // key names one pair.
+  if (parts.length === 2) return cachedPair(`${parts[0]}\u0000${parts[1]}`)
+  return computeDigest(parts)
+}
+
+function computeDigest(parts: readonly string[]): string {
   const h = blake2b.create({ dkLen: 12 })
   for (const part of parts) {
     h.update(encoder.encode(part))
@@ -47,14 +54,18 @@ export function digest(...parts: string[]): string {
   return hex(h.digest())
 }
 
-const cachedDigest1 = cached((part: string) => digest(part))
+const cachedPair = cached((pair: string) => computeDigest(pair.split('\u0000')))
+const cachedDigest1 = cached((part: string) => computeDigest([part]))
 /** digest(part), cached: agent ids and task refs repeat. */
 export function digestOf(part: string): string {
   return cachedDigest1(part)
 }
 
+const SAFE = /^[A-Za-z0-9_.~-]*$/
+
 /** Python's `urllib.parse.quote(value, safe='')`: UTF-8, every byte but A-Za-z0-9_.-~ as %XX. */
 export function quote(value: string): string {
+  if (SAFE.test(value)) return value // ids and tokens mostly are: nothing to escape
   let out = ''
   for (const byte of encoder.encode(value)) {
     const ch = String.fromCharCode(byte)
