@@ -51,8 +51,12 @@ def test_each_item_is_decided_in_order_as_preflight_would(client: AgentBillClien
     assert (budget.spent, budget.reserved) == (5, 0)
 
 
-def test_an_empty_batch_sends_nothing(client: AgentBillClient) -> None:
+def test_an_empty_batch_sends_nothing(client: AgentBillClient, raw: redis.Redis) -> None:
+    client.get_budget("c1")  # connected: a first call may also send its connection's setup
+    before = raw.info("stats")["total_commands_processed"]
     assert client.preflight_many([]) == []
+    after = raw.info("stats")["total_commands_processed"]
+    assert after - before == 1  # the second INFO itself, and nothing else
 
 
 def test_idempotency_keys_replay_across_batches(client: AgentBillClient) -> None:

@@ -197,6 +197,25 @@ def _valid_call(client: AgentBillClient, method: str) -> object:
     return getattr(client, method)(**VALID_ARGS[method])
 
 
+# What the valid call after a bad one must give back: the operation really ran.
+WORKED: dict[str, Callable[[Any], bool]] = {
+    "preflight": lambda check: check.approved and check.reservation_id is not None,
+    "gate": callable,
+    "run": lambda run: hasattr(run, "__enter__") or hasattr(run, "__aenter__"),
+    "record": lambda s: s.status in ("recorded", "direct") and s.charged == 1,
+    "release": lambda s: s.status in ("released", "noop") and s.charged == 0,
+    "set_budget": lambda b: b.limit == 1000,
+    "get_budget": lambda b: b.customer_id == "c",
+    "set_rate_limit": lambda b: b.rate_limit is not None and b.rate_limit.units == 1000,
+    "set_concurrency_limit": lambda b: b.max_in_flight == 1000,
+    "get_usage": lambda u: u.customer.customer_id == "c",
+    "events": lambda events: isinstance(events, list) and len(events) > 0,
+    "open_task": lambda t: t.exists and t.ceiling == 5,
+    "get_task": lambda t: t.task_ref == "t",
+    "lease": lambda lease: lease.stats().slices == 0,
+}
+
+
 PREFLIGHT_PARAMS = {
     "agent_id": bad_ids(optional=False),
     "estimated_units": bad_units(optional=False),
@@ -329,7 +348,8 @@ def test_a_bad_value_names_its_parameter_and_writes_nothing(
     @given(value=param.bad)
     def bad_then_valid(value: object) -> None:
         _refused_without_writing(lambda: param.call(client, value), param.name, raw, namespace)
-        assert _valid_call(client, param.method) is not None
+        result = _valid_call(client, param.method)
+        assert WORKED[param.method](result), (param.method, result)
 
     bad_then_valid()
 
