@@ -16,7 +16,7 @@
 --    6 task_ref, '' for none
 --    7 task digest, '' for none
 --    8 task ceiling in units, used only if this call opens the task, '' for none
---    9 group digest of (agent, task_ref): record() without an id closes its oldest
+--    9 group digest of (agent, task_ref): a record without an id closes one of its group
 --   10 request fingerprint when an idempotency key is given, else ''
 --   11 idempotency record ttl, ms
 --   12 customer id (stored once, for people reading the keys)
