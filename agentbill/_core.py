@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar, cast
@@ -28,7 +28,6 @@ from agentbill._models import (
     BudgetRequest,
     ClientSettings,
     ConcurrencyRequest,
-    CustomerRef,
     EventsRequest,
     Preflight,
     PreflightRequest,
@@ -37,6 +36,7 @@ from agentbill._models import (
     ReleaseRequest,
     ScopeRef,
     TaskRequest,
+    UsageRequest,
     validate,
     validate_units,
 )
@@ -175,14 +175,7 @@ def preflight_call(
     ck = p.keys.customer(req.customer_id)
     rid = reservation_id(ck.tag, token)
     task_digest = digest(req.task_ref) if req.task_ref is not None else ""
-    if req.idempotency_key is not None:
-        idem_key = ck.idempotency("preflight", req.idempotency_key)
-        fp = fingerprint(
-            "preflight", req.agent_id, req.estimated_units, req.task_ref, req.task_ceiling, req.ttl
-        )
-    else:
-        # Unused by the script, but every key a script may touch is declared (Redis Cluster).
-        idem_key, fp = ck.idempotency("preflight", rid), ""
+    idem_key, fp = preflight_idempotency(p, req, rid)
     args = PREFLIGHT.args(
         p.common,
         reservation_id=rid,
@@ -201,6 +194,19 @@ def preflight_call(
         adoptable=adoptable,
     )
     return Call("preflight", PREFLIGHT.keys(ck, idem=idem_key), args), rid
+
+
+def preflight_idempotency(p: Policy, req: PreflightRequest, rid: str) -> tuple[str, str]:
+    """The key of a preflight's idempotency record, and what makes two requests under it "the
+    same request" ('' without an idempotency key: the key is then named after the reservation,
+    unused by the script but declared, as every key a script may touch is, for Redis Cluster)."""
+    ck = p.keys.customer(req.customer_id)
+    if req.idempotency_key is None:
+        return ck.idempotency("preflight", rid), ""
+    fp = fingerprint(
+        "preflight", req.agent_id, req.estimated_units, req.task_ref, req.task_ceiling, req.ttl
+    )
+    return ck.idempotency("preflight", req.idempotency_key), fp
 
 
 def _int(value: str | None) -> int:
@@ -522,9 +528,9 @@ def decode_budget(reply: Reply, customer_id: str, agent_id: str | None = None) -
     return decode_scope(r.customer, customer_id, None, now)
 
 
-def get_usage_call(p: Policy, customer_id: str) -> Call:
+def get_usage_call(p: Policy, customer_id: str, agent_limit: int) -> Call:
     ck = p.keys.customer(customer_id)
-    return Call("get_usage", GET_USAGE.keys(ck), GET_USAGE.args(p.common))
+    return Call("get_usage", GET_USAGE.keys(ck), GET_USAGE.args(p.common, agent_limit=agent_limit))
 
 
 def decode_usage(reply: Reply, customer_id: str) -> Usage:
@@ -541,9 +547,13 @@ def decode_usage(reply: Reply, customer_id: str) -> Usage:
     )
 
 
-def events_call(p: Policy, customer_id: str, since: str | None, limit: int | None) -> Call:
+EVENTS_PAGE = 1000
+"""Ledger entries read per script call: a page is a few milliseconds of Redis, however long the
+ledger (reading 100,000 at once held Redis for over a second)."""
+
+
+def events_call(p: Policy, customer_id: str, since: str | None, count: int) -> Call:
     ck = p.keys.customer(customer_id)
-    count = limit if limit is not None else 2**31 - 1
     args = EVENTS.args(p.common, after=since or "-", count=count)
     return Call("events", EVENTS.keys(ck), args)
 
@@ -619,7 +629,10 @@ class Plan(NamedTuple, Generic[T]):
     (used only by a client whose outage policy allows it), and the id of the reservation it
     would create (made by the client, so a preflight whose reply never came, cancelled or
     timed out, can still be released by id); a settle carries the reservation id it closes,
-    if it names one, else the one of the client's own it prefers to close (``prefer``).
+    if it names one, else the one of the client's own it prefers to close (``prefer``). A
+    preflight, and a release by idempotency key, carry ``idempotency``: the Redis key of the
+    preflight's idempotency record and the request's fingerprint ('' when the preflight has
+    no key, or for the release).
     """
 
     call: Call
@@ -627,6 +640,7 @@ class Plan(NamedTuple, Generic[T]):
     offline: Callable[[], T] | None = None
     reservation_id: str | None = None
     prefer: str | None = None
+    idempotency: tuple[str, str] | None = None
 
 
 def plan_preflight(
@@ -659,6 +673,7 @@ def plan_preflight(
         lambda reply: decode_preflight(reply, req, p, make),
         offline=lambda: offline_decision(p, req, rid, make),
         reservation_id=rid,
+        idempotency=preflight_idempotency(p, req, rid),
     )
 
 
@@ -766,10 +781,19 @@ def plan_release(
     )
     if req.reservation_id is not None and req.idempotency_key is not None:
         raise InvalidRequestError("idempotency_key", "give a reservation_id or this, not both")
+    by_key = None
+    if req.idempotency_key is not None:
+        by_key = (
+            p.keys.customer(customer_of(req.customer_id)).idempotency(
+                "preflight", req.idempotency_key
+            ),
+            "",
+        )
     return Plan(
         release_call(p, req, new_token(), rollback),
         lambda r: decode_settle(r, req.customer_id),
         reservation_id=req.reservation_id,
+        idempotency=by_key,
     )
 
 
@@ -834,15 +858,30 @@ def plan_get_budget(p: Policy, customer_id: object, agent_id: object) -> Plan[Bu
     return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
 
 
-def plan_get_usage(p: Policy, customer_id: object) -> Plan[Usage]:
-    req = validate(CustomerRef, customer_id=customer_of(customer_id))
-    return Plan(get_usage_call(p, req.customer_id), lambda r: decode_usage(r, req.customer_id))
+def plan_get_usage(p: Policy, customer_id: object, limit: object) -> Plan[Usage]:
+    req = validate(UsageRequest, customer_id=customer_of(customer_id), limit=limit)
+    call = get_usage_call(p, req.customer_id, req.limit)
+    return Plan(call, lambda r: decode_usage(r, req.customer_id))
 
 
-def plan_events(p: Policy, customer_id: object, since: object, limit: object) -> Plan[list[Event]]:
+def plan_events(
+    p: Policy, customer_id: object, since: object, limit: object
+) -> Generator[Plan[list[Event]], list[Event], list[Event]]:
+    """The ledger read in pages of EVENTS_PAGE: the client sends each plan yielded and sends
+    its result back; the generator returns every entry asked for. Validated at the first
+    ``next()``; nothing is sent for bad input."""
     req = validate(EventsRequest, customer_id=customer_of(customer_id), since=since, limit=limit)
-    call = events_call(p, req.customer_id, req.since, req.limit)
-    return Plan(call, lambda reply: decode_events(reply, req.customer_id))
+    out: list[Event] = []
+    after = req.since
+    while True:
+        want = EVENTS_PAGE if req.limit is None else min(EVENTS_PAGE, req.limit - len(out))
+        call = events_call(p, req.customer_id, after, want)
+        page = yield Plan(call, lambda reply: decode_events(reply, req.customer_id))
+        out += page
+        if len(page) < want or (req.limit is not None and len(out) >= req.limit):
+            return out
+        *_, last = page
+        after = last.id
 
 
 def plan_open_task(

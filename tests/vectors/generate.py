@@ -222,6 +222,12 @@ CALLS: list[dict[str, Any]] = [
     },
     {"name": "get_usage", "client": {}, "op": "get_usage", "request": {"customer_id": "acme"}},
     {
+        "name": "get_usage of at most 5 agents",
+        "client": {},
+        "op": "get_usage",
+        "request": {"customer_id": "acme", "limit": 5},
+    },
+    {
         "name": "events since an id",
         "client": {"ledger_max_len": 5000, "reap_limit": 7},
         "op": "events",
@@ -268,7 +274,7 @@ PLAN_ARGS = {
     "set_rate_limit": ("customer_id", "units", "per_seconds", "burst", "agent_id"),
     "set_concurrency_limit": ("customer_id", "max_in_flight", "agent_id"),
     "get_budget": ("customer_id", "agent_id"),
-    "get_usage": ("customer_id",),
+    "get_usage": ("customer_id", "limit"),
     "events": ("customer_id", "since", "limit"),
     "open_task": ("task_ref", "ceiling", "customer_id"),
     "get_task": ("task_ref", "customer_id"),
@@ -323,6 +329,8 @@ def plan(case: dict[str, Any], token: str) -> _core.Plan[Any]:
     """Python's plan for a vector case, its request id ``token``."""
     policy = _core.Policy.from_settings(_core.settings_from(**case["client"]))
     values = {**DEFAULTS, **case["request"]}
+    if case["op"] == "get_usage":
+        values.setdefault("limit", 100)  # the clients' default
     args = [values.get(name) for name in PLAN_ARGS[case["op"]]]
     if case["op"] == "set_budget" and isinstance(args[5], list):
         args[5] = tuple(args[5])
@@ -340,6 +348,8 @@ def plan(case: dict[str, Any], token: str) -> _core.Plan[Any]:
     with drawn_token(token):
         if case["op"] == "preflight":
             return fn(policy, *args, BaseCheck, **extra)  # type: ignore[no-any-return]
+        if case["op"] == "events":  # read in pages: the vector is the first page's call
+            return next(fn(policy, *args, **extra))  # type: ignore[no-any-return]
         return fn(policy, *args, **extra)  # type: ignore[no-any-return]
 
 

@@ -625,14 +625,25 @@ export class AgentBillClient {
     return this.#run(core.planGetBudget(this.#settings.policy, options))
   }
 
-  /** The customer's budget and each of its agents', in one round trip. */
-  async getUsage(options: { customerId?: string } = {}): Promise<Usage> {
+  /** The customer's budget and its agents', in one round trip: at most `limit` agents (100), the
+   * most recently active first. */
+  async getUsage(options: { customerId?: string; limit?: number } = {}): Promise<Usage> {
     return this.#run(core.planGetUsage(this.#settings.policy, options))
   }
 
-  /** The customer's ledger, oldest first: after the event whose id is `since`, at most `limit`. */
+  /** The customer's ledger, oldest first: after the event whose id is `since`, at most `limit`
+   * (all by default), read in pages of 1,000 entries so that Redis is never held long. */
   async events(options: { customerId?: string; since?: string; limit?: number } = {}): Promise<Event[]> {
-    return this.#run(core.planEvents(this.#settings.policy, options))
+    const { customerId, since, limit } = core.validateEvents(options)
+    const out: Event[] = []
+    let after = since
+    for (;;) {
+      const want = limit === undefined ? core.EVENTS_PAGE : Math.min(core.EVENTS_PAGE, limit - out.length)
+      const page = await this.#run(core.planEventsPage(this.#settings.policy, customerId, after, want))
+      out.push(...page)
+      if (page.length < want || (limit !== undefined && out.length >= limit)) return out
+      after = page[page.length - 1]!.id
+    }
   }
 
   /** Open a task of the customer with a ceiling (null: none), or change it. */

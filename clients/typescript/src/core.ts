@@ -583,9 +583,10 @@ export function planGetBudget(p: Policy, input: unknown): Plan<BudgetStatus> {
 
 export function planGetUsage(p: Policy, input: unknown): Plan<Usage> {
   const o = v.options('options', input)
-  v.known('', o, ['customerId'])
+  v.known('', o, ['customerId', 'limit'])
   const customerId = v.optionalId('customerId', o['customerId']) ?? DEFAULT_CUSTOMER
-  const call = buildCall('get_usage', p.keys.customer(customerId).fixed, common(p), {})
+  const limit = o['limit'] === undefined || o['limit'] === null ? 100 : v.integer('limit', o['limit'], 1, 10_000)
+  const call = buildCall('get_usage', p.keys.customer(customerId).fixed, common(p), { agent_limit: limit })
   return {
     call,
     decode: (raw) => {
@@ -598,7 +599,12 @@ export function planGetUsage(p: Policy, input: unknown): Plan<Usage> {
   }
 }
 
-export function planEvents(p: Policy, input: unknown): Plan<Event[]> {
+/** Ledger entries read per script call: a page is a few milliseconds of Redis, however long the
+ * ledger (as Python's EVENTS_PAGE). */
+export const EVENTS_PAGE = 1000
+
+/** An `events` request, validated: the client reads it in pages (`planEventsPage`). */
+export function validateEvents(input: unknown): { customerId: string; since: string | undefined; limit: number | undefined } {
   const o = v.options('options', input)
   v.known('', o, ['customerId', 'since', 'limit'])
   const customerId = v.optionalId('customerId', o['customerId']) ?? DEFAULT_CUSTOMER
@@ -607,9 +613,14 @@ export function planEvents(p: Policy, input: unknown): Plan<Event[]> {
     throw new InvalidRequestError('since', "must be an event's id (\"<ms>-<seq>\")")
   }
   const limit = o['limit'] === undefined || o['limit'] === null ? undefined : v.integer('limit', o['limit'], 1, 1_000_000)
+  return { customerId, since, limit }
+}
+
+/** One page of the ledger: at most `count` entries after `since`. */
+export function planEventsPage(p: Policy, customerId: string, since: string | undefined, count: number): Plan<Event[]> {
   const call = buildCall('events', p.keys.customer(customerId).fixed, common(p), {
     after: since ?? '-',
-    count: limit ?? 2 ** 31 - 1,
+    count,
   })
   return {
     call,

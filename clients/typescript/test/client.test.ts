@@ -230,9 +230,24 @@ test('preflightMany decides each item in order; usage, events and tasks read bac
   assert.deepEqual(events.map((e) => e.type), ['approved', 'threshold', 'refused', 'approved', 'recorded'])
   const later = await c.events({ customerId: 'acme', since: events[2]!.id, limit: 1 })
   assert.deepEqual(later.map((e) => e.id), [events[3]!.id])
+  assert.deepEqual((await c.getUsage({ customerId: 'acme', limit: 1 })).agents.map((a) => a.agentId), ['w'])
+  await assert.rejects(
+    c.getUsage({ customerId: 'acme', limit: 0 }),
+    (e: unknown) => e instanceof InvalidRequestError && e.field === 'limit',
+  )
   const task = await c.openTask({ taskRef: 'report', ceiling: 10, customerId: 'acme' })
   assert.deepEqual([task.ceiling, task.used, task.exists], [10, 0, true])
   assert.equal((await c.getTask({ taskRef: 'never', customerId: 'acme' })).exists, false)
+  await c.close()
+})
+
+test('events reads a long ledger in pages of EVENTS_PAGE, the same answer as one read', async () => {
+  const c = client()
+  for (let i = 0; i < 1100; i++) await c.record({ agentId: 'a', units: 1, customerId: 'pages' })
+  const every = await c.events({ customerId: 'pages' })
+  assert.equal(every.length, 1100)
+  assert.equal(new Set(every.map((e) => e.id)).size, 1100)
+  assert.deepEqual((await c.events({ customerId: 'pages', since: every[999]!.id, limit: 50 })).map((e) => e.id), every.slice(1000, 1050).map((e) => e.id))
   await c.close()
 })
 

@@ -70,8 +70,10 @@ function planOf(c: Json): core.Plan<unknown> {
       return core.planGetBudget(policy, request)
     case 'get_usage':
       return core.planGetUsage(policy, request)
-    case 'events':
-      return core.planEvents(policy, request)
+    case 'events': {
+      const e = core.validateEvents(request)
+      return core.planEventsPage(policy, e.customerId, e.since, Math.min(core.EVENTS_PAGE, e.limit ?? core.EVENTS_PAGE))
+    }
     case 'open_task':
       return core.planOpenTask(policy, request)
     case 'get_task':
