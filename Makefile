@@ -3,17 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TS := clients/typescript
+NPM_STAMP := $(TS)/node_modules/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint typecheck bench check clean
+.PHONY: help setup demo test lint typecheck bench check clean ts-setup ts-typecheck ts-test
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "agentbill needs Python 3.11+")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# This project was installed as `agentbill` before it was named agentbill-redis; both put
+	@# files in agentbill/lua, so the old one goes first, before it can take shared files along.
+	$(PY) -m pip uninstall --quiet --yes agentbill 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
@@ -29,13 +34,27 @@ lint: $(STAMP)  ## ruff
 typecheck: $(STAMP)  ## mypy --strict
 	$(PY) -m mypy
 
-test: lint typecheck  ## lint, typecheck and the whole suite against real redis-server processes
+$(NPM_STAMP): $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund
+	touch $@
+
+ts-setup: $(NPM_STAMP)  ## npm ci in clients/typescript (from the committed package-lock.json)
+
+ts-typecheck: $(NPM_STAMP)  ## strict tsc --noEmit over the TypeScript client and its tests
+	cd $(TS) && npm run --silent typecheck
+
+# The suite's redis-server: the one the Python suite uses (PATH, else agentbill-redis[local]).
+ts-test: $(STAMP) $(NPM_STAMP)  ## the TypeScript suite, against redis-server processes it starts
+	cd $(TS) && AGENTBILL_REDIS_SERVER="$$($(CURDIR)/$(PY) -c 'from agentbill._local import find_server_binary as f; print(f())')" npm test
+
+test: lint typecheck ts-typecheck ts-test  ## lint, typecheck, the TypeScript suite, then the Python suite (interop included)
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## benchmarks (~4 min): writes benchmarks/RESULTS.md and benchmarks/results.png
+bench: $(STAMP) $(NPM_STAMP)  ## benchmarks (~4 min): writes benchmarks/RESULTS.md and benchmarks/results.png
 	$(PY) -m benchmarks
 
 check: test  ## everything CI runs
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis dist build
+	rm -rf $(TS)/node_modules $(TS)/dist $(TS)/build $(TS)/lua

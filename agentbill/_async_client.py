@@ -193,8 +193,12 @@ class AsyncAgentBillClient(BaseClient):
     ) -> Settlement:
         """See :meth:`AgentBillClient._settle_surely`."""
         plan = self._plan_close(reservation_id, units, agent_id, customer_id, task_ref, **options)
-        settlement = await self._settle(plan, release=units is None, surely=True)
-        self._own.discard(reservation_id)
+        if units is None:
+            settlement = await self._settle(plan, release=True, surely=True)
+            self._released(plan, settlement)
+        else:
+            settlement = await self._settle(plan, surely=True)
+            self._recorded(plan, settlement)
         return settlement
 
     def _deliver_until(self, deadline: float) -> int:
@@ -319,8 +323,7 @@ class AsyncAgentBillClient(BaseClient):
             check = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
-        if track:
-            self._track(check)
+        self._approved(plan, check, track)
         return check
 
     async def _reserve_slice(
@@ -395,9 +398,7 @@ class AsyncAgentBillClient(BaseClient):
             self._own,
         )
         settlement = await self._settle(plan)
-        # Forgotten only once the call is made: one that raised closed nothing.
-        self._own.discard(plan.reservation_id or plan.prefer)
-        self._own.discard(settlement.reservation_id)
+        self._recorded(plan, settlement)
         return settlement
 
     async def release(
@@ -410,8 +411,7 @@ class AsyncAgentBillClient(BaseClient):
         """See :meth:`AgentBillClient.release`."""
         plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
         settlement = await self._settle(plan, release=True)
-        self._own.discard(plan.reservation_id)
-        self._own.discard(settlement.reservation_id)
+        self._released(plan, settlement)
         return settlement
 
     def gate(
@@ -554,15 +554,22 @@ class AsyncAgentBillClient(BaseClient):
         """See :meth:`AgentBillClient.get_budget`."""
         return await self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
 
-    async def get_usage(self, customer_id: str | None = None) -> Usage:
+    async def get_usage(self, customer_id: str | None = None, *, limit: int = 100) -> Usage:
         """See :meth:`AgentBillClient.get_usage`."""
-        return await self._run(_core.plan_get_usage(self._policy, customer_id))
+        return await self._run(_core.plan_get_usage(self._policy, customer_id, limit))
 
     async def events(
         self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
     ) -> list[Event]:
         """See :meth:`AgentBillClient.events`."""
-        return await self._run(_core.plan_events(self._policy, customer_id, since, limit))
+        pages = _core.plan_events(self._policy, customer_id, since, limit)
+        plan = next(pages)
+        while True:
+            try:
+                plan = pages.send(await self._run(plan))
+            except StopIteration as done:
+                events: list[Event] = done.value
+                return events
 
     async def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None

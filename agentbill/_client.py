@@ -6,6 +6,7 @@ client method is: plan (validate + build the call, in ``_core``), one round trip
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -142,6 +143,29 @@ class BaseClient:
             heal=heal,
         )
 
+    def _approved(self, plan: _core.Plan[Any], check: BaseCheck, track: bool) -> None:
+        """What the client remembers of a decision Redis made: its own reservations (for
+        records without an id) and approvals under an idempotency key (for offline repeats)."""
+        if check.approved:
+            self._outage.remember_keyed(plan.idempotency, check)
+            if track:
+                self._track(check)
+
+    def _recorded(self, plan: _core.Plan[Settlement], settlement: Settlement) -> None:
+        """After a record was made (one that raised closed nothing): the reservations it closed
+        are no longer this client's to close."""
+        self._own.discard(plan.reservation_id or plan.prefer)
+        self._own.discard(settlement.reservation_id)
+
+    def _released(self, plan: _core.Plan[Settlement], settlement: Settlement) -> None:
+        """After a release was made: the reservation is no longer this client's to close, and
+        its idempotency key reserves afresh (offline too)."""
+        for rid in (plan.reservation_id, settlement.reservation_id):
+            self._own.discard(rid)
+            self._outage.forget_keyed(rid)
+        if plan.idempotency is not None:
+            self._outage.forget_keyed(None, plan.idempotency[0])
+
     def _track(self, check: BaseCheck) -> None:
         """Remember an approval Redis made, so this client's records without an id close its
         own reservations first (see ``_own``)."""
@@ -183,11 +207,15 @@ class BaseClient:
         (always when Redis answered "not now": busy is not an outage)."""
         if plan.offline is None or self._outage.fails_closed or isinstance(exc, StoreBusyError):
             raise exc
+        prior = self._outage.keyed(plan.idempotency)
+        if prior is not None:  # the same key again: one reservation, as Redis would answer
+            return cast(_core.T, dataclasses.replace(prior, replayed=True))
         check: Any = plan.offline()
         if check.approved:
             key = idempotency_record(plan)
             if not self._outage.approve(check.reservation_id, check.estimated_units, key):
                 raise exc
+            self._outage.remember_keyed(plan.idempotency, check)
             warn_offline(check, self._outage.mode, exc)
         self._telemetry.observe(check)
         return cast(_core.T, check)
@@ -262,10 +290,12 @@ class BaseClient:
         raise NotImplementedError
 
     def _batch_releases(self, checks: list[Any]) -> list[_core.Call]:
-        """Calls releasing what this batch itself approved (not replays of earlier calls)."""
+        """Calls releasing what this batch itself approved (not replays of earlier calls), the
+        latest first: a threshold crossing is taken back by the release of the approval that
+        made it once the approvals after it are released too."""
         return [
             _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True).call
-            for c in checks
+            for c in reversed(checks)
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
 
@@ -516,8 +546,12 @@ class AgentBillClient(BaseClient):
         request still raises. ``options``: a record's ``success``, ``idempotency_key`` and
         ``metadata``."""
         plan = self._plan_close(reservation_id, units, agent_id, customer_id, task_ref, **options)
-        settlement = self._settle(plan, release=units is None, surely=True)
-        self._own.discard(reservation_id)
+        if units is None:
+            settlement = self._settle(plan, release=True, surely=True)
+            self._released(plan, settlement)
+        else:
+            settlement = self._settle(plan, surely=True)
+            self._recorded(plan, settlement)
         return settlement
 
     def _deliver_until(self, deadline: float) -> int:
@@ -618,8 +652,7 @@ class AgentBillClient(BaseClient):
             check = self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_check(plan, exc)
-        if track:
-            self._track(check)
+        self._approved(plan, check, track)
         return check
 
     def _reserve_slice(
@@ -718,9 +751,7 @@ class AgentBillClient(BaseClient):
             self._own,
         )
         settlement = self._settle(plan)
-        # Forgotten only once the call is made: one that raised closed nothing.
-        self._own.discard(plan.reservation_id or plan.prefer)
-        self._own.discard(settlement.reservation_id)
+        self._recorded(plan, settlement)
         return settlement
 
     def release(
@@ -741,8 +772,7 @@ class AgentBillClient(BaseClient):
         """
         plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
         settlement = self._settle(plan, release=True)
-        self._own.discard(plan.reservation_id)
-        self._own.discard(settlement.reservation_id)  # released by key: now its id is known
+        self._released(plan, settlement)
         return settlement
 
     def gate(
@@ -910,16 +940,25 @@ class AgentBillClient(BaseClient):
         reserved, remaining, open reservations, the period's bounds and the other limits."""
         return self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
 
-    def get_usage(self, customer_id: str | None = None) -> Usage:
-        """The customer's budget and each of its agents', in one round trip."""
-        return self._run(_core.plan_get_usage(self._policy, customer_id))
+    def get_usage(self, customer_id: str | None = None, *, limit: int = 100) -> Usage:
+        """The customer's budget and its agents', in one round trip: at most ``limit`` agents,
+        the most recently active first."""
+        return self._run(_core.plan_get_usage(self._policy, customer_id, limit))
 
     def events(
         self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
     ) -> list[Event]:
         """The customer's ledger, oldest first: after the event whose ``id`` is ``since``, at
-        most ``limit`` of them. The ledger keeps the last ``ledger_max_len`` (about)."""
-        return self._run(_core.plan_events(self._policy, customer_id, since, limit))
+        most ``limit`` of them (all by default), read in pages of 1,000 entries so that Redis
+        is never held long. The ledger keeps the last ``ledger_max_len`` (about)."""
+        pages = _core.plan_events(self._policy, customer_id, since, limit)
+        plan = next(pages)
+        while True:
+            try:
+                plan = pages.send(self._run(plan))
+            except StopIteration as done:
+                events: list[Event] = done.value
+                return events
 
     def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None

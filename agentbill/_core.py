@@ -3,27 +3,31 @@
 Each operation is three steps: validate the arguments (``_models``), build the script's KEYS and
 ARGV (``*_call``), and decode the script's reply into a result (``decode_*``). The sync and async
 clients only add the round trip in between, so they cannot drift apart.
+
+Keys, arguments and reply fields are named here, never numbered: ``_contract`` puts them in the
+order lua/contract.json gives, the one file both clients (Python and TypeScript) read it from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from pydantic import SecretStr
 from redis.exceptions import NoScriptError
 
+from agentbill import _contract
+from agentbill._contract import STRUCTS, common_args
 from agentbill._exceptions import AgentBillError, InvalidRequestError
 from agentbill._keys import CustomerKeys, KeySpace, digest, reservation_id, tag_of_reservation
 from agentbill._models import (
     BudgetRequest,
     ClientSettings,
     ConcurrencyRequest,
-    CustomerRef,
     EventsRequest,
     Preflight,
     PreflightRequest,
@@ -32,6 +36,7 @@ from agentbill._models import (
     ReleaseRequest,
     ScopeRef,
     TaskRequest,
+    UsageRequest,
     validate,
     validate_units,
 )
@@ -58,7 +63,19 @@ DEFAULT_CUSTOMER = "default"
 # A retry of a record() without a reservation id is recognised by an internal request id;
 # retries finish within seconds, so it need not be remembered as long as a user's key.
 REQUEST_ID_TTL_MS = 10 * 60 * 1000
-SEP = "\x1f"  # joins packed script arguments and replies (ids hold no control characters)
+
+PREFLIGHT = _contract.SCRIPTS["preflight"]
+SETTLE = _contract.SCRIPTS["settle"]
+SET_BUDGET = _contract.SCRIPTS["set_budget"]
+SET_LIMITS = _contract.SCRIPTS["set_limits"]
+GET_BUDGET = _contract.SCRIPTS["get_budget"]
+GET_USAGE = _contract.SCRIPTS["get_usage"]
+EVENTS = _contract.SCRIPTS["events"]
+OPEN_TASK = _contract.SCRIPTS["open_task"]
+GET_TASK = _contract.SCRIPTS["get_task"]
+SCOPE = STRUCTS["scope"]
+LEDGER_ENTRY = STRUCTS["ledger_entry"]
+CROSSING = STRUCTS["threshold_crossing"]
 
 Reply = Sequence[Any]
 T = TypeVar("T")
@@ -86,6 +103,18 @@ class Policy:
     idle_retention_ms: int
     reap_limit: int
     ledger_len: int
+    common: tuple[str, ...] = field(init=False)
+    """The first ARGV of every script (lua/_common.lua), made once: the settings above."""
+
+    def __post_init__(self) -> None:
+        common = common_args(
+            reap_limit=self.reap_limit,
+            retention_ms=self.retention_ms,
+            ledger_len=self.ledger_len,
+            task_retention_ms=self.task_retention_ms,
+            idle_retention_ms=self.idle_retention_ms,
+        )
+        object.__setattr__(self, "common", common)
 
     @classmethod
     def from_settings(cls, s: ClientSettings) -> Policy:
@@ -101,18 +130,6 @@ class Policy:
             ledger_len=s.ledger_max_len,
         )
 
-    @property
-    def common(self) -> tuple[int, int, int, int, int]:
-        """ARGV[1..5] of every script: reap limit, outcome retention (ms), ledger cap, task
-        retention (ms), idle retention (ms)."""
-        return (
-            self.reap_limit,
-            self.retention_ms,
-            self.ledger_len,
-            self.task_retention_ms,
-            self.idle_retention_ms,
-        )
-
 
 def new_token() -> str:
     """A random token for reservation and request ids (96 bits)."""
@@ -123,10 +140,6 @@ def fingerprint(*parts: object) -> str:
     """What makes two requests under one idempotency key "the same request"."""
     text = "\x1f".join("" if p is None else str(p) for p in parts)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def _opt(value: int | None) -> str | int:
-    return "" if value is None else value
 
 
 def _text(value: Any) -> str:
@@ -162,44 +175,38 @@ def preflight_call(
     ck = p.keys.customer(req.customer_id)
     rid = reservation_id(ck.tag, token)
     task_digest = digest(req.task_ref) if req.task_ref is not None else ""
-    if req.idempotency_key is not None:
-        idem_key = ck.idempotency("preflight", req.idempotency_key)
-        fp = fingerprint(
-            "preflight", req.agent_id, req.estimated_units, req.task_ref, req.task_ceiling, req.ttl
-        )
-    else:
-        # Unused by the script, but every key a script may touch is declared (Redis Cluster).
-        idem_key, fp = ck.idempotency("preflight", rid), ""
-    ttl_ms = req.ttl * 1000 if req.ttl is not None else p.reservation_ttl_ms
-    fields: tuple[str | int, ...] = (
-        rid,
-        req.estimated_units,
-        _opt(p.ceiling),
-        ttl_ms,
-        req.agent_id,
-        req.task_ref or "",
-        task_digest,
-        _opt(req.task_ceiling),
-        digest(req.agent_id, req.task_ref or ""),
-        fp,
-        p.idempotency_ttl_ms,
-        req.customer_id,
-        digest(req.agent_id),
-        1 if adoptable else 0,
+    idem_key, fp = preflight_idempotency(p, req, rid)
+    args = PREFLIGHT.args(
+        p.common,
+        reservation_id=rid,
+        estimated_units=req.estimated_units,
+        ceiling=p.ceiling,
+        ttl_ms=req.ttl * 1000 if req.ttl is not None else p.reservation_ttl_ms,
+        agent_id=req.agent_id,
+        task_ref=req.task_ref,
+        task_digest=task_digest,
+        task_ceiling=req.task_ceiling,
+        group_digest=digest(req.agent_id, req.task_ref or ""),
+        fingerprint=fp,
+        idempotency_ttl_ms=p.idempotency_ttl_ms,
+        customer_id=req.customer_id,
+        agent_digest=digest(req.agent_id),
+        adoptable=adoptable,
     )
-    return Call("preflight", (*ck.fixed, idem_key), (*p.common, pack(fields))), rid
+    return Call("preflight", PREFLIGHT.keys(ck, idem=idem_key), args), rid
 
 
-def unpack(reply: Any) -> list[str | None]:
-    """A packed script reply (one string, fields joined by \x1f; see packed() in
-    lua/_common.lua) as its fields, '' as None."""
-    text = reply.decode() if isinstance(reply, bytes) else str(reply)
-    return [field or None for field in text.split(SEP)]
-
-
-def pack(fields: Iterable[str | int]) -> str:
-    """Script arguments as one (see ARGV[4] of preflight.lua and settle.lua)."""
-    return SEP.join(str(field) for field in fields)
+def preflight_idempotency(p: Policy, req: PreflightRequest, rid: str) -> tuple[str, str]:
+    """The key of a preflight's idempotency record, and what makes two requests under it "the
+    same request" ('' without an idempotency key: the key is then named after the reservation,
+    unused by the script but declared, as every key a script may touch is, for Redis Cluster)."""
+    ck = p.keys.customer(req.customer_id)
+    if req.idempotency_key is None:
+        return ck.idempotency("preflight", rid), ""
+    fp = fingerprint(
+        "preflight", req.agent_id, req.estimated_units, req.task_ref, req.task_ceiling, req.ttl
+    )
+    return ck.idempotency("preflight", req.idempotency_key), fp
 
 
 def _int(value: str | None) -> int:
@@ -208,20 +215,21 @@ def _int(value: str | None) -> int:
 
 def decode_preflight(reply: Any, req: PreflightRequest, p: Policy, make: Callable[..., C]) -> C:
     """preflight.lua's reply as a decision, built by ``make`` (a Check bound to its client)."""
-    f = unpack(reply)
-    approved = f[0] == "1"
-    limit = _int_or_none(f[4])
-    spent, reserved = _int(f[5]), _int(f[6])
-    task_ceiling = _int_or_none(f[7])
-    task_used, task_reserved = _int(f[8]), _int(f[9])
+    f = PREFLIGHT.unpack(reply)
+    approved = f.approved == "1"
+    limit = _int_or_none(f.limit)
+    spent, reserved = _int(f.spent), _int(f.reserved)
+    task_ceiling = _int_or_none(f.task_ceiling)
+    task_used, task_reserved = _int(f.task_used), _int(f.task_reserved)
     has_task = req.task_ref is not None
+    expires, retry, period_end = f.expires_ms, f.retry_after_ms, f.period_end_ms
     return make(
         approved=approved,
-        reason=cast(Reason, f[1]),
-        reservation_id=f[2],
-        expires_at=_datetime(int(f[3])) if f[3] else None,
+        reason=cast(Reason, f.reason),
+        reservation_id=f.reservation_id,
+        expires_at=_datetime(int(expires)) if expires else None,
         remaining=_remaining(limit, spent + reserved),
-        limit=limit if approved else _int_or_none(f[13]),
+        limit=limit if approved else _int_or_none(f.rule_limit),
         agent_id=req.agent_id,
         customer_id=req.customer_id,
         estimated_units=req.estimated_units,
@@ -229,29 +237,32 @@ def decode_preflight(reply: Any, req: PreflightRequest, p: Policy, make: Callabl
         task_ceiling=task_ceiling,
         task_used=task_used if has_task else None,
         task_remaining=_remaining(task_ceiling, task_used + task_reserved) if has_task else None,
-        replayed=f[11] == "1",
-        scope=cast(Scope | None, f[12]),
-        used=_int_or_none(f[14]),
-        reserved=_int_or_none(f[15]),
-        retry_after=int(f[16]) / 1000 if f[16] else None,
-        period_end=_datetime(int(f[18])) if f[18] else None,
-        crossed=decode_crossed(f[19].split(",") if f[19] else (), req.customer_id, req.agent_id),
+        replayed=f.replayed == "1",
+        scope=cast(Scope | None, f.scope),
+        used=_int_or_none(f.rule_used),
+        reserved=_int_or_none(f.rule_reserved),
+        retry_after=int(retry) / 1000 if retry else None,
+        period_end=_datetime(int(period_end)) if period_end else None,
+        crossed=decode_crossed(f.crossed, req.customer_id, req.agent_id),
     )
 
 
 def decode_crossed(
-    items: Sequence[Any], customer_id: str, agent_id: str | None
+    items: str | None, customer_id: str, agent_id: str | None
 ) -> tuple[ThresholdCrossing, ...]:
-    """ "<scope>:<percent>:<committed>" items as ThresholdCrossing results."""
+    """A reply's list of crossed thresholds (``threshold_crossing`` items of lua/contract.json)
+    as ThresholdCrossing results; ``agent_id`` is the agent of an agent's crossing."""
+    if not items:
+        return ()
     out = []
-    for item in items:
-        scope, percent, committed = _text(item).split(":")
+    for item in items.split(_contract.LIST_SEP):
+        crossing = CROSSING.split(item)
         out.append(
             ThresholdCrossing(
                 customer_id=customer_id,
-                agent_id=agent_id if scope == "agent" else None,
-                percent=int(percent),
-                committed=int(committed),
+                agent_id=agent_id if crossing.scope == "agent" else None,
+                percent=int(crossing.percent),
+                committed=int(crossing.committed),
             )
         )
     return tuple(out)
@@ -339,24 +350,25 @@ def record_call(p: Policy, req: RecordRequest, token: str, prefer: str | None = 
         idem_key, fp, ttl = ck.request(token), "request", REQUEST_ID_TTL_MS
     else:
         idem_key, fp, ttl = ck.request(token), "", REQUEST_ID_TTL_MS
-    fields: tuple[str | int, ...] = (
-        req.reservation_id or "",
-        req.units,
-        1 if req.success else 0,
-        req.agent_id,
-        task_ref,
-        digest(task_ref) if req.task_ref is not None else "",
-        digest(req.agent_id, task_ref),
-        fp,
-        ttl,
-        customer,
-        token,
-        0,
-        digest(req.agent_id),
-        prefer or "",
-        0,
+    args = SETTLE.args(
+        p.common,
+        reservation_id=req.reservation_id,
+        units=req.units,
+        charge=req.success,
+        agent_id=req.agent_id,
+        task_ref=req.task_ref,
+        task_digest=digest(task_ref) if req.task_ref is not None else None,
+        group_digest=digest(req.agent_id, task_ref),
+        fingerprint=fp,
+        idempotency_ttl_ms=ttl,
+        customer_id=customer,
+        request_id=token,
+        by_idempotency_key=False,
+        agent_digest=digest(req.agent_id),
+        prefer=prefer,
+        rollback=False,
     )
-    return Call("settle", (*ck.fixed, idem_key), (*p.common, pack(fields)))
+    return Call("settle", SETTLE.keys(ck, idem=idem_key), args)
 
 
 def release_call(p: Policy, req: ReleaseRequest, token: str, rollback: bool = False) -> Call:
@@ -369,107 +381,122 @@ def release_call(p: Policy, req: ReleaseRequest, token: str, rollback: bool = Fa
             raise InvalidRequestError(
                 "customer_id", "contradicts reservation_id (it belongs to another customer)"
             )
-        keys: tuple[str, ...] = (*ck.fixed, ck.request(token))
-        by_key = 0
+        keys = SETTLE.keys(ck, idem=ck.request(token))
+        by_key = False
     elif req.idempotency_key is not None:
         ck = p.keys.customer(customer_of(req.customer_id))
-        keys = (*ck.fixed, ck.request(token), ck.idempotency("preflight", req.idempotency_key))
-        by_key = 1
+        preflight_idem = ck.idempotency("preflight", req.idempotency_key)
+        keys = SETTLE.keys(ck, idem=ck.request(token), preflight_idem=preflight_idem)
+        by_key = True
     else:
         raise InvalidRequestError(
             "reservation_id", "give a reservation_id or the preflight's idempotency_key"
         )
-    fields: tuple[str | int, ...] = (
-        req.reservation_id or "",
-        0,
-        0,
-        "",
-        "",
-        "",
-        "",
-        "",
-        REQUEST_ID_TTL_MS,
-        "",
-        token,
-        by_key,
-        "",
-        "",
-        1 if rollback else 0,
+    args = SETTLE.args(
+        p.common,
+        reservation_id=req.reservation_id,
+        units=0,
+        charge=False,
+        agent_id=None,
+        task_ref=None,
+        task_digest=None,
+        group_digest=None,
+        fingerprint=None,
+        idempotency_ttl_ms=REQUEST_ID_TTL_MS,
+        customer_id=None,
+        request_id=token,
+        by_idempotency_key=by_key,
+        agent_digest=None,
+        prefer=None,
+        rollback=rollback,
     )
-    return Call("settle", keys, (*p.common, pack(fields)))
+    return Call("settle", keys, args)
 
 
 def decode_settle(
     reply: Any, customer_id: str | None = None, metadata: dict[str, Any] | None = None
 ) -> Settlement:
-    f = unpack(reply)
-    limit = _int_or_none(f[6])
-    spent, reserved = _int(f[7]), _int(f[8])
-    crossed = f[10].split(",") if f[10] else ()
-    charged_agent = f[11]  # whose budget an agent's crossed threshold is
+    f = SETTLE.unpack(reply)
+    limit = _int_or_none(f.limit)
+    spent, reserved = _int(f.spent), _int(f.reserved)
     return Settlement(
-        status=cast(SettleStatus, f[0]),
-        reservation_id=f[1],
-        charged=_int(f[2]),
-        released=_int(f[3]),
-        late=f[4] == "1",
-        replayed=f[5] == "1",
+        status=cast(SettleStatus, f.status),
+        reservation_id=f.reservation_id,
+        charged=_int(f.charged),
+        released=_int(f.released),
+        late=f.late == "1",
+        replayed=f.replayed == "1",
         spent=spent,
         reserved=reserved,
         limit=limit,
         remaining=_remaining(limit, spent + reserved),
         metadata=metadata,
-        crossed=decode_crossed(crossed, customer_id or "", charged_agent) if crossed else (),
+        # f.agent_id: the agent whose budget an agent's crossed threshold is
+        crossed=decode_crossed(f.crossed, customer_id or "", f.agent_id),
     )
 
 
 # -- admin -------------------------------------------------------------------------------------
 
 
+def _agent_digest(agent_id: str | None) -> str | None:
+    return digest(agent_id) if agent_id is not None else None
+
+
 def set_budget_call(p: Policy, req: BudgetRequest) -> Call:
     ck = p.keys.customer(req.customer_id)
-    args = (
-        *p.common,
-        digest(req.agent_id) if req.agent_id is not None else "",
-        _opt(req.limit),
-        req.period or "",
-        zone_table(req.tz) if req.period is not None else "",
-        ",".join(str(t) for t in sorted(set(req.thresholds))),
-        req.customer_id,
-        req.agent_id or "",
+    args = SET_BUDGET.args(
+        p.common,
+        agent_digest=_agent_digest(req.agent_id),
+        limit=req.limit,
+        period=req.period,
+        zone_table=zone_table(req.tz) if req.period is not None else None,
+        thresholds=sorted(set(req.thresholds)),
+        customer_id=req.customer_id,
+        agent_id=req.agent_id,
     )
-    return Call("set_budget", ck.fixed, args)
+    return Call("set_budget", SET_BUDGET.keys(ck), args)
 
 
 def set_limits_call(p: Policy, req: RateLimitRequest | ConcurrencyRequest) -> Call:
     ck = p.keys.customer(req.customer_id)
+    n = per_ms = burst = None
     if isinstance(req, RateLimitRequest):
-        if req.units is None or req.per_seconds is None:
-            limit: tuple[str | int, ...] = ("rate", "", "", "")
-        else:
+        kind = "rate"
+        if req.units is not None and req.per_seconds is not None:
+            n, per_ms = req.units, req.per_seconds * 1000
             burst = req.burst if req.burst is not None else req.units
-            limit = ("rate", req.units, req.per_seconds * 1000, burst)
     else:
-        limit = ("concurrency", _opt(req.max_in_flight), "", "")
-    dig = digest(req.agent_id) if req.agent_id is not None else ""
-    args = (*p.common, dig, *limit, req.customer_id, req.agent_id or "")
-    return Call("set_limits", ck.fixed, args)
+        kind, n = "concurrency", req.max_in_flight
+    args = SET_LIMITS.args(
+        p.common,
+        agent_digest=_agent_digest(req.agent_id),
+        kind=kind,
+        n=n,
+        per_ms=per_ms,
+        burst=burst,
+        customer_id=req.customer_id,
+        agent_id=req.agent_id,
+    )
+    return Call("set_limits", SET_LIMITS.keys(ck), args)
 
 
 def get_budget_call(p: Policy, customer_id: str, agent_id: str | None) -> Call:
     ck = p.keys.customer(customer_id)
-    return Call("get_budget", ck.fixed, (*p.common, digest(agent_id) if agent_id else ""))
+    args = GET_BUDGET.args(p.common, agent_digest=_agent_digest(agent_id))
+    return Call("get_budget", GET_BUDGET.keys(ck), args)
 
 
 def decode_scope(reply: Reply, customer_id: str, agent_id: str | None, now_ms: int) -> BudgetStatus:
-    """A scope_reply (see lua/_common.lua) as a BudgetStatus."""
-    limit = _int_or_none(reply[0])
-    spent, reserved = int(reply[1]), int(reply[2])
-    start = _int_or_none(reply[5])
-    end = _int_or_none(reply[6])
-    rate_units = _int_or_none(reply[7])
-    thresholds = _text(reply[11])
-    period = _text(reply[12]) or None
+    """A scope_reply (see lua/_common.lua; ``scope`` in lua/contract.json) as a BudgetStatus."""
+    s = SCOPE.items(reply)
+    limit = _int_or_none(s.limit)
+    spent, reserved = int(s.spent), int(s.reserved)
+    start = _int_or_none(s.period_start_ms)
+    end = _int_or_none(s.period_end_ms)
+    rate_units = _int_or_none(s.rate_units)
+    thresholds = _text(s.thresholds)
+    period = _text(s.period) or None
     return BudgetStatus(
         customer_id=customer_id,
         agent_id=agent_id,
@@ -477,70 +504,86 @@ def decode_scope(reply: Reply, customer_id: str, agent_id: str | None, now_ms: i
         spent=spent,
         reserved=reserved,
         remaining=_remaining(limit, spent + reserved),
-        open_reservations=int(reply[3]),
+        open_reservations=int(s.open),
         period=cast(Period, period),
         period_start=_datetime(start) if start is not None else None,
         period_end=_datetime(end) if end is not None else None,
         resets_in=(end - now_ms) / 1000 if end is not None else None,
-        thresholds=tuple(int(t) for t in thresholds.split(",") if t),
+        thresholds=tuple(int(t) for t in thresholds.split(_contract.LIST_SEP) if t),
         rate_limit=RateLimit(
-            units=rate_units, per_seconds=int(reply[8]) // 1000, burst=int(reply[9])
+            units=rate_units, per_seconds=int(s.rate_per_ms) // 1000, burst=int(s.rate_burst)
         )
         if rate_units is not None
         else None,
-        max_in_flight=_int_or_none(reply[10]),
+        max_in_flight=_int_or_none(s.max_in_flight),
     )
 
 
 def decode_budget(reply: Reply, customer_id: str, agent_id: str | None = None) -> BudgetStatus:
     """get_budget.lua / set_budget.lua / set_limits.lua: the agent's scope if one was asked."""
-    now = int(reply[2])
+    r = GET_BUDGET.items(reply)  # set_budget and set_limits reply the same (same_as)
+    now = int(r.now_ms)
     if agent_id is not None:
-        return decode_scope(reply[1], customer_id, agent_id, now)
-    return decode_scope(reply[0], customer_id, None, now)
+        return decode_scope(r.agent, customer_id, agent_id, now)
+    return decode_scope(r.customer, customer_id, None, now)
 
 
-def get_usage_call(p: Policy, customer_id: str) -> Call:
-    return Call("get_usage", p.keys.customer(customer_id).fixed, p.common)
+def get_usage_call(p: Policy, customer_id: str, agent_limit: int) -> Call:
+    ck = p.keys.customer(customer_id)
+    return Call("get_usage", GET_USAGE.keys(ck), GET_USAGE.args(p.common, agent_limit=agent_limit))
 
 
 def decode_usage(reply: Reply, customer_id: str) -> Usage:
-    now = int(reply[2])
-    pairs = reply[1]
+    r = GET_USAGE.items(reply)
+    now = int(r.now_ms)
+    pairs = iter(r.agents)  # agent id, its scope, agent id, its scope, ...
     agents = tuple(
-        decode_scope(pairs[i + 1], customer_id, _text(pairs[i]), now)
-        for i in range(0, len(pairs), 2)
+        decode_scope(scope, customer_id, _text(agent), now)
+        for agent, scope in zip(pairs, pairs, strict=True)
     )
     return Usage(
-        customer=decode_scope(reply[0], customer_id, None, now),
+        customer=decode_scope(r.customer, customer_id, None, now),
         agents=tuple(sorted(agents, key=lambda a: a.agent_id or "")),
     )
 
 
-def events_call(p: Policy, customer_id: str, since: str | None, limit: int | None) -> Call:
-    args = (*p.common, since or "-", limit if limit is not None else 2**31 - 1)
-    return Call("events", p.keys.customer(customer_id).fixed, args)
+EVENTS_PAGE = 1000
+"""Ledger entries read per script call: a page is a few milliseconds of Redis, however long the
+ledger (reading 100,000 at once held Redis for over a second)."""
+
+
+def events_call(p: Policy, customer_id: str, since: str | None, count: int) -> Call:
+    ck = p.keys.customer(customer_id)
+    args = EVENTS.args(p.common, after=since or "-", count=count)
+    return Call("events", EVENTS.keys(ck), args)
+
+
+def _stream_time(entry_id: str) -> datetime:
+    """When a stream entry was written: its id is "<ms>-<seq>" (Redis clock)."""
+    ms, _, _ = entry_id.partition("-")
+    return _datetime(int(ms))
 
 
 def decode_events(reply: Reply, customer_id: str) -> list[Event]:
+    """XRANGE's entries (``ledger_entry`` of lua/contract.json names their stream fields)."""
     out = []
     for raw_id, raw_fields in reply:
         entry_id = _text(raw_id)
-        f = {_text(raw_fields[i]): _text(raw_fields[i + 1]) for i in range(0, len(raw_fields), 2)}
+        f = LEDGER_ENTRY.by_key(raw_fields, _text)
         out.append(
             Event(
                 id=entry_id,
-                type=cast(EventType, f["t"]),
-                time=_datetime(int(entry_id.split("-")[0])),
+                type=cast(EventType, f.type),
+                time=_stream_time(entry_id),
                 customer_id=customer_id,
-                agent_id=f["a"] or None,
-                task_ref=f["k"] or None,
-                units=int(f["u"]),
-                released=int(f["x"]),
-                reservation_id=f["r"] or None,
-                reason=f["why"] or None,
-                scope=f["s"] or None,
-                period=f["p"] or None,
+                agent_id=f.agent_id or None,
+                task_ref=f.task_ref or None,
+                units=int(f.units),
+                released=int(f.released),
+                reservation_id=f.reservation_id or None,
+                reason=f.reason or None,
+                scope=f.scope or None,
+                period=f.period or None,
             )
         )
     return out
@@ -548,18 +591,23 @@ def decode_events(reply: Reply, customer_id: str) -> list[Event]:
 
 def open_task_call(p: Policy, customer_id: str, task_ref: str, ceiling: int | None) -> Call:
     ck = p.keys.customer(customer_id)
-    args = (*p.common, digest(task_ref), task_ref, _opt(ceiling))
-    return Call("open_task", ck.fixed, args)
+    args = OPEN_TASK.args(
+        p.common, task_digest=digest(task_ref), task_ref=task_ref, ceiling=ceiling
+    )
+    return Call("open_task", OPEN_TASK.keys(ck), args)
 
 
 def get_task_call(p: Policy, customer_id: str, task_ref: str) -> Call:
     ck = p.keys.customer(customer_id)
-    return Call("get_task", ck.fixed, (*p.common, digest(task_ref)))
+    return Call(
+        "get_task", GET_TASK.keys(ck), GET_TASK.args(p.common, task_digest=digest(task_ref))
+    )
 
 
 def decode_task(reply: Reply, customer_id: str, task_ref: str) -> TaskStatus:
-    ceiling = _int_or_none(reply[0])
-    used, reserved = int(reply[1]), int(reply[2])
+    r = GET_TASK.items(reply)  # open_task replies the same (same_as)
+    ceiling = _int_or_none(r.ceiling)
+    used, reserved = int(r.used), int(r.reserved)
     return TaskStatus(
         task_ref=task_ref,
         customer_id=customer_id,
@@ -567,7 +615,7 @@ def decode_task(reply: Reply, customer_id: str, task_ref: str) -> TaskStatus:
         used=used,
         reserved=reserved,
         remaining=_remaining(ceiling, used + reserved),
-        exists=int(reply[3]) == 1,
+        exists=int(r.exists) == 1,
     )
 
 
@@ -581,7 +629,10 @@ class Plan(NamedTuple, Generic[T]):
     (used only by a client whose outage policy allows it), and the id of the reservation it
     would create (made by the client, so a preflight whose reply never came, cancelled or
     timed out, can still be released by id); a settle carries the reservation id it closes,
-    if it names one, else the one of the client's own it prefers to close (``prefer``).
+    if it names one, else the one of the client's own it prefers to close (``prefer``). A
+    preflight, and a release by idempotency key, carry ``idempotency``: the Redis key of the
+    preflight's idempotency record and the request's fingerprint ('' when the preflight has
+    no key, or for the release).
     """
 
     call: Call
@@ -589,6 +640,7 @@ class Plan(NamedTuple, Generic[T]):
     offline: Callable[[], T] | None = None
     reservation_id: str | None = None
     prefer: str | None = None
+    idempotency: tuple[str, str] | None = None
 
 
 def plan_preflight(
@@ -621,6 +673,7 @@ def plan_preflight(
         lambda reply: decode_preflight(reply, req, p, make),
         offline=lambda: offline_decision(p, req, rid, make),
         reservation_id=rid,
+        idempotency=preflight_idempotency(p, req, rid),
     )
 
 
@@ -728,10 +781,19 @@ def plan_release(
     )
     if req.reservation_id is not None and req.idempotency_key is not None:
         raise InvalidRequestError("idempotency_key", "give a reservation_id or this, not both")
+    by_key = None
+    if req.idempotency_key is not None:
+        by_key = (
+            p.keys.customer(customer_of(req.customer_id)).idempotency(
+                "preflight", req.idempotency_key
+            ),
+            "",
+        )
     return Plan(
         release_call(p, req, new_token(), rollback),
         lambda r: decode_settle(r, req.customer_id),
         reservation_id=req.reservation_id,
+        idempotency=by_key,
     )
 
 
@@ -796,15 +858,30 @@ def plan_get_budget(p: Policy, customer_id: object, agent_id: object) -> Plan[Bu
     return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
 
 
-def plan_get_usage(p: Policy, customer_id: object) -> Plan[Usage]:
-    req = validate(CustomerRef, customer_id=customer_of(customer_id))
-    return Plan(get_usage_call(p, req.customer_id), lambda r: decode_usage(r, req.customer_id))
+def plan_get_usage(p: Policy, customer_id: object, limit: object) -> Plan[Usage]:
+    req = validate(UsageRequest, customer_id=customer_of(customer_id), limit=limit)
+    call = get_usage_call(p, req.customer_id, req.limit)
+    return Plan(call, lambda r: decode_usage(r, req.customer_id))
 
 
-def plan_events(p: Policy, customer_id: object, since: object, limit: object) -> Plan[list[Event]]:
+def plan_events(
+    p: Policy, customer_id: object, since: object, limit: object
+) -> Generator[Plan[list[Event]], list[Event], list[Event]]:
+    """The ledger read in pages of EVENTS_PAGE: the client sends each plan yielded and sends
+    its result back; the generator returns every entry asked for. Validated at the first
+    ``next()``; nothing is sent for bad input."""
     req = validate(EventsRequest, customer_id=customer_of(customer_id), since=since, limit=limit)
-    call = events_call(p, req.customer_id, req.since, req.limit)
-    return Plan(call, lambda reply: decode_events(reply, req.customer_id))
+    out: list[Event] = []
+    after = req.since
+    while True:
+        want = EVENTS_PAGE if req.limit is None else min(EVENTS_PAGE, req.limit - len(out))
+        call = events_call(p, req.customer_id, after, want)
+        page = yield Plan(call, lambda reply: decode_events(reply, req.customer_id))
+        out += page
+        if len(page) < want or (req.limit is not None and len(out) >= req.limit):
+            return out
+        *_, last = page
+        after = last.id
 
 
 def plan_open_task(

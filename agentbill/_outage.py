@@ -40,16 +40,20 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from agentbill._exceptions import InvalidRequestError
 from agentbill._fork import reset_at_fork
 
 logger = logging.getLogger("agentbill")
 
 OutageMode = Literal["fail_closed", "fail_open", "allowance"]
+
+KEYED = 10_000
+"""Approvals under an idempotency key remembered per client for offline repeats."""
 
 BATCH = 100
 """Queued settlements sent per pipelined round trip."""
@@ -96,9 +100,8 @@ class Queued:
 
 def idempotency_record(plan: Any) -> str:
     """The Redis key of the preflight idempotency record that a preflight plan, or a release
-    by idempotency key, names: the last of its KEYS (see ``_core.preflight_call`` and
-    ``release_call``)."""
-    key: str = plan.call.keys[-1]
+    by idempotency key, names (``Plan.idempotency``)."""
+    key: str = plan.idempotency[0]
     return key
 
 
@@ -110,6 +113,8 @@ class _State:
         "dropped",
         "held",
         "in_flight",
+        "key_of",
+        "keyed",
         "offline_runs",
         "offline_units",
         "queue",
@@ -127,6 +132,10 @@ class _State:
         self.dropped = 0
         self.retry_at = 0.0  # Redis said "not now": no opportunistic delivery before this
         self.backoff = BACKOFF_START
+        # Approvals this process holds under an idempotency key: record key -> (fingerprint,
+        # check); and each one's record key by reservation id.
+        self.keyed: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        self.key_of: dict[str, str] = {}
 
     def free(self, runs: tuple[str, ...]) -> None:
         for rid in runs:
@@ -174,6 +183,47 @@ class OutageLedger:
             s.offline_runs += 1
             s.offline_units += units
         return True
+
+    def keyed(self, idempotency: tuple[str, str] | None) -> Any | None:
+        """The approval this process holds under the same preflight idempotency key, if any:
+        an offline preflight with a key answers with it, as Redis would (one reservation per
+        key). InvalidRequestError if the key was used with other arguments."""
+        if idempotency is None or not idempotency[1]:
+            return None
+        with self._lock:
+            held = self._s.keyed.get(idempotency[0])
+        if held is None:
+            return None
+        if held[0] != idempotency[1]:
+            raise InvalidRequestError(
+                "idempotency_key",
+                "was already used with different arguments; use a new key for a new request",
+            )
+        return held[1]
+
+    def remember_keyed(self, idempotency: tuple[str, str] | None, check: Any) -> None:
+        """Hold ``check`` (an approval) under its preflight's idempotency key, for offline
+        repeats of it in this process; the oldest are forgotten beyond KEYED."""
+        if idempotency is None or not idempotency[1] or check.reservation_id is None:
+            return
+        with self._lock:
+            s = self._s
+            s.keyed[idempotency[0]] = (idempotency[1], check)
+            s.keyed.move_to_end(idempotency[0])
+            s.key_of[check.reservation_id] = idempotency[0]
+            while len(s.keyed) > KEYED:
+                _, (_, old) = s.keyed.popitem(last=False)
+                s.key_of.pop(old.reservation_id, None)
+
+    def forget_keyed(self, rid: str | None, record_key: str | None = None) -> None:
+        """A released run: its key reserves afresh (Redis's rule for a released key)."""
+        with self._lock:
+            s = self._s
+            key = record_key if record_key is not None else s.key_of.pop(rid or "", None)
+            if key is not None:
+                held = s.keyed.pop(key, None)
+                if held is not None:
+                    s.key_of.pop(held[1].reservation_id, None)
 
     @staticmethod
     def _held(s: _State) -> int:

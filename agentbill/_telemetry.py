@@ -39,6 +39,7 @@ from agentbill._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
+from agentbill._install import pip_install
 from agentbill._results import BaseCheck, Settlement
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 """Seconds: a preflight takes well under a millisecond on a LAN, about a second at most when
 Redis is down (the client's bound)."""
 
-METRICS_EXTRA = "pip install 'agentbill[metrics]'"
+METRICS_EXTRA = pip_install("metrics")
 
 logger = logging.getLogger("agentbill")
 

@@ -75,12 +75,12 @@ SCRIPT_COMMANDS = (
     "zrangebyscore",
     "zrangebylex",
     "time",
-    "hgetall",
     "xadd",
     "xrange",
     "xdel",
     "pexpire",
     "persist",
+    "zrevrange",
 )
 # What redis-py sends for a client: Script runs EVALSHA and, when the server answers NOSCRIPT
 # (after a restart, a failover or SCRIPT FLUSH), SCRIPT LOAD; a URL naming a database other

@@ -2,7 +2,8 @@
 
 ``python -m benchmarks`` (``make bench``) starts its own redis-server processes on free ports,
 keeps every vCPU awake with nice-19 busy loops, and measures: preflight and the
-preflight+record pair against PING and against the peer libraries (limits, throttled-py);
+preflight+record pair against PING and against the peer libraries (limits, throttled-py); the
+TypeScript client's preflight against an ioredis PING (``_typescript.py``);
 1/2/4/8 processes on one hot customer and on 1000; a naive WATCH/MULTI reserve+settle under
 contention; and the cost of a preflight with 1,000,000 customers and with 100,000 open
 reservations. It writes ``benchmarks/RESULTS.md`` and ``benchmarks/results.png``.
@@ -36,6 +37,7 @@ from benchmarks._memory import footprints
 from benchmarks._scale import add_customers, add_open_reservations, memory
 from benchmarks._throughput import Pool, Throughput, combine, hot, naive_key, spread
 from benchmarks._timing import Op, interleave, spinners
+from benchmarks._typescript import measure_typescript
 from benchmarks.profile_preflight import by_area, profile_preflight
 from tests._servers import RedisServer, running
 
@@ -262,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                 cores=cores,
             )
         measure_latency(res, server, opts, phase)
+        with phase("TypeScript preflight against an ioredis PING"):
+            res.typescript = measure_typescript(server.url, opts.n)
         measure_throughput(res, server, opts, phase)
         measure_scale(res, opts, phase)
         with phase("memory per customer and per 10,000 runs"), running() as quiet:

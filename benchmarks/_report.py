@@ -11,6 +11,7 @@ from benchmarks import _latency as L
 from benchmarks._memory import Footprint
 from benchmarks._throughput import Throughput
 from benchmarks._timing import Samples
+from benchmarks._typescript import TypeScriptLatency, typescript_section
 
 # Scale cases (rows of Results.scale)
 PING_SMALL = "PING, 1-customer server"
@@ -41,6 +42,7 @@ class Results:
     setup: list[str] = field(default_factory=list)
     profile: list[tuple[str, float]] = field(default_factory=list)
     memory: list[Footprint] = field(default_factory=list)
+    typescript: TypeScriptLatency | str | None = None
     phases: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
 
@@ -334,6 +336,8 @@ def markdown(res: Results, commit: str, chart: str | None) -> str:
         "(kernel loopback TCP included). The bare EVALSHA rows send the very same script calls "
         "with KEYS/ARGV built before timing: the floor under the client.",
     ]
+
+    out += typescript_section(res.typescript)
 
     out += ["", "## Throughput: processes in parallel, fixed wall time", ""]
     rows = []

@@ -1,6 +1,6 @@
 -- agentbill shared prelude: prepended to every operation script by the client that loads it.
 --
--- Every script of one customer takes the same first nine KEYS, all sharing the customer's
+-- Every script of one customer takes the same first ten KEYS, all sharing the customer's
 -- {hash tag} so one script call runs on one Redis Cluster slot:
 --   KEYS[1] budget   hash  policy and counters of the customer and of each of its agents
 --   KEYS[2] res      hash  reservation id -> open reservation record
@@ -11,6 +11,7 @@
 --   KEYS[7] closed   hash  reservation id -> outcome of a closed reservation
 --   KEYS[8] closedx  zset  reservation id scored by when its outcome may be forgotten
 --   KEYS[9] ledger   stream every decision, record, release, expiry and threshold crossing
+--   KEYS[10] agents  zset  agent digest scored by when the agent may be forgotten if idle (ms)
 -- and the same first five ARGV:
 --   ARGV[1] reap limit (max expired reservations returned, outcomes and tasks forgotten, per call)
 --   ARGV[2] outcome retention, ms
@@ -52,7 +53,7 @@ local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are doubles, exact up to h
 
 local K = {
   budget = KEYS[1], res = KEYS[2], exp = KEYS[3], open = KEYS[4], tasks = KEYS[5],
-  tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9],
+  tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9], agents = KEYS[10],
 }
 local REAP_LIMIT = tonumber(ARGV[1])
 local RETENTION = tonumber(ARGV[2])
@@ -128,6 +129,7 @@ local function touch()
   redis.call('PEXPIRE', K.tasks, fmt(IDLE))
   redis.call('PEXPIRE', K.tasksx, fmt(IDLE))
   redis.call('PEXPIRE', K.ledger, fmt(IDLE))
+  redis.call('PEXPIRE', K.agents, fmt(IDLE))
   local keep = redis.call('HGET', K.budget, 'policy') == '1'
   for _, key in ipairs({K.budget, K.res, K.exp, K.open}) do
     if keep then
@@ -291,7 +293,8 @@ end
 local function scope_roll(s, now)
   if s.stored == s.pid then return end
   local p = s.p
-  local v = redis.call('HMGET', K.budget, p .. 'spent', p .. 'reserved', p .. 'pend', p .. 'arch')
+  local v = redis.call('HMGET', K.budget, p .. 'spent', p .. 'reserved', p .. 'pend', p .. 'arch',
+    p .. 'pid')
   local kept, drop = {}, {}
   for entry in string.gmatch(v[4] or '', '[^,]+') do
     local pid, ends = string.match(entry, '^(.*)@(.*)$')
@@ -304,9 +307,12 @@ local function scope_roll(s, now)
       kept[#kept + 1] = entry
     end
   end
-  local spent, reserved = v[1] or '0', v[2] or '0'
-  if spent ~= '0' or reserved ~= '0' then
-    kept[#kept + 1] = s.stored .. '@' .. (v[3] or '')
+  -- The stored period is archived while anything could still be settled in it: it holds
+  -- something, or it has not long ended (a reservation of it released or expired may still
+  -- see a late record).
+  local spent, reserved, ends = v[1] or '0', v[2] or '0', v[3] or ''
+  if spent ~= '0' or reserved ~= '0' or (v[5] and (ends == '' or tonumber(ends) + SPREAD >= now)) then
+    kept[#kept + 1] = s.stored .. '@' .. ends
     redis.call('HSET', K.budget, p .. 's:' .. s.stored, spent, p .. 'r:' .. s.stored, reserved)
   end
   if #drop > 0 then redis.call('HDEL', K.budget, unpack(drop)) end
@@ -394,6 +400,35 @@ local function task_seen(tf, now)
   redis.call('ZADD', K.tasksx, now + TASK_RETENTION, tf)
 end
 
+-- An agent ran, or was given a budget or limit: it is listed by get_usage (most recent first),
+-- and forgotten IDLE after this if it then has no budget or limit and nothing open.
+local function agent_seen(adig, now)
+  redis.call('ZADD', K.agents, now + IDLE, adig)
+end
+
+-- Forget agent `adig` of the budget hash if it holds no policy and nothing in flight: every
+-- field of its scope, its archived periods' counters and threshold marks. True if forgotten.
+local AGENT_POLICY = {'limit', 'rl_n', 'cc', 'thr', 'open', 'arch'}
+local function forget_agent(adig)
+  local p = 'a:' .. adig .. ':'
+  local names = {}
+  for i, f in ipairs(AGENT_POLICY) do names[i] = p .. f end
+  local v = redis.call('HMGET', K.budget, unpack(names))
+  if v[1] or v[2] or v[3] or v[4] or tonumber(v[5] or '0') > 0 then
+    return false
+  end
+  local drop = {}
+  for _, f in ipairs(SCOPE_FIELDS) do drop[#drop + 1] = p .. f end
+  for _, f in ipairs({'pend', 'arch'}) do drop[#drop + 1] = p .. f end
+  for entry in string.gmatch(v[6] or '', '[^,]+') do
+    local pid = string.match(entry, '^(.*)@')
+    drop[#drop + 1] = p .. 's:' .. pid
+    drop[#drop + 1] = p .. 'r:' .. pid
+  end
+  redis.call('HDEL', K.budget, unpack(drop))
+  return true
+end
+
 -- Close the open reservation `rid` (record fields `r`): release its whole estimate on every
 -- scope, charge `charged` units to the periods it was reserved in, and remember the outcome
 -- (the request that closed it, '' for expiry, and whether that request named it) for the
@@ -457,12 +492,21 @@ local function reap(now, expired_before)
       task_seen(tf, now) -- a run of it is still open: it is not idle
     end
   end
+  local agents = redis.call('ZRANGEBYSCORE', K.agents, '-inf', now, 'LIMIT', 0, REAP_LIMIT)
+  for _, adig in ipairs(agents) do
+    if forget_agent(adig) then
+      redis.call('ZREM', K.agents, adig)
+      changed = true
+    else
+      agent_seen(adig, now) -- a budget or limit, or a run in flight: not forgotten
+    end
+  end
   return changed
 end
 
 -- Whether reap(now) would write anything.
 local function due(now)
-  for _, key in ipairs({K.exp, K.closedx, K.tasksx}) do
+  for _, key in ipairs({K.exp, K.closedx, K.tasksx, K.agents}) do
     if #redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1) > 0 then
       return true
     end
@@ -495,9 +539,10 @@ local function budget_reply(adig, now)
 end
 
 -- Name the customer (once) and the agent ('' for none) in the budget hash, for people reading it.
-local function name_scopes(customer_id, p, agent)
+local function name_scopes(customer_id, p, agent, adig, now)
   redis.call('HSETNX', K.budget, 'customer', customer_id)
   if agent ~= '' then
     redis.call('HSET', K.budget, p .. 'name', agent)
+    agent_seen(adig, now)
   end
 end

@@ -1,6 +1,6 @@
 -- events: the customer's ledger, oldest first.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6] return entries after this stream id ('-' for the oldest kept)
 -- ARGV[7] at most this many entries

@@ -1,6 +1,6 @@
 -- get_budget: the customer's budget (and one agent's) after returning expired reservations.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6] agent digest, '' for the customer alone
 -- Reply: {customer scope, agent scope|false, now_ms}; a scope is scope_reply's list.

@@ -1,6 +1,6 @@
 -- get_task: one task of the customer after returning expired reservations.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6] task digest
 -- Reply: {ceiling|false, used, reserved, exists 1|0, now_ms}

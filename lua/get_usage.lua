@@ -1,20 +1,24 @@
--- get_usage: the customer's budget and every agent's that ever ran (or has a budget), after
--- returning expired reservations: how much is left, how much is held, and by whom.
+-- get_usage: the customer's budget and its agents' (the most recently active first, at most a
+-- limit of them), after returning expired reservations: how much is left, how much is held,
+-- and by whom. An agent is listed while it is remembered: with a budget or limit, always;
+-- otherwise until it has been idle for the idle retention.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
+-- ARGV[6]     at most this many agents
 -- Reply: {customer scope, {agent id, agent scope, ...}, now_ms}
+
+local limit = tonumber(ARGV[6])
 
 local now = now_ms()
 if reap(now) then touch() end
 local cs = scope_read('', now)
 local agents = {}
-local all = redis.call('HGETALL', K.budget)
-for i = 1, #all, 2 do
-  local dig = string.match(all[i], '^a:([0-9a-f]+):name$')
-  if dig then
-    agents[#agents + 1] = all[i + 1]
-    agents[#agents + 1] = scope_reply(scope_read('a:' .. dig .. ':', now, cs))
+for _, dig in ipairs(redis.call('ZREVRANGE', K.agents, 0, limit - 1)) do
+  local s = scope_read('a:' .. dig .. ':', now, cs)
+  if s.name then
+    agents[#agents + 1] = s.name
+    agents[#agents + 1] = scope_reply(s)
   end
 end
 return {scope_reply(cs), agents, now}

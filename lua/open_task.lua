@@ -1,6 +1,6 @@
 -- open_task: open a task of the customer with a ceiling (or none), or change its ceiling.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6] task digest
 -- ARGV[7] task_ref

@@ -3,8 +3,8 @@
 -- budget in their current periods, their rate limits (GCRA) and their concurrency limits. A
 -- refusal changes no counter (it is written to the ledger, as every decision is).
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
--- KEYS[10]    idempotency record key (same hash tag; unused when field 10 is '')
+-- KEYS[1..10] the customer's keys (see _common.lua)
+-- KEYS[11]    idempotency record key (same hash tag; unused when field 10 is '')
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6]     the fields below, joined by \31 (one argument packs and parses far faster than a
 --             dozen; ids hold no control characters):
@@ -16,7 +16,7 @@
 --    6 task_ref, '' for none
 --    7 task digest, '' for none
 --    8 task ceiling in units, used only if this call opens the task, '' for none
---    9 group digest of (agent, task_ref): record() without an id closes its oldest
+--    9 group digest of (agent, task_ref): a record without an id closes one of its group
 --   10 request fingerprint when an idempotency key is given, else ''
 --   11 idempotency record ttl, ms
 --   12 customer id (stored once, for people reading the keys)
@@ -46,7 +46,7 @@ local idem_ttl = tonumber(A[11])
 local customer_id = A[12]
 local adig = A[13]
 local adoptable = A[14] == '1'
-local idem_key = KEYS[10]
+local idem_key = KEYS[11]
 
 local now = now_ms()
 
@@ -202,6 +202,7 @@ redis.call('HSETNX', K.budget, 'customer', customer_id)
 if not as.name then
   redis.call('HSET', K.budget, as.p .. 'name', agent)
 end
+agent_seen(adig, now)
 if cs.rl_n then redis.call('HSET', K.budget, 'rl_tat', string.format('%.17g', ctat)) end
 if as.rl_n then redis.call('HSET', K.budget, as.p .. 'rl_tat', string.format('%.17g', atat)) end
 if tf ~= '' then

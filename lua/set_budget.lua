@@ -3,7 +3,7 @@
 -- and reserved is allowed: it only refuses new runs. Thresholds are re-armed. A changed
 -- period (or zone) starts a new period at once.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6] agent digest, '' for the customer's own budget
 -- ARGV[7] limit in units, '' for unlimited
@@ -35,7 +35,7 @@ put('limit', limit)
 put('period', period)
 put('tzt', tzt)
 put('thr', thr)
-name_scopes(customer_id, p, agent)
+name_scopes(customer_id, p, agent, adig, now)
 if limit ~= '' or period ~= '' or thr ~= '' then
   redis.call('HSET', K.budget, 'policy', '1')
 end

@@ -1,7 +1,7 @@
 -- set_limits: set (or remove) the rate limit or the concurrency limit of the customer or of
 -- one of its agents. Takes effect on the next preflight of every worker.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
+-- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6] agent digest, '' for the customer
 -- ARGV[7] 'rate' or 'concurrency'
@@ -39,7 +39,7 @@ elseif n == '' then
 else
   redis.call('HSET', K.budget, p .. 'cc', n)
 end
-name_scopes(customer_id, p, agent)
+name_scopes(customer_id, p, agent, adig, now)
 if n ~= '' then
   redis.call('HSET', K.budget, 'policy', '1')
 end

@@ -16,9 +16,9 @@
 -- - A record without an id closes the reservation `prefer` (the recording client's own, of
 --   the same group) if it is open, else the group's oldest open one, else charges directly.
 --
--- KEYS[1..9]  the customer's keys (see _common.lua)
--- KEYS[10]    idempotency record key (same hash tag; unused when field 8 is '')
--- KEYS[11]    with field 12 '1': the preflight idempotency record naming the reservation
+-- KEYS[1..10] the customer's keys (see _common.lua)
+-- KEYS[11]    idempotency record key (same hash tag; unused when field 8 is '')
+-- KEYS[12]    with field 12 '1': the preflight idempotency record naming the reservation
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6]     the fields below, joined by \31 (one argument packs and parses far faster than a
 --             dozen; ids hold no control characters):
@@ -33,7 +33,7 @@
 --    9 idempotency record ttl, ms
 --   10 customer id (stored once, for people reading the keys), '' when not known
 --   11 request id of this call (the same on the client's retries of it)
---   12 '1': release the reservation KEYS[11] points at (release by idempotency key)
+--   12 '1': release the reservation KEYS[12] points at (release by idempotency key)
 --   13 agent digest, for a direct charge ('' when the agent is not known)
 --   14 without a reservation id: the reservation to close first if it is open ('' for none)
 --   15 '1': this release rolls back an approval of a failed batch (its threshold crossings
@@ -63,7 +63,7 @@ local request = A[11]
 local adig = A[13]
 local prefer = A[14] or ''
 local rollback = A[15] == '1'
-local idem_key = KEYS[10]
+local idem_key = KEYS[11]
 
 local now = now_ms()
 local crossed = {}
@@ -90,7 +90,7 @@ end
 -- -- what this call does, decided before anything is written --------------------------------
 
 if A[12] == '1' then
-  local v = redis.call('GET', KEYS[11])
+  local v = redis.call('GET', KEYS[12])
   if not v then
     return finish('noop', false, 0, 0, 0, 0) -- that preflight reserved nothing (or long ago)
   end
@@ -260,6 +260,7 @@ local function charge_now(reason, id)
     if not as.name then
       redis.call('HSET', K.budget, as.p .. 'name', agent)
     end
+    agent_seen(adig, now)
   end
   if customer_id ~= '' then
     redis.call('HSETNX', K.budget, 'customer', customer_id)

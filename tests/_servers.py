@@ -1,8 +1,8 @@
 """Real redis-server processes for the suite: started on free ports, killed, restarted, clustered.
 
 The binary is the machine's redis-server (or valkey-server) if there is one, else the one the
-``agentbill[local]`` extra installs, so the suite runs on a laptop with no Redis installed. The
-shared server on port 6379 is never touched.
+``agentbill-redis[local]`` extra installs, so the suite runs on a laptop with no Redis installed.
+The shared server on port 6379 is never touched.
 """
 
 from __future__ import annotations

@@ -654,3 +654,142 @@ def test_a_repeated_hour_is_two_periods_of_an_hour_budget(
     assert second.period_start is not None
     assert round(second.period_start.timestamp() * 1000) == fall_back
     assert (second.spent, second.remaining) == (0, 10)
+
+
+# -- the adversarial review's holes (issue 16, second round) ------------------------------------
+
+
+def test_a_released_periods_late_record_is_charged_after_the_period_changed_and_back(
+    timed: AgentBillClient,
+) -> None:
+    """Hole 4: a period whose only reservation was released was not archived when the budget's
+    period changed, so that reservation's late record landed in no counter and the full limit
+    was approved again."""
+    c = timed
+    c.set_budget("P", 100, period="day")
+    held = c.preflight("agent", 50, "P")
+    held.release()
+    c.set_budget("P", 100, period="hour")
+    c.preflight("agent", 1, "P").release()  # rolls the counters to the hour
+    c.set_budget("P", 100, period="day")
+    late = held.record(50)
+    assert (late.status, late.charged) == ("late", 50)
+    assert c.get_budget("P").spent == 50
+    assert c.preflight("agent", 100, "P").reason == "budget_exhausted"
+
+
+def test_one_off_agents_are_forgotten_and_usage_reads_a_bounded_number_of_them(
+    redis_server: RedisServer, namespace: str, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hole 8: 50,000 one-off agent ids left 31.6 MB in a customer's hash, never forgotten, and
+    get_usage read them all (3.2 s inside Redis)."""
+    movable_clock(monkeypatch)
+    with AgentBillClient(
+        redis_url=redis_server.url,
+        namespace=namespace,
+        idle_retention=3600,
+        task_retention=60,
+        outcome_retention=60,
+        idempotency_ttl=60,
+    ) as c:
+        c.set_budget("u", 10**9)
+        c.set_budget("u", 100, agent_id="kept")  # an agent with a budget is never forgotten
+        for i in range(150):
+            c.preflight(f"one-off-{i}", 1, "u").record(1)
+        held = c.preflight("long-run", 1, "u", ttl=86_400)  # in flight: kept
+        usage = c.get_usage("u", limit=20)
+        assert len(usage.agents) == 20
+        assert "long-run" in {a.agent_id for a in usage.agents}  # the most recently active
+        budget = KeySpace(namespace).customer("u").budget
+        fields_before = raw.hlen(budget)
+        shift_clock(raw, namespace, "u", 3_601_000)
+        for _ in range(3):  # at most reap_limit agents are forgotten per call
+            c.get_budget("u")
+        names = {a.agent_id for a in c.get_usage("u", limit=10_000).agents}
+        assert names == {"kept", "long-run"}
+        assert raw.hlen(budget) < fields_before / 10
+        assert c.get_budget("u").spent == 150  # the customer's spend is the customer's
+        held.record(1)
+        assert c.get_budget("u", agent_id="long-run").spent == 1
+
+
+def test_events_reads_a_long_ledger_in_pages(client: AgentBillClient) -> None:
+    """Hole 8: events() read a whole 100,000-entry ledger in one script call (1.28 s of Redis)."""
+    from agentbill import _core
+
+    for _ in range(60):
+        client.preflight("agent", 1, "u").record(1)
+    every = client.events("u")
+    assert len(every) == 120
+    assert [e.type for e in every[:2]] == ["approved", "recorded"]
+    assert len({e.id for e in every}) == 120
+    assert client.events("u", limit=7) == every[:7]
+    assert client.events("u", since=every[100].id) == every[101:]
+    page = _core.EVENTS_PAGE
+    try:
+        _core.EVENTS_PAGE = 8  # small pages: the same answer, in many calls
+        assert client.events("u") == every
+        assert client.events("u", since=every[3].id, limit=50) == every[4:54]
+    finally:
+        _core.EVENTS_PAGE = page
+
+
+def test_an_offline_preflight_repeated_under_its_key_is_one_reservation() -> None:
+    """Hole 10: offline approvals ignored idempotency keys: the same key got two offline
+    reservations, and one job was charged twice when Redis came back."""
+    with AgentBillClient(
+        redis_url="redis://127.0.0.1:1/0", on_outage="fail_open", connect_timeout=0.1
+    ) as c:
+        first = c.preflight("agent", 10, "u", idempotency_key="job-1")
+        again = c.preflight("agent", 10, "u", idempotency_key="job-1")
+        assert first.offline
+        assert again.replayed
+        assert again.reservation_id == first.reservation_id
+        assert c.outage_stats.offline_runs == 1
+        from agentbill import InvalidRequestError
+
+        with pytest.raises(InvalidRequestError) as info:
+            c.preflight("agent", 11, "u", idempotency_key="job-1")
+        assert info.value.field == "idempotency_key"
+        c.release(first.reservation_id)  # released: the key reserves afresh
+        fresh = c.preflight("agent", 10, "u", idempotency_key="job-1")
+        assert fresh.reservation_id != first.reservation_id
+
+
+def test_an_online_approval_repeated_offline_under_its_key_is_the_same_reservation(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    from tests._servers import RedisServer as Server
+
+    server = Server().start()
+    try:
+        with AgentBillClient(redis_url=server.url, namespace=namespace, on_outage="fail_open") as c:
+            online = c.preflight("agent", 10, "u", idempotency_key="job-2")
+            server.stop()
+            offline = c.preflight("agent", 10, "u", idempotency_key="job-2")
+            assert offline.replayed
+            assert offline.reservation_id == online.reservation_id
+    finally:
+        server.stop()
+
+
+def test_a_rolled_back_batch_takes_back_a_crossing_whatever_its_items_order(
+    client: AgentBillClient,
+) -> None:
+    """Hole 11: item 0 crossed the threshold, item 1 still held units when item 0 was released,
+    so the mark stayed and the real crossing later was never reported."""
+    from agentbill import InvalidRequestError
+
+    client.set_budget("T", 100, thresholds=(80,))
+    client.preflight("agent", 70, "T").record(70)
+    client.preflight("agent", 1, "T", idempotency_key="k").release()
+    with pytest.raises(InvalidRequestError):
+        client.preflight_many(
+            [
+                Preflight("agent", 10, "T"),
+                Preflight("agent", 10, "T"),
+                Preflight("agent", 2, "T", idempotency_key="k"),
+            ]
+        )
+    real = client.preflight("agent", 15, "T")
+    assert [c.percent for c in real.crossed] == [80]

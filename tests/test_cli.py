@@ -379,7 +379,10 @@ def test_the_console_script_names_the_extra_when_typer_is_missing(
         check=False,
     )  # fmt: skip
     assert done.returncode == 1
-    assert done.stderr == "agentbill: the command line needs typer: pip install 'agentbill[cli]'\n"
+    assert (
+        done.stderr
+        == "agentbill: the command line needs typer: pip install 'agentbill-redis[cli]'\n"
+    )
 
 
 # -- local and mcp -------------------------------------------------------------------------------

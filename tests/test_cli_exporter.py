@@ -180,7 +180,7 @@ def test_exporter_needs_the_metrics_extra(env: dict[str, str], tmp_path: Path) -
     assert done.returncode == 1
     assert done.stderr == (
         "agentbill: error: agentbill exporter needs prometheus_client: "
-        "pip install 'agentbill[metrics]'\n"
+        "pip install 'agentbill-redis[metrics]'\n"
     )
 
 

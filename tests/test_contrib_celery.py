@@ -224,7 +224,7 @@ def test_missing_extra_is_named() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True
     ).stdout
-    assert "pip install 'agentbill[celery]'" in out
+    assert "pip install 'agentbill-redis[celery]'" in out
 
 
 # -- a real worker -----------------------------------------------------------------------------

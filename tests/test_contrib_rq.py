@@ -551,4 +551,4 @@ def test_missing_extra_names_it() -> None:
         "    print(exc)\n"
     )
     assert done.returncode == 0, done.stderr
-    assert "pip install 'agentbill[rq]'" in done.stdout
+    assert "pip install 'agentbill-redis[rq]'" in done.stdout

@@ -20,6 +20,7 @@ from agentbill import (
     RunBlockedError,
     TaskCeilingExceededError,
 )
+from agentbill._contract import SCRIPTS
 from agentbill._core import Policy, preflight_call, record_call, release_call
 from agentbill._keys import KeySpace, customer_tag, tag_of_reservation
 from agentbill._models import ClientSettings, PreflightRequest, RecordRequest, ReleaseRequest
@@ -33,7 +34,7 @@ def test_reservation_id_carries_the_customer_tag_within_256_chars() -> None:
     call, rid = preflight_call(POLICY, req, "0" * 24)
     assert len(rid) <= 256
     assert tag_of_reservation(rid) == customer_tag("c" * 256)
-    assert str(call.args[5]).split("\x1f")[0] == rid  # the first packed field (ARGV[6])
+    assert SCRIPTS["preflight"].read_args(call.args)["reservation_id"] == rid
 
 
 def test_all_keys_of_one_call_share_one_slot() -> None:
@@ -76,8 +77,8 @@ def test_record_without_id_carries_a_request_id_so_retries_land_once() -> None:
     req = RecordRequest(agent_id="a", units=1, customer_id="c")
     first, second = record_call(POLICY, req, "tok1"), record_call(POLICY, req, "tok2")
     assert first.keys[-1] != second.keys[-1]  # each logical call has its own request id
-    fields = str(first.args[5]).split("\x1f")  # ARGV[6]: settle.lua's fields, packed
-    assert fields[7] != ""  # ... and the script is told to remember it (field 8)
+    # ... and the script is told to remember it
+    assert SCRIPTS["settle"].read_args(first.args)["fingerprint"] != ""
 
 
 def test_release_needs_only_the_reservation_id() -> None:

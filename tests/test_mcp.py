@@ -678,7 +678,7 @@ def test_agentbill_stays_light_and_a_missing_extra_is_named() -> None:
     out = subprocess.run(
         [sys.executable, "-c", missing], capture_output=True, text=True, check=True
     )
-    assert "pip install 'agentbill[mcp]'" in out.stdout
+    assert "pip install 'agentbill-redis[mcp]'" in out.stdout
 
 
 # -- transports and entry points ---------------------------------------------------------------

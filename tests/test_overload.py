@@ -24,6 +24,13 @@ from agentbill import (
 from tests._servers import RedisServer, free_port
 from tests.test_outage import AGENT, CUSTOMER, UNREACHABLE_BOUND, silent_listener
 
+# A thousand callers in one process on this shared 2-core machine: the event loop itself (or
+# the GIL, for threads) takes a few hundred ms to run them all, measured here up to 2.4 s with
+# other suites running beside. The promise is about Redis (no caller waits out attempts that
+# would time out too); a hang, or callers queueing behind each other's timeouts, takes many
+# seconds, far beyond this bound.
+MANY_CALLERS_BOUND = UNREACHABLE_BOUND + 1.0
+
 __all__ = ["silent_listener"]  # a fixture, defined with the fail-closed tests
 
 LIMIT = 37
@@ -169,7 +176,7 @@ def test_many_async_callers_on_a_dead_or_silent_redis_fail_closed_in_time(
 
     outcomes = asyncio.run(race())
     assert all(isinstance(exc, StoreUnavailableError) for exc, _ in outcomes)
-    assert max(elapsed for _, elapsed in outcomes) < UNREACHABLE_BOUND
+    assert max(elapsed for _, elapsed in outcomes) < MANY_CALLERS_BOUND
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
@@ -200,4 +207,4 @@ def test_many_threads_on_a_dead_or_silent_redis_fail_closed_in_time(
             t.join(timeout=60)
     assert len(outcomes) == THREADS
     assert all(isinstance(exc, StoreUnavailableError) for exc, _ in outcomes)
-    assert max(elapsed for _, elapsed in outcomes) < UNREACHABLE_BOUND
+    assert max(elapsed for _, elapsed in outcomes) < MANY_CALLERS_BOUND

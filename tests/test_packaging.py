@@ -1,4 +1,5 @@
-"""The wheel ships every Lua script, and the installed package loads them from inside itself."""
+"""The wheel ships every Lua script and the wire contract beside them (lua/contract.json), and the
+installed package loads both from inside itself."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
         capture_output=True,
     )  # fmt: skip
-    (built,) = out.glob("agentbill-*.whl")
+    (built,) = out.glob("agentbill_redis-*.whl")  # the distribution name (pyproject.toml)
     return built
 
 
@@ -34,6 +35,7 @@ def test_wheel_contains_every_script_and_the_type_marker(wheel: Path) -> None:
     assert {f"{op}.lua" for op in (*OPERATIONS, PRELUDE)} <= scripts
     for script in scripts:
         assert f"agentbill/lua/{script}" in names
+    assert "agentbill/lua/contract.json" in names
     assert "agentbill/py.typed" in names
 
 
@@ -41,7 +43,9 @@ def test_installed_wheel_loads_scripts_from_the_package(wheel: Path, tmp_path: P
     zipfile.ZipFile(wheel).extractall(tmp_path)
     probe = (
         "import agentbill._scripts as s; print(s.lua_dir());"
-        "print(all(s.source(op) for op in s.OPERATIONS))"
+        "print(all(s.source(op) for op in s.OPERATIONS));"
+        "import json, agentbill._contract as c;"
+        "print(c.FILE == json.loads((s.lua_dir() / 'contract.json').read_text()))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],
@@ -51,7 +55,7 @@ def test_installed_wheel_loads_scripts_from_the_package(wheel: Path, tmp_path: P
         capture_output=True,
         text=True,
     ).stdout.split()
-    assert out == [str(tmp_path / "agentbill" / "lua"), "True"]
+    assert out == [str(tmp_path / "agentbill" / "lua"), "True", "True"]
 
 
 def test_public_surface_is_sorted_and_importable() -> None:

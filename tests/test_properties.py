@@ -286,6 +286,7 @@ PARAMS: list[Param] = [
     Param("events", "customer_id", bad_ids(optional=True)),
     Param("events", "since", bad_since),
     Param("events", "limit", bad_ints(1, 1_000_000)),
+    Param("get_usage", "limit", st.one_of(bad_ints(1, 10_000), st.none())),
     Param("open_task", "task_ref", bad_ids(optional=False)),
     Param("open_task", "ceiling", bad_units(optional=True)),
     Param("open_task", "customer_id", bad_ids(optional=True)),

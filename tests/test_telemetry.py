@@ -305,7 +305,9 @@ def test_nothing_is_imported_when_the_extras_are_missing(redis_server: RedisServ
         redis_server.url,
     )
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout == "metrics: needs prometheus-client: pip install 'agentbill[metrics]'\n"
+    assert (
+        probe.stdout == "metrics: needs prometheus-client: pip install 'agentbill-redis[metrics]'\n"
+    )
 
 
 def test_prometheus_client_is_imported_only_for_metrics(redis_server: RedisServer) -> None:

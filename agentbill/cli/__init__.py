@@ -20,6 +20,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from agentbill._install import pip_install
+
 __all__ = ["main"]
 
 MISSING_EXTRA = 1
@@ -33,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(
             f"agentbill: the command line needs {exc.name or 'typer and rich'}: "
-            "pip install 'agentbill[cli]'",
+            + pip_install("cli"),
             file=sys.stderr,
         )
         return MISSING_EXTRA

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from agentbill._exceptions import InvalidRequestError
+from agentbill._install import pip_install
 from agentbill._local import (
     HOME_ENV,
     ensure_local_server,
@@ -89,7 +90,7 @@ def local_status_command(as_json: Json = False) -> None:
             ("state", state),
             ("pid", s.pid),
             ("version", s.version),
-            ("binary", s.binary or "none found: pip install 'agentbill[local]'"),
+            ("binary", s.binary or f"none found: {pip_install('local')}"),
             ("url", s.url),
             ("data", s.data_dir),
         ]
@@ -286,7 +287,7 @@ def mcp(
             raise Failed(
                 "agentbill mcp: this installation has no MCP server (agentbill.mcp_server)"
             ) from None
-        raise Failed(f"agentbill mcp needs {exc.name}: pip install 'agentbill[mcp]'") from None
+        raise Failed(f"agentbill mcp needs {exc.name}: {pip_install('mcp')}") from None
     server.serve(http=http, allow_admin=allow_admin)
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from agentbill._install import pip_install
 from agentbill.cli._common import Failed, Namespace, RedisUrl, example, session
 from agentbill.cli._customers import Customers
 
@@ -50,9 +51,7 @@ def exporter(
     try:
         from agentbill.cli import _collector as collector
     except ImportError as exc:
-        raise Failed(
-            f"agentbill exporter needs {exc.name}: pip install 'agentbill[metrics]'"
-        ) from None
+        raise Failed(f"agentbill exporter needs {exc.name}: {pip_install('metrics')}") from None
     with session(redis_url, namespace) as s:
         customers = Customers(s.redis, s.namespace, customer or (), rescan)
         server = collector.serve(s.client, customers, addr, port)

@@ -39,6 +39,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import AgentBillError, InvalidRequestError
 from agentbill._gate import Units
+from agentbill._install import pip_install
 from agentbill._models import validate_units
 from agentbill._results import Check, Settlement
 
@@ -53,7 +54,7 @@ def require(module: str, extra: str) -> None:
         __import__(module)
     except ImportError as exc:
         raise ImportError(
-            f"agentbill.contrib.{extra} needs {module}: pip install 'agentbill[{extra}]'"
+            f"agentbill.contrib.{extra} needs {module}: {pip_install(extra)}"
         ) from exc
 
 

@@ -1,4 +1,4 @@
-"""Celery: a budget on a task (``pip install 'agentbill[celery]'``).
+"""Celery: a budget on a task (``pip install 'agentbill-redis[celery]'``).
 
     @app.task(base=BudgetedTask, budget=JobBudget(client=client, agent_id="summariser",
                                                   estimated_units=10,

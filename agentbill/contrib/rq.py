@@ -1,4 +1,4 @@
-"""Budgets for RQ jobs (``pip install 'agentbill[rq]'``).
+"""Budgets for RQ jobs (``pip install 'agentbill-redis[rq]'``).
 
 ``@budgeted(...)`` over a job function preflights before its body runs in the worker, records
 what it used after it returns, and releases the reservation if it raises (RQ's

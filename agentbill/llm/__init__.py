@@ -4,7 +4,7 @@
 its model calls (OpenAI ``chat.completions.create`` / ``.parse`` and ``responses.create`` /
 ``.parse``; Anthropic ``messages.create`` / ``.parse`` / ``.stream``; streaming or not)
 preflighted before the HTTP request and recorded from the response's ``usage`` after it, in
-tokens or in micro-dollars priced by genai-prices. Needs ``pip install 'agentbill[llm]'`` for
+tokens or in micro-dollars priced by genai-prices. Needs ``pip install 'agentbill-redis[llm]'`` for
 ``unit="usd"`` and tiktoken counts; the provider SDKs are the user's. Importing ``agentbill``
 imports none of this.
 """

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from agentbill import _core
 from agentbill._exceptions import InvalidRequestError
+from agentbill._install import pip_install
 from agentbill._models import validate_units
 from agentbill.llm._estimate import resolve
 from agentbill.llm._meter import AsyncTicket, SyncTicket
@@ -99,7 +100,7 @@ def _prices(prices: object) -> dict[str, Any]:
         from genai_prices.types import ModelPrice
     except ImportError:
         raise ImportError(
-            "unit='usd' prices calls with genai-prices: pip install 'agentbill[llm]'"
+            f"unit='usd' prices calls with genai-prices: {pip_install('llm')}"
         ) from None
     if prices is None:
         return {}

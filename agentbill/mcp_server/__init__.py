@@ -9,16 +9,18 @@ and ``AGENTBILL_API_KEY``. Agents get ``preflight``, ``record``, ``release``, ``
 ``get_task`` and ``usage``; the budget-changing tools (``set_budget``, ``set_rate_limit``,
 ``set_concurrency_limit``, ``open_task``) are listed only with ``--allow-admin``.
 
-Needs the ``mcp`` extra: ``pip install 'agentbill[mcp]'``.
+Needs the ``mcp`` extra: ``pip install 'agentbill-redis[mcp]'``.
 """
 
 from __future__ import annotations
+
+from agentbill._install import pip_install
 
 try:
     import mcp.server.mcpserver  # noqa: F401 - only to name the extra when it is missing
 except ImportError as exc:
     raise ImportError(
-        "agentbill.mcp_server needs the MCP SDK (mcp 2.x): pip install 'agentbill[mcp]'"
+        f"agentbill.mcp_server needs the MCP SDK (mcp 2.x): {pip_install('mcp')}"
     ) from exc
 
 from agentbill.mcp_server._server import (

@@ -126,9 +126,9 @@ class Tap:
     def committed(self) -> tuple[int, int | None]:
         """spent + reserved and the limit, as the last preflight left them."""
         assert self.reply is not None
-        fields = _core.unpack(self.reply)  # the script's packed reply (see lua/preflight.lua)
-        limit = None if fields[4] is None else int(fields[4])
-        return int(fields[5] or 0) + int(fields[6] or 0), limit
+        reply = _core.PREFLIGHT.unpack(self.reply)  # by name (lua/contract.json)
+        limit = None if reply.limit is None else int(reply.limit)
+        return int(reply.spent or 0) + int(reply.reserved or 0), limit
 
 
 class Worker:

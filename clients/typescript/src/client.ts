@@ -1,0 +1,712 @@
+/**
+ * AgentBillClient: one script call per operation over ioredis, on the logic in core.ts. The same
+ * scripts, keys and budgets as the Python client: Node and Python workers share budgets on one
+ * Redis.
+ */
+import { readFileSync } from 'node:fs'
+import type { ConnectionOptions as TlsOptions } from 'node:tls'
+import { Cluster, Redis, type RedisOptions } from 'ioredis'
+import { type Call, scripts, scriptError } from './contract.js'
+import * as core from './core.js'
+import type {
+  PreflightOptions,
+  RecordOptions,
+  ReleaseOptions,
+  SetBudgetOptions,
+  SetConcurrencyLimitOptions,
+  SetRateLimitOptions,
+} from './core.js'
+import {
+  AgentBillError,
+  AuthenticationError,
+  InvalidRequestError,
+  StoreError,
+  StoreUnavailableError,
+  refusal,
+} from './errors.js'
+import { KeySpace } from './keys.js'
+import { answersPing, dataDir, HOME_ENV, socketPath } from './local.js'
+import { OwnReservations } from './own.js'
+import {
+  Check,
+  type BudgetStatus,
+  type Event,
+  type Settlement,
+  type TaskStatus,
+  type ThresholdCrossing,
+  type Usage,
+} from './results.js'
+import { parseApiKey, type TenantKey } from './tenants.js'
+import * as v from './validate.js'
+
+export const ENV_REDIS_URL = 'AGENTBILL_REDIS_URL'
+
+export interface ClientOptions {
+  /** An `agb_...` tenant key (authenticates as its ACL user, sets the namespace), or a label. */
+  readonly apiKey?: string | undefined
+  /** The most any single run may estimate (units); undefined for none. */
+  readonly ceiling?: number | null | undefined
+  /** `redis://`, `rediss://` (TLS; `?ssl_ca_certs=/path/ca.pem` as in Python), `unix:///path`. */
+  readonly redisUrl?: string | undefined
+  /** A ready ioredis client: `Redis` (single node, or Sentinel) or `Cluster`. Not closed by close(). */
+  readonly redis?: Redis | Cluster | undefined
+  /** Prefix of every key: clients in different namespaces never see each other's data. */
+  readonly namespace?: string | undefined
+  /** Seconds an unsettled reservation holds its units (default 3600). */
+  readonly reservationTtl?: number | undefined
+  /** Seconds an idempotency key is remembered (default 86400). */
+  readonly idempotencyTtl?: number | undefined
+  /** Seconds a closed reservation's outcome is remembered (default 86400, >= idempotencyTtl). */
+  readonly outcomeRetention?: number | undefined
+  /** Seconds an idle task (nothing reserved) is remembered after its last use (default 30 days). */
+  readonly taskRetention?: number | undefined
+  /** Seconds after a customer's last write when its keys expire (default 90 days, at least
+   * outcomeRetention and taskRetention); never, once a budget or limit was set for it. */
+  readonly idleRetention?: number | undefined
+  /** Expired reservations returned per call (default 100). */
+  readonly reapLimit?: number | undefined
+  /** About how many ledger entries a customer keeps (default 100000). */
+  readonly ledgerMaxLen?: number | undefined
+  /** Seconds to connect (default 0.5), for connections this client builds. */
+  readonly connectTimeout?: number | undefined
+  /** Seconds for a reply (default 1.0), for connections this client builds. */
+  readonly socketTimeout?: number | undefined
+  /** Attempts of a call after transport failures (default 3), within retryDeadline. */
+  readonly retryAttempts?: number | undefined
+  /** Seconds after which no retry starts (default 1.0). */
+  readonly retryDeadline?: number | undefined
+  /** TLS options (CA, client certificate) for a `rediss://` redisUrl. */
+  readonly tls?: TlsOptions | undefined
+  /** Called for every soft threshold a call crossed; its errors are reported, never thrown. */
+  readonly onThreshold?: ((crossing: ThresholdCrossing) => unknown) | undefined
+}
+
+export interface GateOptions<R> extends PreflightOptions {
+  /** What to record after `fn` returns: a number, a function of its result, or the estimate. */
+  readonly units?: number | ((result: R) => number) | undefined
+  /** Aborting releases the reservation at once and rejects with the signal's reason. */
+  readonly signal?: AbortSignal | undefined
+}
+
+const CLIENT_OPTIONS = [
+  'apiKey', 'ceiling', 'redisUrl', 'redis', 'namespace', 'reservationTtl', 'idempotencyTtl',
+  'outcomeRetention', 'taskRetention', 'idleRetention', 'reapLimit', 'ledgerMaxLen', 'connectTimeout', 'socketTimeout',
+  'retryAttempts', 'retryDeadline', 'tls', 'onThreshold',
+]
+const GATE_OPTIONS = [
+  'agentId', 'estimatedUnits', 'customerId', 'taskRef', 'taskCeiling', 'idempotencyKey', 'ttl',
+  'units', 'signal',
+]
+
+export interface Settings {
+  readonly policy: core.Policy
+  readonly key: TenantKey | undefined
+  readonly redisUrl: string | undefined
+  readonly connectTimeoutMs: number
+  readonly socketTimeoutMs: number
+  readonly retryAttempts: number
+  readonly retryDeadlineMs: number
+  readonly tls: TlsOptions | undefined
+}
+
+export function settingsFrom(o: Record<string, unknown>): Settings {
+  v.known('', o, CLIENT_OPTIONS)
+  const apiKey = o['apiKey'] === undefined ? undefined : o['apiKey']
+  if (apiKey !== undefined && typeof apiKey !== 'string') {
+    throw new InvalidRequestError('apiKey', 'must be a string')
+  }
+  const key = apiKey === undefined ? undefined : parseApiKey(apiKey)
+  let namespace = v.id('namespace', o['namespace'] ?? 'agentbill')
+  if (key !== undefined) {
+    if (o['namespace'] !== undefined && namespace !== key.namespace) {
+      throw new InvalidRequestError('namespace', 'differs from the namespace of apiKey: a key works only in its own')
+    }
+    namespace = key.namespace
+  }
+  const num = (name: string, dflt: number, min: number, max: number): number =>
+    v.integer(name, o[name] ?? dflt, min, max)
+  const idempotencyTtl = v.seconds('idempotencyTtl', o['idempotencyTtl'] ?? 86400)
+  const outcomeRetention = v.seconds('outcomeRetention', o['outcomeRetention'] ?? 86400)
+  if (outcomeRetention < idempotencyTtl) {
+    // A preflight key replays its approval while remembered; whether that approval was
+    // released (so the key must reserve afresh) is known only while its outcome is.
+    throw new InvalidRequestError('outcomeRetention', 'must be at least idempotencyTtl')
+  }
+  const taskRetention = v.seconds('taskRetention', o['taskRetention'] ?? 30 * 86400)
+  const idleRetention = v.seconds('idleRetention', o['idleRetention'] ?? 90 * 86400)
+  // A customer's keys expire after idleRetention; outcomes and tasks must not outlive the keys
+  // that hold them.
+  if (idleRetention < outcomeRetention) {
+    throw new InvalidRequestError('idleRetention', 'must be at least outcomeRetention')
+  }
+  if (idleRetention < taskRetention) {
+    throw new InvalidRequestError('idleRetention', 'must be at least taskRetention')
+  }
+  const redisUrl = o['redisUrl']
+  if (redisUrl !== undefined && (typeof redisUrl !== 'string' || redisUrl === '')) {
+    throw new InvalidRequestError('redisUrl', 'must be a non-empty string')
+  }
+  return {
+    policy: {
+      keys: new KeySpace(namespace),
+      ceiling: v.optionalUnits('ceiling', o['ceiling']),
+      reservationTtlMs: v.seconds('reservationTtl', o['reservationTtl'] ?? 3600) * 1000,
+      idempotencyTtlMs: idempotencyTtl * 1000,
+      retentionMs: outcomeRetention * 1000,
+      taskRetentionMs: taskRetention * 1000,
+      idleRetentionMs: idleRetention * 1000,
+      reapLimit: num('reapLimit', 100, 1, 10_000),
+      ledgerLen: num('ledgerMaxLen', 100_000, 1, 100_000_000),
+    },
+    key,
+    redisUrl: redisUrl as string | undefined,
+    connectTimeoutMs: v.timeout('connectTimeout', o['connectTimeout'] ?? 0.5) * 1000,
+    socketTimeoutMs: v.timeout('socketTimeout', o['socketTimeout'] ?? 1.0) * 1000,
+    retryAttempts: num('retryAttempts', 3, 1, 10),
+    retryDeadlineMs: v.timeout('retryDeadline', o['retryDeadline'] ?? 1.0) * 1000,
+    tls: o['tls'] as TlsOptions | undefined,
+  }
+}
+
+/** ioredis options for a URL: what Python's redis-py takes from the same URL. */
+function urlOptions(url: string, key: TenantKey | undefined, tls: TlsOptions | undefined): RedisOptions {
+  let parsed: URL
+  try {
+    parsed = new URL(url)
+  } catch {
+    throw new InvalidRequestError('redisUrl', 'is not a Redis URL (redis://, rediss:// or unix://)')
+  }
+  const hasCredentials = parsed.username !== '' || parsed.password !== ''
+  if (key !== undefined && hasCredentials) {
+    throw new InvalidRequestError(
+      'redisUrl',
+      'carries a username or password, and so does apiKey: leave them out of the URL',
+    )
+  }
+  const db = Number(parsed.searchParams.get('db') ?? (parsed.pathname.replace(/^\//, '') || '0'))
+  const out: RedisOptions = {}
+  if (parsed.protocol === 'unix:') {
+    out.path = decodeURIComponent(parsed.pathname)
+  } else if (parsed.protocol === 'redis:' || parsed.protocol === 'rediss:') {
+    out.host = parsed.hostname.replace(/^\[|\]$/g, '') || '127.0.0.1'
+    out.port = parsed.port === '' ? 6379 : Number(parsed.port)
+    if (Number.isInteger(db) && db > 0) out.db = db
+    if (parsed.protocol === 'rediss:') {
+      const ca = parsed.searchParams.get('ssl_ca_certs')
+      out.tls = { ...(ca ? { ca: readFileSync(ca) } : {}), ...tls }
+    }
+  } else {
+    throw new InvalidRequestError('redisUrl', 'is not a Redis URL (redis://, rediss:// or unix://)')
+  }
+  if (hasCredentials) {
+    if (parsed.username !== '') out.username = decodeURIComponent(parsed.username)
+    if (parsed.password !== '') out.password = decodeURIComponent(parsed.password)
+  }
+  if (key !== undefined) {
+    out.username = key.username
+    out.password = key.secret
+  }
+  return out
+}
+
+function errorText(exc: unknown): string {
+  return exc instanceof Error ? exc.message : String(exc)
+}
+
+const AUTH_ERROR = /^(WRONGPASS|NOAUTH|NOPERM)|invalid username-password|user is disabled|no permissions|unauthenticated/i
+
+function isAuthError(exc: unknown): boolean {
+  return AUTH_ERROR.test(errorText(exc))
+}
+
+/** A failure where the same request, sent again, may succeed. */
+function isTransient(exc: unknown): boolean {
+  if (isAuthError(exc) || exc instanceof AgentBillError) return false
+  const e = exc as { code?: string; name?: string }
+  if (e?.name === 'MaxRetriesPerRequestError' || e?.name === 'ClusterAllFailedError') return true
+  if (typeof e?.code === 'string' && /^E(CONNREFUSED|CONNRESET|PIPE|TIMEDOUT|HOSTUNREACH|NETUNREACH|NOTFOUND|AI_AGAIN|CONNABORTED)$/.test(e.code)) {
+    return true
+  }
+  return /Connection is closed|Command timed out|Stream isn't writeable|max retries per request|^LOADING|^TRYAGAIN|^CLUSTERDOWN|Failed to refresh slots cache|None of startup nodes is available/i.test(
+    errorText(exc),
+  )
+}
+
+class DeadlineError extends Error {
+  constructor() {
+    super('Command timed out: no answer within the retry deadline')
+  }
+}
+
+/** `work`, or a transient DeadlineError after `ms` (the call may still land: it keeps its id). */
+function withTimeout<T>(work: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new DeadlineError()), Math.max(ms, 1))
+  })
+  return Promise.race([work, deadline]).finally(() => clearTimeout(timer))
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((done) => setTimeout(done, ms))
+}
+
+/**
+ * Budget enforcement for agent runs, against a Redis shared by every worker.
+ *
+ * Connects to `redis` (a ready ioredis `Redis` or `Cluster`) if given, else `redisUrl`, else
+ * `$AGENTBILL_REDIS_URL`, else this user's local server started by the Python package (see
+ * local.ts); else the first call throws a StoreUnavailableError saying how to get one.
+ * Bad options throw InvalidRequestError here, before anything connects.
+ */
+export class AgentBillClient {
+  readonly #settings: Settings
+  readonly #given: Redis | Cluster | undefined
+  #redis: Promise<Redis | Cluster> | undefined
+  #lastConnectionError: unknown
+  #closed = false
+  #inFlight = 0
+  readonly #own = new OwnReservations()
+  readonly #onThreshold: ((crossing: ThresholdCrossing) => unknown) | undefined
+
+  constructor(options: ClientOptions = {}) {
+    const o = v.options('options', options)
+    this.#settings = settingsFrom(o)
+    const given = o['redis']
+    if (given !== undefined && !(given instanceof Redis) && !(given instanceof Cluster)) {
+      throw new InvalidRequestError('redis', 'must be an ioredis Redis or Cluster (not a URL: use redisUrl)')
+    }
+    this.#given = given as Redis | Cluster | undefined
+    const onThreshold = o['onThreshold']
+    if (onThreshold !== undefined && typeof onThreshold !== 'function') {
+      throw new InvalidRequestError('onThreshold', 'must be a function of a ThresholdCrossing')
+    }
+    this.#onThreshold = onThreshold as ((crossing: ThresholdCrossing) => unknown) | undefined
+    if (this.#given === undefined && this.#settings.key !== undefined) {
+      const url = this.#settings.redisUrl ?? (process.env[ENV_REDIS_URL] || undefined)
+      if (url === undefined) {
+        throw new InvalidRequestError(
+          'apiKey',
+          'is a key for a shared Redis, but none is configured: pass redisUrl or set ' +
+            'AGENTBILL_REDIS_URL (the local server has no tenants)',
+        )
+      }
+      urlOptions(url, this.#settings.key, this.#settings.tls) // refuse a bad URL now
+    } else if (this.#given === undefined && this.#settings.redisUrl !== undefined) {
+      urlOptions(this.#settings.redisUrl, undefined, this.#settings.tls)
+    }
+  }
+
+  /** The namespace every key of this client starts with (a tenant key's, if given one). */
+  get namespace(): string {
+    return this.#settings.policy.keys.namespace
+  }
+
+  get ceiling(): number | undefined {
+    return this.#settings.policy.ceiling
+  }
+
+  // -- connection ----------------------------------------------------------------------------------
+
+  #connection(): Promise<Redis | Cluster> {
+    if (this.#closed) return Promise.reject(new StoreError('the client is closed'))
+    if (this.#given !== undefined) return Promise.resolve(this.#given)
+    this.#redis ??= this.#connect()
+    return this.#redis
+  }
+
+  async #connect(): Promise<Redis> {
+    const s = this.#settings
+    let target = s.redisUrl ?? (process.env[ENV_REDIS_URL] || undefined)
+    if (target === undefined) {
+      const socket = socketPath()
+      if (!(await answersPing(socket))) {
+        this.#redis = undefined // look again on the next call
+        throw new StoreUnavailableError(
+          `no Redis configured: pass redisUrl or redis, or set ${ENV_REDIS_URL}; or start this ` +
+            `user's local server from Python (any AgentBillClient() with no URL starts it: ` +
+            `python -c "import agentbill; agentbill.AgentBillClient().get_budget()"); ` +
+            `no server answers on ${socket} (data directory ${dataDir()}, set by ${HOME_ENV})`,
+        )
+      }
+      target = `unix://${encodeURI(socket)}`
+    }
+    const redis = new Redis({
+      ...urlOptions(target, s.key, s.tls),
+      connectTimeout: s.connectTimeoutMs,
+      commandTimeout: s.socketTimeoutMs,
+      // agentbill's own retry policy (#retrying) is the only retry layer.
+      maxRetriesPerRequest: 0,
+      // Reconnect while a call waits; an idle client stays disconnected (and keeps no timer
+      // running) until its next call.
+      retryStrategy: (times: number) => (this.#inFlight > 0 ? Math.min(times * 50, 500) : null),
+      // The ready check sends INFO, which a tenant's ACL user may not run.
+      enableReadyCheck: false,
+      lazyConnect: true,
+    })
+    redis.on('error', (exc: unknown) => {
+      this.#lastConnectionError = exc
+    })
+    redis.on('ready', () => {
+      this.#lastConnectionError = undefined
+    })
+    // An idle client does not keep the process alive (a script that never calls close() still
+    // exits); its socket is referenced only while a call is in flight.
+    redis.on('connect', () => {
+      if (this.#inFlight === 0) socketOf(redis)?.unref()
+    })
+    redis.connect().catch(() => undefined) // failures reach the first command
+    return redis
+  }
+
+  /** The agentbill error for an ioredis (or socket) error. Callers keep it as `cause`. */
+  #translate(exc: unknown): AgentBillError {
+    if (exc instanceof AgentBillError) return exc
+    const text = errorText(exc)
+    const scripted = scriptError(text)
+    if (scripted !== undefined) {
+      const field = scripted.field.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase())
+      return new InvalidRequestError(field, scripted.message)
+    }
+    const connectionError = this.#lastConnectionError
+    if (isAuthError(exc) || (isTransient(exc) && isAuthError(connectionError))) {
+      const source = isAuthError(exc) ? text : errorText(connectionError)
+      return new AuthenticationError(`Redis refused the credentials: ${source}`, { cause: exc })
+    }
+    if (isTransient(exc)) {
+      return new StoreUnavailableError(`Redis is unavailable: ${text}`, { cause: exc })
+    }
+    return new StoreError(`Redis refused the command: ${text}`, { cause: exc })
+  }
+
+  /** `fn` with at most retryAttempts attempts within retryDeadline, for transport failures only;
+   * every call carries its request id, so a retry after a lost reply lands once. A retry gets
+   * only what is left of the deadline: a call fails closed within about socketTimeout plus
+   * nothing more when Redis is silent, and within the deadline when it refuses connections. */
+  async #retrying<T>(fn: () => Promise<T>): Promise<T> {
+    const s = this.#settings
+    const started = performance.now()
+    for (let attempt = 1; ; attempt++) {
+      try {
+        if (attempt === 1) return await fn()
+        const left = s.retryDeadlineMs - (performance.now() - started)
+        return await withTimeout(fn(), left)
+      } catch (exc) {
+        const left = s.retryDeadlineMs - (performance.now() - started)
+        if (!isTransient(exc) || isAuthError(this.#lastConnectionError) || attempt >= s.retryAttempts || left <= 0) {
+          throw this.#translate(exc)
+        }
+        const wait = Math.min(50 * 2 ** (attempt - 1), 500)
+        await sleep(Math.min(wait + Math.random() * 50, left))
+      }
+    }
+  }
+
+  /** One script call: EVALSHA, and on NOSCRIPT (a restart, failover or SCRIPT FLUSH) SCRIPT
+   * LOAD then EVALSHA again (a tenant's ACL user may run these two, not EVAL). */
+  async #eval(call: Call): Promise<unknown> {
+    const redis = await this.#connection()
+    if (redis instanceof Redis && redis.status === 'end' && this.#given === undefined) {
+      redis.connect().catch(() => undefined) // it stopped reconnecting while idle
+    }
+    const script = scripts[call.script]
+    const send = (): Promise<unknown> => redis.evalsha(script.sha, call.keys.length, ...call.keys, ...call.args)
+    try {
+      return await send()
+    } catch (exc) {
+      if (!errorText(exc).startsWith('NOSCRIPT')) throw exc
+    }
+    if (redis instanceof Cluster) {
+      await Promise.all(redis.nodes('master').map((node) => node.script('LOAD', script.source)))
+    } else {
+      await redis.script('LOAD', script.source)
+    }
+    return await send()
+  }
+
+  /** `fn` with the connection this client built held open (referenced) while it runs. */
+  async #holding<T>(fn: () => Promise<T>): Promise<T> {
+    this.#inFlight += 1
+    const own = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
+    socketOf(own)?.ref()
+    try {
+      return await fn()
+    } finally {
+      this.#inFlight -= 1
+      if (this.#inFlight === 0) {
+        const redis = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
+        if (this.#inFlight === 0) socketOf(redis)?.unref()
+      }
+    }
+  }
+
+  /** One script call, retried; the connection held while it runs. */
+  #send(call: Call): Promise<unknown> {
+    return this.#holding(() => this.#retrying(() => this.#eval(call)))
+  }
+
+  async #run<T>(plan: core.Plan<T>): Promise<T> {
+    const reply = await this.#send(plan.call)
+    const result = plan.decode(reply)
+    this.#notify(result)
+    return result
+  }
+
+  #notify(result: unknown): void {
+    if (this.#onThreshold === undefined) return
+    for (const crossing of (result as { crossed?: readonly ThresholdCrossing[] }).crossed ?? []) {
+      try {
+        const out = this.#onThreshold(crossing)
+        if (out instanceof Promise) out.catch((exc: unknown) => reportCallbackError(exc))
+      } catch (exc) {
+        reportCallbackError(exc)
+      }
+    }
+  }
+
+  #check(fields: ReturnType<core.Plan<never>['decode']> | Parameters<typeof refusal>[0]): Check {
+    return new Check(fields, this)
+  }
+
+  /** Remember an approval Redis made, so this client's records without an id close its own
+   * reservations first (see own.ts). */
+  #track(check: Check): Check {
+    if (check.approved && check.reservationId !== undefined) {
+      this.#own.add([check.customerId, check.agentId, check.taskRef], check.reservationId, check.expiresAt)
+    }
+    return check
+  }
+
+  // -- runs ------------------------------------------------------------------------------------------
+
+  /**
+   * Check every rule and, only if all pass, reserve `estimatedUnits`: one atomic script call.
+   * A refusal is returned (`approved` false, `reason` set), not thrown. `customerId` undefined is
+   * the customer named "default".
+   * Throws InvalidRequestError (nothing sent), StoreUnavailableError (nothing approved).
+   */
+  async preflight(options: PreflightOptions): Promise<Check> {
+    const plan = core.planPreflight(this.#settings.policy, options)
+    return this.#track(this.#check(await this.#run(plan)))
+  }
+
+  /**
+   * Many preflights at once, each decided atomically on its own, in order, exactly as
+   * `preflight` would (the batch as a whole is not atomic). A bad item throws
+   * InvalidRequestError naming `requests[i].<field>` before anything is sent; if Redis refuses
+   * an item (an idempotency key reused with other arguments), what the batch approved is
+   * released and that item's error thrown.
+   */
+  async preflightMany(requests: readonly PreflightOptions[]): Promise<Check[]> {
+    if (!Array.isArray(requests)) throw new InvalidRequestError('requests', 'must be an array of preflight options')
+    const plans = requests.map((r, i) => core.planPreflight(this.#settings.policy, r, `requests[${i}]`))
+    // Sent together on one connection (per node on a Cluster): one round trip in effect.
+    const outcomes = await Promise.allSettled(plans.map((plan) => this.#send(plan.call)))
+    const failed = outcomes.findIndex((o) => o.status === 'rejected')
+    const checks = outcomes.map((o, i) => (o.status === 'fulfilled' ? this.#check(plans[i]!.decode(o.value)) : undefined))
+    if (failed >= 0) {
+      // Undo what this batch itself approved (not replays of earlier calls); the releases take
+      // back the threshold crossings those approvals made.
+      const policy = this.#settings.policy
+      await Promise.allSettled(
+        checks
+          .filter((c) => c?.approved && !c.replayed)
+          .map((c) => this.#send(core.planRelease(policy, c!.reservationId!, undefined, true).call)),
+      )
+      const error = (outcomes[failed] as PromiseRejectedResult).reason as unknown
+      if (error instanceof InvalidRequestError) throw new InvalidRequestError(`requests[${failed}].${error.field}`, error.detail)
+      throw error
+    }
+    for (const check of checks) {
+      this.#notify(check)
+      this.#track(check!)
+    }
+    return checks as Check[]
+  }
+
+  /**
+   * Record the units a run actually used. With `reservationId`: close that reservation,
+   * charging `units` in full and releasing the whole estimate. Without it: close an open
+   * reservation of (customer, agent, taskRef), this client's own oldest first (else the
+   * group's oldest, whoever made it), or charge `units` directly if none is open.
+   * `success: false` releases without charging. Closing twice charges once; a record after a
+   * release or an expiry is charged, `late`.
+   */
+  async record(options: RecordOptions): Promise<Settlement> {
+    const request = core.validateRecord(options)
+    let prefer: string | undefined
+    if (request.reservationId === undefined) {
+      prefer = this.#own.oldest([request.customerId ?? core.DEFAULT_CUSTOMER, request.agentId, request.taskRef])
+    }
+    const plan = core.recordPlan(this.#settings.policy, request, undefined, prefer)
+    const settlement = await this.#run(plan)
+    // Forgotten only once the call is made: one that threw closed nothing.
+    this.#own.discard(plan.reservationId ?? prefer)
+    this.#own.discard(settlement.reservationId)
+    return settlement
+  }
+
+  /**
+   * Close a reservation without charging: by its id (a string, or `{reservationId}`), or by the
+   * `idempotencyKey` (and `customerId`) of the preflight that made it, from any process, Python
+   * or Node. Status `noop` when that preflight reserved nothing; releasing twice releases once.
+   */
+  async release(reservation: string | ReleaseOptions): Promise<Settlement> {
+    const plan = core.planRelease(this.#settings.policy, reservation)
+    const settlement = await this.#run(plan)
+    this.#own.discard(plan.reservationId)
+    this.#own.discard(settlement.reservationId) // released by key: now its id is known
+    return settlement
+  }
+
+  /**
+   * `fn` gated: every call preflights first (a refusal throws the typed RunBlockedError and `fn`
+   * does not run), records after `fn` resolves (`units`: a number, a function of the result, or
+   * the estimate), and releases if `fn` throws or `signal` aborts (then it rejects at once with
+   * the signal's reason). Bad options throw InvalidRequestError here, not at the first call.
+   */
+  gate<A extends unknown[], R>(options: GateOptions<Awaited<R>>, fn: (...args: A) => R): (...args: A) => Promise<Awaited<R>> {
+    const o = v.options('options', options)
+    v.known('', o, GATE_OPTIONS)
+    const { units, signal, ...preflight } = o
+    const request = core.validatePreflight(preflight)
+    if (units !== undefined && typeof units !== 'function') v.units('units', units)
+    if (signal !== undefined && !(signal instanceof AbortSignal)) {
+      throw new InvalidRequestError('signal', 'must be an AbortSignal')
+    }
+    if (typeof fn !== 'function') throw new InvalidRequestError('fn', 'must be a function')
+    const abort = signal as AbortSignal | undefined
+    const unitsOf = (result: Awaited<R>): number => {
+      if (units === undefined) return request.estimatedUnits
+      const used = typeof units === 'function' ? (units as (r: Awaited<R>) => number)(result) : units
+      return v.units('units', used)
+    }
+    return async (...args: A): Promise<Awaited<R>> => {
+      abort?.throwIfAborted()
+      const check = (await this.preflight(preflight as unknown as PreflightOptions)).raiseForRefusal()
+      let result: Awaited<R>
+      try {
+        result = await raceAbort(Promise.resolve().then(() => fn(...args)), abort)
+      } catch (exc) {
+        await releaseQuietly(check)
+        throw exc
+      }
+      let used: number
+      try {
+        used = unitsOf(result)
+      } catch (exc) {
+        await check.record(request.estimatedUnits) // the work happened: charge the estimate
+        throw exc
+      }
+      await check.record(used)
+      return result
+    }
+  }
+
+  // -- admin -------------------------------------------------------------------------------------------
+
+  /** Set the budget of the customer, or with `agentId` of that agent (`limit` null: unlimited). */
+  async setBudget(options: SetBudgetOptions): Promise<BudgetStatus> {
+    return this.#run(core.planSetBudget(this.#settings.policy, options))
+  }
+
+  /** Limit the customer (or an agent) to `units` per `perSeconds`, bursts up to `burst`. */
+  async setRateLimit(options: SetRateLimitOptions): Promise<BudgetStatus> {
+    return this.#run(core.planSetRateLimit(this.#settings.policy, options))
+  }
+
+  /** At most `maxInFlight` open reservations for the customer (or an agent); null removes it. */
+  async setConcurrencyLimit(options: SetConcurrencyLimitOptions): Promise<BudgetStatus> {
+    return this.#run(core.planSetConcurrencyLimit(this.#settings.policy, options))
+  }
+
+  /** The budget of the customer (or of one agent) in its current period. */
+  async getBudget(options: { customerId?: string; agentId?: string } = {}): Promise<BudgetStatus> {
+    return this.#run(core.planGetBudget(this.#settings.policy, options))
+  }
+
+  /** The customer's budget and its agents', in one round trip: at most `limit` agents (100), the
+   * most recently active first. */
+  async getUsage(options: { customerId?: string; limit?: number } = {}): Promise<Usage> {
+    return this.#run(core.planGetUsage(this.#settings.policy, options))
+  }
+
+  /** The customer's ledger, oldest first: after the event whose id is `since`, at most `limit`
+   * (all by default), read in pages of 1,000 entries so that Redis is never held long. */
+  async events(options: { customerId?: string; since?: string; limit?: number } = {}): Promise<Event[]> {
+    const { customerId, since, limit } = core.validateEvents(options)
+    const out: Event[] = []
+    let after = since
+    for (;;) {
+      const want = limit === undefined ? core.EVENTS_PAGE : Math.min(core.EVENTS_PAGE, limit - out.length)
+      const page = await this.#run(core.planEventsPage(this.#settings.policy, customerId, after, want))
+      out.push(...page)
+      if (page.length < want || (limit !== undefined && out.length >= limit)) return out
+      after = page[page.length - 1]!.id
+    }
+  }
+
+  /** Open a task of the customer with a ceiling (null: none), or change it. */
+  async openTask(options: { taskRef: string; ceiling: number | null; customerId?: string }): Promise<TaskStatus> {
+    return this.#run(core.planOpenTask(this.#settings.policy, options))
+  }
+
+  /** The task's ceiling, used, reserved and remaining (`exists` false if never seen). */
+  async getTask(options: { taskRef: string; customerId?: string }): Promise<TaskStatus> {
+    return this.#run(core.planGetTask(this.#settings.policy, options))
+  }
+
+  /** Close the connection this client opened (not a `redis` client passed in). */
+  async close(): Promise<void> {
+    this.#closed = true
+    const pending = this.#redis
+    this.#redis = undefined
+    if (pending === undefined) return
+    const redis = await pending.catch(() => undefined)
+    if (redis === undefined) return
+    await redis.quit().catch(() => redis.disconnect())
+  }
+}
+
+/** The socket of a Redis this client built (ioredis keeps it as `stream`), if connected. */
+function socketOf(redis: Redis | Cluster | undefined): { ref(): unknown; unref(): unknown } | undefined {
+  const stream = (redis as { stream?: { ref?: unknown; unref?: unknown } } | undefined)?.stream
+  return typeof stream?.ref === 'function' ? (stream as { ref(): unknown; unref(): unknown }) : undefined
+}
+
+function reportCallbackError(exc: unknown): void {
+  process.emitWarning(`agentbill: onThreshold threw: ${errorText(exc)}`, 'AgentBillWarning')
+}
+
+/** Release after the body failed, never hiding the body's own error: if Redis cannot take it
+ * now, the reservation keeps its units until it expires. */
+async function releaseQuietly(check: Check): Promise<void> {
+  try {
+    await check.release()
+  } catch (exc) {
+    process.emitWarning(
+      `agentbill: could not release reservation ${check.reservationId} after the run failed ` +
+        `(${errorText(exc)}); its units return when it expires at ${check.expiresAt?.toISOString()}`,
+      'AgentBillWarning',
+    )
+  }
+}
+
+function raceAbort<T>(work: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (signal === undefined) return work
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason)
+    if (signal.aborted) return onAbort()
+    signal.addEventListener('abort', onAbort, { once: true })
+    work.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort)
+        resolve(value)
+      },
+      (exc: unknown) => {
+        signal.removeEventListener('abort', onAbort)
+        reject(exc)
+      },
+    )
+  })
+}

@@ -1,0 +1,236 @@
+/** Small frozen results: what each operation returns (the Python client's, in camelCase). */
+import { InvalidRequestError, refusal } from './errors.js'
+
+export type Reason =
+  | 'ceiling_exceeded'
+  | 'task_ceiling_exceeded'
+  | 'budget_exhausted'
+  | 'rate_limited'
+  | 'concurrency_limited'
+export type Scope = 'request' | 'task' | 'customer' | 'agent'
+export type Period = 'hour' | 'day' | 'week' | 'month'
+export type EventType = 'approved' | 'refused' | 'recorded' | 'released' | 'expired' | 'threshold'
+export type SettleStatus = 'recorded' | 'released' | 'late' | 'expired' | 'direct' | 'noop'
+
+/** A soft threshold crossed (once per period): committed units reached `percent` of the limit. */
+export interface ThresholdCrossing {
+  readonly customerId: string
+  /** undefined for the customer's own budget; else the agent whose budget it is. */
+  readonly agentId: string | undefined
+  readonly percent: number
+  readonly committed: number
+}
+
+/** The decision of one preflight, as data (what a RunBlockedError carries). */
+export interface CheckFields {
+  readonly approved: boolean
+  /** undefined when approved; else which rule refused. */
+  readonly reason: Reason | undefined
+  readonly reservationId: string | undefined
+  /** When an unsettled reservation gives its units back (Redis clock). */
+  readonly expiresAt: Date | undefined
+  /** The customer's units left after this reservation; undefined when unlimited. */
+  readonly remaining: number | undefined
+  /** The limit of the rule that refused; when approved, the customer's budget limit. */
+  readonly limit: number | undefined
+  readonly agentId: string
+  readonly customerId: string
+  readonly estimatedUnits: number
+  readonly taskRef: string | undefined
+  readonly taskCeiling: number | undefined
+  readonly taskUsed: number | undefined
+  readonly taskRemaining: number | undefined
+  /** True when this is the remembered answer to an earlier identical request. */
+  readonly replayed: boolean
+  /** Which scope's rule refused: request (the ceiling), task, customer or agent. */
+  readonly scope: Scope | undefined
+  /** On a refusal: what the refusing rule counts as used. */
+  readonly used: number | undefined
+  /** On a refusal: the units the refusing rule's scope holds in open reservations. */
+  readonly reserved: number | undefined
+  /** On a rate_limited refusal: seconds until the same ask would pass (undefined: never). */
+  readonly retryAfter: number | undefined
+  /** When the customer's current budget period ends (undefined for a lifetime budget). */
+  readonly periodEnd: Date | undefined
+  readonly crossed: readonly ThresholdCrossing[]
+}
+
+/** What a Check needs of its client to settle itself. */
+export interface Settler {
+  record(options: {
+    agentId: string
+    units: number
+    customerId?: string
+    reservationId?: string
+    taskRef?: string
+    success?: boolean
+    idempotencyKey?: string
+    metadata?: Record<string, unknown>
+  }): Promise<Settlement>
+  release(reservationId: string): Promise<Settlement>
+}
+
+export interface RecordExtras {
+  readonly success?: boolean
+  readonly idempotencyKey?: string
+  readonly metadata?: Record<string, unknown>
+}
+
+/**
+ * A preflight's decision. A refusal is returned, not thrown: test `approved`, or call
+ * `raiseForRefusal()`. When approved, the estimate is held until recorded, released or expired.
+ */
+export class Check implements CheckFields {
+  readonly approved!: boolean
+  readonly reason!: Reason | undefined
+  readonly reservationId!: string | undefined
+  readonly expiresAt!: Date | undefined
+  readonly remaining!: number | undefined
+  readonly limit!: number | undefined
+  readonly agentId!: string
+  readonly customerId!: string
+  readonly estimatedUnits!: number
+  readonly taskRef!: string | undefined
+  readonly taskCeiling!: number | undefined
+  readonly taskUsed!: number | undefined
+  readonly taskRemaining!: number | undefined
+  readonly replayed!: boolean
+  readonly scope!: Scope | undefined
+  readonly used!: number | undefined
+  readonly reserved!: number | undefined
+  readonly retryAfter!: number | undefined
+  readonly periodEnd!: Date | undefined
+  readonly crossed!: readonly ThresholdCrossing[]
+  readonly #client: Settler
+
+  constructor(fields: CheckFields, client: Settler) {
+    Object.assign(this, fields)
+    this.#client = client
+    Object.freeze(this)
+  }
+
+  /** Close this reservation, charging `units` in full and releasing the estimate. */
+  async record(units: number, extras: RecordExtras = {}): Promise<Settlement> {
+    const rid = this.#reservation()
+    return await this.#client.record({
+      ...extras,
+      agentId: this.agentId,
+      units,
+      customerId: this.customerId,
+      reservationId: rid,
+      ...(this.taskRef === undefined ? {} : { taskRef: this.taskRef }),
+    })
+  }
+
+  /** Close this reservation without charging anything. */
+  async release(): Promise<Settlement> {
+    return await this.#client.release(this.#reservation())
+  }
+
+  /** This check when approved; else throws the RunBlockedError subclass for `reason`. */
+  raiseForRefusal(): this {
+    if (this.approved) return this
+    throw refusal(this.fields())
+  }
+
+  /** The decision as plain data. */
+  fields(): CheckFields {
+    return { ...this }
+  }
+
+  #reservation(): string {
+    if (this.reservationId === undefined) {
+      // A refused check holds nothing: an InvalidRequestError, as in Python.
+      throw refusalToSettle(this.reason)
+    }
+    return this.reservationId
+  }
+}
+
+function refusalToSettle(reason: Reason | undefined): InvalidRequestError {
+  return new InvalidRequestError(
+    'reservationId',
+    `this check was refused (${reason ?? 'refused'}); it holds nothing`,
+  )
+}
+
+/** The outcome of `record` or `release`. */
+export interface Settlement {
+  readonly status: SettleStatus
+  readonly reservationId: string | undefined
+  /** Units charged by the close this describes (for a replay: by the first close). */
+  readonly charged: number
+  /** Reserved units given back by this call. */
+  readonly released: number
+  readonly late: boolean
+  /** True when nothing changed: the reservation was already closed (or the key used). */
+  readonly replayed: boolean
+  readonly spent: number
+  readonly reserved: number
+  readonly limit: number | undefined
+  readonly remaining: number | undefined
+  readonly metadata: Record<string, unknown> | undefined
+  readonly crossed: readonly ThresholdCrossing[]
+}
+
+export interface RateLimit {
+  readonly units: number
+  readonly perSeconds: number
+  readonly burst: number
+}
+
+/** The budget of a customer, or of one of its agents, in its current period. */
+export interface BudgetStatus {
+  readonly customerId: string
+  readonly agentId: string | undefined
+  /** undefined: unlimited (then `remaining` is undefined too). */
+  readonly limit: number | undefined
+  readonly spent: number
+  readonly reserved: number
+  readonly remaining: number | undefined
+  readonly openReservations: number
+  /** undefined: a lifetime budget. */
+  readonly period: Period | undefined
+  readonly periodStart: Date | undefined
+  readonly periodEnd: Date | undefined
+  /** Seconds until the period ends (Redis clock). */
+  readonly resetsIn: number | undefined
+  readonly thresholds: readonly number[]
+  readonly rateLimit: RateLimit | undefined
+  readonly maxInFlight: number | undefined
+}
+
+export interface Usage {
+  readonly customer: BudgetStatus
+  readonly agents: readonly BudgetStatus[]
+}
+
+/** One ledger entry. */
+export interface Event {
+  /** The stream id: pass it as `since` to read on from here. */
+  readonly id: string
+  readonly type: EventType
+  readonly time: Date
+  readonly customerId: string
+  readonly agentId: string | undefined
+  readonly taskRef: string | undefined
+  /** Asked (approved, refused), charged (recorded), committed units (threshold). */
+  readonly units: number
+  /** Reserved units given back (recorded, released, expired). */
+  readonly released: number
+  readonly reservationId: string | undefined
+  readonly reason: string | undefined
+  readonly scope: string | undefined
+  readonly period: string | undefined
+}
+
+export interface TaskStatus {
+  readonly taskRef: string
+  readonly customerId: string
+  /** undefined: attribution only (no ceiling). */
+  readonly ceiling: number | undefined
+  readonly used: number
+  readonly reserved: number
+  readonly remaining: number | undefined
+  readonly exists: boolean
+}

@@ -1,0 +1,131 @@
+/** The shared vectors (tests/vectors/*.json, made from the Python client and checked by its
+ * suite too): the TypeScript client gives the same keys, digests, calls and validation. */
+import assert from 'node:assert/strict'
+import { readFileSync } from 'node:fs'
+import { test } from 'node:test'
+import { settingsFrom } from '../src/client.js'
+import * as core from '../src/core.js'
+import { InvalidRequestError } from '../src/errors.js'
+import { KeySpace, customerTag, digest, namespacePrefix, reservationId, tagOfReservation } from '../src/keys.js'
+import { contract } from '../src/contract.js'
+import * as v from '../src/validate.js'
+import { zoneTable } from '../src/zones.js'
+
+const VECTORS = new URL('../../../../tests/vectors/', import.meta.url)
+// The vector files' shapes are checked by the Python suite; here they are read as they come.
+type Json = any
+function load(name: string): Json {
+  return JSON.parse(readFileSync(new URL(name, VECTORS), 'utf8'))
+}
+
+function camel(values: Record<string, unknown>): Record<string, unknown> {
+  return Object.fromEntries(
+    Object.entries(values).map(([k, val]) => [k.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase()), val]),
+  )
+}
+
+test('customer tags, digests, namespace prefixes and reservation ids', () => {
+  const keys = load('keys.json')
+  for (const t of keys.tags) assert.equal(customerTag(t.customer_id), t.tag, t.customer_id)
+  for (const d of keys.digests) assert.equal(digest(...d.parts), d.digest)
+  for (const n of keys.namespace_prefixes) assert.equal(namespacePrefix(n.namespace), n.prefix)
+  for (const r of keys.reservation_ids) assert.equal(reservationId(r.tag, r.token), r.id)
+  for (const r of keys.tag_of_reservation) assert.equal(tagOfReservation(r.id), r.tag ?? undefined, r.id)
+  for (const f of keys.fingerprints) assert.equal(core.fingerprint(...f.parts), f.fingerprint)
+})
+
+test('every key of every (namespace, customer) pair', () => {
+  const spaces = load('keys.json').spaces
+  assert.ok(spaces.length > 50)
+  for (const s of spaces) {
+    const ck = new KeySpace(s.namespace).customer(s.customer_id)
+    assert.equal(ck.prefix, s.prefix)
+    assert.deepEqual(ck.fixed, s.fixed)
+    assert.deepEqual(Object.keys(ck.fixed), contract.customer_keys.map((k) => k.name))
+    for (const i of s.idempotency) assert.equal(ck.idempotency(i.operation, i.key), i.name)
+    for (const r of s.request) assert.equal(ck.request(r.token), r.name)
+  }
+})
+
+/** The plan the client makes for a vector case; `extra` is what the client adds on its own (a
+ * preflight not adoptable, its own reservation to close first, a batch's rollback). */
+function planOf(c: Json): core.Plan<unknown> {
+  const policy = settingsFrom(camel(c.client)).policy
+  const request = camel(c.request)
+  const extra = c.extra ?? {}
+  switch (c.op) {
+    case 'preflight':
+      return core.preflightCall(policy, core.validatePreflight(request), c.token, extra.adoptable ?? true) as unknown as core.Plan<unknown>
+    case 'record':
+      return core.planRecord(policy, request, c.token, extra.prefer)
+    case 'release':
+      return core.planRelease(policy, request, c.token, extra.rollback ?? false)
+    case 'set_budget':
+      return core.planSetBudget(policy, request)
+    case 'set_rate_limit':
+      return core.planSetRateLimit(policy, request)
+    case 'set_concurrency_limit':
+      return core.planSetConcurrencyLimit(policy, request)
+    case 'get_budget':
+      return core.planGetBudget(policy, request)
+    case 'get_usage':
+      return core.planGetUsage(policy, request)
+    case 'events': {
+      const e = core.validateEvents(request)
+      return core.planEventsPage(policy, e.customerId, e.since, Math.min(core.EVENTS_PAGE, e.limit ?? core.EVENTS_PAGE))
+    }
+    case 'open_task':
+      return core.planOpenTask(policy, request)
+    case 'get_task':
+      return core.planGetTask(policy, request)
+    default:
+      throw new Error(`no op ${c.op}`)
+  }
+}
+
+test('every call vector: the same script, KEYS and ARGV as Python, byte for byte', () => {
+  const cases = load('calls.json')
+  assert.ok(cases.length >= 15)
+  assert.ok(cases.some((c: Json) => c.extra?.prefer) && cases.some((c: Json) => c.extra?.rollback))
+  for (const c of cases) {
+    const { call } = planOf(c)
+    assert.equal(call.script, c.script, c.name)
+    assert.deepEqual(call.keys, c.keys, c.name)
+    assert.deepEqual(call.args, c.args, c.name)
+  }
+})
+
+test('validation: the same ids and units are refused, naming the field', () => {
+  const cases = load('validation.json')
+  for (const c of cases.ids) {
+    let valid = true
+    try {
+      v.id('agentId', c.value)
+    } catch (exc) {
+      assert.ok(exc instanceof InvalidRequestError)
+      assert.equal(exc.field, 'agentId')
+      valid = false
+    }
+    assert.equal(valid, c.valid, JSON.stringify(c.value)?.slice(0, 40))
+  }
+  for (const c of cases.units) {
+    let valid = true
+    try {
+      v.units('units', c.value)
+    } catch (exc) {
+      assert.ok(exc instanceof InvalidRequestError)
+      valid = false
+    }
+    assert.equal(valid, c.valid, JSON.stringify(c.value))
+  }
+})
+
+test('an unpaired surrogate is refused (it has no UTF-8 form to hash)', () => {
+  assert.throws(() => v.id('customerId', 'a\ud800b'), InvalidRequestError)
+})
+
+test('zone tables: the same UTC offsets as Python', () => {
+  const zones = load('zones.json')
+  const today = new Date(`${zones.today}T12:00:00Z`)
+  for (const z of zones.tables) assert.equal(zoneTable(z.tz, today), z.table, z.tz)
+})
