@@ -22,7 +22,14 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentbill import AgentBillClient, AsyncAgentBillClient, InvalidRequestError, LeaseCheck
+from agentbill import (
+    AgentBillClient,
+    AsyncAgentBillClient,
+    Check,
+    InvalidRequestError,
+    LeaseCheck,
+)
+from agentbill._lease import LeaseBook
 from tests._servers import RedisServer
 from tests.test_outage import ReplyLosingProxy, proxy, wait_until
 
@@ -349,6 +356,27 @@ def test_a_lease_under_a_concurrency_limit_approves_what_plain_preflights_would(
     assert leased == ["approved"] * 8
     budget = client.get_budget("c1")
     assert (budget.spent, budget.reserved, budget.open_reservations) == (16, 0, 0)
+
+
+def test_a_slice_whose_record_was_interrupted_stays_owed_until_it_is_sent() -> None:
+    """No I/O: the book's side of attack a01. A settled slice is handed out again, with the
+    same charge, until its record is sent (a transient error queues it; anything else that
+    interrupts the send leaves it owed); a second record of a recorded slice charges nothing."""
+    book = LeaseBook("agent", "c1", slice_units=10, ttl=60)
+    check = Check(
+        approved=True, reason=None, reservation_id="r", expires_at=None, remaining=None,
+        limit=None, agent_id="agent", customer_id="c1", estimated_units=10,
+    )  # fmt: skip
+    book.add_slice(check, 10, 1).record(1)
+    [settling] = book.to_settle(replacing=True)
+    assert settling.charge == 1
+    assert book.to_settle() == []  # being sent: not handed out twice at once
+    book.unsent(settling)  # the send was interrupted
+    [again] = book.to_settle(closing=True)
+    assert (again, again.charge) == (settling, 1)
+    book.sent(again)
+    assert book.to_settle(closing=True) == []
+    assert (book.stats().settled, book.stats().charged, book.stats().held) == (1, 1, 0)
 
 
 def test_a_late_record_no_slice_carries_is_charged_on_close(
