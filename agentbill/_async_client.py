@@ -27,7 +27,12 @@ from agentbill._exceptions import (
 from agentbill._gate import AsyncRun, Gate, Units
 from agentbill._lease import AsyncLease
 from agentbill._models import ClientSettings, Preflight
-from agentbill._outage import AsyncFlusher, warn_undelivered
+from agentbill._outage import (
+    LAST_DELIVERY,
+    AsyncFlusher,
+    deliver_until_async,
+    warn_undelivered,
+)
 from agentbill._results import (
     AsyncCheck,
     BudgetStatus,
@@ -60,6 +65,8 @@ class AsyncAgentBillClient(BaseClient):
     ``redis`` is a ready ``redis.asyncio.Redis`` (or ``RedisCluster``). Methods are awaited;
     ``preflight`` returns an :class:`AsyncCheck` whose ``record``/``release`` are awaited too.
     """
+
+    _flusher: AsyncFlusher
 
     def __init__(
         self,
@@ -163,17 +170,78 @@ class AsyncAgentBillClient(BaseClient):
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
 
-    async def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
+    async def _settle(
+        self, plan: _core.Plan[Settlement], release: bool = False, surely: bool = False
+    ) -> Settlement:
         if self._settings.background_settle:
-            settlement = self._queue_settlement(plan, release)
-            self._flusher.wake()
-            return settlement
+            return self._settle_later(plan, release)
         try:
             settlement = await self._run(plan)
         except StoreUnavailableError as exc:
-            return self._offline_settlement(plan, exc, release)
+            return self._offline_settlement(plan, exc, release, surely)
         self._outage.settled(plan, release)
         return settlement
+
+    async def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        **options: Any,
+    ) -> Settlement:
+        """See :meth:`AgentBillClient._settle_surely`."""
+        plan = self._plan_close(reservation_id, units, agent_id, customer_id, task_ref, **options)
+        if units is None:
+            settlement = await self._settle(plan, release=True, surely=True)
+            self._released(plan, settlement)
+        else:
+            settlement = await self._settle(plan, surely=True)
+            self._recorded(plan, settlement)
+        return settlement
+
+    def _deliver_until(self, deadline: float) -> int:
+        """The exit delivery of an async client: its loop is gone (or busy), so the queue is
+        sent on a loop of its own, through new connections like the client's (its own belong
+        to its loop)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            return self._outage.stats().queued  # inside a running loop: it cannot be blocked
+        twin = self._twin()
+        if twin is None:
+            return self._outage.stats().queued
+
+        async def deliver() -> int:
+            try:
+                return await deliver_until_async(twin.flush, deadline)
+            finally:
+                await twin._redis.aclose()
+
+        return asyncio.run(deliver())
+
+    def _twin(self) -> AsyncAgentBillClient | None:
+        """A client with this one's settings and queue, over new connections made like this
+        one's (None for Redis Cluster)."""
+        pool = getattr(self._redis, "connection_pool", None)
+        if pool is None or isinstance(self._redis, aioredis.RedisCluster):
+            return None
+        options = dict(pool.connection_kwargs)
+        if isinstance(pool, aioredis.BlockingConnectionPool):
+            options["timeout"] = None
+        fresh = type(pool)(
+            connection_class=pool.connection_class,
+            max_connections=pool.max_connections,
+            **options,
+        )
+        twin = AsyncAgentBillClient.__new__(AsyncAgentBillClient)
+        BaseClient.__init__(twin, self._settings, aioredis.Redis(connection_pool=fresh), True)
+        twin._outage = self._outage
+        twin._flusher = AsyncFlusher(twin.flush)
+        return twin
 
     async def flush(self) -> int:
         """See :meth:`AgentBillClient.flush`."""
@@ -518,8 +586,10 @@ class AsyncAgentBillClient(BaseClient):
     async def close(self) -> None:
         """See :meth:`AgentBillClient.close`."""
         await self._flusher.stop()
-        if self._outage.has_queued and await self.flush():
-            warn_undelivered(self._outage.stats())
+        if self._outage.has_queued:
+            deadline = time.monotonic() + LAST_DELIVERY
+            if await deliver_until_async(self.flush, deadline):
+                warn_undelivered(self._outage.stats())
         if self._owns_redis:
             await self._redis.aclose()
 

@@ -32,12 +32,17 @@ from agentbill._gate import Gate, Run, Units
 from agentbill._lease import AsyncLease, Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import (
+    LAST_DELIVERY,
+    AsyncFlusher,
     Flusher,
     OutageLedger,
     OutageStats,
     Queued,
+    deliver_at_exit,
+    deliver_until,
     idempotency_record,
     warn_offline,
+    warn_queued,
     warn_undelivered,
 )
 from agentbill._own import OwnReservations
@@ -122,6 +127,8 @@ class BaseClient:
         self._owns_redis = owns_client
         self._scripts = bind(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
+        self._flusher: Flusher | AsyncFlusher
+        deliver_at_exit(self)
         self._on_threshold = on_threshold
         self._own = OwnReservations()
         self._telemetry: Telemetry = OFF
@@ -214,20 +221,73 @@ class BaseClient:
         return cast(_core.T, check)
 
     def _offline_settlement(
-        self, plan: _core.Plan[Settlement], exc: StoreUnavailableError, release: bool
+        self,
+        plan: _core.Plan[Settlement],
+        exc: StoreUnavailableError,
+        release: bool,
+        surely: bool = False,
     ) -> Settlement:
         """A record/release Redis cannot take now: queued by the outage policy (an offline
         run's release too: its preflight may have reached Redis), or ``exc`` (always when Redis
-        answered "not now")."""
-        if self._outage.fails_closed or isinstance(exc, StoreBusyError):
+        answered "not now"). ``surely`` (a settlement no caller can make again, see
+        ``_settle_surely``): queued whatever the policy (a warning says so where the policy
+        would have raised), and delivered in the background."""
+        refused = self._outage.fails_closed or isinstance(exc, StoreBusyError)
+        if surely:
+            if refused:
+                warn_queued(plan, release, exc)
+            return self._settle_later(plan, release)
+        if refused:
             raise exc
         self._outage.enqueue(plan, release)
         return _core.queued_settlement(plan.reservation_id)
 
-    def _queue_settlement(self, plan: _core.Plan[Settlement], release: bool) -> Settlement:
-        """``background_settle``: queue the call for the flusher."""
+    def _plan_close(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> _core.Plan[Settlement]:
+        """The record of ``units`` on a reservation by its id (``units`` None: its release)."""
+        if units is None:
+            return _core.plan_release(self._policy, reservation_id, None, None)
+        return _core.plan_record(
+            self._policy,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+        )
+
+    def _settle_later(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
+        """Queue a settlement for the background delivery (with a backoff until Redis takes
+        it, exactly once: it keeps its request id), whatever the outage policy; status
+        ``queued``. Sync, for either client: what a lease run recorded after its lease closed
+        is charged this way."""
         self._outage.enqueue(plan, release)
+        self._flusher.wake()
         return _core.queued_settlement(plan.reservation_id)
+
+    def _last_delivery(self, deadline: float) -> int:
+        """Deliver what is queued, trying with a backoff until ``deadline`` (monotonic); how
+        many settlements are left, logged (they are lost with this process)."""
+        left = self._deliver_until(deadline)
+        if left:
+            warn_undelivered(self._outage.stats())
+        return left
+
+    def _deliver_until(self, deadline: float) -> int:
+        """Each client's: deliver the queue, trying until ``deadline``; how many are left."""
+        raise NotImplementedError
 
     def _batch_releases(self, checks: list[Any]) -> list[_core.Call]:
         """Calls releasing what this batch itself approved (not replays of earlier calls), the
@@ -348,6 +408,8 @@ class AgentBillClient(BaseClient):
     cannot be started.
     """
 
+    _flusher: Flusher
+
     def __init__(
         self,
         api_key: str | None = None,
@@ -454,17 +516,46 @@ class AgentBillClient(BaseClient):
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
 
-    def _settle(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
+    def _settle(
+        self, plan: _core.Plan[Settlement], release: bool = False, surely: bool = False
+    ) -> Settlement:
         if self._settings.background_settle:
-            settlement = self._queue_settlement(plan, release)
-            self._flusher.wake()
-            return settlement
+            return self._settle_later(plan, release)
         try:
             settlement = self._run(plan)
         except StoreUnavailableError as exc:
-            return self._offline_settlement(plan, exc, release)
+            return self._offline_settlement(plan, exc, release, surely)
         self._outage.settled(plan, release)
         return settlement
+
+    def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        **options: Any,
+    ) -> Settlement:
+        """Record ``units`` on a reservation by its id (``units`` None: release it) for a caller
+        that cannot make the call again: a gate, a run block, a Celery task or RQ job run, a
+        lease's slice. As ``record``/``release``, except that when Redis cannot take it now
+        (busy, unreachable or silent) it is queued, whatever the outage policy, and delivered
+        in the background with a backoff, exactly once (it keeps its request id); the status
+        is ``queued``, and a warning is logged where the outage policy would have raised. A bad
+        request still raises. ``options``: a record's ``success``, ``idempotency_key`` and
+        ``metadata``."""
+        plan = self._plan_close(reservation_id, units, agent_id, customer_id, task_ref, **options)
+        if units is None:
+            settlement = self._settle(plan, release=True, surely=True)
+            self._released(plan, settlement)
+        else:
+            settlement = self._settle(plan, surely=True)
+            self._recorded(plan, settlement)
+        return settlement
+
+    def _deliver_until(self, deadline: float) -> int:
+        return deliver_until(self.flush, deadline)
 
     def flush(self) -> int:
         """Deliver the queued settlements (an outage's, or all of them with
@@ -882,11 +973,13 @@ class AgentBillClient(BaseClient):
     # -- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Deliver what an outage left queued, if Redis answers, then close the connections
-        this client opened (not a ``redis=`` client you passed in)."""
+        """Deliver what is still queued (an outage's, the background's, a settlement Redis
+        could not take), trying with a backoff for up to 5 s, then close the connections this
+        client opened (not a ``redis=`` client you passed in). What is still queued then is
+        logged; the exit delivery tries once more."""
         self._flusher.stop()
-        if self._outage.has_queued and self.flush():
-            warn_undelivered(self._outage.stats())
+        if self._outage.has_queued:
+            self._last_delivery(time.monotonic() + LAST_DELIVERY)
         if self._owns_redis:
             self._redis.close()
 

@@ -19,16 +19,28 @@ never starts its body after the cancel:
   body starts.
 - Records and releases run to their end even if the call is cancelled meanwhile (a settle cut
   half-way could leave a run uncharged, or its units held until the TTL); the cancel is raised
-  once they are done.
+  once they are done. With the sync client, a KeyboardInterrupt (SIGINT, in the main thread)
+  that arrives while one is under way is held back the same way and raised once it is done.
+
+The gate owns its reservation, and no caller could make its settlement again, so:
+
+- the reservation is made unadoptable and is not in the client's book of its own: only a
+  request naming it can close it, never a record without an id in the same process;
+- its record or release goes through the client's ``_settle_surely``: if Redis cannot take it
+  now (busy, unreachable or silent), it is queued, whatever the outage policy, and delivered
+  in the background, exactly once, instead of being raised and lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 from agentbill._exceptions import AgentBillError
@@ -100,41 +112,45 @@ class Gate:
         return validate_units("units", used)
 
     def _wrap_sync(self, fn: Callable[P, R]) -> Callable[P, R]:
+        client = self._client
+
         @functools.wraps(fn)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
-            check = _admit(self._client, self._preflight)
+            check = _admit(client, self._preflight)
             try:
                 result = fn(*args, **kwargs)
                 _refuse_deferred(fn, result, awaitable=True)
             except BaseException:  # KeyboardInterrupt and SystemExit too
-                _release_quietly(check.release, check.reservation_id)
+                _release_quietly(client, check)
                 raise
             try:
                 used = self._units_of(result)
             except Exception:
-                check.record(self._estimated_units)  # the work happened: charge the estimate
+                _close(client, check, self._estimated_units)  # the work happened: the estimate
                 raise
-            check.record(used)
+            _close(client, check, used)
             return result
 
         return gated
 
     def _wrap_async(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        client = self._client
+
         @functools.wraps(fn)
         async def gated(*args: P.args, **kwargs: P.kwargs) -> T:
-            check = await _admit_async(self._client, self._preflight)
+            check = await _admit_async(client, self._preflight)
             try:
                 result = await fn(*args, **kwargs)
                 _refuse_deferred(fn, result, awaitable=False)
             except BaseException:  # CancelledError, timeouts and KeyboardInterrupt too
-                await _release_quietly_async(check.release, check.reservation_id)
+                await _release_quietly_async(client, check)
                 raise
             try:
                 used = self._units_of(result)
             except Exception:
-                await _completed(check.record(self._estimated_units))
+                await _close_async(client, check, self._estimated_units)
                 raise
-            await _completed(check.record(used))
+            await _close_async(client, check, used)
             return result
 
         return gated
@@ -161,22 +177,28 @@ def _refuse_deferred(fn: Callable[..., Any], result: object, *, awaitable: bool)
 # -- the preflight, guarded --------------------------------------------------------------------
 
 
+def _plan(client: Any, preflight: dict[str, Any]) -> Any:
+    """The gate's preflight, not sent: unadoptable (only a request naming it closes it), and
+    its reservation id made before anything is sent."""
+    return client._plan_preflight(**preflight, adoptable=False)
+
+
 def _admit(client: Any, preflight: dict[str, Any]) -> Any:
     """Preflight; the approved Check, or the typed RunBlockedError.
 
     An interrupt while the preflight is under way (KeyboardInterrupt, anything but the client's
     own errors) releases its reservation by the client-made id, reserved or not, and is re-raised.
     The client's errors are not: the preflight then failed before reserving, or Redis is not
-    answering (see "A preflight that timed out" in the README).
+    answering (see "A preflight that timed out" in the README). The reservation is not put in
+    the client's book of its own (``track=False``): the gate closes it by its id.
     """
-    plan = client._plan_preflight(**preflight)
+    plan = _plan(client, preflight)
     try:
-        check = client._preflight(plan)
+        check = client._preflight(plan, track=False)
     except AgentBillError:
         raise
     except BaseException:
-        release = functools.partial(client.release, plan.reservation_id)
-        _release_quietly(release, plan.reservation_id)
+        _release_quietly(client, _Reservation(plan.reservation_id, preflight))
         raise
     return check.raise_for_refusal()
 
@@ -188,25 +210,84 @@ async def _admit_async(client: Any, preflight: dict[str, Any]) -> Any:
     ``CancelledError``, before the body starts."""
     task = asyncio.current_task()
     cancelling = task.cancelling() if task is not None else 0
-    plan = client._plan_preflight(**preflight)
+    plan = _plan(client, preflight)
     try:
-        check = client._preflight(plan)
+        check = client._preflight(plan, track=False)
         if inspect.isawaitable(check):
             check = await check
     except AgentBillError:
         raise
     except BaseException:
-        release = functools.partial(client.release, plan.reservation_id)
-        await _release_quietly_async(release, plan.reservation_id)
+        await _release_quietly_async(client, _Reservation(plan.reservation_id, preflight))
         raise
     if task is not None and task.cancelling() > cancelling:
         if check.approved:
-            await _release_quietly_async(check.release, check.reservation_id)
+            await _release_quietly_async(client, check)
         raise asyncio.CancelledError
     return check.raise_for_refusal()
 
 
-# -- settling through cancellation ---------------------------------------------------------------
+class _Reservation:
+    """What a settle needs of a preflight whose Check never came back: its id and run."""
+
+    def __init__(self, reservation_id: str, preflight: dict[str, Any]) -> None:
+        self.reservation_id = reservation_id
+        self.agent_id: str = preflight["agent_id"]
+        self.customer_id: str | None = preflight["customer_id"]
+        self.task_ref: str | None = preflight["task_ref"]
+
+
+# -- settling: surely, and through cancellation and interrupts --------------------------------
+
+
+def _settle(client: Any, check: Any, units: int | None, **options: Any) -> Any:
+    """The gate's record of ``units`` (None: its release), surely (see the module docstring):
+    a Settlement, or with the async client a coroutine of one. ``options``: a record's
+    ``success``, ``idempotency_key``, ``metadata``."""
+    return client._settle_surely(
+        check.reservation_id, units, check.agent_id, check.customer_id, check.task_ref, **options
+    )
+
+
+def _close(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
+    """:func:`_settle` on the sync client, with SIGINT held back until it is done."""
+    with _interrupts_held():
+        settlement: Settlement = _settle(client, check, units, **options)
+    return settlement
+
+
+async def _close_async(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
+    """:func:`_settle` awaited to its end through cancellation (see :func:`_completed`)."""
+    settlement: Settlement = await _completed(_settle(client, check, units, **options))
+    return settlement
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT held back while a record or release of the sync client runs, then raised again
+    (as it would have been: ``KeyboardInterrupt`` with the default handler): an interrupt cut
+    through a settle could leave a run uncharged and its units held until the TTL. The settle
+    is bounded by the client's timeouts. Only the main thread receives signals, so elsewhere,
+    or when SIGINT's handler is not Python's, nothing is changed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # set outside Python: it cannot be put back
+        yield
+        return
+    held: list[int] = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 async def _completed(outcome: Awaitable[T] | T) -> T:
@@ -238,23 +319,22 @@ def _warn_unreleased(reservation_id: str | None, exc: AgentBillError) -> None:
     )
 
 
-def _release_quietly(release: Callable[[], object], reservation_id: str | None) -> None:
-    """Release after the body (or the preflight) failed, never hiding its exception.
-
-    If Redis is unreachable now, the reservation keeps its units until its TTL.
-    """
+def _release_quietly(client: Any, check: Any) -> None:
+    """Release after the body (or the preflight) failed, never hiding its exception. If Redis
+    cannot take it now it is queued (see ``_settle_surely``); only a release Redis refuses
+    outright is logged, and then the reservation keeps its units until its TTL."""
     try:
-        release()
+        _close(client, check, None)
     except AgentBillError as exc:
-        _warn_unreleased(reservation_id, exc)
+        _warn_unreleased(check.reservation_id, exc)
 
 
-async def _release_quietly_async(release: Callable[[], object], reservation_id: str | None) -> None:
+async def _release_quietly_async(client: Any, check: Any) -> None:
     """:func:`_release_quietly`, run to its end through cancellation (see :func:`_completed`)."""
     try:
-        await _completed(release())
+        await _close_async(client, check, None)
     except AgentBillError as exc:
-        _warn_unreleased(reservation_id, exc)
+        _warn_unreleased(check.reservation_id, exc)
 
 
 # -- run blocks ----------------------------------------------------------------------------------
@@ -291,11 +371,11 @@ class _Block:
         return self._check
 
     def _finish(self) -> Any:
-        """Settle a block that ended normally: nothing to do if it recorded."""
+        """Settle a block that ended normally (surely, see the module docstring): nothing to do
+        if it recorded. A Settlement, a coroutine of one (the async client), or None."""
         if self.settlement is None:
-            if self._charge_estimate:
-                return self._check.record(self._check.estimated_units)
-            return self._check.release()
+            units = self._check.estimated_units if self._charge_estimate else None
+            return _settle(self._client, self._check, units)
         return None
 
 
@@ -323,14 +403,18 @@ class Run(_Block):
         return self
 
     def record(self, units: int, **kwargs: Any) -> Settlement:
-        self.settlement = self._approved().record(units, **kwargs)
+        """Record what the block used (``kwargs``: ``success``, ``idempotency_key``,
+        ``metadata``, as for ``Check.record``). It is the block's own record: if Redis cannot
+        take it now, it is queued (status ``queued``) and delivered later, not raised."""
+        self.settlement = _close(self._client, self._approved(), units, **kwargs)
         return self.settlement
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
         if _failed(exc_type):
-            _release_quietly(self._check.release, self._check.reservation_id)
+            _release_quietly(self._client, self._check)
             return
-        self._finish()
+        with _interrupts_held():
+            self._finish()
 
     async def __aenter__(self) -> Run:
         raise TypeError(
@@ -353,8 +437,8 @@ class AsyncRun(_Block):
         return self
 
     async def record(self, units: int, **kwargs: Any) -> Settlement:
-        check = self._approved()
-        settlement: Settlement = await _completed(check.record(units, **kwargs))
+        """See :meth:`Run.record`."""
+        settlement = await _close_async(self._client, self._approved(), units, **kwargs)
         self.settlement = settlement
         return settlement
 
@@ -362,7 +446,7 @@ class AsyncRun(_Block):
         self, exc_type: type[BaseException] | None, exc: object, tb: object
     ) -> None:
         if _failed(exc_type):
-            await _release_quietly_async(self._check.release, self._check.reservation_id)
+            await _release_quietly_async(self._client, self._check)
             return
         outcome = self._finish()
         if outcome is not None:

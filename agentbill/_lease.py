@@ -3,10 +3,17 @@
 ``client.lease(agent_id, customer_id, slice_units=...)`` returns a :class:`Lease`. Its
 ``preflight(estimated_units)`` approves a run locally while the current *slice* (an ordinary
 reservation made by one preflight, so every rule was checked for it) has room for the estimate;
-when it has not, the lease reserves a new slice and the old one is settled (recorded with what
-its runs used, releasing the rest) once its last run is settled. Runs are recorded and released
-locally, once each, like a Check's reservation; slices are settled on the lease's next
-preflight and on ``close()``.
+when it has not, the lease settles the old slice once its last run is settled (recorded with
+what its runs used, releasing the rest: before the next slice is reserved, if no run is open
+in it, so that it never counts as a second run in flight), and reserves a new one. Runs are
+recorded and released locally, once each, like a Check's reservation; slices are settled on
+the lease's next preflight that needs a slice and on ``close()``.
+
+A slice's record is the client's ``_settle_surely``: if Redis cannot take it now (busy,
+unreachable or silent), it is queued, whatever the outage policy, and delivered in the
+background, exactly once; a record interrupted otherwise leaves the slice owed, and the next
+settle sends it again (a second record of a recorded slice charges nothing). So units a run
+reported are never lost with its slice.
 
 Overspend stays exactly what it is without leases: the units a lease approves locally are
 units it holds in Redis, so no other worker can be approved against them. The cost is the
@@ -22,7 +29,9 @@ refused it may have room for the run (see :meth:`LeaseBook.acquire`).
 A slice expires like any reservation (``ttl``); the lease stops deciding on it a safety margin
 before that (on this process's monotonic clock), and its record then still charges what its
 runs used, flagged late if it did expire. Closing a lease while runs are still open charges
-their estimates; that is their close (their later record or release returns it, replayed).
+their estimates; that is their close (their later record or release returns it, replayed). A
+run released and then recorded after the lease closed is charged on its own, late (queued for
+the client's background delivery: a run's record does no I/O).
 
 The bookkeeping lives in :class:`LeaseBook`, without I/O; :class:`Lease` and
 :class:`AsyncLease` add the round trips.
@@ -30,10 +39,11 @@ The bookkeeping lives in :class:`LeaseBook`, without I/O; :class:`Lease` and
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -66,6 +76,11 @@ class Slice:
     open: set[LeaseRun] = field(default_factory=set)
     runs: int = 0
     settled: bool = False
+    """Done with: no run is open in it or will be; its record is owed until it lands."""
+    charge: int = 0
+    """What its record charges, once settled."""
+    sending: bool = False
+    """Its record is being sent."""
     last_outcome: Settlement | None = None
 
     def fits(self, units: int, now: float) -> bool:
@@ -211,6 +226,9 @@ class LeaseBook:
         self.closed = False
         self.owed = 0
         """Units of late records whose slice was already settled: charged with the next."""
+        self.charge_late: Callable[[int], object] | None = None
+        """Charges alone the units of a run recorded after its release once the lease is
+        closed (set by the lease: queued for the client's delivery)."""
         self.runs = 0
         self.refused = 0
         self.slice_count = 0
@@ -367,7 +385,10 @@ class LeaseBook:
     def finish(self, run: LeaseRun, status: SettleStatus, units: int) -> Settlement:
         """Close ``run`` as a Check's reservation closes (see design of settle.lua): the first
         close counts; a record after its release is charged now, flagged late (a release never
-        erases a record); any other later close returns the first outcome, replayed."""
+        erases a record): with its slice if that is not settled yet, else with the next slice
+        settled, or, once the lease is closed, on its own (``charge_late``); any other later
+        close returns the first outcome, replayed."""
+        alone = False
         with self.lock:
             first = run.outcome
             s = run.slice
@@ -384,37 +405,56 @@ class LeaseBook:
             elif not self.closed:
                 self.owed += units  # charged with the next slice settled, or on close
             else:
-                raise InvalidRequestError(
-                    "lease",
-                    "is closed and this run was released: its units cannot be charged with a "
-                    "slice any more (record them with the client)",
-                )
-            run.outcome = _outcome(s, "late", units, 0, late=True)
-            return run.outcome
+                alone = True
+            run.outcome = outcome = _outcome(s, "late", units, 0, late=True)
+        if alone and units:
+            assert self.charge_late is not None  # every lease sets it
+            self.charge_late(units)
+        return outcome
 
-    def to_settle(self, closing: bool = False) -> list[tuple[Slice, int]]:
-        """Slices done with (not current, or stale) and with no run open, or, when closing,
-        every slice (its open runs charged their estimates, which is their close): each with
-        the units to charge (the first also carries the late records of runs whose slice was
-        already settled). They are marked settled."""
+    def to_settle(self, closing: bool = False, replacing: bool = False) -> list[Slice]:
+        """The slices whose record to send now, each marked as being sent (:meth:`sent` or
+        :meth:`unsent` it), with its ``charge``.
+
+        Those are the slices settled before whose record has not landed, and the slices done
+        with now: not current (or, ``replacing``, the current one too: a new slice is needed),
+        or stale, and with no run open; or, when closing, every slice (its open runs charged
+        their estimates, which is their close). The first one settled now also carries the late
+        records of runs whose slice was already settled."""
         now = time.monotonic()
         with self.lock:
             if closing:
                 self.closed = True
-            out = []
             for s in self.slices:
-                done = closing or s is not self.current or now >= s.usable_until
+                if s.settled:
+                    continue
+                done = closing or replacing or s is not self.current or now >= s.usable_until
                 if done and (not s.open or closing):
                     for run in s.open:
                         run.outcome = _outcome(s, "recorded", run.estimate, 0)
                     s.open.clear()
                     s.settled = True
-                    out.append((s, s.used + s.held + self.owed))
+                    s.charge = s.used + s.held + self.owed
                     self.owed = 0
-            self.slices = [s for s in self.slices if not s.settled]
             if self.current is not None and self.current.settled:
                 self.current = None
+            out = [s for s in self.slices if s.settled and not s.sending]
+            for s in out:
+                s.sending = True
             return out
+
+    def sent(self, s: Slice) -> None:
+        """``s``'s record landed (or is queued for the client's delivery)."""
+        with self.lock:
+            if s in self.slices:  # not a parent's slice, in a forked child
+                self.slices.remove(s)
+            self.settled_units += s.charge
+            self.settled_count += 1
+
+    def unsent(self, s: Slice) -> None:
+        """``s``'s record was interrupted: still owed, sent again by the next settle."""
+        with self.lock:
+            s.sending = False
 
     def owed_id(self) -> str:
         """A new reservation id of this lease's customer, never issued: a record naming it
@@ -428,9 +468,14 @@ class LeaseBook:
             owed, self.owed = self.owed, 0
             return owed
 
-    def settled(self, charged: int) -> None:
+    def owe(self, units: int) -> None:
+        """The charge of late records was interrupted: owed again."""
         with self.lock:
-            self.settled_units += charged
+            self.owed += units
+
+    def charged_alone(self, units: int) -> None:
+        with self.lock:
+            self.settled_units += units
             self.settled_count += 1
 
     def stats(self) -> LeaseStats:
@@ -466,6 +511,35 @@ def _refusal(check: BaseCheck, units: int) -> LeaseCheck:
     )
 
 
+Record = tuple[str, int, str, str | None, str | None]
+"""A ``_settle_surely`` call's arguments: reservation id, units, agent, customer, task_ref."""
+
+
+def _slice_record(s: Slice, task_ref: str | None) -> Record:
+    """The record of a settled slice: what its runs used, on its reservation."""
+    c = s.check
+    return c.reservation_id, s.charge, c.agent_id, c.customer_id, task_ref
+
+
+def _owed_record(book: LeaseBook, units: int, task_ref: str | None) -> Record:
+    """A direct late charge of ``units`` under an id never issued, so it closes no reservation
+    (see :meth:`LeaseBook.owed_id`)."""
+    return book.owed_id(), units, book.agent_id, book.customer_id, task_ref
+
+
+def _charge_later(
+    client: AgentBillClient | AsyncAgentBillClient,
+    book: LeaseBook,
+    task_ref: str | None,
+    units: int,
+) -> None:
+    """Charge a run recorded after its release and after its lease closed: queued for the
+    client's background delivery (a run's record does no I/O of its own), exactly once."""
+    rid, units, agent_id, customer_id, task_ref = _owed_record(book, units, task_ref)
+    client._settle_later(client._plan_close(rid, units, agent_id, customer_id, task_ref))
+    book.charged_alone(units)
+
+
 class Lease:
     """A lease on :class:`AgentBillClient`; see the module docstring. Use it as a context
     manager, or call :meth:`close`."""
@@ -483,17 +557,19 @@ class Lease:
         self._client = client
         self._task_ref = task_ref
         self.book = LeaseBook(agent_id, customer_id, slice_units, ttl, client.ceiling)
+        self.book.charge_late = functools.partial(_charge_later, client, self.book, task_ref)
 
     def preflight(self, estimated_units: int) -> LeaseCheck:
-        """Approve a run locally if the current slice has room, else reserve a new slice (a
-        round trip; more if the slice must be smaller, see :meth:`LeaseBook.acquire`). A
-        refusal is returned, with the numbers of the rule that refused: the lease refuses a run
-        only when a plain preflight of it would be refused too."""
+        """Approve a run locally if the current slice has room, else settle the slices done
+        with (the current one too, if no run is open in it) and reserve a new slice (a round
+        trip; more if the slice must be smaller, see :meth:`LeaseBook.acquire`). A refusal is
+        returned, with the numbers of the rule that refused: the lease refuses a run only when
+        a plain preflight of it would be refused too."""
         units = validate_units("estimated_units", estimated_units)
         local = self.book.try_local(units)
         if local is not None:
             return local
-        self._settle()
+        self._settle(replacing=True)
         dialogue = self.book.acquire(units)
         answer: BaseCheck | BudgetStatus | None = None
         while True:
@@ -512,20 +588,24 @@ class Lease:
         agent = book.agent_id if ask.agent else None
         return self._client.get_budget(book.customer_id, agent_id=agent)
 
-    def _settle(self, closing: bool = False) -> None:
-        for s, charge in self.book.to_settle(closing):
-            s.check.record(charge)
-            self.book.settled(charge)
-        if closing and (owed := self.book.take_owed()):
-            book = self.book
-            self._client.record(
-                book.agent_id,
-                owed,
-                book.customer_id,
-                reservation_id=book.owed_id(),
-                task_ref=self._task_ref,
-            )
-            book.settled(owed)
+    def _settle(self, closing: bool = False, replacing: bool = False) -> None:
+        """Send the records of the slices done with (see :meth:`LeaseBook.to_settle`), surely
+        (see the module docstring); when closing, charge alone what late records left owed."""
+        book, client = self.book, self._client
+        for s in book.to_settle(closing, replacing):
+            try:
+                client._settle_surely(*_slice_record(s, self._task_ref))
+            except BaseException:
+                book.unsent(s)
+                raise
+            book.sent(s)
+        if closing and (owed := book.take_owed()):
+            try:
+                client._settle_surely(*_owed_record(book, owed, self._task_ref))
+            except BaseException:
+                book.owe(owed)
+                raise
+            book.charged_alone(owed)
 
     def stats(self) -> LeaseStats:
         return self.book.stats()
@@ -560,6 +640,7 @@ class AsyncLease:
         self._client = client
         self._task_ref = task_ref
         self.book = LeaseBook(agent_id, customer_id, slice_units, ttl, client.ceiling)
+        self.book.charge_late = functools.partial(_charge_later, client, self.book, task_ref)
 
     async def preflight(self, estimated_units: int) -> LeaseCheck:
         """See :meth:`Lease.preflight`."""
@@ -567,7 +648,7 @@ class AsyncLease:
         local = self.book.try_local(units)
         if local is not None:
             return local
-        await self._settle()
+        await self._settle(replacing=True)
         dialogue = self.book.acquire(units)
         answer: BaseCheck | BudgetStatus | None = None
         while True:
@@ -586,20 +667,23 @@ class AsyncLease:
         agent = book.agent_id if ask.agent else None
         return await self._client.get_budget(book.customer_id, agent_id=agent)
 
-    async def _settle(self, closing: bool = False) -> None:
-        for s, charge in self.book.to_settle(closing):
-            await s.check.record(charge)
-            self.book.settled(charge)
-        if closing and (owed := self.book.take_owed()):
-            book = self.book
-            await self._client.record(
-                book.agent_id,
-                owed,
-                book.customer_id,
-                reservation_id=book.owed_id(),
-                task_ref=self._task_ref,
-            )
-            book.settled(owed)
+    async def _settle(self, closing: bool = False, replacing: bool = False) -> None:
+        """See :meth:`Lease._settle`."""
+        book, client = self.book, self._client
+        for s in book.to_settle(closing, replacing):
+            try:
+                await client._settle_surely(*_slice_record(s, self._task_ref))
+            except BaseException:
+                book.unsent(s)
+                raise
+            book.sent(s)
+        if closing and (owed := book.take_owed()):
+            try:
+                await client._settle_surely(*_owed_record(book, owed, self._task_ref))
+            except BaseException:
+                book.owe(owed)
+                raise
+            book.charged_alone(owed)
 
     def stats(self) -> LeaseStats:
         return self.book.stats()

@@ -11,8 +11,11 @@ user on this machine shares, starting it when none answers:
   ``server.pid``, ``server.log``, ``server.lock`` and ``appendonlydir/`` (fsync every second, so
   budgets survive a restart and a crash loses at most about a second of writes);
 - a server that answers PING is reused without locking; otherwise starting happens under
-  ``server.lock``, so processes starting at once end up with one server, and a stale pid file
-  (its process gone, or its socket silent) is replaced;
+  ``server.lock``, so processes starting at once end up with one server. Only a server that is
+  gone is replaced: its socket absent or refusing connections (its process dead, or still
+  running but no longer listening). A server that accepts connections but is slow to answer
+  (a long script, a disk stall, a stopped process) is never replaced, by a new client or by a
+  running one's heal: it is waited for, within a bound, and then reported;
 - the first use of a data directory in a process logs one INFO line on the ``agentbill`` logger
   saying where the data lives and that ``AGENTBILL_REDIS_URL`` shares budgets across machines.
 
@@ -131,7 +134,8 @@ class _Layout:
 class _Answer(enum.Enum):
     READY = "ready"  # PONG
     BUSY = "busy"  # alive, answered with an error (LOADING the append-only file, BUSY script)
-    SILENT = "silent"  # no socket, refused, or no reply within the timeout
+    SLOW = "slow"  # connected, but no reply within the timeout: alive, never to be replaced
+    GONE = "gone"  # no socket, or the connection refused or reset: nothing serves it
 
 
 def find_server_binary() -> Path:
@@ -176,13 +180,16 @@ def ensure_local_server() -> str:
     """Return a ``unix://`` URL for this user's local server, starting one if none answers.
 
     A server that answers PING is reused without taking the lock. Otherwise, holding
-    ``server.lock``: a server that is still loading is waited for; a silent one is replaced (its
-    pid file and socket removed, and its process stopped if it is still our server); then the
-    server is spawned and given up to ``START_TIMEOUT`` seconds to answer PING. The first call
-    for a data directory in a process logs one INFO line.
+    ``server.lock``: a server that is still loading, busy or slow (it accepts connections) is
+    waited for, up to ``START_TIMEOUT`` seconds, and never replaced; one that is gone (no socket,
+    or its connections refused) is replaced (its pid file and socket removed, and its process
+    stopped if it is still our server), then the new server is spawned and given up to
+    ``START_TIMEOUT`` seconds to answer PING. The first call for a data directory in a process
+    logs one INFO line.
 
     Raises StoreUnavailableError when there is no server binary, the socket path would be too
-    long, or the server does not start (the message ends with the tail of its log).
+    long, the server does not start (the message ends with the tail of its log), or a server
+    that is there does not answer in time.
     """
     layout = _Layout(_home())
     _check_socket_path(layout.socket)
@@ -199,23 +206,24 @@ def local_reviver() -> Callable[[float], None]:
     starts the server again if it died (bound to the data directory of now), within the
     seconds it is given.
 
-    Like :func:`ensure_local_server`, but bounded: a server that answers is left alone (no
-    lock); otherwise, holding ``server.lock`` (waited for at most the time given), one that
-    does not answer is replaced and the new one waited for until the time is up. Raises
-    StoreUnavailableError when that is not enough; a server being started keeps starting, and
-    the next call finds it. Its data comes back from the append-only file.
+    Like :func:`ensure_local_server`, but bounded: a server that is there (it answers, or
+    accepts connections but is slow: never replaced) is left alone, without the lock;
+    otherwise, holding ``server.lock`` (waited for at most the time given), one that is gone is
+    replaced and the new one waited for until the time is up. Raises StoreUnavailableError when
+    that is not enough; a server being started keeps starting, and the next call finds it. Its
+    data comes back from the append-only file.
     """
     return functools.partial(_revive, _Layout(_home()))
 
 
 def _revive(layout: _Layout, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    if _ping(layout.socket) is _Answer.READY:
-        return
+    if _ping(layout.socket) is not _Answer.GONE:
+        return  # there: answering, or slow (never replaced); the call's retry goes on
     with _locked(layout, timeout=max(deadline - time.monotonic(), 0.0)):
-        if _ping(layout.socket) is _Answer.SILENT:  # not started again by another process
+        if _ping(layout.socket) is _Answer.GONE:  # not started again by another process
             logger.warning(
-                "the local server on %s stopped answering; starting it again (its data is in %s)",
+                "the local server on %s is gone; starting it again (its data is in %s)",
                 layout.socket,
                 layout.home,
             )
@@ -328,19 +336,24 @@ def _locked(layout: _Layout, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
 
 
 def _start_unless_running(layout: _Layout, deadline: float | None = None) -> None:
-    if _ping(layout.socket) is _Answer.SILENT:
+    """Under the lock: replace a server that is gone, then wait for the server to answer. One
+    that is there but slow is only waited for: replacing it would stop a healthy server in the
+    middle of its work (and every client's calls with it)."""
+    deadline = deadline or time.monotonic() + START_TIMEOUT
+    if _ping(layout.socket) is _Answer.GONE:
         binary = find_server_binary()
         _clear_stale(layout)
         _spawn(binary, layout)
-    _wait_ready(layout, deadline=deadline or time.monotonic() + START_TIMEOUT)
+    _wait_ready(layout, deadline=deadline)
 
 
 def _clear_stale(layout: _Layout) -> None:
-    """Remove what a server that does not answer left behind, stopping it if it still runs."""
+    """Remove what a server that is gone left behind: its pid file and socket, and its process
+    if it still runs without listening (it is stopped first)."""
     pid = _silent_server_pid(layout)
     if pid is not None:
         logger.warning(
-            "the local server (pid %d) does not answer on %s; restarting it",
+            "the local server (pid %d) does not listen on %s any more; restarting it",
             pid,
             layout.socket,
         )
@@ -390,13 +403,20 @@ def _spawn(binary: Path, layout: _Layout) -> None:
 def _wait_ready(layout: _Layout, deadline: float) -> None:
     waited_from = time.monotonic()
     while True:
-        if _ping(layout.socket) is _Answer.READY:
+        answer = _ping(layout.socket)
+        if answer is _Answer.READY:
             return
         pid = _read_pid(layout.pidfile)
         if pid is not None and not _alive(pid):
             raise _start_failure(layout, f"the local server (pid {pid}) exited while starting")
         if time.monotonic() >= deadline:
             waited = time.monotonic() - waited_from
+            if answer is _Answer.SLOW and pid is not None:
+                raise StoreUnavailableError(
+                    f"the local server (pid {pid}) accepts connections on {layout.socket} but "
+                    f"did not answer within {waited:.3g}s; a slow server is never replaced: "
+                    f"wait for it, or stop it (`agentbill local stop`, or `kill {pid}`)"
+                )
             raise _start_failure(
                 layout, f"the local server did not answer on {layout.socket} within {waited:.3g}s"
             )
@@ -451,15 +471,19 @@ def _connect(socket: Path) -> redis.Redis:
 
 def _ping(socket: Path) -> _Answer:
     if not socket.exists():
-        return _Answer.SILENT
+        return _Answer.GONE
     with _connect(socket) as client:
         try:
             client.ping()
         # BusyLoadingError is a ConnectionError to redis-py, but the server did answer.
         except (redis.BusyLoadingError, redis.ResponseError):
             return _Answer.BUSY
+        # Connected (a unix socket connects while its server is blocked: the kernel queues
+        # it), then no reply: a server that is there, only slow.
+        except redis.TimeoutError:
+            return _Answer.SLOW
         except redis.RedisError:
-            return _Answer.SILENT
+            return _Answer.GONE
     return _Answer.READY
 
 

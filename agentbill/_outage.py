@@ -16,23 +16,34 @@ one that Redis refuses for good (a bad request, such as an idempotency conflict)
 logged as an error and counted, and a dropped record's reservation is released, so that it is
 never left holding its units until its TTL.
 
+The same queue also takes the settlements that no caller could make again: the records and
+releases of a gate, a run block, a Celery task, an RQ job or a lease slice (the client's
+``_settle_surely``). Whatever the outage policy, one that Redis cannot take now (busy,
+unreachable or silent) is queued rather than raised, with its request id, and delivered by the
+background flusher with a backoff.
+
 The ledger is per process: a client inherited across ``fork()`` starts a fresh one in the
 child (with new locks), so a queued settlement is never delivered by two processes. It lives
-in memory: a process that dies with settlements queued loses them (``close()`` tries a last
-delivery and logs what it could not send).
+in memory, so before a process ends, what is queued gets a last delivery, tried with a backoff
+for up to :data:`LAST_DELIVERY` seconds (what is still queued then is logged, and lost): by
+``close()``, at interpreter exit (every client of the process, held weakly:
+:func:`deliver_queued`), and by the Celery and RQ integrations before a pool child or a work
+horse ends (they leave with ``os._exit``, which runs no exit hook).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from agentbill._exceptions import InvalidRequestError
 from agentbill._fork import reset_at_fork
@@ -49,6 +60,10 @@ BATCH = 100
 
 BACKOFF_START, BACKOFF_MAX = 0.05, 2.0
 """Seconds between delivery attempts while Redis cannot take the queue: doubling, capped."""
+
+LAST_DELIVERY = 5.0
+"""Seconds a last delivery (``close()``, interpreter exit, a worker process ending) keeps trying
+to hand the queue to Redis, with the backoff above."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -353,10 +368,78 @@ def warn_offline(check: Any, mode: OutageMode, exc: Exception) -> None:
 
 def warn_undelivered(stats: OutageStats) -> None:
     logger.warning(
-        "agentbill: closing with %s settlements still queued (Redis unreachable): they are "
-        "lost with this process",
+        "agentbill: closing with %s settlements still queued (Redis unreachable or busy): "
+        "they are lost with this process",
         stats.queued,
     )
+
+
+def warn_queued(plan: Any, release: bool, exc: Exception) -> None:
+    """A settlement no caller can make again met a Redis that cannot take it now: queued."""
+    logger.warning(
+        "agentbill: Redis could not take the %s of reservation %s now (%s); it is queued and "
+        "delivered, once, when Redis can take it",
+        "release" if release else "record",
+        plan.reservation_id,
+        exc,
+    )
+
+
+def deliver_until(flush: Callable[[], int], deadline: float) -> int:
+    """Call ``flush`` (a sync client's) until nothing is queued, backing off between tries,
+    until ``deadline`` (monotonic); how many settlements are still queued."""
+    backoff = BACKOFF_START
+    while (left := flush()) and time.monotonic() + backoff < deadline:
+        time.sleep(backoff)
+        backoff = min(backoff * 2, BACKOFF_MAX)
+    return left
+
+
+async def deliver_until_async(flush: Callable[[], Awaitable[int]], deadline: float) -> int:
+    """:func:`deliver_until` for an async client's ``flush``."""
+    backoff = BACKOFF_START
+    while (left := await flush()) and time.monotonic() + backoff < deadline:
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, BACKOFF_MAX)
+    return left
+
+
+class Delivering(Protocol):
+    """A client, as the exit delivery sees it."""
+
+    _outage: OutageLedger
+
+    def _last_delivery(self, deadline: float) -> int:
+        """Deliver the queue, trying until ``deadline`` (monotonic); how many are left."""
+
+
+_clients: weakref.WeakSet[Delivering] = weakref.WeakSet()
+
+
+def deliver_at_exit(client: Delivering) -> None:
+    """Have :func:`deliver_queued` try ``client``'s queue (while the client lives)."""
+    _clients.add(client)
+
+
+def deliver_queued(timeout: float = LAST_DELIVERY) -> int:
+    """The last delivery of a process: every live client's queued settlements handed to Redis,
+    tried with a backoff for up to ``timeout`` seconds in all. Runs at interpreter exit; the
+    Celery and RQ integrations call it before a pool child or a work horse ends. Returns how
+    many settlements are still queued (each client logs its own: they are lost with the
+    process)."""
+    deadline = time.monotonic() + timeout
+    left = 0
+    for client in list(_clients):
+        if client._outage.has_queued:
+            try:
+                left += client._last_delivery(deadline)
+            except Exception:  # one client's failure must not cost the others their delivery
+                logger.exception("agentbill: the last delivery of queued settlements failed")
+                left += client._outage.stats().queued
+    return left
+
+
+atexit.register(deliver_queued)
 
 
 class Flusher:
@@ -423,14 +506,21 @@ class AsyncFlusher:
         self._task = None
 
     def wake(self) -> None:
-        if self._task is None or self._task.done():
+        """Start (or wake) the task on the running loop; with none running (a sync caller), do
+        nothing: the next call's delivery, ``close()`` or the exit delivery takes the queue."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._event = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = loop.create_task(self._loop())
         assert self._event is not None
         self._event.set()
 
     async def _loop(self) -> None:
         assert self._event is not None
+        task = asyncio.current_task()
         backoff = BACKOFF_START
         while True:
             await self._event.wait()
@@ -442,6 +532,11 @@ class AsyncFlusher:
             except Exception:
                 logger.exception("agentbill: background settle failed; retrying")
                 left = 1
+            if task is not None and task.cancelling():
+                # A cancel swallowed on the way (redis-py sends through asyncio.wait_for, which
+                # on 3.11 can drop one): honoured here, or the loop would outlive its loop's
+                # shutdown, which waits for it.
+                raise asyncio.CancelledError
             if left:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)

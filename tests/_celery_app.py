@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from typing import Any
 
@@ -25,6 +26,8 @@ BROKER_ENV = "AGENTBILL_TEST_CELERY_BROKER"
 REDIS_ENV = "AGENTBILL_TEST_CELERY_REDIS"
 """Where agentbill and the markers live."""
 NAMESPACE_ENV = "AGENTBILL_TEST_CELERY_NAMESPACE"
+BUSY_REDIS_ENV = "AGENTBILL_TEST_CELERY_BUSY_REDIS"
+"""A second agentbill server (``lua-time-limit`` 20 ms) that ``busy_at_end`` makes busy."""
 QUICK_REDELIVERY_ENV = "AGENTBILL_TEST_CELERY_QUICK_REDELIVERY"
 """Set: unacked messages are redelivered 2 s after their worker vanished (not 1 hour)."""
 
@@ -48,6 +51,7 @@ if os.environ.get(QUICK_REDELIVERY_ENV):
     }
 
 client = AgentBillClient(redis_url=os.environ.get(REDIS_ENV, UNSET), namespace=NAMESPACE)
+busy_client = AgentBillClient(redis_url=os.environ.get(BUSY_REDIS_ENV, UNSET), namespace=NAMESPACE)
 
 
 @functools.cache
@@ -213,4 +217,40 @@ def fails_twice(self: BudgetedTask[Any, Any], customer_id: str, used: int) -> in
     """Its first two runs raise an autoretried error; later runs return ``used``."""
     if _ran(self.request.id) <= 2:
         raise ConnectionError("transient")
+    return used
+
+
+SLOW_SCRIPT = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local start = now()
+while now() - start < tonumber(ARGV[1]) do end
+return 1
+"""
+
+
+def busy_for(url: str, ms: int) -> None:
+    """Another connection runs a script for ``ms`` on the server at ``url``: past its
+    ``lua-time-limit`` it answers BUSY to everyone else. Returns once it does."""
+    runner = redis.Redis.from_url(url, socket_timeout=60)
+    threading.Thread(target=runner.eval, args=(SLOW_SCRIPT, 0, ms), daemon=True).start()
+    probe = redis.Redis.from_url(url, socket_timeout=5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            probe.ping()
+        except redis.ResponseError:
+            return
+        time.sleep(0.01)
+    raise RuntimeError("the server never answered BUSY")
+
+
+@app.task(bind=True, base=BudgetedTask, budget=budget(client=busy_client))
+def busy_at_end(self: BudgetedTask[Any, Any], customer_id: str, used: int) -> int:
+    """Its budget lives on the second server, which another client's script makes busy for
+    2.5 s just as the body returns: longer than the record's retries."""
+    _ran(self.request.id)
+    busy_for(os.environ[BUSY_REDIS_ENV], 2500)
     return used

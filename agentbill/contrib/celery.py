@@ -20,6 +20,11 @@ other way:
   task's hard time limit plus :data:`TTL_MARGIN` seconds, else the client's
   ``reservation_ttl``.
 
+A task whose body returned is never failed by its record: if Redis cannot take the record now
+(busy, unreachable or silent), it is queued, logged as a warning and delivered, exactly once,
+when Redis can take it (by the pool child's background delivery; a child about to end, at
+``worker_process_shutdown``, first tries a last delivery for up to a few seconds).
+
 The idempotency key is ``celery:<task id>``, the same for every run of the task (see
 ``agentbill.contrib._jobs`` for the rules): a redelivered message (``acks_late`` after a lost
 worker, the broker's visibility timeout) shares the reservation of the delivery still running,
@@ -51,9 +56,11 @@ from celery.exceptions import (  # noqa: E402
     TimeLimitExceeded,
     WorkerLostError,
 )
+from celery.signals import worker_process_shutdown  # noqa: E402
 from celery.worker.request import Request  # noqa: E402
 
 from agentbill._exceptions import RunBlockedError  # noqa: E402
+from agentbill._outage import deliver_queued  # noqa: E402
 from agentbill.contrib._jobs import (  # noqa: E402
     JobBudget,
     JobCall,
@@ -238,3 +245,10 @@ class BudgetRequest(Request):
             logger.warning("agentbill: no budget to release for task %s: %r", self.id, exc)
             return
         run.release_by_key()
+
+
+@worker_process_shutdown.connect
+def _deliver_before_the_child_ends(**_: Any) -> None:
+    """A prefork pool child ends with ``os._exit``, which runs no exit hook: what its clients
+    still have queued (a record Redis could not take yet) gets its last delivery here."""
+    deliver_queued()

@@ -13,7 +13,12 @@ run of the job while another still runs shares its reservation; a retry (raised,
 enqueued again after it succeeded replays that approval and is charged nothing more, whatever
 its retry history. See ``agentbill.contrib._jobs`` for the rules. A refusal, or a budget value
 that cannot be resolved, fails the job with the typed error and cancels its remaining retries,
-as does an error while recording after the body ran (its work is done and paid for).
+as does a record Redis refuses outright after the body ran (its work is done: running it again
+would do it twice). A record Redis cannot take now (busy, unreachable or silent) fails nothing:
+it is queued, logged as a warning and delivered, exactly once, when Redis can take it. A work
+horse ends with ``os._exit``, which runs no exit hook, so :class:`Worker`'s horse first tries a
+last delivery of what is queued, for up to a few seconds (with another worker class, a record
+still queued when the horse ends is lost).
 
 A work horse killed outright (SIGKILL, out of memory, RQ's hard kill after the timeout, ``rq``'s
 stop-job command) runs no code: :class:`Worker`, whose main process sees the death, releases
@@ -43,6 +48,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import InvalidRequestError, RunBlockedError
 from agentbill._gate import Units
+from agentbill._outage import deliver_queued
 from agentbill._results import Settlement
 from agentbill.contrib._jobs import (
     From,
@@ -322,12 +328,22 @@ def release_job(job: Job) -> Settlement | None:
 
 class Worker(rq.Worker):
     """RQ's forking Worker that also releases a budgeted job's reservation when its work horse
-    dies without doing so (killed, out of memory, hard timeout, stopped). Run it with
-    ``rq worker -w agentbill.contrib.rq.Worker``.
+    dies without doing so (killed, out of memory, hard timeout, stopped), and whose work horse
+    delivers what its clients still have queued (a record Redis could not take yet) before it
+    ends. Run it with ``rq worker -w agentbill.contrib.rq.Worker``.
 
     For another worker class, call :func:`release_job` the same way: in the main process's
     ``handle_job_failure``, before RQ's own.
     """
+
+    def perform_job(self, job: Job, queue: rq.Queue, execution: Any = None) -> bool:
+        try:
+            performed: bool = super().perform_job(job, queue, execution)
+        finally:
+            # The horse leaves with os._exit right after this: no exit hook runs.
+            if self.is_horse:
+                deliver_queued()
+        return performed
 
     def handle_job_failure(
         self,
