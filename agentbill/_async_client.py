@@ -348,9 +348,14 @@ class AsyncAgentBillClient(BaseClient):
             return [self._offline_check(plan, exc) for plan in plans]
         checks, failed = _core.decode_batch(plans, replies)
         if failed is not None:
+            releases = self._batch_releases(checks)
+            answers: list[object] | None = None
             try:
-                await self._send_batch(self._batch_releases(checks))
+                answers = await self._send_batch([release.call for release in releases])
+            except StoreUnavailableError:
+                pass
             finally:
+                self._queue_unanswered(releases, answers)
                 index, error = failed
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:

@@ -56,7 +56,7 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import Heal, RetryPolicy, translate
+from agentbill._retry import Heal, RetryPolicy, is_transient, translate
 from agentbill._scripts import bind, pipeline_args
 from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
@@ -289,15 +289,25 @@ class BaseClient:
         """Each client's: deliver the queue, trying until ``deadline``; how many are left."""
         raise NotImplementedError
 
-    def _batch_releases(self, checks: list[Any]) -> list[_core.Call]:
-        """Calls releasing what this batch itself approved (not replays of earlier calls), the
+    def _batch_releases(self, checks: list[Any]) -> list[_core.Plan[Settlement]]:
+        """Releases of what a failed batch itself approved (not replays of earlier calls), the
         latest first: a threshold crossing is taken back by the release of the approval that
         made it once the approvals after it are released too."""
         return [
-            _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True).call
+            _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True)
             for c in reversed(checks)
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
+
+    def _queue_unanswered(
+        self, releases: list[_core.Plan[Settlement]], answers: list[object] | None
+    ) -> None:
+        """The rollback releases Redis did not take (busy, or unreachable: ``answers`` None)
+        go to the background delivery, so that a batch's approvals never stay held."""
+        for i, plan in enumerate(releases):
+            answer = None if answers is None else answers[i]
+            if answers is None or (isinstance(answer, Exception) and is_transient(answer)):
+                self._settle_later(plan, release=True)
 
     def _delivered(self, batch: list[Queued], replies: list[object]) -> bool:
         """Account for a delivered batch of queued settlements, item by item: an item Redis
@@ -670,10 +680,12 @@ class AgentBillClient(BaseClient):
         atomically on its own, exactly as ``preflight`` would (a batch is not atomic as a
         whole: items are decided in order, and other workers' calls may land in between).
 
-        Raises InvalidRequestError naming ``requests[i].<field>`` (nothing sent) for bad input;
-        if Redis refuses an item (an idempotency key reused with other arguments), what the
-        batch approved is released and that item's error raised. StoreUnavailableError: the
-        outage policy decides each item, as for ``preflight``.
+        Raises InvalidRequestError naming ``requests[i].<field>`` (nothing sent) for bad input.
+        If Redis refuses an item (an idempotency key reused with other arguments) or answers it
+        "not now" (StoreBusyError: it ran out of memory half-way, say), what the batch approved
+        is released (queued for the background delivery if Redis cannot take the releases now)
+        and that item's error is raised: the same batch can be sent again. StoreUnavailableError
+        for the whole batch: the outage policy decides each item, as for ``preflight``.
         """
         plans = _core.plan_preflight_many(
             self._policy, requests, functools.partial(Check, _client=self)
@@ -686,9 +698,14 @@ class AgentBillClient(BaseClient):
             return [self._offline_check(plan, exc) for plan in plans]
         checks, failed = _core.decode_batch(plans, replies)
         if failed is not None:
+            releases = self._batch_releases(checks)
+            answers: list[object] | None = None
             try:
-                self._send_batch(self._batch_releases(checks))
+                answers = self._send_batch([release.call for release in releases])
+            except StoreUnavailableError:
+                pass
             finally:
+                self._queue_unanswered(releases, answers)
                 index, error = failed
                 raise _core.batch_error(index, translate(error)) from error
         for check in checks:

@@ -21,7 +21,7 @@ from agentbill._results import BaseCheck
 from agentbill._scripts import OPERATIONS, lua_dir
 from agentbill._zones import zone_table
 from tests._clock import movable_clock, shift_clock
-from tests._servers import RedisServer
+from tests._servers import RedisServer, running
 from tests.test_concurrency import run_processes
 
 
@@ -793,3 +793,32 @@ def test_a_rolled_back_batch_takes_back_a_crossing_whatever_its_items_order(
         )
     real = client.preflight("agent", 15, "T")
     assert [c.percent for c in real.crossed] == [80]
+
+
+def test_a_batch_that_meets_a_full_redis_half_way_holds_nothing_once_redis_has_room(
+    namespace: str,
+) -> None:
+    """Hole 5: preflight_many crossing maxmemory half-way reserved its first items, the
+    rollback's releases were refused OOM too, and the approvals stayed held until their TTL."""
+    from agentbill import StoreBusyError
+
+    full = {"maxmemory": "4mb", "maxmemory-policy": "noeviction"}
+    with (
+        running(extra=full) as server,
+        AgentBillClient(redis_url=server.url, namespace=namespace) as c,
+        server.client() as r,
+    ):
+        c.set_budget("cust", 10**9)
+        filler = 0
+        while r.info("memory")["used_memory"] < 4 * 1024 * 1024 - 250_000:
+            r.set(f"filler:{filler}", b"x" * 2000)
+            filler += 1
+        with pytest.raises(StoreBusyError):
+            c.preflight_many([Preflight("agent", 1, "cust")] * 2000)
+        approved = sum(e.type == "approved" for e in c.events("cust"))
+        assert approved > 0  # the batch did reserve before Redis was full
+        r.delete(*(f"filler:{i}" for i in range(filler)))
+        assert c.flush() == 0  # the queued rollback lands once Redis has room
+        budget = c.get_budget("cust")
+        assert (budget.reserved, budget.open_reservations) == (0, 0)
+        assert sum(e.type == "released" for e in c.events("cust")) == approved
