@@ -119,19 +119,40 @@ class Gate:
             check = _admit(client, self._preflight)
             try:
                 result = fn(*args, **kwargs)
-                _refuse_deferred(fn, result, awaitable=True)
             except BaseException:  # KeyboardInterrupt and SystemExit too
                 _release_quietly(client, check)
                 raise
+            # The body returned: from here to the record, SIGINT is held back. One that lands
+            # before the hold begins (or a SystemExit from ``units``) still finds the run
+            # settled: the work happened, so the estimate is charged.
+            held = False
             try:
-                used = self._units_of(result)
-            except Exception:
-                _close(client, check, self._estimated_units)  # the work happened: the estimate
+                with _interrupts_held():
+                    held = True
+                    self._record_result(fn, check, result)
+            except BaseException:
+                if not held:
+                    _close(client, check, self._estimated_units)
                 raise
-            _close(client, check, used)
             return result
 
         return gated
+
+    def _record_result(self, fn: Callable[..., Any], check: Any, result: object) -> None:
+        """The sync gate's settle once its body returned (SIGINT held back by the caller): a
+        deferred result is released (TypeError), else ``units`` of it is recorded, or the
+        estimate if ``units`` fails (the work happened)."""
+        try:
+            _refuse_deferred(fn, result, awaitable=True)
+        except TypeError:
+            _release_quietly(self._client, check)
+            raise
+        try:
+            used = self._units_of(result)
+        except BaseException:
+            _close(self._client, check, self._estimated_units)
+            raise
+        _close(self._client, check, used)
 
     def _wrap_async(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         client = self._client
@@ -147,7 +168,7 @@ class Gate:
                 raise
             try:
                 used = self._units_of(result)
-            except Exception:
+            except BaseException:  # the work happened: the estimate
                 await _close_async(client, check, self._estimated_units)
                 raise
             await _close_async(client, check, used)
@@ -188,9 +209,10 @@ def _admit(client: Any, preflight: dict[str, Any]) -> Any:
 
     An interrupt while the preflight is under way (KeyboardInterrupt, anything but the client's
     own errors) releases its reservation by the client-made id, reserved or not, and is re-raised.
-    The client's errors are not: the preflight then failed before reserving, or Redis is not
-    answering (see "A preflight that timed out" in the README). The reservation is not put in
-    the client's book of its own (``track=False``): the gate closes it by its id.
+    The client's errors are raised as they are: a preflight that failed in doubt (Redis
+    unreachable or silent) has its release queued by the client itself (``track=False``, see
+    ``_release_in_doubt``); one Redis refused or answered busy wrote nothing. The reservation
+    is not put in the client's book of its own: the gate closes it by its id.
     """
     plan = _plan(client, preflight)
     try:
@@ -410,10 +432,23 @@ class Run(_Block):
         return self.settlement
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        # SIGINT is held back while the block settles; one that lands before the hold begins
+        # still finds it settled as the block ended.
+        held = False
+        try:
+            with _interrupts_held():
+                held = True
+                self._end(exc_type)
+        except BaseException:
+            if not held:
+                with _interrupts_held():
+                    self._end(exc_type)
+            raise
+
+    def _end(self, exc_type: type[BaseException] | None) -> None:
         if _failed(exc_type):
             _release_quietly(self._client, self._check)
-            return
-        with _interrupts_held():
+        else:
             self._finish()
 
     async def __aenter__(self) -> Run:
