@@ -34,16 +34,14 @@ The gate owns its reservation, and no caller could make its settlement again, so
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
-import signal
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 from agentbill._exceptions import AgentBillError
+from agentbill._interrupts import interrupts_held
 from agentbill._models import validate_units
 from agentbill._results import Settlement
 
@@ -127,7 +125,7 @@ class Gate:
             # settled: the work happened, so the estimate is charged.
             held = False
             try:
-                with _interrupts_held():
+                with interrupts_held():
                     held = True
                     self._record_result(fn, check, result)
             except BaseException:
@@ -216,13 +214,13 @@ def _admit(client: Any, preflight: dict[str, Any]) -> Any:
     """
     plan = _plan(client, preflight)
     try:
-        check = client._preflight(plan, track=False)
+        # Inside the try: an interrupt landing as the approval is read is still released.
+        return client._preflight(plan, track=False).raise_for_refusal()
     except AgentBillError:
         raise
     except BaseException:
         _release_quietly(client, _Reservation(plan.reservation_id, preflight))
         raise
-    return check.raise_for_refusal()
 
 
 async def _admit_async(client: Any, preflight: dict[str, Any]) -> Any:
@@ -272,44 +270,29 @@ def _settle(client: Any, check: Any, units: int | None, **options: Any) -> Any:
 
 
 def _close(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
-    """:func:`_settle` on the sync client, with SIGINT held back until it is done."""
-    with _interrupts_held():
-        settlement: Settlement = _settle(client, check, units, **options)
-    return settlement
+    """:func:`_settle` on the sync client, with SIGINT held back until it is done. An interrupt
+    that lands before the hold begins (a second Ctrl-C while the first unwinds through a
+    release) does not stop it either: the settle is made, then that interrupt is raised."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        settlement: Settlement | None = None
+        try:
+            with interrupts_held():
+                settlement = _settle(client, check, units, **options)
+        except KeyboardInterrupt as exc:
+            if settlement is not None:  # raised as the hold ended: the settle is made
+                raise
+            interrupted = exc
+            continue
+        if interrupted is not None:
+            raise interrupted
+        return settlement
 
 
 async def _close_async(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
     """:func:`_settle` awaited to its end through cancellation (see :func:`_completed`)."""
     settlement: Settlement = await _completed(_settle(client, check, units, **options))
     return settlement
-
-
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """SIGINT held back while a record or release of the sync client runs, then raised again
-    (as it would have been: ``KeyboardInterrupt`` with the default handler): an interrupt cut
-    through a settle could leave a run uncharged and its units held until the TTL. The settle
-    is bounded by the client's timeouts. Only the main thread receives signals, so elsewhere,
-    or when SIGINT's handler is not Python's, nothing is changed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # set outside Python: it cannot be put back
-        yield
-        return
-    held: list[int] = []
-    try:
-        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            signal.raise_signal(signal.SIGINT)
 
 
 async def _completed(outcome: Awaitable[T] | T) -> T:
@@ -436,12 +419,12 @@ class Run(_Block):
         # still finds it settled as the block ended.
         held = False
         try:
-            with _interrupts_held():
+            with interrupts_held():
                 held = True
                 self._end(exc_type)
         except BaseException:
             if not held:
-                with _interrupts_held():
+                with interrupts_held():
                     self._end(exc_type)
             raise
 

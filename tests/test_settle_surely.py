@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import subprocess
 import sys
@@ -555,3 +556,81 @@ def test_a_keyboard_interrupt_while_units_are_counted_waits_for_the_record() -> 
         with AgentBillClient(redis_url=server.url, namespace=namespace) as looker:
             budget = looker.get_budget(CUSTOMER)
         assert (budget.spent, budget.reserved, budget.open_reservations) == (25, 0, 0)
+
+
+STORM_CHILD = """
+import signal, sys, time
+from agentbill import AgentBillClient
+
+url, namespace, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+client = AgentBillClient(redis_url=url, namespace=namespace)
+done = interrupted = 0
+
+@client.gate("agent", 5, "acme", units=3)
+def body():
+    global done
+    done += 1
+
+body()
+print("ready", flush=True)
+end = time.monotonic() + seconds
+while True:
+    try:
+        while time.monotonic() < end:
+            try:
+                body()
+            except KeyboardInterrupt:
+                interrupted += 1
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        break
+    except KeyboardInterrupt:
+        interrupted += 1
+client.flush()
+print(done, interrupted, flush=True)
+client.close()
+"""
+
+
+def test_a_storm_of_keyboard_interrupts_never_wedges_the_sync_client() -> None:
+    """Attack16 F6: SIGINT every 1-4 ms at a loop of sync gated calls. Before: within seconds
+    a KeyboardInterrupt landed inside redis-py's pool (its queue's lock, or a connection
+    taken and never given back) and the process hung for good, Ctrl-C no longer working, with
+    reservations held; or a reply was left unread for the next call to take as its own. Each
+    sync round trip now holds SIGINT until it is done (it is bounded by the timeouts)."""
+    namespace = f"t-{uuid.uuid4().hex[:12]}"
+    seconds = 3.0
+    rnd = random.Random(3)
+    with running() as server:
+        child = subprocess.Popen(
+            [sys.executable, "-c", STORM_CHILD, server.url, namespace, str(seconds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert child.stdout is not None
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            end = time.monotonic() + seconds - 0.5
+            while time.monotonic() < end and child.poll() is None:
+                time.sleep(rnd.uniform(0.001, 0.004))
+                child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)  # before: it never ended
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, err
+        done, interrupted = map(int, out.split())
+        assert interrupted > 0
+        assert done > 0
+        with AgentBillClient(redis_url=server.url, namespace=namespace) as looker:
+            budget = looker.get_budget(CUSTOMER)
+        # Not yet exact: in about one storm in eight (of ~700 interrupts each) one reservation
+        # is left held until its TTL, by an interrupt in a window not found yet (see the
+        # issue's closing note). Before, a storm held many and hung the process for good.
+        assert budget.open_reservations <= 1
+        assert budget.reserved == 5 * budget.open_reservations
+        # Every body that finished is charged (3, or its estimate 5 when the interrupt came
+        # as it returned); one interrupted inside, after counting itself, is released.
+        assert budget.spent <= 5 * done
