@@ -167,9 +167,11 @@ class BaseClient:
             self._outage.forget_keyed(None, plan.idempotency[0])
 
     def _track(self, check: BaseCheck) -> None:
-        """Remember an approval Redis made, so this client's records without an id close its
-        own reservations first (see ``_own``)."""
-        if check.approved and not check.offline and check.reservation_id is not None:
+        """Remember an approval, so this client's records without an id close its own
+        reservations first (see ``_own``). An offline one too: such a record then closes it
+        (and frees its share of an outage allowance), or, if its preflight reached Redis after
+        all, the reservation that made."""
+        if check.approved and check.reservation_id is not None:
             group = (check.customer_id, check.agent_id, check.task_ref)
             self._own.add(group, check.reservation_id, check.expires_at)
 
@@ -222,6 +224,8 @@ class BaseClient:
                 raise exc
             self._outage.remember_keyed(plan.idempotency, check)
             warn_offline(check, self._outage.mode, exc)
+            if not owned:
+                self._track(check)
         self._telemetry.observe(check)
         return cast(_core.T, check)
 
