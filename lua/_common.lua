@@ -389,6 +389,23 @@ local function uncross(p, rp, rid)
   end
 end
 
+-- GCRA: scope `s` may take `units` now if its theoretical arrival time, advanced by units x the
+-- emission interval, is within the burst tolerance of now. Returns the new TAT (true without a
+-- rate limit), or false and the ms to wait (false: waiting never helps, the ask is above the
+-- burst).
+local function gcra(s, units, now)
+  if not s.rl_n then
+    return true
+  end
+  local interval = s.rl_per / s.rl_n
+  local tat = math.max(s.rl_tat, now) + units * interval
+  local allowed_at = tat - s.rl_burst * interval
+  if allowed_at <= now then
+    return tat
+  end
+  return false, units <= s.rl_burst and math.ceil(allowed_at - now) or false
+end
+
 -- -- reservations and tasks --------------------------------------------------------------------
 
 local function rec(r, i)

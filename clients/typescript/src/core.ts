@@ -356,7 +356,10 @@ export function recordPlan(p: Policy, req: RecordRequest, token = newToken(), pr
     fp = null
     ttl = REQUEST_ID_TTL_MS
   }
-  const call = buildCall('settle', { ...ck.fixed, idem }, common(p), {}, {
+  // A record that closes a reservation adds its sample to the agent's estimate statistics
+  // (preflight_idem, unused by a record, is sent because a later key is).
+  const keys = { ...ck.fixed, idem, preflight_idem: idem, stats: ck.stats(agentId) }
+  const call = buildCall('settle', keys, common(p), {}, {
     reservation_id: rid ?? null,
     units,
     charge: success,
