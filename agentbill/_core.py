@@ -967,12 +967,12 @@ def _percentile(bins: Sequence[tuple[int, int]], samples: int, q: int) -> int | 
     if samples == 0:
         return None
     rank = -(-samples * q // 100)
-    seen, top = 0, None
+    seen, found = 0, None
     for top, n in bins:
-        seen += n
+        seen, found = seen + n, top
         if seen >= rank:
             break
-    return top
+    return found
 
 
 def decode_estimates(reply: Any, agent_id: str, customer_id: str, model: str | None) -> Estimates:
@@ -1033,7 +1033,8 @@ def validate_gate(
     once (at import time, for a decorator), not after a run. ``estimated_units="learned"``
     needs ``bound``: the most one run can use, reserved until the agent's statistics have
     enough samples, and never exceeded."""
-    if isinstance(estimated_units, str) and estimated_units == "learned":
+    learned = isinstance(estimated_units, str) and estimated_units == "learned"
+    if learned:
         if bound is None:
             raise InvalidRequestError(
                 "bound",
@@ -1041,11 +1042,11 @@ def validate_gate(
                 f"until the agent has {LEARN_AFTER} samples, and never exceeded)",
             )
         estimated_units = validate_units("bound", bound)
-    elif bound is not None:
-        raise InvalidRequestError("bound", "applies to estimated_units='learned' only")
     plan_preflight(
         p, agent_id, estimated_units, customer_id, task_ref, task_ceiling, None, ttl, BaseCheck
     )
+    if bound is not None and not learned:
+        raise InvalidRequestError("bound", "applies to estimated_units='learned' only")
     if units is not None and not callable(units):
         validate_units("units", units)
     if not isinstance(charge_estimate, bool):
