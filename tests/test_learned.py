@@ -136,7 +136,7 @@ def test_estimates_checks_its_arguments(client: AgentBillClient) -> None:
         ({"agent_id": AGENT, "model": 5}, "model"),
     ):
         with pytest.raises(InvalidRequestError) as info:
-            client.estimates(**kwargs)  # type: ignore[arg-type]
+            client.estimates(**kwargs)
         assert info.value.field == field
 
 
@@ -160,7 +160,7 @@ def test_a_learned_gate_reserves_the_bound_then_the_p95(
         for _ in range(LEARN_AFTER + 5):
             body()
     else:
-        aclient = c._target  # type: ignore[attr-defined]
+        aclient = c._target
 
         @aclient.gate(AGENT, "learned", CUSTOMER, bound=500, units=40)
         async def abody() -> None:
@@ -170,7 +170,7 @@ def test_a_learned_gate_reserves_the_bound_then_the_p95(
             for _ in range(LEARN_AFTER + 5):
                 await abody()
 
-        c._runner.run(calls())  # type: ignore[attr-defined]
+        c._runner.run(calls())
     asked = approved(c)
     assert asked[:LEARN_AFTER] == [500] * LEARN_AFTER  # the bound, until 20 samples
     assert asked[LEARN_AFTER:] == [stats_bin_top_of(40)] * 5  # 47: 40's bin
