@@ -258,10 +258,12 @@ if action == 'close' and not releasing then
   for i = 13, 14 do
     local key = KEYS[i]
     if key then
-      local g = redis.call('HGET', key, 'g') or '0'
-      local v = redis.call('HMGET', key, g .. 'n', g .. 'a', g .. 'e')
-      local full = tonumber(v[1] or '0') >= STATS_WINDOW
-      local a, e = full and 0 or tonumber(v[2] or '0'), full and 0 or tonumber(v[3] or '0')
+      local v = redis.call('HMGET', key, 'g', '0n', '0a', '0e', '1n', '1a', '1e')
+      local g = v[1] or '0'
+      local at = g == '0' and 1 or 4 -- the current generation's fields in v, after 'g'
+      local full = tonumber(v[at + 1] or '0') >= STATS_WINDOW
+      local a = full and 0 or tonumber(v[at + 2] or '0')
+      local e = full and 0 or tonumber(v[at + 3] or '0')
       if a + units <= MAX and e + tonumber(r[4]) <= MAX then
         learn_into[#learn_into + 1] = {key, g, full}
       end
