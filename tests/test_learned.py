@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import given
 
 from agentbill import (
     AgentBillClient,
@@ -33,6 +34,7 @@ from agentbill._results import LEARN_AFTER
 from tests._llm_mock import MockLLM
 from tests._servers import RedisServer
 from tests.test_concurrency import BARRIER_TIMEOUT, CTX, run_processes
+from tests.test_properties import FUZZ, bad_units
 
 AGENT, CUSTOMER = "agent", "u"
 
@@ -201,6 +203,17 @@ def test_learned_needs_a_bound_and_a_bound_needs_learned(client: AgentBillClient
         with pytest.raises(InvalidRequestError) as info:
             make()
         assert info.value.field == field
+
+
+@FUZZ
+@given(bound=bad_units(optional=False))
+def test_a_bad_bound_is_named_when_the_gate_or_block_is_made(
+    client: AgentBillClient, bound: object
+) -> None:
+    for make in (client.gate, client.run):
+        with pytest.raises(InvalidRequestError) as info:
+            make(AGENT, "learned", CUSTOMER, bound=bound)  # type: ignore[arg-type]
+        assert info.value.field == "bound"
 
 
 def test_a_learned_gate_reserves_its_bound_when_the_statistics_cannot_be_read(
