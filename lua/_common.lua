@@ -406,6 +406,16 @@ local function gcra(s, units, now)
   return false, units <= s.rl_burst and math.ceil(allowed_at - now) or false
 end
 
+-- Every field generation `g` ('0' or '1') of an estimate statistics hash can have (see
+-- "Learning" in settle.lua): samples, sums, and the bins of 0 to 2^53 units (-1 to 215).
+local function stats_fields(g)
+  local out = {g .. 'n', g .. 'a', g .. 'e'}
+  for bin = -1, 215 do
+    out[#out + 1] = g .. ':' .. bin
+  end
+  return out
+end
+
 -- -- reservations and tasks --------------------------------------------------------------------
 
 local function rec(r, i)

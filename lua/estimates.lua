@@ -8,26 +8,19 @@
 -- Reply: one string, these fields packed (see packed() in _common.lua: false is ''):
 --        {samples, actual units summed, estimates summed, {histogram bins}}
 --   a histogram bin is "<bin>:<samples>" (bin_of in settle.lua: -1 for 0 units, else
---   4 * floor(log2 units) + the quarter of its power of two), in no particular order.
+--   4 * floor(log2 units) + the quarter of its power of two), ascending.
 
-local samples, actual, estimate, bins = 0, 0, 0, {}
-local flat = redis.call('HGETALL', KEYS[11])
-for i = 1, #flat, 2 do
-  local f, n = flat[i], tonumber(flat[i + 1])
-  local kind = string.sub(f, 2)
-  if kind == 'n' then
-    samples = samples + n
-  elseif kind == 'a' then
-    actual = actual + n
-  elseif kind == 'e' then
-    estimate = estimate + n
-  elseif string.sub(kind, 1, 1) == ':' then
-    local bin = string.sub(kind, 2)
-    bins[bin] = (bins[bin] or 0) + n
-  end
+local samples, actual, estimate, items = 0, 0, 0, {}
+local zero, one = stats_fields('0'), stats_fields('1')
+local v0 = redis.call('HMGET', KEYS[11], unpack(zero))
+local v1 = redis.call('HMGET', KEYS[11], unpack(one))
+local function n(i)
+  return tonumber(v0[i] or '0') + tonumber(v1[i] or '0')
 end
-local items = {}
-for bin, n in pairs(bins) do
-  items[#items + 1] = bin .. ':' .. fmt(n)
+samples, actual, estimate = n(1), n(2), n(3)
+for i = 4, #zero do
+  if n(i) > 0 then
+    items[#items + 1] = string.sub(zero[i], 3) .. ':' .. fmt(n(i))
+  end
 end
 return packed({samples, actual, estimate, items}, 4)

@@ -278,11 +278,7 @@ local function learn(s, estimate, actual)
   local key, g = s[1], s[2]
   if s[3] then -- the current generation is full: the older one goes, a new one starts
     local older = g == '0' and '1' or '0'
-    local drop = {}
-    for _, f in ipairs(redis.call('HKEYS', key)) do
-      if string.sub(f, 1, 1) == older then drop[#drop + 1] = f end
-    end
-    if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
+    redis.call('HDEL', key, unpack(stats_fields(older)))
     g = older
     redis.call('HSET', key, 'g', g)
   end
