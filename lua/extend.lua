@@ -104,26 +104,9 @@ local function answer(text)
   return text
 end
 
-local rule, ctat, atat, wait
-if ceiling ~= '' and est + units > tonumber(ceiling) then
-  rule = {reason = 'ceiling_exceeded', scope = 'request', limit = tonumber(ceiling), used = 0, reserved = est}
-elseif task.ceiling and task.used + task.reserved + units > task.ceiling then
-  rule = {reason = 'task_ceiling_exceeded', scope = 'task', limit = task.ceiling, used = task.used, reserved = task.reserved}
-elseif cs.limit and c.spent + c.reserved + units > cs.limit then
-  rule = {reason = 'budget_exhausted', scope = 'customer', limit = cs.limit, used = c.spent, reserved = c.reserved}
-elseif as.limit and a.spent + a.reserved + units > as.limit then
-  rule = {reason = 'budget_exhausted', scope = 'agent', limit = as.limit, used = a.spent, reserved = a.reserved}
-else
-  ctat, wait = gcra(cs, units, now)
-  if not ctat then
-    rule = {reason = 'rate_limited', scope = 'customer', limit = cs.rl_n, retry = wait}
-  else
-    atat, wait = gcra(as, units, now)
-    if not atat then
-      rule = {reason = 'rate_limited', scope = 'agent', limit = as.rl_n, retry = wait}
-    end
-  end
-end
+-- The reservation's new total under the ceiling; its customer's and agent's counters where it
+-- counts; no run added (concurrency unaffected).
+local rule, ctat, atat = refusal(units, est + units, ceiling, task, cs, c, as, a, now, 0)
 if rule then
   ledger('refused', r[1], r[2], units, 0, rid, rule.reason, rule.scope, rec(r, 8))
   return answer(reply(0, rule.reason, 0, rule))

@@ -140,35 +140,7 @@ if tf ~= '' and not task.exists and task_ceiling ~= '' then
   task.ceiling = tonumber(task_ceiling) -- the ceiling this call would open the task with
 end
 
-local function rate(s)
-  return gcra(s, units, now)
-end
-
-local rule = nil
-local ctat, atat, wait
-if ceiling ~= '' and units > tonumber(ceiling) then
-  rule = {reason = 'ceiling_exceeded', scope = 'request', limit = tonumber(ceiling), used = 0, reserved = 0}
-elseif task.ceiling and task.used + task.reserved + units > task.ceiling then
-  rule = {reason = 'task_ceiling_exceeded', scope = 'task', limit = task.ceiling, used = task.used, reserved = task.reserved}
-elseif cs.limit and cs.spent + cs.reserved + units > cs.limit then
-  rule = {reason = 'budget_exhausted', scope = 'customer', limit = cs.limit, used = cs.spent, reserved = cs.reserved}
-elseif as.limit and as.spent + as.reserved + units > as.limit then
-  rule = {reason = 'budget_exhausted', scope = 'agent', limit = as.limit, used = as.spent, reserved = as.reserved}
-else
-  ctat, wait = rate(cs)
-  if not ctat then
-    rule = {reason = 'rate_limited', scope = 'customer', limit = cs.rl_n, retry = wait}
-  else
-    atat, wait = rate(as)
-    if not atat then
-      rule = {reason = 'rate_limited', scope = 'agent', limit = as.rl_n, retry = wait}
-    elseif cs.cc and cs.open + 1 > cs.cc then
-      rule = {reason = 'concurrency_limited', scope = 'customer', limit = cs.cc, used = cs.open, reserved = 0}
-    elseif as.cc and as.open + 1 > as.cc then
-      rule = {reason = 'concurrency_limited', scope = 'agent', limit = as.cc, used = as.open, reserved = 0}
-    end
-  end
-end
+local rule, ctat, atat = refusal(units, units, ceiling, task, cs, cs, as, as, now, 1)
 if not rule and (cs.reserved + units > MAX or as.reserved + units > MAX or task.reserved + units > MAX) then
   return overflow('estimated_units') -- only when `risky`, with nothing reaped: nothing written
 end

@@ -298,23 +298,27 @@ def test_an_async_wrapped_call_learns_too(
 DOLLAR = 1_000_000
 
 
+def approved_call(llm: Any) -> bool:
+    """One wrapped call: True if it was approved (and charged), False if refused."""
+    try:
+        chat(llm)
+    except RunBlockedError:
+        return False
+    return True
+
+
 def learned_caller(url: str, namespace: str, barrier: Barrier) -> tuple[int, int, int]:
-    """Wrapped learned calls until refused: (charged calls, refused, requests sent)."""
+    """Wrapped learned calls until refused 5 times: (charged calls, refused, requests sent)."""
     mock = MockLLM()
-    charged = refused = 0
+    outcomes: list[bool] = []
     with AgentBillClient(redis_url=url, namespace=namespace) as c:
         llm = c.wrap(
             mock.openai(), agent_id=AGENT, customer_id=CUSTOMER, unit="usd", estimate="learned"
         )
         barrier.wait(BARRIER_TIMEOUT)
-        while refused < 5:
-            try:
-                chat(llm)
-            except RunBlockedError:
-                refused += 1
-            else:
-                charged += 1
-    return charged, refused, len(mock.requests)
+        while outcomes.count(False) < 5:
+            outcomes.append(approved_call(llm))
+    return outcomes.count(True), outcomes.count(False), len(mock.requests)
 
 
 @pytest.mark.slow
