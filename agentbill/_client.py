@@ -254,9 +254,11 @@ class BaseClient:
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
         model: str | None = None,
+        learn: bool = True,
     ) -> _core.Plan[Settlement]:
         """The record of ``units`` on a reservation by its id (``units`` None: its release);
-        ``model``: an LLM call's, whose statistics it adds its sample to too."""
+        ``model``: an LLM call's, whose statistics it adds its sample to too; ``learn`` False:
+        no sample at all (a lease's slice is not one run)."""
         if units is None:
             return _core.plan_release(self._policy, reservation_id, None, None)
         return _core.plan_record(
@@ -270,6 +272,7 @@ class BaseClient:
             idempotency_key,
             metadata,
             model=model,
+            learn=learn,
         )
 
     def _settle_later(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:

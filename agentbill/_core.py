@@ -340,12 +340,18 @@ def reservation_keys(p: Policy, rid: str) -> CustomerKeys:
 
 
 def record_call(
-    p: Policy, req: RecordRequest, token: str, prefer: str | None = None, model: str | None = None
+    p: Policy,
+    req: RecordRequest,
+    token: str,
+    prefer: str | None = None,
+    model: str | None = None,
+    learn: bool = True,
 ) -> Call:
     """KEYS/ARGV for settle.lua, as record() calls it. ``prefer``: without a reservation id,
     the reservation to close first if it is still open (one this client made). A record that
     closes a reservation adds its sample to the agent's estimate statistics, and with
-    ``model`` (the LLM wrapper's) to those of the agent's calls to that model."""
+    ``model`` (the LLM wrapper's) to those of the agent's calls to that model; ``learn``
+    False: to none (a lease's slice, which is many runs)."""
     ck, customer = settle_keys(p, req)
     task_ref = req.task_ref or ""
     if req.idempotency_key is not None:
@@ -382,8 +388,8 @@ def record_call(
         ck,
         idem=idem_key,
         preflight_idem=idem_key,  # unused: a record does not release by idempotency key
-        stats=ck.stats(req.agent_id),
-        model_stats=ck.stats(req.agent_id, model) if model is not None else None,
+        stats=ck.stats(req.agent_id) if learn else None,
+        model_stats=ck.stats(req.agent_id, model) if learn and model is not None else None,
     )
     return Call("settle", keys, args)
 
@@ -759,6 +765,7 @@ def plan_record(
     metadata: object,
     own: OwnReservations | None = None,
     model: str | None = None,
+    learn: bool = True,
 ) -> Plan[Settlement]:
     """``own``: the client's own reservations; without a reservation id the record closes
     the oldest of its group still open first (the client forgets it once the call is made).
@@ -778,7 +785,7 @@ def plan_record(
     if req.reservation_id is None and own is not None:
         prefer = own.oldest((customer_of(req.customer_id), req.agent_id, req.task_ref))
     return Plan(
-        record_call(p, req, new_token(), prefer, model),
+        record_call(p, req, new_token(), prefer, model, learn),
         lambda r: decode_settle(r, req.customer_id, req.metadata),
         reservation_id=req.reservation_id,
         prefer=prefer,

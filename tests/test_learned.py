@@ -99,6 +99,15 @@ def test_only_records_that_close_a_reservation_are_samples(client: AgentBillClie
     assert (stats.mean_actual, stats.mean_estimate) == (10, 50)
 
 
+def test_a_lease_slice_is_not_a_sample(client: AgentBillClient) -> None:
+    """A slice's record is the sum of many runs' units: not one run's actual."""
+    with client.lease(AGENT, CUSTOMER, slice_units=100) as lease:
+        for _ in range(5):
+            lease.preflight(10).record(7)
+    assert client.get_budget(CUSTOMER).spent == 35
+    assert client.estimates(AGENT, CUSTOMER).samples == 0
+
+
 def test_the_window_follows_a_change(client: AgentBillClient) -> None:
     """Two generations of 100: a rise shows once more than 5% of the window is above the old
     p95; what was, is gone after at most 200 records."""
