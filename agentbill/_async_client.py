@@ -36,6 +36,7 @@ from agentbill._outage import (
 from agentbill._results import (
     AsyncCheck,
     BudgetStatus,
+    Estimates,
     Event,
     Settlement,
     TaskStatus,
@@ -335,6 +336,18 @@ class AsyncAgentBillClient(BaseClient):
         )
         return await self._preflight(plan, track=False)
 
+    async def _extend(self, check: AsyncCheck, units: object) -> AsyncCheck:
+        """See :meth:`AsyncCheck.extend`."""
+        make = functools.partial(AsyncCheck, _client=self)
+        plan = _core.plan_extend(self._policy, check, units, make)
+        return (await self._run(plan)).raise_for_refusal()
+
+    async def estimates(
+        self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
+    ) -> Estimates:
+        """See :meth:`AgentBillClient.estimates`."""
+        return await self._run(_core.plan_estimates(self._policy, agent_id, customer_id, model))
+
     async def preflight_many(self, requests: Iterable[Preflight]) -> list[AsyncCheck]:
         """See :meth:`AgentBillClient.preflight_many`."""
         plans = _core.plan_preflight_many(
@@ -422,13 +435,14 @@ class AsyncAgentBillClient(BaseClient):
     def gate(
         self,
         agent_id: str,
-        estimated_units: int,
+        estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
         units: Units[Any] = None,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,
+        bound: int | None = None,
     ) -> Gate:
         """See :meth:`AgentBillClient.gate`; decorates ``async def`` functions only."""
         return self._gate(
@@ -439,18 +453,20 @@ class AsyncAgentBillClient(BaseClient):
             task_ref=task_ref,
             task_ceiling=task_ceiling,
             ttl=ttl,
+            bound=bound,
         )
 
     def run(
         self,
         agent_id: str,
-        estimated_units: int,
+        estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,
         charge_estimate: bool = False,
+        bound: int | None = None,
     ) -> AsyncRun:
         """A gated block: ``async with client.run(...) as run: ...; await run.record(units)``.
 
@@ -467,10 +483,12 @@ class AsyncAgentBillClient(BaseClient):
             task_ceiling,
             ttl,
             charge_estimate=charge_estimate,
+            bound=bound,
         )
         return AsyncRun(
             self,
             charge_estimate,
+            bound,
             agent_id=agent_id,
             estimated_units=estimated_units,
             customer_id=customer_id,

@@ -50,6 +50,7 @@ from agentbill._results import (
     BaseCheck,
     BudgetStatus,
     Check,
+    Estimates,
     Event,
     Settlement,
     TaskStatus,
@@ -273,8 +274,12 @@ class BaseClient:
         success: bool = True,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        model: str | None = None,
+        learn: bool = True,
     ) -> _core.Plan[Settlement]:
-        """The record of ``units`` on a reservation by its id (``units`` None: its release)."""
+        """The record of ``units`` on a reservation by its id (``units`` None: its release);
+        ``model``: an LLM call's, whose statistics it adds its sample to too; ``learn`` False:
+        no sample at all (a lease's slice is not one run)."""
         if units is None:
             return _core.plan_release(self._policy, reservation_id, None, None)
         return _core.plan_record(
@@ -287,6 +292,8 @@ class BaseClient:
             success,
             idempotency_key,
             metadata,
+            model=model,
+            learn=learn,
         )
 
     def _settle_later(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
@@ -380,6 +387,7 @@ class BaseClient:
             kwargs["task_ceiling"],
             kwargs["ttl"],
             units=kwargs["units"],
+            bound=kwargs["bound"],
         )
         return Gate(self, **kwargs)
 
@@ -696,6 +704,20 @@ class AgentBillClient(BaseClient):
         )
         return self._preflight(plan, track=False)
 
+    def _extend(self, check: Check, units: object) -> Check:
+        """See :meth:`Check.extend`."""
+        make = functools.partial(Check, _client=self)
+        return self._run(_core.plan_extend(self._policy, check, units, make)).raise_for_refusal()
+
+    def estimates(
+        self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
+    ) -> Estimates:
+        """What ``agent_id``'s runs of the customer used, next to what they reserved (with
+        ``model``: its LLM calls to that model, kept by ``wrap``): count, means and percentiles
+        of the actual units over the last 100 to 200 records that closed a reservation. What
+        ``"learned"`` estimates reserve from; see "Estimates that learn" in the README."""
+        return self._run(_core.plan_estimates(self._policy, agent_id, customer_id, model))
+
     def preflight_many(self, requests: Iterable[Preflight]) -> list[Check]:
         """Many preflights in one round trip: one Check per ``Preflight`` in order, each decided
         atomically on its own, exactly as ``preflight`` would (a batch is not atomic as a
@@ -816,13 +838,14 @@ class AgentBillClient(BaseClient):
     def gate(
         self,
         agent_id: str,
-        estimated_units: int,
+        estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
         units: Units[Any] = None,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,
+        bound: int | None = None,
     ) -> Gate:
         """Decorate a function (``def`` or ``async def``) so every call is preflighted first.
 
@@ -840,18 +863,20 @@ class AgentBillClient(BaseClient):
             task_ref=task_ref,
             task_ceiling=task_ceiling,
             ttl=ttl,
+            bound=bound,
         )
 
     def run(
         self,
         agent_id: str,
-        estimated_units: int,
+        estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,
         charge_estimate: bool = False,
+        bound: int | None = None,
     ) -> Run:
         """A gated block: ``with client.run(...) as run: ...; run.record(units)``.
 
@@ -868,10 +893,12 @@ class AgentBillClient(BaseClient):
             task_ceiling,
             ttl,
             charge_estimate=charge_estimate,
+            bound=bound,
         )
         return Run(
             self,
             charge_estimate,
+            bound,
             agent_id=agent_id,
             estimated_units=estimated_units,
             customer_id=customer_id,
@@ -897,8 +924,9 @@ class AgentBillClient(BaseClient):
         AsyncAgentBillClient) whose model calls are preflighted before the HTTP request and
         recorded from the response's usage after it; see ``agentbill.llm``. ``unit``: tokens,
         or micro-dollars priced by genai-prices (``prices`` adds or overrides a model's price).
-        ``estimate``: ``"bound"`` (the most the call can cost), an int, or a callable of
-        ``agentbill.llm.LLMRequest``. A refusal raises the typed RunBlockedError and sends
+        ``estimate``: ``"bound"`` (the most the call can cost), ``"learned"`` (the p95 of what
+        this agent's recent calls to the model used, up to the bound), an int, or a callable
+        of ``agentbill.llm.LLMRequest``. A refusal raises the typed RunBlockedError and sends
         nothing; a call that raises is released.
 
         Raises InvalidRequestError naming the bad argument (a sync/async mismatch names

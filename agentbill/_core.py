@@ -25,6 +25,7 @@ from agentbill._contract import STRUCTS, common_args
 from agentbill._exceptions import AgentBillError, InvalidRequestError
 from agentbill._keys import CustomerKeys, KeySpace, digest, reservation_id, tag_of_reservation
 from agentbill._models import (
+    MAX_UNITS,
     BudgetRequest,
     ClientSettings,
     ConcurrencyRequest,
@@ -42,8 +43,10 @@ from agentbill._models import (
 )
 from agentbill._own import OwnReservations
 from agentbill._results import (
+    LEARN_AFTER,
     BaseCheck,
     BudgetStatus,
+    Estimates,
     Event,
     EventType,
     Period,
@@ -73,7 +76,10 @@ GET_USAGE = _contract.SCRIPTS["get_usage"]
 EVENTS = _contract.SCRIPTS["events"]
 OPEN_TASK = _contract.SCRIPTS["open_task"]
 GET_TASK = _contract.SCRIPTS["get_task"]
+EXTEND = _contract.SCRIPTS["extend"]
+ESTIMATES = _contract.SCRIPTS["estimates"]
 SCOPE = STRUCTS["scope"]
+HISTOGRAM_BIN = STRUCTS["histogram_bin"]
 LEDGER_ENTRY = STRUCTS["ledger_entry"]
 CROSSING = STRUCTS["threshold_crossing"]
 
@@ -333,9 +339,19 @@ def reservation_keys(p: Policy, rid: str) -> CustomerKeys:
     return p.keys.by_tag(tag)
 
 
-def record_call(p: Policy, req: RecordRequest, token: str, prefer: str | None = None) -> Call:
+def record_call(
+    p: Policy,
+    req: RecordRequest,
+    token: str,
+    prefer: str | None = None,
+    model: str | None = None,
+    learn: bool = True,
+) -> Call:
     """KEYS/ARGV for settle.lua, as record() calls it. ``prefer``: without a reservation id,
-    the reservation to close first if it is still open (one this client made)."""
+    the reservation to close first if it is still open (one this client made). A record that
+    closes a reservation adds its sample to the agent's estimate statistics, and with
+    ``model`` (the LLM wrapper's) to those of the agent's calls to that model; ``learn``
+    False: to none (a lease's slice, which is many runs)."""
     ck, customer = settle_keys(p, req)
     task_ref = req.task_ref or ""
     if req.idempotency_key is not None:
@@ -368,7 +384,14 @@ def record_call(p: Policy, req: RecordRequest, token: str, prefer: str | None = 
         prefer=prefer,
         rollback=False,
     )
-    return Call("settle", SETTLE.keys(ck, idem=idem_key), args)
+    keys = SETTLE.keys(
+        ck,
+        idem=idem_key,
+        preflight_idem=idem_key,  # unused: a record does not release by idempotency key
+        stats=ck.stats(req.agent_id) if learn else None,
+        model_stats=ck.stats(req.agent_id, model) if learn and model is not None else None,
+    )
+    return Call("settle", keys, args)
 
 
 def release_call(p: Policy, req: ReleaseRequest, token: str, rollback: bool = False) -> Call:
@@ -741,9 +764,12 @@ def plan_record(
     idempotency_key: object,
     metadata: object,
     own: OwnReservations | None = None,
+    model: str | None = None,
+    learn: bool = True,
 ) -> Plan[Settlement]:
     """``own``: the client's own reservations; without a reservation id the record closes
-    the oldest of its group still open first (the client forgets it once the call is made)."""
+    the oldest of its group still open first (the client forgets it once the call is made).
+    ``model``: see :func:`record_call`."""
     req = validate(
         RecordRequest,
         agent_id=agent_id,
@@ -759,7 +785,7 @@ def plan_record(
     if req.reservation_id is None and own is not None:
         prefer = own.oldest((customer_of(req.customer_id), req.agent_id, req.task_ref))
     return Plan(
-        record_call(p, req, new_token(), prefer),
+        record_call(p, req, new_token(), prefer, model, learn),
         lambda r: decode_settle(r, req.customer_id, req.metadata),
         reservation_id=req.reservation_id,
         prefer=prefer,
@@ -900,6 +926,103 @@ def plan_get_task(p: Policy, task_ref: object, customer_id: object) -> Plan[Task
     return Plan(call, lambda reply: decode_task(reply, req.customer_id, req.task_ref))
 
 
+def plan_extend(p: Policy, check: BaseCheck, units: object, make: Callable[..., C]) -> Plan[C]:
+    """``units`` more on ``check``'s reservation (see extend.lua); the decision is a Check of
+    the reservation (``make``) whose ``estimated_units`` is its new total."""
+    extra = validate_units("units", units)
+    if extra < 1:
+        raise InvalidRequestError("units", "must be at least 1")
+    rid = check._reservation()
+    if check.offline:
+        raise InvalidRequestError(
+            "reservation_id", "was approved offline (Redis was unreachable): it cannot be extended"
+        )
+    ck = reservation_keys(p, rid)
+    token = new_token()
+    args = EXTEND.args(
+        p.common,
+        reservation_id=rid,
+        units=extra,
+        ceiling=p.ceiling,
+        agent_id=check.agent_id,
+        request_ttl_ms=REQUEST_ID_TTL_MS,
+    )
+    call = Call("extend", EXTEND.keys(ck, request=ck.request(token)), args)
+    total = check.estimated_units + extra
+    req = validate(
+        PreflightRequest,
+        agent_id=check.agent_id,
+        estimated_units=min(total, MAX_UNITS),
+        customer_id=check.customer_id,
+        task_ref=check.task_ref,
+    )
+    return Plan(call, lambda reply: decode_preflight(reply, req, p, make), reservation_id=rid)
+
+
+def stats_bin_top(index: int) -> int:
+    """The most units histogram bin ``index`` holds (``histogram_bin`` in lua/contract.json:
+    4 bins per power of two, bin -1 for 0 units)."""
+    if index < 0:
+        return 0
+    power, quarter = divmod(index, 4)
+    top: int = -(-(2**power * (5 + quarter)) // 4) - 1  # ceil(2^power * (5 + quarter) / 4) - 1
+    return top
+
+
+def _percentile(bins: Sequence[tuple[int, int]], samples: int, q: int) -> int | None:
+    """The top of the bin holding the ``q``-th percentile of ``samples``."""
+    if samples == 0:
+        return None
+    rank = -(-samples * q // 100)
+    seen, found = 0, None
+    for top, n in bins:
+        seen, found = seen + n, top
+        if seen >= rank:
+            break
+    return found
+
+
+def decode_estimates(reply: Any, agent_id: str, customer_id: str, model: str | None) -> Estimates:
+    f = ESTIMATES.unpack(reply)
+    samples, actual, estimate = _int(f.samples), _int(f.actual_sum), _int(f.estimate_sum)
+    counts: dict[int, int] = {}
+    for item in (f.histogram or "").split(_contract.LIST_SEP):
+        if item:
+            b = HISTOGRAM_BIN.split(item)
+            top = stats_bin_top(int(b.bin))
+            counts[top] = counts.get(top, 0) + int(b.samples)
+    bins = tuple(sorted(counts.items()))
+    return Estimates(
+        agent_id=agent_id,
+        customer_id=customer_id,
+        model=model,
+        samples=samples,
+        mean_actual=actual / samples if samples else None,
+        mean_estimate=estimate / samples if samples else None,
+        actual_to_estimate=actual / estimate if estimate else None,
+        p50=_percentile(bins, samples, 50),
+        p95=_percentile(bins, samples, 95),
+        p99=_percentile(bins, samples, 99),
+        histogram=bins,
+    )
+
+
+def plan_estimates(
+    p: Policy, agent_id: object, customer_id: object, model: object
+) -> Plan[Estimates]:
+    req = validate(ScopeRef, customer_id=customer_of(customer_id), agent_id=agent_id)
+    if req.agent_id is None:
+        raise InvalidRequestError("agent_id", "must be an agent id (a non-empty str)")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise InvalidRequestError("model", "must be a model's name (a non-empty str) or None")
+    agent, customer = req.agent_id, req.customer_id
+    name = model if isinstance(model, str) else None
+    ck = p.keys.customer(customer)
+    keys = ESTIMATES.keys(ck, stats=ck.stats(agent, name))
+    call = Call("estimates", keys, ESTIMATES.args(p.common))
+    return Plan(call, lambda reply: decode_estimates(reply, agent, customer, name))
+
+
 def validate_gate(
     p: Policy,
     agent_id: object,
@@ -911,12 +1034,26 @@ def validate_gate(
     *,
     units: object = None,
     charge_estimate: object = False,
+    bound: object = None,
 ) -> None:
     """Check a gate's (or a run block's) arguments when it is made, so a bad one fails at
-    once (at import time, for a decorator), not after a run."""
+    once (at import time, for a decorator), not after a run. ``estimated_units="learned"``
+    needs ``bound``: the most one run can use, reserved until the agent's statistics have
+    enough samples, and never exceeded."""
+    learned = isinstance(estimated_units, str) and estimated_units == "learned"
+    if learned:
+        if bound is None:
+            raise InvalidRequestError(
+                "bound",
+                "estimated_units='learned' needs bound: the most one run can use (reserved "
+                f"until the agent has {LEARN_AFTER} samples, and never exceeded)",
+            )
+        estimated_units = validate_units("bound", bound)
     plan_preflight(
         p, agent_id, estimated_units, customer_id, task_ref, task_ceiling, None, ttl, BaseCheck
     )
+    if bound is not None and not learned:
+        raise InvalidRequestError("bound", "applies to estimated_units='learned' only")
     if units is not None and not callable(units):
         validate_units("units", units)
     if not isinstance(charge_estimate, bool):

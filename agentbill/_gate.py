@@ -38,12 +38,13 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
+from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar, cast
 
 from agentbill._exceptions import AgentBillError
 from agentbill._interrupts import interrupts_held
+from agentbill._learned import Learner
 from agentbill._models import validate_units
-from agentbill._results import Settlement
+from agentbill._results import AsyncCheck, Check, Settlement
 
 logger = logging.getLogger("agentbill")
 
@@ -65,16 +66,16 @@ class Gate:
         client: Any,
         *,
         agent_id: str,
-        estimated_units: int,
+        estimated_units: int | Literal["learned"],
         customer_id: str | None,
         units: Units[Any],
         task_ref: str | None,
         task_ceiling: int | None,
         ttl: int | None,
+        bound: int | None = None,
     ) -> None:
         self._client = client
         self._is_async_client = inspect.iscoroutinefunction(client.preflight)
-        self._estimated_units = estimated_units
         self._units = units
         self._preflight = {
             "agent_id": agent_id,
@@ -84,6 +85,7 @@ class Gate:
             "task_ceiling": task_ceiling,
             "ttl": ttl,
         }
+        self._ask = _Asking(client, self._preflight, bound)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -103,9 +105,9 @@ class Gate:
             )
         return self._wrap_sync(fn)
 
-    def _units_of(self, result: object) -> int:
+    def _units_of(self, result: object, check: Any) -> int:
         if self._units is None:
-            return self._estimated_units
+            return int(check.estimated_units)
         used = self._units(result) if callable(self._units) else self._units
         return validate_units("units", used)
 
@@ -114,7 +116,7 @@ class Gate:
 
         @functools.wraps(fn)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
-            check = _admit(client, self._preflight)
+            check = _admit(client, self._ask.sync())
             try:
                 result = fn(*args, **kwargs)
             except BaseException:  # KeyboardInterrupt and SystemExit too
@@ -130,7 +132,7 @@ class Gate:
                     self._record_result(fn, check, result)
             except BaseException:
                 if not held:
-                    _close(client, check, self._estimated_units)
+                    _close(client, check, check.estimated_units)
                 raise
             return result
 
@@ -146,9 +148,9 @@ class Gate:
             _release_quietly(self._client, check)
             raise
         try:
-            used = self._units_of(result)
+            used = self._units_of(result, check)
         except BaseException:
-            _close(self._client, check, self._estimated_units)
+            _close(self._client, check, check.estimated_units)
             raise
         _close(self._client, check, used)
 
@@ -157,7 +159,7 @@ class Gate:
 
         @functools.wraps(fn)
         async def gated(*args: P.args, **kwargs: P.kwargs) -> T:
-            check = await _admit_async(client, self._preflight)
+            check = await _admit_async(client, await self._ask.any())
             try:
                 result = await fn(*args, **kwargs)
                 _refuse_deferred(fn, result, awaitable=False)
@@ -165,14 +167,42 @@ class Gate:
                 await _release_quietly_async(client, check)
                 raise
             try:
-                used = self._units_of(result)
+                used = self._units_of(result, check)
             except BaseException:  # the work happened: the estimate
-                await _close_async(client, check, self._estimated_units)
+                await _close_async(client, check, check.estimated_units)
                 raise
             await _close_async(client, check, used)
             return result
 
         return gated
+
+
+class _Asking:
+    """A gate's or a block's preflight arguments for its next run: as given, or with
+    ``estimated_units="learned"`` what the agent's recent runs used (see ``_learned``), up to
+    ``bound``."""
+
+    def __init__(self, client: Any, preflight: dict[str, Any], bound: int | None) -> None:
+        self._preflight = preflight
+        self._bound = bound
+        learned = preflight["estimated_units"] == "learned"
+        self._learner = Learner(client, preflight["agent_id"], preflight["customer_id"])
+        self._learned = learned and bound is not None
+
+    def sync(self) -> dict[str, Any]:
+        """With AgentBillClient."""
+        if not self._learned:
+            return self._preflight
+        return {**self._preflight, "estimated_units": self._learner.units(cast(int, self._bound))}
+
+    async def any(self) -> dict[str, Any]:
+        """With either client."""
+        if not self._learned:
+            return self._preflight
+        units = self._learner.units(cast(int, self._bound))
+        if inspect.isawaitable(units):
+            units = await units
+        return {**self._preflight, "estimated_units": units}
 
 
 def _refuse_deferred(fn: Callable[..., Any], result: object, *, awaitable: bool) -> None:
@@ -348,10 +378,13 @@ async def _release_quietly_async(client: Any, check: Any) -> None:
 class _Block:
     """What ``with client.run(...)`` and ``async with`` share: one block, entered once."""
 
-    def __init__(self, client: Any, charge_estimate: bool, **preflight: Any) -> None:
+    def __init__(
+        self, client: Any, charge_estimate: bool, bound: int | None = None, **preflight: Any
+    ) -> None:
         self._client = client
         self._charge_estimate = charge_estimate
         self._preflight = preflight
+        self._ask = _Asking(client, preflight, bound)
         self._entered = False
         self._check: Any = None
         self.settlement: Settlement | None = None
@@ -404,8 +437,15 @@ class Run(_Block):
 
     def __enter__(self) -> Run:
         self._enter()
-        self._check = _admit(self._client, self._preflight)
+        self._check = _admit(self._client, self._ask.sync())
         return self
+
+    def extend(self, units: int) -> Check:
+        """Reserve ``units`` more for this block, atomically, under every rule (see
+        ``Check.extend``); the block's record, release or estimate then covers the whole.
+        Raises the typed RunBlockedError on refusal (nothing changed)."""
+        self._check = self._approved().extend(units)
+        return cast(Check, self._check)
 
     def record(self, units: int, **kwargs: Any) -> Settlement:
         """Record what the block used (``kwargs``: ``success``, ``idempotency_key``,
@@ -451,8 +491,13 @@ class AsyncRun(_Block):
 
     async def __aenter__(self) -> AsyncRun:
         self._enter()
-        self._check = await _admit_async(self._client, self._preflight)
+        self._check = await _admit_async(self._client, await self._ask.any())
         return self
+
+    async def extend(self, units: int) -> AsyncCheck:
+        """See :meth:`Run.extend`."""
+        self._check = await self._approved().extend(units)
+        return cast(AsyncCheck, self._check)
 
     async def record(self, units: int, **kwargs: Any) -> Settlement:
         """See :meth:`Run.record`."""

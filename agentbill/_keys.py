@@ -19,6 +19,9 @@ Layout, for namespace ``ns`` and customer tag ``t``::
     ns:{t}:agents   zset  agent digest, scored by when it may be forgotten once idle
     ns:{t}:idem:<op>:<k>  str  idempotency record of a user's key k for one operation (TTL)
     ns:{t}:req:<id>       str  the client's own request id, so its retries land once (TTL)
+    ns:{t}:stats:<d>      hash estimate statistics of one agent (d: digest of the agent id) or
+                               of one agent's calls to one model (d: digest of both), kept by
+                               settle.lua; expires after the idle retention without a record
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ class CustomerKeys:
     def idempotency(self, operation: str, key: str) -> str:
         """The key remembering a user's idempotency key for one operation."""
         return f"{self.prefix}:idem:{operation}:{quote(key, safe='')}"
+
+    def stats(self, agent_id: str, model: str | None = None) -> str:
+        """The estimate statistics of one agent of this customer, or of its calls to one model
+        (the LLM wrapper's)."""
+        d = digest(agent_id) if model is None else digest(agent_id, "model", model)
+        return f"{self.prefix}:stats:{d}"
 
     def request(self, token: str) -> str:
         """The key remembering one internal request id (the client's own retries)."""

@@ -536,7 +536,9 @@ def _charge_later(
     """Charge a run recorded after its release and after its lease closed: queued for the
     client's background delivery (a run's record does no I/O of its own), exactly once."""
     rid, units, agent_id, customer_id, task_ref = _owed_record(book, units, task_ref)
-    client._settle_later(client._plan_close(rid, units, agent_id, customer_id, task_ref))
+    client._settle_later(
+        client._plan_close(rid, units, agent_id, customer_id, task_ref, learn=False)
+    )
     book.charged_alone(units)
 
 
@@ -594,14 +596,14 @@ class Lease:
         book, client = self.book, self._client
         for s in book.to_settle(closing, replacing):
             try:
-                client._settle_surely(*_slice_record(s, self._task_ref))
+                client._settle_surely(*_slice_record(s, self._task_ref), learn=False)
             except BaseException:
                 book.unsent(s)
                 raise
             book.sent(s)
         if closing and (owed := book.take_owed()):
             try:
-                client._settle_surely(*_owed_record(book, owed, self._task_ref))
+                client._settle_surely(*_owed_record(book, owed, self._task_ref), learn=False)
             except BaseException:
                 book.owe(owed)
                 raise
@@ -672,14 +674,14 @@ class AsyncLease:
         book, client = self.book, self._client
         for s in book.to_settle(closing, replacing):
             try:
-                await client._settle_surely(*_slice_record(s, self._task_ref))
+                await client._settle_surely(*_slice_record(s, self._task_ref), learn=False)
             except BaseException:
                 book.unsent(s)
                 raise
             book.sent(s)
         if closing and (owed := book.take_owed()):
             try:
-                await client._settle_surely(*_owed_record(book, owed, self._task_ref))
+                await client._settle_surely(*_owed_record(book, owed, self._task_ref), learn=False)
             except BaseException:
                 book.owe(owed)
                 raise

@@ -141,6 +141,16 @@ class Check(BaseCheck):
         assert self._client is not None
         return self._client.release(rid)
 
+    def extend(self, units: int) -> Check:
+        """Reserve ``units`` more on this reservation, atomically, under every rule a preflight
+        checks (concurrency aside: no run is added); the extra is settled with the rest. Returns
+        the reservation's Check with ``estimated_units`` its new total (this Check is
+        unchanged). Raises the typed RunBlockedError on refusal (nothing changed),
+        InvalidRequestError (``units``; ``reservation_id`` when it is not open any more),
+        StoreUnavailableError (whatever the outage policy: nothing reserved)."""
+        assert self._client is not None
+        return self._client._extend(self, units)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AsyncCheck(BaseCheck):
@@ -167,6 +177,11 @@ class AsyncCheck(BaseCheck):
         rid = self._reservation()
         assert self._client is not None
         return await self._client.release(rid)
+
+    async def extend(self, units: int) -> AsyncCheck:
+        """See :meth:`Check.extend`."""
+        assert self._client is not None
+        return await self._client._extend(self, units)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -276,3 +291,42 @@ class TaskStatus:
     reserved: int
     remaining: int | None
     exists: bool
+
+
+LEARN_AFTER = 20
+"""Samples an agent's statistics need before ``"learned"`` reserves from them (until then, the
+bound)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Estimates:
+    """What one agent's runs of a customer (or, with ``model``, its LLM calls to that model)
+    actually used, next to what they reserved: the records that closed a reservation among
+    the last 100 to 200 (see ``AgentBillClient.estimates``).
+
+    Percentiles come from a log-scale histogram (4 bins per power of two): each is the largest
+    number of units in the bin holding that percentile, so it is at or above the true value,
+    by less than 25%. None without samples.
+    """
+
+    agent_id: str
+    customer_id: str
+    model: str | None
+    samples: int
+    mean_actual: float | None
+    mean_estimate: float | None
+    actual_to_estimate: float | None
+    """Actual units summed over estimates summed: how much of what was reserved was used."""
+    p50: int | None
+    p95: int | None
+    p99: int | None
+    histogram: tuple[tuple[int, int], ...]
+    """(the most units a bin holds, its samples), ascending."""
+
+    def learned(self, bound: int) -> int:
+        """What ``"learned"`` reserves for a run that can cost at most ``bound``: the p95 of
+        recent actuals, never above ``bound``; ``bound`` itself until there are
+        ``LEARN_AFTER`` samples."""
+        if self.samples < LEARN_AFTER or self.p95 is None:
+            return bound
+        return min(self.p95, bound)

@@ -73,6 +73,10 @@ _SCRIPT_ERRORS = {
     ),
     "agent_mismatch": ("agent_id", "does not match the reservation's agent_id"),
     "task_mismatch": ("task_ref", "does not match the reservation's task_ref"),
+    "not_open": (
+        "reservation_id",
+        "is not open (recorded, released, expired or never made): nothing was extended",
+    ),
 }
 
 BUSY_CODES = (

@@ -22,6 +22,8 @@ OPERATIONS = (
     "events",
     "open_task",
     "get_task",
+    "extend",
+    "estimates",
 )
 PRELUDE = "_common"
 

@@ -389,6 +389,65 @@ local function uncross(p, rp, rid)
   end
 end
 
+-- GCRA: scope `s` may take `units` now if its theoretical arrival time, advanced by units x the
+-- emission interval, is within the burst tolerance of now. Returns the new TAT (true without a
+-- rate limit), or false and the ms to wait (false: waiting never helps, the ask is above the
+-- burst).
+local function gcra(s, units, now)
+  if not s.rl_n then
+    return true
+  end
+  local interval = s.rl_per / s.rl_n
+  local tat = math.max(s.rl_tat, now) + units * interval
+  local allowed_at = tat - s.rl_burst * interval
+  if allowed_at <= now then
+    return tat
+  end
+  return false, units <= s.rl_burst and math.ceil(allowed_at - now) or false
+end
+
+-- The first rule that refuses `units` more, in the order a preflight checks them, or nil and
+-- the GCRA arrival times to store: the per-request `ceiling` ('' for none) on `total` (what
+-- the reservation would then hold), the task `task` ({ceiling, used, reserved}), the budgets
+-- of the customer (scope `cs`, counters `c`: {spent, reserved} where the units would count)
+-- and of the agent (`as`, `a`), their rate limits and, for `runs` new runs (0 or 1), their
+-- concurrency limits. A refusal is {reason, scope, limit, used, reserved, retry}.
+local function refusal(units, total, ceiling, task, cs, c, as, a, now, runs)
+  if ceiling ~= '' and total > tonumber(ceiling) then
+    return {reason = 'ceiling_exceeded', scope = 'request', limit = tonumber(ceiling), used = 0, reserved = total - units}
+  elseif task.ceiling and task.used + task.reserved + units > task.ceiling then
+    return {reason = 'task_ceiling_exceeded', scope = 'task', limit = task.ceiling, used = task.used, reserved = task.reserved}
+  elseif cs.limit and c.spent + c.reserved + units > cs.limit then
+    return {reason = 'budget_exhausted', scope = 'customer', limit = cs.limit, used = c.spent, reserved = c.reserved}
+  elseif as.limit and a.spent + a.reserved + units > as.limit then
+    return {reason = 'budget_exhausted', scope = 'agent', limit = as.limit, used = a.spent, reserved = a.reserved}
+  end
+  local ctat, wait = gcra(cs, units, now)
+  if not ctat then
+    return {reason = 'rate_limited', scope = 'customer', limit = cs.rl_n, retry = wait}
+  end
+  local atat
+  atat, wait = gcra(as, units, now)
+  if not atat then
+    return {reason = 'rate_limited', scope = 'agent', limit = as.rl_n, retry = wait}
+  elseif runs > 0 and cs.cc and cs.open + runs > cs.cc then
+    return {reason = 'concurrency_limited', scope = 'customer', limit = cs.cc, used = cs.open, reserved = 0}
+  elseif runs > 0 and as.cc and as.open + runs > as.cc then
+    return {reason = 'concurrency_limited', scope = 'agent', limit = as.cc, used = as.open, reserved = 0}
+  end
+  return nil, ctat, atat
+end
+
+-- Every field generation `g` ('0' or '1') of an estimate statistics hash can have (see
+-- "Learning" in settle.lua): samples, sums, and the bins of 0 to 2^53 units (-1 to 215).
+local function stats_fields(g)
+  local out = {g .. 'n', g .. 'a', g .. 'e'}
+  for bin = -1, 215 do
+    out[#out + 1] = g .. ':' .. bin
+  end
+  return out
+end
+
 -- -- reservations and tasks --------------------------------------------------------------------
 
 local function rec(r, i)

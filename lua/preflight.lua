@@ -140,47 +140,7 @@ if tf ~= '' and not task.exists and task_ceiling ~= '' then
   task.ceiling = tonumber(task_ceiling) -- the ceiling this call would open the task with
 end
 
--- GCRA: `s` may take `units` now if its theoretical arrival time, advanced by units x the
--- emission interval, is within the burst tolerance of now. Returns the new TAT, or false and
--- the ms to wait (false: waiting never helps, the ask is above the burst).
-local function rate(s)
-  if not s.rl_n then
-    return true
-  end
-  local interval = s.rl_per / s.rl_n
-  local tat = math.max(s.rl_tat, now) + units * interval
-  local allowed_at = tat - s.rl_burst * interval
-  if allowed_at <= now then
-    return tat
-  end
-  return false, units <= s.rl_burst and math.ceil(allowed_at - now) or false
-end
-
-local rule = nil
-local ctat, atat, wait
-if ceiling ~= '' and units > tonumber(ceiling) then
-  rule = {reason = 'ceiling_exceeded', scope = 'request', limit = tonumber(ceiling), used = 0, reserved = 0}
-elseif task.ceiling and task.used + task.reserved + units > task.ceiling then
-  rule = {reason = 'task_ceiling_exceeded', scope = 'task', limit = task.ceiling, used = task.used, reserved = task.reserved}
-elseif cs.limit and cs.spent + cs.reserved + units > cs.limit then
-  rule = {reason = 'budget_exhausted', scope = 'customer', limit = cs.limit, used = cs.spent, reserved = cs.reserved}
-elseif as.limit and as.spent + as.reserved + units > as.limit then
-  rule = {reason = 'budget_exhausted', scope = 'agent', limit = as.limit, used = as.spent, reserved = as.reserved}
-else
-  ctat, wait = rate(cs)
-  if not ctat then
-    rule = {reason = 'rate_limited', scope = 'customer', limit = cs.rl_n, retry = wait}
-  else
-    atat, wait = rate(as)
-    if not atat then
-      rule = {reason = 'rate_limited', scope = 'agent', limit = as.rl_n, retry = wait}
-    elseif cs.cc and cs.open + 1 > cs.cc then
-      rule = {reason = 'concurrency_limited', scope = 'customer', limit = cs.cc, used = cs.open, reserved = 0}
-    elseif as.cc and as.open + 1 > as.cc then
-      rule = {reason = 'concurrency_limited', scope = 'agent', limit = as.cc, used = as.open, reserved = 0}
-    end
-  end
-end
+local rule, ctat, atat = refusal(units, units, ceiling, task, cs, cs, as, as, now, 1)
 if not rule and (cs.reserved + units > MAX or as.reserved + units > MAX or task.reserved + units > MAX) then
   return overflow('estimated_units') -- only when `risky`, with nothing reaped: nothing written
 end

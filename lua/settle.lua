@@ -16,9 +16,24 @@
 -- - A record without an id closes the reservation `prefer` (the recording client's own, of
 --   the same group) if it is open, else the group's oldest open one, else charges directly.
 --
+-- Learning: a record that closes an open reservation (status 'recorded') adds its sample
+-- (estimate, actual units) to each statistics hash sent: two generations of at most
+-- STATS_WINDOW samples each ('g' names the current one, '0' or '1'); per generation <g>n
+-- samples, <g>a actual units summed, <g>e estimates summed, and <g>:<bin> samples per
+-- log-scale bin of the actual (bin_of: -1 for 0, else 4 per power of 2, so a bin is at most
+-- 25% wide). When the current generation is full, the older one is dropped and a new one
+-- started: the statistics cover the last STATS_WINDOW to 2 * STATS_WINDOW samples. A sample
+-- whose sums would pass 2^53-1 is not added. Each hash expires after the idle retention
+-- without a sample.
+--
 -- KEYS[1..10] the customer's keys (see _common.lua)
 -- KEYS[11]    idempotency record key (same hash tag; unused when field 8 is '')
--- KEYS[12]    with field 12 '1': the preflight idempotency record naming the reservation
+-- KEYS[12]    with field 12 '1': the preflight idempotency record naming the reservation (else,
+--             when a later key is sent, any key of the customer's: unused)
+-- KEYS[13]    the estimate statistics of (customer, agent) a record closing an open reservation
+--             adds its sample to (see Learning)
+-- KEYS[14]    a second statistics hash it adds the sample to (the wrapper's (customer, agent,
+--             model))
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)
 -- ARGV[6]     the fields below, joined by \31 (one argument packs and parses far faster than a
 --             dozen; ids hold no control characters):
@@ -64,6 +79,17 @@ local adig = A[13]
 local prefer = A[14] or ''
 local rollback = A[15] == '1'
 local idem_key = KEYS[11]
+local STATS_WINDOW = 100 -- samples per generation of the estimate statistics
+
+-- The log-scale bin of `x` units: -1 for 0; else 4 * floor(log2 x) plus which quarter of its
+-- power of two x is in (exact: frexp splits a double without rounding).
+local function bin_of(x)
+  if x <= 0 then
+    return -1
+  end
+  local m, e = math.frexp(x) -- x = m * 2^e, 0.5 <= m < 1
+  return (e - 1) * 4 + math.floor((2 * m - 1) * 4)
+end
 
 local now = now_ms()
 local crossed = {}
@@ -225,7 +251,43 @@ if target then
   end
 end
 
+-- The statistics hashes a record closing a reservation adds its sample to: those sent whose
+-- sums stay exact with it (checked here, before any write).
+local learn_into = {}
+if action == 'close' and not releasing then
+  for i = 13, 14 do
+    local key = KEYS[i]
+    if key then
+      local v = redis.call('HMGET', key, 'g', '0n', '0a', '0e', '1n', '1a', '1e')
+      local g = v[1] or '0'
+      local at = g == '0' and 1 or 4 -- the current generation's fields in v, after 'g'
+      local full = tonumber(v[at + 1] or '0') >= STATS_WINDOW
+      local a = full and 0 or tonumber(v[at + 2] or '0')
+      local e = full and 0 or tonumber(v[at + 3] or '0')
+      if a + units <= MAX and e + tonumber(r[4]) <= MAX then
+        learn_into[#learn_into + 1] = {key, g, full}
+      end
+    end
+  end
+end
+
 -- -- from here on, nothing fails ---------------------------------------------------------------
+
+-- Add the sample (estimate, actual) to statistics hash `s` ({key, current generation, full}).
+local function learn(s, estimate, actual)
+  local key, g = s[1], s[2]
+  if s[3] then -- the current generation is full: the older one goes, a new one starts
+    local older = g == '0' and '1' or '0'
+    redis.call('HDEL', key, unpack(stats_fields(older)))
+    g = older
+    redis.call('HSET', key, 'g', g)
+  end
+  redis.call('HINCRBY', key, g .. 'n', 1)
+  incr(key, g .. 'a', actual)
+  incr(key, g .. 'e', estimate)
+  redis.call('HINCRBY', key, g .. ':' .. bin_of(actual), 1)
+  redis.call('PEXPIRE', key, fmt(IDLE))
+end
 
 local function remember(status, id, charged, released, late)
   if fingerprint ~= '' then
@@ -307,6 +369,9 @@ if action == 'close' then
   who = r[1]
   if charged > 0 then
     after_charge(rec(r, 9), r[1], rid)
+  end
+  for _, into in ipairs(learn_into) do
+    learn(into, tonumber(r[4]), units)
   end
   return remember(status, rid, charged, tonumber(r[4]), 0)
 end

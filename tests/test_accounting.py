@@ -257,6 +257,9 @@ def test_every_error_a_script_can_answer_is_listed_in_its_header_and_provoked_he
         ("settle", "agent_mismatch"),
         ("settle", "task_mismatch"),
         ("settle", "overflow"),
+        ("extend", "not_open"),  # these three: tests/test_extend.py
+        ("extend", "agent_mismatch"),
+        ("extend", "overflow"),
     }
 
 

@@ -317,7 +317,7 @@ def test_ledger_entries_carry_the_contract_fields_in_order() -> None:
 
 
 def test_refusal_reasons_and_settle_statuses_are_the_enums() -> None:
-    reasons = set(re.findall(r"reason = '(\w+)'", source("preflight")))
+    reasons = set(re.findall(r"reason = '(\w+)'", source("_common")))  # refusal()
     assert reasons == set(CONTRACT["enums"]["reason"])
     header = parse_header(LUA / "settle.lua")
     statuses = re.findall(r"'(\w+)' [a-z]", header.reply.split("status:", 1)[1])

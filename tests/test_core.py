@@ -76,7 +76,8 @@ def test_record_contradicting_customer_is_rejected_without_io() -> None:
 def test_record_without_id_carries_a_request_id_so_retries_land_once() -> None:
     req = RecordRequest(agent_id="a", units=1, customer_id="c")
     first, second = record_call(POLICY, req, "tok1"), record_call(POLICY, req, "tok2")
-    assert first.keys[-1] != second.keys[-1]  # each logical call has its own request id
+    idem = len(POLICY.keys.customer("c").fixed)  # the first key after the customer's: idem
+    assert first.keys[idem] != second.keys[idem]  # each logical call has its own request id
     # ... and the script is told to remember it
     assert SCRIPTS["settle"].read_args(first.args)["fingerprint"] != ""
 

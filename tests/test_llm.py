@@ -418,7 +418,7 @@ def test_wrap_checks_its_arguments_and_writes_nothing(side: Side, raw: Any, name
         ("agent_id", lambda: side.wrap(mock, "chat", agent_id="")),
         ("customer_id", lambda: side.wrap(mock, "chat", customer_id="\n")),
         ("unit", lambda: side.wrap(mock, "chat", unit="eur")),
-        ("estimate", lambda: side.wrap(mock, "chat", estimate="learned")),
+        ("estimate", lambda: side.wrap(mock, "chat", estimate="learnt")),
         ("estimate", lambda: side.wrap(mock, "chat", estimate=-1)),
         ("estimate", lambda: side.wrap(mock, "chat", estimate=1.5)),
         ("prices", lambda: side.wrap(mock, "chat", prices={"m": 1})),

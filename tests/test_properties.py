@@ -169,6 +169,7 @@ VALID_ARGS: dict[str, dict[str, object]] = {
     "open_task": {"task_ref": "t", "ceiling": 5, "customer_id": "c"},
     "get_task": {"task_ref": "t", "customer_id": "c"},
     "lease": {"agent_id": "a", "customer_id": "c", "slice_units": 5},
+    "estimates": {"agent_id": "a", "customer_id": "c"},
 }
 # A bad reservation_id is given alone: with the idempotency key too, that is the error.
 WITHOUT = {("release", "reservation_id"): ("idempotency_key", "customer_id")}
@@ -213,6 +214,7 @@ WORKED: dict[str, Callable[[Any], bool]] = {
     "open_task": lambda t: t.exists and t.ceiling == 5,
     "get_task": lambda t: t.task_ref == "t",
     "lease": lambda lease: lease.stats().slices == 0,
+    "estimates": lambda e: (e.agent_id, e.customer_id) == ("a", "c"),
 }
 
 
@@ -297,6 +299,9 @@ PARAMS: list[Param] = [
     Param("lease", "slice_units", bad_ints(1, MAX_UNITS) | st.none()),
     Param("lease", "task_ref", bad_ids(optional=True)),
     Param("lease", "ttl", bad_seconds(optional=False)),
+    Param("estimates", "agent_id", bad_ids(optional=False)),
+    Param("estimates", "customer_id", bad_ids(optional=True)),
+    Param("estimates", "model", st.one_of(st.sampled_from(["", " ", "\t"]), not_str)),
 ]
 
 # Gaps these properties found (now fixed), each a regression test below.
@@ -495,6 +500,9 @@ NOT_FUZZED = {
     "gate.units",  # an int, a callable of the result, or None (see ONCE_UNCHECKED)
     "run.charge_estimate",  # see ONCE_UNCHECKED
     "preflight_many.requests",  # test_preflight_many_* above
+    # With an int estimate any bound is refused; with "learned", fuzzed in tests/test_learned.py
+    "gate.bound",
+    "run.bound",
     # wrap() needs an SDK client to wrap: its arguments are checked, each with bad values,
     # in tests/test_llm.py (test_wrap_checks_its_arguments_and_writes_nothing); its ids go
     # through the same validation as gate's, fuzzed above.

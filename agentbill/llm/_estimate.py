@@ -4,7 +4,8 @@ An :class:`Estimator` is any callable of an :class:`LLMRequest` returning the un
 ``estimate="bound"`` reserves ``request.bound``, the most the call can cost; an int reserves
 that many units for every call. The request carries everything an estimator needs (provider,
 operation, model, the parameters as sent, the bound and how it was counted), so an estimator
-that learns from past calls (``"learned"``, to come) fits the same protocol.
+that learns from past calls fits the same protocol. ``estimate="learned"`` reserves the p95 of
+what this agent's recent calls to the same model used, up to the bound (``agentbill._learned``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Estimator(Protocol):
     def __call__(self, request: LLMRequest, /) -> int: ...
 
 
-EstimateSpec: TypeAlias = Literal["bound"] | int | Estimator
+EstimateSpec: TypeAlias = Literal["bound", "learned"] | int | Estimator
 
 
 def bound(request: LLMRequest) -> int:
@@ -65,17 +66,15 @@ def resolve(spec: object) -> Estimator:
     """The estimator ``wrap(estimate=...)`` names, or InvalidRequestError naming estimate."""
     if spec == "bound" and isinstance(spec, str):
         return bound
-    if spec == "learned":
-        raise InvalidRequestError(
-            "estimate", "'learned' is not available yet: use 'bound', an int or a callable"
-        )
+    if spec == "learned" and isinstance(spec, str):
+        return bound  # the meter reserves from the statistics, up to this (see _wrap)
     if isinstance(spec, int) and not isinstance(spec, bool):
         units = validate_units("estimate", spec)
         return lambda _request: units
     if callable(spec) and not isinstance(spec, str | bytes | type):
         return _checked(spec)
     raise InvalidRequestError(
-        "estimate", "must be 'bound', a number of units, or a callable of LLMRequest"
+        "estimate", "must be 'bound', 'learned', a number of units, or a callable of LLMRequest"
     )
 
 

@@ -217,7 +217,8 @@ class SyncTicket:
             return
         self._done = True
         units, metadata = charge(self._settings, self._plan, tally)
-        _close(self._client, self._check, units, metadata=metadata)
+        model = self._plan.request.model
+        _close(self._client, self._check, units, metadata=metadata, model=model)
 
     def release(self) -> None:
         """After the call raised: never hides the call's own exception."""
@@ -260,7 +261,8 @@ class AsyncTicket:
             return
         self._done = True
         units, metadata = charge(self._settings, self._plan, tally)
-        await _close_async(self._client, self._check, units, metadata=metadata)
+        model = self._plan.request.model
+        await _close_async(self._client, self._check, units, metadata=metadata, model=model)
 
     async def release(self) -> None:
         if self._done:

@@ -82,6 +82,8 @@ class Settings:
     estimator: Estimator
     pricer: Pricer | None
     default_max_output_tokens: int
+    learned: bool = False
+    """``estimate="learned"``: the meter reserves from the agent's statistics for the model."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -11,16 +11,18 @@ client is left unmetered.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from agentbill import _core
 from agentbill._exceptions import InvalidRequestError
 from agentbill._gate import _admit, _admit_async
 from agentbill._install import pip_install
+from agentbill._learned import Learner
 from agentbill._models import validate_units
 from agentbill.llm._estimate import resolve
 from agentbill.llm._meter import AsyncTicket, SyncTicket
@@ -93,6 +95,7 @@ def settings_for(
         estimator=estimator,
         pricer=pricer,
         default_max_output_tokens=cap,
+        learned=estimate == "learned" and isinstance(estimate, str),
     )
 
 
@@ -131,8 +134,14 @@ class SyncMeter:
     def __init__(self, client: Any, settings: Settings) -> None:
         self.client = client
         self.settings = settings
+        self.learner = (
+            Learner(client, settings.agent_id, settings.customer_id) if settings.learned else None
+        )
 
     def preflight(self, plan: CallPlan) -> SyncTicket:
+        if self.learner is not None:
+            units = self.learner.units(plan.request.bound, plan.request.model)
+            plan = dataclasses.replace(plan, units=cast(int, units))
         check = _admit(self.client, preflight_of(self.settings, plan))
         return SyncTicket(self.client, self.settings, plan, check)
 
@@ -159,8 +168,16 @@ class AsyncMeter:
     def __init__(self, client: Any, settings: Settings) -> None:
         self.client = client
         self.settings = settings
+        self.learner = (
+            Learner(client, settings.agent_id, settings.customer_id) if settings.learned else None
+        )
 
     async def preflight(self, plan: CallPlan) -> AsyncTicket:
+        if self.learner is not None:
+            units = self.learner.units(plan.request.bound, plan.request.model)
+            if inspect.isawaitable(units):
+                units = await units
+            plan = dataclasses.replace(plan, units=units)
         check = await _admit_async(self.client, preflight_of(self.settings, plan))
         return AsyncTicket(self.client, self.settings, plan, check)
 

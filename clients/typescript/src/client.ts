@@ -30,6 +30,7 @@ import { OwnReservations } from './own.js'
 import {
   Check,
   type BudgetStatus,
+  type CheckFields,
   type Event,
   type Settlement,
   type TaskStatus,
@@ -488,6 +489,12 @@ export class AgentBillClient {
   async preflight(options: PreflightOptions): Promise<Check> {
     const plan = core.planPreflight(this.#settings.policy, options)
     return this.#track(this.#check(await this.#run(plan)))
+  }
+
+  /** See `Check.extend`. */
+  async extend(check: CheckFields, units: number): Promise<Check> {
+    const plan = core.planExtend(this.#settings.policy, check, units)
+    return this.#check(await this.#run(plan)).raiseForRefusal()
   }
 
   /**

@@ -75,6 +75,8 @@ export const SCRIPT_NAMES = [
   'events',
   'open_task',
   'get_task',
+  'extend',
+  'estimates',
 ] as const
 export type ScriptName = (typeof SCRIPT_NAMES)[number]
 

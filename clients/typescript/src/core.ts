@@ -234,6 +234,38 @@ export function planPreflight(p: Policy, input: unknown, field = ''): Plan<Check
   return { call, decode: (raw) => decodePreflight(raw, request), reservationId: rid, request }
 }
 
+/**
+ * KEYS/ARGV for extend.lua: `units` more on `check`'s reservation, under every rule a preflight
+ * checks (concurrency aside). The decision is the reservation's check, `estimatedUnits` its new
+ * total.
+ */
+export function planExtend(p: Policy, check: CheckFields, units: unknown, token = newToken()): Plan<CheckFields> {
+  const extra = v.units('units', units)
+  if (extra < 1) throw new InvalidRequestError('units', 'must be at least 1')
+  const rid = check.reservationId
+  if (rid === undefined) {
+    throw new InvalidRequestError('reservationId', `this check was refused (${check.reason}); it holds nothing`)
+  }
+  const ck = reservationKeys(p, rid, 'reservationId')
+  const call = buildCall('extend', { ...ck.fixed, request: ck.request(token) }, common(p), {}, {
+    reservation_id: rid,
+    units: extra,
+    ceiling: p.ceiling ?? null,
+    agent_id: check.agentId,
+    request_ttl_ms: REQUEST_ID_TTL_MS,
+  })
+  const request: PreflightRequest = {
+    agentId: check.agentId,
+    estimatedUnits: Math.min(check.estimatedUnits + extra, Number.MAX_SAFE_INTEGER),
+    customerId: check.customerId,
+    taskRef: check.taskRef,
+    taskCeiling: undefined,
+    idempotencyKey: undefined,
+    ttl: undefined,
+  }
+  return { call, decode: (raw) => decodePreflight(raw, request), reservationId: rid }
+}
+
 // -- record / release ------------------------------------------------------------------------------
 
 export interface RecordOptions {
@@ -356,7 +388,10 @@ export function recordPlan(p: Policy, req: RecordRequest, token = newToken(), pr
     fp = null
     ttl = REQUEST_ID_TTL_MS
   }
-  const call = buildCall('settle', { ...ck.fixed, idem }, common(p), {}, {
+  // A record that closes a reservation adds its sample to the agent's estimate statistics
+  // (preflight_idem, unused by a record, is sent because a later key is).
+  const keys = { ...ck.fixed, idem, preflight_idem: idem, stats: ck.stats(agentId) }
+  const call = buildCall('settle', keys, common(p), {}, {
     reservation_id: rid ?? null,
     units,
     charge: success,

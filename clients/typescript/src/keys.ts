@@ -97,6 +97,13 @@ export class CustomerKeys {
     return `${this.prefix}:idem:${operation}:${quote(key)}`
   }
 
+  /** The estimate statistics of one agent of this customer (settle.lua keeps them), or of its
+   * calls to one model (the Python LLM wrapper's). */
+  stats(agentId: string, model?: string): string {
+    const d = model === undefined ? digestOf(agentId) : digest(agentId, 'model', model)
+    return `${this.prefix}:stats:${d}`
+  }
+
   /** The key remembering one internal request id (the client's own retries). */
   request(token: string): string {
     return `${this.prefix}:req:${token}`

@@ -68,6 +68,7 @@ export interface Settler {
     metadata?: Record<string, unknown>
   }): Promise<Settlement>
   release(reservationId: string): Promise<Settlement>
+  extend(check: CheckFields, units: number): Promise<Check>
 }
 
 export interface RecordExtras {
@@ -125,6 +126,16 @@ export class Check implements CheckFields {
   /** Close this reservation without charging anything. */
   async release(): Promise<Settlement> {
     return await this.#client.release(this.#reservation())
+  }
+
+  /**
+   * Reserve `units` more on this reservation, atomically, under every rule a preflight checks
+   * (concurrency aside); the extra is settled with the rest. Returns the reservation's check,
+   * `estimatedUnits` its new total; throws the typed RunBlockedError on refusal (nothing
+   * changed), InvalidRequestError (`units`; `reservationId` when it is not open any more).
+   */
+  async extend(units: number): Promise<Check> {
+    return await this.#client.extend(this.fields(), units)
   }
 
   /** This check when approved; else throws the RunBlockedError subclass for `reason`. */

@@ -193,6 +193,31 @@ test('a record charges in full, a release gives back, a second close is a replay
   await c.close()
 })
 
+test('check.extend reserves more under the rules, refuses changing nothing, settles with the rest', async () => {
+  const c = client()
+  await c.setBudget({ customerId: 'u', limit: 100 })
+  const check = await c.preflight({ agentId: 'a', estimatedUnits: 40, customerId: 'u' })
+  const more = await check.extend(30)
+  assert.deepEqual([more.reservationId, more.estimatedUnits, more.remaining], [check.reservationId, 70, 30])
+  await assert.rejects(check.extend(31), (exc: unknown) => {
+    assert.ok(exc instanceof BudgetExhaustedError)
+    assert.equal((exc as BudgetExhaustedError).scope, 'customer')
+    return true
+  })
+  assert.equal((await c.getBudget({ customerId: 'u' })).reserved, 70)
+  await assert.rejects(check.extend(0), InvalidRequestError)
+  const recorded = await check.record(65)
+  assert.deepEqual([recorded.charged, recorded.released], [65, 70])
+  await assert.rejects(check.extend(1), (exc: unknown) => {
+    assert.ok(exc instanceof InvalidRequestError)
+    assert.equal((exc as InvalidRequestError).field, 'reservationId')
+    return true
+  })
+  const b = await c.getBudget({ customerId: 'u' })
+  assert.deepEqual([b.spent, b.reserved], [65, 0])
+  await c.close()
+})
+
 test('idempotency keys: a repeated preflight replays, a release by key works, a key reused otherwise is refused', async () => {
   const c = client()
   const first = await c.preflight({ agentId: 'a', estimatedUnits: 4, customerId: 'u', idempotencyKey: 'job-1' })
