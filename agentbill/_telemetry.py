@@ -116,9 +116,13 @@ class _Metrics:
     counters carry a ``customer`` label; every client of the registry must agree."""
 
     def __init__(self, registry: CollectorRegistry, customers: bool) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Gauge, Histogram, values
 
         self.customers = customers
+        # prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, for pre-fork
+        # servers) reads each process's values from files: a gauge computed when scraped
+        # would always read 0 there, so the queue gauge is written as the queue changes.
+        self.multiprocess = values.ValueClass is not values.MutexValue
         who = ("customer",) if customers else ()
         self.preflights = Counter(
             "agentbill_preflights",
@@ -168,14 +172,31 @@ class _Metrics:
             "agentbill_queued_settlements",
             "Records and releases waiting for Redis (an outage's, or background_settle's).",
             registry=registry,
+            multiprocess_mode="livesum",  # the live processes' queues, added up
         )
         self._clients: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self.queued.set_function(self._queued)
+        if not self.multiprocess:
+            self.queued.set_function(self._queued)
 
-    def add(self, client: object) -> None:
+    def add(self, client: Any) -> None:
         with self._lock:
             self._clients.add(client)
+        if self.multiprocess:
+            # Wrapped on this client's ledger only: the queue changes there and nowhere else.
+            ledger = client._outage
+            for name in ("enqueue", "finish"):
+                setattr(ledger, name, self._writing_queued(getattr(ledger, name)))
+
+    def _writing_queued(self, method: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(method)
+        def changed(*args: Any, **kwargs: Any) -> None:
+            try:
+                method(*args, **kwargs)
+            finally:
+                self.queued.set(self._queued())
+
+        return changed
 
     def _queued(self) -> float:
         with self._lock:

@@ -4,6 +4,7 @@ clients, after known sequences of calls against the suite's server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,45 @@ def test_a_queued_settlement_is_counted_when_delivered(make: Make) -> None:
         assert sample(registry, "agentbill_queued_settlements") == 0
     finally:
         server.stop()
+
+
+def test_the_queue_gauge_is_true_in_prometheus_multiprocess_mode(tmp_path: Any) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR (gunicorn and other pre-fork servers), a gauge's value is
+    what each process last wrote to its file: the queue gauge is written whenever the queue
+    changes, and adds up over the live processes."""
+    probe = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            from prometheus_client import CollectorRegistry, multiprocess
+
+            from agentbill import AgentBillClient
+            from tests._servers import RedisServer
+
+            def queued():
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry)
+                return registry.get_sample_value("agentbill_queued_settlements")
+
+            server = RedisServer().start()
+            client = AgentBillClient(
+                redis_url=server.url, metrics=True, on_outage="fail_open", retry_attempts=1
+            )
+            check = client.preflight("a", 5, "u")
+            server.kill()
+            assert check.record(3).status == "queued"
+            during = queued()
+            server.start()
+            assert client.flush() == 0
+            print(during, queued())
+            client.close()
+            server.stop()
+            """
+        )],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["1.0", "0.0"]
 
 
 def test_bad_metrics_settings_are_refused(redis_server: RedisServer) -> None:
