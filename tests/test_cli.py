@@ -233,6 +233,42 @@ def test_events_follow_streams_new_events_until_interrupted(
                 proc.kill()
 
 
+def test_events_follow_keeps_following_across_a_redis_restart(namespace: str) -> None:
+    """Like tail -F: an outage after the stream started is said once on stderr, and the
+    stream goes on from where it was when Redis answers again; Ctrl-C still ends it with 0."""
+    server = RedisServer().start()
+    try:
+        env = cli_env(server.url, namespace)
+        with AgentBillClient(redis_url=server.url, namespace=namespace) as c:
+            c.preflight("a", 1, "f")
+        with subprocess.Popen(
+            [sys.executable, "-m", "agentbill", "events", "f", "--follow", "--json",
+             "--interval", "0.1"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ) as proc:  # fmt: skip
+            try:
+                assert proc.stdout is not None
+                assert proc.stderr is not None
+                out, err = Lines(proc.stdout), Lines(proc.stderr)
+                assert json.loads(out.next())["units"] == 1
+                server.kill()
+                assert "Redis is unavailable" in err.next()
+                assert proc.poll() is None
+                server.start()  # empty: it kept nothing
+                with AgentBillClient(redis_url=server.url, namespace=namespace) as c:
+                    c.preflight("a", 2, "f")
+                assert "again" in err.next()
+                assert json.loads(out.next())["units"] == 2
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(timeout=30) == 0
+                assert "Traceback" not in proc.stderr.read()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        server.stop()
+
+
 # -- errors and exit statuses --------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from agentbill.cli._common import (
     bad_input,
     example,
     group,
+    warning,
 )
 from agentbill.cli._output import emit_json
 
@@ -164,11 +165,9 @@ def admin(redis_url: str | None, rewrite: bool = False) -> KeyAdmin:
 
 
 def not_persisted() -> None:
-    print(
-        "agentbill: warning: the server has no aclfile, so this change lives in its memory "
-        "only and is lost when Redis restarts: run CONFIG REWRITE (or pass --config-rewrite), "
-        "or configure an aclfile",
-        file=sys.stderr,
+    warning(
+        "the server has no aclfile, so this change lives in its memory only and is lost when "
+        "Redis restarts: run CONFIG REWRITE (or pass --config-rewrite), or configure an aclfile"
     )
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from agentbill._client import AgentBillClient
+from agentbill._exceptions import StoreUnavailableError
 from agentbill._results import BudgetStatus, Event, Period
 from agentbill.cli._common import (
     Json,
@@ -20,6 +21,7 @@ from agentbill.cli._common import (
     example,
     group,
     session,
+    warning,
 )
 from agentbill.cli._output import (
     EVENT_FIELDS,
@@ -291,11 +293,30 @@ def read(
     interval: float,
     show: Callable[[list[Event]], None],
 ) -> None:
-    """Page through the ledger after ``since``; with ``follow``, poll for more forever."""
+    """Page through the ledger after ``since``; with ``follow``, poll for more forever.
+
+    Following, an outage after the first read (a restart, a failover) does not end the
+    stream: it is said once on stderr, and reading goes on from the last event shown when
+    Redis answers again. The first read's failure ends the command (exit 3).
+    """
     left = limit
+    started = outage = False
     while True:
         want = PAGE if left is None else min(PAGE, left)
-        batch = client.events(customer, since=since, limit=want)
+        try:
+            batch = client.events(customer, since=since, limit=want)
+        except StoreUnavailableError as exc:
+            if not (follow and started):
+                raise
+            if not outage:
+                warning(f"{exc}; still following, reading again every {interval:g} s")
+                outage = True
+            time.sleep(interval)
+            continue
+        if outage:
+            warning("Redis answers again; following")
+            outage = False
+        started = True
         show(batch)
         if batch:
             since = batch[-1].id

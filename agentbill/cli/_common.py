@@ -55,6 +55,12 @@ def error_line(message: str) -> None:
     print(f"agentbill: error: {text}", file=sys.stderr)
 
 
+def warning(message: str) -> None:
+    """One warning line on stderr: the command goes on."""
+    text = " ".join(str(message).split())
+    print(f"agentbill: warning: {text}", file=sys.stderr, flush=True)
+
+
 def exit_status(run: Callable[[], Any]) -> int:
     """Run a command; return its exit status, printing at most one error line."""
     try:
