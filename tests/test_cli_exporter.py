@@ -194,3 +194,16 @@ def test_a_port_in_use_exits_1_with_one_line(env: dict[str, str]) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith(f"agentbill: error: cannot listen on 127.0.0.1:{port}")
     assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a\nb", "x" * 257])
+def test_a_bad_customer_is_refused_before_serving(env: dict[str, str], bad: str) -> None:
+    """A named customer no budget can have would make every scrape fail (agentbill_up 0
+    forever): refused at once, exit 2, one line naming the field."""
+    done = subprocess.run(
+        [sys.executable, "-m", "agentbill", "exporter", "--port", "0", "-c", "ok", "-c", bad],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("agentbill: error: customer_id: ")
