@@ -286,6 +286,7 @@ def test_events_follow_keeps_following_across_a_redis_restart(namespace: str) ->
         (("limit", "concurrency", "b"), "N"),
         (("events", "b", "--since", "yesterday"), "since"),
         (("events", "b", "--json", "--csv"), "--csv"),
+        (("events", "b", "--csv", "--since", "yesterday"), "since"),
         (("events", "b", "--follow", "--limit", "3"), "--limit"),
         (("top", "--json"), "--once"),
         (("top",), "needs a terminal"),
@@ -299,6 +300,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     ran = invoke(*args, env=env)
     assert ran.code == 2, (ran.stdout, ran.stderr)
     assert says in one_error_line(ran)
+    assert ran.stdout == ""  # not even a table's or a CSV's header
     assert namespace_keys(raw, namespace, ledger=True) == {}
 
 
@@ -310,10 +312,17 @@ def test_bad_input_through_the_console_script(env: dict[str, str]) -> None:
 
 def test_redis_unavailable_exits_3_with_one_line(env: dict[str, str]) -> None:
     down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    for args in (("usage", "u"), ("budget", "set", "u", "5"), ("top", "--once", "-c", "u")):
+    for args in (
+        ("usage", "u"),
+        ("budget", "set", "u", "5"),
+        ("top", "--once", "-c", "u"),
+        ("events", "u", "--csv"),
+        ("events", "u"),
+    ):
         ran = run(*args, "--redis-url", down, env=env)
         assert ran.code == 3, ran.stderr
         assert "Redis is unavailable" in one_error_line(ran)
+        assert ran.stdout == ""
 
 
 def test_a_redis_that_never_answers_exits_3_within_the_clients_bound(env: dict[str, str]) -> None:

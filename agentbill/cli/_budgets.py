@@ -261,12 +261,16 @@ def events(
     if follow and limit is not None:
         bad_input("--limit stops the listing, --follow never does: choose one", "--limit")
     out = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
-    if out is not None:
-        out.writerow(EVENT_FIELDS)
-    elif not as_json:
-        lines([event_header()])
+    headed = False
 
     def show(batch: list[Event]) -> None:
+        nonlocal headed
+        if not headed:  # once the first read succeeded: a failed command prints nothing
+            headed = True
+            if out is not None:
+                out.writerow(EVENT_FIELDS)
+            elif not as_json:
+                lines([event_header()])
         if as_json:
             for event in batch:
                 emit_json(event)
