@@ -276,6 +276,10 @@ def test_events_follow_keeps_following_across_a_redis_restart(namespace: str) ->
     ("args", "says"),
     [
         (("budget", "set", "b", str(2**60)), "limit"),
+        (("budget", "set", "b", "-5"), "limit"),
+        (("limit", "rate", "b", "10", "-1"), "per_seconds"),
+        (("limit", "rate", "b", "-10", "60"), "units"),
+        (("limit", "concurrency", "b", "-1"), "max_in_flight"),
         (("budget", "set", "b", "10", "--tz", "Mars/Olympus"), "tz"),
         (("budget", "set", "b", "ten"), "LIMIT"),
         (("budget", "set", "b", "10", "--period", "year"), "--period"),

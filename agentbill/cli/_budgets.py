@@ -42,6 +42,10 @@ Agent = Annotated[
 ]
 
 budget = group("budget", "Set and read a customer's (or one agent's) budget.")
+# A command whose arguments are numbers takes "-5" as one (refused by the rule it breaks,
+# which it names) rather than as an unknown option; a misspelt option is still refused, as
+# an argument too many.
+NUMBERS = {"ignore_unknown_options": True}
 limit = group("limit", "Rate (GCRA) and concurrency limits of a customer or an agent.")
 
 
@@ -67,6 +71,7 @@ def parse_limit(text: str) -> int | None:
 
 @budget.command(
     "set",
+    context_settings=NUMBERS,
     epilog=example(
         "agentbill budget set cust_42 1000 --period month --threshold 80",
         "agentbill budget set cust_42 200 --agent summariser",
@@ -143,6 +148,7 @@ Remove = Annotated[bool, typer.Option("--remove", help="remove the limit")]
 
 @limit.command(
     "rate",
+    context_settings=NUMBERS,
     epilog=example(
         "agentbill limit rate cust_42 600 60 --burst 100   # 600 units a minute, bursts of 100",
         "agentbill limit rate cust_42 --agent summariser --remove",
@@ -178,6 +184,7 @@ def limit_rate(
 
 @limit.command(
     "concurrency",
+    context_settings=NUMBERS,
     epilog=example(
         "agentbill limit concurrency cust_42 5             # at most 5 runs in flight",
         "agentbill limit concurrency cust_42 --remove",
