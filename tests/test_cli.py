@@ -291,6 +291,8 @@ def test_events_follow_keeps_following_across_a_redis_restart(namespace: str) ->
         (("events", "b", "--since", "yesterday"), "since"),
         (("events", "b", "--json", "--csv"), "--csv"),
         (("events", "b", "--csv", "--since", "yesterday"), "since"),
+        (("events", "b", "--since", f"{2**64}-0"), "since"),  # a stream id is two uint64s
+        (("events", "b", "--since", f"{2**64 - 1}-{2**64 - 1}"), "since"),  # nothing after it
         (("events", "b", "--follow", "--limit", "3"), "--limit"),
         (("top", "--json"), "--once"),
         (("top",), "needs a terminal"),
