@@ -277,6 +277,7 @@ def test_events_follow_keeps_following_across_a_redis_restart(namespace: str) ->
     [
         (("budget", "set", "b", str(2**60)), "limit"),
         (("budget", "set", "b", "-5"), "limit"),
+        (("budget", "set", "b", "1__0_"), "LIMIT"),
         (("limit", "rate", "b", "10", "-1"), "per_seconds"),
         (("limit", "rate", "b", "-10", "60"), "units"),
         (("limit", "concurrency", "b", "-1"), "max_in_flight"),

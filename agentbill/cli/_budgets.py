@@ -64,7 +64,7 @@ def parse_limit(text: str) -> int | None:
     if text.lower() in ("none", "unlimited"):
         return None
     try:
-        return int(text.replace("_", ""))
+        return int(text)  # Python's grammar: 1_000 is a thousand, 1__0_ is no number
     except ValueError:
         bad_input(f"{text!r} is not a whole number of units, nor 'none'", "LIMIT")
 
