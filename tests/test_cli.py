@@ -137,6 +137,23 @@ def test_usage_shows_the_customer_and_every_agent(
 # -- events --------------------------------------------------------------------------------------
 
 
+def test_tables_in_a_pipe_cut_nothing(env: dict[str, str], client: AgentBillClient) -> None:
+    """A table printed to a pipe (a log, a file) takes the width it needs: no id and no number
+    is cut short, as a terminal's width would."""
+    agent, top = "a" * 200, 2**53 - 1
+    client.set_budget("big", top)
+    client.preflight(agent, 2**52, "big").record(2**52)
+    usage = invoke("usage", "big", env=env)
+    assert usage.code == 0
+    assert "…" not in usage.stdout
+    assert f"agent {agent}" in usage.stdout
+    assert f"{top:,}" in usage.stdout
+    assert f"{top - 2**52:,}" in usage.stdout
+    budget = invoke("budget", "get", "big", "--agent", agent, env=env)
+    assert "…" not in budget.stdout
+    assert agent in budget.stdout
+
+
 def test_events_in_json_csv_and_text(env: dict[str, str], client: AgentBillClient) -> None:
     client.set_budget("e", 10)
     client.preflight("a", 6, "e", task_ref="t1").record(5)

@@ -26,12 +26,12 @@ from agentbill.cli._common import (
 from agentbill.cli._output import (
     EVENT_FIELDS,
     budget_table,
-    console,
     csv_row,
     emit_json,
     event_header,
     event_line,
     lines,
+    show,
     usage_table,
 )
 
@@ -53,7 +53,7 @@ def show_status(status: BudgetStatus, as_json: bool) -> None:
     if as_json:
         emit_json(status)
     else:
-        console().print(budget_table(status))
+        show(budget_table(status))
 
 
 # -- budget --------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def usage(
     if as_json:
         emit_json(result)
     else:
-        console().print(usage_table(result))
+        show(usage_table(result))
 
 
 USAGE_EXAMPLE = example("agentbill usage cust_42", "agentbill usage cust_42 --json | jq .customer")
