@@ -429,6 +429,11 @@ def test_bad_input_is_a_tool_error_naming_the_field_and_writes_nothing(
             for tool, arguments, field in BAD_CALLS:
                 message = await error(mcp, tool, arguments)
                 assert field in message, (tool, arguments, message)
+                # One line in the library's words, whether the schema or the client refused.
+                assert message.startswith(f"Error executing tool {tool}: invalid "), message
+                assert message.endswith(" (nothing was written)"), message
+                assert "\n" not in message
+                assert "pydantic" not in message
             # Refused by Redis, not by a schema: the same key with other arguments.
             message = await error(
                 mcp,
