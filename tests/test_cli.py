@@ -414,7 +414,10 @@ def test_the_command_tree_is_the_issues() -> None:
     assert issue == ALL_COMMANDS
 
 
-@pytest.mark.parametrize("path", ALL_COMMANDS, ids=" ".join)
+GROUPS = sorted({path[:1] for path in ALL_COMMANDS if len(path) > 1})
+
+
+@pytest.mark.parametrize("path", ALL_COMMANDS + GROUPS + [()], ids=" ".join)
 def test_help_on_every_command_shows_an_example(path: tuple[str, ...]) -> None:
     ran = invoke(*path, "--help", env={"COLUMNS": "200"})
     assert ran.code == 0

@@ -38,6 +38,8 @@ local = group(
     "The local server agentbill starts when no Redis is configured. Its data lives in "
     f"${HOME_ENV} (default: the per-user data directory); set AGENTBILL_REDIS_URL to share "
     "budgets across machines instead.",
+    "agentbill local status",
+    'export AGENTBILL_REDIS_URL="$(agentbill local start)"',
 )
 keys = group(
     "keys",
@@ -45,6 +47,8 @@ keys = group(
     f"commands agentbill sends. Run with a privileged connection: ${ENV_ADMIN_URL}, or "
     "--redis-url (a URL on the command line, password included, shows in ps and shell "
     "history).",
+    "AGENTBILL_ADMIN_URL=redis://admin:secret@redis:6379/0 agentbill keys create acme",
+    "agentbill keys list --json",
 )
 
 

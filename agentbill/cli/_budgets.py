@@ -41,12 +41,22 @@ Agent = Annotated[
     typer.Option("--agent", metavar="AGENT", help="the agent's budget within the customer's"),
 ]
 
-budget = group("budget", "Set and read a customer's (or one agent's) budget.")
+budget = group(
+    "budget",
+    "Set and read a customer's (or one agent's) budget.",
+    "agentbill budget set cust_42 1000 --period month",
+    "agentbill budget get cust_42 --json",
+)
 # A command whose arguments are numbers takes "-5" as one (refused by the rule it breaks,
 # which it names) rather than as an unknown option; a misspelt option is still refused, as
 # an argument too many.
 NUMBERS = {"ignore_unknown_options": True}
-limit = group("limit", "Rate (GCRA) and concurrency limits of a customer or an agent.")
+limit = group(
+    "limit",
+    "Rate (GCRA) and concurrency limits of a customer or an agent.",
+    "agentbill limit rate cust_42 600 60 --burst 100",
+    "agentbill limit concurrency cust_42 5",
+)
 
 
 def show_status(status: BudgetStatus, as_json: bool) -> None:

@@ -131,9 +131,15 @@ def example(*lines: str, exits: str = EXIT_STATUS_TEXT) -> str:
     return f"**Example**\n\n{shown}\n\n{exits}"
 
 
-def group(name: str, help: str) -> typer.Typer:
-    """A command group; ``agentbill NAME`` alone shows its help."""
-    return typer.Typer(name=name, help=help, no_args_is_help=True, rich_markup_mode="markdown")
+def group(name: str, help: str, *examples: str) -> typer.Typer:
+    """A command group whose help shows ``examples``; ``agentbill NAME`` alone shows it."""
+    return typer.Typer(
+        name=name,
+        help=help,
+        epilog=example(*examples),
+        no_args_is_help=True,
+        rich_markup_mode="markdown",
+    )
 
 
 # -- connection ----------------------------------------------------------------------------------
