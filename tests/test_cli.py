@@ -27,7 +27,7 @@ import typer
 from agentbill import AgentBillClient
 from agentbill.cli._main import app
 from tests._cli import AGENTBILL, Ran, cli_env, invoke, run
-from tests._servers import RedisServer, free_port
+from tests._servers import AclRedisServer, RedisServer, free_port
 from tests.conftest import namespace_keys
 
 
@@ -359,6 +359,26 @@ def test_a_redis_that_never_answers_exits_3_within_the_clients_bound(env: dict[s
         server.stop()
     assert ran.code == 3
     one_error_line(ran)
+
+
+def test_no_password_is_ever_shown(namespace: str, tmp_path: Path) -> None:
+    """The places that show where the command is connected (top's header, the exporter's
+    first line) hide a password, in the URL's userinfo or in its query string alike."""
+    server = AclRedisServer(admin_password="hunter2").start()
+    try:
+        env = cli_env(None, namespace)
+        for url in (
+            f"redis://:hunter2@127.0.0.1:{server.port}/0",
+            f"redis://default:hunter2@127.0.0.1:{server.port}/0",
+            f"redis://127.0.0.1:{server.port}/0?password=hunter2",
+            f"redis://127.0.0.1:{server.port}/0?socket_timeout=2&password=hunter2",
+        ):
+            ran = run("top", "--once", "-c", "x", "--redis-url", url, env=env)
+            assert ran.code == 0, ran.stderr
+            assert f"127.0.0.1:{server.port}" in ran.stdout
+            assert "hunter2" not in ran.stdout + ran.stderr
+    finally:
+        server.stop()
 
 
 def test_other_failures_exit_1_with_one_line(

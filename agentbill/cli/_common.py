@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import typer
@@ -193,16 +193,27 @@ def session(redis_url: str | None, namespace: str) -> Iterator[Session]:
         raw.close()
 
 
+SECRET_QUERY = ("password", "secret", "token")
+"""A URL query parameter whose name holds one of these is a secret (redis-py takes
+``?password=``, for one)."""
+
+
 def shown_url(url: str | None) -> str:
-    """``url`` fit to print: its password replaced by ``***``."""
+    """``url`` fit to print: its password, in the userinfo or the query string, as ``***``."""
     if url is None:
         return "the local server"
     parts = urlsplit(url)
-    if parts.password is None:
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [any(s in name.lower() for s in SECRET_QUERY) for name, _ in pairs]
+    if parts.password is None and not any(secret):
         return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if any(secret):
+        query = [(n, "***" if hide else v) for (n, v), hide in zip(pairs, secret, strict=True)]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    return urlunsplit(parts)
 
 
 def bad_input(message: str, param: str | None = None) -> NoReturn:
