@@ -361,6 +361,17 @@ def test_a_redis_that_never_answers_exits_3_within_the_clients_bound(env: dict[s
     one_error_line(ran)
 
 
+def test_a_url_redis_py_cannot_use_is_bad_input(env: dict[str, str]) -> None:
+    """redis-py passes a URL's unknown query parameters to its connections, which refuse them
+    only when the first call connects: a raw TypeError, exit 1. It is bad input, named."""
+    for url in ("redis://127.0.0.1:1/0?nosuch=1", "redis://127.0.0.1:1/0?Password=x"):
+        ran = run("usage", "u", "--redis-url", url, env=env)
+        assert ran.code == 2, ran.stderr
+        line = one_error_line(ran)
+        assert "redis_url" in line
+        assert "Password=x" not in line
+
+
 def test_no_password_is_ever_shown(namespace: str, tmp_path: Path) -> None:
     """The places that show where the command is connected (top's header, the exporter's
     first line) hide a password, in the URL's userinfo or in its query string alike."""
