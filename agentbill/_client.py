@@ -414,7 +414,10 @@ def from_url(
     url, heal = connection_url(settings)
     try:
         pool = pool_class.from_url(url, **connection_options(settings))
-    except ValueError:
+        # A query parameter redis-py does not know reaches the connection's constructor,
+        # which would refuse it (TypeError) at the first call: built once now, not connected.
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError):
         raise InvalidRequestError(
             "redis_url", "is not a Redis URL redis-py can use (redis://, rediss:// or unix://)"
         ) from None

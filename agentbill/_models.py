@@ -243,9 +243,26 @@ class ScopeRef(_Request):
     agent_id: Id | None = None
 
 
+def _stream_id(value: str) -> str:
+    parts = [int(part) for part in value.split("-")]
+    if any(part >= 2**64 for part in parts):
+        raise ValueError("is not a stream id: each part must be below 2**64")
+    if parts == [2**64 - 1, 2**64 - 1]:
+        raise ValueError("is the largest stream id: no event can follow it")
+    return value
+
+
+StreamId = Annotated[
+    str,
+    Strict(),
+    StringConstraints(pattern=r"^\d{1,20}-\d{1,20}$"),
+    AfterValidator(_stream_id),  # 20 digits can exceed Redis's uint64: refused here, by name
+]
+
+
 class EventsRequest(_Request):
     customer_id: Id
-    since: Annotated[str, Strict(), StringConstraints(pattern=r"^\d{1,20}-\d{1,20}$")] | None = None
+    since: StreamId | None = None
     limit: Annotated[int, Strict(), Field(ge=1, le=1_000_000)] | None = None
 
 

@@ -9,18 +9,21 @@ A client gets its telemetry from :func:`instrument`, the last line of its constr
 - **Traces**: when the application has imported ``opentelemetry.trace`` and set a tracer
   provider before creating the client (agentbill never configures OpenTelemetry itself), every
   public operation is a span ``agentbill.<operation>``, with each Redis round trip a child span
-  ``agentbill.redis``.
+  ``agentbill.redis``; so are the preflights and settlements of gates, run blocks, job runs and
+  lease slices (see :data:`INTERNAL`).
 
-Both need only what the clients already have: the public operations and the round trip
-(``_send``, ``_send_batch``) are wrapped on the instance, so a client without telemetry runs
-exactly its own code; and the client tells :meth:`Telemetry.observe` every result Redis decided
-(its ``_notify``, which also sees settlements delivered from a queue) and every decision its
-outage policy made alone (``_offline_check``). Customer ids appear in metric labels only with
+Both need only what the clients already have: the public operations, the internal ones of
+:data:`INTERNAL` and the round trip (``_send``, ``_send_batch``) are wrapped on the instance,
+so a client without telemetry runs exactly its own code; and the client tells
+:meth:`Telemetry.observe` every result Redis decided (its ``_notify``, which also sees
+settlements delivered from a queue) and every decision its outage policy made alone
+(``_offline_check``). Customer ids appear in metric labels only with
 ``metrics_customers=True`` (cardinality), and in spans only with ``trace_customers=True``.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
@@ -62,6 +65,12 @@ OPERATIONS = (
     "get_task",
 )
 """The public operations that are spans ``agentbill.<name>``."""
+
+INTERNAL = ("_preflight", "_settle_surely")
+"""The client methods through which a gate, a run block, a job run and a lease's slice make
+their preflight and their record or release (never the public ones): spans
+``agentbill.preflight``, ``agentbill.record`` or ``agentbill.release`` too, unless a public
+operation's span is already open (``preflight`` calls ``_preflight``)."""
 
 ROUND_TRIPS = ("_send", "_send_batch")
 """The client methods that make one Redis round trip (with its retries)."""
@@ -107,9 +116,13 @@ class _Metrics:
     counters carry a ``customer`` label; every client of the registry must agree."""
 
     def __init__(self, registry: CollectorRegistry, customers: bool) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Gauge, Histogram, values
 
         self.customers = customers
+        # prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, for pre-fork
+        # servers) reads each process's values from files: a gauge computed when scraped
+        # would always read 0 there, so the queue gauge is written as the queue changes.
+        self.multiprocess = values.ValueClass is not values.MutexValue
         who = ("customer",) if customers else ()
         self.preflights = Counter(
             "agentbill_preflights",
@@ -120,7 +133,8 @@ class _Metrics:
         )
         self.duration = Histogram(
             "agentbill_preflight_duration_seconds",
-            "Seconds a preflight() call took, retries and outage decision included.",
+            "Seconds a preflight took (a preflight() call, a gate's, a run block's, a lease "
+            "slice's), retries and outage decision included.",
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
@@ -158,14 +172,31 @@ class _Metrics:
             "agentbill_queued_settlements",
             "Records and releases waiting for Redis (an outage's, or background_settle's).",
             registry=registry,
+            multiprocess_mode="livesum",  # the live processes' queues, added up
         )
         self._clients: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self.queued.set_function(self._queued)
+        if not self.multiprocess:
+            self.queued.set_function(self._queued)
 
-    def add(self, client: object) -> None:
+    def add(self, client: Any) -> None:
         with self._lock:
             self._clients.add(client)
+        if self.multiprocess:
+            # Wrapped on this client's ledger only: the queue changes there and nowhere else.
+            ledger = client._outage
+            for name in ("enqueue", "finish"):
+                setattr(ledger, name, self._writing_queued(getattr(ledger, name)))
+
+    def _writing_queued(self, method: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(method)
+        def changed(*args: Any, **kwargs: Any) -> None:
+            try:
+                method(*args, **kwargs)
+            finally:
+                self.queued.set(self._queued())
+
+        return changed
 
     def _queued(self) -> float:
         with self._lock:
@@ -222,6 +253,11 @@ def configured_tracer() -> Tracer | None:
     return tracer
 
 
+_IN_OPERATION: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "agentbill_in_operation", default=False
+)
+"""True inside an operation's span: the internal methods it calls make no span of their own."""
+
 _ARGUMENTS = {
     # operation: its positional parameters, in order (keyword ones are read by name)
     "preflight": ("agent_id", "estimated_units", "customer_id"),
@@ -235,6 +271,7 @@ _ARGUMENTS = {
     "events": ("customer_id",),
     "open_task": ("task_ref", "ceiling", "customer_id"),
     "get_task": ("task_ref", "customer_id"),
+    "_settle_surely": ("reservation_id", "units", "agent_id", "customer_id", "task_ref"),
 }
 
 
@@ -371,12 +408,20 @@ class _Active(Telemetry):
             raise
 
     def operation(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
-        """``method`` (a bound public operation) wrapped in its span, and a preflight timed."""
-        timed = self._metrics.duration if name == "preflight" and self._metrics else None
+        """``method`` (a bound public operation, or one of :data:`INTERNAL`) wrapped in its
+        span, and a preflight timed. An internal method called inside an operation's span
+        (``preflight`` calls ``_preflight``) runs as it is: one span, one timing."""
+        internal = name in INTERNAL
         customers = self._trace_customers
 
+        def span_name(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+            if name == "_settle_surely":  # units None: the reservation's release
+                units = args[1] if len(args) > 1 else kwargs.get("units")
+                return "release" if units is None else "record"
+            return name.removeprefix("_")
+
         def begin(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-            if self._tracer is None:
+            if self._tracer is None or name == "_preflight":  # a Plan: read from its Check
                 return {}
             return _call_attributes(name, args, kwargs, customers)
 
@@ -384,33 +429,41 @@ class _Active(Telemetry):
             if span is not None:
                 span.set_attributes(_result_attributes(result, customers))
 
+        @contextmanager
+        def measured(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Span | None]:
+            what = span_name(args, kwargs)
+            timed = self._metrics.duration if what == "preflight" and self._metrics else None
+            started = time.perf_counter()
+            entered = _IN_OPERATION.set(True)
+            try:
+                with self.span(what, begin(args, kwargs)) as span:
+                    yield span
+            finally:
+                _IN_OPERATION.reset(entered)
+                if timed is not None:
+                    timed.observe(time.perf_counter() - started)
+
         if inspect.iscoroutinefunction(method):
 
             @functools.wraps(method)
             async def traced_async(*args: Any, **kwargs: Any) -> Any:
-                started = time.perf_counter()
-                try:
-                    with self.span(name, begin(args, kwargs)) as span:
-                        result = await method(*args, **kwargs)
-                        end(span, result)
-                        return result
-                finally:
-                    if timed is not None:
-                        timed.observe(time.perf_counter() - started)
+                if internal and _IN_OPERATION.get():
+                    return await method(*args, **kwargs)
+                with measured(args, kwargs) as span:
+                    result = await method(*args, **kwargs)
+                    end(span, result)
+                    return result
 
             return traced_async
 
         @functools.wraps(method)
         def traced(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                with self.span(name, begin(args, kwargs)) as span:
-                    result = method(*args, **kwargs)
-                    end(span, result)
-                    return result
-            finally:
-                if timed is not None:
-                    timed.observe(time.perf_counter() - started)
+            if internal and _IN_OPERATION.get():
+                return method(*args, **kwargs)
+            with measured(args, kwargs) as span:
+                result = method(*args, **kwargs)
+                end(span, result)
+                return result
 
         return traced
 
@@ -472,7 +525,7 @@ def instrument(
     active = _Active(client.namespace, shared, tracer, metrics_customers, trace_customers)
     if shared is not None:
         shared.add(client)
-    for name in OPERATIONS:
+    for name in OPERATIONS + INTERNAL:
         setattr(client, name, active.operation(name, getattr(client, name)))
     for name in ROUND_TRIPS:
         setattr(client, name, active.trip(getattr(client, name)))

@@ -27,7 +27,7 @@ import typer
 from agentbill import AgentBillClient
 from agentbill.cli._main import app
 from tests._cli import AGENTBILL, Ran, cli_env, invoke, run
-from tests._servers import RedisServer, free_port
+from tests._servers import AclRedisServer, RedisServer, free_port
 from tests.conftest import namespace_keys
 
 
@@ -137,6 +137,23 @@ def test_usage_shows_the_customer_and_every_agent(
 # -- events --------------------------------------------------------------------------------------
 
 
+def test_tables_in_a_pipe_cut_nothing(env: dict[str, str], client: AgentBillClient) -> None:
+    """A table printed to a pipe (a log, a file) takes the width it needs: no id and no number
+    is cut short, as a terminal's width would."""
+    agent, top = "a" * 200, 2**53 - 1
+    client.set_budget("big", top)
+    client.preflight(agent, 2**52, "big").record(2**52)
+    usage = invoke("usage", "big", env=env)
+    assert usage.code == 0
+    assert "…" not in usage.stdout
+    assert f"agent {agent}" in usage.stdout
+    assert f"{top:,}" in usage.stdout
+    assert f"{top - 2**52:,}" in usage.stdout
+    budget = invoke("budget", "get", "big", "--agent", agent, env=env)
+    assert "…" not in budget.stdout
+    assert agent in budget.stdout
+
+
 def test_events_in_json_csv_and_text(env: dict[str, str], client: AgentBillClient) -> None:
     client.set_budget("e", 10)
     client.preflight("a", 6, "e", task_ref="t1").record(5)
@@ -233,6 +250,42 @@ def test_events_follow_streams_new_events_until_interrupted(
                 proc.kill()
 
 
+def test_events_follow_keeps_following_across_a_redis_restart(namespace: str) -> None:
+    """Like tail -F: an outage after the stream started is said once on stderr, and the
+    stream goes on from where it was when Redis answers again; Ctrl-C still ends it with 0."""
+    server = RedisServer().start()
+    try:
+        env = cli_env(server.url, namespace)
+        with AgentBillClient(redis_url=server.url, namespace=namespace) as c:
+            c.preflight("a", 1, "f")
+        with subprocess.Popen(
+            [sys.executable, "-m", "agentbill", "events", "f", "--follow", "--json",
+             "--interval", "0.1"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ) as proc:  # fmt: skip
+            try:
+                assert proc.stdout is not None
+                assert proc.stderr is not None
+                out, err = Lines(proc.stdout), Lines(proc.stderr)
+                assert json.loads(out.next())["units"] == 1
+                server.kill()
+                assert "Redis is unavailable" in err.next()
+                assert proc.poll() is None
+                server.start()  # empty: it kept nothing
+                with AgentBillClient(redis_url=server.url, namespace=namespace) as c:
+                    c.preflight("a", 2, "f")
+                assert "again" in err.next()
+                assert json.loads(out.next())["units"] == 2
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(timeout=30) == 0
+                assert "Traceback" not in proc.stderr.read()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        server.stop()
+
+
 # -- errors and exit statuses --------------------------------------------------------------------
 
 
@@ -240,6 +293,11 @@ def test_events_follow_streams_new_events_until_interrupted(
     ("args", "says"),
     [
         (("budget", "set", "b", str(2**60)), "limit"),
+        (("budget", "set", "b", "-5"), "limit"),
+        (("budget", "set", "b", "1__0_"), "LIMIT"),
+        (("limit", "rate", "b", "10", "-1"), "per_seconds"),
+        (("limit", "rate", "b", "-10", "60"), "units"),
+        (("limit", "concurrency", "b", "-1"), "max_in_flight"),
         (("budget", "set", "b", "10", "--tz", "Mars/Olympus"), "tz"),
         (("budget", "set", "b", "ten"), "LIMIT"),
         (("budget", "set", "b", "10", "--period", "year"), "--period"),
@@ -250,6 +308,9 @@ def test_events_follow_streams_new_events_until_interrupted(
         (("limit", "concurrency", "b"), "N"),
         (("events", "b", "--since", "yesterday"), "since"),
         (("events", "b", "--json", "--csv"), "--csv"),
+        (("events", "b", "--csv", "--since", "yesterday"), "since"),
+        (("events", "b", "--since", f"{2**64}-0"), "since"),  # a stream id is two uint64s
+        (("events", "b", "--since", f"{2**64 - 1}-{2**64 - 1}"), "since"),  # nothing after it
         (("events", "b", "--follow", "--limit", "3"), "--limit"),
         (("top", "--json"), "--once"),
         (("top",), "needs a terminal"),
@@ -263,6 +324,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     ran = invoke(*args, env=env)
     assert ran.code == 2, (ran.stdout, ran.stderr)
     assert says in one_error_line(ran)
+    assert ran.stdout == ""  # not even a table's or a CSV's header
     assert namespace_keys(raw, namespace, ledger=True) == {}
 
 
@@ -274,10 +336,17 @@ def test_bad_input_through_the_console_script(env: dict[str, str]) -> None:
 
 def test_redis_unavailable_exits_3_with_one_line(env: dict[str, str]) -> None:
     down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    for args in (("usage", "u"), ("budget", "set", "u", "5"), ("top", "--once", "-c", "u")):
+    for args in (
+        ("usage", "u"),
+        ("budget", "set", "u", "5"),
+        ("top", "--once", "-c", "u"),
+        ("events", "u", "--csv"),
+        ("events", "u"),
+    ):
         ran = run(*args, "--redis-url", down, env=env)
         assert ran.code == 3, ran.stderr
         assert "Redis is unavailable" in one_error_line(ran)
+        assert ran.stdout == ""
 
 
 def test_a_redis_that_never_answers_exits_3_within_the_clients_bound(env: dict[str, str]) -> None:
@@ -290,6 +359,37 @@ def test_a_redis_that_never_answers_exits_3_within_the_clients_bound(env: dict[s
         server.stop()
     assert ran.code == 3
     one_error_line(ran)
+
+
+def test_a_url_redis_py_cannot_use_is_bad_input(env: dict[str, str]) -> None:
+    """redis-py passes a URL's unknown query parameters to its connections, which refuse them
+    only when the first call connects: a raw TypeError, exit 1. It is bad input, named."""
+    for url in ("redis://127.0.0.1:1/0?nosuch=1", "redis://127.0.0.1:1/0?Password=x"):
+        ran = run("usage", "u", "--redis-url", url, env=env)
+        assert ran.code == 2, ran.stderr
+        line = one_error_line(ran)
+        assert "redis_url" in line
+        assert "Password=x" not in line
+
+
+def test_no_password_is_ever_shown(namespace: str, tmp_path: Path) -> None:
+    """The places that show where the command is connected (top's header, the exporter's
+    first line) hide a password, in the URL's userinfo or in its query string alike."""
+    server = AclRedisServer(admin_password="hunter2").start()
+    try:
+        env = cli_env(None, namespace)
+        for url in (
+            f"redis://:hunter2@127.0.0.1:{server.port}/0",
+            f"redis://default:hunter2@127.0.0.1:{server.port}/0",
+            f"redis://127.0.0.1:{server.port}/0?password=hunter2",
+            f"redis://127.0.0.1:{server.port}/0?socket_timeout=2&password=hunter2",
+        ):
+            ran = run("top", "--once", "-c", "x", "--redis-url", url, env=env)
+            assert ran.code == 0, ran.stderr
+            assert f"127.0.0.1:{server.port}" in ran.stdout
+            assert "hunter2" not in ran.stdout + ran.stderr
+    finally:
+        server.stop()
 
 
 def test_other_failures_exit_1_with_one_line(
@@ -345,7 +445,10 @@ def test_the_command_tree_is_the_issues() -> None:
     assert issue == ALL_COMMANDS
 
 
-@pytest.mark.parametrize("path", ALL_COMMANDS, ids=" ".join)
+GROUPS = sorted({path[:1] for path in ALL_COMMANDS if len(path) > 1})
+
+
+@pytest.mark.parametrize("path", ALL_COMMANDS + GROUPS + [()], ids=" ".join)
 def test_help_on_every_command_shows_an_example(path: tuple[str, ...]) -> None:
     ran = invoke(*path, "--help", env={"COLUMNS": "200"})
     assert ran.code == 0

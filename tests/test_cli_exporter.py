@@ -8,11 +8,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -194,3 +196,70 @@ def test_a_port_in_use_exits_1_with_one_line(env: dict[str, str]) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith(f"agentbill: error: cannot listen on 127.0.0.1:{port}")
     assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a\nb", "x" * 257])
+def test_a_bad_customer_is_refused_before_serving(env: dict[str, str], bad: str) -> None:
+    """A named customer no budget can have would make every scrape fail (agentbill_up 0
+    forever): refused at once, exit 2, one line naming the field."""
+    done = subprocess.run(
+        [sys.executable, "-m", "agentbill", "exporter", "--port", "0", "-c", "ok", "-c", bad],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith("agentbill: error: customer_id: ")
+
+
+def test_overlapping_scrapes_share_one_read(redis_server: RedisServer, namespace: str) -> None:
+    """Scrapes that arrive while another is reading the budgets wait for it and answer what it
+    read: one read of Redis for all of them, never one queued behind another (with Redis
+    silent, the Nth scrape used to wait N timeouts)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agentbill.cli._collector import BudgetCollector
+    from agentbill.cli._customers import Customers
+
+    with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as client:
+        client.set_budget("a", 10)
+        client.set_budget("b", 20)
+        reading, go_on = threading.Event(), threading.Event()
+        calls: list[str] = []
+        real = client.get_usage
+
+        def held(customer_id: str) -> Any:  # the first read waits until every scrape is in
+            calls.append(customer_id)
+            reading.set()
+            go_on.wait(30)
+            return real(customer_id)
+
+        client.get_usage = held  # type: ignore[method-assign,assignment]
+        collector = BudgetCollector(client, Customers(client._redis, namespace, ["a", "b"]))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        answers: list[str] = []
+        first = threading.Thread(target=lambda: answers.append(generate_latest(registry).decode()))
+        first.start()
+        assert reading.wait(30)
+        others = [
+            threading.Thread(target=lambda: answers.append(generate_latest(registry).decode()))
+            for _ in range(4)
+        ]
+        for t in others:
+            t.start()
+        deadline = time.monotonic() + 30
+        while collector._waiting < len(others) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go_on.set()
+        for t in [first, *others]:
+            t.join(30)
+    assert calls == ["a", "b"]  # one read for the five scrapes
+    assert len(answers) == 5
+    for text in answers:
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert samples[("agentbill_up", ())] == 1
+        assert samples[("agentbill_budget_limit_units", (("customer", "b"),))] == 20

@@ -96,6 +96,32 @@ def test_once_with_agents_and_named_customers(
     ]
 
 
+def test_long_ids_and_big_numbers_cut_no_column(
+    env: dict[str, str], client: AgentBillClient
+) -> None:
+    """Ids run to 256 characters and units to 2**53 - 1: a long id is cut short (…), and in a
+    pipe every column is shown in full, however wide that makes the frame."""
+    long, top = "L" * 256, 2**53 - 1
+    client.set_budget(long, top)
+    client.preflight("a" * 256, 2**52, long).record(2**52)
+    client.preflight("b", 7, long)
+    ran = invoke("top", "--once", "--agents", "-c", long, env=env)
+    assert ran.code == 0, ran.stderr
+    table = ran.stdout.splitlines()[2:-2]
+    assert table[0].split() == [
+        "CUSTOMER", "BUDGET", "SPENT", "RESERVED", "LIMIT", "REMAINING", "APPROVED/s",
+        "REFUSED/s", "IN", "FLIGHT", "RESETS", "IN",
+    ]  # fmt: skip
+    customer, agent = table[1].split(), table[2].split()
+    assert customer[0].startswith("LLLL")
+    assert customer[0].endswith("…")
+    assert customer[3:7] == [f"{2**52:,}", "7", f"{top:,}", f"{top - 2**52 - 7:,}"]
+    assert agent[1].startswith("aaaa")
+    assert agent[1].endswith("…")
+    assert agent[3:5] == [f"{2**52:,}", "0"]
+    assert "…" not in " ".join(customer[1:] + agent[2:])
+
+
 def test_once_as_json_has_exact_rates(env: dict[str, str], burning: AgentBillClient) -> None:
     ran = invoke("top", "--once", "--json", "--window", str(WINDOW), env=env)
     assert ran.code == 0

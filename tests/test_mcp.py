@@ -429,6 +429,11 @@ def test_bad_input_is_a_tool_error_naming_the_field_and_writes_nothing(
             for tool, arguments, field in BAD_CALLS:
                 message = await error(mcp, tool, arguments)
                 assert field in message, (tool, arguments, message)
+                # One line in the library's words, whether the schema or the client refused.
+                assert message.startswith(f"Error executing tool {tool}: invalid "), message
+                assert message.endswith(" (nothing was written)"), message
+                assert "\n" not in message
+                assert "pydantic" not in message
             # Refused by Redis, not by a schema: the same key with other arguments.
             message = await error(
                 mcp,
@@ -565,6 +570,7 @@ def test_redis_down_or_silent_is_a_tool_error_within_the_clients_bound(namespace
                 for tool, arguments in [
                     ("preflight", {"agent_id": "a", "estimated_units": 1}),
                     ("record", {"agent_id": "a", "units": 1, "idempotency_key": "k"}),
+                    ("record", {"agent_id": "a", "units": 1}),
                     ("get_budget", {}),
                 ]:
                     messages.append(
@@ -573,9 +579,17 @@ def test_redis_down_or_silent_is_a_tool_error_within_the_clients_bound(namespace
             return messages
 
         for url in (down, silent.url):
-            for message in run(functools.partial(body, url)):
+            preflight, record, unkeyed, read = run(functools.partial(body, url))
+            for message in (preflight, record, unkeyed, read):
                 assert "Redis is unavailable" in message, message
-                assert "idempotency_key" in message
+            assert "do not start work" in preflight
+            assert "retry it later with the same idempotency_key" in record
+            # A record Redis may have applied, with nothing to recognise its retry by: a
+            # retry would charge again (no reservation left to close: charged directly).
+            assert "retry" not in unkeyed.replace("do not retry", "")
+            assert "do not retry" in unkeyed
+            assert "could charge twice" in unkeyed
+            assert "idempotency_key" not in read
     finally:
         silent.stop()
 

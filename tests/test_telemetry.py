@@ -4,6 +4,7 @@ clients, after known sequences of calls against the suite's server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,45 @@ def test_a_queued_settlement_is_counted_when_delivered(make: Make) -> None:
         assert sample(registry, "agentbill_queued_settlements") == 0
     finally:
         server.stop()
+
+
+def test_the_queue_gauge_is_true_in_prometheus_multiprocess_mode(tmp_path: Any) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR (gunicorn and other pre-fork servers), a gauge's value is
+    what each process last wrote to its file: the queue gauge is written whenever the queue
+    changes, and adds up over the live processes."""
+    probe = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(
+            """
+            from prometheus_client import CollectorRegistry, multiprocess
+
+            from agentbill import AgentBillClient
+            from tests._servers import RedisServer
+
+            def queued():
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry)
+                return registry.get_sample_value("agentbill_queued_settlements")
+
+            server = RedisServer().start()
+            client = AgentBillClient(
+                redis_url=server.url, metrics=True, on_outage="fail_open", retry_attempts=1
+            )
+            check = client.preflight("a", 5, "u")
+            server.kill()
+            assert check.record(3).status == "queued"
+            during = queued()
+            server.start()
+            assert client.flush() == 0
+            print(during, queued())
+            client.close()
+            server.stop()
+            """
+        )],
+        capture_output=True, text=True, timeout=60, check=False,
+        env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["1.0", "0.0"]
 
 
 def test_bad_metrics_settings_are_refused(redis_server: RedisServer) -> None:
@@ -323,3 +363,62 @@ def test_prometheus_client_is_imported_only_for_metrics(redis_server: RedisServe
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout == "False\n"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_gates_runs_and_lease_slices_are_spans_too(
+    kind: str, redis_server: RedisServer, namespace: str, spans: InMemorySpanExporter
+) -> None:
+    """A gate, a run block and a lease's slice make their preflight and settlement through the
+    client's internals, not its public methods: each is a span all the same, with its round
+    trip as a child, and a settlement outside any operation is one span, not two."""
+    registry = CollectorRegistry()
+    settings: dict[str, Any] = {
+        "redis_url": redis_server.url, "namespace": namespace, "metrics": registry,
+    }  # fmt: skip
+    if kind == "sync":
+        with AgentBillClient(**settings) as client:
+            client.set_budget("u", 100)
+
+            @client.gate("gated", 5, "u", units=lambda result: result)
+            def work() -> int:
+                return 3
+
+            work()
+            with client.run("ran", 4, "u") as run:
+                run.record(2)
+            with client.lease("leased", "u", slice_units=10) as lease:
+                lease.preflight(1).record(1)
+    else:
+
+        async def body() -> None:
+            async with AsyncAgentBillClient(**settings) as client:
+                await client.set_budget("u", 100)
+
+                @client.gate("gated", 5, "u", units=lambda result: result)
+                async def work() -> int:
+                    return 3
+
+                await work()
+                async with client.run("ran", 4, "u") as run:
+                    await run.record(2)
+                async with client.lease("leased", "u", slice_units=10) as lease:
+                    (await lease.preflight(1)).record(1)
+
+        asyncio.run(body())
+
+    finished = spans.get_finished_spans()
+    preflights = by_name(finished, "agentbill.preflight")
+    assert [(s.attributes or {}).get("agentbill.agent_id") for s in preflights] == [
+        "gated", "ran", "leased",
+    ]  # fmt: skip
+    assert all((s.attributes or {}).get("agentbill.approved") is True for s in preflights)
+    records = by_name(finished, "agentbill.record")
+    assert [(s.attributes or {}).get("agentbill.charged") for s in records] == [3, 2, 1]
+    assert all(s.parent is None for s in preflights + records)  # no span doubled
+    operations = {s.context.span_id for s in preflights + records if s.context is not None}
+    trips = by_name(finished, "agentbill.redis")
+    assert len(trips) == len(operations) + 1  # and set_budget's
+    assert sum(1 for t in trips if t.parent and t.parent.span_id in operations) == 6
+    # Each of those preflights was timed, as a preflight() call is.
+    assert sample(registry, "agentbill_preflight_duration_seconds_count") == 3

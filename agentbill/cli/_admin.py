@@ -29,6 +29,7 @@ from agentbill.cli._common import (
     bad_input,
     example,
     group,
+    warning,
 )
 from agentbill.cli._output import emit_json
 
@@ -37,6 +38,8 @@ local = group(
     "The local server agentbill starts when no Redis is configured. Its data lives in "
     f"${HOME_ENV} (default: the per-user data directory); set AGENTBILL_REDIS_URL to share "
     "budgets across machines instead.",
+    "agentbill local status",
+    'export AGENTBILL_REDIS_URL="$(agentbill local start)"',
 )
 keys = group(
     "keys",
@@ -44,6 +47,8 @@ keys = group(
     f"commands agentbill sends. Run with a privileged connection: ${ENV_ADMIN_URL}, or "
     "--redis-url (a URL on the command line, password included, shows in ps and shell "
     "history).",
+    "AGENTBILL_ADMIN_URL=redis://admin:secret@redis:6379/0 agentbill keys create acme",
+    "agentbill keys list --json",
 )
 
 
@@ -164,11 +169,9 @@ def admin(redis_url: str | None, rewrite: bool = False) -> KeyAdmin:
 
 
 def not_persisted() -> None:
-    print(
-        "agentbill: warning: the server has no aclfile, so this change lives in its memory "
-        "only and is lost when Redis restarts: run CONFIG REWRITE (or pass --config-rewrite), "
-        "or configure an aclfile",
-        file=sys.stderr,
+    warning(
+        "the server has no aclfile, so this change lives in its memory only and is lost when "
+        "Redis restarts: run CONFIG REWRITE (or pass --config-rewrite), or configure an aclfile"
     )
 
 

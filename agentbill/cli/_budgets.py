@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from agentbill._client import AgentBillClient
+from agentbill._exceptions import StoreUnavailableError
 from agentbill._results import BudgetStatus, Event, Period
 from agentbill.cli._common import (
     Json,
@@ -20,16 +21,17 @@ from agentbill.cli._common import (
     example,
     group,
     session,
+    warning,
 )
 from agentbill.cli._output import (
     EVENT_FIELDS,
     budget_table,
-    console,
     csv_row,
     emit_json,
     event_header,
     event_line,
     lines,
+    show,
     usage_table,
 )
 
@@ -39,15 +41,29 @@ Agent = Annotated[
     typer.Option("--agent", metavar="AGENT", help="the agent's budget within the customer's"),
 ]
 
-budget = group("budget", "Set and read a customer's (or one agent's) budget.")
-limit = group("limit", "Rate (GCRA) and concurrency limits of a customer or an agent.")
+budget = group(
+    "budget",
+    "Set and read a customer's (or one agent's) budget.",
+    "agentbill budget set cust_42 1000 --period month",
+    "agentbill budget get cust_42 --json",
+)
+# A command whose arguments are numbers takes "-5" as one (refused by the rule it breaks,
+# which it names) rather than as an unknown option; a misspelt option is still refused, as
+# an argument too many.
+NUMBERS = {"ignore_unknown_options": True}
+limit = group(
+    "limit",
+    "Rate (GCRA) and concurrency limits of a customer or an agent.",
+    "agentbill limit rate cust_42 600 60 --burst 100",
+    "agentbill limit concurrency cust_42 5",
+)
 
 
 def show_status(status: BudgetStatus, as_json: bool) -> None:
     if as_json:
         emit_json(status)
     else:
-        console().print(budget_table(status))
+        show(budget_table(status))
 
 
 # -- budget --------------------------------------------------------------------------------------
@@ -58,13 +74,14 @@ def parse_limit(text: str) -> int | None:
     if text.lower() in ("none", "unlimited"):
         return None
     try:
-        return int(text.replace("_", ""))
+        return int(text)  # Python's grammar: 1_000 is a thousand, 1__0_ is no number
     except ValueError:
         bad_input(f"{text!r} is not a whole number of units, nor 'none'", "LIMIT")
 
 
 @budget.command(
     "set",
+    context_settings=NUMBERS,
     epilog=example(
         "agentbill budget set cust_42 1000 --period month --threshold 80",
         "agentbill budget set cust_42 200 --agent summariser",
@@ -141,6 +158,7 @@ Remove = Annotated[bool, typer.Option("--remove", help="remove the limit")]
 
 @limit.command(
     "rate",
+    context_settings=NUMBERS,
     epilog=example(
         "agentbill limit rate cust_42 600 60 --burst 100   # 600 units a minute, bursts of 100",
         "agentbill limit rate cust_42 --agent summariser --remove",
@@ -176,6 +194,7 @@ def limit_rate(
 
 @limit.command(
     "concurrency",
+    context_settings=NUMBERS,
     epilog=example(
         "agentbill limit concurrency cust_42 5             # at most 5 runs in flight",
         "agentbill limit concurrency cust_42 --remove",
@@ -217,7 +236,7 @@ def usage(
     if as_json:
         emit_json(result)
     else:
-        console().print(usage_table(result))
+        show(usage_table(result))
 
 
 USAGE_EXAMPLE = example("agentbill usage cust_42", "agentbill usage cust_42 --json | jq .customer")
@@ -259,12 +278,16 @@ def events(
     if follow and limit is not None:
         bad_input("--limit stops the listing, --follow never does: choose one", "--limit")
     out = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
-    if out is not None:
-        out.writerow(EVENT_FIELDS)
-    elif not as_json:
-        lines([event_header()])
+    headed = False
 
     def show(batch: list[Event]) -> None:
+        nonlocal headed
+        if not headed:  # once the first read succeeded: a failed command prints nothing
+            headed = True
+            if out is not None:
+                out.writerow(EVENT_FIELDS)
+            elif not as_json:
+                lines([event_header()])
         if as_json:
             for event in batch:
                 emit_json(event)
@@ -291,11 +314,30 @@ def read(
     interval: float,
     show: Callable[[list[Event]], None],
 ) -> None:
-    """Page through the ledger after ``since``; with ``follow``, poll for more forever."""
+    """Page through the ledger after ``since``; with ``follow``, poll for more forever.
+
+    Following, an outage after the first read (a restart, a failover) does not end the
+    stream: it is said once on stderr, and reading goes on from the last event shown when
+    Redis answers again. The first read's failure ends the command (exit 3).
+    """
     left = limit
+    started = outage = False
     while True:
         want = PAGE if left is None else min(PAGE, left)
-        batch = client.events(customer, since=since, limit=want)
+        try:
+            batch = client.events(customer, since=since, limit=want)
+        except StoreUnavailableError as exc:
+            if not (follow and started):
+                raise
+            if not outage:
+                warning(f"{exc}; still following, reading again every {interval:g} s")
+                outage = True
+            time.sleep(interval)
+            continue
+        if outage:
+            warning("Redis answers again; following")
+            outage = False
+        started = True
         show(batch)
         if batch:
             since = batch[-1].id

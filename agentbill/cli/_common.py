@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import typer
@@ -53,6 +53,12 @@ def error_line(message: str) -> None:
     """One line on stderr, whatever ``message`` holds."""
     text = " ".join(str(message).split())
     print(f"agentbill: error: {text}", file=sys.stderr)
+
+
+def warning(message: str) -> None:
+    """One warning line on stderr: the command goes on."""
+    text = " ".join(str(message).split())
+    print(f"agentbill: warning: {text}", file=sys.stderr, flush=True)
 
 
 def exit_status(run: Callable[[], Any]) -> int:
@@ -125,9 +131,15 @@ def example(*lines: str, exits: str = EXIT_STATUS_TEXT) -> str:
     return f"**Example**\n\n{shown}\n\n{exits}"
 
 
-def group(name: str, help: str) -> typer.Typer:
-    """A command group; ``agentbill NAME`` alone shows its help."""
-    return typer.Typer(name=name, help=help, no_args_is_help=True, rich_markup_mode="markdown")
+def group(name: str, help: str, *examples: str) -> typer.Typer:
+    """A command group whose help shows ``examples``; ``agentbill NAME`` alone shows it."""
+    return typer.Typer(
+        name=name,
+        help=help,
+        epilog=example(*examples),
+        no_args_is_help=True,
+        rich_markup_mode="markdown",
+    )
 
 
 # -- connection ----------------------------------------------------------------------------------
@@ -181,16 +193,27 @@ def session(redis_url: str | None, namespace: str) -> Iterator[Session]:
         raw.close()
 
 
+SECRET_QUERY = ("password", "secret", "token")
+"""A URL query parameter whose name holds one of these is a secret (redis-py takes
+``?password=``, for one)."""
+
+
 def shown_url(url: str | None) -> str:
-    """``url`` fit to print: its password replaced by ``***``."""
+    """``url`` fit to print: its password, in the userinfo or the query string, as ``***``."""
     if url is None:
         return "the local server"
     parts = urlsplit(url)
-    if parts.password is None:
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    secret = [any(s in name.lower() for s in SECRET_QUERY) for name, _ in pairs]
+    if parts.password is None and not any(secret):
         return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if any(secret):
+        query = [(n, "***" if hide else v) for (n, v), hide in zip(pairs, secret, strict=True)]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    return urlunsplit(parts)
 
 
 def bad_input(message: str, param: str | None = None) -> NoReturn:

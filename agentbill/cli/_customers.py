@@ -18,6 +18,7 @@ import redis
 
 from agentbill._exceptions import StoreError, StoreUnavailableError
 from agentbill._keys import KeySpace
+from agentbill._models import UsageRequest, validate
 from agentbill._retry import translate
 from agentbill.cli._common import Failed
 
@@ -62,13 +63,18 @@ def _batches(r: redis.Redis, pattern: str) -> Iterator[list[bytes | str]]:
 
 class Customers:
     """The customers to show: ``named`` if any, else those SCAN finds, found again after
-    ``rescan`` seconds."""
+    ``rescan`` seconds.
+
+    Raises InvalidRequestError naming ``customer_id`` when a named one is not a valid id.
+    """
 
     def __init__(
         self, r: redis.Redis, namespace: str, named: Sequence[str], rescan: float = 60.0
     ) -> None:
         self._redis = r
         self._namespace = namespace
+        for customer in named:  # one no budget can have is bad input now, not a failed scrape
+            validate(UsageRequest, customer_id=customer)
         self._named = list(dict.fromkeys(named))
         self._rescan = rescan
         self._found: list[str] = []

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.table import Table
 
 from agentbill._results import BudgetStatus, Event, Usage
 
 DASH = "-"
+UNBOUNDED = 100_000
+"""Columns of the console that measures what a table needs."""
 EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 
 
@@ -27,6 +29,17 @@ def console(pipe_width: int = 100) -> Console:
     if not out.is_terminal and out.width < pipe_width:
         out = Console(highlight=False, soft_wrap=False, width=pipe_width)
     return out
+
+
+def show(renderable: RenderableType, pipe_width: int = 100) -> None:
+    """Print ``renderable`` for people. On a terminal it fits the screen; in a pipe (a log, a
+    file) it takes the width it needs, so that no id and no number is cut short (…)."""
+    out = console(pipe_width)
+    if not out.is_terminal:
+        need = Console(width=UNBOUNDED).measure(renderable).maximum
+        if need > out.width:
+            out = Console(highlight=False, soft_wrap=False, width=need)
+    out.print(renderable)
 
 
 def jsonable(value: Any) -> Any:

@@ -36,7 +36,7 @@ from agentbill._results import BudgetStatus, Usage
 from agentbill._retry import translate
 from agentbill.cli._common import Namespace, RedisUrl, Session, bad_input, example, session
 from agentbill.cli._customers import Customers
-from agentbill.cli._output import DASH, console, duration, emit_json, jsonable, units
+from agentbill.cli._output import DASH, console, duration, emit_json, jsonable, show, units
 
 BAR = 16
 """Cells of a burn-down bar."""
@@ -44,6 +44,8 @@ MAX_EVENTS = 10_000
 """Ledger entries read per customer and refresh; past it a rate is a lower bound (shown ≥)."""
 PAGE = 1000
 PIPE_WIDTH = 132
+ID_WIDTH = 24
+"""Columns of the customer (and agent) names: a longer id ends in …."""
 
 # -- rates from the ledger -----------------------------------------------------------------------
 
@@ -223,6 +225,9 @@ def render(frame: Frame, agents: bool = False, live: bool = False) -> Renderable
             justify=justify,  # type: ignore[arg-type]
             no_wrap=True,
             min_width=len(name) if name != "CUSTOMER" else 8,
+            # Ids run to 256 characters: a long one is cut (…), never the other columns.
+            max_width=ID_WIDTH if name == "CUSTOMER" else None,
+            overflow="ellipsis",
         )
     for row in frame.rows:
         c = row.usage.customer
@@ -368,7 +373,7 @@ def top(
     if as_json:
         emit_json(frame_json(frame))
     else:
-        console(PIPE_WIDTH).print(render(frame, agents))
+        show(render(frame, agents), PIPE_WIDTH)
 
 
 TOP_EXAMPLE = example(

@@ -11,10 +11,11 @@ from typing import Any, cast
 
 import anyio
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp_types import ToolAnnotations
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agentbill import __version__
 from agentbill._async_client import AsyncAgentBillClient
@@ -73,11 +74,38 @@ class ExactArguments(FuncMetadata):
         return parsed
 
 
+class StrictTool(Tool):
+    """A tool whose arguments that break its input schema are refused in the library's words,
+    on one line: ``invalid <field>: <rule> (nothing was written)``, as the client's own
+    InvalidRequestError reads (see ``_tools.tool_errors``), rather than pydantic's multi-line
+    report with a link and the value echoed."""
+
+    async def run(
+        self, arguments: dict[str, Any], context: Any, convert_result: bool = False
+    ) -> Any:
+        try:
+            return await super().run(arguments, context, convert_result)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if type(exc) is not ToolError or not isinstance(cause, ValidationError):
+                raise
+            raise ToolError(f"Error executing tool {self.name}: {refusal(cause)}") from cause
+
+
+def refusal(exc: ValidationError) -> str:
+    """The schema's refusal of a call, as InvalidRequestError would say it."""
+    broken = []
+    for err in exc.errors(include_url=False, include_input=False, include_context=False):
+        field = ".".join(str(part) for part in err["loc"]) or "arguments"
+        broken.append(f"invalid {field}: {err['msg']}")
+    return "; ".join(broken) + " (nothing was written)"
+
+
 def strict_tool(fn: Callable[..., Awaitable[BaseModel]], annotations: ToolAnnotations) -> Tool:
     """``fn`` as a Tool that takes its arguments exactly: an unknown one is refused (the SDK
     would ignore it, and a misspelt ``customer_id`` would charge the default customer), and
     strings stay strings (see ExactArguments)."""
-    tool = Tool.from_function(fn, annotations=annotations)
+    tool = StrictTool.from_function(fn, annotations=annotations)
     meta = tool.fn_metadata
     strict = cast(
         type[ArgModelBase],

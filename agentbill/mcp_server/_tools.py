@@ -80,9 +80,32 @@ ADMIN_TOOLS = {
 ``--allow-admin``."""
 
 
+# What an agent should do when Redis could not answer, by what the call was.
+READ_LATER = "Try again later."
+PREFLIGHT_LATER = (
+    "Budgets cannot be checked now: do not start work that needs a preflight. The reservation "
+    "may or may not have been made: retry it later with the same idempotency_key (it holds "
+    "one reservation)."
+)
+PREFLIGHT_UNKEYED = (
+    "Budgets cannot be checked now: do not start work that needs a preflight. The reservation "
+    "may or may not have been made, and without an idempotency_key a retry holds another one "
+    "until its ttl: retry later with a key derived from the task and step."
+)
+SETTLE_LATER = (
+    "It may or may not have landed: retry it later with the same {by} (it takes effect once)."
+)
+RECORD_UNKEYED = (
+    "It may or may not have been charged: do not retry it as it is, since a record with no "
+    "idempotency_key and no reservation_id could charge twice. Once Redis answers, read usage "
+    "to see whether it was."
+)
+
+
 @contextlib.contextmanager
-def tool_errors() -> Iterator[None]:
-    """The client's failures as tool errors an agent can act on."""
+def tool_errors(unavailable: str = READ_LATER) -> Iterator[None]:
+    """The client's failures as tool errors an agent can act on; ``unavailable`` says what to
+    do when Redis could not answer (whether a retry is safe depends on the call)."""
     try:
         yield
     except InvalidRequestError as exc:
@@ -93,13 +116,18 @@ def tool_errors() -> Iterator[None]:
             "(ask the operator)"
         ) from exc
     except StoreUnavailableError as exc:
-        raise ToolError(
-            f"{str(exc).rstrip('.')}. Budgets cannot be checked now: do not start work that "
-            "needs a preflight. A write may or may not have landed: retry it later with the "
-            "same idempotency_key."
-        ) from exc
+        raise ToolError(f"{str(exc).rstrip('.')}. {unavailable}") from exc
     except StoreError as exc:
         raise ToolError(str(exc)) from exc
+
+
+def settle_advice(idempotency_key: str | None, reservation_id: str | None) -> str:
+    """What to do about a record or release Redis may or may not have applied."""
+    if idempotency_key is not None:
+        return SETTLE_LATER.format(by="idempotency_key")
+    if reservation_id is not None:
+        return SETTLE_LATER.format(by="reservation_id")
+    return RECORD_UNKEYED
 
 
 class Tools:
@@ -134,7 +162,7 @@ class Tools:
         record (units used) or release (work abandoned) with the reservation_id. A retry with
         the same idempotency_key and arguments returns the same approval and holds one
         reservation."""
-        with tool_errors():
+        with tool_errors(PREFLIGHT_LATER if idempotency_key else PREFLIGHT_UNKEYED):
             check = await self._client.preflight(
                 agent_id,
                 estimated_units,
@@ -164,7 +192,7 @@ class Tools:
         With reservation_id: closes that reservation. Without it: closes an open reservation
         of the same agent and task_ref, else charges directly. A retried record with the same
         reservation_id or idempotency_key is charged once (replayed true)."""
-        with tool_errors():
+        with tool_errors(settle_advice(idempotency_key, reservation_id)):
             settlement = await self._client.record(
                 agent_id,
                 units,
@@ -193,7 +221,8 @@ class Tools:
         customer_id (this works even when that preflight's answer never arrived; status noop
         if it reserved nothing). Releasing twice releases once; a release never undoes a
         record."""
-        with tool_errors():
+        # A release is named by its reservation or its key: retrying it releases once.
+        with tool_errors(settle_advice(idempotency_key, reservation_id)):
             settlement = await self._client.release(
                 reservation_id, idempotency_key=idempotency_key, customer_id=customer_id
             )
