@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from agentbill import _core
+from agentbill import _core, _topology
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
@@ -379,15 +379,21 @@ def from_url(
     client_class: Any, pool_class: Any, settings: ClientSettings
 ) -> tuple[Any, Heal | None]:
     """A ``client_class`` over a ``pool_class`` (a BlockingConnectionPool) for the connection
-    URL, and what revives the embedded server if that is what it connects to. A URL redis-py
-    cannot use is an InvalidRequestError naming redis_url (never quoting it: it may hold a
-    password)."""
+    URL, and what revives the embedded server if that is what it connects to; for a
+    ``redis+cluster://`` or ``redis+sentinel://`` URL, redis-py's cluster or Sentinel client
+    instead (async when ``client_class`` is). A URL redis-py cannot use is an
+    InvalidRequestError naming redis_url (never quoting it: it may hold a password)."""
     url, heal = connection_url(settings)
+    options = connection_options(settings)
     try:
-        pool = pool_class.from_url(url, **connection_options(settings))
+        topology = _topology.parse(url)
+        if topology is not None:
+            asynchronous = client_class is not redis.Redis
+            return _topology.connect(topology, options, asynchronous), heal
+        pool = pool_class.from_url(url, **options)
     except ValueError:
         raise InvalidRequestError(
-            "redis_url", "is not a Redis URL redis-py can use (redis://, rediss:// or unix://)"
+            "redis_url", f"is not a Redis URL agentbill can use ({_topology.URL_FORMS})"
         ) from None
     return client_class.from_pool(pool), heal
 
