@@ -17,6 +17,7 @@ from agentbill._client import (
     check_callback,
     from_url,
 )
+from agentbill._durability import WRITES
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
@@ -91,6 +92,7 @@ class AsyncAgentBillClient(BaseClient):
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
+        durability: Literal["primary", "replicated"] = "primary",
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
         metrics: bool | CollectorRegistry = False,
         metrics_customers: bool = False,
@@ -116,6 +118,7 @@ class AsyncAgentBillClient(BaseClient):
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
+            durability=durability,
         )
         check_callback(on_threshold)
         owns, heal = redis is None, None
@@ -128,6 +131,12 @@ class AsyncAgentBillClient(BaseClient):
         self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
+        if self._wait is not None and plan.call.script in WRITES:
+            # The script and WAIT in one pipelined round trip (see _durability).
+            answer = (await self._send_batch([plan.call]))[0]
+            if isinstance(answer, Exception):
+                raise translate(answer) from answer
+            return plan.decode(cast(_core.Reply, answer))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
         try:
@@ -156,7 +165,11 @@ class AsyncAgentBillClient(BaseClient):
                     c = calls[i]
                     args = pipeline_args(self._scripts[c.script], c.keys, c.args)
                     pipe.execute_command("EVALSHA", *args)
+                if self._wait is not None:
+                    pipe.execute_command(*self._wait)
                 answered = await pipe.execute(raise_on_error=False)
+                if self._wait is not None:
+                    self._confirm(calls, answered, pending, replies)
                 missing = _core.take_answers(pending, answered, replies)
                 for name in {calls[i].script for i in missing}:
                     await self._redis.script_load(self._scripts[name].script)

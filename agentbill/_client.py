@@ -21,6 +21,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from agentbill import _core, _topology
+from agentbill._durability import WRITES, ReplicaTimeout, check_acked, wait_command
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
@@ -132,6 +133,13 @@ class BaseClient:
         self._on_threshold = on_threshold
         self._own = OwnReservations()
         self._telemetry: Telemetry = OFF
+        self._wait = wait_command(settings.durability, settings.socket_timeout)
+        if self._wait is not None and isinstance(client, CLUSTER_TYPES):
+            raise InvalidRequestError(
+                "durability",
+                "'replicated' is not supported on Redis Cluster yet (WAIT must follow each "
+                "write on its node's connection): use 'primary', or Sentinel",
+            )
         self._retry = RetryPolicy(
             settings.retry_attempts,
             settings.retry_deadline,
@@ -142,6 +150,27 @@ class BaseClient:
             watch_health=not isinstance(client, CLUSTER_TYPES),
             heal=heal,
         )
+
+    def _confirm(
+        self,
+        calls: list[_core.Call],
+        answered: list[object],
+        pending: list[int],
+        replies: list[object],
+    ) -> None:
+        """Take WAIT's reply off a pipeline's answers: unless a replica confirmed the writes,
+        raise ReplicaTimeout with every item left to send again (same request ids: safe). A
+        lone call's "not now" reply is raised too, for the retry policy to try again, as it
+        would a call sent alone."""
+        acked = answered.pop()
+        if len(calls) == 1 and is_transient(cast(Exception, answered[0])):
+            raise cast(Exception, answered[0])
+        try:
+            check_acked(acked)
+        except ReplicaTimeout:
+            pending[:] = range(len(calls))
+            replies[:] = [None] * len(calls)
+            raise
 
     def _approved(self, plan: _core.Plan[Any], check: BaseCheck, track: bool) -> None:
         """What the client remembers of a decision Redis made: its own reservations (for
@@ -419,6 +448,10 @@ class AgentBillClient(BaseClient):
     its default registry; or a ``CollectorRegistry``); ``metrics_customers`` adds a customer
     label. With OpenTelemetry configured, every operation is a span; ``trace_customers`` puts
     the customer id in them. See ``_telemetry``.
+    ``durability``: ``"primary"`` (a write returns once the primary has it) or
+    ``"replicated"`` (once a replica has it too: WAIT in the same round trip, for half
+    ``socket_timeout``; unconfirmed, the call is in doubt like a lost reply, retried with its
+    request id, then StoreUnavailableError). Not on Redis Cluster yet. See ``_durability``.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -449,6 +482,7 @@ class AgentBillClient(BaseClient):
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
+        durability: Literal["primary", "replicated"] = "primary",
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
         metrics: bool | CollectorRegistry = False,
         metrics_customers: bool = False,
@@ -474,6 +508,7 @@ class AgentBillClient(BaseClient):
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
+            durability=durability,
         )
         check_callback(on_threshold)
         owns, heal = redis is None, None
@@ -486,6 +521,12 @@ class AgentBillClient(BaseClient):
         self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
+        if self._wait is not None and plan.call.script in WRITES:
+            # The script and WAIT in one pipelined round trip (see _durability).
+            answer = (self._send_batch([plan.call]))[0]
+            if isinstance(answer, Exception):
+                raise translate(answer) from answer
+            return plan.decode(cast(_core.Reply, answer))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
         try:
@@ -518,7 +559,11 @@ class AgentBillClient(BaseClient):
                     c = calls[i]
                     args = pipeline_args(self._scripts[c.script], c.keys, c.args)
                     pipe.execute_command("EVALSHA", *args)
+                if self._wait is not None:
+                    pipe.execute_command(*self._wait)
                 answered = pipe.execute(raise_on_error=False)
+                if self._wait is not None:
+                    self._confirm(calls, answered, pending, replies)
                 missing = _core.take_answers(pending, answered, replies)
                 for name in {calls[i].script for i in missing}:
                     self._redis.script_load(self._scripts[name].script)

@@ -90,8 +90,9 @@ SCRIPT_COMMANDS = (
 # HELLO need no grant. On connect redis-py also sends CLIENT SETINFO (Redis 7.2+) and, over
 # TCP with RESP3, CLIENT MAINT_NOTIFICATIONS (newer servers); it ignores a refusal of either,
 # but each refusal is an ACL LOG entry, so they are granted where the server knows them.
-# Both only describe the caller's own connection.
-CLIENT_COMMANDS = ("evalsha", "script|load", "select", "ping")
+# Both only describe the caller's own connection. WAIT (durability="replicated") says only how
+# many replicas have this connection's writes.
+CLIENT_COMMANDS = ("evalsha", "script|load", "select", "ping", "wait")
 OPTIONAL_COMMANDS = ("client|setinfo", "client|maint_notifications")
 # What a cluster client (redis-py's RedisCluster, ioredis's Cluster) sends besides: CLUSTER
 # SLOTS to learn which node owns which slot (again after a MOVED), COMMAND to learn where each

@@ -314,9 +314,12 @@ class SentinelSet:
     def wait_replicated(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with self.node_client(self.master, decode_responses=True) as c:
-                if int(c.info("replication").get("connected_slaves", 0)) >= len(self.replicas):
-                    return
+            links = []
+            for replica in self.replicas:
+                with self.node_client(replica, decode_responses=True) as c:
+                    links.append(c.info("replication").get("master_link_status"))
+            if all(link == "up" for link in links):
+                return
             time.sleep(0.05)
         raise RuntimeError("the replicas did not connect to the master")
 

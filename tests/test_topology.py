@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import redis
@@ -110,15 +110,15 @@ def sentinels() -> Iterator[SentinelSet]:
 
 @contextmanager
 def url_client(
-    kind: str, url: str, namespace: str, api_key: str | None = None
+    kind: str, url: str, namespace: str, api_key: str | None = None, **options: Any
 ) -> Iterator[AgentBillClient]:
     """A sync client, or an async one behind the blocking facade, for ``url``."""
     if kind == "sync":
-        with AgentBillClient(api_key, redis_url=url, namespace=namespace) as client:
+        with AgentBillClient(api_key, redis_url=url, namespace=namespace, **options) as client:
             yield client
         return
     with asyncio.Runner() as runner:
-        aclient = AsyncAgentBillClient(api_key, redis_url=url, namespace=namespace)
+        aclient = AsyncAgentBillClient(api_key, redis_url=url, namespace=namespace, **options)
         try:
             yield cast(AgentBillClient, blocking_client(aclient, runner))
         finally:
@@ -270,8 +270,10 @@ def test_tenant_keys_on_a_sentinel_set_live_on_master_and_replicas(
         with sentinel.client(decode_responses=True) as r:
             assert issued.username not in r.acl_users()
 
-    for kind in ("sync", "async"):
-        with url_client(kind, sentinels.url, "agentbill", api_key) as client:
+    for kind in ("sync", "async"):  # replicated: the key may WAIT
+        with url_client(
+            kind, sentinels.url, "agentbill", api_key, durability="replicated"
+        ) as client:
             exercise(client, [f"{kind}-{c}" for c in CUSTOMERS[:3]])
 
     env = cli_env(None, None) | {"AGENTBILL_ADMIN_URL": sentinels.admin_url}
