@@ -247,6 +247,87 @@ SCENARIOS: dict[str, Scenario] = {
             ("units_back", "seconds until their units were back"),
         ),
     ),
+    "sentinel-replicated": Scenario(
+        "Sentinel failover, replicated",
+        "Sentinel failover under load, durability='replicated'",
+        "A master, one replica and 3 sentinels (down-after 1 s). {sentinel-replicated[processes]} "
+        "workers on one `redis+sentinel://` URL with `durability='replicated'` make "
+        "{sizes[failover_ops]} runs (every preflight with an idempotency key, TTL 5 s); then the "
+        "replica is paused (SIGSTOP) while the master keeps taking calls for 0.5 s, the master "
+        "is SIGKILLed, the replica resumed, and the sentinels promote it; the workers make "
+        "{sizes[failover_ops]} runs more. A call that raises StoreUnavailableError is sent again "
+        "as the same request until it is answered.",
+        (
+            "no acknowledged record or release is lost: on the promoted replica every one is "
+            "there with the status and charge its worker was told, none was charged directly "
+            "for want of its reservation",
+            "spent == the sum of every acknowledged charge, per customer: nothing lost, nothing "
+            "charged twice",
+            "every approval's reservation is on the new master, and at most one more per "
+            "preflight in doubt",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        (
+            ("resumed", "seconds from the master's kill to a run finished after the promotion"),
+            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
+            ("approvals", "approvals"),
+            ("records", "acknowledged records and releases"),
+            ("lost_units", "units of acknowledged records lost"),
+            ("direct", "records charged directly (their reservation was lost)"),
+            ("extra_reservations", "reservations no approval returned (in doubt, TTL-bound)"),
+            ("spent", "spent at the end"),
+            ("samples", "monitor samples"),
+        ),
+    ),
+    "sentinel-primary": Scenario(
+        "Sentinel failover, primary",
+        "Sentinel failover under load, default durability (the window, measured)",
+        "The same failover with the default `durability='primary'`: what the master "
+        "acknowledged while its replica was paused (0.5 s: a replication lag made long on "
+        "purpose) never reached the replica that was promoted.",
+        (
+            "spent on the new master <= what the workers were told they were charged, minus the "
+            "records found lost, plus what was charged directly: lost, never charged twice",
+            "every approval and monitor sample showed spent + reserved <= limit (of the "
+            "counters each master held)",
+        ),
+        (
+            ("resumed", "seconds from the master's kill to a run finished after the promotion"),
+            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
+            ("approvals", "approvals"),
+            ("records", "acknowledged records and releases"),
+            ("lost_units", "units of acknowledged records lost"),
+            ("direct", "records charged directly (their reservation was lost)"),
+            ("extra_reservations", "reservations no approval returned (negative: lost)"),
+            ("spent", "spent at the end"),
+            ("samples", "monitor samples"),
+        ),
+    ),
+    "resharding": Scenario(
+        "Resharding",
+        "Resharding: a hot customer's slot migrated under load",
+        "A 3-primary Redis Cluster; {resharding[processes]} workers on one `redis+cluster://` "
+        "URL make {sizes[failover_ops]} runs on three hot customers; then the slot of the first "
+        "customer moves to another primary (SETSLOT IMPORTING/MIGRATING, MIGRATE 5 keys at a "
+        "time with the workers' calls in between, SETSLOT NODE on every primary) and they make "
+        "{sizes[failover_ops]} runs more. redis-py follows ASK and MOVED; TRYAGAIN (a script's "
+        "keys split between the two nodes) is retried as 'not now'.",
+        (
+            "nothing lost, nothing charged twice: spent == the sum of acknowledged charges, per "
+            "customer, and every settlement is there as its worker was told",
+            "one reservation per approval",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        (
+            ("moved_keys", "keys migrated"),
+            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
+            ("resumed", "seconds from the start of the migration to a run finished after its end"),
+            ("approvals", "approvals"),
+            ("records", "acknowledged records and releases"),
+            ("spent", "spent at the end"),
+            ("samples", "monitor samples"),
+        ),
+    ),
 }
 
 PROMISES = """\
