@@ -1,6 +1,7 @@
 """One URL per topology: redis+cluster:// and redis+sentinel:// for both clients, the CLI and
 KeyAdmin, against a real cluster (3 primaries, a replica each) and a real Sentinel set (a
-master, a replica, 3 sentinels) the suite starts; tenant keys on every node of each."""
+master, a replica, 3 sentinels) the suite starts; tenant keys on every node of each. Every
+test runs on redis-server and on valkey-server (the server matrix)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from agentbill._keys import KeySpace
 from agentbill._topology import parse
 from tests._async_facade import blocking_client
 from tests._cli import cli_env, invoke
-from tests._servers import Cluster, RedisServer, SentinelSet
+from tests._servers import Cluster, RedisServer, SentinelSet, valkey_binary
 
 pytestmark = pytest.mark.cluster
 
@@ -90,18 +91,24 @@ def test_a_bad_topology_url_is_an_error_naming_redis_url(url: str) -> None:
 # -- fixtures ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    nodes = Cluster(replicas=1)
+# The server matrix: the machine's redis-server, and the valkey-server agentbill-redis[local]
+# installs (another server line and major version), where there is one.
+SERVERS = {"redis": None, "valkey": valkey_binary()}
+MATRIX = [name for name, binary in SERVERS.items() if name == "redis" or binary is not None]
+
+
+@pytest.fixture(scope="module", params=MATRIX)
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    nodes = Cluster(replicas=1, binary=SERVERS[request.param])
     try:
         yield nodes.start()
     finally:
         nodes.stop()
 
 
-@pytest.fixture(scope="module")
-def sentinels() -> Iterator[SentinelSet]:
-    group = SentinelSet(password=ADMIN_PASSWORD)
+@pytest.fixture(scope="module", params=MATRIX)
+def sentinels(request: pytest.FixtureRequest) -> Iterator[SentinelSet]:
+    group = SentinelSet(password=ADMIN_PASSWORD, binary=SERVERS[request.param])
     try:
         yield group.start()
     finally:

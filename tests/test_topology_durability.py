@@ -13,13 +13,11 @@ import pytest
 
 from agentbill import AgentBillClient, InvalidRequestError, Preflight, StoreUnavailableError
 from agentbill._keys import KeySpace
-from tests._servers import Cluster, RedisServer, valkey_binary
-from tests.test_topology import url_client
-
-SERVERS = {"redis": None, "valkey": valkey_binary()}
+from tests._servers import Cluster, RedisServer
+from tests.test_topology import MATRIX, SERVERS, url_client
 
 
-@pytest.fixture(scope="module", params=[k for k, v in SERVERS.items() if k == "redis" or v])
+@pytest.fixture(scope="module", params=MATRIX)
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[RedisServer, RedisServer]]:
     """A primary and its replica (of the machine's redis-server, then valkey-server)."""
     binary: Path | None = SERVERS[request.param]
