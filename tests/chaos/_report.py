@@ -303,11 +303,39 @@ SCENARIOS: dict[str, Scenario] = {
             ("samples", "monitor samples"),
         ),
     ),
+    "cluster-failover": Scenario(
+        "Cluster failover",
+        "Redis Cluster failover under load, default durability",
+        "3 primaries with a replica each (cluster-node-timeout 2 s). "
+        "{cluster-failover[processes]} workers on one `redis+cluster://` URL, each with a tenant "
+        "key, make {sizes[failover_ops]} runs on three hot customers; then the primary that owns "
+        "the first customer's slot is SIGKILLed and its replica promoted; they make "
+        "{sizes[failover_ops]} runs more. Calls answered CLUSTERDOWN or refused meanwhile are "
+        "sent again as the same request until answered. `durability='replicated'` is not "
+        "offered on a cluster yet, so what the primary acknowledged and had not replicated is "
+        "lost: measured here.",
+        (
+            "spent <= the sum of acknowledged charges minus the records found lost, plus what "
+            "was charged directly: lost perhaps, charged twice never",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        (
+            ("resumed", "seconds from the kill to a run finished after the promotion"),
+            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
+            ("approvals", "approvals"),
+            ("records", "acknowledged records and releases"),
+            ("lost_units", "units of acknowledged records lost"),
+            ("direct", "records charged directly (their reservation was lost)"),
+            ("spent", "spent at the end"),
+            ("samples", "monitor samples"),
+        ),
+    ),
     "resharding": Scenario(
         "Resharding",
         "Resharding: a hot customer's slot migrated under load",
         "A 3-primary Redis Cluster; {resharding[processes]} workers on one `redis+cluster://` "
-        "URL make {sizes[failover_ops]} runs on three hot customers; then the slot of the first "
+        "URL, each with a tenant key (`keys create` on the cluster), make "
+        "{sizes[failover_ops]} runs on three hot customers; then the slot of the first "
         "customer moves to another primary (SETSLOT IMPORTING/MIGRATING, MIGRATE 5 keys at a "
         "time with the workers' calls in between, SETSLOT NODE on every primary) and they make "
         "{sizes[failover_ops]} runs more. redis-py follows ASK and MOVED; TRYAGAIN (a script's "

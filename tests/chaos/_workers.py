@@ -78,6 +78,8 @@ class Spec:
     the same reservation id or idempotency key); 0: it is not, and the worker fails."""
     durability: str = "primary"
     """The client's ``durability``."""
+    api_key: str | None = None
+    """A tenant key for the worker's client (its namespace must be ``namespace``)."""
 
     def __post_init__(self) -> None:
         # A record without a reservation id, sent again without a key, is a new request.
@@ -91,6 +93,7 @@ def main(spec: Spec, shared: Shared) -> None:
         journal = Journal(stream)
         try:
             with AgentBillClient(
+                spec.api_key,
                 redis_url=spec.url,
                 namespace=spec.namespace,
                 durability=spec.durability,  # type: ignore[arg-type]
