@@ -47,6 +47,22 @@ SUMMARY = (
     ("lost", "acknowledged records lost"),
 )
 
+FAILOVER = (
+    ("resumed", "seconds from the kill to a run finished after the promotion"),
+    ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
+    ("approvals", "approvals"),
+    ("records", "acknowledged records and releases"),
+    ("lost_units", "units of acknowledged records lost"),
+    ("direct", "records charged directly (their reservation was lost)"),
+    ("spent", "spent at the end"),
+    ("samples", "monitor samples"),
+)
+"""The figures of a failover scenario (Sentinel or Cluster)."""
+EXTRA_RESERVATIONS = (
+    "extra_reservations",
+    "reservations no approval returned: in doubt, held until their TTL (negative: lost)",
+)
+
 SCENARIOS: dict[str, Scenario] = {
     "load": Scenario(
         "Load",
@@ -267,17 +283,7 @@ SCENARIOS: dict[str, Scenario] = {
             "preflight in doubt",
             "every approval and monitor sample showed spent + reserved <= limit",
         ),
-        (
-            ("resumed", "seconds from the master's kill to a run finished after the promotion"),
-            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
-            ("approvals", "approvals"),
-            ("records", "acknowledged records and releases"),
-            ("lost_units", "units of acknowledged records lost"),
-            ("direct", "records charged directly (their reservation was lost)"),
-            ("extra_reservations", "reservations no approval returned (in doubt, TTL-bound)"),
-            ("spent", "spent at the end"),
-            ("samples", "monitor samples"),
-        ),
+        (*FAILOVER[:6], EXTRA_RESERVATIONS, *FAILOVER[6:]),
     ),
     "sentinel-primary": Scenario(
         "Sentinel failover, primary",
@@ -291,17 +297,7 @@ SCENARIOS: dict[str, Scenario] = {
             "every approval and monitor sample showed spent + reserved <= limit (of the "
             "counters each master held)",
         ),
-        (
-            ("resumed", "seconds from the master's kill to a run finished after the promotion"),
-            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
-            ("approvals", "approvals"),
-            ("records", "acknowledged records and releases"),
-            ("lost_units", "units of acknowledged records lost"),
-            ("direct", "records charged directly (their reservation was lost)"),
-            ("extra_reservations", "reservations no approval returned (negative: lost)"),
-            ("spent", "spent at the end"),
-            ("samples", "monitor samples"),
-        ),
+        (*FAILOVER[:6], EXTRA_RESERVATIONS, *FAILOVER[6:]),
     ),
     "cluster-failover": Scenario(
         "Cluster failover",
@@ -319,16 +315,7 @@ SCENARIOS: dict[str, Scenario] = {
             "was charged directly: lost perhaps, charged twice never",
             "every approval and monitor sample showed spent + reserved <= limit",
         ),
-        (
-            ("resumed", "seconds from the kill to a run finished after the promotion"),
-            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
-            ("approvals", "approvals"),
-            ("records", "acknowledged records and releases"),
-            ("lost_units", "units of acknowledged records lost"),
-            ("direct", "records charged directly (their reservation was lost)"),
-            ("spent", "spent at the end"),
-            ("samples", "monitor samples"),
-        ),
+        FAILOVER,
     ),
     "resharding": Scenario(
         "Resharding",

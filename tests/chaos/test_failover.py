@@ -23,22 +23,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 
 from agentbill import AgentBillClient, KeyAdmin
 from agentbill._keys import KeySpace
 from tests._servers import Cluster, RedisServer, SentinelSet
 from tests.chaos import _workers as w
 from tests.chaos._harness import (
+    Approval,
     Fleet,
     Monitor,
     Settled,
-    TopUp,
     WorkerLog,
     approvals,
     charged_by_customer,
     overspent_approvals,
     probe_outcomes,
+    reservations_made,
     settlements,
     spec,
     wait_until,
@@ -46,12 +46,8 @@ from tests.chaos._harness import (
 )
 from tests.chaos._report import Figure, Report
 from tests.chaos._sizes import Sizes
+from tests.chaos.test_redis_restart import CUSTOMERS, LIMIT, RETRY_FOR, TOPUP, TTL
 
-CUSTOMERS = ("hot-1", "hot-2", "hot-3")
-LIMIT = 60
-TOPUP = TopUp(below=12, step=24)
-TTL = 5
-RETRY_FOR = 60.0
 PROGRESS_TIMEOUT = 60.0
 PAUSED_FOR = 0.5
 """Seconds the master takes calls while its replica is paused, before it is killed."""
@@ -164,14 +160,8 @@ def test_a_sentinel_failover_under_load(
     finally:
         group.stop()
 
-    assert all(log.ended for log in logs)
-    assert monitor.violations == []
-    assert overspent_approvals(logs) == []
-    approved = approvals(logs)
-    settled = settlements(logs)
-    assert sorted(s.rid for s in settled) == sorted(a.rid for a in approved)
+    approved = check_runs(logs, monitor)
     charged = charged_by_customer(logs)
-    by_rid = {a.rid: a.customer for a in approved}
     doubted = sum(log.doubted["preflight"] for log in logs)
     extra = sum(made.values()) - len(approved)
     if durability == "replicated":
@@ -184,23 +174,58 @@ def test_a_sentinel_failover_under_load(
             assert made[customer] >= sum(1 for a in approved if a.customer == customer)
         assert extra <= doubted
     else:
-        for customer in CUSTOMERS:
-            lost_units = sum(s.charged for s in lost if by_rid[s.rid] == customer)
-            direct_units = sum(s.charged for s in direct if by_rid[s.rid] == customer)
-            assert spent[customer] <= charged.get(customer, 0) - lost_units + direct_units
+        check_never_twice(logs, spent, lost, direct)
     chaos_report.record(
         f"sentinel-{durability}",
         time.monotonic() - started,
-        figures(logs, monitor, kills=1, restarts=0, lost=len(lost))
-        | {
-            "resumed": resumed,
-            "lost_units": sum(s.charged for s in lost),
-            "direct": len(direct),
-            "in_doubt": sum(log.doubted["preflight"] + log.doubted["settle"] for log in logs),
-            "spent": sum(spent.values()),
-            "extra_reservations": extra,
-        },
+        failover_figures(logs, monitor, resumed, spent, lost, direct)
+        | {"extra_reservations": extra},
     )
+
+
+def check_runs(logs: list[WorkerLog], monitor: Monitor) -> list[Approval]:
+    """What every scenario asserts: every worker ended, no approval or sample past a limit,
+    every approval settled once. Returns the approvals."""
+    assert all(log.ended for log in logs)
+    assert monitor.violations == []
+    assert overspent_approvals(logs) == []
+    approved = approvals(logs)
+    assert sorted(s.rid for s in settlements(logs)) == sorted(a.rid for a in approved)
+    return approved
+
+
+def check_never_twice(
+    logs: list[WorkerLog], spent: dict[str, int], lost: list[Settled], direct: list[Settled]
+) -> None:
+    """spent <= acknowledged charges - those lost + those charged directly: lost perhaps,
+    charged twice never."""
+    charged = charged_by_customer(logs)
+    by_rid = {a.rid: a.customer for a in approvals(logs)}
+    for customer in CUSTOMERS:
+        lost_units = sum(s.charged for s in lost if by_rid[s.rid] == customer)
+        direct_units = sum(s.charged for s in direct if by_rid[s.rid] == customer)
+        assert spent[customer] <= charged.get(customer, 0) - lost_units + direct_units
+
+
+def failover_figures(
+    logs: list[WorkerLog],
+    monitor: Monitor,
+    resumed: float,
+    spent: dict[str, int],
+    lost: list[Settled],
+    direct: list[Settled],
+) -> dict[str, Figure]:
+    return figures(logs, monitor, kills=1, restarts=0, lost=len(lost)) | {
+        "resumed": resumed,
+        "lost_units": sum(s.charged for s in lost),
+        "direct": len(direct),
+        "in_doubt": doubted(logs),
+        "spent": sum(spent.values()),
+    }
+
+
+def doubted(logs: list[WorkerLog]) -> int:
+    return sum(log.doubted["preflight"] + log.doubted["settle"] for log in logs)
 
 
 def figures(
@@ -218,11 +243,6 @@ def figures(
         "records": len(settled),
         "samples": monitor.samples,
     }
-
-
-def reservations_made(raw: redis.Redis, namespace: str, customer: str) -> int:
-    key = KeySpace(namespace).customer(customer).budget
-    return int(raw.hget(key, "seq") or 0)
 
 
 def slot_owner(cluster: Cluster, slot: int) -> RedisServer:
@@ -297,13 +317,8 @@ def test_resharding_a_hot_customers_slot_under_load(
     finally:
         cluster.stop()
 
-    assert all(log.ended for log in logs)
     assert moved > 0
-    assert monitor.violations == []
-    assert overspent_approvals(logs) == []
-    approved = approvals(logs)
-    settled = settlements(logs)
-    assert sorted(s.rid for s in settled) == sorted(a.rid for a in approved)
+    approved = check_runs(logs, monitor)
     assert (lost, direct) == ([], [])
     charged = charged_by_customer(logs)
     for customer in CUSTOMERS:
@@ -315,7 +330,7 @@ def test_resharding_a_hot_customers_slot_under_load(
         figures(logs, monitor, kills=0, restarts=0, lost=len(lost))
         | {
             "moved_keys": moved,
-            "in_doubt": sum(log.doubted["preflight"] + log.doubted["settle"] for log in logs),
+            "in_doubt": doubted(logs),
             "resumed": resumed,
             "spent": sum(spent.values()),
         },
@@ -367,27 +382,10 @@ def test_a_cluster_failover_under_load(
     finally:
         cluster.stop()
 
-    assert all(log.ended for log in logs)
-    assert monitor.violations == []
-    assert overspent_approvals(logs) == []
-    approved = approvals(logs)
-    settled = settlements(logs)
-    assert sorted(s.rid for s in settled) == sorted(a.rid for a in approved)
-    charged = charged_by_customer(logs)
-    by_rid = {a.rid: a.customer for a in approved}
-    for customer in CUSTOMERS:  # lost, perhaps; charged twice, never
-        lost_units = sum(s.charged for s in lost if by_rid[s.rid] == customer)
-        direct_units = sum(s.charged for s in direct if by_rid[s.rid] == customer)
-        assert spent[customer] <= charged.get(customer, 0) - lost_units + direct_units
+    check_runs(logs, monitor)
+    check_never_twice(logs, spent, lost, direct)
     chaos_report.record(
         "cluster-failover",
         time.monotonic() - started,
-        figures(logs, monitor, kills=1, restarts=0, lost=len(lost))
-        | {
-            "resumed": resumed,
-            "lost_units": sum(s.charged for s in lost),
-            "direct": len(direct),
-            "in_doubt": sum(log.doubted["preflight"] + log.doubted["settle"] for log in logs),
-            "spent": sum(spent.values()),
-        },
+        failover_figures(logs, monitor, resumed, spent, lost, direct),
     )
