@@ -16,6 +16,7 @@ from typing import Any, cast
 import pytest
 import redis
 from redis import exceptions as rx
+from redis.cluster import ClusterNode, RedisCluster
 
 from agentbill import (
     AgentBillClient,
@@ -299,3 +300,16 @@ def test_a_tenant_key_refuses_credentials_in_a_topology_url(cluster: Cluster) ->
         AgentBillClient(key, redis_url=cluster.url.replace("://", "://u:p@", 1))
     assert info.value.field == "redis_url"
     assert os.environ.get("AGENTBILL_API_KEY") is None
+
+
+def test_key_admin_takes_a_ready_cluster_client(cluster: Cluster, namespace: str) -> None:
+    startup = [ClusterNode(host, port) for host, port in cluster.startup_nodes]  # type: ignore[no-untyped-call]
+    with RedisCluster(startup_nodes=startup) as rc, KeyAdmin(redis=rc) as admin:
+        issued = admin.create_key(namespace)
+        for node in cluster.all_nodes:
+            with node.client() as r:
+                assert r.acl_getuser(issued.username) is not None, node.port
+        admin.revoke_key(issued.key_id)
+        for node in cluster.all_nodes:
+            with node.client() as r:
+                assert r.acl_getuser(issued.username) is None, node.port
