@@ -18,6 +18,7 @@ import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from agentbill import _core, _topology
@@ -341,12 +342,14 @@ class BaseClient:
     def _delivered(self, batch: list[Queued], replies: list[object]) -> bool:
         """Account for a delivered batch of queued settlements, item by item: an item Redis
         answered "not now" is queued again; one it refused for good is dropped (and a dropped
-        record's reservation released). False when some item must wait."""
+        record's reservation released). An item sent to a node that does not own its slot (a
+        plain URL to a cluster node: MOVED) is the connection's fault, not the item's: it waits
+        too. False when some item must wait."""
         delivered, busy, dropped = [], [], []
         for item, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 error = translate(reply)
-                if isinstance(error, StoreUnavailableError):
+                if isinstance(error, StoreUnavailableError) or isinstance(reply, MovedError):
                     busy.append(item)
                 else:
                     dropped.append((item, cast(Exception, error)))

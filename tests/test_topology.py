@@ -313,3 +313,24 @@ def test_key_admin_takes_a_ready_cluster_client(cluster: Cluster, namespace: str
         for node in cluster.all_nodes:
             with node.client() as r:
                 assert r.acl_getuser(issued.username) is None, node.port
+
+
+def test_a_queued_record_sent_to_the_wrong_cluster_node_waits_and_is_never_dropped(
+    cluster: Cluster, namespace: str
+) -> None:
+    node = cluster.nodes[0]
+    with AgentBillClient(redis_url=cluster.url, namespace=namespace) as right:
+        checks = {c: right.preflight("agent", 5, c) for c in CUSTOMERS}
+    with AgentBillClient(redis_url=node.url, namespace=namespace, background_settle=True) as wrong:
+        wrong._flusher.stop()  # deliver by hand, below
+        for check in checks.values():
+            wrong.record("agent", 3, check.customer_id, reservation_id=check.reservation_id)
+        left = wrong.flush()
+        stats = wrong.outage_stats
+        assert 0 < left < len(CUSTOMERS)  # this node's customers delivered, the others wait
+        assert stats.dropped == 0
+        # Forget the rest, or close() would try them until its last-delivery deadline.
+        wrong._outage.finish(wrong._outage.take(), [], [], wrong._release_plan)
+    with AgentBillClient(redis_url=cluster.url, namespace=namespace) as right:
+        spent = [right.get_budget(c).spent for c in CUSTOMERS]
+    assert sorted(set(spent)) == [0, 3]
