@@ -17,7 +17,7 @@ from agentbill._client import (
     check_callback,
     from_url,
 )
-from agentbill._durability import WRITES
+from agentbill._durability import WRITES, asend_on_nodes
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
@@ -152,6 +152,21 @@ class AsyncAgentBillClient(BaseClient):
             await self.flush()
         return result
 
+    async def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
+        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
+        with replicated durability, WAIT after them on the same connection: the answers in
+        order, and WAIT's replies."""
+        if self._wait is not None and isinstance(self._redis, aioredis.RedisCluster):
+            return await asend_on_nodes(self._redis, commands, self._wait)
+        pipe = self._redis.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command("EVALSHA", *args)
+        if self._wait is None:
+            return list(await pipe.execute(raise_on_error=False)), []
+        pipe.execute_command(*self._wait)
+        answered = list(await pipe.execute(raise_on_error=False))
+        return answered[:-1], answered[-1:]
+
     async def _send_batch(self, calls: list[_core.Call]) -> list[object]:
         """See :meth:`AgentBillClient._send_batch`."""
         replies: list[object] = [None] * len(calls)
@@ -160,16 +175,13 @@ class AsyncAgentBillClient(BaseClient):
         async def attempt() -> list[object]:
             nonlocal pending
             for _ in range(2):
-                pipe = self._redis.pipeline(transaction=False)
-                for i in pending:
-                    c = calls[i]
-                    args = pipeline_args(self._scripts[c.script], c.keys, c.args)
-                    pipe.execute_command("EVALSHA", *args)
+                commands = [
+                    pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
+                    for i in pending
+                ]
+                answered, acks = await self._pipeline(commands)
                 if self._wait is not None:
-                    pipe.execute_command(*self._wait)
-                answered = await pipe.execute(raise_on_error=False)
-                if self._wait is not None:
-                    self._confirm(calls, answered, pending, replies)
+                    self._confirm(calls, answered, acks, pending, replies)
                 missing = _core.take_answers(pending, answered, replies)
                 for name in {calls[i].script for i in missing}:
                     await self._redis.script_load(self._scripts[name].script)

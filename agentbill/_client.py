@@ -22,7 +22,13 @@ from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from agentbill import _core, _topology
-from agentbill._durability import WRITES, ReplicaTimeout, check_acked, wait_command
+from agentbill._durability import (
+    WRITES,
+    ReplicaTimeout,
+    check_acked,
+    send_on_nodes,
+    wait_command,
+)
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
@@ -135,12 +141,6 @@ class BaseClient:
         self._own = OwnReservations()
         self._telemetry: Telemetry = OFF
         self._wait = wait_command(settings.durability, settings.socket_timeout)
-        if self._wait is not None and isinstance(client, CLUSTER_TYPES):
-            raise InvalidRequestError(
-                "durability",
-                "'replicated' is not supported on Redis Cluster yet (WAIT must follow each "
-                "write on its node's connection): use 'primary', or Sentinel",
-            )
         self._retry = RetryPolicy(
             settings.retry_attempts,
             settings.retry_deadline,
@@ -156,18 +156,19 @@ class BaseClient:
         self,
         calls: list[_core.Call],
         answered: list[object],
+        acks: list[object],
         pending: list[int],
         replies: list[object],
     ) -> None:
-        """Take WAIT's reply off a pipeline's answers: unless a replica confirmed the writes,
-        raise ReplicaTimeout with every item left to send again (same request ids: safe). A
-        lone call's "not now" reply is raised too, for the retry policy to try again, as it
-        would a call sent alone."""
-        acked = answered.pop()
+        """Unless WAIT's replies (``acks``) say a replica has the writes, raise ReplicaTimeout
+        with every item left to send again (same request ids: safe). A lone call's "not now"
+        reply is raised too, for the retry policy to try again, as it would a call sent
+        alone."""
         if len(calls) == 1 and is_transient(cast(Exception, answered[0])):
             raise cast(Exception, answered[0])
         try:
-            check_acked(acked)
+            for acked in acks:
+                check_acked(acked)
         except ReplicaTimeout:
             pending[:] = range(len(calls))
             replies[:] = [None] * len(calls)
@@ -454,7 +455,7 @@ class AgentBillClient(BaseClient):
     ``durability``: ``"primary"`` (a write returns once the primary has it) or
     ``"replicated"`` (once a replica has it too: WAIT in the same round trip, for half
     ``socket_timeout``; unconfirmed, the call is in doubt like a lost reply, retried with its
-    request id, then StoreUnavailableError). Not on Redis Cluster yet. See ``_durability``.
+    request id, then StoreUnavailableError). See ``_durability``.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -546,6 +547,21 @@ class AgentBillClient(BaseClient):
             self.flush()
         return result
 
+    def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
+        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
+        with replicated durability, WAIT after them on the same connection: the answers in
+        order, and WAIT's replies."""
+        if self._wait is not None and isinstance(self._redis, RedisCluster):
+            return send_on_nodes(self._redis, commands, self._wait)
+        pipe = self._redis.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command("EVALSHA", *args)
+        if self._wait is None:
+            return list(pipe.execute(raise_on_error=False)), []
+        pipe.execute_command(*self._wait)
+        answered = list(pipe.execute(raise_on_error=False))
+        return answered[:-1], answered[-1:]
+
     def _send_batch(self, calls: list[_core.Call]) -> list[object]:
         """Every call in one pipelined round trip (each script call atomic on its own); the
         replies in order, an item Redis refused as its exception. Items answered NOSCRIPT are
@@ -557,16 +573,13 @@ class AgentBillClient(BaseClient):
         def attempt() -> list[object]:
             nonlocal pending
             for _ in range(2):
-                pipe = self._redis.pipeline(transaction=False)
-                for i in pending:
-                    c = calls[i]
-                    args = pipeline_args(self._scripts[c.script], c.keys, c.args)
-                    pipe.execute_command("EVALSHA", *args)
+                commands = [
+                    pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
+                    for i in pending
+                ]
+                answered, acks = self._pipeline(commands)
                 if self._wait is not None:
-                    pipe.execute_command(*self._wait)
-                answered = pipe.execute(raise_on_error=False)
-                if self._wait is not None:
-                    self._confirm(calls, answered, pending, replies)
+                    self._confirm(calls, answered, acks, pending, replies)
                 missing = _core.take_answers(pending, answered, replies)
                 for name in {calls[i].script for i in missing}:
                     self._redis.script_load(self._scripts[name].script)

@@ -157,8 +157,9 @@ def free_cluster_port() -> int:
 
 class Cluster:
     """A Redis Cluster of ``size`` primaries on free ports, slots split evenly, and
-    ``replicas`` replicas of each (none by default). ``extra``: more config for every node
-    (an aclfile, say); ``binary``: the server to run (the suite's default one otherwise)."""
+    ``replicas`` replicas of each (none by default). ``extra``: more config for every node;
+    ``aclfile``: each node keeps its users in an ACL file; ``binary``: the server to run (the
+    suite's default one otherwise)."""
 
     def __init__(
         self,
@@ -168,6 +169,7 @@ class Cluster:
         binary: Path | None = None,
         extra: dict[str, str] | None = None,
         node_timeout: int = 2000,
+        aclfile: bool = False,
     ) -> None:
         def node() -> RedisServer:
             config = {"cluster-enabled": "yes", "cluster-node-timeout": str(node_timeout)}
@@ -175,6 +177,10 @@ class Cluster:
                 extra={**config, **(extra or {})}, port=free_cluster_port(), binary=binary
             )
             server.config["cluster-config-file"] = str(server.dir / "nodes.conf")
+            if aclfile:  # users persist (ACL SAVE) and come back with a restart
+                path = server.dir / "users.acl"
+                path.write_text("user default on nopass ~* &* +@all\n")
+                server.config["aclfile"] = str(path)
             return server
 
         self.nodes = [node() for _ in range(size)]

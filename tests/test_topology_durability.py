@@ -94,15 +94,53 @@ def test_without_replicated_durability_a_stopped_replica_changes_nothing(
             replica.resume()
 
 
-def test_replicated_durability_is_refused_on_a_cluster(namespace: str) -> None:
-    nodes = Cluster(size=1)
-    nodes.start()
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    nodes = Cluster(replicas=1)
     try:
-        with pytest.raises(InvalidRequestError) as info:
-            AgentBillClient(redis_url=nodes.url, durability="replicated")
-        assert info.value.field == "durability"
+        yield nodes.start()
     finally:
         nodes.stop()
+
+
+def replica_of(cluster: Cluster, customer: str, namespace: str) -> RedisServer:
+    """The replica of the primary that owns ``customer``'s slot."""
+    key = KeySpace(namespace).customer(customer).budget
+    with cluster.nodes[0].client() as c:
+        slot = int(c.execute_command("CLUSTER", "KEYSLOT", key))
+        for start, end, _primary, replica, *_ in c.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return next(n for n in cluster.replicas if n.port == int(replica[1]))
+    raise AssertionError("no replica")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_replicated_durability_on_a_cluster_waits_on_each_customers_node(
+    kind: str, cluster: Cluster, namespace: str
+) -> None:
+    customers = [f"c-{i}" for i in range(9)]
+    with url_client(
+        kind, cluster.url, namespace, durability="replicated", retry_deadline=0.5
+    ) as client:
+        for customer in customers:
+            client.set_budget(customer, 100)
+            assert client.preflight("agent", 2, customer).record(2).charged == 2
+        checks = client.preflight_many([Preflight("agent", 1, c) for c in customers])
+        assert all(c.approved for c in checks)
+
+        check = client.preflight("agent", 10, customers[0], idempotency_key="job-1")
+        replica = replica_of(cluster, customers[0], namespace)
+        replica.pause()
+        try:
+            with pytest.raises(StoreUnavailableError, match="replica"):
+                check.record(6)
+            # A customer on another node is not held up by this one's replica.
+            other = next(c for c in customers if replica_of(cluster, c, namespace) is not replica)
+            assert client.preflight("agent", 1, other).approved
+        finally:
+            replica.resume()
+        assert check.record(6).charged == 6
+        assert client.get_budget(customers[0]).spent == 2 + 6
 
 
 def test_durability_is_validated() -> None:

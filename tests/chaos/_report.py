@@ -299,17 +299,35 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         (*FAILOVER[:6], EXTRA_RESERVATIONS, *FAILOVER[6:]),
     ),
-    "cluster-failover": Scenario(
-        "Cluster failover",
-        "Redis Cluster failover under load, default durability",
+    "cluster-replicated": Scenario(
+        "Cluster failover, replicated",
+        "Redis Cluster failover under load, durability='replicated'",
         "3 primaries with a replica each (cluster-node-timeout 2 s). "
-        "{cluster-failover[processes]} workers on one `redis+cluster://` URL, each with a tenant "
+        "{cluster-replicated[processes]} workers on one `redis+cluster://` URL, each with a tenant "
         "key, make {sizes[failover_ops]} runs on three hot customers; then the primary that owns "
         "the first customer's slot is SIGKILLed and its replica promoted; they make "
         "{sizes[failover_ops]} runs more. Calls answered CLUSTERDOWN or refused meanwhile are "
-        "sent again as the same request until answered. `durability='replicated'` is not "
-        "offered on a cluster yet, so what the primary acknowledged and had not replicated is "
-        "lost: measured here.",
+        "sent again as the same request until answered. The workers use "
+        "`durability='replicated'` (WAIT on each slot's node); the old primary is restarted "
+        "once its replica is promoted and rejoins as the new primary's replica.",
+        (
+            "no acknowledged record lost, none charged directly for want of its reservation",
+            "spent == the sum of acknowledged charges, per customer: nothing lost, nothing "
+            "charged twice",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        FAILOVER,
+    ),
+    "cluster-primary": Scenario(
+        "Cluster failover",
+        "Redis Cluster failover under load, default durability",
+        "3 primaries with a replica each (cluster-node-timeout 2 s). "
+        "{cluster-primary[processes]} workers on one `redis+cluster://` URL, each with a tenant "
+        "key, make {sizes[failover_ops]} runs on three hot customers; then the primary that owns "
+        "the first customer's slot is SIGKILLed and its replica promoted; they make "
+        "{sizes[failover_ops]} runs more. Calls answered CLUSTERDOWN or refused meanwhile are "
+        "sent again as the same request until answered. Default durability: what the primary "
+        "acknowledged and had not replicated is lost: measured here.",
         (
             "spent <= the sum of acknowledged charges minus the records found lost, plus what "
             "was charged directly: lost perhaps, charged twice never",

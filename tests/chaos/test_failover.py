@@ -215,7 +215,7 @@ def failover_figures(
     lost: list[Settled],
     direct: list[Settled],
 ) -> dict[str, Figure]:
-    return figures(logs, monitor, kills=1, restarts=0, lost=len(lost)) | {
+    return figures(logs, monitor, kills=1, restarts=1, lost=len(lost)) | {
         "resumed": resumed,
         "lost_units": sum(s.charged for s in lost),
         "direct": len(direct),
@@ -338,15 +338,18 @@ def test_resharding_a_hot_customers_slot_under_load(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("durability", ["replicated", "primary"])
 def test_a_cluster_failover_under_load(
-    chaos_report: Report, sizes: Sizes, namespace: str, workdir: Path
+    chaos_report: Report, sizes: Sizes, namespace: str, workdir: Path, durability: str
 ) -> None:
     """A primary of a 3-primary cluster (a replica each) SIGKILLed under load; its replica is
-    promoted after the node timeout. Default durability (replicated is not offered on a
-    cluster yet): what the primary acknowledged and had not replicated is lost, and measured;
-    nothing may be charged twice, and no approval may pass a limit."""
+    promoted after the node timeout, and the old primary comes back as its replica. With
+    replicated durability nothing acknowledged is lost; without, what the primary acknowledged
+    and had not replicated is lost, and measured. Nothing may be charged twice, and no approval
+    may pass a limit."""
     started = time.monotonic()
-    cluster = Cluster(replicas=1).start()
+    # With an aclfile on each node, the tenant keys come back with the restarted primary.
+    cluster = Cluster(replicas=1, aclfile=True).start()
     try:
         with AgentBillClient(redis_url=cluster.url, namespace=namespace) as client:
             for customer in CUSTOMERS:
@@ -372,9 +375,10 @@ def test_a_cluster_failover_under_load(
                     return False
 
                 wait_until(promoted, "the replica's promotion", 30)
+                victim.start()  # it rejoins as the new primary's replica
                 return began
 
-            base = base_spec(cluster.url, namespace, sizes, "primary", api_key)
+            base = base_spec(cluster.url, namespace, sizes, durability, api_key)
             logs, monitor, resumed = run_fleet(
                 workdir, sizes, base, cluster.url, namespace, failover
             )
@@ -384,8 +388,13 @@ def test_a_cluster_failover_under_load(
 
     check_runs(logs, monitor)
     check_never_twice(logs, spent, lost, direct)
+    if durability == "replicated":
+        assert (lost, direct) == ([], [])
+        charged = charged_by_customer(logs)
+        for customer in CUSTOMERS:
+            assert spent[customer] == charged.get(customer, 0), customer
     chaos_report.record(
-        "cluster-failover",
+        f"cluster-{durability}",
         time.monotonic() - started,
         failover_figures(logs, monitor, resumed, spent, lost, direct),
     )
