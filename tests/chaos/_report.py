@@ -275,8 +275,8 @@ SCENARIOS: dict[str, Scenario] = {
         "as the same request until it is answered.",
         (
             "no acknowledged record or release is lost: on the promoted replica every one is "
-            "there with the status and charge its worker was told, none was charged directly "
-            "for want of its reservation",
+            "there with the status and charge its worker was told; only a record in doubt for "
+            "longer than the TTL (its reservation expired meanwhile) was charged directly, once",
             "spent == the sum of every acknowledged charge, per customer: nothing lost, nothing "
             "charged twice",
             "every approval's reservation is on the new master, and at most one more per "
@@ -311,7 +311,8 @@ SCENARIOS: dict[str, Scenario] = {
         "`durability='replicated'` (WAIT on each slot's node); the old primary is restarted "
         "once its replica is promoted and rejoins as the new primary's replica.",
         (
-            "no acknowledged record lost, none charged directly for want of its reservation",
+            "no acknowledged record lost; only a record in doubt for longer than the TTL was "
+            "charged directly, once",
             "spent == the sum of acknowledged charges, per customer: nothing lost, nothing "
             "charged twice",
             "every approval and monitor sample showed spent + reserved <= limit",

@@ -168,7 +168,8 @@ def test_a_sentinel_failover_under_load(
         # Nothing acknowledged was lost, nothing charged twice; every approval's reservation
         # is on the new master, and at most one more per preflight in doubt (one that reserved
         # on a node and was then answered elsewhere: it held its estimate until its TTL).
-        assert (lost, direct) == ([], [])
+        assert lost == []
+        assert [s for s in direct if not s.in_doubt] == []  # see outlived_ttl
         for customer in CUSTOMERS:
             assert spent[customer] == charged.get(customer, 0), customer
             assert made[customer] >= sum(1 for a in approved if a.customer == customer)
@@ -181,6 +182,11 @@ def test_a_sentinel_failover_under_load(
         failover_figures(logs, monitor, resumed, spent, lost, direct)
         | {"extra_reservations": extra},
     )
+
+
+# outlived_ttl: a record sent again through the outage for longer than the reservations' TTL
+# (5 s) finds its reservation expired and is charged directly: once, and counted in spent, so
+# the exact spent == charged check still holds. Only a record in doubt can do that.
 
 
 def check_runs(logs: list[WorkerLog], monitor: Monitor) -> list[Approval]:
@@ -389,7 +395,8 @@ def test_a_cluster_failover_under_load(
     check_runs(logs, monitor)
     check_never_twice(logs, spent, lost, direct)
     if durability == "replicated":
-        assert (lost, direct) == ([], [])
+        assert lost == []
+        assert [s for s in direct if not s.in_doubt] == []  # see outlived_ttl
         charged = charged_by_customer(logs)
         for customer in CUSTOMERS:
             assert spent[customer] == charged.get(customer, 0), customer
