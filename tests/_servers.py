@@ -350,9 +350,17 @@ class SentinelSet:
         raise RuntimeError("the sentinels did not discover each other")
 
     def master_port(self) -> int:
-        with self.sentinels[0].client(decode_responses=True) as c:
-            _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
-            return int(port)
+        """The master's port, as the first sentinel knows it."""
+        return self.master_ports()[0]
+
+    def master_ports(self) -> list[int]:
+        """The master's port, as each sentinel knows it."""
+        ports = []
+        for sentinel in self.sentinels:
+            with sentinel.client(decode_responses=True) as c:
+                _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                ports.append(int(port))
+        return ports
 
     def stop(self) -> None:
         for node in [*self.sentinels, *self.data_nodes]:

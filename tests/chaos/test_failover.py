@@ -146,9 +146,14 @@ def test_a_sentinel_failover_under_load(
                 killed.append(time.monotonic())
                 group.master.kill()
                 replica.resume()
-                wait_until(lambda: group.master_port() != old_master, "a promotion", 30)
-                # The old master comes back (empty) and the sentinels make it the new master's
-                # replica: until then a replicated write has no replica to confirm it.
+                wait_until(
+                    lambda: all(p != old_master for p in group.master_ports()), "a promotion", 30
+                )
+                # The old master comes back as the new master's replica (until then a replicated
+                # write has no replica to confirm it). Started as a replica: it has no data (no
+                # RDB, no AOF here), and an empty master the sentinels took back before they
+                # finished the failover would wipe the promoted replica by resyncing it.
+                group.master.config["replicaof"] = f"127.0.0.1 {group.master_port()}"
                 group.master.start()
                 return killed[-1]
 
