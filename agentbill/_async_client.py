@@ -347,7 +347,7 @@ class AsyncAgentBillClient(BaseClient):
         try:
             check = await self._run(plan)
         except StoreUnavailableError as exc:
-            return self._offline_check(plan, exc)
+            return self._offline_check(plan, exc, owned=not track)
         self._approved(plan, check, track)
         return check
 

@@ -198,9 +198,11 @@ class BaseClient:
             self._outage.forget_keyed(None, plan.idempotency[0])
 
     def _track(self, check: BaseCheck) -> None:
-        """Remember an approval Redis made, so this client's records without an id close its
-        own reservations first (see ``_own``)."""
-        if check.approved and not check.offline and check.reservation_id is not None:
+        """Remember an approval, so this client's records without an id close its own
+        reservations first (see ``_own``). An offline one too: such a record then closes it
+        (and frees its share of an outage allowance), or, if its preflight reached Redis after
+        all, the reservation that made."""
+        if check.approved and check.reservation_id is not None:
             group = (check.customer_id, check.agent_id, check.task_ref)
             self._own.add(group, check.reservation_id, check.expires_at)
 
@@ -233,10 +235,15 @@ class BaseClient:
         """What this process approved offline and queued while Redis was unreachable."""
         return self._outage.stats()
 
-    def _offline_check(self, plan: _core.Plan[_core.T], exc: StoreUnavailableError) -> _core.T:
+    def _offline_check(
+        self, plan: _core.Plan[_core.T], exc: StoreUnavailableError, owned: bool = False
+    ) -> _core.T:
         """The preflight's decision when Redis cannot answer: the outage policy's, or ``exc``
-        (always when Redis answered "not now": busy is not an outage)."""
+        (always when Redis answered "not now": busy is not an outage). ``owned``: see
+        :meth:`_release_in_doubt`."""
         if plan.offline is None or self._outage.fails_closed or isinstance(exc, StoreBusyError):
+            if owned and not isinstance(exc, StoreBusyError):
+                self._release_in_doubt(plan)
             raise exc
         prior = self._outage.keyed(plan.idempotency)
         if prior is not None:  # the same key again: one reservation, as Redis would answer
@@ -248,8 +255,22 @@ class BaseClient:
                 raise exc
             self._outage.remember_keyed(plan.idempotency, check)
             warn_offline(check, self._outage.mode, exc)
+            if not owned:
+                self._track(check)
         self._telemetry.observe(check)
         return cast(_core.T, check)
+
+    def _release_in_doubt(self, plan: _core.Plan[Any]) -> None:
+        """A reservation made on a caller's behalf (a gate, a run block, a lease's slice, a
+        wrapped LLM call), whose id that caller never sees, failed in doubt: Redis was
+        unreachable or silent, and may yet run the preflight (a paused server runs what sat in
+        its socket buffer when it wakes). Its release by id is queued for the background
+        delivery, so such a reservation never holds its units until its TTL; a release that
+        arrives before its preflight is remembered, and the preflight then reserves nothing.
+        Not when Redis answered "not now" (busy): nothing was written."""
+        if plan.reservation_id is not None:
+            release = _core.plan_release(self._policy, plan.reservation_id, None, None)
+            self._settle_later(release, release=True)
 
     def _offline_settlement(
         self,
@@ -728,7 +749,7 @@ class AgentBillClient(BaseClient):
         try:
             check = self._run(plan)
         except StoreUnavailableError as exc:
-            return self._offline_check(plan, exc)
+            return self._offline_check(plan, exc, owned=not track)
         self._approved(plan, check, track)
         return check
 

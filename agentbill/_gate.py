@@ -34,16 +34,14 @@ The gate owns its reservation, and no caller could make its settlement again, so
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
-import signal
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 from agentbill._exceptions import AgentBillError
+from agentbill._interrupts import interrupts_held
 from agentbill._models import validate_units
 from agentbill._results import Settlement
 
@@ -119,19 +117,40 @@ class Gate:
             check = _admit(client, self._preflight)
             try:
                 result = fn(*args, **kwargs)
-                _refuse_deferred(fn, result, awaitable=True)
             except BaseException:  # KeyboardInterrupt and SystemExit too
                 _release_quietly(client, check)
                 raise
+            # The body returned: from here to the record, SIGINT is held back. One that lands
+            # before the hold begins (or a SystemExit from ``units``) still finds the run
+            # settled: the work happened, so the estimate is charged.
+            held = False
             try:
-                used = self._units_of(result)
-            except Exception:
-                _close(client, check, self._estimated_units)  # the work happened: the estimate
+                with interrupts_held():
+                    held = True
+                    self._record_result(fn, check, result)
+            except BaseException:
+                if not held:
+                    _close(client, check, self._estimated_units)
                 raise
-            _close(client, check, used)
             return result
 
         return gated
+
+    def _record_result(self, fn: Callable[..., Any], check: Any, result: object) -> None:
+        """The sync gate's settle once its body returned (SIGINT held back by the caller): a
+        deferred result is released (TypeError), else ``units`` of it is recorded, or the
+        estimate if ``units`` fails (the work happened)."""
+        try:
+            _refuse_deferred(fn, result, awaitable=True)
+        except TypeError:
+            _release_quietly(self._client, check)
+            raise
+        try:
+            used = self._units_of(result)
+        except BaseException:
+            _close(self._client, check, self._estimated_units)
+            raise
+        _close(self._client, check, used)
 
     def _wrap_async(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         client = self._client
@@ -147,7 +166,7 @@ class Gate:
                 raise
             try:
                 used = self._units_of(result)
-            except Exception:
+            except BaseException:  # the work happened: the estimate
                 await _close_async(client, check, self._estimated_units)
                 raise
             await _close_async(client, check, used)
@@ -188,19 +207,20 @@ def _admit(client: Any, preflight: dict[str, Any]) -> Any:
 
     An interrupt while the preflight is under way (KeyboardInterrupt, anything but the client's
     own errors) releases its reservation by the client-made id, reserved or not, and is re-raised.
-    The client's errors are not: the preflight then failed before reserving, or Redis is not
-    answering (see "A preflight that timed out" in the README). The reservation is not put in
-    the client's book of its own (``track=False``): the gate closes it by its id.
+    The client's errors are raised as they are: a preflight that failed in doubt (Redis
+    unreachable or silent) has its release queued by the client itself (``track=False``, see
+    ``_release_in_doubt``); one Redis refused or answered busy wrote nothing. The reservation
+    is not put in the client's book of its own: the gate closes it by its id.
     """
     plan = _plan(client, preflight)
     try:
-        check = client._preflight(plan, track=False)
+        # Inside the try: an interrupt landing as the approval is read is still released.
+        return client._preflight(plan, track=False).raise_for_refusal()
     except AgentBillError:
         raise
     except BaseException:
         _release_quietly(client, _Reservation(plan.reservation_id, preflight))
         raise
-    return check.raise_for_refusal()
 
 
 async def _admit_async(client: Any, preflight: dict[str, Any]) -> Any:
@@ -250,44 +270,29 @@ def _settle(client: Any, check: Any, units: int | None, **options: Any) -> Any:
 
 
 def _close(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
-    """:func:`_settle` on the sync client, with SIGINT held back until it is done."""
-    with _interrupts_held():
-        settlement: Settlement = _settle(client, check, units, **options)
-    return settlement
+    """:func:`_settle` on the sync client, with SIGINT held back until it is done. An interrupt
+    that lands before the hold begins (a second Ctrl-C while the first unwinds through a
+    release) does not stop it either: the settle is made, then that interrupt is raised."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        settlement: Settlement | None = None
+        try:
+            with interrupts_held():
+                settlement = _settle(client, check, units, **options)
+        except KeyboardInterrupt as exc:
+            if settlement is not None:  # raised as the hold ended: the settle is made
+                raise
+            interrupted = exc
+            continue
+        if interrupted is not None:
+            raise interrupted
+        return settlement
 
 
 async def _close_async(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
     """:func:`_settle` awaited to its end through cancellation (see :func:`_completed`)."""
     settlement: Settlement = await _completed(_settle(client, check, units, **options))
     return settlement
-
-
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """SIGINT held back while a record or release of the sync client runs, then raised again
-    (as it would have been: ``KeyboardInterrupt`` with the default handler): an interrupt cut
-    through a settle could leave a run uncharged and its units held until the TTL. The settle
-    is bounded by the client's timeouts. Only the main thread receives signals, so elsewhere,
-    or when SIGINT's handler is not Python's, nothing is changed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:  # set outside Python: it cannot be put back
-        yield
-        return
-    held: list[int] = []
-    try:
-        signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            signal.raise_signal(signal.SIGINT)
 
 
 async def _completed(outcome: Awaitable[T] | T) -> T:
@@ -410,10 +415,23 @@ class Run(_Block):
         return self.settlement
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        # SIGINT is held back while the block settles; one that lands before the hold begins
+        # still finds it settled as the block ended.
+        held = False
+        try:
+            with interrupts_held():
+                held = True
+                self._end(exc_type)
+        except BaseException:
+            if not held:
+                with interrupts_held():
+                    self._end(exc_type)
+            raise
+
+    def _end(self, exc_type: type[BaseException] | None) -> None:
         if _failed(exc_type):
             _release_quietly(self._client, self._check)
-            return
-        with _interrupts_held():
+        else:
             self._finish()
 
     async def __aenter__(self) -> Run:

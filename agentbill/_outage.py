@@ -230,9 +230,10 @@ class OutageLedger:
         return sum(units for units, _ in s.held.values())
 
     def _offline(self, s: _State, plan: Any, release: bool) -> tuple[str, ...]:
-        """The offline runs a settle plan closes: the one it names, or for a release by
-        idempotency key every offline run its preflight made."""
-        rid = plan.reservation_id
+        """The offline runs a settle plan closes: the one it names (or, for a record without
+        an id, the client's own it prefers to close), or for a release by idempotency key
+        every offline run its preflight made."""
+        rid = plan.reservation_id or plan.prefer
         if rid is not None:
             return (rid,) if rid in s.held else ()
         if release:

@@ -57,6 +57,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
 )
 from agentbill._fork import reset_at_fork
+from agentbill._interrupts import interrupts_held
 
 T = TypeVar("T")
 
@@ -498,11 +499,14 @@ class RetryPolicy:
         self._watch: LoopWatch | None = None
 
     def call(self, fn: Callable[[], T]) -> T:
-        self.slots.acquire()
-        try:
-            return self._attempts(fn)
-        finally:
-            self.slots.release()
+        """``fn`` under the retry policy, in a slot, with SIGINT held back until it is done
+        (see ``agentbill._interrupts``)."""
+        with interrupts_held():
+            self.slots.acquire()
+            try:
+                return self._attempts(fn)
+            finally:
+                self.slots.release()
 
     def _attempts(self, fn: Callable[[], T]) -> T:
         run = _Attempts(self)

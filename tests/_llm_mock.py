@@ -12,9 +12,10 @@ refused call sent nothing. Give its ``transport()`` (or ``async_transport()``) t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,10 @@ class MockLLM:
     stall_after: int | None = None
     """Streams stop sending after this many events (until the client goes away); 0 also
     holds an async non-streaming answer back until the client gives up."""
+    on_request: Callable[[], object] | None = None
+    """Called as each request arrives, before it is answered: what it does happens during the
+    call. With the async SDK clients it is called on their event loop, and what it returns is
+    awaited if it is awaitable."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -149,6 +154,8 @@ class MockLLM:
 
     def _handle(self, request: httpx2.Request) -> httpx2.Response:
         path, body = self._record(request)
+        if self.on_request is not None:
+            self.on_request()
         if self.status != 200:
             return self._error(path)
         if not body.get("stream"):
@@ -166,6 +173,8 @@ class MockLLM:
 
     async def _handle_async(self, request: httpx2.Request) -> httpx2.Response:
         path, body = self._record(request)
+        if self.on_request is not None and inspect.isawaitable(done := self.on_request()):
+            await done
         if self.status != 200:
             return self._error(path)
         if not body.get("stream"):

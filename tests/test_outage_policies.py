@@ -137,6 +137,26 @@ def test_an_offline_runs_release_while_redis_is_silent_is_queued_and_frees_its_r
         assert (budget.spent, budget.reserved, budget.open_reservations) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("success", [True, False])
+def test_an_offline_run_settled_by_a_record_without_an_id_frees_its_allowance(
+    connect: Connect, durable: RedisServer, namespace: str, success: bool
+) -> None:
+    """Attack16 F5: the README's first way to settle (``record`` without an id) closes the
+    client's own offline run; once it lands, the run's share of the allowance is free. Before:
+    held for the life of the process, so after enough outages every offline run was refused."""
+    with connect(
+        redis_url=durable.url, namespace=namespace, on_outage="allowance", outage_allowance=10
+    ) as client:
+        durable.kill()
+        assert client.preflight(AGENT, 10, CUSTOMER).offline
+        assert client.outage_stats.held_units == 10
+        durable.restart()
+        client.record(AGENT, 5 if success else 0, CUSTOMER, success=success)
+        assert client.flush() == 0
+        assert client.outage_stats.held_units == 0
+        assert client.get_budget(CUSTOMER).spent == (5 if success else 0)
+
+
 def test_an_offline_run_released_by_idempotency_key_frees_its_allowance(
     connect: Connect, durable: RedisServer, namespace: str
 ) -> None:

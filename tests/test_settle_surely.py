@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import subprocess
 import sys
@@ -269,6 +270,38 @@ def test_a_slice_settled_by_a_preflight_while_redis_cannot_take_it_is_charged_on
     assert under.budget() == (4, 0, 0)
 
 
+# -- a preflight made on a caller's behalf that fails in doubt holds nothing --------------------
+
+
+def test_a_gate_block_or_slice_whose_preflight_meets_a_silent_redis_holds_nothing(
+    under: Under, server: RedisServer
+) -> None:
+    """Attack16 F1: Redis paused while a gated call, a run block and a lease reserve. Each
+    raises StoreUnavailableError and no body runs, but the paused server runs the buffered
+    preflights when it wakes, and the caller never saw their ids. Before: 7 + 5 + 20 units
+    held for the reservation's TTL (an hour) with Redis answering. Now the client queued a
+    release of each id, delivered once Redis answers: nothing is held, nothing charged."""
+    ran: list[str] = []
+    lease = under.lease(slice_units=20, ttl=600)
+    forms: list[Callable[[], object]] = [
+        lambda: under.gated(lambda: ran.append("gate"), 7, units=7),
+        lambda: under.block(lambda: ran.append("block"), 5, record=5),
+        lambda: lease.preflight(1),
+    ]
+    for form in forms:
+        under.block(lambda: None, 1, record=None)  # a connection open before the pause
+        with paused(server), pytest.raises(StoreUnavailableError):
+            form()
+        wait_until(lambda: under.flush() == 0, "the queued release to be delivered")
+    assert ran == []
+    lease.close()
+    wait_until(lambda: under.budget() == (0, 0, 0), "no reservation to be held")
+    assert recorded(under) == []
+    # The paused server did run the buffered preflights (else this test shows nothing).
+    landed = [e.units for e in under.looker.events(CUSTOMER) if e.type == "approved"]
+    assert {7, 5, 20} <= set(landed)
+
+
 # -- a reservation a gate, block or lease owns is closed only by its own id ----------------------
 
 
@@ -472,3 +505,132 @@ def test_a_keyboard_interrupt_during_the_sync_gates_record_waits_for_it(form: st
         with AgentBillClient(redis_url=server.url, namespace=namespace) as looker:
             budget = looker.get_budget(CUSTOMER)
         assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
+
+
+UNITS_CHILD = """
+import sys, time
+from agentbill import AgentBillClient
+
+url, namespace = sys.argv[1:3]
+client = AgentBillClient(redis_url=url, namespace=namespace, reservation_ttl=600)
+client.set_budget("acme", 1000)
+
+def count_tokens(result):
+    print("counting", flush=True)  # the body returned; units= takes a moment (tokenising)
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        pass
+    return len(result)
+
+try:
+    client.gate("agent", 40, "acme", units=count_tokens)(lambda: "x" * 25)()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_keyboard_interrupt_while_units_are_counted_waits_for_the_record() -> None:
+    """Attack16 F2: SIGINT after the sync gated body returned, while ``units=`` counts its
+    result. Before: KeyboardInterrupt escaped with nothing settled (25 units of work never
+    charged, 40 held until the TTL). Now it is held back until the record is made."""
+    namespace = f"t-{uuid.uuid4().hex[:12]}"
+    with running() as server:
+        child = subprocess.Popen(
+            [sys.executable, "-c", UNITS_CHILD, server.url, namespace],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert child.stdout is not None
+        try:
+            assert child.stdout.readline().strip() == "counting"
+            child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, err
+        assert out.strip() == "interrupted"
+        with AgentBillClient(redis_url=server.url, namespace=namespace) as looker:
+            budget = looker.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (25, 0, 0)
+
+
+STORM_CHILD = """
+import signal, sys, time
+from agentbill import AgentBillClient
+
+url, namespace, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+client = AgentBillClient(redis_url=url, namespace=namespace)
+done = interrupted = 0
+
+@client.gate("agent", 5, "acme", units=3)
+def body():
+    global done
+    done += 1
+
+body()
+print("ready", flush=True)
+end = time.monotonic() + seconds
+while True:
+    try:
+        while time.monotonic() < end:
+            try:
+                body()
+            except KeyboardInterrupt:
+                interrupted += 1
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        break
+    except KeyboardInterrupt:
+        interrupted += 1
+client.flush()
+print(done, interrupted, flush=True)
+client.close()
+"""
+
+
+def test_a_storm_of_keyboard_interrupts_never_wedges_the_sync_client() -> None:
+    """Attack16 F6: SIGINT every 1-4 ms at a loop of sync gated calls. Before: within seconds
+    a KeyboardInterrupt landed inside redis-py's pool (its queue's lock, or a connection
+    taken and never given back) and the process hung for good, Ctrl-C no longer working, with
+    reservations held; or a reply was left unread for the next call to take as its own. Each
+    sync round trip now holds SIGINT until it is done (it is bounded by the timeouts)."""
+    namespace = f"t-{uuid.uuid4().hex[:12]}"
+    seconds = 3.0
+    rnd = random.Random(3)
+    with running() as server:
+        child = subprocess.Popen(
+            [sys.executable, "-c", STORM_CHILD, server.url, namespace, str(seconds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert child.stdout is not None
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            end = time.monotonic() + seconds - 0.5
+            while time.monotonic() < end and child.poll() is None:
+                time.sleep(rnd.uniform(0.001, 0.004))
+                child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)  # before: it never ended
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, err
+        done, interrupted = map(int, out.split())
+        assert interrupted > 0
+        assert done > 0
+        with AgentBillClient(redis_url=server.url, namespace=namespace) as looker:
+            budget = looker.get_budget(CUSTOMER)
+        # Not yet exact: in about one storm in eight (of ~700 interrupts each) one reservation
+        # is left held until its TTL, by an interrupt in a window not found yet (see the
+        # issue's closing note). Before, a storm held many and hung the process for good.
+        assert budget.open_reservations <= 1
+        assert budget.reserved == 5 * budget.open_reservations
+        # Every body that finished is charged (3, or its estimate 5 when the interrupt came
+        # as it returned); one interrupted inside, after counting itself, is released.
+        assert budget.spent <= 5 * done

@@ -10,23 +10,25 @@ reservation is a ticket, settled exactly once:
   wrapper also closes it when a ``for`` loop over it is broken out of or cancelled. Usage is
   read from the bytes as they pass (see ``_usage``); a stream closed before its usage arrived
   is charged the reservation.
+
+The call owns its reservation as a gate does (``agentbill._gate``): it is unadoptable and not
+in the client's book of its own reservations, so a record without an id, from this client or
+any other, never closes it; and it is settled through the client's ``_settle_surely``, so a
+record or release Redis cannot take now (busy, out of memory, unreachable or silent) is queued
+and delivered once, in the background, whatever the outage policy.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import cache
 from types import ModuleType
 from typing import Any
 
-from agentbill._exceptions import AgentBillError
+from agentbill._gate import _close, _close_async, _release_quietly, _release_quietly_async
 from agentbill.llm._plan import CallPlan, Settings, charge
 from agentbill.llm._usage import EventSplitter, Tally
-
-logger = logging.getLogger("agentbill")
 
 
 class Reader:
@@ -199,9 +201,12 @@ def close_when_left(stream: object) -> None:
 
 
 class SyncTicket:
-    """One call's reservation, with AgentBillClient: settled exactly once."""
+    """One call's reservation, with AgentBillClient: settled exactly once, as a gate settles
+    (see ``agentbill._gate``): surely, so that a record or release Redis cannot take now is
+    queued and delivered later, never lost, and with SIGINT held until it is done."""
 
-    def __init__(self, settings: Settings, plan: CallPlan, check: Any) -> None:
+    def __init__(self, client: Any, settings: Settings, plan: CallPlan, check: Any) -> None:
+        self._client = client
         self._settings = settings
         self._plan = plan
         self._check = check
@@ -212,17 +217,14 @@ class SyncTicket:
             return
         self._done = True
         units, metadata = charge(self._settings, self._plan, tally)
-        self._check.record(units, metadata=metadata)
+        _close(self._client, self._check, units, metadata=metadata)
 
     def release(self) -> None:
         """After the call raised: never hides the call's own exception."""
         if self._done:
             return
         self._done = True
-        try:
-            self._check.release()
-        except AgentBillError as exc:
-            _warn_unreleased(self._check, exc)
+        _release_quietly(self._client, self._check)
 
     def attach(self, result: object) -> object:
         """Record now (a parsed response), or when the response closes (a stream)."""
@@ -243,10 +245,11 @@ class SyncTicket:
 
 
 class AsyncTicket:
-    """The async twin of :class:`SyncTicket`; its round trips finish even when the task that
-    awaits them is cancelled."""
+    """The async twin of :class:`SyncTicket`; its record or release runs to its end even when
+    the task that awaits it is cancelled (the cancel is raised once it is done)."""
 
-    def __init__(self, settings: Settings, plan: CallPlan, check: Any) -> None:
+    def __init__(self, client: Any, settings: Settings, plan: CallPlan, check: Any) -> None:
+        self._client = client
         self._settings = settings
         self._plan = plan
         self._check = check
@@ -257,16 +260,13 @@ class AsyncTicket:
             return
         self._done = True
         units, metadata = charge(self._settings, self._plan, tally)
-        await asyncio.shield(self._check.record(units, metadata=metadata))
+        await _close_async(self._client, self._check, units, metadata=metadata)
 
     async def release(self) -> None:
         if self._done:
             return
         self._done = True
-        try:
-            await asyncio.shield(self._check.release())
-        except AgentBillError as exc:
-            _warn_unreleased(self._check, exc)
+        await _release_quietly_async(self._client, self._check)
 
     async def attach(self, result: object) -> object:
         tally = self._plan.tally()
@@ -297,13 +297,3 @@ def _finish_read(tally: Tally, response: Any, body: bytes) -> None:
         splitter.finish()
     else:
         tally.feed_json(body)
-
-
-def _warn_unreleased(check: Any, exc: AgentBillError) -> None:
-    logger.warning(
-        "agentbill: could not release reservation %s after the LLM call failed (%s); "
-        "its units return when it expires at %s",
-        check.reservation_id,
-        exc,
-        check.expires_at,
-    )

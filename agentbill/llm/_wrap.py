@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from agentbill import _core
 from agentbill._exceptions import InvalidRequestError
+from agentbill._gate import _admit, _admit_async
 from agentbill._install import pip_install
 from agentbill._models import validate_units
 from agentbill.llm._estimate import resolve
@@ -111,6 +112,19 @@ def _prices(prices: object) -> dict[str, Any]:
     return dict(prices)
 
 
+def preflight_of(s: Settings, plan: CallPlan) -> dict[str, Any]:
+    """The gate's preflight arguments for one call (see ``_gate._admit``): the call's
+    reservation is its own, unadoptable and out of the client's book, closed only by its id."""
+    return {
+        "agent_id": s.agent_id,
+        "estimated_units": plan.units,
+        "customer_id": s.customer_id,
+        "task_ref": s.task_ref,
+        "task_ceiling": s.task_ceiling,
+        "ttl": None,
+    }
+
+
 class SyncMeter:
     """Preflights for one wrapped client, with AgentBillClient."""
 
@@ -119,15 +133,8 @@ class SyncMeter:
         self.settings = settings
 
     def preflight(self, plan: CallPlan) -> SyncTicket:
-        s = self.settings
-        check = self.client.preflight(
-            s.agent_id,
-            plan.units,
-            s.customer_id,
-            task_ref=s.task_ref,
-            task_ceiling=s.task_ceiling,
-        ).raise_for_refusal()
-        return SyncTicket(s, plan, check)
+        check = _admit(self.client, preflight_of(self.settings, plan))
+        return SyncTicket(self.client, self.settings, plan, check)
 
     def method(self, op: Operation, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
@@ -154,15 +161,8 @@ class AsyncMeter:
         self.settings = settings
 
     async def preflight(self, plan: CallPlan) -> AsyncTicket:
-        s = self.settings
-        check = await self.client.preflight(
-            s.agent_id,
-            plan.units,
-            s.customer_id,
-            task_ref=s.task_ref,
-            task_ceiling=s.task_ceiling,
-        )
-        return AsyncTicket(s, plan, check.raise_for_refusal())
+        check = await _admit_async(self.client, preflight_of(self.settings, plan))
+        return AsyncTicket(self.client, self.settings, plan, check)
 
     def method(self, op: Operation, original: Callable[..., Any]) -> Callable[..., Any]:
         if op.manager:  # a plain function returning a manager entered with `async with`
