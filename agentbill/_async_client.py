@@ -17,6 +17,7 @@ from agentbill._client import (
     check_callback,
     from_url,
 )
+from agentbill._durability import WRITES, asend_on_nodes
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
@@ -92,6 +93,7 @@ class AsyncAgentBillClient(BaseClient):
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
+        durability: Literal["primary", "replicated"] = "primary",
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
         metrics: bool | CollectorRegistry = False,
         metrics_customers: bool = False,
@@ -117,6 +119,7 @@ class AsyncAgentBillClient(BaseClient):
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
+            durability=durability,
         )
         check_callback(on_threshold)
         owns, heal = redis is None, None
@@ -129,6 +132,12 @@ class AsyncAgentBillClient(BaseClient):
         self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
+        if self._wait is not None and plan.call.script in WRITES:
+            # The script and WAIT in one pipelined round trip (see _durability).
+            answer = (await self._send_batch([plan.call]))[0]
+            if isinstance(answer, Exception):
+                raise translate(answer) from answer
+            return plan.decode(cast(_core.Reply, answer))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
         try:
@@ -144,6 +153,21 @@ class AsyncAgentBillClient(BaseClient):
             await self.flush()
         return result
 
+    async def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
+        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
+        with replicated durability, WAIT after them on the same connection: the answers in
+        order, and WAIT's replies."""
+        if self._wait is not None and isinstance(self._redis, aioredis.RedisCluster):
+            return await asend_on_nodes(self._redis, commands, self._wait)
+        pipe = self._redis.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command("EVALSHA", *args)
+        if self._wait is None:
+            return list(await pipe.execute(raise_on_error=False)), []
+        pipe.execute_command(*self._wait)
+        answered = list(await pipe.execute(raise_on_error=False))
+        return answered[:-1], answered[-1:]
+
     async def _send_batch(self, calls: list[_core.Call]) -> list[object]:
         """See :meth:`AgentBillClient._send_batch`."""
         replies: list[object] = [None] * len(calls)
@@ -152,12 +176,13 @@ class AsyncAgentBillClient(BaseClient):
         async def attempt() -> list[object]:
             nonlocal pending
             for _ in range(2):
-                pipe = self._redis.pipeline(transaction=False)
-                for i in pending:
-                    c = calls[i]
-                    args = pipeline_args(self._scripts[c.script], c.keys, c.args)
-                    pipe.execute_command("EVALSHA", *args)
-                answered = await pipe.execute(raise_on_error=False)
+                commands = [
+                    pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
+                    for i in pending
+                ]
+                answered, acks = await self._pipeline(commands)
+                if self._wait is not None:
+                    self._confirm(calls, answered, acks, pending, replies)
                 missing = _core.take_answers(pending, answered, replies)
                 for name in {calls[i].script for i in missing}:
                     await self._redis.script_load(self._scripts[name].script)

@@ -18,9 +18,17 @@ import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import MovedError
 from redis.retry import Retry
 
-from agentbill import _core
+from agentbill import _core, _topology
+from agentbill._durability import (
+    WRITES,
+    ReplicaTimeout,
+    check_acked,
+    send_on_nodes,
+    wait_command,
+)
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
@@ -133,6 +141,7 @@ class BaseClient:
         self._on_threshold = on_threshold
         self._own = OwnReservations()
         self._telemetry: Telemetry = OFF
+        self._wait = wait_command(settings.durability, settings.socket_timeout)
         self._retry = RetryPolicy(
             settings.retry_attempts,
             settings.retry_deadline,
@@ -143,6 +152,28 @@ class BaseClient:
             watch_health=not isinstance(client, CLUSTER_TYPES),
             heal=heal,
         )
+
+    def _confirm(
+        self,
+        calls: list[_core.Call],
+        answered: list[object],
+        acks: list[object],
+        pending: list[int],
+        replies: list[object],
+    ) -> None:
+        """Unless WAIT's replies (``acks``) say a replica has the writes, raise ReplicaTimeout
+        with every item left to send again (same request ids: safe). A lone call's "not now"
+        reply is raised too, for the retry policy to try again, as it would a call sent
+        alone."""
+        if len(calls) == 1 and is_transient(cast(Exception, answered[0])):
+            raise cast(Exception, answered[0])
+        try:
+            for acked in acks:
+                check_acked(acked)
+        except ReplicaTimeout:
+            pending[:] = range(len(calls))
+            replies[:] = [None] * len(calls)
+            raise
 
     def _approved(self, plan: _core.Plan[Any], check: BaseCheck, track: bool) -> None:
         """What the client remembers of a decision Redis made: its own reservations (for
@@ -340,12 +371,14 @@ class BaseClient:
     def _delivered(self, batch: list[Queued], replies: list[object]) -> bool:
         """Account for a delivered batch of queued settlements, item by item: an item Redis
         answered "not now" is queued again; one it refused for good is dropped (and a dropped
-        record's reservation released). False when some item must wait."""
+        record's reservation released). An item sent to a node that does not own its slot (a
+        plain URL to a cluster node: MOVED) is the connection's fault, not the item's: it waits
+        too. False when some item must wait."""
         delivered, busy, dropped = [], [], []
         for item, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 error = translate(reply)
-                if isinstance(error, StoreUnavailableError):
+                if isinstance(error, StoreUnavailableError) or isinstance(reply, MovedError):
                     busy.append(item)
                 else:
                     dropped.append((item, cast(Exception, error)))
@@ -408,18 +441,24 @@ def from_url(
     client_class: Any, pool_class: Any, settings: ClientSettings
 ) -> tuple[Any, Heal | None]:
     """A ``client_class`` over a ``pool_class`` (a BlockingConnectionPool) for the connection
-    URL, and what revives the embedded server if that is what it connects to. A URL redis-py
-    cannot use is an InvalidRequestError naming redis_url (never quoting it: it may hold a
-    password)."""
+    URL, and what revives the embedded server if that is what it connects to; for a
+    ``redis+cluster://`` or ``redis+sentinel://`` URL, redis-py's cluster or Sentinel client
+    instead (async when ``client_class`` is). A URL redis-py cannot use is an
+    InvalidRequestError naming redis_url (never quoting it: it may hold a password)."""
     url, heal = connection_url(settings)
+    options = connection_options(settings)
     try:
-        pool = pool_class.from_url(url, **connection_options(settings))
+        topology = _topology.parse(url)
+        if topology is not None:
+            asynchronous = client_class is not redis.Redis
+            return _topology.connect(topology, options, asynchronous), heal
+        pool = pool_class.from_url(url, **options)
         # A query parameter redis-py does not know reaches the connection's constructor,
         # which would refuse it (TypeError) at the first call: built once now, not connected.
         pool.connection_class(**pool.connection_kwargs)
     except (ValueError, TypeError):
         raise InvalidRequestError(
-            "redis_url", "is not a Redis URL redis-py can use (redis://, rediss:// or unix://)"
+            "redis_url", f"is not a Redis URL agentbill can use ({_topology.URL_FORMS})"
         ) from None
     return client_class.from_pool(pool), heal
 
@@ -445,6 +484,10 @@ class AgentBillClient(BaseClient):
     its default registry; or a ``CollectorRegistry``); ``metrics_customers`` adds a customer
     label. With OpenTelemetry configured, every operation is a span; ``trace_customers`` puts
     the customer id in them. See ``_telemetry``.
+    ``durability``: ``"primary"`` (a write returns once the primary has it) or
+    ``"replicated"`` (once a replica has it too: WAIT in the same round trip, for half
+    ``socket_timeout``; unconfirmed, the call is in doubt like a lost reply, retried with its
+    request id, then StoreUnavailableError). See ``_durability``.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -475,6 +518,7 @@ class AgentBillClient(BaseClient):
         outage_allowance: int | None = None,
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
+        durability: Literal["primary", "replicated"] = "primary",
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
         metrics: bool | CollectorRegistry = False,
         metrics_customers: bool = False,
@@ -500,6 +544,7 @@ class AgentBillClient(BaseClient):
             outage_allowance=outage_allowance,
             ledger_max_len=ledger_max_len,
             background_settle=background_settle,
+            durability=durability,
         )
         check_callback(on_threshold)
         owns, heal = redis is None, None
@@ -512,6 +557,12 @@ class AgentBillClient(BaseClient):
         self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
+        if self._wait is not None and plan.call.script in WRITES:
+            # The script and WAIT in one pipelined round trip (see _durability).
+            answer = (self._send_batch([plan.call]))[0]
+            if isinstance(answer, Exception):
+                raise translate(answer) from answer
+            return plan.decode(cast(_core.Reply, answer))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
         try:
@@ -528,6 +579,21 @@ class AgentBillClient(BaseClient):
             self.flush()
         return result
 
+    def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
+        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
+        with replicated durability, WAIT after them on the same connection: the answers in
+        order, and WAIT's replies."""
+        if self._wait is not None and isinstance(self._redis, RedisCluster):
+            return send_on_nodes(self._redis, commands, self._wait)
+        pipe = self._redis.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command("EVALSHA", *args)
+        if self._wait is None:
+            return list(pipe.execute(raise_on_error=False)), []
+        pipe.execute_command(*self._wait)
+        answered = list(pipe.execute(raise_on_error=False))
+        return answered[:-1], answered[-1:]
+
     def _send_batch(self, calls: list[_core.Call]) -> list[object]:
         """Every call in one pipelined round trip (each script call atomic on its own); the
         replies in order, an item Redis refused as its exception. Items answered NOSCRIPT are
@@ -539,12 +605,13 @@ class AgentBillClient(BaseClient):
         def attempt() -> list[object]:
             nonlocal pending
             for _ in range(2):
-                pipe = self._redis.pipeline(transaction=False)
-                for i in pending:
-                    c = calls[i]
-                    args = pipeline_args(self._scripts[c.script], c.keys, c.args)
-                    pipe.execute_command("EVALSHA", *args)
-                answered = pipe.execute(raise_on_error=False)
+                commands = [
+                    pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
+                    for i in pending
+                ]
+                answered, acks = self._pipeline(commands)
+                if self._wait is not None:
+                    self._confirm(calls, answered, acks, pending, replies)
                 missing = _core.take_answers(pending, answered, replies)
                 for name in {calls[i].script for i in missing}:
                     self._redis.script_load(self._scripts[name].script)

@@ -112,6 +112,7 @@ class ClientSettings(_Request):
     outage_allowance: Units | None = Field(default=None, validate_default=True)
     ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000
     background_settle: Annotated[bool, Strict()] = False
+    durability: Literal["primary", "replicated"] = "primary"
 
     @field_validator("outcome_retention")
     @classmethod

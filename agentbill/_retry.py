@@ -171,6 +171,11 @@ def translate(exc: Exception) -> AgentBillError:
             return InvalidRequestError(
                 field, "would take a counter past 2**53 - 1 (Lua numbers are exact to there)"
             )
+    if isinstance(exc, rx.MovedError):
+        # Only a plain connection sees MOVED: a cluster client follows it. Nothing ran.
+        from agentbill._topology import CLUSTER_HINT
+
+        return InvalidRequestError("redis_url", CLUSTER_HINT)
     code = busy_code(exc)
     if code is not None:
         return StoreBusyError(f"Redis cannot run the call now ({code}): {exc}", code)

@@ -23,6 +23,7 @@ No function here puts a secret into a repr, a message or a log line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -34,13 +35,14 @@ from urllib.parse import unquote
 import redis
 from pydantic import BaseModel, ConfigDict, SecretStr, StringConstraints
 from redis.backoff import NoBackoff
-from redis.connection import parse_url
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from agentbill._exceptions import InvalidRequestError
 from agentbill._keys import namespace_prefix
 from agentbill._models import ClientSettings, Id, validate
 from agentbill._retry import translate
+from agentbill._topology import URL_FORMS, Kind, credentials, data_nodes
 
 __all__ = [
     "ENV_ADMIN_URL",
@@ -88,9 +90,17 @@ SCRIPT_COMMANDS = (
 # HELLO need no grant. On connect redis-py also sends CLIENT SETINFO (Redis 7.2+) and, over
 # TCP with RESP3, CLIENT MAINT_NOTIFICATIONS (newer servers); it ignores a refusal of either,
 # but each refusal is an ACL LOG entry, so they are granted where the server knows them.
-# Both only describe the caller's own connection.
-CLIENT_COMMANDS = ("evalsha", "script|load", "select", "ping")
+# Both only describe the caller's own connection. WAIT (durability="replicated") says only how
+# many replicas have this connection's writes.
+CLIENT_COMMANDS = ("evalsha", "script|load", "select", "ping", "wait")
 OPTIONAL_COMMANDS = ("client|setinfo", "client|maint_notifications")
+# What a cluster client (redis-py's RedisCluster, ioredis's Cluster) sends besides: CLUSTER
+# SLOTS to learn which node owns which slot (again after a MOVED), COMMAND to learn where each
+# command's keys are (redis-py asks once per client), ASKING before a command it sends to the
+# node a slot is migrating to. Each reads no data, and none reaches another namespace's keys.
+# READONLY is left out: agentbill reads from primaries only. Sentinel clients need nothing on
+# the data nodes (they ask the sentinels, which have users of their own).
+CLUSTER_COMMANDS = ("cluster|slots", "command", "asking")
 
 Persisted = Literal["aclfile", "config"]
 
@@ -200,10 +210,10 @@ def check_url(settings: ClientSettings, url: str | None) -> None:
             "AGENTBILL_REDIS_URL (the embedded local server has no tenants)",
         )
     try:
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        username, password = credentials(url)
     except ValueError:
-        return  # redis-py reports a bad URL itself, as it does without a key
-    if options.get("username") or options.get("password"):
+        return  # the client reports a bad URL itself, as it does without a key
+    if username or password:
         raise InvalidRequestError(
             "redis_url",
             "carries a username or password, and so does api_key: leave them out of the URL",
@@ -283,9 +293,14 @@ def _text(value: Any) -> str:
 class KeyAdmin:
     """Creates, lists and revokes tenant keys, over a privileged Redis connection.
 
-    Connects to ``redis`` (a ready ``redis.Redis``) if given, else ``redis_url``, else the
-    ``AGENTBILL_ADMIN_URL`` environment variable; never to the embedded local server. The
-    connection needs the ``@admin`` ACL commands (``ACL``, ``CONFIG GET``, ``COMMAND``).
+    Connects to ``redis`` (a ready ``redis.Redis`` or ``RedisCluster``) if given, else
+    ``redis_url``, else the ``AGENTBILL_ADMIN_URL`` environment variable; never to the embedded
+    local server. The connection needs the ``@admin`` ACL commands (``ACL``, ``CONFIG GET``,
+    ``COMMAND``). Redis does not replicate ACL users, so on a Redis Cluster
+    (``redis+cluster://``) and a Sentinel set (``redis+sentinel://``) every change is made on
+    every data node, primaries and replicas alike (the sentinels need none), and cluster keys
+    get the few commands cluster clients send (:data:`CLUSTER_COMMANDS`). A node added later
+    has none of the users: run ``keys create`` again for it, or copy an aclfile.
 
     ``rewrite_config``: when the server has no ``aclfile``, run CONFIG REWRITE after each change
     so users survive a restart (the server must have been started with a config file).
@@ -298,47 +313,63 @@ class KeyAdmin:
         self,
         redis_url: str | None = None,
         *,
-        redis: redis.Redis | None = None,
+        redis: redis.Redis | RedisCluster | None = None,
         rewrite_config: bool = False,
         timeout: float = 5.0,
     ) -> None:
         self._owns = redis is None
+        self._cluster = False
         if redis is None:
             url = redis_url or os.environ.get(ENV_ADMIN_URL)
             if not url:
                 raise InvalidRequestError(
                     "redis_url", f"give the admin connection's URL, or set {ENV_ADMIN_URL}"
                 )
-            redis = _open(url, timeout)
-        self._redis: Any = redis
+            kind, nodes = _open(url, timeout)
+            self._cluster = kind == "cluster"
+        elif isinstance(redis, RedisCluster):
+            nodes = [node.redis_connection for node in redis.get_nodes()]  # type: ignore[no-untyped-call]
+            self._cluster = True
+        else:
+            nodes = [redis]
+        self._nodes: list[Any] = nodes
         self._rewrite_config = rewrite_config
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rewrite_config={self._rewrite_config!r})"
 
-    def _call(self, *args: Any) -> Any:
+    def _call(self, *args: Any, node: Any = None) -> Any:
+        """One command on ``node`` (the first node by default)."""
         try:
-            return self._redis.execute_command(*args)
+            return (node or self._nodes[0]).execute_command(*args)
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
+
+    def _call_all(self, *args: Any) -> list[Any]:
+        """One command on every node, in order."""
+        return [self._call(*args, node=node) for node in self._nodes]
 
     def create_key(self, namespace: str) -> IssuedKey:
         """Create a key for ``namespace``: a new ACL user; other keys of it are untouched."""
         ns = validate(_Namespace, namespace=namespace).namespace
         commands = SCRIPT_COMMANDS + CLIENT_COMMANDS + self._optional_commands()
+        if self._cluster:
+            commands += CLUSTER_COMMANDS
         while True:
             key_id = secrets.token_hex(8)
             username = username_for(ns, key_id)
             # 64 random bits per namespace: a clash is a formality, but never overwrite a user.
-            if self._call("ACL", "GETUSER", username) is None:
+            if all(user is None for user in self._call_all("ACL", "GETUSER", username)):
                 break
         secret = secrets.token_urlsafe(SECRET_BYTES)
-        self._call("ACL", "SETUSER", username, *tenant_acl_rules(ns, secret, commands))
         try:
+            self._call_all("ACL", "SETUSER", username, *tenant_acl_rules(ns, secret, commands))
             persisted = self._persist()
         except BaseException:
-            # A key nobody was shown must not stay usable.
-            self._call("ACL", "DELUSER", username)
+            # A key nobody was shown must not stay usable, on any node.
+            for node in self._nodes:
+                with contextlib.suppress(Exception):
+                    node.execute_command("ACL", "DELUSER", username)
             raise
         return IssuedKey(
             key_id=key_id,
@@ -350,11 +381,12 @@ class KeyAdmin:
 
     def list_keys(self, namespace: str | None = None) -> list[KeyInfo]:
         """Every agentbill key on the server (of ``namespace`` if given), by namespace, id."""
-        found = []
-        for name in self._call("ACL", "USERS"):
-            info = _key_info(_text(name))
-            if info is not None and namespace in (None, info.namespace):
-                found.append(info)
+        found = set()
+        for names in self._call_all("ACL", "USERS"):  # a node may lack some: all of them
+            for name in names:
+                info = _key_info(_text(name))
+                if info is not None and namespace in (None, info.namespace):
+                    found.add(info)
         return sorted(found, key=lambda k: (k.namespace, k.key_id))
 
     def revoke_key(self, key_id: str) -> RevokedKey:
@@ -366,7 +398,7 @@ class KeyAdmin:
         kid = validate(_KeyId, key_id=key_id).key_id
         for info in self.list_keys():
             if info.key_id == kid:
-                self._call("ACL", "DELUSER", info.username)
+                self._call_all("ACL", "DELUSER", info.username)
                 persisted = self._persist()
                 return RevokedKey(info.key_id, info.namespace, info.username, persisted)
         raise InvalidRequestError("key_id", "no agentbill key has this id on this server")
@@ -374,7 +406,8 @@ class KeyAdmin:
     def close(self) -> None:
         """Close the connection this admin opened (not a ``redis=`` client you passed in)."""
         if self._owns:
-            self._redis.close()
+            for node in self._nodes:
+                node.close()
 
     def __enter__(self) -> KeyAdmin:
         return self
@@ -389,24 +422,34 @@ class KeyAdmin:
         return tuple(command for command in OPTIONAL_COMMANDS if command in known)
 
     def _persist(self) -> Persisted | None:
+        """Persist the users on every node; what all of them did (None if one could not)."""
+        done = {self._persist_node(node) for node in self._nodes}
+        return done.pop() if len(done) == 1 else None
+
+    def _persist_node(self, node: Any) -> Persisted | None:
         # CONFIG GET answers {name: value}; an empty value is "no aclfile".
-        if any(_text(v) for v in self._call("CONFIG", "GET", "aclfile").values()):
-            self._call("ACL", "SAVE")
+        if any(_text(v) for v in self._call("CONFIG", "GET", "aclfile", node=node).values()):
+            self._call("ACL", "SAVE", node=node)
             return "aclfile"
         if self._rewrite_config:
-            self._call("CONFIG", "REWRITE")
+            self._call("CONFIG", "REWRITE", node=node)
             return "config"
         return None
 
 
-def _open(url: str, timeout: float) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=True,
-    )
+def _open(url: str, timeout: float) -> tuple[Kind | None, list[redis.Redis]]:
+    options = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": True,
+    }
+    try:
+        return data_nodes(url, options)
+    except ValueError:
+        raise InvalidRequestError(
+            "redis_url", f"is not a Redis URL agentbill can use ({URL_FORMS})"
+        ) from None
 
 
 def _key_info(username: str) -> KeyInfo | None:

@@ -33,6 +33,7 @@ import redis
 from agentbill import AgentBillClient
 from benchmarks import _latency as L
 from benchmarks import _report as R
+from benchmarks._durability import durability_section, measure_durability
 from benchmarks._memory import footprints
 from benchmarks._scale import add_customers, add_open_reservations, memory
 from benchmarks._throughput import Pool, Throughput, combine, hot, naive_key, spread
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         measure_scale(res, opts, phase)
         with phase("memory per customer and per 10,000 runs"), running() as quiet:
             res.memory = footprints(quiet.url, opts.memory_customers)
+        with phase("replicated durability against a primary and its replica"):
+            durability = durability_section(measure_durability(opts.n))
     res.phases = phase.times
     res.wall = time.perf_counter() - t0
     chart_name = "results.png"
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.out.mkdir(parents=True, exist_ok=True)
         R.chart(res, opts.out / chart_name)
     text = R.markdown(res, git_commit(), chart_name if opts.out is not None else None)
+    text = text.rstrip("\n") + "\n" + "\n".join(durability)
     if opts.out is not None:
         (opts.out / "RESULTS.md").write_text(text, encoding="utf-8")
         print(f"wrote {opts.out / 'RESULTS.md'} and {opts.out / chart_name}")

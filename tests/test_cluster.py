@@ -27,15 +27,17 @@ from agentbill._scripts import source
 from tests._async_facade import blocking_client
 from tests._servers import Cluster
 from tests.test_concurrency import Ask, check_budget_race, race, warm_up
+from tests.test_topology import MATRIX, SERVERS
 
 pytestmark = pytest.mark.cluster
 
 Nodes = list[tuple[str, int]]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    nodes = Cluster()
+@pytest.fixture(scope="module", params=MATRIX)
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """On redis-server, then on valkey-server (the server matrix, see test_topology)."""
+    nodes = Cluster(binary=SERVERS[request.param])
     try:
         yield nodes.start()
     finally:

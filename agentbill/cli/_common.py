@@ -149,7 +149,10 @@ RedisUrl = Annotated[
     typer.Option(
         "--redis-url",
         envvar=ENV_REDIS_URL,
-        help="redis://, rediss:// or unix:// URL (default: the embedded local server)",
+        help=(
+            "redis://, rediss://, unix://, redis+cluster:// or redis+sentinel:// URL "
+            "(default: the embedded local server)"
+        ),
         rich_help_panel="Connection",
         show_default=False,
     ),

@@ -47,6 +47,22 @@ SUMMARY = (
     ("lost", "acknowledged records lost"),
 )
 
+FAILOVER = (
+    ("resumed", "seconds from the kill to a run finished after the promotion"),
+    ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
+    ("approvals", "approvals"),
+    ("records", "acknowledged records and releases"),
+    ("lost_units", "units of acknowledged records lost"),
+    ("direct", "records charged directly (their reservation was lost)"),
+    ("spent", "spent at the end"),
+    ("samples", "monitor samples"),
+)
+"""The figures of a failover scenario (Sentinel or Cluster)."""
+EXTRA_RESERVATIONS = (
+    "extra_reservations",
+    "reservations no approval returned: in doubt, held until their TTL (negative: lost)",
+)
+
 SCENARIOS: dict[str, Scenario] = {
     "load": Scenario(
         "Load",
@@ -245,6 +261,105 @@ SCENARIOS: dict[str, Scenario] = {
             ("approvals", "approvals"),
             ("landed", "reservations the paused server made after it resumed"),
             ("units_back", "seconds until their units were back"),
+        ),
+    ),
+    "sentinel-replicated": Scenario(
+        "Sentinel failover, replicated",
+        "Sentinel failover under load, durability='replicated'",
+        "A master, one replica and 3 sentinels (down-after 1 s). {sentinel-replicated[processes]} "
+        "workers on one `redis+sentinel://` URL with `durability='replicated'` make "
+        "{sizes[failover_ops]} runs (every preflight with an idempotency key, TTL 5 s); then the "
+        "replica is paused (SIGSTOP) while the master keeps taking calls for 0.5 s, the master "
+        "is SIGKILLed, the replica resumed, and the sentinels promote it; the workers make "
+        "{sizes[failover_ops]} runs more. A call that raises StoreUnavailableError is sent again "
+        "as the same request until it is answered.",
+        (
+            "no acknowledged record or release is lost: on the promoted replica every one is "
+            "there with the status and charge its worker was told; only a record in doubt for "
+            "longer than the TTL (its reservation expired meanwhile) was charged directly, once",
+            "spent == the sum of every acknowledged charge, per customer: nothing lost, nothing "
+            "charged twice",
+            "every approval's reservation is on the new master, and at most one more per "
+            "preflight in doubt",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        (*FAILOVER[:6], EXTRA_RESERVATIONS, *FAILOVER[6:]),
+    ),
+    "sentinel-primary": Scenario(
+        "Sentinel failover, primary",
+        "Sentinel failover under load, default durability (the window, measured)",
+        "The same failover with the default `durability='primary'`: what the master "
+        "acknowledged while its replica was paused (0.5 s: a replication lag made long on "
+        "purpose) never reached the replica that was promoted.",
+        (
+            "spent on the new master <= what the workers were told they were charged, minus the "
+            "records found lost, plus what was charged directly: lost, never charged twice",
+            "every approval and monitor sample showed spent + reserved <= limit (of the "
+            "counters each master held)",
+        ),
+        (*FAILOVER[:6], EXTRA_RESERVATIONS, *FAILOVER[6:]),
+    ),
+    "cluster-replicated": Scenario(
+        "Cluster failover, replicated",
+        "Redis Cluster failover under load, durability='replicated'",
+        "3 primaries with a replica each (cluster-node-timeout 2 s). "
+        "{cluster-replicated[processes]} workers on one `redis+cluster://` URL, each with a tenant "
+        "key, make {sizes[failover_ops]} runs on three hot customers; then the primary that owns "
+        "the first customer's slot is SIGKILLed and its replica promoted; they make "
+        "{sizes[failover_ops]} runs more. Calls answered CLUSTERDOWN or refused meanwhile are "
+        "sent again as the same request until answered. The workers use "
+        "`durability='replicated'` (WAIT on each slot's node); the old primary is restarted "
+        "once its replica is promoted and rejoins as the new primary's replica.",
+        (
+            "no acknowledged record lost; only a record in doubt for longer than the TTL was "
+            "charged directly, once",
+            "spent == the sum of acknowledged charges, per customer: nothing lost, nothing "
+            "charged twice",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        FAILOVER,
+    ),
+    "cluster-primary": Scenario(
+        "Cluster failover",
+        "Redis Cluster failover under load, default durability",
+        "3 primaries with a replica each (cluster-node-timeout 2 s). "
+        "{cluster-primary[processes]} workers on one `redis+cluster://` URL, each with a tenant "
+        "key, make {sizes[failover_ops]} runs on three hot customers; then the primary that owns "
+        "the first customer's slot is SIGKILLed and its replica promoted; they make "
+        "{sizes[failover_ops]} runs more. Calls answered CLUSTERDOWN or refused meanwhile are "
+        "sent again as the same request until answered. Default durability: what the primary "
+        "acknowledged and had not replicated is lost: measured here.",
+        (
+            "spent <= the sum of acknowledged charges minus the records found lost, plus what "
+            "was charged directly: lost perhaps, charged twice never",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        FAILOVER,
+    ),
+    "resharding": Scenario(
+        "Resharding",
+        "Resharding: a hot customer's slot migrated under load",
+        "A 3-primary Redis Cluster; {resharding[processes]} workers on one `redis+cluster://` "
+        "URL, each with a tenant key (`keys create` on the cluster), make "
+        "{sizes[failover_ops]} runs on three hot customers; then the slot of the first "
+        "customer moves to another primary (SETSLOT IMPORTING/MIGRATING, MIGRATE 5 keys at a "
+        "time with the workers' calls in between, SETSLOT NODE on every primary) and they make "
+        "{sizes[failover_ops]} runs more. redis-py follows ASK and MOVED; TRYAGAIN (a script's "
+        "keys split between the two nodes) is retried as 'not now'.",
+        (
+            "nothing lost, nothing charged twice: spent == the sum of acknowledged charges, per "
+            "customer, and every settlement is there as its worker was told",
+            "one reservation per approval",
+            "every approval and monitor sample showed spent + reserved <= limit",
+        ),
+        (
+            ("moved_keys", "keys migrated"),
+            ("in_doubt", "calls in doubt (StoreUnavailableError), sent again"),
+            ("resumed", "seconds from the start of the migration to a run finished after its end"),
+            ("approvals", "approvals"),
+            ("records", "acknowledged records and releases"),
+            ("spent", "spent at the end"),
+            ("samples", "monitor samples"),
         ),
     ),
 }

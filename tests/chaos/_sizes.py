@@ -51,6 +51,10 @@ class Sizes:
     """Outage: clients calling at once."""
     outage_calls: int
     """Outage: preflights per client against the paused server (5x as many when unreachable)."""
+    failover_workers: int
+    """Failover and resharding: worker processes (Sentinel set or Redis Cluster)."""
+    failover_ops: int
+    """Failover and resharding: runs before the failover (or migration), and again after."""
     seed: int
 
     @classmethod
@@ -67,6 +71,8 @@ class Sizes:
             churn_ops=_count("churn_ops", 500),
             outage_threads=_count("outage_threads", 16, scaled=False),
             outage_calls=_count("outage_calls", 2),
+            failover_workers=_count("failover_workers", 4, scaled=False),
+            failover_ops=_count("failover_ops", 150),
             seed=int(seed) if seed is not None else random.SystemRandom().randrange(10**6),
         )
 

@@ -76,6 +76,10 @@ class Spec:
     retry_for: float = 0.0
     """How long a call that raised StoreUnavailableError is sent again (as the same request:
     the same reservation id or idempotency key); 0: it is not, and the worker fails."""
+    durability: str = "primary"
+    """The client's ``durability``."""
+    api_key: str | None = None
+    """A tenant key for the worker's client (its namespace must be ``namespace``)."""
 
     def __post_init__(self) -> None:
         # A record without a reservation id, sent again without a key, is a new request.
@@ -88,7 +92,12 @@ def main(spec: Spec, shared: Shared) -> None:
     with open(spec.journal, "a", buffering=1, encoding="utf-8") as stream:
         journal = Journal(stream)
         try:
-            with AgentBillClient(redis_url=spec.url, namespace=spec.namespace) as client:
+            with AgentBillClient(
+                spec.api_key,
+                redis_url=spec.url,
+                namespace=spec.namespace,
+                durability=spec.durability,  # type: ignore[arg-type]
+            ) as client:
                 Worker(spec, client, journal, shared).run()
         except BaseException:
             journal(ERROR, traceback.format_exc())
@@ -117,6 +126,14 @@ class Tap:
         client._scripts["preflight"] = self
         self.reply: Any = None
 
+    @property
+    def sha(self) -> str:  # a replicated client pipelines EVALSHA itself: no reply seen here
+        return str(self._inner.sha)
+
+    @property
+    def script(self) -> Any:
+        return self._inner.script
+
     def __call__(self, keys: Any, args: Any) -> Any:
         self.reply = None
         reply = self._inner(keys=keys, args=args)
@@ -124,8 +141,10 @@ class Tap:
         return reply
 
     def committed(self) -> tuple[int, int | None]:
-        """spent + reserved and the limit, as the last preflight left them."""
-        assert self.reply is not None
+        """spent + reserved and the limit, as the last preflight left them ((0, None) when the
+        reply went by another path: a replicated client's pipeline)."""
+        if self.reply is None:
+            return 0, None
         reply = _core.PREFLIGHT.unpack(self.reply)  # by name (lua/contract.json)
         limit = None if reply.limit is None else int(reply.limit)
         return int(reply.spent or 0) + int(reply.reserved or 0), limit

@@ -1,0 +1,268 @@
+"""Redis URLs for every topology, and the redis-py client each one gets.
+
+    redis://[user:password@]host[:port][/db]          one server (also rediss://, unix://)
+    redis+cluster://[user:password@]host:port[,host:port...][/0]
+    redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]
+        [?sentinel_username=...&sentinel_password=...]
+
+``rediss+cluster://`` and ``rediss+sentinel://`` are the same over TLS (the ``ssl_*`` query
+arguments redis-py takes for ``rediss://`` apply to every node, sentinels included). A
+cluster's hosts are startup nodes: the client learns the others (and every later change) from
+the cluster itself. A Sentinel URL's hosts are the sentinels; the user and password in it are
+the master's (a tenant key's replace them), the ``sentinel_*`` query arguments the sentinels'.
+
+Parsing is redis-py's own (``parse_url``) for everything but the host list and the service
+name, and the clients are redis-py's ``RedisCluster`` and ``Sentinel.master_for``: they follow
+MOVED/ASK redirections and failovers themselves. A URL that is not a Redis URL raises
+ValueError here; the callers turn that into an InvalidRequestError naming their field.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+from redis.connection import SSLConnection, parse_url
+from redis.exceptions import RedisClusterException
+
+from agentbill._exceptions import StoreUnavailableError
+
+Kind = Literal["cluster", "sentinel"]
+
+SCHEMES: dict[str, tuple[Kind, str]] = {
+    "redis+cluster": ("cluster", "redis"),
+    "rediss+cluster": ("cluster", "rediss"),
+    "redis+sentinel": ("sentinel", "redis"),
+    "rediss+sentinel": ("sentinel", "rediss"),
+}
+DEFAULT_PORTS: dict[Kind, int] = {"cluster": 6379, "sentinel": 26379}
+SENTINEL_QUERY = ("sentinel_username", "sentinel_password")
+
+URL_FORMS = (
+    "redis://, rediss://, unix://, redis+cluster://host:port[,host:port...], "
+    "redis+sentinel://host:port[,host:port...]/service_name (or rediss+...)"
+)
+CLUSTER_HINT = (
+    "reaches a node of a Redis Cluster (it answered MOVED): use "
+    "redis+cluster://host:port[,host:port...] (or pass redis=RedisCluster(...)) so that every "
+    "call goes to the node that owns its keys"
+)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A parsed cluster or Sentinel URL: its nodes (startup nodes, or the sentinels), the
+    Sentinel service name, redis-py's connection options for the data nodes (``parse_url``'s:
+    credentials, db, TLS) and, for Sentinel, the sentinels' own credentials."""
+
+    kind: Kind
+    nodes: tuple[tuple[str, int], ...]
+    options: dict[str, Any]
+    service: str | None = None
+    sentinel_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return self.options.get("connection_class") is SSLConnection
+
+
+def parse(url: str) -> Topology | None:
+    """The topology of a ``redis+cluster://`` or ``redis+sentinel://`` URL (and their
+    ``rediss+`` forms); None for any other URL (redis-py takes those as they are).
+
+    Raises ValueError for a malformed one (never quoting it: it may hold a password).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        return None
+    kind, base = SCHEMES[scheme.lower()]
+    netloc, _, tail = rest.partition("/")
+    path, _, query = tail.partition("?")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    nodes = tuple(_node(part, DEFAULT_PORTS[kind]) for part in hostlist.split(","))
+    service = None
+    if kind == "sentinel":
+        service, _, path = path.partition("/")
+        if not service:
+            raise ValueError("a Sentinel URL needs the master's service name as its path")
+    pairs = parse_qsl(query)
+    sentinel_options = {k.removeprefix("sentinel_"): v for k, v in pairs if k in SENTINEL_QUERY}
+    data_query = urlencode([(k, v) for k, v in pairs if k not in SENTINEL_QUERY])
+    first = f"{quote(nodes[0][0], safe='')}:{nodes[0][1]}"
+    options = parse_url(f"{base}://{userinfo}{at}{first}/{path}?{data_query}")  # type: ignore[no-untyped-call]
+    options.pop("host", None)
+    options.pop("port", None)
+    if kind == "cluster" and options.get("db", 0) != 0:
+        raise ValueError("a Redis Cluster has database 0 only")
+    return Topology(kind, nodes, options, service, sentinel_options)
+
+
+def _node(text: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(f"//{text.strip()}")
+    if not parts.hostname:
+        raise ValueError("every host in the list needs a name")
+    return parts.hostname, parts.port or default_port
+
+
+def connect(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:
+    """The redis-py client for ``topology`` with the client's connection ``options``
+    (timeouts, no redis-py retries, pool size, a tenant key's credentials), sync or async.
+
+    A sync cluster client learns the cluster's slots here (redis-py does it at construction):
+    no node reachable is StoreUnavailableError, within the connect timeout per startup node.
+    """
+    merged = {**topology.options, **options}
+    merged.pop("timeout", None)  # a BlockingConnectionPool's: redis-py sizes these pools
+    merged.pop("retry_on_timeout", None)  # deprecated there: retry=Retry(..., 0) says it
+    if topology.kind == "sentinel":
+        return _sentinel(topology, merged, asynchronous)
+    return _cluster(topology, merged, asynchronous)
+
+
+def _cluster(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:
+    if asynchronous:
+        from redis.asyncio.cluster import ClusterNode as AsyncNode
+        from redis.asyncio.retry import Retry as AsyncRetry
+        from redis.backoff import NoBackoff
+
+        if options.pop("connection_class", None) is SSLConnection:
+            options["ssl"] = True
+        options["retry"] = AsyncRetry(NoBackoff(), 0)
+        accepted = inspect.signature(AsyncRedisCluster.__init__).parameters
+        kwargs = {k: v for k, v in options.items() if k in accepted}
+        nodes = [AsyncNode(host, port) for host, port in topology.nodes]
+        return _AsyncCluster(startup_nodes=nodes, **kwargs)
+    from redis.cluster import ClusterNode
+
+    startup = [ClusterNode(host, port) for host, port in topology.nodes]  # type: ignore[no-untyped-call]
+    try:
+        return _Cluster(startup_nodes=startup, **options)
+    except (RedisClusterException, redis.RedisError, OSError) as exc:
+        from agentbill._retry import translate
+
+        # redis-py wraps what the last startup node answered (a refused key, say).
+        cause = exc if not isinstance(exc, RedisClusterException) else exc.__cause__
+        if isinstance(cause, redis.RedisError | OSError):
+            raise translate(cause) from exc
+        raise StoreUnavailableError(f"no node of the Redis Cluster answered: {exc}") from exc
+
+
+def _redis_error(exc: RedisClusterException) -> redis.RedisError:
+    """A redis-py error for one that is not (``RedisClusterException``: no node could be
+    reached to learn the slots, or each refused): what the last node answered if redis-py kept
+    it (a refused key stays an authentication error), else a connection error. agentbill's
+    one error boundary translates redis-py errors only."""
+    cause = exc.__cause__
+    if isinstance(cause, redis.RedisError):
+        return type(cause)(*cause.args)
+    return redis.ConnectionError(f"no node of the Redis Cluster answered: {exc}")
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, raising redis-py errors only (see :func:`_redis_error`)."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except RedisClusterException as exc:
+            raise _redis_error(exc) from exc
+
+
+class _AsyncCluster(AsyncRedisCluster):
+    async def initialize(self, *args: Any, **kwargs: Any) -> AsyncRedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise _redis_error(exc) from exc
+
+
+def _sentinel(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:
+    assert topology.service is not None
+    tls = options.pop("connection_class", None) is SSLConnection
+    if tls:
+        options["ssl"] = True
+    sentinel_options = {
+        "socket_connect_timeout": options.get("socket_connect_timeout"),
+        "socket_timeout": options.get("socket_timeout"),
+        "retry": options.get("retry"),
+        **{k: v for k, v in options.items() if k.startswith("ssl")},
+        **topology.sentinel_options,
+    }
+    if asynchronous:
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        nodes = list(topology.nodes)
+        return AsyncSentinel(nodes, sentinel_kwargs=sentinel_options).master_for(  # type: ignore[no-untyped-call]
+            topology.service, redis_class=_AsyncSentinelRedis, **options
+        )
+    from redis.sentinel import Sentinel
+
+    sentinel = Sentinel(list(topology.nodes), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    return sentinel.master_for(topology.service, redis_class=_SentinelRedis, **options)  # type: ignore[no-untyped-call]
+
+
+class _SentinelRedis(redis.Redis):
+    """The master's client; closing it closes the connections to the sentinels too."""
+
+    def close(self) -> None:
+        super().close()
+        pool: Any = self.connection_pool
+        for sentinel in pool.sentinel_manager.sentinels:
+            sentinel.close()
+
+
+class _AsyncSentinelRedis(aioredis.Redis):
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        pool: Any = self.connection_pool
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def credentials(url: str) -> tuple[str | None, str | None]:
+    """The data nodes' username and password a URL carries (never a Sentinel's own)."""
+    topology = parse(url)
+    options = topology.options if topology is not None else parse_url(url)  # type: ignore[no-untyped-call]
+    return options.get("username"), options.get("password")
+
+
+def data_nodes(url: str, options: dict[str, Any]) -> tuple[Kind | None, list[redis.Redis]]:
+    """A connection to every data node the URL reaches (sync, with ``options``): for a
+    cluster its primaries and replicas as the cluster lists them, for Sentinel the master and
+    the replicas the sentinels know, else the one server. What needs every node (the ACL
+    users of tenant keys: Redis does not replicate ACL changes) goes through these."""
+    topology = parse(url)
+    if topology is None:
+        return None, [redis.Redis.from_url(url, **options)]
+    merged = {**topology.options, **options}
+    if topology.kind == "cluster":
+        with connect(topology, dict(merged), asynchronous=False) as cluster:
+            addresses = [(node.host, node.port) for node in cluster.get_nodes()]
+    else:
+        from redis.sentinel import Sentinel
+
+        assert topology.service is not None
+        sentinel_options = {
+            k: v for k, v in merged.items() if k.startswith(("socket_", "ssl", "retry"))
+        }
+        sentinel_options |= topology.sentinel_options
+        sentinel: Any = Sentinel(list(topology.nodes), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+        try:
+            addresses = [sentinel.discover_master(topology.service)]
+            addresses += sentinel.discover_slaves(topology.service)
+        except redis.RedisError as exc:
+            from agentbill._retry import translate
+
+            raise translate(exc) from exc
+        finally:
+            for s in sentinel.sentinels:
+                s.close()
+    if merged.pop("connection_class", None) is SSLConnection:
+        merged["ssl"] = True
+    return topology.kind, [redis.Redis(host=h, port=p, **merged) for h, p in addresses]

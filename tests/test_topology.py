@@ -1,0 +1,336 @@
+"""One URL per topology: redis+cluster:// and redis+sentinel:// for both clients, the CLI and
+KeyAdmin, against a real cluster (3 primaries, a replica each) and a real Sentinel set (a
+master, a replica, 3 sentinels) the suite starts; tenant keys on every node of each. Every
+test runs on redis-server and on valkey-server (the server matrix)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import pytest
+import redis
+from redis import exceptions as rx
+from redis.cluster import ClusterNode, RedisCluster
+
+from agentbill import (
+    AgentBillClient,
+    AsyncAgentBillClient,
+    AuthenticationError,
+    InvalidRequestError,
+    KeyAdmin,
+    Preflight,
+)
+from agentbill._keys import KeySpace
+from agentbill._topology import parse
+from tests._async_facade import blocking_client
+from tests._cli import cli_env, invoke
+from tests._servers import Cluster, RedisServer, SentinelSet, valkey_binary
+
+pytestmark = pytest.mark.cluster
+
+ADMIN_PASSWORD = "admin-secret-for-tests"
+CUSTOMERS = [f"customer-{i}" for i in range(12)]  # spread over the three primaries
+
+
+# -- parsing (no server) -------------------------------------------------------------------------
+
+
+def test_cluster_and_sentinel_urls_parse_into_nodes_service_and_credentials() -> None:
+    cluster = parse("redis+cluster://u:p%40ss@a:7000,b,[::1]:7002/0?socket_keepalive=true")
+    assert cluster is not None
+    assert cluster.kind == "cluster"
+    assert cluster.nodes == (("a", 7000), ("b", 6379), ("::1", 7002))
+    assert (cluster.options["username"], cluster.options["password"]) == ("u", "p@ss")
+    assert not cluster.tls
+
+    sentinel = parse(
+        "rediss+sentinel://:mpw@s1:5000,s2/prod/2?sentinel_password=spw&ssl_cert_reqs=none"
+    )
+    assert sentinel is not None
+    assert sentinel.kind == "sentinel"
+    assert sentinel.nodes == (("s1", 5000), ("s2", 26379))
+    assert (sentinel.service, sentinel.options["db"], sentinel.options["password"]) == (
+        "prod",
+        2,
+        "mpw",
+    )
+    assert sentinel.sentinel_options == {"password": "spw"}
+    assert sentinel.tls
+    assert sentinel.options["ssl_cert_reqs"] == "none"
+
+    assert parse("redis://localhost:6379/0") is None
+    assert parse("unix:///tmp/redis.sock") is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://a:1,b:2/3",  # a cluster has database 0 only
+        "redis+sentinel://s1:1,s2:2",  # no service name
+        "redis+cluster://:pw@/0",  # no host
+        "redis+cluster://a:notaport/0",
+        "memcached://a:1",
+    ],
+)
+def test_a_bad_topology_url_is_an_error_naming_redis_url(url: str) -> None:
+    for make in (AgentBillClient, AsyncAgentBillClient):
+        with pytest.raises(InvalidRequestError) as info:
+            make(redis_url=url)
+        assert info.value.field == "redis_url"
+        assert "pw" not in str(info.value)
+    with pytest.raises(InvalidRequestError) as info:
+        KeyAdmin(url)
+    assert info.value.field == "redis_url"
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+# The server matrix: the machine's redis-server, and the valkey-server agentbill-redis[local]
+# installs (another server line and major version), where there is one.
+SERVERS = {"redis": None, "valkey": valkey_binary()}
+MATRIX = [name for name, binary in SERVERS.items() if name == "redis" or binary is not None]
+
+
+@pytest.fixture(scope="module", params=MATRIX)
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    nodes = Cluster(replicas=1, binary=SERVERS[request.param])
+    try:
+        yield nodes.start()
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module", params=MATRIX)
+def sentinels(request: pytest.FixtureRequest) -> Iterator[SentinelSet]:
+    group = SentinelSet(password=ADMIN_PASSWORD, binary=SERVERS[request.param])
+    try:
+        yield group.start()
+    finally:
+        group.stop()
+
+
+@contextmanager
+def url_client(
+    kind: str, url: str, namespace: str, api_key: str | None = None, **options: Any
+) -> Iterator[AgentBillClient]:
+    """A sync client, or an async one behind the blocking facade, for ``url``."""
+    if kind == "sync":
+        with AgentBillClient(api_key, redis_url=url, namespace=namespace, **options) as client:
+            yield client
+        return
+    with asyncio.Runner() as runner:
+        aclient = AsyncAgentBillClient(api_key, redis_url=url, namespace=namespace, **options)
+        try:
+            yield cast(AgentBillClient, blocking_client(aclient, runner))
+        finally:
+            runner.run(aclient.close())
+
+
+def exercise(client: AgentBillClient, customers: list[str]) -> None:
+    """Every kind of write and read, for customers on every node."""
+    for i, customer in enumerate(customers):
+        limit = 20 + i
+        assert client.set_budget(customer, limit).limit == limit
+        check = client.preflight("agent", 4, customer)
+        assert check.approved
+        assert check.record(3).charged == 3
+        assert client.record("agent", 1, customer).charged == 1
+        assert client.get_budget(customer).spent == 4
+    checks = client.preflight_many([Preflight("agent", 2, c) for c in customers])
+    assert all(c.approved for c in checks)
+    for check in checks:
+        assert check.release().released == 2
+    assert client.get_usage(customers[0]).customer.spent == 4
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_cluster_url_reaches_customers_on_every_node(
+    kind: str, cluster: Cluster, namespace: str
+) -> None:
+    with url_client(kind, cluster.url, namespace) as client:
+        exercise(client, CUSTOMERS)
+    owners = set()
+    for node in cluster.nodes:
+        with node.client() as r:
+            if any(True for _ in r.scan_iter(match=KeySpace(namespace).pattern(), count=1000)):
+                owners.add(node.port)
+    assert len(owners) == len(cluster.nodes)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_plain_url_to_a_cluster_node_names_the_cluster_form(
+    kind: str, cluster: Cluster, namespace: str
+) -> None:
+    node = cluster.nodes[0]
+    errors = []
+    with url_client(kind, node.url, namespace) as client:
+        for customer in CUSTOMERS:
+            try:
+                client.preflight("agent", 1, customer)
+            except InvalidRequestError as exc:
+                errors.append(exc)
+    # The customers on this node's slots work; each of the others raised, naming the fix.
+    assert 0 < len(errors) < len(CUSTOMERS)
+    assert all(e.field == "redis_url" and "redis+cluster://" in str(e) for e in errors)
+
+
+def test_the_cli_takes_a_cluster_url(cluster: Cluster, namespace: str) -> None:
+    env = cli_env(cluster.url, namespace)
+    for customer in CUSTOMERS[:6]:
+        assert invoke("budget", "set", customer, "40", env=env).code == 0
+    got = invoke("budget", "get", CUSTOMERS[5], "--json", env=env)
+    assert got.code == 0
+    assert json.loads(got.stdout)["limit"] == 40
+
+
+def raw_as(node: RedisServer, username: str, password: str) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=node.port, username=username, password=password)
+
+
+def assert_confined(node: RedisServer, username: str, password: str, own: str) -> None:
+    """As the tenant, on this node: another namespace's keys are refused (NOPERM) by every
+    command it has, its own are not (a cluster node may still redirect them: MOVED)."""
+    with raw_as(node, username, password) as r:
+        for args in (
+            ("GET", "other:{x}:budget"),
+            ("SET", "other:{x}:budget", "1"),
+            ("HSET", "other:{x}:h", "f", "1"),
+            ("EVALSHA", "0" * 40, "1", "other:{x}:budget"),
+            ("FLUSHALL",),
+            ("KEYS", "*"),
+            ("CONFIG", "GET", "*"),
+            ("ACL", "WHOAMI"),
+        ):
+            with pytest.raises(rx.NoPermissionError):
+                r.execute_command(*args)
+        with contextlib.suppress(rx.MovedError):  # the key's slot may live on another node
+            r.execute_command("GET", f"{own}:{{x}}:budget")
+
+
+def test_tenant_keys_on_a_cluster_live_on_every_node_and_stay_confined(
+    cluster: Cluster, namespace: str
+) -> None:
+    with KeyAdmin(cluster.url) as admin:
+        issued = admin.create_key(namespace)
+        assert issued.key_id in {k.key_id for k in admin.list_keys(namespace)}
+    api_key = issued.api_key.get_secret_value()
+    secret = api_key.rsplit(".", 1)[1]
+    for node in cluster.all_nodes:  # primaries and replicas
+        with node.client(decode_responses=True) as r:
+            rules = r.acl_getuser(issued.username)
+        assert rules is not None, f"no user on node {node.port}"
+        assert rules["keys"] == [f"~{namespace}:*"] or rules["keys"] == f"~{namespace}:*"
+        assert_confined(node, issued.username, secret, namespace)
+
+    for kind in ("sync", "async"):
+        with url_client(kind, cluster.url, "agentbill", api_key) as client:
+            exercise(client, [f"{kind}-{c}" for c in CUSTOMERS])
+
+    with KeyAdmin(cluster.url) as admin:
+        admin.revoke_key(issued.key_id)
+    for node in cluster.all_nodes:
+        with node.client() as r:
+            assert r.acl_getuser(issued.username) is None
+    for kind in ("sync", "async"):
+        with (
+            pytest.raises(AuthenticationError),
+            url_client(kind, cluster.url, "agentbill", api_key) as client,
+        ):
+            client.preflight("agent", 1, CUSTOMERS[0])
+
+
+# -- Sentinel ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_sentinel_url_reaches_the_master(
+    kind: str, sentinels: SentinelSet, namespace: str
+) -> None:
+    url = sentinels.admin_url  # the data nodes want the password; the sentinels do not
+    with url_client(kind, url, namespace) as client:
+        exercise(client, CUSTOMERS[:4])
+    with sentinels.node_client(sentinels.master, decode_responses=True) as r:
+        assert any(True for _ in r.scan_iter(match=KeySpace(namespace).pattern()))
+
+
+def test_tenant_keys_on_a_sentinel_set_live_on_master_and_replicas(
+    sentinels: SentinelSet, namespace: str
+) -> None:
+    with KeyAdmin(sentinels.admin_url) as admin:
+        issued = admin.create_key(namespace)
+    api_key = issued.api_key.get_secret_value()
+    secret = api_key.rsplit(".", 1)[1]
+    for node in sentinels.data_nodes:
+        with sentinels.node_client(node, decode_responses=True) as r:
+            assert r.acl_getuser(issued.username) is not None, f"no user on {node.port}"
+        assert_confined(node, issued.username, secret, namespace)
+    for sentinel in sentinels.sentinels:  # the sentinels get none
+        with sentinel.client(decode_responses=True) as r:
+            assert issued.username not in r.acl_users()
+
+    for kind in ("sync", "async"):  # replicated: the key may WAIT
+        with url_client(
+            kind, sentinels.url, "agentbill", api_key, durability="replicated"
+        ) as client:
+            exercise(client, [f"{kind}-{c}" for c in CUSTOMERS[:3]])
+
+    env = cli_env(None, None) | {"AGENTBILL_ADMIN_URL": sentinels.admin_url}
+    listed = invoke("keys", "list", "--json", env=env)
+    assert listed.code == 0
+    assert issued.key_id in listed.stdout
+    assert invoke("keys", "revoke", issued.key_id, env=env).code == 0
+    for node in sentinels.data_nodes:
+        with sentinels.node_client(node) as r:
+            assert r.acl_getuser(issued.username) is None
+
+
+def test_a_tenant_key_refuses_credentials_in_a_topology_url(cluster: Cluster) -> None:
+    key = "agb_acme.0123456789abcdef." + "s" * 43
+    with pytest.raises(InvalidRequestError) as info:
+        AgentBillClient(key, redis_url=cluster.url.replace("://", "://u:p@", 1))
+    assert info.value.field == "redis_url"
+    assert os.environ.get("AGENTBILL_API_KEY") is None
+
+
+def test_key_admin_takes_a_ready_cluster_client(cluster: Cluster, namespace: str) -> None:
+    startup = [ClusterNode(host, port) for host, port in cluster.startup_nodes]  # type: ignore[no-untyped-call]
+    with RedisCluster(startup_nodes=startup) as rc, KeyAdmin(redis=rc) as admin:
+        issued = admin.create_key(namespace)
+        for node in cluster.all_nodes:
+            with node.client() as r:
+                assert r.acl_getuser(issued.username) is not None, node.port
+        admin.revoke_key(issued.key_id)
+        for node in cluster.all_nodes:
+            with node.client() as r:
+                assert r.acl_getuser(issued.username) is None, node.port
+
+
+def test_a_queued_record_sent_to_the_wrong_cluster_node_waits_and_is_never_dropped(
+    cluster: Cluster, namespace: str
+) -> None:
+    node = cluster.nodes[0]
+    with AgentBillClient(redis_url=cluster.url, namespace=namespace) as right:
+        checks = {c: right.preflight("agent", 5, c) for c in CUSTOMERS}
+    with AgentBillClient(redis_url=node.url, namespace=namespace, background_settle=True) as wrong:
+        wrong._flusher.stop()  # deliver by hand, below
+        for check in checks.values():
+            wrong.record("agent", 3, check.customer_id, reservation_id=check.reservation_id)
+        left = wrong.flush()
+        stats = wrong.outage_stats
+        assert 0 < left < len(CUSTOMERS)  # this node's customers delivered, the others wait
+        assert stats.dropped == 0
+        # Forget the rest, or close() would try them until its last-delivery deadline.
+        wrong._outage.finish(wrong._outage.take(), [], [], wrong._release_plan)
+    with AgentBillClient(redis_url=cluster.url, namespace=namespace) as right:
+        spent = [right.get_budget(c).spent for c in CUSTOMERS]
+    assert sorted(set(spent)) == [0, 3]
