@@ -33,6 +33,7 @@ import redis
 from agentbill import AgentBillClient
 from benchmarks import _latency as L
 from benchmarks import _report as R
+from benchmarks._hiredis import measure_hiredis
 from benchmarks._memory import footprints
 from benchmarks._scale import add_customers, add_open_reservations, memory
 from benchmarks._throughput import Pool, Throughput, combine, hot, naive_key, spread
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         measure_latency(res, server, opts, phase)
         with phase("TypeScript preflight against an ioredis PING"):
             res.typescript = measure_typescript(server.url, opts.n)
+        with phase("with and without hiredis"):
+            res.hiredis = measure_hiredis(server.url, min(opts.n, 3000))
         measure_throughput(res, server, opts, phase)
         measure_scale(res, opts, phase)
         with phase("memory per customer and per 10,000 runs"), running() as quiet:
