@@ -283,55 +283,33 @@ local function num(v)
   return 0
 end
 
--- Scope `p`'s state at `now` from the values of its SCOPE_FIELDS, found in `v` after index
--- `at`. An agent without a period of its own (no budget, or a budget set without one) counts
--- in its customer's period (`fallback`: the customer's state).
-local function scope_of(p, v, at, now, fallback)
-  local s = {
-    p = p, limit = v[at + 1] and tonumber(v[at + 1]), period = v[at + 2] or '',
-    tzt = v[at + 3] or '', stored = v[at + 4] or '', open = num(v[at + 7]),
-    rl_n = v[at + 8] and tonumber(v[at + 8]), rl_per = num(v[at + 9]),
-    rl_burst = num(v[at + 10]), rl_tat = num(v[at + 11]),
-    cc = v[at + 12] and tonumber(v[at + 12]), thr = v[at + 13] or '', name = v[at + 14],
-  }
-  if fallback and s.period == '' then
-    s.period, s.tzt = fallback.period, fallback.tzt
-  end
-  s.pid, s.pstart, s.pend = period_of(s.period, s.tzt, now)
-  if s.stored == s.pid then
-    s.spent, s.reserved = num(v[at + 5]), num(v[at + 6])
-  else -- another period is stored: this one's counters are archived, or it starts at zero
-    local a = redis.call('HMGET', K.budget, p .. 's:' .. s.pid, p .. 'r:' .. s.pid)
-    s.spent, s.reserved = num(a[1]), num(a[2])
-  end
-  return s
-end
-
--- The state of scope `p` at `now` (see scope_of).
+-- The state of scope `p` at `now`. An agent without a period of its own (no budget, or a
+-- budget set without one) counts in its customer's period (`fallback`: the customer's state).
 local function scope_read(p, now, fallback)
   local names = SCOPE_FIELDS
   if p ~= '' then
     names = {}
     for i, f in ipairs(SCOPE_FIELDS) do names[i] = p .. f end
   end
-  return scope_of(p, redis.call('HMGET', K.budget, unpack(names)), 0, now, fallback)
-end
-
--- The customer's state and agent `adig`'s at `now` in one HMGET, and the values of the
--- customer's fields `extra` (a list of names): cs, as, {values of extra}.
-local function scopes_read(adig, now, extra)
-  local n = #SCOPE_FIELDS
-  local p = 'a:' .. adig .. ':'
-  local names = {}
-  for i, f in ipairs(SCOPE_FIELDS) do
-    names[i], names[n + i] = f, p .. f
-  end
-  for i, f in ipairs(extra) do names[2 * n + i] = f end
   local v = redis.call('HMGET', K.budget, unpack(names))
-  local cs = scope_of('', v, 0, now)
-  local more = {}
-  for i = 1, #extra do more[i] = v[2 * n + i] end
-  return cs, scope_of(p, v, n, now, cs), more
+  local s = { -- every field named here, so the table is made at its final size
+    p = p, limit = v[1] and tonumber(v[1]), period = v[2] or '', tzt = v[3] or '',
+    stored = v[4] or '', open = num(v[7]),
+    rl_n = v[8] and tonumber(v[8]), rl_per = num(v[9]), rl_burst = num(v[10]),
+    rl_tat = num(v[11]), cc = v[12] and tonumber(v[12]), thr = v[13] or '', name = v[14],
+    pid = false, pstart = false, pend = false, spent = 0, reserved = 0,
+  }
+  if fallback and s.period == '' then
+    s.period, s.tzt = fallback.period, fallback.tzt
+  end
+  s.pid, s.pstart, s.pend = period_of(s.period, s.tzt, now)
+  if s.stored == s.pid then
+    s.spent, s.reserved = num(v[5]), num(v[6])
+  else -- another period is stored: this one's counters are archived, or it starts at zero
+    local a = redis.call('HMGET', K.budget, p .. 's:' .. s.pid, p .. 'r:' .. s.pid)
+    s.spent, s.reserved = num(a[1]), num(a[2])
+  end
+  return s
 end
 
 -- Before the first write of a scope's counters in a period other than the stored one: the

@@ -56,7 +56,9 @@ local stored -- the customer scope's fields policy, customer and seq
 local task = {used = 0, reserved = 0, exists = false}
 
 local function read_state()
-  cs, as, stored = scopes_read(adig, now, {'policy', 'customer', 'seq'})
+  cs = scope_read('', now)
+  as = scope_read('a:' .. adig .. ':', now, cs)
+  stored = redis.call('HMGET', K.budget, 'policy', 'customer', 'seq')
   task = {used = 0, reserved = 0, exists = false}
   if tf ~= '' then
     task.ceiling, task.used, task.reserved, task.exists = task_state(tf)
