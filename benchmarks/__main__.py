@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         with phase("TypeScript preflight against an ioredis PING"):
             res.typescript = measure_typescript(server.url, opts.n)
         with phase("with and without hiredis"):
-            res.hiredis = measure_hiredis(server.url, min(opts.n, 3000))
+            res.hiredis = measure_hiredis(server.url, min(opts.n, 2000))
         measure_throughput(res, server, opts, phase)
         measure_scale(res, opts, phase)
         with phase("memory per customer and per 10,000 runs"), running() as quiet:
