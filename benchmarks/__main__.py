@@ -36,6 +36,7 @@ from benchmarks import _report as R
 from benchmarks._hiredis import measure_hiredis
 from benchmarks._memory import footprints
 from benchmarks._scale import add_customers, add_open_reservations, memory
+from benchmarks._server_cost import instructions as server_instructions
 from benchmarks._throughput import Pool, Throughput, combine, hot, naive_key, spread
 from benchmarks._timing import Op, interleave, spinners
 from benchmarks._typescript import measure_typescript
@@ -172,6 +173,8 @@ def measure_latency(res: R.Results, server: RedisServer, opts: Options, phase: P
             res.server = L.server_time(r, [*ours, *peers], min(opts.n, SERVER_SAMPLES))
             res.server[L.RAW_PREFLIGHT] = res.server[L.PREFLIGHT]
             res.server[L.RAW_PAIR] = res.server[L.PAIR]
+        with phase("redis-server instructions per call (callgrind)"):
+            res.instructions = server_instructions()
         with phase("profile of preflight"):
             res.profile = by_area(profile_preflight(client, min(opts.n, 3000)))
         client.close()

@@ -326,10 +326,8 @@ class Bench:
                 r.script_load(script),
                 f"{count} commands",
             ),
-            self.preflight_case("preflight (approved)", self.client._scripts["preflight"].sha),
-            self.settle_case(
-                "settle: record(1) of an open reservation", self.client._scripts["settle"].sha
-            ),
+            self.preflight_case(PREFLIGHT_CASE, self.client._scripts["preflight"].sha),
+            self.settle_case(SETTLE_CASE, self.client._scripts["settle"].sha),
         ]
 
     def cut_cases(self, operation: str) -> list[Case]:
@@ -356,7 +354,7 @@ def peer_cases(url: str) -> list[Case]:
     moving.hit(item, "cost-moving")
     fixed.hit(item, "cost-fixed")
     return [
-        Case("limits moving-window hit()", lambda _: moving.hit(item, "cost-moving")),
+        Case(LIMITS_CASE, lambda _: moving.hit(item, "cost-moving")),
         Case("limits fixed-window hit()", lambda _: fixed.hit(item, "cost-fixed")),
     ]
 
@@ -405,6 +403,29 @@ def replayed_commands(bench: Bench) -> tuple[str, int]:
         values = [slots.get(a) or _lua_str(a) for a in args]
         lines.append(f"redis.call({', '.join([_lua_str(name.upper()), *values])})")
     return "\n".join([*lines, "return 1"]), len(cmds)
+
+
+def instructions(n: int = 200) -> dict[str, float]:
+    """Instructions per call of a preflight, a record of it, a pair and limits' moving-window
+    hit, on a redis-server under callgrind ({} when valgrind is missing)."""
+    if not callgrind_available():
+        return {}
+    server = CallgrindServer()
+    with bench_on(server) as b:
+        meter = Instructions(server)
+        cases = {c.name: c for c in b.cases()}
+        out = {
+            name: meter.per_call(cases[name], n)
+            for name in (PREFLIGHT_CASE, SETTLE_CASE, LIMITS_CASE)
+        }
+    out[PAIR_CASE] = out[PREFLIGHT_CASE] + out[SETTLE_CASE]
+    return out
+
+
+PREFLIGHT_CASE = "preflight (approved)"
+SETTLE_CASE = "settle: record(1) of an open reservation"
+LIMITS_CASE = "limits moving-window hit()"
+PAIR_CASE = "preflight + record (pair)"
 
 
 # -- the report --------------------------------------------------------------------------------
