@@ -134,9 +134,9 @@ def targets(res: Results) -> list[Target]:
                 pf,
                 2.5,
                 True,
-                f"a PING is one round trip; the same round trip carrying preflight's 9 keys and "
-                f"4 arguments to a script that does nothing costs {noop:.2f} PINGs (redis-py "
-                f"packs 15 arguments, the server builds KEYS/ARGV). Running preflight.lua makes "
+                f"a PING is one round trip; the same round trip carrying preflight's 11 keys and "
+                f"6 arguments to a script that does nothing costs {noop:.2f} PINGs (redis-py "
+                f"packs 20 arguments, the server builds KEYS/ARGV). Running preflight.lua makes "
                 f"that bare EVALSHA {raw:.2f} PINGs: redis-server spends "
                 f"{x(srv[L.PREFLIGHT]):.2f} PINGs ({_us(srv[L.PREFLIGHT])}) in the script, and "
                 f"the reply is one packed string. agentbill's client-side Python adds the "
@@ -173,7 +173,7 @@ def targets(res: Results) -> list[Target]:
                 True,
                 f"limits' acquire_moving_window.lua runs 4 commands on 1 key with 4 arguments: "
                 f"redis-server spends {_us(srv[L.LIMITS_MOVING])} on it against "
-                f"{_us(srv[L.PREFLIGHT])} on preflight.lua (9 keys, 4 arguments, a reaper pass, "
+                f"{_us(srv[L.PREFLIGHT])} on preflight.lua (11 keys, 6 arguments, a reaper pass, "
                 f"the replay checks, two scopes' policies and counters, the reservation record, "
                 f"two index entries and a ledger entry). Client CPU per call: limits "
                 f"{client_cpu(L.LIMITS_MOVING)}, agentbill {client_cpu(L.PREFLIGHT)}.",
@@ -185,7 +185,7 @@ def targets(res: Results) -> list[Target]:
             f"redis-server spends {_us(srv[L.PREFLIGHT])} per preflight, {_us(srv[L.PAIR])} per "
             f"pair and {_us(mws)} per moving-window hit. Each command a script issues costs "
             f"about as much as limits' whole script does besides its 4 commands (a preflight "
-            f"issues 20: `python -m benchmarks.profile_preflight --server` replays them with no "
+            f"issues 22: `python -m benchmarks.profile_preflight --server` replays them with no "
             f"logic), and the Lua around them (a prelude of ~45 functions set up per call, "
             f"parsing the packed argument, reading two scopes' 14 policy and counter fields, "
             f"the reply) costs more than the commands: see that profile's cut table."
@@ -219,7 +219,7 @@ def targets(res: Results) -> list[Target]:
             f"instructions per call inside redis-server (callgrind, repeatable whatever the "
             f"load): preflight {ins[S.PREFLIGHT_CASE]:,.0f}, record {ins[S.SETTLE_CASE]:,.0f}, "
             f"limits' hit {lim:,.0f}. A no-op script sent preflight's 11 keys and 6 arguments "
-            f"already costs about 40,000 and each of preflight's 20 commands 5,000 to 7,000 "
+            f"already costs about 40,000 and each of preflight's 22 commands 5,000 to 7,000 "
             f"from Lua, so the commands alone pass 2.5x limits; see `python -m "
             f"benchmarks.profile_preflight --server` for the cut table."
         )
