@@ -105,7 +105,15 @@ local function packed(t, n)
   return table.concat(out, SEP)
 end
 
-local function split(s)
+-- The fields of `s` (joined by SEP). With `n`, the number of fields `s` should hold: one
+-- string.match with a capture per field, far cheaper than a gmatch loop (each step of which is
+-- a C call); a string of another shape is split field by field as without `n`.
+local function split(s, n)
+  if n then
+    local fields = {string.match(s, '^' .. string.rep('([^' .. SEP .. ']*)' .. SEP, n - 1)
+      .. '([^' .. SEP .. ']*)$')}
+    if fields[1] then return fields end
+  end
   local out = {}
   for field in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do
     out[#out + 1] = field

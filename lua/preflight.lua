@@ -33,7 +33,7 @@
 -- Errors (nothing written): 'AGENTBILL idempotency_conflict' when the key was used with other
 -- arguments; 'AGENTBILL overflow estimated_units' when reserving would take a counter past 2^53-1.
 
-local A = split(ARGV[6])
+local A = split(ARGV[6], 14)
 local rid = A[1]
 local units = tonumber(A[2])
 local ceiling = A[3]
