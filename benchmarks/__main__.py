@@ -34,8 +34,10 @@ from agentbill import AgentBillClient
 from benchmarks import _latency as L
 from benchmarks import _report as R
 from benchmarks._durability import durability_section, measure_durability
+from benchmarks._hiredis import measure_hiredis
 from benchmarks._memory import footprints
 from benchmarks._scale import add_customers, add_open_reservations, memory
+from benchmarks._server_cost import instructions as server_instructions
 from benchmarks._throughput import Pool, Throughput, combine, hot, naive_key, spread
 from benchmarks._timing import Op, interleave, spinners
 from benchmarks._typescript import measure_typescript
@@ -172,6 +174,8 @@ def measure_latency(res: R.Results, server: RedisServer, opts: Options, phase: P
             res.server = L.server_time(r, [*ours, *peers], min(opts.n, SERVER_SAMPLES))
             res.server[L.RAW_PREFLIGHT] = res.server[L.PREFLIGHT]
             res.server[L.RAW_PAIR] = res.server[L.PAIR]
+        with phase("redis-server instructions per call (callgrind)"):
+            res.instructions = server_instructions()
         with phase("profile of preflight"):
             res.profile = by_area(profile_preflight(client, min(opts.n, 3000)))
         client.close()
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         measure_latency(res, server, opts, phase)
         with phase("TypeScript preflight against an ioredis PING"):
             res.typescript = measure_typescript(server.url, opts.n)
+        with phase("with and without hiredis"):
+            res.hiredis = measure_hiredis(server.url, min(opts.n, 2000))
         measure_throughput(res, server, opts, phase)
         measure_scale(res, opts, phase)
         with phase("memory per customer and per 10,000 runs"), running() as quiet:

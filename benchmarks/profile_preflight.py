@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 from agentbill import AgentBillClient
+from tests._servers import RedisServer
 
 AREAS = (
     ("/agentbill/", "agentbill (validate, build the call, decode, Check)"),
@@ -76,7 +77,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="preflights to profile")
     parser.add_argument("--top", type=int, default=25, help="functions to list")
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="profile redis-server instead: instructions (callgrind) and µs per call of the "
+        "scripts, whole and cut at successive points",
+    )
     args = parser.parse_args()
+    if args.server:
+        server_profile(args.n)
+        return
     with running() as server:
         client = AgentBillClient(redis_url=server.url, namespace="profile")
         stats = profile_preflight(client, args.n)
@@ -85,6 +95,29 @@ def main() -> None:
     for area, share in by_area(stats):
         print(f"  {share:6.1%}  {area}")
     print(top_functions(stats, args.top))
+
+
+def server_profile(n: int) -> None:
+    """Print the server-side tables of ``benchmarks._server_cost``."""
+    from benchmarks import _server_cost as S
+
+    meters: list[tuple[str, Any]] = []
+    if S.callgrind_available():
+        meters.append(("instructions", S.CallgrindServer()))
+    else:
+        print("valgrind not found: µs only (noisy on a loaded machine)")
+    meters.append(("µs", RedisServer()))
+    for unit, server in meters:
+        with S.bench_on(server) as b:
+            meter = S.Instructions(server) if unit == "instructions" else S.Micros(b.r)
+            count = min(n, 200) if unit == "instructions" else n
+            print(f"\n## redis-server {unit} per call ({count} calls)\n")
+            print(f"| call | {unit} |\n| --- | ---: |")
+            S.table(meter, b.cases(), count)
+            for op in ("preflight", "settle"):
+                print(f"\n### {op}.lua cut short: {unit} per call\n")
+                print(f"| cut after | {unit} | step |\n| --- | ---: | ---: |")
+                S.table(meter, b.cut_cases(op), count, steps=True)
 
 
 if __name__ == "__main__":

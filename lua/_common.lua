@@ -60,8 +60,13 @@ local RETENTION = tonumber(ARGV[2])
 local LEDGER_LEN = tonumber(ARGV[3])
 local TASK_RETENTION = tonumber(ARGV[4])
 local IDLE = tonumber(ARGV[5])
+-- The same settings as the client sent them (integers in decimal), for commands that take them
+-- as they are: a Lua number handed to redis.call is formatted with '%.17g' on every call, and
+-- number formatting is among the dearer steps of a script.
+local REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 
 local function fmt(n)
+  if n == 0 then return '0' end -- the commonest count, and string.format is dear
   return string.format('%d', n)
 end
 
@@ -84,20 +89,31 @@ local function packed(t, n)
   local out = {}
   for i = 1, n do
     local v = t[i]
-    if v == false or v == nil then
+    if not v then -- false or nil
       out[i] = ''
-    elseif type(v) == 'number' then
-      out[i] = string.format('%d', v)
-    elseif type(v) == 'table' then
-      out[i] = table.concat(v, ',')
     else
-      out[i] = v
+      local kind = type(v) -- a C call: once per field
+      if kind == 'string' then
+        out[i] = v
+      elseif kind == 'number' then
+        out[i] = fmt(v)
+      else
+        out[i] = table.concat(v, ',')
+      end
     end
   end
   return table.concat(out, SEP)
 end
 
-local function split(s)
+-- The fields of `s` (joined by SEP). With `n`, the number of fields `s` should hold: one
+-- string.match with a capture per field, far cheaper than a gmatch loop (each step of which is
+-- a C call); a string of another shape is split field by field as without `n`.
+local function split(s, n)
+  if n then
+    local fields = {string.match(s, '^' .. string.rep('([^' .. SEP .. ']*)' .. SEP, n - 1)
+      .. '([^' .. SEP .. ']*)$')}
+    if fields[1] then return fields end
+  end
   local out = {}
   for field in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do
     out[#out + 1] = field
@@ -113,7 +129,7 @@ end
 
 -- One ledger entry; its stream id carries the time (ms, Redis clock). Returns the entry id.
 local function ledger(kind, agent, task_ref, units, released, rid, reason, scope, pid)
-  return redis.call('XADD', K.ledger, 'MAXLEN', '~', LEDGER_LEN, '*',
+  return redis.call('XADD', K.ledger, 'MAXLEN', '~', LEDGER_LEN_S, '*',
     't', kind, 'a', agent, 'k', task_ref, 'u', fmt(units), 'x', fmt(released),
     'r', rid or '', 'why', reason or '', 's', scope or '', 'p', pid or '')
 end
@@ -122,20 +138,26 @@ end
 -- writes of every script that writes. Outcomes live for the retention (the hash expires when
 -- its last outcome may be forgotten), tasks and the ledger for IDLE after the last write; so do
 -- the budget hash and the open reservations, unless a budget or limit was ever set (a policy
--- must never vanish on its own: then they have no TTL).
-local function touch()
-  redis.call('PEXPIRE', K.closed, fmt(RETENTION))
-  redis.call('PEXPIRE', K.closedx, fmt(RETENTION))
-  redis.call('PEXPIRE', K.tasks, fmt(IDLE))
-  redis.call('PEXPIRE', K.tasksx, fmt(IDLE))
-  redis.call('PEXPIRE', K.ledger, fmt(IDLE))
-  redis.call('PEXPIRE', K.agents, fmt(IDLE))
-  local keep = redis.call('HGET', K.budget, 'policy') == '1'
+-- must never vanish on its own: then they have no TTL). `policy`: the budget hash's policy
+-- field (false if absent) as read by a script that does not set it, or nil to read it here.
+local function touch(policy)
+  redis.call('PEXPIRE', K.closed, RETENTION_S)
+  redis.call('PEXPIRE', K.closedx, RETENTION_S)
+  redis.call('PEXPIRE', K.tasks, IDLE_S)
+  redis.call('PEXPIRE', K.tasksx, IDLE_S)
+  redis.call('PEXPIRE', K.ledger, IDLE_S)
+  redis.call('PEXPIRE', K.agents, IDLE_S)
+  if policy == '1' then
+    -- These four keys carry no TTL already: the script that set the policy persisted them
+    -- (below), and only this function ever gives them one, never once a policy is set.
+    return
+  end
+  local keep = policy == nil and redis.call('HGET', K.budget, 'policy') == '1'
   for _, key in ipairs({K.budget, K.res, K.exp, K.open}) do
     if keep then
       redis.call('PERSIST', key)
     else
-      redis.call('PEXPIRE', key, fmt(IDLE))
+      redis.call('PEXPIRE', key, IDLE_S)
     end
   end
 end
@@ -263,26 +285,37 @@ local SCOPE_FIELDS = {'limit', 'period', 'tzt', 'pid', 'spent', 'reserved', 'ope
 
 -- The state of scope `p` at `now`. An agent without a period of its own (no budget, or a
 -- budget set without one) counts in its customer's period (`fallback`: the customer's state).
+-- A stored counter: 0 when the field is absent (tonumber is dear: not called for it).
+local function num(v)
+  if v then return tonumber(v) end
+  return 0
+end
+
+-- The state of scope `p` at `now`. An agent without a period of its own (no budget, or a
+-- budget set without one) counts in its customer's period (`fallback`: the customer's state).
 local function scope_read(p, now, fallback)
-  local names = {}
-  for i, f in ipairs(SCOPE_FIELDS) do names[i] = p .. f end
+  local names = SCOPE_FIELDS
+  if p ~= '' then
+    names = {}
+    for i, f in ipairs(SCOPE_FIELDS) do names[i] = p .. f end
+  end
   local v = redis.call('HMGET', K.budget, unpack(names))
-  local s = {
+  local s = { -- every field named here, so the table is made at its final size
     p = p, limit = v[1] and tonumber(v[1]), period = v[2] or '', tzt = v[3] or '',
-    stored = v[4] or '', open = tonumber(v[7] or '0'),
-    rl_n = v[8] and tonumber(v[8]), rl_per = tonumber(v[9] or '0'),
-    rl_burst = tonumber(v[10] or '0'), rl_tat = tonumber(v[11] or '0'),
-    cc = v[12] and tonumber(v[12]), thr = v[13] or '', name = v[14],
+    stored = v[4] or '', open = num(v[7]),
+    rl_n = v[8] and tonumber(v[8]), rl_per = num(v[9]), rl_burst = num(v[10]),
+    rl_tat = num(v[11]), cc = v[12] and tonumber(v[12]), thr = v[13] or '', name = v[14],
+    pid = false, pstart = false, pend = false, spent = 0, reserved = 0,
   }
   if fallback and s.period == '' then
     s.period, s.tzt = fallback.period, fallback.tzt
   end
   s.pid, s.pstart, s.pend = period_of(s.period, s.tzt, now)
   if s.stored == s.pid then
-    s.spent, s.reserved = tonumber(v[5] or '0'), tonumber(v[6] or '0')
+    s.spent, s.reserved = num(v[5]), num(v[6])
   else -- another period is stored: this one's counters are archived, or it starts at zero
     local a = redis.call('HMGET', K.budget, p .. 's:' .. s.pid, p .. 'r:' .. s.pid)
-    s.spent, s.reserved = tonumber(a[1] or '0'), tonumber(a[2] or '0')
+    s.spent, s.reserved = num(a[1]), num(a[2])
   end
   return s
 end
@@ -522,11 +555,14 @@ end
 -- forget at most REAP_LIMIT outcomes past their retention and idle tasks past theirs. No cron
 -- and no sweeper process is needed. Returns true when a counter or a task changed.
 -- `expired_before`: due reservations this call already expired itself (they count towards the
--- limit).
-local function reap(now, expired_before)
+-- limit); `now_s`: now as a string, if the caller has it.
+local function reap(now, expired_before, now_s)
   local changed = false
-  local left = REAP_LIMIT - (expired_before or 0)
-  local expired = left > 0 and redis.call('ZRANGEBYSCORE', K.exp, '-inf', now, 'LIMIT', 0, left) or {}
+  now_s = now_s or fmt(now)
+  local before = expired_before or 0
+  local left = REAP_LIMIT - before
+  local expired = left > 0 and redis.call('ZRANGEBYSCORE', K.exp, '-inf', now_s, 'LIMIT', '0',
+    before == 0 and REAP_LIMIT_S or fmt(left)) or {}
   for _, rid in ipairs(expired) do
     local r = redis.call('HGET', K.res, rid)
     if r then
@@ -536,12 +572,12 @@ local function reap(now, expired_before)
       redis.call('ZREM', K.exp, rid)
     end
   end
-  local old = redis.call('ZRANGEBYSCORE', K.closedx, '-inf', now, 'LIMIT', 0, REAP_LIMIT)
+  local old = redis.call('ZRANGEBYSCORE', K.closedx, '-inf', now_s, 'LIMIT', '0', REAP_LIMIT_S)
   if #old > 0 then
     redis.call('HDEL', K.closed, unpack(old))
     redis.call('ZREM', K.closedx, unpack(old))
   end
-  local idle = redis.call('ZRANGEBYSCORE', K.tasksx, '-inf', now, 'LIMIT', 0, REAP_LIMIT)
+  local idle = redis.call('ZRANGEBYSCORE', K.tasksx, '-inf', now_s, 'LIMIT', '0', REAP_LIMIT_S)
   for _, tf in ipairs(idle) do
     if tonumber(redis.call('HGET', K.tasks, tf .. ':r') or '0') == 0 then
       redis.call('HDEL', K.tasks, tf .. ':c', tf .. ':u', tf .. ':r', tf .. ':n')
@@ -551,7 +587,7 @@ local function reap(now, expired_before)
       task_seen(tf, now) -- a run of it is still open: it is not idle
     end
   end
-  local agents = redis.call('ZRANGEBYSCORE', K.agents, '-inf', now, 'LIMIT', 0, REAP_LIMIT)
+  local agents = redis.call('ZRANGEBYSCORE', K.agents, '-inf', now_s, 'LIMIT', '0', REAP_LIMIT_S)
   for _, adig in ipairs(agents) do
     if forget_agent(adig) then
       redis.call('ZREM', K.agents, adig)

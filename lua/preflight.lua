@@ -33,7 +33,7 @@
 -- Errors (nothing written): 'AGENTBILL idempotency_conflict' when the key was used with other
 -- arguments; 'AGENTBILL overflow estimated_units' when reserving would take a counter past 2^53-1.
 
-local A = split(ARGV[6])
+local A = split(ARGV[6], 14)
 local rid = A[1]
 local units = tonumber(A[2])
 local ceiling = A[3]
@@ -42,20 +42,23 @@ local agent, task_ref, tf = A[5], A[6], A[7]
 local task_ceiling = A[8]
 local group = A[9]
 local fingerprint = A[10]
-local idem_ttl = tonumber(A[11])
+local idem_ttl = A[11]
 local customer_id = A[12]
 local adig = A[13]
 local adoptable = A[14] == '1'
 local idem_key = KEYS[11]
 
 local now = now_ms()
+local now_s = fmt(now)
 
 local cs, as -- the customer's and the agent's scope
+local stored -- the customer scope's fields policy, customer and seq
 local task = {used = 0, reserved = 0, exists = false}
 
 local function read_state()
   cs = scope_read('', now)
   as = scope_read('a:' .. adig .. ':', now, cs)
+  stored = redis.call('HMGET', K.budget, 'policy', 'customer', 'seq')
   task = {used = 0, reserved = 0, exists = false}
   if tf ~= '' then
     task.ceiling, task.used, task.reserved, task.exists = task_state(tf)
@@ -65,7 +68,7 @@ end
 local function reply(approved, reason, id, expires, replayed, rule, crossed)
   rule = rule or {}
   return packed({approved, reason, id, expires, cs.limit or false, cs.spent, cs.reserved,
-                 task.ceiling or false, task.used, task.reserved, now, replayed,
+                 task.ceiling or false, task.used, task.reserved, now_s, replayed,
                  rule.scope or false, rule.limit or false, rule.used or false,
                  rule.reserved or false, rule.retry or false, cs.pstart, cs.pend,
                  crossed or {}}, 20)
@@ -95,7 +98,7 @@ if risky and due(now) then
   return overflow('estimated_units') -- decided before reaping writes anything
 end
 
-if reap(now) then
+if reap(now, 0, now_s) then
   read_state()
 end
 
@@ -146,25 +149,34 @@ if not rule and (cs.reserved + units > MAX or as.reserved + units > MAX or task.
 end
 if rule then
   ledger('refused', agent, task_ref, units, 0, '', rule.reason, rule.scope, cs.pid)
-  touch()
+  touch(stored[1] or false)
   return reply(0, rule.reason, false, false, 0, rule)
 end
 
--- Every rule passed: reserve on every scope.
+-- Every rule passed: reserve on every scope. The counters are written in one HSET, their new
+-- values computed from those read above (nothing else runs between).
 scope_roll(cs, now)
 scope_roll(as, now)
-local seq = incr(K.budget, 'seq', 1)
-incr(K.budget, 'reserved', units)
-incr(K.budget, 'open', 1)
-incr(K.budget, as.p .. 'reserved', units)
-incr(K.budget, as.p .. 'open', 1)
-redis.call('HSETNX', K.budget, 'customer', customer_id)
-if not as.name then
-  redis.call('HSET', K.budget, as.p .. 'name', agent)
+local seq = num(stored[3]) + 1
+local w = {'seq', fmt(seq), 'open', fmt(cs.open + 1), as.p .. 'open', fmt(as.open + 1)}
+if units ~= 0 then
+  w[#w + 1], w[#w + 2] = 'reserved', fmt(cs.reserved + units)
+  w[#w + 1], w[#w + 2] = as.p .. 'reserved', fmt(as.reserved + units)
 end
+if not stored[2] then
+  w[#w + 1], w[#w + 2] = 'customer', customer_id
+end
+if not as.name then
+  w[#w + 1], w[#w + 2] = as.p .. 'name', agent
+end
+if cs.rl_n then
+  w[#w + 1], w[#w + 2] = 'rl_tat', string.format('%.17g', ctat)
+end
+if as.rl_n then
+  w[#w + 1], w[#w + 2] = as.p .. 'rl_tat', string.format('%.17g', atat)
+end
+redis.call('HSET', K.budget, unpack(w))
 agent_seen(adig, now)
-if cs.rl_n then redis.call('HSET', K.budget, 'rl_tat', string.format('%.17g', ctat)) end
-if as.rl_n then redis.call('HSET', K.budget, as.p .. 'rl_tat', string.format('%.17g', atat)) end
 if tf ~= '' then
   if not task.exists then
     redis.call('HSET', K.tasks, tf .. ':n', task_ref)
@@ -179,14 +191,15 @@ end
 cs.reserved, cs.open = cs.reserved + units, cs.open + 1
 as.reserved, as.open = as.reserved + units, as.open + 1
 local expires = now + ttl
+local expires_s = fmt(expires)
 local member = ''
 if adoptable then
   member = group .. ':' .. string.format('%016d', seq) .. ':' .. rid
-  redis.call('ZADD', K.open, 0, member)
+  redis.call('ZADD', K.open, '0', member)
 end
-local record = {agent, task_ref, tf, fmt(units), fmt(now), fmt(expires), member, cs.pid, adig, as.pid}
+local record = {agent, task_ref, tf, fmt(units), now_s, expires_s, member, cs.pid, adig, as.pid}
 redis.call('HSET', K.res, rid, table.concat(record, SEP))
-redis.call('ZADD', K.exp, expires, rid)
+redis.call('ZADD', K.exp, expires_s, rid)
 if fingerprint ~= '' then
   redis.call('SET', idem_key, fingerprint .. SEP .. rid, 'PX', idem_ttl)
 end
@@ -194,5 +207,5 @@ ledger('approved', agent, task_ref, units, 0, rid, '', '', cs.pid)
 local crossed = {}
 check_thresholds(cs, 'customer', agent, crossed, rid)
 check_thresholds(as, 'agent', agent, crossed, rid)
-touch()
-return reply(1, false, rid, expires, 0, nil, crossed)
+touch(stored[1] or false)
+return reply('1', false, rid, expires_s, '0', nil, crossed)

@@ -368,6 +368,22 @@ def test_a_customers_keys_expire_after_its_idle_retention(
     assert raw.pttl(paid.ledger) > 0
 
 
+def test_a_budget_set_after_runs_keeps_their_keys_for_good(
+    client: AgentBillClient, raw: redis.Redis
+) -> None:
+    """Keys written before a budget was set carry a TTL; setting it removes their TTL, and
+    the runs after it (which skip persisting what has no TTL) give them none."""
+    client.preflight("agent", 5, "late")
+    keys = client._policy.keys.customer("late")
+    kept = (keys.budget, keys.res, keys.exp, keys.open)
+    assert all(raw.pttl(k) > 0 for k in kept)
+    client.set_budget("late", 100)
+    client.preflight("agent", 5, "late").record(2)
+    client.preflight("agent", 5, "late")
+    assert [raw.pttl(k) for k in kept] == [-1] * len(kept)
+    assert raw.pttl(keys.ledger) > 0
+
+
 def test_an_idle_customers_outcomes_are_forgotten_on_a_ttl(
     redis_server: RedisServer, namespace: str, raw: redis.Redis
 ) -> None:
