@@ -156,7 +156,9 @@ def model_body(result: object) -> object:
     dump = getattr(result, "model_dump", None)
     if not callable(dump):
         return None
-    return dump(mode="json", include={"model", "usage", "service_tier"})
+    # warnings=False: the SDKs build responses without validating them, so a count a
+    # provider wrote as a float or a string would make pydantic warn; read_usage reads it.
+    return dump(mode="json", include={"model", "usage", "service_tier"}, warnings=False)
 
 
 def _sync_iter_class(cls: type[Any]) -> type:
