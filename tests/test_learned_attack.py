@@ -8,11 +8,17 @@ learned reservation is at least 1 unit: a run is admitted only where one unit st
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import pytest
 
 from agentbill import AgentBillClient, RunBlockedError, _learned
 from agentbill._results import LEARN_AFTER
-from tests.test_learned import AGENT, CUSTOMER, run
+from tests._llm_mock import MockLLM
+from tests._servers import RedisServer
+from tests.test_concurrency import BARRIER_TIMEOUT, CTX, run_processes
+from tests.test_learned import AGENT, CUSTOMER, DOLLAR, approved, approved_call, run
 
 
 @pytest.fixture
@@ -52,3 +58,49 @@ def test_a_learned_reservation_is_at_least_one_unit(client: AgentBillClient, fre
     with c.run(AGENT, "learned", CUSTOMER, bound=100) as block:
         assert block.check.estimated_units == 1
         block.record(0)
+
+
+def varying_caller(url: str, namespace: str, barrier: Any, seed: int) -> tuple[int, list[int]]:
+    """Learned wrapped calls whose output varies (50 to 800 tokens, and 4,000 one call in 25) until
+    refused 5 times: (calls refused, units each approved call was charged)."""
+    rng = random.Random(seed)
+    mock = MockLLM()
+
+    def vary() -> None:
+        mock.completion_tokens = 4_000 if rng.random() < 0.04 else rng.randint(50, 800)
+
+    mock.on_request = vary
+    refused = 0
+    with AgentBillClient(redis_url=url, namespace=namespace) as c:
+        llm = c.wrap(
+            mock.openai(), agent_id=AGENT, customer_id=CUSTOMER, unit="usd", estimate="learned"
+        )
+        barrier.wait(BARRIER_TIMEOUT)
+        while refused < 5:
+            if not approved_call(llm):
+                refused += 1
+    return refused, [len(mock.requests)]
+
+
+@pytest.mark.slow
+def test_eight_racing_processes_with_varying_usage_stay_within_the_documented_overrun(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    """README: a learned budget can go over by at most the sum, over the calls in flight, of
+    (bound - reservation); 8 processes have at most 8 calls in flight, each under its bound.
+    Every call is charged exactly what it used, and nothing stays held."""
+    processes = 8
+    with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
+        c.set_budget(CUSTOMER, DOLLAR)
+        barrier = CTX.Barrier(processes)
+        args = [(redis_server.url, namespace, barrier, seed) for seed in range(processes)]
+        results = run_processes(varying_caller, args)
+        budget = c.get_budget(CUSTOMER)
+        asked = approved(c)
+        bound = max(asked)  # the first calls reserve their bound
+        recorded = [e.units for e in c.events(CUSTOMER) if e.type == "recorded"]
+    assert budget.reserved == 0
+    assert budget.spent == sum(recorded)
+    assert len(recorded) == sum(sent for _, (sent,) in results)  # every call sent was charged
+    assert budget.spent <= DOLLAR + processes * (bound - 1)
+    assert min(asked) < bound / 2  # the later calls reserved what was learned
