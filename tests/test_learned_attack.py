@@ -12,6 +12,7 @@ import random
 from typing import Any
 
 import pytest
+import redis
 
 from agentbill import AgentBillClient, RunBlockedError, _learned
 from agentbill._results import LEARN_AFTER
@@ -104,3 +105,26 @@ def test_eight_racing_processes_with_varying_usage_stay_within_the_documented_ov
     assert len(recorded) == sum(sent for _, (sent,) in results)  # every call sent was charged
     assert budget.spent <= DOLLAR + processes * (bound - 1)
     assert min(asked) < bound / 2  # the later calls reserved what was learned
+
+
+def test_a_statistics_key_stays_small_whatever_the_records_report(
+    client: AgentBillClient, raw: redis.Redis
+) -> None:
+    """400 records spread over 0 to 2^39 units (every bin an actual can fall in, and one
+    enormous outlier): the key keeps two generations of at most 3 + 217 fields each, and the
+    percentiles of a steady window are not moved by one outlier."""
+    c = client
+    for i in range(400):
+        units = 0 if i % 41 == 40 else 2 ** (i % 40) + i
+        run(c, 2**40, units)
+    key = c._policy.keys.customer(CUSTOMER).stats(AGENT)
+    assert raw.hlen(key) <= 1 + 2 * (3 + 217)
+    memory = raw.memory_usage(key)
+    assert memory is not None
+    assert memory < 16_384
+    for _ in range(LEARN_AFTER * 10):  # a steady window of 40s, then one enormous record
+        run(c, 100, 40)
+    run(c, 2**50, 2**50)
+    stats = c.estimates(AGENT, CUSTOMER)
+    assert stats.p95 == stats.p50 == 47  # the top of 40's bin
+    assert stats.learned(100) == 47
