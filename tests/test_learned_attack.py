@@ -64,6 +64,7 @@ def test_a_learned_reservation_is_at_least_one_unit(client: AgentBillClient, fre
 def varying_caller(url: str, namespace: str, barrier: Any, seed: int) -> tuple[int, list[int]]:
     """Learned wrapped calls whose output varies (50 to 800 tokens, and 4,000 one call in 25) until
     refused 5 times: (calls refused, units each approved call was charged)."""
+    _learned.REFRESH = 0.0  # read before every call (see test_learned's learned_caller)
     rng = random.Random(seed)
     mock = MockLLM()
 
