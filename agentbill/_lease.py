@@ -155,6 +155,15 @@ class LeaseCheck(BaseCheck):
         self._reservation()
         return self._close("released", 0)
 
+    def extend(self, units: int) -> LeaseCheck:
+        """A lease's run has no reservation of its own (its slice is shared by many runs):
+        InvalidRequestError naming ``reservation_id``, nothing changed. Make a plain preflight
+        for a run that may need more than it asked."""
+        raise InvalidRequestError(
+            "reservation_id",
+            "a lease's run cannot be extended: its slice is shared; use a plain preflight",
+        )
+
     def _close(self, status: SettleStatus, units: int) -> Settlement:
         run = self._run
         assert run is not None  # every approved LeaseCheck has its run

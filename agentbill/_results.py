@@ -326,7 +326,8 @@ class Estimates:
     def learned(self, bound: int) -> int:
         """What ``"learned"`` reserves for a run that can cost at most ``bound``: the p95 of
         recent actuals, never above ``bound``; ``bound`` itself until there are
-        ``LEARN_AFTER`` samples."""
+        ``LEARN_AFTER`` samples. Never below 1 unit: a reservation of 0 fits a budget spent to
+        the last unit, which would then admit every run (runs that report 0 make the p95 0)."""
         if self.samples < LEARN_AFTER or self.p95 is None:
             return bound
-        return min(self.p95, bound)
+        return min(max(self.p95, 1), bound)

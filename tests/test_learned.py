@@ -317,7 +317,10 @@ def approved_call(llm: Any) -> bool:
 
 
 def learned_caller(url: str, namespace: str, barrier: Barrier) -> tuple[int, int, int]:
-    """Wrapped learned calls until refused 5 times: (charged calls, refused, requests sent)."""
+    """Wrapped learned calls until refused 5 times: (charged calls, refused, requests sent).
+    The statistics are read before every call: with the once-a-second refresh, the calls can
+    spend the whole dollar within the first second, on the bound read at the start."""
+    _learned.REFRESH = 0.0
     mock = MockLLM()
     outcomes: list[bool] = []
     with AgentBillClient(redis_url=url, namespace=namespace) as c:

@@ -9,7 +9,10 @@ reservation is a ticket, settled exactly once:
   closed, which the SDKs do when the stream ends, is closed, or its ``with`` block exits; the
   wrapper also closes it when a ``for`` loop over it is broken out of or cancelled. Usage is
   read from the bytes as they pass (see ``_usage``); a stream closed before its usage arrived
-  is charged the reservation.
+  is charged the reservation;
+- a stream dropped without being closed (never read: an early return, an exception before
+  the loop, a raw response never parsed): charged the reservation when its HTTP response is
+  garbage-collected (see :class:`Dropped`): the request was sent.
 
 The call owns its reservation as a gate does (``agentbill._gate``): it is unadoptable and not
 in the client's book of its own reservations, so a record without an id, from this client or
@@ -20,15 +23,24 @@ and delivered once, in the background, whatever the outage policy.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import queue
 import sys
+import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import cache
 from types import ModuleType
 from typing import Any
 
+from agentbill._fork import reset_at_fork
 from agentbill._gate import _close, _close_async, _release_quietly, _release_quietly_async
 from agentbill.llm._plan import CallPlan, Settings, charge
 from agentbill.llm._usage import EventSplitter, Tally
+
+logger = logging.getLogger("agentbill")
 
 
 class Reader:
@@ -156,7 +168,9 @@ def model_body(result: object) -> object:
     dump = getattr(result, "model_dump", None)
     if not callable(dump):
         return None
-    return dump(mode="json", include={"model", "usage", "service_tier"})
+    # warnings=False: the SDKs build responses without validating them, so a count a
+    # provider wrote as a float or a string would make pydantic warn; read_usage reads it.
+    return dump(mode="json", include={"model", "usage", "service_tier"}, warnings=False)
 
 
 def _sync_iter_class(cls: type[Any]) -> type:
@@ -200,6 +214,75 @@ def close_when_left(stream: object) -> None:
     stream.__class__ = _CLOSING[cls]
 
 
+class Dropped:
+    """Tickets of streams whose HTTP response was garbage-collected unclosed: settled off the
+    collector. A ``weakref.finalize`` on the response only puts the ticket on a
+    ``queue.SimpleQueue`` (safe to call from a finalizer, which may run inside any code, locks
+    held, on an event loop); a daemon thread takes it and queues its record of the reservation
+    through the client's background delivery (``_settle_later``: delivered once, keeping its
+    request id), never a round trip of its own. A response still referenced when the process
+    exits is not covered (its reservation expires at its TTL)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        reset_at_fork(self)
+
+    def _after_fork(self) -> None:
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._lock = threading.Lock()
+
+    def watch(self, response: Any, ticket: Any) -> None:
+        """Settle ``ticket`` if ``response`` is collected before the ticket is settled."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="agentbill-dropped", daemon=True
+                )
+                self._thread.start()
+        finalizer = weakref.finalize(response, self._queue.put, ticket)
+        finalizer.atexit = False
+
+    def _loop(self) -> None:
+        q = self._queue
+        while True:
+            ticket = q.get()
+            try:
+                ticket.settle_dropped()
+            except Exception:  # never let the thread die: later drops would go unsettled
+                logger.exception("agentbill: could not queue a dropped stream's record")
+
+
+DROPPED = Dropped()
+
+
+def _queue_record(ticket: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+    """A dropped stream's record (what its tally holds: the reservation when its usage never
+    arrived), queued for the client's background delivery; with an async client, its delivery
+    task is woken on ``loop``."""
+    if ticket._done:
+        return
+    ticket._done = True
+    units, metadata = charge(ticket._settings, ticket._plan, ticket._tally)
+    check = ticket._check
+    client = ticket._client
+    plan = client._plan_close(
+        check.reservation_id,
+        units,
+        check.agent_id,
+        check.customer_id,
+        check.task_ref,
+        metadata={**metadata, "dropped": True},
+        model=ticket._plan.request.model,
+    )
+    client._settle_later(plan)
+    if loop is not None and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile: the exit delivery takes it
+            loop.call_soon_threadsafe(client._flusher.wake)
+
+
 class SyncTicket:
     """One call's reservation, with AgentBillClient: settled exactly once, as a gate settles
     (see ``agentbill._gate``): surely, so that a record or release Redis cannot take now is
@@ -211,6 +294,11 @@ class SyncTicket:
         self._plan = plan
         self._check = check
         self._done = False
+        self._tally: Tally = plan.tally()
+
+    def settle_dropped(self) -> None:
+        """Its stream's response was collected unclosed (see :class:`Dropped`)."""
+        _queue_record(self, None)
 
     def record(self, tally: Tally) -> None:
         if self._done:
@@ -228,8 +316,9 @@ class SyncTicket:
         _release_quietly(self._client, self._check)
 
     def attach(self, result: object) -> object:
-        """Record now (a parsed response), or when the response closes (a stream)."""
-        tally = self._plan.tally()
+        """Record now (a parsed response), or when the response closes (a stream), or when it
+        is collected unclosed (a stream dropped)."""
+        tally = self._tally
         response = http_response(result)
         if response is None:
             tally.feed_body(model_body(result))
@@ -242,6 +331,7 @@ class SyncTicket:
             return result
         hook(response, Reader(tally, response), lambda: self.record(tally), is_async=False)
         close_when_left(result)
+        DROPPED.watch(response, self)
         return result
 
 
@@ -255,6 +345,12 @@ class AsyncTicket:
         self._plan = plan
         self._check = check
         self._done = False
+        self._tally: Tally = plan.tally()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def settle_dropped(self) -> None:
+        """Its stream's response was collected unclosed (see :class:`Dropped`)."""
+        _queue_record(self, self._loop)
 
     async def record(self, tally: Tally) -> None:
         if self._done:
@@ -271,7 +367,7 @@ class AsyncTicket:
         await _release_quietly_async(self._client, self._check)
 
     async def attach(self, result: object) -> object:
-        tally = self._plan.tally()
+        tally = self._tally
         response = http_response(result)
         if response is None:
             tally.feed_body(model_body(result))
@@ -288,6 +384,8 @@ class AsyncTicket:
 
         hook(response, Reader(tally, response), on_close, is_async=True)
         close_when_left(result)
+        self._loop = asyncio.get_running_loop()
+        DROPPED.watch(response, self)
         return result
 
 

@@ -178,7 +178,14 @@ def charge(s: Settings, plan: CallPlan, tally: Tally) -> tuple[int, dict[str, ob
     never arrived (a stream broken off, closed early or cut by an error) is charged the
     reservation: with ``estimate="bound"``, the most it could have cost."""
     meta: dict[str, object] = {"model": tally.model or plan.request.model, "estimate": plan.units}
-    if not tally.complete:
+    usage = tally.readable_usage()
+    if usage is None:
+        if tally.complete:
+            logger.warning(
+                "agentbill: could not read %s's usage %r; charging the estimate",
+                tally.model,
+                tally.usage,
+            )
         return plan.units, {**meta, "usage": None}
     context = dict(plan.context)
     if tally.service_tier is not None and s.provider == "openai":
@@ -190,6 +197,6 @@ def charge(s: Settings, plan: CallPlan, tally: Tally) -> tuple[int, dict[str, ob
             "agentbill: could not price %s's usage (%s); charging the estimate", tally.model, exc
         )
         return plan.units, {**meta, "usage": None}
-    if len(json.dumps(tally.usage)) > MAX_USAGE_METADATA:  # records take 4 KiB of metadata
+    if len(json.dumps(usage)) > MAX_USAGE_METADATA:  # records take 4 KiB of metadata
         return used, {**meta, "usage": None}
-    return used, {**meta, "usage": tally.usage}
+    return used, {**meta, "usage": usage}

@@ -20,6 +20,14 @@ from collections.abc import Mapping
 from typing import Any
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_DIGITS = re.compile(r"\d+")
+
+REQUIRED_COUNTS = {
+    "chat": ("prompt_tokens", "completion_tokens"),
+    "responses": ("input_tokens", "output_tokens"),
+    "messages": ("input_tokens", "output_tokens"),
+}
+"""The token counts a usage of each API must hold to be read at all."""
 
 FINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -39,8 +47,16 @@ class Tally:
         self.usage: dict[str, Any] | None = None
         self.complete = False
 
+    def readable_usage(self) -> dict[str, Any] | None:
+        """The final usage with every token count a non-negative int, or None when it never
+        arrived or cannot be read (see :func:`read_usage`)."""
+        if not self.complete or self.usage is None:
+            return None
+        return read_usage(self.flavor, self.usage)
+
     def body(self) -> dict[str, object]:
-        out: dict[str, object] = {"model": self.model, "usage": self.usage}
+        """``model`` and the readable usage (see :meth:`readable_usage`)."""
+        out: dict[str, object] = {"model": self.model, "usage": self.readable_usage()}
         if self.service_tier is not None:
             out["service_tier"] = self.service_tier
         return out
@@ -104,6 +120,51 @@ class Tally:
             self.usage = merged
             self.complete = True
         return True
+
+
+def _count(value: object) -> int | None:
+    """A token count as a provider or a proxy may write it: an int, an integral float, or a
+    string of digits (what the SDKs' pydantic models accept in a whole body); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and value >= 0 else None
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        return int(value)
+    return None
+
+
+def _counts(usage: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``usage`` with every ``*tokens`` count (nested ones too) made an int; None if one that
+    is present cannot be read."""
+    out: dict[str, Any] = {}
+    for key, value in usage.items():
+        if isinstance(value, Mapping):
+            nested = _counts(value)
+            if nested is None:
+                return None
+            out[key] = nested
+        elif isinstance(key, str) and key.endswith("tokens") and value is not None:
+            count = _count(value)
+            if count is None:
+                return None
+            out[key] = count
+        else:
+            out[key] = value
+    return out
+
+
+def read_usage(flavor: str, usage: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The one reading of a response's usage, streamed or not: every token count a
+    non-negative int, or None when the usage cannot be read (a count missing from
+    ``REQUIRED_COUNTS``, or one that is not a count). A call whose usage cannot be read is
+    charged its reservation, never less."""
+    out = _counts(usage)
+    if out is None or any(not isinstance(out.get(k), int) for k in REQUIRED_COUNTS[flavor]):
+        return None
+    return out
 
 
 def parse_event(raw: bytes) -> tuple[str | None, str]:
