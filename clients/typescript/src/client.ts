@@ -583,10 +583,20 @@ export class AgentBillClient {
     }
     return async (...args: A): Promise<Awaited<R>> => {
       abort?.throwIfAborted()
-      const check = (await this.preflight(preflight as unknown as PreflightOptions)).raiseForRefusal()
+      // Unadoptable and not in this client's book: only a request naming it (the gate's own
+      // record or release) closes it, never a record without an id, from any client.
+      const plan = core.planPreflight(this.#settings.policy, preflight, '', false)
+      const check = this.#check(await this.#run(plan)).raiseForRefusal()
+      if (abort?.aborted) {
+        // It fired while the preflight was under way: the body never starts.
+        await releaseQuietly(check)
+        throw abort.reason
+      }
       let result: Awaited<R>
       try {
-        result = await raceAbort(Promise.resolve().then(() => fn(...args)), abort)
+        // Started now, in this turn, so no abort can come between the check above and the body.
+        const work = (async () => await fn(...args))()
+        result = await raceAbort(work, abort)
       } catch (exc) {
         await releaseQuietly(check)
         throw exc

@@ -228,9 +228,14 @@ export function decodePreflight(raw: unknown, req: PreflightRequest): CheckField
   }
 }
 
-export function planPreflight(p: Policy, input: unknown, field = ''): Plan<CheckFields> & { request: PreflightRequest } {
+export function planPreflight(
+  p: Policy,
+  input: unknown,
+  field = '',
+  adoptable = true,
+): Plan<CheckFields> & { request: PreflightRequest } {
   const request = validatePreflight(input, field)
-  const { call, reservationId: rid } = preflightCall(p, request, newToken())
+  const { call, reservationId: rid } = preflightCall(p, request, newToken(), adoptable)
   return { call, decode: (raw) => decodePreflight(raw, request), reservationId: rid, request }
 }
 
