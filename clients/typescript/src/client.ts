@@ -20,6 +20,7 @@ import {
   AgentBillError,
   AuthenticationError,
   InvalidRequestError,
+  StoreBusyError,
   StoreError,
   StoreUnavailableError,
   refusal,
@@ -219,17 +220,36 @@ function isAuthError(exc: unknown): boolean {
   return AUTH_ERROR.test(errorText(exc))
 }
 
-/** A failure where the same request, sent again, may succeed. */
-function isTransient(exc: unknown): boolean {
-  if (isAuthError(exc) || exc instanceof AgentBillError) return false
+/** Error replies meaning "not now": Redis refused the call before it wrote anything (a script
+ * is refused at its first write), and the same call may succeed later. The Python client's
+ * agentbill/_retry.py BUSY_CODES (tests/test_interop.py checks they agree). */
+export const BUSY_CODES: readonly string[] = [
+  'BUSY', 'OOM', 'LOADING', 'MASTERDOWN', 'READONLY', 'TRYAGAIN', 'CLUSTERDOWN', 'NOREPLICAS', 'MISCONF',
+]
+
+/** The code of a "not now" error reply (BUSY_CODES), else undefined. */
+function busyCode(exc: unknown): string | undefined {
+  if (exc instanceof AgentBillError) return undefined
+  const first = errorText(exc).split(' ', 1)[0]!
+  return BUSY_CODES.includes(first) ? first : undefined
+}
+
+/** Redis could not be reached or did not answer in time: the call is in doubt. */
+function isUnreachable(exc: unknown): boolean {
+  if (isAuthError(exc) || exc instanceof AgentBillError || busyCode(exc) !== undefined) return false
   const e = exc as { code?: string; name?: string }
   if (e?.name === 'MaxRetriesPerRequestError' || e?.name === 'ClusterAllFailedError') return true
   if (typeof e?.code === 'string' && /^E(CONNREFUSED|CONNRESET|PIPE|TIMEDOUT|HOSTUNREACH|NETUNREACH|NOTFOUND|AI_AGAIN|CONNABORTED)$/.test(e.code)) {
     return true
   }
-  return /Connection is closed|Command timed out|Stream isn't writeable|max retries per request|^LOADING|^TRYAGAIN|^CLUSTERDOWN|Failed to refresh slots cache|None of startup nodes is available/i.test(
+  return /Connection is closed|Command timed out|Stream isn't writeable|max retries per request|Failed to refresh slots cache|None of startup nodes is available/i.test(
     errorText(exc),
   )
+}
+
+/** A failure where the same request, sent again, may succeed. */
+function isTransient(exc: unknown): boolean {
+  return isUnreachable(exc) || busyCode(exc) !== undefined
 }
 
 class DeadlineError extends Error {
@@ -369,9 +389,13 @@ export class AgentBillClient {
       return new InvalidRequestError(field, scripted.message)
     }
     const connectionError = this.#lastConnectionError
-    if (isAuthError(exc) || (isTransient(exc) && isAuthError(connectionError))) {
+    if (isAuthError(exc) || (isUnreachable(exc) && isAuthError(connectionError))) {
       const source = isAuthError(exc) ? text : errorText(connectionError)
       return new AuthenticationError(`Redis refused the credentials: ${source}`, { cause: exc })
+    }
+    const code = busyCode(exc)
+    if (code !== undefined) {
+      return new StoreBusyError(`Redis cannot run the call now (${code}): ${text}`, code, { cause: exc })
     }
     if (isTransient(exc)) {
       return new StoreUnavailableError(`Redis is unavailable: ${text}`, { cause: exc })
@@ -386,15 +410,19 @@ export class AgentBillClient {
   async #retrying<T>(fn: () => Promise<T>): Promise<T> {
     const s = this.#settings
     const started = performance.now()
+    let doubt: unknown // the last failure after which the call may have run
     for (let attempt = 1; ; attempt++) {
       try {
         if (attempt === 1) return await fn()
         const left = s.retryDeadlineMs - (performance.now() - started)
         return await withTimeout(fn(), left)
       } catch (exc) {
+        if (isUnreachable(exc)) doubt = exc
         const left = s.retryDeadlineMs - (performance.now() - started)
         if (!isTransient(exc) || isAuthError(this.#lastConnectionError) || attempt >= s.retryAttempts || left <= 0) {
-          throw this.#translate(exc)
+          // A busy answer after an attempt in doubt is in doubt too: StoreBusyError promises
+          // that nothing was written.
+          throw this.#translate(busyCode(exc) !== undefined && doubt !== undefined ? doubt : exc)
         }
         const wait = Math.min(50 * 2 ** (attempt - 1), 500)
         await sleep(Math.min(wait + Math.random() * 50, left))
