@@ -28,6 +28,7 @@ import {
 import { KeySpace } from './keys.js'
 import { answersPing, dataDir, HOME_ENV, socketPath } from './local.js'
 import { OwnReservations } from './own.js'
+import { SettleQueue } from './surely.js'
 import {
   Check,
   type BudgetStatus,
@@ -284,8 +285,19 @@ export class AgentBillClient {
   readonly #given: Redis | Cluster | undefined
   #redis: Promise<Redis | Cluster> | undefined
   #lastConnectionError: unknown
-  #closed = false
+  /** close() was called: new calls are refused; those under way finish. */
+  #closing = false
+  #closed: Promise<void> | undefined
+  /** close() is done: no connection is made again. */
+  #ended = false
+  /** Script calls under way, and gated calls under way (preflight to settle). */
   #inFlight = 0
+  #gates = 0
+  #idle: (() => void)[] = []
+  readonly #owed = new SettleQueue(
+    (plan) => this.#run(plan, true),
+    (rid) => core.planRelease(this.#settings.policy, rid),
+  )
   readonly #own = new OwnReservations()
   readonly #onThreshold: ((crossing: ThresholdCrossing) => unknown) | undefined
 
@@ -329,7 +341,7 @@ export class AgentBillClient {
   // -- connection ----------------------------------------------------------------------------------
 
   #connection(): Promise<Redis | Cluster> {
-    if (this.#closed) return Promise.reject(new StoreError('the client is closed'))
+    if (this.#ended) return Promise.reject(new StoreError('the client is closed'))
     if (this.#given !== undefined) return Promise.resolve(this.#given)
     this.#redis ??= this.#connect()
     return this.#redis
@@ -452,8 +464,10 @@ export class AgentBillClient {
     return await send()
   }
 
-  /** `fn` with the connection this client built held open (referenced) while it runs. */
-  async #holding<T>(fn: () => Promise<T>): Promise<T> {
+  /** `fn` with the connection this client built held open (referenced) while it runs.
+   * Refused once close() was called, unless `owed` (what a call under way still has to send). */
+  async #holding<T>(fn: () => Promise<T>, owed = false): Promise<T> {
+    if (this.#closing && !owed) throw new StoreError('the client is closed')
     this.#inFlight += 1
     const own = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
     socketOf(own)?.ref()
@@ -461,6 +475,7 @@ export class AgentBillClient {
       return await fn()
     } finally {
       this.#inFlight -= 1
+      this.#whenIdle()
       if (this.#inFlight === 0) {
         const redis = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
         if (this.#inFlight === 0) socketOf(redis)?.unref()
@@ -468,13 +483,19 @@ export class AgentBillClient {
     }
   }
 
-  /** One script call, retried; the connection held while it runs. */
-  #send(call: Call): Promise<unknown> {
-    return this.#holding(() => this.#retrying(() => this.#eval(call)))
+  /** Wake close() once no call is under way. */
+  #whenIdle(): void {
+    if (this.#inFlight > 0 || this.#gates > 0) return
+    for (const wake of this.#idle.splice(0)) wake()
   }
 
-  async #run<T>(plan: core.Plan<T>): Promise<T> {
-    const reply = await this.#send(plan.call)
+  /** One script call, retried; the connection held while it runs. */
+  #send(call: Call, owed = false): Promise<unknown> {
+    return this.#holding(() => this.#retrying(() => this.#eval(call)), owed)
+  }
+
+  async #run<T>(plan: core.Plan<T>, owed = false): Promise<T> {
+    const reply = await this.#send(plan.call, owed)
     const result = plan.decode(reply)
     this.#notify(result)
     return result
@@ -609,35 +630,66 @@ export class AgentBillClient {
       const used = typeof units === 'function' ? (units as (r: Awaited<R>) => number)(result) : units
       return v.units('units', used)
     }
+    const policy = this.#settings.policy
+    const close = (check: Check, units: number | undefined): Promise<unknown> => {
+      const rid = check.reservationId!
+      const plan = units === undefined
+        ? core.planRelease(policy, rid)
+        : core.recordPlan(policy, {
+          agentId: check.agentId, units, customerId: check.customerId, reservationId: rid,
+          taskRef: check.taskRef, success: true, idempotencyKey: undefined, metadata: undefined,
+        })
+      return this.#settleSurely(plan, units !== undefined)
+    }
     return async (...args: A): Promise<Awaited<R>> => {
       abort?.throwIfAborted()
-      // Unadoptable and not in this client's book: only a request naming it (the gate's own
-      // record or release) closes it, never a record without an id, from any client.
-      const plan = core.planPreflight(this.#settings.policy, preflight, '', false)
-      const check = this.#check(await this.#run(plan)).raiseForRefusal()
-      if (abort?.aborted) {
-        // It fired while the preflight was under way: the body never starts.
-        await releaseQuietly(check)
-        throw abort.reason
-      }
-      let result: Awaited<R>
+      // Under way from the preflight to its settlement: close() waits for it.
+      this.#gates += 1
       try {
-        // Started now, in this turn, so no abort can come between the check above and the body.
-        const work = (async () => await fn(...args))()
-        result = await raceAbort(work, abort)
-      } catch (exc) {
-        await releaseQuietly(check)
-        throw exc
+        // Unadoptable and not in this client's book: only a request naming it (the gate's own
+        // record or release) closes it, never a record without an id, from any client.
+        const plan = core.planPreflight(policy, preflight, '', false)
+        const check = this.#check(await this.#run(plan)).raiseForRefusal()
+        if (abort?.aborted) {
+          // It fired while the preflight was under way: the body never starts.
+          await releaseQuietly(close(check, undefined), check)
+          throw abort.reason
+        }
+        let result: Awaited<R>
+        try {
+          // Started now, in this turn, so no abort can come between the check above and the body.
+          const work = (async () => await fn(...args))()
+          result = await raceAbort(work, abort)
+        } catch (exc) {
+          await releaseQuietly(close(check, undefined), check)
+          throw exc
+        }
+        let used: number
+        try {
+          used = unitsOf(result)
+        } catch (exc) {
+          await close(check, request.estimatedUnits) // the work happened: charge the estimate
+          throw exc
+        }
+        await close(check, used)
+        return result
+      } finally {
+        this.#gates -= 1
+        this.#whenIdle()
       }
-      let used: number
-      try {
-        used = unitsOf(result)
-      } catch (exc) {
-        await check.record(request.estimatedUnits) // the work happened: charge the estimate
-        throw exc
-      }
-      await check.record(used)
-      return result
+    }
+  }
+
+  /** A record or release no caller could make again (a gated call's): if Redis cannot take it
+   * now (busy, unreachable, silent) it is queued and delivered later, exactly once (see
+   * surely.ts), instead of being thrown; a bad request still throws. Sent even while closing. */
+  async #settleSurely(plan: core.Plan<Settlement>, record: boolean): Promise<Settlement | undefined> {
+    try {
+      return await this.#run(plan, true)
+    } catch (exc) {
+      if (!(exc instanceof StoreUnavailableError)) throw exc
+      this.#owed.add({ plan, record }, exc)
+      return undefined
     }
   }
 
@@ -694,9 +746,23 @@ export class AgentBillClient {
     return this.#run(core.planGetTask(this.#settings.policy, options))
   }
 
-  /** Close the connection this client opened (not a `redis` client passed in). */
-  async close(): Promise<void> {
-    this.#closed = true
+  /**
+   * Refuse new calls (StoreError), let those under way finish (gated calls included, to their
+   * record or release), deliver what is queued (tried for up to 5 s; what is left is lost and
+   * warned about), then close the connection this client opened (not a `redis` client passed
+   * in). Calling it again returns the same promise.
+   */
+  close(): Promise<void> {
+    this.#closing = true
+    this.#closed ??= this.#close()
+    return this.#closed
+  }
+
+  async #close(): Promise<void> {
+    if (this.#inFlight > 0 || this.#gates > 0) await new Promise<void>((done) => this.#idle.push(done))
+    if (this.#owed.size > 0) await this.#owed.drain()
+    this.#owed.stop()
+    this.#ended = true
     const pending = this.#redis
     this.#redis = undefined
     if (pending === undefined) return
@@ -716,11 +782,12 @@ function reportCallbackError(exc: unknown): void {
   process.emitWarning(`agentbill: onThreshold threw: ${errorText(exc)}`, 'AgentBillWarning')
 }
 
-/** Release after the body failed, never hiding the body's own error: if Redis cannot take it
- * now, the reservation keeps its units until it expires. */
-async function releaseQuietly(check: Check): Promise<void> {
+/** A gated call's release after its body failed (or an abort), never hiding the body's own
+ * error: if Redis cannot take it now it is queued (surely.ts); only one Redis refuses outright
+ * is warned about, and then the reservation keeps its units until it expires. */
+async function releaseQuietly(release: Promise<unknown>, check: Check): Promise<void> {
   try {
-    await check.release()
+    await release
   } catch (exc) {
     process.emitWarning(
       `agentbill: could not release reservation ${check.reservationId} after the run failed ` +
