@@ -554,13 +554,16 @@ export class AgentBillClient {
     const failed = outcomes.findIndex((o) => o.status === 'rejected')
     const checks = outcomes.map((o, i) => (o.status === 'fulfilled' ? this.#check(plans[i]!.decode(o.value)) : undefined))
     if (failed >= 0) {
-      // Undo what this batch itself approved (not replays of earlier calls); the releases take
-      // back the threshold crossings those approvals made.
+      // Undo what this batch itself approved (not replays of earlier calls), the latest first:
+      // a threshold crossing is taken back by the release of the approval that made it once
+      // the approvals after it are released too. No caller could make these releases again:
+      // those Redis cannot take now are queued (surely.ts), never left held until their TTL.
       const policy = this.#settings.policy
       await Promise.allSettled(
         checks
           .filter((c) => c?.approved && !c.replayed)
-          .map((c) => this.#send(core.planRelease(policy, c!.reservationId!, undefined, true).call)),
+          .reverse()
+          .map((c) => this.#settleSurely(core.planRelease(policy, c!.reservationId!, undefined, true), false)),
       )
       const error = (outcomes[failed] as PromiseRejectedResult).reason as unknown
       if (error instanceof InvalidRequestError) throw new InvalidRequestError(`requests[${failed}].${error.field}`, error.detail)

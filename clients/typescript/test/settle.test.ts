@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { after, before, test } from 'node:test'
 import { Redis } from 'ioredis'
-import { AgentBillClient, StoreError } from '../src/index.js'
+import { AgentBillClient, InvalidRequestError, StoreError } from '../src/index.js'
 import { RedisServer, namespace } from './servers.js'
 
 let server: RedisServer
@@ -150,4 +150,41 @@ test('what is still queued when the process ends gets a last delivery', async ()
   const b = await c.getBudget({ customerId: 'u' })
   assert.deepEqual([b.spent, b.reserved], [6, 0], err)
   await c.close()
+})
+
+test("preflightMany: a failed batch's rollback that Redis cannot take now is queued, never left held", async () => {
+  const given = new Redis(server.port, '127.0.0.1')
+  const ns = namespace()
+  const c = new AgentBillClient({ redis: given, namespace: ns })
+  await c.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u', idempotencyKey: 'k' })
+  const evalsha = given.evalsha.bind(given) as (...args: unknown[]) => Promise<unknown>
+  let sent = 0
+  let busyReplies = true
+  // The batch's three items reach Redis; what follows (the rollback) is answered BUSY.
+  ;(given as unknown as { evalsha: unknown }).evalsha = (...args: unknown[]) => {
+    sent += 1
+    if (sent > 3 && busyReplies) return Promise.reject(new Error('BUSY Redis is busy running a script.'))
+    return evalsha(...args)
+  }
+  const warnings: string[] = []
+  const onWarning = (w: Error): void => void warnings.push(w.message)
+  process.on('warning', onWarning)
+  try {
+    await assert.rejects(
+      c.preflightMany([
+        { agentId: 'a', estimatedUnits: 3, customerId: 'u' },
+        { agentId: 'a', estimatedUnits: 4, customerId: 'u' },
+        { agentId: 'a', estimatedUnits: 2, customerId: 'u', idempotencyKey: 'k' }, // other arguments
+      ]),
+      (e: unknown) => e instanceof InvalidRequestError && e.field === 'requests[2].idempotencyKey',
+    )
+    busyReplies = false
+    const b = await until(() => c.getBudget({ customerId: 'u' }), (x) => x.reserved === 1)
+    assert.deepEqual([b.reserved, b.openReservations], [1, 1]) // only the earlier preflight holds
+    assert.ok(warnings.some((w) => /queued/.test(w)), warnings.join('\n'))
+  } finally {
+    process.off('warning', onWarning)
+    await c.close()
+    given.disconnect()
+  }
 })
