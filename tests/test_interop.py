@@ -56,9 +56,14 @@ def node(step: dict[str, Any], env: dict[str, str] | None = None) -> Any:
     return reply["ok"]
 
 
-def node_error(step: dict[str, Any]) -> dict[str, Any]:
+def node_error(step: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run(
-        ["node", str(WORKER), json.dumps(step)], capture_output=True, text=True, timeout=60
+        ["node", str(WORKER), json.dumps(step)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
     reply: dict[str, Any] = json.loads(out.stdout)
     assert "error" in reply, reply
@@ -325,8 +330,9 @@ def test_node_connects_to_the_local_server_python_started(namespace: str) -> Non
             else:
                 os.environ[k] = v
         shutil.rmtree(home, ignore_errors=True)
-    # With no server answering, Node says how to get one.
-    gone = node_error({**step, "client": {"namespace": namespace}})
+    # With no server answering, Node says how to get one. (Still pointed at the stopped
+    # server's home: the user's default one may be running on this machine.)
+    gone = node_error({**step, "client": {"namespace": namespace}}, env={"AGENTBILL_HOME": home})
     assert gone["error"] == "StoreUnavailableError"
     assert "AGENTBILL_REDIS_URL" in gone["message"]
 
