@@ -425,7 +425,12 @@ export class AgentBillClient {
     let doubt: unknown // the last failure after which the call may have run
     for (let attempt = 1; ; attempt++) {
       try {
-        if (attempt === 1) return await fn()
+        // A `redis` passed in keeps its own timeouts and retries, which may wait for Redis for
+        // ever (maxRetriesPerRequest: null, as BullMQ asks): each attempt is bounded here too.
+        // A call cut off this way is in doubt, and may still be sent later as the same request.
+        if (attempt === 1) {
+          return await (this.#given === undefined ? fn() : withTimeout(fn(), s.connectTimeoutMs + s.socketTimeoutMs))
+        }
         const left = s.retryDeadlineMs - (performance.now() - started)
         return await withTimeout(fn(), left)
       } catch (exc) {

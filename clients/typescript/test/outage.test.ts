@@ -208,3 +208,19 @@ test('Redis answering "not now" (BUSY, OOM) is retried, then StoreBusyError with
     await busy.stop()
   }
 })
+
+test('a redis client passed in that would wait forever (maxRetriesPerRequest: null) still fails closed within the bound', async () => {
+  const port = await freePort()
+  // What BullMQ asks its connections to be: ioredis then queues a command until Redis is back.
+  const given = new Redis(port, '127.0.0.1', { maxRetriesPerRequest: null, lazyConnect: true })
+  given.on('error', () => undefined)
+  const c = new AgentBillClient({ redis: given })
+  try {
+    const [ms, exc] = await timed(c.preflight({ agentId: 'a', estimatedUnits: 1 }))
+    assert.ok(exc instanceof StoreUnavailableError, String(exc))
+    assert.ok(ms < FAIL_CLOSED_BOUND_MS, `${ms} ms`)
+  } finally {
+    await c.close()
+    given.disconnect()
+  }
+})
