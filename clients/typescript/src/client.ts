@@ -657,7 +657,18 @@ export class AgentBillClient {
         // Unadoptable and not in this client's book: only a request naming it (the gate's own
         // record or release) closes it, never a record without an id, from any client.
         const plan = core.planPreflight(policy, preflight, '', false)
-        const check = this.#check(await this.#run(plan)).raiseForRefusal()
+        let decided: Check
+        try {
+          decided = this.#check(await this.#run(plan))
+        } catch (exc) {
+          if (exc instanceof StoreUnavailableError && !(exc instanceof StoreBusyError)) {
+            // In doubt: Redis may run it yet. Its id is the client's, so its release can be
+            // queued now (one that lands first is remembered: the preflight then reserves nothing).
+            this.#owed.add({ plan: core.planRelease(policy, plan.reservationId!), record: false }, exc)
+          }
+          throw exc
+        }
+        const check = decided.raiseForRefusal()
         if (abort?.aborted) {
           // It fired while the preflight was under way: the body never starts.
           await releaseQuietly(close(check, undefined), check)

@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { after, before, test } from 'node:test'
 import { Redis } from 'ioredis'
-import { AgentBillClient, InvalidRequestError, StoreError } from '../src/index.js'
+import { AgentBillClient, InvalidRequestError, StoreError, StoreUnavailableError } from '../src/index.js'
 import { RedisServer, namespace } from './servers.js'
 
 let server: RedisServer
@@ -186,5 +186,31 @@ test("preflightMany: a failed batch's rollback that Redis cannot take now is que
     process.off('warning', onWarning)
     await c.close()
     given.disconnect()
+  }
+})
+
+test("a gated call whose preflight is in doubt (Redis silent) queues that reservation's release", async () => {
+  const silent = await RedisServer.start()
+  const ns = namespace()
+  const c = new AgentBillClient({ redisUrl: silent.url, namespace: ns })
+  const onWarning = (): void => undefined
+  process.on('warning', onWarning)
+  try {
+    await c.setBudget({ customerId: 'u', limit: 100 })
+    await (await c.preflight({ agentId: 'g', estimatedUnits: 1, customerId: 'u' })).release() // scripts loaded
+    let ran = 0
+    const gated = c.gate({ agentId: 'g', estimatedUnits: 10, customerId: 'u' }, () => {
+      ran += 1
+    })
+    silent.pause() // the preflight reaches Redis, but no reply comes back in time
+    await assert.rejects(gated(), StoreUnavailableError)
+    silent.resume() // Redis runs the preflight now: it must not stay held
+    assert.equal(ran, 0)
+    const b = await until(() => c.getBudget({ customerId: 'u' }), (x) => x.reserved === 0)
+    assert.deepEqual([b.spent, b.reserved, b.openReservations], [0, 0, 0])
+  } finally {
+    process.off('warning', onWarning)
+    await c.close()
+    await silent.stop()
   }
 })
