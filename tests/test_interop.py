@@ -39,8 +39,8 @@ def built_package() -> None:
         subprocess.run(["npm", "run", "build"], cwd=TS, check=True, capture_output=True)
 
 
-def node(step: dict[str, Any], env: dict[str, str] | None = None) -> Any:
-    """Run one step in a fresh Node process; its result (or raise with its error)."""
+def _run_node(step: dict[str, Any], env: dict[str, str] | None) -> dict[str, Any]:
+    """One step in a fresh Node process: its JSON reply ({"ok": ...} or {"error": ...})."""
     out = subprocess.run(
         ["node", str(WORKER), json.dumps(step)],
         capture_output=True,
@@ -50,22 +50,20 @@ def node(step: dict[str, Any], env: dict[str, str] | None = None) -> Any:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    reply = json.loads(out.stdout)
+    reply: dict[str, Any] = json.loads(out.stdout)
+    return reply
+
+
+def node(step: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+    """Run one step in a fresh Node process; its result (or raise with its error)."""
+    reply = _run_node(step, env)
     if "error" in reply:
         raise AssertionError(f"node: {reply}")
     return reply["ok"]
 
 
 def node_error(step: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    out = subprocess.run(
-        ["node", str(WORKER), json.dumps(step)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-    reply: dict[str, Any] = json.loads(out.stdout)
+    reply = _run_node(step, env)
     assert "error" in reply, reply
     return reply
 
