@@ -83,7 +83,9 @@ export interface ClientOptions {
   readonly onThreshold?: ((crossing: ThresholdCrossing) => unknown) | undefined
 }
 
-export interface GateOptions<R> extends PreflightOptions {
+/** A gate's preflight: no `idempotencyKey` (every call of the gated function would share it,
+ * and each call after the first would replay the first approval and run uncharged). */
+export interface GateOptions<R> extends Omit<PreflightOptions, 'idempotencyKey'> {
   /** What to record after `fn` returns: a number, a function of its result, or the estimate. */
   readonly units?: number | ((result: R) => number) | undefined
   /** Aborting releases the reservation at once and rejects with the signal's reason. */
@@ -96,8 +98,7 @@ const CLIENT_OPTIONS = [
   'retryAttempts', 'retryDeadline', 'tls', 'onThreshold',
 ]
 const GATE_OPTIONS = [
-  'agentId', 'estimatedUnits', 'customerId', 'taskRef', 'taskCeiling', 'idempotencyKey', 'ttl',
-  'units', 'signal',
+  'agentId', 'estimatedUnits', 'customerId', 'taskRef', 'taskCeiling', 'ttl', 'units', 'signal',
 ]
 
 export interface Settings {

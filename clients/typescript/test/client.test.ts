@@ -472,3 +472,12 @@ test("gate: a record without an id never closes a gated call's reservation, from
   await c.close()
   await other.close()
 })
+
+test('gate takes no idempotencyKey: every call of a gated function would share it, and all but the first run uncharged', () => {
+  const c = client()
+  assert.throws(
+    () => c.gate({ agentId: 'g', estimatedUnits: 10, customerId: 'u', idempotencyKey: 'job-1' } as never, () => 1),
+    (e: unknown) => e instanceof InvalidRequestError && e.field === 'idempotencyKey',
+  )
+  void c.close()
+})
