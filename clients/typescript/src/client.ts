@@ -269,6 +269,14 @@ function withTimeout<T>(work: Promise<T>, ms: number): Promise<T> {
   return Promise.race([work, deadline]).finally(() => clearTimeout(timer))
 }
 
+/** At most this many script calls of one client are under way at once; the others wait for a
+ * slot. Waiting is the process's own load, never a failure: a call's timeouts start when it
+ * has its slot (as Python's `max_connections`). */
+export const MAX_CALLS_IN_FLIGHT = 50
+/** How long a call keeps retrying timeouts while Redis answers this client's other calls (the
+ * process's own load, not an outage: Python's LOAD_DEADLINE). */
+export const LOAD_DEADLINE_MS = 30_000
+
 function sleep(ms: number): Promise<void> {
   return new Promise((done) => setTimeout(done, ms))
 }
@@ -294,6 +302,15 @@ export class AgentBillClient {
   /** Script calls under way, and gated calls under way (preflight to settle). */
   #inFlight = 0
   #gates = 0
+  /** Slots for script calls (MAX_CALLS_IN_FLIGHT), and the calls waiting for one. */
+  #slotsFree = MAX_CALLS_IN_FLIGHT
+  #slotWaiters: { go: () => void; fail: (exc: unknown) => void }[] = []
+  /** When Redis last answered one of this client's calls (an error reply is an answer too). */
+  #lastAnswer = Number.NEGATIVE_INFINITY
+  /** Set when a call failed while Redis had answered nothing for a while: Redis is down, and
+   * calls waiting for a slot fail at once instead of queueing behind attempts that would time
+   * out too. Cleared by the next answer. */
+  #down: unknown
   #idle: (() => void)[] = []
   readonly #owed = new SettleQueue(
     (plan) => this.#run(plan, true),
@@ -424,28 +441,83 @@ export class AgentBillClient {
     const s = this.#settings
     const started = performance.now()
     let doubt: unknown // the last failure after which the call may have run
+    let load = false // the last attempt timed out under this process's own load
     for (let attempt = 1; ; attempt++) {
       try {
         // A `redis` passed in keeps its own timeouts and retries, which may wait for Redis for
         // ever (maxRetriesPerRequest: null, as BullMQ asks): each attempt is bounded here too.
         // A call cut off this way is in doubt, and may still be sent later as the same request.
-        if (attempt === 1) {
-          return await (this.#given === undefined ? fn() : withTimeout(fn(), s.connectTimeoutMs + s.socketTimeoutMs))
+        let result: T
+        if (attempt === 1 || load) {
+          result = await (this.#given === undefined ? fn() : withTimeout(fn(), s.connectTimeoutMs + s.socketTimeoutMs))
+        } else {
+          result = await withTimeout(fn(), s.retryDeadlineMs - (performance.now() - started))
         }
-        const left = s.retryDeadlineMs - (performance.now() - started)
-        return await withTimeout(fn(), left)
+        this.#answered()
+        return result
       } catch (exc) {
         if (isUnreachable(exc)) doubt = exc
+        else if (!(exc instanceof AgentBillError)) this.#answered() // an error reply is an answer
+        load = this.#isLoad(exc, started)
+        if (load) {
+          attempt -= 1 // the process's own load: not one of the attempts
+        } else if (isUnreachable(exc) && !this.#answering()) {
+          this.#markDown(exc)
+        }
         const left = s.retryDeadlineMs - (performance.now() - started)
-        if (!isTransient(exc) || isAuthError(this.#lastConnectionError) || attempt >= s.retryAttempts || left <= 0) {
+        if (!load && (!isTransient(exc) || isAuthError(this.#lastConnectionError) || attempt >= s.retryAttempts || left <= 0)) {
           // A busy answer after an attempt in doubt is in doubt too: StoreBusyError promises
           // that nothing was written.
           throw this.#translate(busyCode(exc) !== undefined && doubt !== undefined ? doubt : exc)
         }
-        const wait = Math.min(50 * 2 ** (attempt - 1), 500)
-        await sleep(Math.min(wait + Math.random() * 50, left))
+        const wait = load ? 50 : Math.min(50 * 2 ** (attempt - 1), 500)
+        await sleep(load ? wait : Math.min(wait + Math.random() * 50, left))
       }
     }
+  }
+
+  /** Whether Redis answered one of this client's calls within the last half socket timeout. */
+  #answering(): boolean {
+    return performance.now() - this.#lastAnswer < this.#settings.socketTimeoutMs / 2
+  }
+
+  #answered(): void {
+    this.#lastAnswer = performance.now()
+    this.#down = undefined
+  }
+
+  /** A timeout while Redis answers this client's other calls is this process's own load (its
+   * calls queue behind each other, or its event loop was busy): sent again, as the same
+   * request, for up to LOAD_DEADLINE_MS. Never on a Cluster, where one node can be down while
+   * the others answer. */
+  #isLoad(exc: unknown, started: number): boolean {
+    if (this.#given instanceof Cluster || !isUnreachable(exc)) return false
+    if (!/timed out/i.test(errorText(exc))) return false // refused or reset: Redis is gone
+    return performance.now() - started < LOAD_DEADLINE_MS && this.#answering()
+  }
+
+  #markDown(exc: unknown): void {
+    this.#down = exc
+    for (const waiter of this.#slotWaiters.splice(0)) waiter.fail(exc)
+  }
+
+  /** A slot for one script call (see MAX_CALLS_IN_FLIGHT); while Redis is down, a call that
+   * would have to wait fails at once. */
+  #slot(): Promise<void> {
+    if (this.#slotsFree > 0) {
+      this.#slotsFree -= 1
+      return Promise.resolve()
+    }
+    if (this.#down !== undefined) return Promise.reject(this.#translate(this.#down))
+    return new Promise((go, fail) =>
+      this.#slotWaiters.push({ go, fail: (exc) => fail(this.#translate(exc)) }),
+    )
+  }
+
+  #freeSlot(): void {
+    const next = this.#slotWaiters.shift()
+    if (next === undefined) this.#slotsFree += 1
+    else next.go() // the slot passes straight to it
   }
 
   /** One script call: EVALSHA, and on NOSCRIPT (a restart, failover or SCRIPT FLUSH) SCRIPT
@@ -497,7 +569,14 @@ export class AgentBillClient {
 
   /** One script call, retried; the connection held while it runs. */
   #send(call: Call, owed = false): Promise<unknown> {
-    return this.#holding(() => this.#retrying(() => this.#eval(call)), owed)
+    return this.#holding(async () => {
+      await this.#slot()
+      try {
+        return await this.#retrying(() => this.#eval(call))
+      } finally {
+        this.#freeSlot()
+      }
+    }, owed)
   }
 
   async #run<T>(plan: core.Plan<T>, owed = false): Promise<T> {

@@ -224,3 +224,45 @@ test('a redis client passed in that would wait forever (maxRetriesPerRequest: nu
     given.disconnect()
   }
 })
+
+test("a thousand concurrent calls on one client are its own load, not an outage; on a silent Redis they all fail closed", async () => {
+  const c = new AgentBillClient({ redisUrl: server.url, namespace: namespace() })
+  try {
+    await c.setBudget({ customerId: 'u', limit: 37 })
+    const outcomes = await Promise.all(
+      Array.from({ length: 3000 }, () =>
+        c.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u' }).then(
+          (check) => (check.approved ? 'approved' : check.reason),
+          (e: unknown) => (e as Error).name,
+        ),
+      ),
+    )
+    const count = (what: string): number => outcomes.filter((o) => o === what).length
+    assert.deepEqual([count('approved'), count('budget_exhausted')], [37, 3000 - 37])
+  } finally {
+    await c.close()
+  }
+  const silent = await RedisServer.start()
+  const s = new AgentBillClient({ redisUrl: silent.url, namespace: namespace() })
+  try {
+    await s.getBudget({ customerId: 'u' })
+    silent.pause()
+    const started = performance.now()
+    const ends = await Promise.all(
+      Array.from({ length: 1000 }, () =>
+        s.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u' }).then(
+          () => ['approved', performance.now() - started] as const,
+          (e: unknown) => [(e as Error).name, performance.now() - started] as const,
+        ),
+      ),
+    )
+    assert.ok(ends.every(([name]) => name === 'StoreUnavailableError'), JSON.stringify(ends[0]))
+    // The README's 2 s, with 1 s of slack for a loaded machine running a thousand callers.
+    const slowest = Math.max(...ends.map(([, ms]) => ms))
+    assert.ok(slowest < FAIL_CLOSED_BOUND_MS + 1000, `${slowest} ms`)
+  } finally {
+    silent.resume()
+    await s.close()
+    await silent.stop()
+  }
+})
