@@ -598,7 +598,8 @@ export function planGetUsage(p: Policy, input: unknown): Plan<Usage> {
       const f = decodeReply('get_usage', raw)
       const now = f.int('now_ms')
       const agents = f.pairs('agents').map(([agent, scope]) => decodeScope(scope, customerId, agent, now))
-      agents.sort((a, b) => ((a.agentId ?? '') < (b.agentId ?? '') ? -1 : (a.agentId ?? '') > (b.agentId ?? '') ? 1 : 0))
+      // By code point, as Python's sorted(): UTF-8 bytes sort that way, UTF-16 units do not.
+      agents.sort((a, b) => Buffer.compare(Buffer.from(a.agentId ?? ''), Buffer.from(b.agentId ?? '')))
       return { customer: decodeScope(f.struct('customer'), customerId, undefined, now), agents }
     },
   }

@@ -481,3 +481,11 @@ test('gate takes no idempotencyKey: every call of a gated function would share i
   )
   void c.close()
 })
+
+test("getUsage lists agents in Python's order (by code point, not by UTF-16 unit)", async () => {
+  const c = client()
+  for (const agentId of ['😀', 'ｚ', 'a']) await c.record({ agentId, units: 1, customerId: 'u' })
+  // Python: sorted(["😀", "ｚ", "a"]) == ["a", "ｚ", "😀"] (U+FF5A < U+1F600)
+  assert.deepEqual((await c.getUsage({ customerId: 'u' })).agents.map((a) => a.agentId), ['a', 'ｚ', '😀'])
+  await c.close()
+})
