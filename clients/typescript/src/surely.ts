@@ -42,13 +42,22 @@ function sleep(ms: number): Promise<void> {
   return new Promise((done) => setTimeout(done, ms))
 }
 
+/** The queues with something owed: one `beforeExit` listener for them all (a listener per
+ * client would pass Node's limit of 10 with more clients). */
+const owing = new Set<SettleQueue>()
+let listening = false
+
+function lastDeliveries(): void {
+  const queues = [...owing]
+  owing.clear()
+  for (const queue of queues) void queue.drain() // once: the process then ends, whatever is left
+}
+
 export class SettleQueue {
   readonly #items: Owed[] = []
   #timer: NodeJS.Timeout | undefined
   #wait = FIRST_WAIT_MS
   #pass: Promise<void> | undefined
-  #exitHooked = false
-  readonly #onExit = (): void => void this.#lastDelivery()
 
   /** `send`: one call of a plan, through the client's retries (throws the client's errors);
    * `release`: the plan of a release of a reservation, by its id. */
@@ -68,9 +77,10 @@ export class SettleQueue {
         `Redis cannot take it now (${text(exc)}); it is sent again until it lands, once`,
     )
     this.#items.push(owed)
-    if (!this.#exitHooked) {
-      this.#exitHooked = true
-      process.on('beforeExit', this.#onExit)
+    owing.add(this)
+    if (!listening) {
+      listening = true
+      process.on('beforeExit', lastDeliveries)
     }
     this.#schedule()
   }
@@ -139,14 +149,7 @@ export class SettleQueue {
     this.#unhook()
   }
 
-  async #lastDelivery(): Promise<void> {
-    this.#unhook() // once: the process then ends, whatever is left
-    await this.drain()
-  }
-
   #unhook(): void {
-    if (!this.#exitHooked) return
-    this.#exitHooked = false
-    process.off('beforeExit', this.#onExit)
+    owing.delete(this)
   }
 }
