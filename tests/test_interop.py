@@ -39,8 +39,8 @@ def built_package() -> None:
         subprocess.run(["npm", "run", "build"], cwd=TS, check=True, capture_output=True)
 
 
-def node(step: dict[str, Any], env: dict[str, str] | None = None) -> Any:
-    """Run one step in a fresh Node process; its result (or raise with its error)."""
+def _run_node(step: dict[str, Any], env: dict[str, str] | None) -> dict[str, Any]:
+    """One step in a fresh Node process: its JSON reply ({"ok": ...} or {"error": ...})."""
     out = subprocess.run(
         ["node", str(WORKER), json.dumps(step)],
         capture_output=True,
@@ -50,17 +50,20 @@ def node(step: dict[str, Any], env: dict[str, str] | None = None) -> Any:
         check=False,
     )
     assert out.returncode == 0, out.stderr
-    reply = json.loads(out.stdout)
+    reply: dict[str, Any] = json.loads(out.stdout)
+    return reply
+
+
+def node(step: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+    """Run one step in a fresh Node process; its result (or raise with its error)."""
+    reply = _run_node(step, env)
     if "error" in reply:
         raise AssertionError(f"node: {reply}")
     return reply["ok"]
 
 
-def node_error(step: dict[str, Any]) -> dict[str, Any]:
-    out = subprocess.run(
-        ["node", str(WORKER), json.dumps(step)], capture_output=True, text=True, timeout=60
-    )
-    reply: dict[str, Any] = json.loads(out.stdout)
+def node_error(step: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    reply = _run_node(step, env)
     assert "error" in reply, reply
     return reply
 
@@ -325,8 +328,9 @@ def test_node_connects_to_the_local_server_python_started(namespace: str) -> Non
             else:
                 os.environ[k] = v
         shutil.rmtree(home, ignore_errors=True)
-    # With no server answering, Node says how to get one.
-    gone = node_error({**step, "client": {"namespace": namespace}})
+    # With no server answering, Node says how to get one. (Still pointed at the stopped
+    # server's home: the user's default one may be running on this machine.)
+    gone = node_error({**step, "client": {"namespace": namespace}}, env={"AGENTBILL_HOME": home})
     assert gone["error"] == "StoreUnavailableError"
     assert "AGENTBILL_REDIS_URL" in gone["message"]
 
@@ -361,3 +365,22 @@ def test_a_tenant_key_from_python_authenticates_node_as_its_acl_user() -> None:
         assert revoked["error"] == "AuthenticationError"
     finally:
         server.stop()
+
+
+def test_node_takes_the_same_redis_answers_for_not_now_as_python() -> None:
+    """BUSY_CODES is written in both clients (agentbill/_retry.py, clients/typescript/src/
+    client.ts): a code only one of them retries would be a StoreBusyError in one language and a
+    plain StoreError (never retried) in the other."""
+    from agentbill._retry import BUSY_CODES
+
+    script = f"import({json.dumps((TS / 'dist' / 'client.js').as_uri())})" + (
+        ".then((m) => console.log(JSON.stringify(m.BUSY_CODES)))"
+    )
+    out = subprocess.run(
+        ["node", "--input-type=module", "-e", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(out.stdout) == list(BUSY_CODES)

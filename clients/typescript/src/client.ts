@@ -20,6 +20,7 @@ import {
   AgentBillError,
   AuthenticationError,
   InvalidRequestError,
+  StoreBusyError,
   StoreError,
   StoreUnavailableError,
   refusal,
@@ -27,6 +28,7 @@ import {
 import { KeySpace } from './keys.js'
 import { answersPing, dataDir, HOME_ENV, socketPath } from './local.js'
 import { OwnReservations } from './own.js'
+import { SettleQueue } from './surely.js'
 import {
   Check,
   type BudgetStatus,
@@ -82,7 +84,9 @@ export interface ClientOptions {
   readonly onThreshold?: ((crossing: ThresholdCrossing) => unknown) | undefined
 }
 
-export interface GateOptions<R> extends PreflightOptions {
+/** A gate's preflight: no `idempotencyKey` (every call of the gated function would share it,
+ * and each call after the first would replay the first approval and run uncharged). */
+export interface GateOptions<R> extends Omit<PreflightOptions, 'idempotencyKey'> {
   /** What to record after `fn` returns: a number, a function of its result, or the estimate. */
   readonly units?: number | ((result: R) => number) | undefined
   /** Aborting releases the reservation at once and rejects with the signal's reason. */
@@ -95,8 +99,7 @@ const CLIENT_OPTIONS = [
   'retryAttempts', 'retryDeadline', 'tls', 'onThreshold',
 ]
 const GATE_OPTIONS = [
-  'agentId', 'estimatedUnits', 'customerId', 'taskRef', 'taskCeiling', 'idempotencyKey', 'ttl',
-  'units', 'signal',
+  'agentId', 'estimatedUnits', 'customerId', 'taskRef', 'taskCeiling', 'ttl', 'units', 'signal',
 ]
 
 export interface Settings {
@@ -220,17 +223,36 @@ function isAuthError(exc: unknown): boolean {
   return AUTH_ERROR.test(errorText(exc))
 }
 
-/** A failure where the same request, sent again, may succeed. */
-function isTransient(exc: unknown): boolean {
-  if (isAuthError(exc) || exc instanceof AgentBillError) return false
+/** Error replies meaning "not now": Redis refused the call before it wrote anything (a script
+ * is refused at its first write), and the same call may succeed later. The Python client's
+ * agentbill/_retry.py BUSY_CODES (tests/test_interop.py checks they agree). */
+export const BUSY_CODES: readonly string[] = [
+  'BUSY', 'OOM', 'LOADING', 'MASTERDOWN', 'READONLY', 'TRYAGAIN', 'CLUSTERDOWN', 'NOREPLICAS', 'MISCONF',
+]
+
+/** The code of a "not now" error reply (BUSY_CODES), else undefined. */
+function busyCode(exc: unknown): string | undefined {
+  if (exc instanceof AgentBillError) return undefined
+  const first = errorText(exc).split(' ', 1)[0]!
+  return BUSY_CODES.includes(first) ? first : undefined
+}
+
+/** Redis could not be reached or did not answer in time: the call is in doubt. */
+function isUnreachable(exc: unknown): boolean {
+  if (isAuthError(exc) || exc instanceof AgentBillError || busyCode(exc) !== undefined) return false
   const e = exc as { code?: string; name?: string }
   if (e?.name === 'MaxRetriesPerRequestError' || e?.name === 'ClusterAllFailedError') return true
   if (typeof e?.code === 'string' && /^E(CONNREFUSED|CONNRESET|PIPE|TIMEDOUT|HOSTUNREACH|NETUNREACH|NOTFOUND|AI_AGAIN|CONNABORTED)$/.test(e.code)) {
     return true
   }
-  return /Connection is closed|Command timed out|Stream isn't writeable|max retries per request|^LOADING|^TRYAGAIN|^CLUSTERDOWN|Failed to refresh slots cache|None of startup nodes is available/i.test(
+  return /Connection is closed|Command timed out|Stream isn't writeable|max retries per request|Failed to refresh slots cache|None of startup nodes is available/i.test(
     errorText(exc),
   )
+}
+
+/** A failure where the same request, sent again, may succeed. */
+function isTransient(exc: unknown): boolean {
+  return isUnreachable(exc) || busyCode(exc) !== undefined
 }
 
 class DeadlineError extends Error {
@@ -247,6 +269,14 @@ function withTimeout<T>(work: Promise<T>, ms: number): Promise<T> {
   })
   return Promise.race([work, deadline]).finally(() => clearTimeout(timer))
 }
+
+/** At most this many script calls of one client are under way at once; the others wait for a
+ * slot. Waiting is the process's own load, never a failure: a call's timeouts start when it
+ * has its slot (as Python's `max_connections`). */
+export const MAX_CALLS_IN_FLIGHT = 50
+/** How long a call keeps retrying timeouts while Redis answers this client's other calls (the
+ * process's own load, not an outage: Python's LOAD_DEADLINE). */
+export const LOAD_DEADLINE_MS = 30_000
 
 function sleep(ms: number): Promise<void> {
   return new Promise((done) => setTimeout(done, ms))
@@ -265,8 +295,28 @@ export class AgentBillClient {
   readonly #given: Redis | Cluster | undefined
   #redis: Promise<Redis | Cluster> | undefined
   #lastConnectionError: unknown
-  #closed = false
+  /** close() was called: new calls are refused; those under way finish. */
+  #closing = false
+  #closed: Promise<void> | undefined
+  /** close() is done: no connection is made again. */
+  #ended = false
+  /** Script calls under way, and gated calls under way (preflight to settle). */
   #inFlight = 0
+  #gates = 0
+  /** Slots for script calls (MAX_CALLS_IN_FLIGHT), and the calls waiting for one. */
+  #slotsFree = MAX_CALLS_IN_FLIGHT
+  #slotWaiters: { go: () => void; fail: (exc: unknown) => void }[] = []
+  /** When Redis last answered one of this client's calls (an error reply is an answer too). */
+  #lastAnswer = Number.NEGATIVE_INFINITY
+  /** Set when a call failed while Redis had answered nothing for a while: Redis is down, and
+   * calls waiting for a slot fail at once instead of queueing behind attempts that would time
+   * out too. Cleared by the next answer. */
+  #down: unknown
+  #idle: (() => void)[] = []
+  readonly #owed = new SettleQueue(
+    (plan) => this.#run(plan, true),
+    (rid) => core.planRelease(this.#settings.policy, rid),
+  )
   readonly #own = new OwnReservations()
   readonly #onThreshold: ((crossing: ThresholdCrossing) => unknown) | undefined
 
@@ -310,7 +360,7 @@ export class AgentBillClient {
   // -- connection ----------------------------------------------------------------------------------
 
   #connection(): Promise<Redis | Cluster> {
-    if (this.#closed) return Promise.reject(new StoreError('the client is closed'))
+    if (this.#ended) return Promise.reject(new StoreError('the client is closed'))
     if (this.#given !== undefined) return Promise.resolve(this.#given)
     this.#redis ??= this.#connect()
     return this.#redis
@@ -370,9 +420,13 @@ export class AgentBillClient {
       return new InvalidRequestError(field, scripted.message)
     }
     const connectionError = this.#lastConnectionError
-    if (isAuthError(exc) || (isTransient(exc) && isAuthError(connectionError))) {
+    if (isAuthError(exc) || (isUnreachable(exc) && isAuthError(connectionError))) {
       const source = isAuthError(exc) ? text : errorText(connectionError)
       return new AuthenticationError(`Redis refused the credentials: ${source}`, { cause: exc })
+    }
+    const code = busyCode(exc)
+    if (code !== undefined) {
+      return new StoreBusyError(`Redis cannot run the call now (${code}): ${text}`, code, { cause: exc })
     }
     if (isTransient(exc)) {
       return new StoreUnavailableError(`Redis is unavailable: ${text}`, { cause: exc })
@@ -387,20 +441,84 @@ export class AgentBillClient {
   async #retrying<T>(fn: () => Promise<T>): Promise<T> {
     const s = this.#settings
     const started = performance.now()
+    let doubt: unknown // the last failure after which the call may have run
+    let load = false // the last attempt timed out under this process's own load
     for (let attempt = 1; ; attempt++) {
       try {
-        if (attempt === 1) return await fn()
-        const left = s.retryDeadlineMs - (performance.now() - started)
-        return await withTimeout(fn(), left)
-      } catch (exc) {
-        const left = s.retryDeadlineMs - (performance.now() - started)
-        if (!isTransient(exc) || isAuthError(this.#lastConnectionError) || attempt >= s.retryAttempts || left <= 0) {
-          throw this.#translate(exc)
+        // A `redis` passed in keeps its own timeouts and retries, which may wait for Redis for
+        // ever (maxRetriesPerRequest: null, as BullMQ asks): each attempt is bounded here too.
+        // A call cut off this way is in doubt, and may still be sent later as the same request.
+        let result: T
+        if (attempt === 1 || load) {
+          result = await (this.#given === undefined ? fn() : withTimeout(fn(), s.connectTimeoutMs + s.socketTimeoutMs))
+        } else {
+          result = await withTimeout(fn(), s.retryDeadlineMs - (performance.now() - started))
         }
-        const wait = Math.min(50 * 2 ** (attempt - 1), 500)
-        await sleep(Math.min(wait + Math.random() * 50, left))
+        this.#answered()
+        return result
+      } catch (exc) {
+        if (isUnreachable(exc)) doubt = exc
+        else if (!(exc instanceof AgentBillError)) this.#answered() // an error reply is an answer
+        load = this.#isLoad(exc, started)
+        if (load) {
+          attempt -= 1 // the process's own load: not one of the attempts
+        } else if (isUnreachable(exc) && !this.#answering()) {
+          this.#markDown(exc)
+        }
+        const left = s.retryDeadlineMs - (performance.now() - started)
+        if (!load && (!isTransient(exc) || isAuthError(this.#lastConnectionError) || attempt >= s.retryAttempts || left <= 0)) {
+          // A busy answer after an attempt in doubt is in doubt too: StoreBusyError promises
+          // that nothing was written.
+          throw this.#translate(busyCode(exc) !== undefined && doubt !== undefined ? doubt : exc)
+        }
+        const wait = load ? 50 : Math.min(50 * 2 ** (attempt - 1), 500)
+        await sleep(load ? wait : Math.min(wait + Math.random() * 50, left))
       }
     }
+  }
+
+  /** Whether Redis answered one of this client's calls within the last half socket timeout. */
+  #answering(): boolean {
+    return performance.now() - this.#lastAnswer < this.#settings.socketTimeoutMs / 2
+  }
+
+  #answered(): void {
+    this.#lastAnswer = performance.now()
+    this.#down = undefined
+  }
+
+  /** A timeout while Redis answers this client's other calls is this process's own load (its
+   * calls queue behind each other, or its event loop was busy): sent again, as the same
+   * request, for up to LOAD_DEADLINE_MS. Never on a Cluster, where one node can be down while
+   * the others answer. */
+  #isLoad(exc: unknown, started: number): boolean {
+    if (this.#given instanceof Cluster || !isUnreachable(exc)) return false
+    if (!/timed out/i.test(errorText(exc))) return false // refused or reset: Redis is gone
+    return performance.now() - started < LOAD_DEADLINE_MS && this.#answering()
+  }
+
+  #markDown(exc: unknown): void {
+    this.#down = exc
+    for (const waiter of this.#slotWaiters.splice(0)) waiter.fail(exc)
+  }
+
+  /** A slot for one script call (see MAX_CALLS_IN_FLIGHT); while Redis is down, a call that
+   * would have to wait fails at once. */
+  #slot(): Promise<void> {
+    if (this.#slotsFree > 0) {
+      this.#slotsFree -= 1
+      return Promise.resolve()
+    }
+    if (this.#down !== undefined) return Promise.reject(this.#translate(this.#down))
+    return new Promise((go, fail) =>
+      this.#slotWaiters.push({ go, fail: (exc) => fail(this.#translate(exc)) }),
+    )
+  }
+
+  #freeSlot(): void {
+    const next = this.#slotWaiters.shift()
+    if (next === undefined) this.#slotsFree += 1
+    else next.go() // the slot passes straight to it
   }
 
   /** One script call: EVALSHA, and on NOSCRIPT (a restart, failover or SCRIPT FLUSH) SCRIPT
@@ -425,8 +543,10 @@ export class AgentBillClient {
     return await send()
   }
 
-  /** `fn` with the connection this client built held open (referenced) while it runs. */
-  async #holding<T>(fn: () => Promise<T>): Promise<T> {
+  /** `fn` with the connection this client built held open (referenced) while it runs.
+   * Refused once close() was called, unless `owed` (what a call under way still has to send). */
+  async #holding<T>(fn: () => Promise<T>, owed = false): Promise<T> {
+    if (this.#closing && !owed) throw new StoreError('the client is closed')
     this.#inFlight += 1
     const own = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
     socketOf(own)?.ref()
@@ -434,6 +554,7 @@ export class AgentBillClient {
       return await fn()
     } finally {
       this.#inFlight -= 1
+      this.#whenIdle()
       if (this.#inFlight === 0) {
         const redis = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
         if (this.#inFlight === 0) socketOf(redis)?.unref()
@@ -441,13 +562,26 @@ export class AgentBillClient {
     }
   }
 
-  /** One script call, retried; the connection held while it runs. */
-  #send(call: Call): Promise<unknown> {
-    return this.#holding(() => this.#retrying(() => this.#eval(call)))
+  /** Wake close() once no call is under way. */
+  #whenIdle(): void {
+    if (this.#inFlight > 0 || this.#gates > 0) return
+    for (const wake of this.#idle.splice(0)) wake()
   }
 
-  async #run<T>(plan: core.Plan<T>): Promise<T> {
-    const reply = await this.#send(plan.call)
+  /** One script call, retried; the connection held while it runs. */
+  #send(call: Call, owed = false): Promise<unknown> {
+    return this.#holding(async () => {
+      await this.#slot()
+      try {
+        return await this.#retrying(() => this.#eval(call))
+      } finally {
+        this.#freeSlot()
+      }
+    }, owed)
+  }
+
+  async #run<T>(plan: core.Plan<T>, owed = false): Promise<T> {
+    const reply = await this.#send(plan.call, owed)
     const result = plan.decode(reply)
     this.#notify(result)
     return result
@@ -512,13 +646,16 @@ export class AgentBillClient {
     const failed = outcomes.findIndex((o) => o.status === 'rejected')
     const checks = outcomes.map((o, i) => (o.status === 'fulfilled' ? this.#check(plans[i]!.decode(o.value)) : undefined))
     if (failed >= 0) {
-      // Undo what this batch itself approved (not replays of earlier calls); the releases take
-      // back the threshold crossings those approvals made.
+      // Undo what this batch itself approved (not replays of earlier calls), the latest first:
+      // a threshold crossing is taken back by the release of the approval that made it once
+      // the approvals after it are released too. No caller could make these releases again:
+      // those Redis cannot take now are queued (surely.ts), never left held until their TTL.
       const policy = this.#settings.policy
       await Promise.allSettled(
         checks
           .filter((c) => c?.approved && !c.replayed)
-          .map((c) => this.#send(core.planRelease(policy, c!.reservationId!, undefined, true).call)),
+          .reverse()
+          .map((c) => this.#settleSurely(core.planRelease(policy, c!.reservationId!, undefined, true), false)),
       )
       const error = (outcomes[failed] as PromiseRejectedResult).reason as unknown
       if (error instanceof InvalidRequestError) throw new InvalidRequestError(`requests[${failed}].${error.field}`, error.detail)
@@ -588,25 +725,77 @@ export class AgentBillClient {
       const used = typeof units === 'function' ? (units as (r: Awaited<R>) => number)(result) : units
       return v.units('units', used)
     }
+    const policy = this.#settings.policy
+    const close = (check: Check, units: number | undefined): Promise<unknown> => {
+      const rid = check.reservationId!
+      const plan = units === undefined
+        ? core.planRelease(policy, rid)
+        : core.recordPlan(policy, {
+          agentId: check.agentId, units, customerId: check.customerId, reservationId: rid,
+          taskRef: check.taskRef, success: true, idempotencyKey: undefined, metadata: undefined,
+        })
+      return this.#settleSurely(plan, units !== undefined)
+    }
     return async (...args: A): Promise<Awaited<R>> => {
       abort?.throwIfAborted()
-      const check = (await this.preflight(preflight as unknown as PreflightOptions)).raiseForRefusal()
-      let result: Awaited<R>
+      // Under way from the preflight to its settlement: close() waits for it.
+      this.#gates += 1
       try {
-        result = await raceAbort(Promise.resolve().then(() => fn(...args)), abort)
-      } catch (exc) {
-        await releaseQuietly(check)
-        throw exc
+        // Unadoptable and not in this client's book: only a request naming it (the gate's own
+        // record or release) closes it, never a record without an id, from any client.
+        const plan = core.planPreflight(policy, preflight, '', false)
+        let decided: Check
+        try {
+          decided = this.#check(await this.#run(plan))
+        } catch (exc) {
+          if (exc instanceof StoreUnavailableError && !(exc instanceof StoreBusyError)) {
+            // In doubt: Redis may run it yet. Its id is the client's, so its release can be
+            // queued now (one that lands first is remembered: the preflight then reserves nothing).
+            this.#owed.add({ plan: core.planRelease(policy, plan.reservationId!), record: false }, exc)
+          }
+          throw exc
+        }
+        const check = decided.raiseForRefusal()
+        if (abort?.aborted) {
+          // It fired while the preflight was under way: the body never starts.
+          await releaseQuietly(close(check, undefined), check)
+          throw abort.reason
+        }
+        let result: Awaited<R>
+        try {
+          // Started now, in this turn, so no abort can come between the check above and the body.
+          const work = (async () => await fn(...args))()
+          result = await raceAbort(work, abort)
+        } catch (exc) {
+          await releaseQuietly(close(check, undefined), check)
+          throw exc
+        }
+        let used: number
+        try {
+          used = unitsOf(result)
+        } catch (exc) {
+          await close(check, request.estimatedUnits) // the work happened: charge the estimate
+          throw exc
+        }
+        await close(check, used)
+        return result
+      } finally {
+        this.#gates -= 1
+        this.#whenIdle()
       }
-      let used: number
-      try {
-        used = unitsOf(result)
-      } catch (exc) {
-        await check.record(request.estimatedUnits) // the work happened: charge the estimate
-        throw exc
-      }
-      await check.record(used)
-      return result
+    }
+  }
+
+  /** A record or release no caller could make again (a gated call's): if Redis cannot take it
+   * now (busy, unreachable, silent) it is queued and delivered later, exactly once (see
+   * surely.ts), instead of being thrown; a bad request still throws. Sent even while closing. */
+  async #settleSurely(plan: core.Plan<Settlement>, record: boolean): Promise<Settlement | undefined> {
+    try {
+      return await this.#run(plan, true)
+    } catch (exc) {
+      if (!(exc instanceof StoreUnavailableError)) throw exc
+      this.#owed.add({ plan, record }, exc)
+      return undefined
     }
   }
 
@@ -663,9 +852,23 @@ export class AgentBillClient {
     return this.#run(core.planGetTask(this.#settings.policy, options))
   }
 
-  /** Close the connection this client opened (not a `redis` client passed in). */
-  async close(): Promise<void> {
-    this.#closed = true
+  /**
+   * Refuse new calls (StoreError), let those under way finish (gated calls included, to their
+   * record or release), deliver what is queued (tried for up to 5 s; what is left is lost and
+   * warned about), then close the connection this client opened (not a `redis` client passed
+   * in). Calling it again returns the same promise.
+   */
+  close(): Promise<void> {
+    this.#closing = true
+    this.#closed ??= this.#close()
+    return this.#closed
+  }
+
+  async #close(): Promise<void> {
+    if (this.#inFlight > 0 || this.#gates > 0) await new Promise<void>((done) => this.#idle.push(done))
+    if (this.#owed.size > 0) await this.#owed.drain()
+    this.#owed.stop()
+    this.#ended = true
     const pending = this.#redis
     this.#redis = undefined
     if (pending === undefined) return
@@ -685,11 +888,12 @@ function reportCallbackError(exc: unknown): void {
   process.emitWarning(`agentbill: onThreshold threw: ${errorText(exc)}`, 'AgentBillWarning')
 }
 
-/** Release after the body failed, never hiding the body's own error: if Redis cannot take it
- * now, the reservation keeps its units until it expires. */
-async function releaseQuietly(check: Check): Promise<void> {
+/** A gated call's release after its body failed (or an abort), never hiding the body's own
+ * error: if Redis cannot take it now it is queued (surely.ts); only one Redis refuses outright
+ * is warned about, and then the reservation keeps its units until it expires. */
+async function releaseQuietly(release: Promise<unknown>, check: Check): Promise<void> {
   try {
-    await check.release()
+    await release
   } catch (exc) {
     process.emitWarning(
       `agentbill: could not release reservation ${check.reservationId} after the run failed ` +

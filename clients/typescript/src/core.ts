@@ -228,9 +228,14 @@ export function decodePreflight(raw: unknown, req: PreflightRequest): CheckField
   }
 }
 
-export function planPreflight(p: Policy, input: unknown, field = ''): Plan<CheckFields> & { request: PreflightRequest } {
+export function planPreflight(
+  p: Policy,
+  input: unknown,
+  field = '',
+  adoptable = true,
+): Plan<CheckFields> & { request: PreflightRequest } {
   const request = validatePreflight(input, field)
-  const { call, reservationId: rid } = preflightCall(p, request, newToken())
+  const { call, reservationId: rid } = preflightCall(p, request, newToken(), adoptable)
   return { call, decode: (raw) => decodePreflight(raw, request), reservationId: rid, request }
 }
 
@@ -628,7 +633,8 @@ export function planGetUsage(p: Policy, input: unknown): Plan<Usage> {
       const f = decodeReply('get_usage', raw)
       const now = f.int('now_ms')
       const agents = f.pairs('agents').map(([agent, scope]) => decodeScope(scope, customerId, agent, now))
-      agents.sort((a, b) => ((a.agentId ?? '') < (b.agentId ?? '') ? -1 : (a.agentId ?? '') > (b.agentId ?? '') ? 1 : 0))
+      // By code point, as Python's sorted(): UTF-8 bytes sort that way, UTF-16 units do not.
+      agents.sort((a, b) => Buffer.compare(Buffer.from(a.agentId ?? ''), Buffer.from(b.agentId ?? '')))
       return { customer: decodeScope(f.struct('customer'), customerId, undefined, now), agents }
     },
   }

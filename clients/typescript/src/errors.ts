@@ -11,7 +11,10 @@
  *     ├── InvalidRequestError           bad input (`field` names it); nothing was sent
  *     └── StoreError                    Redis answered with an error we did not expect
  *         ├── AuthenticationError       Redis refused the credentials (a wrong or revoked key)
- *         └── StoreUnavailableError     Redis could not be reached or did not answer in time
+ *         └── StoreUnavailableError     Redis could not run the call now; nothing was approved
+ *             └── StoreBusyError        Redis answered "not now" (BUSY, OOM, LOADING, ...): `code`;
+ *                                       nothing was written, so the same call may simply be
+ *                                       made again
  *
  * Failures carry the underlying ioredis error as `cause`.
  */
@@ -107,8 +110,22 @@ export class StoreError extends AgentBillError {}
 /** Redis refused the credentials. Never retried; the message never holds the key. */
 export class AuthenticationError extends StoreError {}
 
-/** Redis could not be reached, or did not answer within the timeouts: nothing was approved. */
+/** Redis could not be reached, or did not answer within the timeouts, or (the subclass
+ * StoreBusyError) answered "not now": nothing was approved. */
 export class StoreUnavailableError extends StoreError {}
+
+/** Redis answered that it cannot run the call now; `code` is its error code (`BUSY`: a script is
+ * running; `OOM`: maxmemory reached; `LOADING`, `MASTERDOWN`, `READONLY`, `TRYAGAIN`,
+ * `CLUSTERDOWN`, `NOREPLICAS`, `MISCONF`). Nothing was written: the same call may be made again. */
+export class StoreBusyError extends StoreUnavailableError {
+  constructor(
+    message: string,
+    readonly code: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options)
+  }
+}
 
 const REFUSALS: Readonly<Record<string, new (check: CheckFields) => RunBlockedError>> = {
   ceiling_exceeded: CeilingExceededError,

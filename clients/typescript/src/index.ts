@@ -25,6 +25,7 @@ export {
   InvalidRequestError,
   RateLimitedError,
   RunBlockedError,
+  StoreBusyError,
   StoreError,
   StoreUnavailableError,
   TaskCeilingExceededError,

@@ -60,7 +60,7 @@ export function integer(field: string, value: unknown, min: number, max: number)
   if (!Number.isInteger(value)) throw new InvalidRequestError(field, 'must be an integer')
   if (value < min) throw new InvalidRequestError(field, `must be at least ${min}`)
   if (value > max) throw new InvalidRequestError(field, `must be at most ${max}`)
-  return value
+  return value === 0 ? 0 : value // -0, which Python has no int for, is 0
 }
 
 /** Units: an integer from 0 to 2**53 - 1. */

@@ -443,3 +443,74 @@ test('a record without an id that Redis refused forgets nothing: the next one cl
   assert.equal((await c.record({ agentId: 'agent', units: 1, customerId: 'u' })).reservationId, oldest.reservationId)
   await c.close()
 })
+
+test('gate: an abort that fires while the preflight is under way never starts the body', async () => {
+  const given = new Redis(server.port, '127.0.0.1')
+  const c = new AgentBillClient({ redis: given, namespace: namespace() })
+  const controller = new AbortController()
+  const evalsha = given.evalsha.bind(given) as (...args: unknown[]) => Promise<unknown>
+  // The abort fires as the preflight is sent: its reply arrives after it.
+  ;(given as unknown as { evalsha: unknown }).evalsha = (...args: unknown[]) => {
+    controller.abort(new Error('cancelled during the preflight'))
+    return evalsha(...args)
+  }
+  let ran = 0
+  const gated = c.gate({ agentId: 'g', estimatedUnits: 9, customerId: 'u', signal: controller.signal }, () => {
+    ran += 1
+  })
+  await assert.rejects(gated(), /cancelled during the preflight/)
+  await new Promise((done) => setTimeout(done, 20)) // a body scheduled anyway would have run
+  assert.equal(ran, 0)
+  ;(given as unknown as { evalsha: unknown }).evalsha = evalsha
+  const b = await c.getBudget({ customerId: 'u' })
+  assert.deepEqual([b.spent, b.reserved, b.openReservations], [0, 0, 0])
+  await c.close()
+  given.disconnect()
+})
+
+test("gate: a record without an id never closes a gated call's reservation, from any client", async () => {
+  const ns = namespace()
+  const c = client({ namespace: ns })
+  const other = client({ namespace: ns })
+  let finish: (() => void) | undefined
+  let started: (() => void) | undefined
+  const running = new Promise<void>((done) => (started = done))
+  const gated = c.gate({ agentId: 'g', estimatedUnits: 50, customerId: 'u' }, async () => {
+    started!()
+    await new Promise<void>((done) => (finish = done))
+  })
+  const call = gated()
+  await running
+  for (const who of [other, c]) {
+    const direct = await who.record({ agentId: 'g', units: 3, customerId: 'u' })
+    assert.equal(direct.status, 'direct') // not the gate's reservation
+  }
+  finish!()
+  await call
+  const ledger = await c.events({ customerId: 'u' })
+  assert.deepEqual(
+    ledger.filter((e) => e.type === 'recorded').map((e) => [e.units, e.released]),
+    [[3, 0], [3, 0], [50, 50]],
+  )
+  const b = await c.getBudget({ customerId: 'u' })
+  assert.deepEqual([b.spent, b.reserved], [56, 0])
+  await c.close()
+  await other.close()
+})
+
+test('gate takes no idempotencyKey: every call of a gated function would share it, and all but the first run uncharged', () => {
+  const c = client()
+  assert.throws(
+    () => c.gate({ agentId: 'g', estimatedUnits: 10, customerId: 'u', idempotencyKey: 'job-1' } as never, () => 1),
+    (e: unknown) => e instanceof InvalidRequestError && e.field === 'idempotencyKey',
+  )
+  void c.close()
+})
+
+test("getUsage lists agents in Python's order (by code point, not by UTF-16 unit)", async () => {
+  const c = client()
+  for (const agentId of ['😀', 'ｚ', 'a']) await c.record({ agentId, units: 1, customerId: 'u' })
+  // Python: sorted(["😀", "ｚ", "a"]) == ["a", "ｚ", "😀"] (U+FF5A < U+1F600)
+  assert.deepEqual((await c.getUsage({ customerId: 'u' })).agents.map((a) => a.agentId), ['a', 'ｚ', '😀'])
+  await c.close()
+})

@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict'
 import { createServer, connect, type Server, type Socket } from 'node:net'
 import { after, before, test } from 'node:test'
-import { AgentBillClient, AuthenticationError, StoreUnavailableError } from '../src/index.js'
+import { Redis } from 'ioredis'
+import { AgentBillClient, AuthenticationError, StoreBusyError, StoreUnavailableError } from '../src/index.js'
 import { RedisServer, freePort, namespace } from './servers.js'
 
 // The bound the README promises: a 0.5 s connect timeout, a 1 s reply timeout, retries within
@@ -166,5 +167,102 @@ test('wrong credentials: AuthenticationError, never retried as an outage', async
     await none.close()
   } finally {
     await locked.stop()
+  }
+})
+
+test('Redis answering "not now" (BUSY, OOM) is retried, then StoreBusyError with its code; nothing is written', async () => {
+  const busy = await RedisServer.start(['--busy-reply-threshold', '20'])
+  const ns = namespace()
+  const c = new AgentBillClient({ redisUrl: busy.url, namespace: ns })
+  const looping = new Redis(busy.port, '127.0.0.1')
+  const admin = new Redis(busy.port, '127.0.0.1')
+  try {
+    await c.setBudget({ customerId: 'u', limit: 100 })
+    const check = await c.preflight({ agentId: 'a', estimatedUnits: 10, customerId: 'u' })
+    // Another client's script that runs until it is killed: Redis answers BUSY meanwhile.
+    const loop = looping.eval('while true do end', 0).catch(() => undefined)
+    for (;;) {
+      const reply = await admin.ping().catch((e: Error) => e.message)
+      if (String(reply).startsWith('BUSY')) break
+    }
+    const exc = await check.record(10).then(() => undefined, (e: unknown) => e)
+    assert.ok(exc instanceof StoreBusyError, String(exc))
+    assert.ok(exc instanceof StoreUnavailableError)
+    assert.equal(exc.code, 'BUSY')
+    await admin.script('KILL')
+    await loop
+    const b = await c.getBudget({ customerId: 'u' })
+    assert.deepEqual([b.spent, b.reserved], [0, 10]) // the record wrote nothing: made again, it lands once
+    assert.equal((await check.record(10)).status, 'recorded')
+    await admin.config('SET', 'maxmemory', '1')
+    const oom = await c.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u' }).then(() => undefined, (e: unknown) => e)
+    await admin.config('SET', 'maxmemory', '0')
+    assert.ok(oom instanceof StoreBusyError, String(oom))
+    assert.equal(oom.code, 'OOM')
+    const after = await c.getBudget({ customerId: 'u' })
+    assert.deepEqual([after.spent, after.reserved, after.openReservations], [10, 0, 0])
+  } finally {
+    looping.disconnect()
+    admin.disconnect()
+    await c.close()
+    await busy.stop()
+  }
+})
+
+test('a redis client passed in that would wait forever (maxRetriesPerRequest: null) still fails closed within the bound', async () => {
+  const port = await freePort()
+  // What BullMQ asks its connections to be: ioredis then queues a command until Redis is back.
+  const given = new Redis(port, '127.0.0.1', { maxRetriesPerRequest: null, lazyConnect: true })
+  given.on('error', () => undefined)
+  const c = new AgentBillClient({ redis: given })
+  try {
+    const [ms, exc] = await timed(c.preflight({ agentId: 'a', estimatedUnits: 1 }))
+    assert.ok(exc instanceof StoreUnavailableError, String(exc))
+    assert.ok(ms < FAIL_CLOSED_BOUND_MS, `${ms} ms`)
+  } finally {
+    await c.close()
+    given.disconnect()
+  }
+})
+
+test("a thousand concurrent calls on one client are its own load, not an outage; on a silent Redis they all fail closed", async () => {
+  const c = new AgentBillClient({ redisUrl: server.url, namespace: namespace() })
+  try {
+    await c.setBudget({ customerId: 'u', limit: 37 })
+    const outcomes = await Promise.all(
+      Array.from({ length: 3000 }, () =>
+        c.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u' }).then(
+          (check) => (check.approved ? 'approved' : check.reason),
+          (e: unknown) => (e as Error).name,
+        ),
+      ),
+    )
+    const count = (what: string): number => outcomes.filter((o) => o === what).length
+    assert.deepEqual([count('approved'), count('budget_exhausted')], [37, 3000 - 37])
+  } finally {
+    await c.close()
+  }
+  const silent = await RedisServer.start()
+  const s = new AgentBillClient({ redisUrl: silent.url, namespace: namespace() })
+  try {
+    await s.getBudget({ customerId: 'u' })
+    silent.pause()
+    const started = performance.now()
+    const ends = await Promise.all(
+      Array.from({ length: 1000 }, () =>
+        s.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u' }).then(
+          () => ['approved', performance.now() - started] as const,
+          (e: unknown) => [(e as Error).name, performance.now() - started] as const,
+        ),
+      ),
+    )
+    assert.ok(ends.every(([name]) => name === 'StoreUnavailableError'), JSON.stringify(ends[0]))
+    // The README's 2 s, with 1 s of slack for a loaded machine running a thousand callers.
+    const slowest = Math.max(...ends.map(([, ms]) => ms))
+    assert.ok(slowest < FAIL_CLOSED_BOUND_MS + 1000, `${slowest} ms`)
+  } finally {
+    silent.resume()
+    await s.close()
+    await silent.stop()
   }
 })

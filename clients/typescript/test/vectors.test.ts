@@ -129,3 +129,9 @@ test('zone tables: the same UTC offsets as Python', () => {
   const today = new Date(`${zones.today}T12:00:00Z`)
   for (const z of zones.tables) assert.equal(zoneTable(z.tz, today), z.table, z.tz)
 })
+
+test('-0 is the integer 0 (JavaScript has it; Python has no such int): it comes back as 0', () => {
+  assert.ok(Object.is(v.units('units', -0), 0))
+  const plan = core.planPreflight(settingsFrom({}).policy, { agentId: 'a', estimatedUnits: -0 })
+  assert.ok(Object.is(plan.request.estimatedUnits, 0))
+})
