@@ -358,6 +358,7 @@ def record_call(
     replays the recorded run."""
     ck, customer = settle_keys(p, req)
     task_ref = req.task_ref or ""
+    offline_record, offline_fp = offline_key or (None, None)
     if req.idempotency_key is not None:
         idem_key = ck.idempotency("record", req.idempotency_key)
         fp = fingerprint(
@@ -387,14 +388,14 @@ def record_call(
         agent_digest=digest(req.agent_id),
         prefer=prefer,
         rollback=False,
-        preflight_fingerprint=offline_key[1] if offline_key else None,
+        preflight_fingerprint=offline_fp,
         preflight_ttl_ms=p.idempotency_ttl_ms if offline_key else None,
     )
     keys = SETTLE.keys(
         ck,
         idem=idem_key,
         # else unused (but sent, as a later key is)
-        preflight_idem=offline_key[0] if offline_key else idem_key,
+        preflight_idem=offline_record or idem_key,
         stats=ck.stats(req.agent_id) if learn else None,
         model_stats=ck.stats(req.agent_id, model) if learn and model is not None else None,
     )
