@@ -389,6 +389,17 @@ def _job(client: AgentBillClient) -> JobRun:
     return budget.start(JobCall(job_id="job-1", attempt=0, arguments={}, headers={}), "rq:job-1")
 
 
+def _job_succeeded_offline(worker: AgentBillClient, durable: RedisServer) -> None:
+    """Run the job on ``worker`` while Redis is down: approved offline, its record queued;
+    then Redis comes back (the record not yet delivered)."""
+    worker.set_budget(CUSTOMER, 100)
+    durable.kill()
+    run = _job(worker)
+    assert run.preflight().offline
+    assert run.record("result").status == "queued"
+    durable.restart()
+
+
 @pytest.mark.parametrize("outage", OFFLINE)
 def test_a_job_run_approved_offline_is_charged_once_when_the_job_runs_again(
     durable: RedisServer, namespace: str, outage: dict[str, Any]
@@ -401,12 +412,7 @@ def test_a_job_run_approved_offline_is_charged_once_when_the_job_runs_again(
         AgentBillClient(redis_url=durable.url, namespace=namespace, **outage) as worker,
         AgentBillClient(redis_url=durable.url, namespace=namespace, **outage) as other,
     ):
-        worker.set_budget(CUSTOMER, 100)
-        durable.kill()
-        first = _job(worker)
-        assert first.preflight().offline
-        assert first.record("result").status == "queued"
-        durable.restart()
+        _job_succeeded_offline(worker, durable)
         assert worker.flush() == 0
         for client in (worker, other):
             run = _job(client)
@@ -428,12 +434,7 @@ def test_a_job_run_approved_offline_replaces_a_released_run_of_the_key(
         AgentBillClient(redis_url=durable.url, namespace=namespace, on_outage="fail_open") as a,
         AgentBillClient(redis_url=durable.url, namespace=namespace) as b,
     ):
-        a.set_budget(CUSTOMER, 100)
-        durable.kill()
-        offline = _job(a)
-        assert offline.preflight().offline
-        assert offline.record("result").status == "queued"
-        durable.restart()
+        _job_succeeded_offline(a, durable)
         failed = _job(b)
         assert not failed.preflight().offline
         assert failed.release() is not None
