@@ -285,7 +285,7 @@ end
 -- that key's record naming it. Not over a record naming a reservation open or charged (another
 -- run of the key reserved meanwhile), nor over one made with other arguments.
 local offline_key = false
-if action == 'unknown' and charge and offline_fp ~= '' then
+if action == 'unknown' and charge and offline_fp ~= '' and offline_ttl then
   local v = redis.call('GET', KEYS[12])
   if not v then
     offline_key = true
