@@ -353,9 +353,9 @@ def record_call(
     closes a reservation adds its sample to the agent's estimate statistics, and with
     ``model`` (the LLM wrapper's) to those of the agent's calls to that model; ``learn``
     False: to none (a lease's slice, which is many runs). ``offline_key``: the idempotency
-    (record key, fingerprint) of the preflight that approved the named reservation offline;
-    the record writes it naming the reservation if Redis never saw it, so that the key
-    replays the recorded run."""
+    (record key, fingerprint) of the preflight that approved the named reservation (or
+    ``prefer``) offline; the record writes it naming the reservation if Redis never saw it,
+    so that the key replays the recorded run."""
     ck, customer = settle_keys(p, req)
     task_ref = req.task_ref or ""
     offline_record, offline_fp = offline_key or (None, None)
@@ -796,9 +796,8 @@ def plan_record(
     prefer = None
     if req.reservation_id is None and own is not None:
         prefer = own.oldest((customer_of(req.customer_id), req.agent_id, req.task_ref))
-    key = None
-    if req.reservation_id is not None and offline_key is not None:
-        key = offline_key(req.reservation_id)
+    closes = req.reservation_id or prefer
+    key = offline_key(closes) if offline_key is not None and closes is not None else None
     return Plan(
         record_call(p, req, new_token(), prefer, model, learn, key),
         lambda r: decode_settle(r, req.customer_id, req.metadata),

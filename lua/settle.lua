@@ -14,7 +14,7 @@
 -- - A release of a closed reservation changes nothing; a release of an id Redis never saw
 --   remembers it as released (so a preflight of that id landing late reserves nothing).
 -- - A record of an id Redis never saw that a preflight under an idempotency key approved
---   offline (field 16) also writes that preflight's idempotency record naming it, as the
+--   offline (field 16; without an id, `prefer` is that id) also writes that preflight's idempotency record naming it, as the
 --   preflight would have: a later preflight with the key replays the recorded run (a job run
 --   again is charged once). Unless the key already names a reservation open or charged.
 -- - A record without an id closes the reservation `prefer` (the recording client's own, of
@@ -58,8 +58,9 @@
 --   14 without a reservation id: the reservation to close first if it is open ('' for none)
 --   15 '1': this release rolls back an approval of a failed batch (its threshold crossings
 --      are taken back)
---   16 the fingerprint of the preflight that approved the reservation offline under an
---      idempotency key (KEYS[12] its record), '' for none
+--   16 the fingerprint of the preflight that approved the reservation (without an id: field
+--      14's) offline under an idempotency key (KEYS[12] its record), '' for none; without an
+--      id, such a reservation Redis never saw is the one the record closes
 --   17 that preflight's idempotency record ttl, ms ('' with field 16 '')
 -- Reply: one string, these fields packed (see packed() in _common.lua: false is ''):
 --        {status, reservation id|false, charged, released, late 1|0, replayed 1|0,
@@ -212,24 +213,30 @@ if named then
     end
   end
 else
+  local unseen = false -- `prefer` was approved offline under a key and never reached Redis
   if prefer ~= '' then
     r = open_record(prefer)
     if r and r[7] ~= '' and string.sub(r[7], 1, #group + 1) == group .. ':' and not reaped_first(prefer, r) then
       rid = prefer
     else
+      unseen = not r and offline_fp ~= '' and redis.call('HEXISTS', K.closed, prefer) == 0
       r = nil
     end
   end
-  if not r then
-    rid, r = oldest_of_group()
-    rid = rid or ''
-  end
-  if r then
-    action = 'close'
-  elseif charge then
-    action = 'direct'
+  if unseen then
+    rid, action = prefer, 'unknown'
   else
-    action = 'noop'
+    if not r then
+      rid, r = oldest_of_group()
+      rid = rid or ''
+    end
+    if r then
+      action = 'close'
+    elseif charge then
+      action = 'direct'
+    else
+      action = 'noop'
+    end
   end
 end
 

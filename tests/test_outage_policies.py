@@ -444,3 +444,25 @@ def test_a_job_run_approved_offline_replaces_a_released_run_of_the_key(
         assert third.record("result").replayed  # charged nothing more
         budget = b.get_budget(CUSTOMER)
         assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
+
+
+@pytest.mark.parametrize("outage", OFFLINE)
+def test_a_keyed_offline_run_recorded_without_an_id_replays_when_redis_is_back(
+    connect: Connect, durable: RedisServer, namespace: str, outage: dict[str, Any]
+) -> None:
+    """The README's first way to settle (a record without an id) closes the client's own
+    offline run: charged late, and its key replays the recorded run, as for a named record."""
+    with connect(redis_url=durable.url, namespace=namespace, **outage) as client:
+        client.set_budget(CUSTOMER, 100)
+        durable.kill()
+        check = client.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+        assert check.offline
+        durable.restart()
+        recorded = client.record(AGENT, 6, CUSTOMER)
+        assert (recorded.status, recorded.reservation_id) == ("late", check.reservation_id)
+        assert client.outage_stats.held_units == 0
+        with connect(redis_url=durable.url, namespace=namespace) as other:
+            again = other.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+            assert (again.replayed, again.reservation_id) == (True, check.reservation_id)
+            budget = other.get_budget(CUSTOMER)
+            assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
