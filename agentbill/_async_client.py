@@ -439,6 +439,7 @@ class AsyncAgentBillClient(BaseClient):
             idempotency_key,
             metadata,
             self._own,
+            offline_key=self._outage.offline_key,
         )
         settlement = await self._settle(plan)
         self._recorded(plan, settlement)

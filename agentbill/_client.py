@@ -325,6 +325,7 @@ class BaseClient:
             metadata,
             model=model,
             learn=learn,
+            offline_key=self._outage.offline_key,
         )
 
     def _settle_later(self, plan: _core.Plan[Settlement], release: bool = False) -> Settlement:
@@ -879,6 +880,7 @@ class AgentBillClient(BaseClient):
             idempotency_key,
             metadata,
             self._own,
+            offline_key=self._outage.offline_key,
         )
         settlement = self._settle(plan)
         self._recorded(plan, settlement)

@@ -346,14 +346,19 @@ def record_call(
     prefer: str | None = None,
     model: str | None = None,
     learn: bool = True,
+    offline_key: tuple[str, str] | None = None,
 ) -> Call:
     """KEYS/ARGV for settle.lua, as record() calls it. ``prefer``: without a reservation id,
     the reservation to close first if it is still open (one this client made). A record that
     closes a reservation adds its sample to the agent's estimate statistics, and with
     ``model`` (the LLM wrapper's) to those of the agent's calls to that model; ``learn``
-    False: to none (a lease's slice, which is many runs)."""
+    False: to none (a lease's slice, which is many runs). ``offline_key``: the idempotency
+    (record key, fingerprint) of the preflight that approved the named reservation (or
+    ``prefer``) offline; the record writes it naming the reservation if Redis never saw it,
+    so that the key replays the recorded run."""
     ck, customer = settle_keys(p, req)
     task_ref = req.task_ref or ""
+    offline_record, offline_fp = offline_key or (None, None)
     if req.idempotency_key is not None:
         idem_key = ck.idempotency("record", req.idempotency_key)
         fp = fingerprint(
@@ -383,11 +388,14 @@ def record_call(
         agent_digest=digest(req.agent_id),
         prefer=prefer,
         rollback=False,
+        preflight_fingerprint=offline_fp,
+        preflight_ttl_ms=p.idempotency_ttl_ms if offline_key else None,
     )
     keys = SETTLE.keys(
         ck,
         idem=idem_key,
-        preflight_idem=idem_key,  # unused: a record does not release by idempotency key
+        # else unused (but sent, as a later key is)
+        preflight_idem=offline_record or idem_key,
         stats=ck.stats(req.agent_id) if learn else None,
         model_stats=ck.stats(req.agent_id, model) if learn and model is not None else None,
     )
@@ -432,6 +440,8 @@ def release_call(p: Policy, req: ReleaseRequest, token: str, rollback: bool = Fa
         agent_digest=None,
         prefer=None,
         rollback=rollback,
+        preflight_fingerprint=None,
+        preflight_ttl_ms=None,
     )
     return Call("settle", keys, args)
 
@@ -766,10 +776,12 @@ def plan_record(
     own: OwnReservations | None = None,
     model: str | None = None,
     learn: bool = True,
+    offline_key: Callable[[str], tuple[str, str] | None] | None = None,
 ) -> Plan[Settlement]:
     """``own``: the client's own reservations; without a reservation id the record closes
     the oldest of its group still open first (the client forgets it once the call is made).
-    ``model``: see :func:`record_call`."""
+    ``model``: see :func:`record_call`. ``offline_key``: the preflight idempotency of a
+    reservation approved offline under a key, by its id (see :func:`record_call`)."""
     req = validate(
         RecordRequest,
         agent_id=agent_id,
@@ -784,8 +796,10 @@ def plan_record(
     prefer = None
     if req.reservation_id is None and own is not None:
         prefer = own.oldest((customer_of(req.customer_id), req.agent_id, req.task_ref))
+    closes = req.reservation_id or prefer
+    key = offline_key(closes) if offline_key is not None and closes is not None else None
     return Plan(
-        record_call(p, req, new_token(), prefer, model, learn),
+        record_call(p, req, new_token(), prefer, model, learn, key),
         lambda r: decode_settle(r, req.customer_id, req.metadata),
         reservation_id=req.reservation_id,
         prefer=prefer,

@@ -215,6 +215,19 @@ class OutageLedger:
                 _, (_, old) = s.keyed.popitem(last=False)
                 s.key_of.pop(old.reservation_id, None)
 
+    def offline_key(self, rid: str) -> tuple[str, str] | None:
+        """The idempotency (record key, fingerprint) of the preflight that approved ``rid``
+        offline under an idempotency key, if this process holds it: its record writes that key
+        naming the run, as the preflight would have, so that the key replays the recorded run
+        (a job run again is charged once)."""
+        with self._lock:
+            s = self._s
+            key = s.key_of.get(rid)
+            held = s.keyed.get(key) if key is not None else None
+        if key is None or held is None or not held[1].offline or held[1].reservation_id != rid:
+            return None
+        return key, held[0]
+
     def forget_keyed(self, rid: str | None, record_key: str | None = None) -> None:
         """A released run: its key reserves afresh (Redis's rule for a released key)."""
         with self._lock:

@@ -13,6 +13,10 @@
 --   charges its units now, 'late'.
 -- - A release of a closed reservation changes nothing; a release of an id Redis never saw
 --   remembers it as released (so a preflight of that id landing late reserves nothing).
+-- - A record of an id Redis never saw that a preflight under an idempotency key approved
+--   offline (field 16; without an id, `prefer` is that id) also writes that preflight's idempotency record naming it, as the
+--   preflight would have: a later preflight with the key replays the recorded run (a job run
+--   again is charged once). Unless the key already names a reservation open or charged.
 -- - A record without an id closes the reservation `prefer` (the recording client's own, of
 --   the same group) if it is open, else the group's oldest open one, else charges directly.
 --
@@ -28,7 +32,8 @@
 --
 -- KEYS[1..10] the customer's keys (see _common.lua)
 -- KEYS[11]    idempotency record key (same hash tag; unused when field 8 is '')
--- KEYS[12]    with field 12 '1': the preflight idempotency record naming the reservation (else,
+-- KEYS[12]    with field 12 '1': the preflight idempotency record naming the reservation; with
+--             field 16: the record of the preflight that approved the reservation offline (else,
 --             when a later key is sent, any key of the customer's: unused)
 -- KEYS[13]    the estimate statistics of (customer, agent) a record closing an open reservation
 --             adds its sample to (see Learning)
@@ -53,6 +58,10 @@
 --   14 without a reservation id: the reservation to close first if it is open ('' for none)
 --   15 '1': this release rolls back an approval of a failed batch (its threshold crossings
 --      are taken back)
+--   16 the fingerprint of the preflight that approved the reservation (without an id: field
+--      14's) offline under an idempotency key (KEYS[12] its record), '' for none; without an
+--      id, such a reservation Redis never saw is the one the record closes
+--   17 that preflight's idempotency record ttl, ms ('' with field 16 '')
 -- Reply: one string, these fields packed (see packed() in _common.lua: false is ''):
 --        {status, reservation id|false, charged, released, late 1|0, replayed 1|0,
 --         limit|false, spent, reserved, now_ms, {crossed thresholds}, agent id|false}
@@ -78,6 +87,8 @@ local request = A[11]
 local adig = A[13]
 local prefer = A[14] or ''
 local rollback = A[15] == '1'
+local offline_fp = A[16] or ''
+local offline_ttl = tonumber(A[17] or '')
 local idem_key = KEYS[11]
 local STATS_WINDOW = 100 -- samples per generation of the estimate statistics
 
@@ -202,24 +213,30 @@ if named then
     end
   end
 else
+  local unseen = false -- `prefer` was approved offline under a key and never reached Redis
   if prefer ~= '' then
     r = open_record(prefer)
     if r and r[7] ~= '' and string.sub(r[7], 1, #group + 1) == group .. ':' and not reaped_first(prefer, r) then
       rid = prefer
     else
+      unseen = not r and offline_fp ~= '' and redis.call('HEXISTS', K.closed, prefer) == 0
       r = nil
     end
   end
-  if not r then
-    rid, r = oldest_of_group()
-    rid = rid or ''
-  end
-  if r then
-    action = 'close'
-  elseif charge then
-    action = 'direct'
+  if unseen then
+    rid, action = prefer, 'unknown'
   else
-    action = 'noop'
+    if not r then
+      rid, r = oldest_of_group()
+      rid = rid or ''
+    end
+    if r then
+      action = 'close'
+    elseif charge then
+      action = 'direct'
+    else
+      action = 'noop'
+    end
   end
 end
 
@@ -267,6 +284,24 @@ if action == 'close' and not releasing then
       if a + units <= MAX and e + tonumber(r[4]) <= MAX then
         learn_into[#learn_into + 1] = {key, g, full}
       end
+    end
+  end
+end
+
+-- A record of an id Redis never saw, approved offline under a preflight key: whether to write
+-- that key's record naming it. Not over a record naming a reservation open or charged (another
+-- run of the key reserved meanwhile), nor over one made with other arguments.
+local offline_key = false
+if action == 'unknown' and charge and offline_fp ~= '' and offline_ttl then
+  local v = redis.call('GET', KEYS[12])
+  if not v then
+    offline_key = true
+  else
+    local f = split(v)
+    if f[1] == offline_fp and f[2] ~= rid and redis.call('HEXISTS', K.res, f[2]) == 0 then
+      local c = redis.call('HGET', K.closed, f[2])
+      local status = c and split(c)[1]
+      offline_key = status == 'released' or status == 'expired'
     end
   end
 end
@@ -411,6 +446,9 @@ if action == 'unknown' then
                    fmt(now), request, pid, adig, '', '1'}
   redis.call('HSET', K.closed, rid, table.concat(outcome, SEP))
   redis.call('ZADD', K.closedx, now + RETENTION, rid)
+  if offline_key then
+    redis.call('SET', KEYS[12], offline_fp .. SEP .. rid, 'PX', offline_ttl)
+  end
   return remember('late', rid, units, 0, 1)
 end
 

@@ -35,6 +35,9 @@ store = redis.Redis.from_url(URL, decode_responses=True)
 BUSY_URL = os.environ.get("AGENTBILL_RQ_TEST_BUSY_URL", URL)
 """A second agentbill server (``lua-time-limit`` 20 ms) that ``busy_at_end`` makes busy."""
 busy_client = AgentBillClient(redis_url=BUSY_URL, namespace=NAMESPACE)
+OFFLINE_URL = os.environ.get("AGENTBILL_RQ_TEST_OFFLINE_URL", URL)
+"""A second agentbill server, which ``offline_first`` finds down on its first run."""
+offline_client = AgentBillClient(redis_url=OFFLINE_URL, namespace=NAMESPACE, on_outage="fail_open")
 
 
 def attempts_key(job_id: str) -> str:
@@ -242,3 +245,15 @@ def records_without_an_id(customer_id: str) -> tuple[int, int, int]:
     client.record(AGENT, 1, customer_id)
     status = client.get_budget(customer_id)
     return status.spent, status.reserved, status.open_reservations
+
+
+@budgeted(offline_client, agent_id=AGENT, estimated_units=ESTIMATE, customer_id=customer, units=6)
+def offline_first(customer_id: str) -> str:
+    """Its budget lives on the second server. Its first run was approved offline (the test
+    killed that server) and waits for its go (the test restarts the server first)."""
+    job = rq.get_current_job()
+    assert job is not None
+    run = body_ran()
+    if run == 1:
+        wait_for_go(job.id, run)
+    return "done"

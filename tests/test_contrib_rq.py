@@ -552,3 +552,29 @@ def test_missing_extra_names_it() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'agentbill-redis[rq]'" in done.stdout
+
+
+def test_a_job_approved_offline_then_enqueued_again_is_charged_once(rq_harness: Harness) -> None:
+    """Attack16 F4 with a real worker: the job's budget server is down on its first run
+    (``fail_open``: approved offline, the body runs; the server is back before it records).
+    The same job id enqueued again replays the recorded run: charged once. Before: 12."""
+    with running(extra={"appendonly": "yes", "appendfsync": "always"}) as server:
+        cust = customer()
+        with AgentBillClient(redis_url=server.url, namespace=rq_harness.namespace) as looker:
+            looker.set_budget(cust, 100)
+            server.kill()
+            job_id = f"offline-{uuid.uuid4().hex[:8]}"
+            first = rq_harness.enqueue("offline_first", cust, job_id=job_id)
+            worker = rq_harness.start(AGENTBILL_RQ_TEST_OFFLINE_URL=server.url)
+            wait_until("the first run's body", lambda: rq_harness.runs(first) == 1)
+            server.restart()
+            go(rq_harness, job_id, 1)
+            log = rq_harness.wait(worker)
+            assert "approved 10 units offline" in log
+            assert rq_harness.status(first) == JobStatus.FINISHED, rq_harness.failure(first)
+            again = rq_harness.enqueue("offline_first", cust, job_id=job_id)
+            rq_harness.work(AGENTBILL_RQ_TEST_OFFLINE_URL=server.url)
+            assert rq_harness.status(again) == JobStatus.FINISHED, rq_harness.failure(again)
+            assert rq_harness.runs(first) == 2
+            budget = looker.get_budget(cust)
+            assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)

@@ -11,10 +11,12 @@ import logging
 import multiprocessing as mp
 from collections.abc import Iterator
 from multiprocessing.synchronize import Event as EventType
+from typing import Any
 
 import pytest
 
 from agentbill import AgentBillClient, InvalidRequestError, StoreUnavailableError
+from agentbill.contrib._jobs import JobBudget, JobCall, JobRun
 from tests._servers import RedisServer, running
 from tests.test_outage import (
     AGENT,
@@ -323,3 +325,144 @@ def test_overshoot_is_bounded_by_processes_times_allowance(
         budget = admin.get_budget(CUSTOMER)
     # The overshoot is exactly processes x allowance, and every unit of it was charged.
     assert (budget.spent, budget.reserved) == (5 + processes * allowance, 0)
+
+
+# -- a key approved offline: charged once when it runs again (attack16 F4) --------------------
+
+OFFLINE = [
+    pytest.param({"on_outage": "fail_open"}, id="fail_open"),
+    pytest.param({"on_outage": "allowance", "outage_allowance": 10}, id="allowance"),
+]
+
+
+@pytest.mark.parametrize("outage", OFFLINE)
+def test_a_keyed_preflight_approved_offline_and_recorded_replays_when_redis_is_back(
+    connect: Connect, durable: RedisServer, namespace: str, outage: dict[str, object]
+) -> None:
+    """A preflight under an idempotency key approved offline, then recorded: the record, once
+    it lands, writes the key naming the recorded run, as the preflight would have. The key
+    then replays, in any process: it never reserves nor charges again."""
+    with connect(redis_url=durable.url, namespace=namespace, **outage) as client:
+        client.set_budget(CUSTOMER, 100)
+        durable.kill()
+        check = client.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+        assert check.offline
+        assert check.record(6).status == "queued"
+        durable.restart()
+        assert client.flush() == 0
+        with connect(redis_url=durable.url, namespace=namespace) as other:
+            for c in (client, other):
+                again = c.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+                assert (again.approved, again.replayed) == (True, True)
+                assert again.reservation_id == check.reservation_id
+                assert again.record(6).replayed  # charged nothing more
+            budget = other.get_budget(CUSTOMER)
+            assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
+            # The same key with other arguments is still a conflict, as for any preflight.
+            with pytest.raises(InvalidRequestError):
+                other.preflight(AGENT, 11, CUSTOMER, idempotency_key="K")
+
+
+def test_a_keyed_preflight_approved_offline_and_released_reserves_afresh(
+    connect: Connect, durable: RedisServer, namespace: str
+) -> None:
+    """A released key reserves afresh (the rule for any released key), offline too."""
+    with connect(redis_url=durable.url, namespace=namespace, on_outage="fail_open") as client:
+        client.set_budget(CUSTOMER, 100)
+        durable.kill()
+        check = client.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+        assert check.release().status == "queued"
+        durable.restart()
+        assert client.flush() == 0
+        again = client.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+        assert (again.offline, again.replayed) == (False, False)
+        assert again.reservation_id != check.reservation_id
+        assert again.record(6).charged == 6
+        budget = client.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved) == (6, 0)
+
+
+def _job(client: AgentBillClient) -> JobRun:
+    budget = JobBudget(
+        client=client, agent_id=AGENT, estimated_units=10, customer_id=CUSTOMER, units=6
+    )
+    return budget.start(JobCall(job_id="job-1", attempt=0, arguments={}, headers={}), "rq:job-1")
+
+
+def _job_succeeded_offline(worker: AgentBillClient, durable: RedisServer) -> None:
+    """Run the job on ``worker`` while Redis is down: approved offline, its record queued;
+    then Redis comes back (the record not yet delivered)."""
+    worker.set_budget(CUSTOMER, 100)
+    durable.kill()
+    run = _job(worker)
+    assert run.preflight().offline
+    assert run.record("result").status == "queued"
+    durable.restart()
+
+
+@pytest.mark.parametrize("outage", OFFLINE)
+def test_a_job_run_approved_offline_is_charged_once_when_the_job_runs_again(
+    durable: RedisServer, namespace: str, outage: dict[str, Any]
+) -> None:
+    """README "How job runs are charged": a job already recorded is charged once, whatever its
+    retry history. Its first run was approved offline (Redis down) and its record queued; the
+    same job id run again after Redis is back (a redelivery to this worker or another, RQ
+    enqueueing the id again) replays the recorded run. Before: reserved afresh, spent 12."""
+    with (
+        AgentBillClient(redis_url=durable.url, namespace=namespace, **outage) as worker,
+        AgentBillClient(redis_url=durable.url, namespace=namespace, **outage) as other,
+    ):
+        _job_succeeded_offline(worker, durable)
+        assert worker.flush() == 0
+        for client in (worker, other):
+            run = _job(client)
+            check = run.preflight()
+            assert (check.offline, check.replayed) == (False, True)
+            assert run.record("result").replayed  # charged nothing more
+        budget = other.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
+
+
+def test_a_job_run_approved_offline_replaces_a_released_run_of_the_key(
+    durable: RedisServer, namespace: str
+) -> None:
+    """Redis back, another worker ran the job before the offline run's record was delivered,
+    and failed (released). The offline run succeeded: once its record lands, the key names it,
+    so the job run a third time is charged nothing more (the key would otherwise reserve
+    afresh, as for a released run, and charge the job twice)."""
+    with (
+        AgentBillClient(redis_url=durable.url, namespace=namespace, on_outage="fail_open") as a,
+        AgentBillClient(redis_url=durable.url, namespace=namespace) as b,
+    ):
+        _job_succeeded_offline(a, durable)
+        failed = _job(b)
+        assert not failed.preflight().offline
+        assert failed.release() is not None
+        assert a.flush() == 0  # the offline run's record lands now
+        third = _job(b)
+        assert third.preflight().replayed
+        assert third.record("result").replayed  # charged nothing more
+        budget = b.get_budget(CUSTOMER)
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)
+
+
+@pytest.mark.parametrize("outage", OFFLINE)
+def test_a_keyed_offline_run_recorded_without_an_id_replays_when_redis_is_back(
+    connect: Connect, durable: RedisServer, namespace: str, outage: dict[str, Any]
+) -> None:
+    """The README's first way to settle (a record without an id) closes the client's own
+    offline run: charged late, and its key replays the recorded run, as for a named record."""
+    with connect(redis_url=durable.url, namespace=namespace, **outage) as client:
+        client.set_budget(CUSTOMER, 100)
+        durable.kill()
+        check = client.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+        assert check.offline
+        durable.restart()
+        recorded = client.record(AGENT, 6, CUSTOMER)
+        assert (recorded.status, recorded.reservation_id) == ("late", check.reservation_id)
+        assert client.outage_stats.held_units == 0
+        with connect(redis_url=durable.url, namespace=namespace) as other:
+            again = other.preflight(AGENT, 10, CUSTOMER, idempotency_key="K")
+            assert (again.replayed, again.reservation_id) == (True, check.reservation_id)
+            budget = other.get_budget(CUSTOMER)
+            assert (budget.spent, budget.reserved, budget.open_reservations) == (6, 0, 0)

@@ -412,6 +412,8 @@ export function recordPlan(p: Policy, req: RecordRequest, token = newToken(), pr
     agent_digest: digestOf(agentId),
     prefer: rid === undefined ? (prefer ?? null) : null,
     rollback: false,
+    preflight_fingerprint: null,
+    preflight_ttl_ms: null,
   })
   return { call, decode: (raw) => decodeSettle(raw, customerId, metadata), reservationId: rid }
 }
@@ -458,6 +460,8 @@ export function planRelease(p: Policy, input: unknown, token = newToken(), rollb
     agent_digest: null,
     prefer: null,
     rollback,
+    preflight_fingerprint: null,
+    preflight_ttl_ms: null,
   })
   return { call, decode: (raw) => decodeSettle(raw, customerId), reservationId: rid }
 }
