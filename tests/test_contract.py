@@ -460,6 +460,7 @@ def test_the_validation_vectors_hold_for_python() -> None:
     v = _vectors("validation.json")
     assert [gen.id_valid(i["value"]) for i in v["ids"]] == [i["valid"] for i in v["ids"]]
     assert [gen.units_valid(u["value"]) for u in v["units"]] == [u["valid"] for u in v["units"]]
+    assert [gen.since_valid(i["value"]) for i in v["since"]] == [i["valid"] for i in v["since"]]
     assert {True, False} == {i["valid"] for i in v["ids"]} == {u["valid"] for u in v["units"]}
 
 

@@ -33,7 +33,7 @@ from agentbill._keys import (  # noqa: E402
     reservation_id,
     tag_of_reservation,
 )
-from agentbill._models import PreflightRequest, validate, validate_units  # noqa: E402
+from agentbill._models import EventsRequest, PreflightRequest, validate, validate_units  # noqa: E402
 from agentbill._own import OwnReservations  # noqa: E402
 from agentbill._results import BaseCheck  # noqa: E402
 from agentbill._zones import zone_table  # noqa: E402
@@ -308,6 +308,21 @@ IDS: list[Any] = [
     True,
 ]
 UNITS: list[Any] = [0, 1, 9007199254740991, 9007199254740992, -1, 1.5, "10", True, None]
+SINCE: list[Any] = [
+    "0-0",
+    "1700000000000-3",
+    "18446744073709551615-0",
+    "18446744073709551615-18446744073709551614",
+    "18446744073709551615-18446744073709551615",  # the largest id: nothing can follow it
+    "18446744073709551616-0",  # beyond Redis's uint64
+    "99999999999999999999-0",
+    "1-99999999999999999999",
+    "1700000000000",
+    "-1-0",
+    " 1-0",
+    "",
+    12,
+]
 ZONES = [
     "UTC",
     "Europe/Berlin",
@@ -450,10 +465,21 @@ def units_valid(value: Any) -> bool:
     return True
 
 
+def since_valid(value: Any) -> bool:
+    try:
+        validate(EventsRequest, customer_id="c", since=value)
+    except InvalidRequestError as exc:
+        if exc.field != "since":
+            raise
+        return False
+    return True
+
+
 def validation() -> dict[str, Any]:
     return {
         "ids": [{"value": v, "valid": id_valid(v)} for v in IDS],
         "units": [{"value": v, "valid": units_valid(v)} for v in UNITS],
+        "since": [{"value": v, "valid": since_valid(v)} for v in SINCE],
     }
 
 

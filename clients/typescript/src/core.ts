@@ -657,6 +657,16 @@ export function validateEvents(input: unknown): { customerId: string; since: str
   if (since !== undefined && (typeof since !== 'string' || !/^\d{1,20}-\d{1,20}$/.test(since))) {
     throw new InvalidRequestError('since', "must be an event's id (\"<ms>-<seq>\")")
   }
+  if (since !== undefined) {
+    // 20 digits can exceed Redis's uint64: refused here, by name, as Python's StreamId does.
+    const parts = since.split('-').map((part) => BigInt(part))
+    if (parts.some((part) => part >= 2n ** 64n)) {
+      throw new InvalidRequestError('since', 'is not a stream id: each part must be below 2**64')
+    }
+    if (parts.every((part) => part === 2n ** 64n - 1n)) {
+      throw new InvalidRequestError('since', 'is the largest stream id: no event can follow it')
+    }
+  }
   const limit = o['limit'] === undefined || o['limit'] === null ? undefined : v.integer('limit', o['limit'], 1, 1_000_000)
   return { customerId, since, limit }
 }

@@ -120,6 +120,21 @@ test('validation: the same ids and units are refused, naming the field', () => {
   }
 })
 
+test('validation: the same event ids are refused as since, naming the field', () => {
+  const cases = load('validation.json')
+  for (const c of cases.since) {
+    let valid = true
+    try {
+      core.validateEvents({ customerId: 'c', since: c.value })
+    } catch (exc) {
+      assert.ok(exc instanceof InvalidRequestError)
+      assert.equal(exc.field, 'since')
+      valid = false
+    }
+    assert.equal(valid, c.valid, JSON.stringify(c.value))
+  }
+})
+
 test('an unpaired surrogate is refused (it has no UTF-8 form to hash)', () => {
   assert.throws(() => v.id('customerId', 'a\ud800b'), InvalidRequestError)
 })
