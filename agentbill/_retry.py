@@ -48,6 +48,7 @@ from tenacity import (
     wait_random,
 )
 
+from agentbill._contract import FILE as CONTRACT
 from agentbill._exceptions import (
     AgentBillError,
     AuthenticationError,
@@ -66,32 +67,10 @@ Heal = Callable[[float], None]
 StoreUnavailableError if it cannot): what a client on it calls when its connections are
 refused."""
 
-_SCRIPT_ERRORS = {
-    "idempotency_conflict": (
-        "idempotency_key",
-        "was already used with different arguments; use a new key for a new request",
-    ),
-    "agent_mismatch": ("agent_id", "does not match the reservation's agent_id"),
-    "task_mismatch": ("task_ref", "does not match the reservation's task_ref"),
-    "not_open": (
-        "reservation_id",
-        "is not open (recorded, released, expired or never made): nothing was extended",
-    ),
-}
-
-BUSY_CODES = (
-    "BUSY",
-    "OOM",
-    "LOADING",
-    "MASTERDOWN",
-    "READONLY",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-    "NOREPLICAS",
-    "MISCONF",
-)
-"""Error replies meaning "not now": Redis refused the call before it wrote anything (a script
-is refused at its first write), and the same call may succeed later."""
+BUSY_CODES: tuple[str, ...] = tuple(CONTRACT["busy_codes"])
+"""Error replies meaning "not now" (lua/contract.json ``busy_codes``): Redis refused the call
+before it wrote anything (a script is refused at its first write), and the same call may
+succeed later."""
 
 # redis-py turns some codes into classes and drops the code from the message; by class name,
 # so that a redis-py release without one of them still loads this module.
@@ -163,14 +142,12 @@ def translate(exc: Exception) -> AgentBillError:
     """The agentbill error for a redis-py (or socket) error. Callers ``raise ... from exc``."""
     if isinstance(exc, rx.ResponseError):
         message = str(exc)
-        for name, (field, text) in _SCRIPT_ERRORS.items():
-            if f"AGENTBILL {name}" in message:
-                return InvalidRequestError(field, text)
-        if "AGENTBILL overflow " in message:
-            field = message.split("AGENTBILL overflow ", 1)[1].split()[0]
-            return InvalidRequestError(
-                field, "would take a counter past 2**53 - 1 (Lua numbers are exact to there)"
-            )
+        for code, spec in CONTRACT["errors"].items():
+            mark = f"AGENTBILL {code}"
+            if mark in message:
+                # An error without a field of its own names it after the code.
+                field = spec["field"] or message.split(mark, 1)[1].split()[0]
+                return InvalidRequestError(field, spec["message"])
     if isinstance(exc, rx.MovedError):
         # Only a plain connection sees MOVED: a cluster client follows it. Nothing ran.
         from agentbill._topology import CLUSTER_HINT

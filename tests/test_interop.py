@@ -368,9 +368,9 @@ def test_a_tenant_key_from_python_authenticates_node_as_its_acl_user() -> None:
 
 
 def test_node_takes_the_same_redis_answers_for_not_now_as_python() -> None:
-    """BUSY_CODES is written in both clients (agentbill/_retry.py, clients/typescript/src/
-    client.ts): a code only one of them retries would be a StoreBusyError in one language and a
-    plain StoreError (never retried) in the other."""
+    """Both clients read BUSY_CODES from lua/contract.json: a code only one of them retried
+    would be a StoreBusyError in one language and a plain StoreError (never retried) in the
+    other."""
     from agentbill._retry import BUSY_CODES
 
     script = f"import({json.dumps((TS / 'dist' / 'client.js').as_uri())})" + (

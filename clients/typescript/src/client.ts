@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs'
 import type { ConnectionOptions as TlsOptions } from 'node:tls'
 import { Cluster, Redis, type RedisOptions } from 'ioredis'
-import { type Call, scripts, scriptError } from './contract.js'
+import { type Call, contract, scripts, scriptError } from './contract.js'
 import * as core from './core.js'
 import type {
   PreflightOptions,
@@ -224,11 +224,9 @@ function isAuthError(exc: unknown): boolean {
 }
 
 /** Error replies meaning "not now": Redis refused the call before it wrote anything (a script
- * is refused at its first write), and the same call may succeed later. The Python client's
- * agentbill/_retry.py BUSY_CODES (tests/test_interop.py checks they agree). */
-export const BUSY_CODES: readonly string[] = [
-  'BUSY', 'OOM', 'LOADING', 'MASTERDOWN', 'READONLY', 'TRYAGAIN', 'CLUSTERDOWN', 'NOREPLICAS', 'MISCONF',
-]
+ * is refused at its first write), and the same call may succeed later (lua/contract.json
+ * `busy_codes`, which the Python client reads too). */
+export const BUSY_CODES: readonly string[] = contract.busy_codes
 
 /** The code of a "not now" error reply (BUSY_CODES), else undefined. */
 function busyCode(exc: unknown): string | undefined {

@@ -62,6 +62,8 @@ interface ContractFile {
   readonly enums: Readonly<Record<string, readonly string[]>>
   /** `field` null: the error names its field after its code ('AGENTBILL overflow units'). */
   readonly errors: Readonly<Record<string, { readonly field: string | null; readonly message: string }>>
+  /** Error replies meaning "not now": retried, then StoreBusyError with the code. */
+  readonly busy_codes: readonly string[]
   readonly scripts: Readonly<Record<string, ScriptSpec>>
 }
 
