@@ -120,7 +120,12 @@ class Gate:
             try:
                 result = fn(*args, **kwargs)
             except BaseException:  # KeyboardInterrupt and SystemExit too
-                _release_quietly(client, check)
+                while True:  # a second Ctrl-C as the first unwinds: released all the same
+                    try:
+                        _release_quietly(client, check)
+                        break
+                    except KeyboardInterrupt:
+                        continue
                 raise
             # The body returned: from here to the record, SIGINT is held back. One that lands
             # before the hold begins (or a SystemExit from ``units``) still finds the run
@@ -249,7 +254,12 @@ def _admit(client: Any, preflight: dict[str, Any]) -> Any:
     except AgentBillError:
         raise
     except BaseException:
-        _release_quietly(client, _Reservation(plan.reservation_id, preflight))
+        while True:  # a second Ctrl-C as the first unwinds: released all the same
+            try:
+                _release_quietly(client, _Reservation(plan.reservation_id, preflight))
+                break
+            except KeyboardInterrupt:
+                continue
         raise
 
 
