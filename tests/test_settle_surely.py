@@ -507,6 +507,24 @@ def test_a_keyboard_interrupt_during_the_sync_gates_record_waits_for_it(form: st
         assert (budget.spent, budget.reserved, budget.open_reservations) == (7, 0, 0)
 
 
+@contextlib.contextmanager
+def python_child(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``python -c code *args`` with its output piped; killed if the test leaves it running."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 UNITS_CHILD = """
 import sys, time
 from agentbill import AgentBillClient
@@ -534,23 +552,11 @@ def test_a_keyboard_interrupt_while_units_are_counted_waits_for_the_record() -> 
     result. Before: KeyboardInterrupt escaped with nothing settled (25 units of work never
     charged, 40 held until the TTL). Now it is held back until the record is made."""
     namespace = f"t-{uuid.uuid4().hex[:12]}"
-    with running() as server:
-        child = subprocess.Popen(
-            [sys.executable, "-c", UNITS_CHILD, server.url, namespace],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+    with running() as server, python_child(UNITS_CHILD, server.url, namespace) as child:
         assert child.stdout is not None
-        try:
-            assert child.stdout.readline().strip() == "counting"
-            child.send_signal(signal.SIGINT)
-            out, err = child.communicate(timeout=60)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+        assert child.stdout.readline().strip() == "counting"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
         assert child.returncode == 0, err
         assert out.strip() == "interrupted"
         with AgentBillClient(redis_url=server.url, namespace=namespace) as looker:
@@ -602,26 +608,17 @@ def test_a_storm_of_keyboard_interrupts_never_wedges_the_sync_client() -> None:
     namespace = f"t-{uuid.uuid4().hex[:12]}"
     seconds = 3.0
     rnd = random.Random(3)
-    with running() as server:
-        child = subprocess.Popen(
-            [sys.executable, "-c", STORM_CHILD, server.url, namespace, str(seconds)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
+    with (
+        running() as server,
+        python_child(STORM_CHILD, server.url, namespace, str(seconds)) as child,
+    ):
         assert child.stdout is not None
-        try:
-            assert child.stdout.readline().strip() == "ready"
-            end = time.monotonic() + seconds - 0.5
-            while time.monotonic() < end and child.poll() is None:
-                time.sleep(rnd.uniform(0.001, 0.004))
-                child.send_signal(signal.SIGINT)
-            out, err = child.communicate(timeout=60)  # before: it never ended
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+        assert child.stdout.readline().strip() == "ready"
+        end = time.monotonic() + seconds - 0.5
+        while time.monotonic() < end and child.poll() is None:
+            time.sleep(rnd.uniform(0.001, 0.004))
+            child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)  # before: it never ended
         assert child.returncode == 0, err
         done, interrupted = map(int, out.split())
         assert interrupted > 0
