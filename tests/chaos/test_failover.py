@@ -46,7 +46,7 @@ from tests.chaos._harness import (
 )
 from tests.chaos._report import Figure, Report
 from tests.chaos._sizes import Sizes
-from tests.chaos.test_redis_restart import CUSTOMERS, LIMIT, RETRY_FOR, TOPUP, TTL
+from tests.chaos.test_redis_restart import CUSTOMERS, LIMIT, TOPUP, TTL, base_spec
 
 PROGRESS_TIMEOUT = 60.0
 PAUSED_FOR = 0.5
@@ -104,24 +104,6 @@ def outcomes(
     lost = [s for s in settled if s.closed and seen[s.closed] != (s.status, s.charged)]
     direct = [s for s in settled if s.closed is None]
     return spent, lost, direct
-
-
-def base_spec(
-    url: str, namespace: str, sizes: Sizes, durability: str, api_key: str | None = None
-) -> w.Spec:
-    return w.Spec(
-        index=0,
-        url=url,
-        namespace=namespace,
-        journal="",
-        seed=sizes.seed,
-        customers=CUSTOMERS,
-        ttl=TTL,
-        keys=True,
-        retry_for=RETRY_FOR,
-        durability=durability,
-        api_key=api_key,
-    )
 
 
 @pytest.mark.slow

@@ -70,17 +70,7 @@ def test_a_restart_mid_load_loses_no_acknowledged_record(
             for customer in CUSTOMERS:
                 client.set_budget(customer, LIMIT)
             warm_up(client)
-            base = w.Spec(
-                index=0,
-                url=server.url,
-                namespace=namespace,
-                journal="",
-                seed=sizes.seed,
-                customers=CUSTOMERS,
-                ttl=TTL,
-                keys=True,
-                retry_for=RETRY_FOR,
-            )
+            base = base_spec(server.url, namespace, sizes)
             kills: list[float] = []
             downtime = 0.0
             delayed = 0
@@ -189,4 +179,23 @@ def test_a_restart_mid_load_loses_no_acknowledged_record(
             "spent": sum(spent.values()),
             "samples": monitor.samples,
         },
+    )
+
+
+def base_spec(
+    url: str, namespace: str, sizes: Sizes, durability: str = "primary", api_key: str | None = None
+) -> w.Spec:
+    """The workers' spec these scenarios share; ``index`` and ``journal`` are set per worker."""
+    return w.Spec(
+        index=0,
+        url=url,
+        namespace=namespace,
+        journal="",
+        seed=sizes.seed,
+        customers=CUSTOMERS,
+        ttl=TTL,
+        keys=True,
+        retry_for=RETRY_FOR,
+        durability=durability,
+        api_key=api_key,
     )
