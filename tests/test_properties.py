@@ -451,6 +451,11 @@ SETTINGS: dict[str, st.SearchStrategy[object]] = {
         st.none(),
     ),
     "outage_allowance": bad_units(optional=True),
+    "durability": st.one_of(
+        st.text(max_size=12).filter(lambda s: s not in ("primary", "replicated")),
+        not_str,
+        st.none(),
+    ),
     "ledger_max_len": bad_ints(1, 100_000_000),
     "on_threshold": st.one_of(not_str, st.text(max_size=5)),  # not callable
     "background_settle": bad_bools,
