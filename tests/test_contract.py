@@ -359,9 +359,11 @@ def _generator() -> Any:
     return module
 
 
-@pytest.mark.parametrize("name", ["keys.json", "calls.json", "validation.json", "zones.json"])
+@pytest.mark.parametrize(
+    "name", ["keys.json", "calls.json", "validation.json", "zones.json", "urls.json"]
+)
 def test_python_gives_exactly_the_committed_vectors(name: str) -> None:
-    """Python's _keys, _core, _models and _zones produce the committed files byte for byte: a
+    """Python's _keys, _core, _models, _zones and _topology produce the committed files byte for byte: a
     change of a key rule, a digest, a packed field or a validation rule shows up here (then
     regenerate with tests/vectors/generate.py, review the diff, and the TypeScript suite
     tells whether it still agrees)."""
