@@ -390,7 +390,7 @@ export class AgentBillClient {
     // An idle client does not keep the process alive (a script that never calls close() still
     // exits); its socket is referenced only while a call is in flight.
     redis.on('connect', () => {
-      if (this.#inFlight === 0) socketOf(redis)?.unref()
+      if (this.#inFlight === 0) for (const socket of socketsOf(redis)) socket.unref()
     })
     redis.connect().catch(() => undefined) // failures reach the first command
     return redis
@@ -537,7 +537,7 @@ export class AgentBillClient {
     if (this.#closing && !owed) throw new StoreError('the client is closed')
     this.#inFlight += 1
     const own = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
-    socketOf(own)?.ref()
+    for (const socket of socketsOf(own)) socket.ref()
     try {
       return await fn()
     } finally {
@@ -545,7 +545,7 @@ export class AgentBillClient {
       this.#whenIdle()
       if (this.#inFlight === 0) {
         const redis = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
-        if (this.#inFlight === 0) socketOf(redis)?.unref()
+        if (this.#inFlight === 0) for (const socket of socketsOf(redis)) socket.unref()
       }
     }
   }
@@ -867,10 +867,14 @@ export class AgentBillClient {
   }
 }
 
-/** The socket of a Redis this client built (ioredis keeps it as `stream`), if connected. */
-function socketOf(redis: Redis | Cluster | undefined): { ref(): unknown; unref(): unknown } | undefined {
-  const stream = (redis as { stream?: { ref?: unknown; unref?: unknown } } | undefined)?.stream
-  return typeof stream?.ref === 'function' ? (stream as { ref(): unknown; unref(): unknown }) : undefined
+/** The sockets of a Redis this client built (ioredis keeps each as `stream`; a Cluster's are
+ * its nodes'), those connected. */
+function socketsOf(redis: Redis | Cluster | undefined): { ref(): unknown; unref(): unknown }[] {
+  const all = redis instanceof Cluster ? redis.nodes('all') : [redis]
+  return all.flatMap((r) => {
+    const stream = (r as { stream?: { ref?: unknown; unref?: unknown } } | undefined)?.stream
+    return typeof stream?.ref === 'function' ? [stream as { ref(): unknown; unref(): unknown }] : []
+  })
 }
 
 function reportCallbackError(exc: unknown): void {

@@ -5,6 +5,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { connect as tlsConnect } from 'node:tls'
 import { test } from 'node:test'
 import { Cluster, Redis } from 'ioredis'
@@ -93,6 +94,21 @@ test('Redis Cluster: customers on every node, scripts reloaded after SCRIPT FLUS
     }))
     assert.deepEqual(spread, [true, true, true])
     await byUrl.close()
+
+    // A script that never calls close() still ends: an idle Cluster's sockets are unreferenced.
+    const script = `
+      import { AgentBillClient } from ${JSON.stringify(new URL('../src/index.js', import.meta.url).href)}
+      const c = new AgentBillClient({ redisUrl: ${JSON.stringify(url)}, namespace: ${JSON.stringify(ns)} })
+      await Promise.all(${JSON.stringify(customers)}.map((customerId) => c.getBudget({ customerId })))
+    `
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
+      cwd: fileURLToPath(new URL('../..', import.meta.url)),
+      stdio: 'ignore',
+    })
+    const exited = new Promise<number | null>((done) => child.on('exit', done))
+    const stuck = setTimeout(() => child.kill('SIGKILL'), 20_000)
+    assert.equal(await exited, 0) // killed: it did not end by itself
+    clearTimeout(stuck)
 
     // A plain URL to one node: the customers it does not own answer MOVED, and the error says
     // which URL to use (nothing ran). preflightMany names the URL, not the item.
