@@ -356,10 +356,13 @@ def _generator() -> Any:
     return module
 
 
-@pytest.mark.parametrize("name", ["keys.json", "calls.json", "validation.json", "zones.json"])
+@pytest.mark.parametrize(
+    "name", ["keys.json", "calls.json", "validation.json", "zones.json", "urls.json"]
+)
 def test_python_gives_exactly_the_committed_vectors(name: str) -> None:
-    """Python's _keys, _core, _models and _zones produce the committed files byte for byte: a
-    change of a key rule, a digest, a packed field or a validation rule shows up here (then
+    """Python's _keys, _core, _models, _zones and _topology produce the committed files byte
+    for byte: a change of a key rule, a digest, a packed field, a validation rule or the reading
+    of a Redis URL shows up here (then
     regenerate with tests/vectors/generate.py, review the diff, and the TypeScript suite
     tells whether it still agrees)."""
     assert _generator().render(name) == (VECTORS / name).read_text(encoding="utf-8")

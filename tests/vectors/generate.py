@@ -490,7 +490,76 @@ def zones() -> dict[str, Any]:
     }
 
 
-FILES = {"keys.json": keys, "calls.json": calls, "validation.json": validation, "zones.json": zones}
+URLS = [
+    "redis://127.0.0.1:6380/2",
+    "redis://u:p%40ss@host",
+    "rediss://h:7000/0",
+    "redis+cluster://10.0.0.1:7000,10.0.0.2:7001,10.0.0.3",
+    "redis+cluster://u:s%2Fecret@a:7000, b:7001/0",
+    "rediss+cluster://:pw@h1:7000,h2:7000",
+    "REDIS+CLUSTER://Host-A:7000",
+    "redis+cluster://[::1]:7000,127.0.0.1:7001",
+    "redis+cluster://h:7000/?db=0",
+    "redis+sentinel://s1:26379,s2:26380,s3/mymaster",
+    "redis+sentinel://m:pw@s1/mymaster/3",
+    "redis+sentinel://s1:26379/svc/1?sentinel_username=sen&sentinel_password=s%26p+w",
+    "rediss+sentinel://s1,s2/my%20master/0?sentinel_password=x",
+    "redis+sentinel://s1/svc?db=4",
+    # malformed: each raises, never quoting the URL
+    "redis+cluster://u:hunter2@h:7000/1",
+    "redis+cluster://h:7000?db=2",
+    "redis+cluster://",
+    "redis+cluster://a:7000,,b:7001",
+    "redis+cluster://u:hunter2@a:notaport",
+    "redis+cluster://a:99999",
+    "redis+sentinel://u:hunter2@s1:26379",
+    "redis+sentinel://s1:26379/",
+    "redis+sentinel://s1/svc?db=x",
+    "http://u:hunter2@h:6379",
+]
+
+
+def url_case(url: str) -> dict[str, Any]:
+    from redis.connection import SSLConnection, parse_url
+
+    from agentbill import _topology
+
+    try:
+        topology = _topology.parse(url)
+        options = topology.options if topology else parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        return {"url": url, "error": True}
+    if topology is None:
+        nodes = [[options["host"], options.get("port", 6379)]]
+    else:
+        nodes = [list(n) for n in topology.nodes]
+    return {
+        "url": url,
+        "kind": topology.kind if topology else "single",
+        "nodes": nodes,
+        "service": topology.service if topology else None,
+        "db": options.get("db", 0),
+        "username": options.get("username"),
+        "password": options.get("password"),
+        "tls": options.get("connection_class") is SSLConnection,
+        "sentinel_username": topology.sentinel_options.get("username") if topology else None,
+        "sentinel_password": topology.sentinel_options.get("password") if topology else None,
+    }
+
+
+def urls() -> dict[str, Any]:
+    from agentbill._topology import CLUSTER_HINT
+
+    return {"cluster_hint": CLUSTER_HINT, "cases": [url_case(url) for url in URLS]}
+
+
+FILES = {
+    "keys.json": keys,
+    "calls.json": calls,
+    "validation.json": validation,
+    "zones.json": zones,
+    "urls.json": urls,
+}
 
 
 def render(name: str) -> str:

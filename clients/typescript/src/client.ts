@@ -3,7 +3,6 @@
  * scripts, keys and budgets as the Python client: Node and Python workers share budgets on one
  * Redis.
  */
-import { readFileSync } from 'node:fs'
 import type { ConnectionOptions as TlsOptions } from 'node:tls'
 import { Cluster, Redis, type RedisOptions } from 'ioredis'
 import { type Call, contract, scripts, scriptError } from './contract.js'
@@ -29,6 +28,7 @@ import { KeySpace } from './keys.js'
 import { answersPing, dataDir, HOME_ENV, socketPath } from './local.js'
 import { OwnReservations } from './own.js'
 import { SettleQueue } from './surely.js'
+import { CLUSTER_HINT, parseRedisUrl } from './topology.js'
 import {
   Check,
   type BudgetStatus,
@@ -172,47 +172,6 @@ export function settingsFrom(o: Record<string, unknown>): Settings {
   }
 }
 
-/** ioredis options for a URL: what Python's redis-py takes from the same URL. */
-function urlOptions(url: string, key: TenantKey | undefined, tls: TlsOptions | undefined): RedisOptions {
-  let parsed: URL
-  try {
-    parsed = new URL(url)
-  } catch {
-    throw new InvalidRequestError('redisUrl', 'is not a Redis URL (redis://, rediss:// or unix://)')
-  }
-  const hasCredentials = parsed.username !== '' || parsed.password !== ''
-  if (key !== undefined && hasCredentials) {
-    throw new InvalidRequestError(
-      'redisUrl',
-      'carries a username or password, and so does apiKey: leave them out of the URL',
-    )
-  }
-  const db = Number(parsed.searchParams.get('db') ?? (parsed.pathname.replace(/^\//, '') || '0'))
-  const out: RedisOptions = {}
-  if (parsed.protocol === 'unix:') {
-    out.path = decodeURIComponent(parsed.pathname)
-  } else if (parsed.protocol === 'redis:' || parsed.protocol === 'rediss:') {
-    out.host = parsed.hostname.replace(/^\[|\]$/g, '') || '127.0.0.1'
-    out.port = parsed.port === '' ? 6379 : Number(parsed.port)
-    if (Number.isInteger(db) && db > 0) out.db = db
-    if (parsed.protocol === 'rediss:') {
-      const ca = parsed.searchParams.get('ssl_ca_certs')
-      out.tls = { ...(ca ? { ca: readFileSync(ca) } : {}), ...tls }
-    }
-  } else {
-    throw new InvalidRequestError('redisUrl', 'is not a Redis URL (redis://, rediss:// or unix://)')
-  }
-  if (hasCredentials) {
-    if (parsed.username !== '') out.username = decodeURIComponent(parsed.username)
-    if (parsed.password !== '') out.password = decodeURIComponent(parsed.password)
-  }
-  if (key !== undefined) {
-    out.username = key.username
-    out.password = key.secret
-  }
-  return out
-}
-
 function errorText(exc: unknown): string {
   return exc instanceof Error ? exc.message : String(exc)
 }
@@ -292,6 +251,8 @@ export class AgentBillClient {
   readonly #settings: Settings
   readonly #given: Redis | Cluster | undefined
   #redis: Promise<Redis | Cluster> | undefined
+  /** The connection this client built, once built (a Cluster for a redis+cluster:// URL). */
+  #built: Redis | Cluster | undefined
   #lastConnectionError: unknown
   /** close() was called: new calls are refused; those under way finish. */
   #closing = false
@@ -340,9 +301,9 @@ export class AgentBillClient {
             'AGENTBILL_REDIS_URL (the local server has no tenants)',
         )
       }
-      urlOptions(url, this.#settings.key, this.#settings.tls) // refuse a bad URL now
+      parseRedisUrl(url, this.#settings.key, this.#settings.tls) // refuse a bad URL now
     } else if (this.#given === undefined && this.#settings.redisUrl !== undefined) {
-      urlOptions(this.#settings.redisUrl, undefined, this.#settings.tls)
+      parseRedisUrl(this.#settings.redisUrl, undefined, this.#settings.tls)
     }
   }
 
@@ -364,7 +325,7 @@ export class AgentBillClient {
     return this.#redis
   }
 
-  async #connect(): Promise<Redis> {
+  async #connect(): Promise<Redis | Cluster> {
     const s = this.#settings
     let target = s.redisUrl ?? (process.env[ENV_REDIS_URL] || undefined)
     if (target === undefined) {
@@ -380,19 +341,44 @@ export class AgentBillClient {
       }
       target = `unix://${encodeURI(socket)}`
     }
-    const redis = new Redis({
-      ...urlOptions(target, s.key, s.tls),
+    const where = parseRedisUrl(target, s.key, s.tls)
+    // Reconnect while a call waits; an idle client stays disconnected (and keeps no timer
+    // running) until its next call.
+    const retry = (times: number): number | null => (this.#inFlight > 0 ? Math.min(times * 50, 500) : null)
+    const options: RedisOptions = {
+      ...where.options,
       connectTimeout: s.connectTimeoutMs,
       commandTimeout: s.socketTimeoutMs,
       // agentbill's own retry policy (#retrying) is the only retry layer.
       maxRetriesPerRequest: 0,
-      // Reconnect while a call waits; an idle client stays disconnected (and keeps no timer
-      // running) until its next call.
-      retryStrategy: (times: number) => (this.#inFlight > 0 ? Math.min(times * 50, 500) : null),
+      retryStrategy: retry,
       // The ready check sends INFO, which a tenant's ACL user may not run.
       enableReadyCheck: false,
       lazyConnect: true,
-    })
+    }
+    let redis: Redis | Cluster
+    if (where.kind === 'cluster') {
+      redis = new Cluster(where.nodes.map((n) => ({ ...n })), {
+        redisOptions: options,
+        clusterRetryStrategy: retry,
+        enableReadyCheck: false,
+        lazyConnect: true,
+      })
+    } else if (where.kind === 'sentinel') {
+      redis = new Redis({
+        ...options,
+        sentinels: where.nodes.map((n) => ({ ...n })),
+        name: where.service,
+        sentinelUsername: where.sentinelUsername,
+        sentinelPassword: where.sentinelPassword,
+        sentinelRetryStrategy: retry,
+        sentinelCommandTimeout: s.socketTimeoutMs,
+        ...(where.options.tls !== undefined ? { enableTLSForSentinelMode: true, sentinelTLS: where.options.tls } : {}),
+      })
+    } else {
+      redis = new Redis(options)
+    }
+    this.#built = redis
     redis.on('error', (exc: unknown) => {
       this.#lastConnectionError = exc
     })
@@ -402,7 +388,7 @@ export class AgentBillClient {
     // An idle client does not keep the process alive (a script that never calls close() still
     // exits); its socket is referenced only while a call is in flight.
     redis.on('connect', () => {
-      if (this.#inFlight === 0) socketOf(redis)?.unref()
+      if (this.#inFlight === 0) for (const socket of socketsOf(redis)) socket.unref()
     })
     redis.connect().catch(() => undefined) // failures reach the first command
     return redis
@@ -417,6 +403,8 @@ export class AgentBillClient {
       const field = scripted.field.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase())
       return new InvalidRequestError(field, scripted.message)
     }
+    // Only a plain connection sees MOVED: a Cluster follows it. Nothing ran.
+    if (text.startsWith('MOVED ')) return new InvalidRequestError('redisUrl', CLUSTER_HINT)
     const connectionError = this.#lastConnectionError
     if (isAuthError(exc) || (isUnreachable(exc) && isAuthError(connectionError))) {
       const source = isAuthError(exc) ? text : errorText(connectionError)
@@ -490,7 +478,7 @@ export class AgentBillClient {
    * request, for up to LOAD_DEADLINE_MS. Never on a Cluster, where one node can be down while
    * the others answer. */
   #isLoad(exc: unknown, started: number): boolean {
-    if (this.#given instanceof Cluster || !isUnreachable(exc)) return false
+    if (this.#given instanceof Cluster || this.#built instanceof Cluster || !isUnreachable(exc)) return false
     if (!/timed out/i.test(errorText(exc))) return false // refused or reset: Redis is gone
     return performance.now() - started < LOAD_DEADLINE_MS && this.#answering()
   }
@@ -547,7 +535,7 @@ export class AgentBillClient {
     if (this.#closing && !owed) throw new StoreError('the client is closed')
     this.#inFlight += 1
     const own = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
-    socketOf(own)?.ref()
+    for (const socket of socketsOf(own)) socket.ref()
     try {
       return await fn()
     } finally {
@@ -555,7 +543,7 @@ export class AgentBillClient {
       this.#whenIdle()
       if (this.#inFlight === 0) {
         const redis = this.#given === undefined ? await this.#redis?.catch(() => undefined) : undefined
-        if (this.#inFlight === 0) socketOf(redis)?.unref()
+        if (this.#inFlight === 0) for (const socket of socketsOf(redis)) socket.unref()
       }
     }
   }
@@ -656,7 +644,8 @@ export class AgentBillClient {
           .map((c) => this.#settleSurely(core.planRelease(policy, c!.reservationId!, undefined, true), false)),
       )
       const error = (outcomes[failed] as PromiseRejectedResult).reason as unknown
-      if (error instanceof InvalidRequestError) throw new InvalidRequestError(`requests[${failed}].${error.field}`, error.detail)
+      // A plain URL to a cluster node (MOVED) is the connection's fault, not the item's.
+      if (error instanceof InvalidRequestError && error.field !== 'redisUrl') throw new InvalidRequestError(`requests[${failed}].${error.field}`, error.detail)
       throw error
     }
     for (const check of checks) {
@@ -876,10 +865,14 @@ export class AgentBillClient {
   }
 }
 
-/** The socket of a Redis this client built (ioredis keeps it as `stream`), if connected. */
-function socketOf(redis: Redis | Cluster | undefined): { ref(): unknown; unref(): unknown } | undefined {
-  const stream = (redis as { stream?: { ref?: unknown; unref?: unknown } } | undefined)?.stream
-  return typeof stream?.ref === 'function' ? (stream as { ref(): unknown; unref(): unknown }) : undefined
+/** The sockets of a Redis this client built (ioredis keeps each as `stream`; a Cluster's are
+ * its nodes'), those connected. */
+function socketsOf(redis: Redis | Cluster | undefined): { ref(): unknown; unref(): unknown }[] {
+  const all = redis instanceof Cluster ? redis.nodes('all') : [redis]
+  return all.flatMap((r) => {
+    const stream = (r as { stream?: { ref?: unknown; unref?: unknown } } | undefined)?.stream
+    return typeof stream?.ref === 'function' ? [stream as { ref(): unknown; unref(): unknown }] : []
+  })
 }
 
 function reportCallbackError(exc: unknown): void {

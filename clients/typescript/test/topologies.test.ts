@@ -5,10 +5,11 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
 import { connect as tlsConnect } from 'node:tls'
 import { test } from 'node:test'
 import { Cluster, Redis } from 'ioredis'
-import { AgentBillClient } from '../src/index.js'
+import { AgentBillClient, AgentBillError, InvalidRequestError } from '../src/index.js'
 import { RedisServer, freePort, namespace, rawCommand, serverBinary, writeFile } from './servers.js'
 
 /** A free port whose cluster bus port (port + 10000) is free too. */
@@ -74,29 +75,113 @@ test('Redis Cluster: customers on every node, scripts reloaded after SCRIPT FLUS
     assert.deepEqual([...owners], [true])
     await c.close()
     cluster.disconnect()
+
+    // The same cluster by URL: two startup nodes, customers on every node.
+    const ns = namespace()
+    const url = `redis+cluster://127.0.0.1:${nodes[0]!.port},127.0.0.1:${nodes[1]!.port}/0`
+    const byUrl = new AgentBillClient({ redisUrl: url, namespace: ns })
+    for (const customerId of customers) {
+      await byUrl.setBudget({ customerId, limit: 5 })
+      assert.equal((await (await byUrl.preflight({ agentId: 'a', estimatedUnits: 3, customerId })).record(3)).status, 'recorded')
+    }
+    const many = await byUrl.preflightMany(customers.map((customerId) => ({ agentId: 'a', estimatedUnits: 3, customerId })))
+    assert.deepEqual(many.map((k) => k.approved), customers.map(() => false))
+    const spread = await Promise.all(nodes.map(async (n) => {
+      const r = new Redis(n.port, '127.0.0.1')
+      const found = (await r.keys(`*${ns}*`)).length
+      r.disconnect()
+      return found > 0
+    }))
+    assert.deepEqual(spread, [true, true, true])
+    await byUrl.close()
+
+    // A script that never calls close() still ends: an idle Cluster's sockets are unreferenced.
+    const script = `
+      import { AgentBillClient } from ${JSON.stringify(new URL('../src/index.js', import.meta.url).href)}
+      const c = new AgentBillClient({ redisUrl: ${JSON.stringify(url)}, namespace: ${JSON.stringify(ns)} })
+      await Promise.all(${JSON.stringify(customers)}.map((customerId) => c.getBudget({ customerId })))
+    `
+    const child = spawn(process.execPath, ['--input-type=module', '-e', script], {
+      cwd: fileURLToPath(new URL('../..', import.meta.url)),
+      stdio: 'ignore',
+    })
+    const exited = new Promise<number | null>((done) => child.on('exit', done))
+    const stuck = setTimeout(() => child.kill('SIGKILL'), 20_000)
+    assert.equal(await exited, 0) // killed: it did not end by itself
+    clearTimeout(stuck)
+
+    // A plain URL to one node: the customers it does not own answer MOVED, and the error says
+    // which URL to use (nothing ran). preflightMany names the URL, not the item.
+    const plain = new AgentBillClient({ redisUrl: `redis://127.0.0.1:${nodes[0]!.port}/0`, namespace: ns })
+    const moved = (exc: unknown): boolean => {
+      assert.ok(exc instanceof InvalidRequestError)
+      assert.equal(exc.field, 'redisUrl')
+      assert.match(exc.detail, /redis\+cluster:\/\/host:port/)
+      return true
+    }
+    const answers = await Promise.allSettled(customers.map((customerId) => plain.getBudget({ customerId })))
+    const refused = answers.filter((o) => o.status === 'rejected') as PromiseRejectedResult[]
+    assert.ok(refused.length > 0 && refused.length < customers.length)
+    for (const r of refused) moved(r.reason)
+    await assert.rejects(plain.preflightMany(customers.map((customerId) => ({ agentId: 'a', estimatedUnits: 1, customerId }))), moved)
+    await plain.close()
   } finally {
     for (const node of nodes) await node.stop()
   }
 })
 
-test('Sentinel: a client built for a monitored master', async () => {
-  const master = await RedisServer.start()
+test('Sentinel: a client built for a monitored master, and the same by URL with credentials', async () => {
+  const master = await RedisServer.start(['--requirepass', 'master pw'])
   const sentinelPort = await freePort()
-  const conf = writeFile(master.dir, 'sentinel.conf', `port ${sentinelPort}\nbind 127.0.0.1\nsentinel monitor agentbill 127.0.0.1 ${master.port} 1\n`)
+  const conf = writeFile(
+    master.dir,
+    'sentinel.conf',
+    `port ${sentinelPort}\nbind 127.0.0.1\nrequirepass sentinel-pw\n` +
+      `sentinel monitor agentbill 127.0.0.1 ${master.port} 1\nsentinel auth-pass agentbill "master pw"\n`,
+  )
   const proc = spawn(serverBinary(), [conf, '--sentinel'], { stdio: 'ignore' })
   try {
     const deadline = Date.now() + 10_000
-    while ((await rawCommand(sentinelPort, 'PING')) !== '+PONG') {
+    while ((await rawCommand(sentinelPort, 'PING')) === '') {
       if (Date.now() > deadline) throw new Error('sentinel did not start')
       await new Promise((r) => setTimeout(r, 20))
     }
-    const redis = new Redis({ sentinels: [{ host: '127.0.0.1', port: sentinelPort }], name: 'agentbill', commandTimeout: 2000 })
-    const c = new AgentBillClient({ redis, namespace: namespace() })
+    const redis = new Redis({
+      sentinels: [{ host: '127.0.0.1', port: sentinelPort }],
+      name: 'agentbill',
+      sentinelPassword: 'sentinel-pw',
+      password: 'master pw',
+      commandTimeout: 2000,
+    })
+    const ns = namespace()
+    const c = new AgentBillClient({ redis, namespace: ns })
     const check = await c.preflight({ agentId: 'a', estimatedUnits: 3, customerId: 'u' })
     assert.equal((await check.record(2)).status, 'recorded')
     assert.equal((await c.getBudget({ customerId: 'u' })).spent, 2)
     await c.close()
     redis.disconnect()
+
+    // By URL: a dead sentinel first (the next is asked), the master's password in the URL, the
+    // sentinels' in the query; db 3 of the master.
+    const dead = await freePort()
+    const hosts = `127.0.0.1:${dead},127.0.0.1:${sentinelPort}`
+    const url = `redis+sentinel://:master%20pw@${hosts}/agentbill/3?sentinel_password=sentinel-pw`
+    const byUrl = new AgentBillClient({ redisUrl: url, namespace: ns })
+    const again = await byUrl.preflight({ agentId: 'a', estimatedUnits: 3, customerId: 'u' })
+    assert.equal((await again.record(1)).status, 'recorded')
+    assert.equal((await byUrl.getBudget({ customerId: 'u' })).spent, 1) // db 3, not db 0
+    await byUrl.close()
+    const direct = new Redis({ port: master.port, host: '127.0.0.1', password: 'master pw', db: 3 })
+    assert.ok((await direct.keys(`*${ns}*`)).length > 0)
+    direct.disconnect()
+    // Without the sentinels' password the sentinels refuse: a typed error, not a hang.
+    const refused = new AgentBillClient({
+      redisUrl: `redis+sentinel://:master%20pw@127.0.0.1:${sentinelPort}/agentbill`,
+      namespace: ns,
+      retryDeadline: 1,
+    })
+    await assert.rejects(refused.getBudget({ customerId: 'u' }), (exc: unknown) => exc instanceof AgentBillError)
+    await refused.close()
   } finally {
     proc.kill('SIGKILL')
     await master.stop()
@@ -140,5 +225,22 @@ test('TLS: rediss:// with ?ssl_ca_certs=, as the Python client takes it', async 
   } finally {
     await server.stop()
     rmSync(dir, { recursive: true, force: true })
+  }
+})
+
+test('a malformed topology URL is refused at construction, naming redisUrl, never quoting it', () => {
+  for (const redisUrl of [
+    'redis+cluster://u:hunter2@127.0.0.1:7000/1',
+    'redis+sentinel://u:hunter2@127.0.0.1:26379',
+    'redis+cluster://u:hunter2@a:7000,,b:7001',
+    'redis+sentinel://u:hunter2@s:1/svc?db=x&sentinel_password=hunter2',
+    'memcached://u:hunter2@h:11211',
+  ]) {
+    assert.throws(() => new AgentBillClient({ redisUrl }), (exc: unknown) => {
+      assert.ok(exc instanceof InvalidRequestError, redisUrl)
+      assert.equal(exc.field, 'redisUrl')
+      assert.ok(!exc.message.includes('hunter2'), exc.message)
+      return true
+    })
   }
 })

@@ -8,6 +8,7 @@ import * as core from '../src/core.js'
 import { InvalidRequestError } from '../src/errors.js'
 import { KeySpace, customerTag, digest, namespacePrefix, reservationId, tagOfReservation } from '../src/keys.js'
 import { contract } from '../src/contract.js'
+import { CLUSTER_HINT, parseRedisUrl } from '../src/topology.js'
 import * as v from '../src/validate.js'
 import { zoneTable } from '../src/zones.js'
 
@@ -149,4 +150,37 @@ test('-0 is the integer 0 (JavaScript has it; Python has no such int): it comes 
   assert.ok(Object.is(v.units('units', -0), 0))
   const plan = core.planPreflight(settingsFrom({}).policy, { agentId: 'a', estimatedUnits: -0 })
   assert.ok(Object.is(plan.request.estimatedUnits, 0))
+})
+
+test('Redis URLs of every topology read as the Python client reads them', () => {
+  const urls = load('urls.json')
+  assert.equal(CLUSTER_HINT, urls.cluster_hint.replace('redis=RedisCluster(...)', 'redis: new Cluster(...)'))
+  assert.ok(urls.cases.some((c: Json) => c.error) && urls.cases.some((c: Json) => c.kind === 'sentinel'))
+  for (const c of urls.cases) {
+    if (c.error) {
+      assert.throws(() => parseRedisUrl(c.url), (exc: unknown) => {
+        assert.ok(exc instanceof InvalidRequestError, c.url)
+        assert.equal(exc.field, 'redisUrl')
+        assert.ok(!exc.message.includes('hunter2'), exc.message)
+        return true
+      })
+      continue
+    }
+    const target = parseRedisUrl(c.url)
+    const o = target.options
+    const nodes = target.kind === 'single' ? [[o.host, o.port]] : target.nodes.map((n) => [n.host, n.port])
+    const got = {
+      url: c.url,
+      kind: target.kind,
+      nodes,
+      service: target.kind === 'sentinel' ? target.service : null,
+      db: o.db ?? 0,
+      username: o.username ?? null,
+      password: o.password ?? null,
+      tls: o.tls !== undefined,
+      sentinel_username: (target.kind === 'sentinel' && target.sentinelUsername) || null,
+      sentinel_password: (target.kind === 'sentinel' && target.sentinelPassword) || null,
+    }
+    assert.deepEqual(got, c)
+  }
 })
