@@ -2,7 +2,9 @@
 
 The binary is the machine's redis-server (or valkey-server) if there is one, else the one the
 ``agentbill-redis[local]`` extra installs, so the suite runs on a laptop with no Redis installed.
-The shared server on port 6379 is never touched.
+With ``AGENTBILL_TEST_SERVER=valkey`` every server the suite starts is that valkey-server instead
+(``make test`` runs the core and chaos tests a second time so: the server matrix). The shared
+server on port 6379 is never touched.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import os
 import shutil
 import signal
 import socket
@@ -43,7 +46,7 @@ class RedisServer:
         port: int | None = None,
         binary: Path | None = None,
     ) -> None:
-        self.binary = binary or find_server_binary()
+        self.binary = binary or default_binary()
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ab-redis-"))
         self.config = {
@@ -392,6 +395,16 @@ class SentinelServer(RedisServer):
         conf = self.dir / "sentinel.conf"
         conf.write_text("\n".join(lines) + "\n")
         return [str(self.binary), str(conf), "--sentinel"]
+
+
+def default_binary() -> Path:
+    """The server binary a test gets unless it names one (see the module docstring)."""
+    if os.environ.get("AGENTBILL_TEST_SERVER") == "valkey":
+        valkey = valkey_binary()
+        if valkey is None:
+            raise RuntimeError("AGENTBILL_TEST_SERVER=valkey: install agentbill-redis[local]")
+        return valkey
+    return find_server_binary()
 
 
 def valkey_binary() -> Path | None:
