@@ -220,6 +220,8 @@ class OutageLedger:
         offline under an idempotency key, if this process holds it: its record writes that key
         naming the run, as the preflight would have, so that the key replays the recorded run
         (a job run again is charged once)."""
+        if not self._s.key_of:  # nothing keyed approved offline: no lock on every record
+            return None
         with self._lock:
             s = self._s
             key = s.key_of.get(rid)
