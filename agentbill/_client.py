@@ -22,6 +22,7 @@ from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from agentbill import _core, _topology
+from agentbill._check import BaseCheck, ThresholdCrossing
 from agentbill._durability import (
     WRITES,
     ReplicaTimeout,
@@ -55,14 +56,12 @@ from agentbill._outage import (
 )
 from agentbill._own import OwnReservations
 from agentbill._results import (
-    BaseCheck,
     BudgetStatus,
     Check,
     Estimates,
     Event,
     Settlement,
     TaskStatus,
-    ThresholdCrossing,
     Usage,
 )
 from agentbill._retry import Heal, RetryPolicy, is_transient, translate

@@ -47,12 +47,13 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from agentbill._check import BaseCheck
 from agentbill._core import customer_of, new_token
 from agentbill._exceptions import InvalidRequestError
 from agentbill._fork import reset_at_fork
 from agentbill._keys import customer_tag, reservation_id
 from agentbill._models import validate_units
-from agentbill._results import BaseCheck, BudgetStatus, RateLimit, Settlement, SettleStatus
+from agentbill._results import BudgetStatus, RateLimit, Settlement, SettleStatus, open_reservation
 
 if TYPE_CHECKING:
     from agentbill._async_client import AsyncAgentBillClient
@@ -147,12 +148,12 @@ class LeaseCheck(BaseCheck):
     def record(self, units: int) -> Settlement:
         """Count ``units`` as used by this run (its slice is charged them when settled), and
         give its estimate back to the lease's next runs."""
-        self._reservation()
+        open_reservation(self)
         return self._close("recorded", validate_units("units", units))
 
     def release(self) -> Settlement:
         """This run used nothing: its estimate is free for the lease's next runs."""
-        self._reservation()
+        open_reservation(self)
         return self._close("released", 0)
 
     def extend(self, units: int) -> LeaseCheck:

@@ -4,116 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal
 
-from agentbill._exceptions import (
-    BudgetExhaustedError,
-    CeilingExceededError,
-    ConcurrencyLimitedError,
-    InvalidRequestError,
-    RateLimitedError,
-    RunBlockedError,
-    TaskCeilingExceededError,
-)
+from agentbill._check import BaseCheck, ThresholdCrossing
+from agentbill._exceptions import InvalidRequestError
 
 if TYPE_CHECKING:
     from agentbill._async_client import AsyncAgentBillClient
     from agentbill._client import AgentBillClient
 
-Reason = Literal[
-    "ceiling_exceeded",
-    "task_ceiling_exceeded",
-    "budget_exhausted",
-    "rate_limited",
-    "concurrency_limited",
-]
-Scope = Literal["request", "task", "customer", "agent"]
 Period = Literal["hour", "day", "week", "month"]
 EventType = Literal["approved", "refused", "recorded", "released", "expired", "threshold"]
 SettleStatus = Literal["recorded", "released", "late", "expired", "direct", "noop", "queued"]
 
-_ERRORS: dict[str, type[RunBlockedError]] = {
-    "ceiling_exceeded": CeilingExceededError,
-    "budget_exhausted": BudgetExhaustedError,
-    "task_ceiling_exceeded": TaskCeilingExceededError,
-    "rate_limited": RateLimitedError,
-    "concurrency_limited": ConcurrencyLimitedError,
-}
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ThresholdCrossing:
-    """A budget's soft threshold crossed (once per period): committed units (spent + reserved)
-    reached ``percent`` of the limit. Passed to the client's ``on_threshold`` callback."""
-
-    customer_id: str
-    agent_id: str | None
-    """None for the customer's own budget; else the agent whose budget it is."""
-    percent: int
-    committed: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BaseCheck:
-    """The decision of one preflight: the fields both Check and AsyncCheck carry.
-
-    A refusal is returned, not raised: test ``approved``, or call :meth:`raise_for_refusal`.
-    When approved, the estimate is held in a reservation until it is recorded, released, or
-    ``expires_at`` passes.
-    """
-
-    approved: bool
-    reason: Reason | None
-    """None when approved; else which rule refused."""
-    reservation_id: str | None
-    expires_at: datetime | None
-    """When an unsettled reservation gives its units back (UTC, Redis clock)."""
-    remaining: int | None
-    """The customer's units left after this reservation; None when the customer is unlimited."""
-    limit: int | None
-    """The limit of the rule that refused; when approved, the customer's budget limit."""
-    agent_id: str
-    customer_id: str
-    estimated_units: int
-    task_ref: str | None = None
-    task_ceiling: int | None = None
-    task_used: int | None = None
-    task_remaining: int | None = None
-    replayed: bool = False
-    """True when this is the remembered answer to an earlier identical request."""
-    offline: bool = False
-    """True when Redis was unreachable and the client's outage policy approved the run alone
-    (no budget was checked; ``remaining``, ``limit`` and ``expires_at`` are None)."""
-    scope: Scope | None = None
-    """Which scope's rule refused: request (the ceiling), task, customer or agent."""
-    used: int | None = None
-    """On a refusal: what the refusing rule counts as used (spent units; runs in flight for
-    concurrency)."""
-    reserved: int | None = None
-    """On a refusal: the units the refusing rule's scope holds in open reservations."""
-    retry_after: float | None = None
-    """On a rate_limited refusal: seconds until the same ask would pass (None: it never will,
-    the ask is above the burst)."""
-    period_end: datetime | None = None
-    """When the customer's current budget period ends (None for a lifetime budget)."""
-    crossed: tuple[ThresholdCrossing, ...] = ()
-    """Soft thresholds this call crossed."""
-
-    def __bool__(self) -> bool:
-        return self.approved
-
-    def raise_for_refusal(self) -> Self:
-        """Return self when approved; else raise the RunBlockedError subclass for ``reason``."""
-        if self.approved:
-            return self
-        raise _ERRORS.get(self.reason or "", RunBlockedError)(self)
-
-    def _reservation(self) -> str:
-        if self.reservation_id is None:
-            raise InvalidRequestError(
-                "reservation_id", f"this check was refused ({self.reason}); it holds nothing"
-            )
-        return self.reservation_id
+def open_reservation(check: BaseCheck) -> str:
+    """The id of the reservation ``check`` holds; InvalidRequestError if it was refused."""
+    if check.reservation_id is None:
+        raise InvalidRequestError(
+            "reservation_id", f"this check was refused ({check.reason}); it holds nothing"
+        )
+    return check.reservation_id
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,7 +35,7 @@ class Check(BaseCheck):
 
     def record(self, units: int, **kwargs: Any) -> Settlement:
         """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return self._client.record(
             self.agent_id,
@@ -137,7 +48,7 @@ class Check(BaseCheck):
 
     def release(self) -> Settlement:
         """Close this reservation without charging anything."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return self._client.release(rid)
 
@@ -161,7 +72,7 @@ class AsyncCheck(BaseCheck):
 
     async def record(self, units: int, **kwargs: Any) -> Settlement:
         """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return await self._client.record(
             self.agent_id,
@@ -174,7 +85,7 @@ class AsyncCheck(BaseCheck):
 
     async def release(self) -> Settlement:
         """Close this reservation without charging anything."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return await self._client.release(rid)
 

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from agentbill._check import BaseCheck
 from agentbill._exceptions import (
     AgentBillError,
     AuthenticationError,
@@ -43,7 +44,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
 )
 from agentbill._install import pip_install
-from agentbill._results import BaseCheck, Settlement
+from agentbill._results import Settlement
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
