@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from agentbill._check import BaseCheck, ThresholdCrossing
 from agentbill._exceptions import InvalidRequestError
-
-if TYPE_CHECKING:
-    from agentbill._async_client import AsyncAgentBillClient
-    from agentbill._client import AgentBillClient
 
 Period = Literal["hour", "day", "week", "month"]
 EventType = Literal["approved", "refused", "recorded", "released", "expired", "threshold"]
@@ -27,13 +23,63 @@ def open_reservation(check: BaseCheck) -> str:
     return check.reservation_id
 
 
+class CheckClient(Protocol):
+    """What a :class:`Check` calls on its client (AgentBillClient): this module sits below the
+    clients, so it names the methods it needs instead of importing the class."""
+
+    def record(
+        self,
+        agent_id: str,
+        units: int,
+        customer_id: str | None = None,
+        *,
+        reservation_id: str | None = None,
+        task_ref: str | None = None,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement: ...
+
+    def release(self, reservation_id: str | None = None) -> Settlement: ...
+
+    def _extend(self, check: Check, units: object) -> Check: ...
+
+
+class AsyncCheckClient(Protocol):
+    """What an :class:`AsyncCheck` awaits on its client (AsyncAgentBillClient)."""
+
+    async def record(
+        self,
+        agent_id: str,
+        units: int,
+        customer_id: str | None = None,
+        *,
+        reservation_id: str | None = None,
+        task_ref: str | None = None,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement: ...
+
+    async def release(self, reservation_id: str | None = None) -> Settlement: ...
+
+    async def _extend(self, check: AsyncCheck, units: object) -> AsyncCheck: ...
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Check(BaseCheck):
     """A preflight's decision from :class:`AgentBillClient`; see :class:`BaseCheck`."""
 
-    _client: AgentBillClient | None = field(default=None, repr=False, compare=False)
+    _client: CheckClient | None = field(default=None, repr=False, compare=False)
 
-    def record(self, units: int, **kwargs: Any) -> Settlement:
+    def record(
+        self,
+        units: int,
+        *,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
         """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
         rid = open_reservation(self)
         assert self._client is not None
@@ -43,7 +89,9 @@ class Check(BaseCheck):
             self.customer_id,
             reservation_id=rid,
             task_ref=self.task_ref,
-            **kwargs,
+            success=success,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
         )
 
     def release(self) -> Settlement:
@@ -68,9 +116,16 @@ class AsyncCheck(BaseCheck):
     """A preflight's decision from :class:`AsyncAgentBillClient`: ``record``/``release`` are
     awaited."""
 
-    _client: AsyncAgentBillClient | None = field(default=None, repr=False, compare=False)
+    _client: AsyncCheckClient | None = field(default=None, repr=False, compare=False)
 
-    async def record(self, units: int, **kwargs: Any) -> Settlement:
+    async def record(
+        self,
+        units: int,
+        *,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
         """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
         rid = open_reservation(self)
         assert self._client is not None
@@ -80,7 +135,9 @@ class AsyncCheck(BaseCheck):
             self.customer_id,
             reservation_id=rid,
             task_ref=self.task_ref,
-            **kwargs,
+            success=success,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
         )
 
     async def release(self) -> Settlement:
