@@ -45,19 +45,15 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from agentbill._check import BaseCheck
-from agentbill._core import customer_of, new_token
+from agentbill._core import Plan, customer_of, new_token
 from agentbill._exceptions import InvalidRequestError
 from agentbill._fork import reset_at_fork
 from agentbill._keys import customer_tag, reservation_id
 from agentbill._models import validate_units
 from agentbill._results import BudgetStatus, RateLimit, Settlement, SettleStatus, open_reservation
-
-if TYPE_CHECKING:
-    from agentbill._async_client import AsyncAgentBillClient
-    from agentbill._client import AgentBillClient
 
 __all__ = ["AsyncLease", "Lease", "LeaseCheck", "LeaseStats"]
 
@@ -537,8 +533,78 @@ def _owed_record(book: LeaseBook, units: int, task_ref: str | None) -> Record:
     return book.owed_id(), units, book.agent_id, book.customer_id, task_ref
 
 
+class QueuesSettlements(Protocol):
+    """What a lease needs of either client to charge a late run without I/O of its own: this
+    module sits below the clients, so it names the methods it calls instead of the classes."""
+
+    def _plan_close(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        *,
+        learn: bool = True,
+    ) -> Plan[Settlement]: ...
+
+    def _settle_later(self, plan: Plan[Settlement]) -> Settlement: ...
+
+
+class LeaseClient(QueuesSettlements, Protocol):
+    """What a :class:`Lease` calls on AgentBillClient."""
+
+    @property
+    def ceiling(self) -> int | None: ...
+
+    def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> BaseCheck: ...
+
+    def get_budget(
+        self, customer_id: str | None = None, *, agent_id: str | None = None
+    ) -> BudgetStatus: ...
+
+    def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        *,
+        learn: bool = True,
+    ) -> Settlement: ...
+
+
+class AsyncLeaseClient(QueuesSettlements, Protocol):
+    """What an :class:`AsyncLease` awaits on AsyncAgentBillClient."""
+
+    @property
+    def ceiling(self) -> int | None: ...
+
+    async def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> BaseCheck: ...
+
+    async def get_budget(
+        self, customer_id: str | None = None, *, agent_id: str | None = None
+    ) -> BudgetStatus: ...
+
+    async def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        *,
+        learn: bool = True,
+    ) -> Settlement: ...
+
+
 def _charge_later(
-    client: AgentBillClient | AsyncAgentBillClient,
+    client: QueuesSettlements,
     book: LeaseBook,
     task_ref: str | None,
     units: int,
@@ -558,7 +624,7 @@ class Lease:
 
     def __init__(
         self,
-        client: AgentBillClient,
+        client: LeaseClient,
         agent_id: str,
         customer_id: str | None,
         *,
@@ -641,7 +707,7 @@ class AsyncLease:
 
     def __init__(
         self,
-        client: AsyncAgentBillClient,
+        client: AsyncLeaseClient,
         agent_id: str,
         customer_id: str | None,
         *,
