@@ -548,7 +548,7 @@ def url_case(url: str) -> dict[str, Any]:
 
 
 def urls() -> dict[str, Any]:
-    from agentbill._topology import CLUSTER_HINT
+    from agentbill._retry import CLUSTER_HINT
 
     return {"cluster_hint": CLUSTER_HINT, "cases": [url_case(url) for url in URLS]}
 
