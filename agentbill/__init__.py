@@ -36,8 +36,7 @@ from agentbill._results import (
     Usage,
 )
 from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
-
-__version__ = "0.1.0"
+from agentbill._version import __version__
 
 __all__ = [
     "AgentBillClient",

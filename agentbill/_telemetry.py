@@ -45,6 +45,7 @@ from agentbill._exceptions import (
 )
 from agentbill._install import pip_install
 from agentbill._results import Settlement
+from agentbill._version import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
@@ -248,8 +249,6 @@ def configured_tracer() -> Tracer | None:
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
-    from agentbill import __version__
-
     tracer: Tracer = provider.get_tracer("agentbill", __version__)
     return tracer
 
