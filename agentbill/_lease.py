@@ -700,6 +700,15 @@ class Lease:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> Lease:
+        raise TypeError(
+            "AgentBillClient.lease(...) is a plain context manager: use `with`, or an "
+            "AsyncAgentBillClient for `async with`"
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None  # never entered: __aenter__ raised
+
 
 class AsyncLease:
     """A lease on :class:`AsyncAgentBillClient`: ``await lease.preflight(...)``,
@@ -775,3 +784,11 @@ class AsyncLease:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def __enter__(self) -> AsyncLease:
+        raise TypeError(
+            "AsyncAgentBillClient.lease(...) is an async context manager: use `async with`"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None  # never entered: __enter__ raised
