@@ -37,7 +37,7 @@ from agentbill._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from agentbill._gate import Gate, Run, Units
+from agentbill._gate import Gate, GateClient, Run, Units
 from agentbill._lease import AsyncLease, Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import (
@@ -422,7 +422,7 @@ class BaseClient:
             units=kwargs["units"],
             bound=kwargs["bound"],
         )
-        return Gate(self, **kwargs)
+        return Gate(cast("GateClient", self), **kwargs)  # self is one of the twins
 
 
 CLUSTER_TYPES: tuple[type, ...] = (RedisCluster, AsyncRedisCluster)
