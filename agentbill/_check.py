@@ -99,12 +99,13 @@ not know). Filled in by ``_exceptions``, whose errors carry a BaseCheck: this mo
 import them without an import circle."""
 
 _TIMES = ("expires_at", "period_end")
+_FIELDS = tuple(f.name for f in dataclasses.fields(BaseCheck))
 
 
 def check_fields(check: BaseCheck) -> dict[str, Any]:
-    """A check's fields, JSON-safe (times as ISO strings, crossings as dicts)."""
-    fields = {f.name: getattr(check, f.name) for f in dataclasses.fields(check)}
-    fields.pop("_client", None)
+    """A check's fields, JSON-safe (times as ISO strings, crossings as dicts): BaseCheck's own,
+    never a subclass's (a Check's client, a LeaseCheck's run)."""
+    fields = {name: getattr(check, name) for name in _FIELDS}
     for name in _TIMES:
         if fields.get(name) is not None:
             fields[name] = fields[name].isoformat()

@@ -7,7 +7,7 @@ import pickle
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import cast, get_args
+from typing import Any, cast, get_args
 
 import pytest
 import redis
@@ -20,6 +20,7 @@ from agentbill import (
     CeilingExceededError,
     ConcurrencyLimitedError,
     InvalidRequestError,
+    LeaseCheck,
     RateLimitedError,
     RunBlockedError,
     TaskCeilingExceededError,
@@ -148,6 +149,31 @@ def test_errors_survive_pickle_and_a_rebuild_from_their_args(error: AgentBillErr
                 error.remaining,
             )
     json.dumps(error.args)  # what a json result backend stores
+
+
+def test_a_lease_refusal_survives_pickle_and_a_rebuild_from_its_args() -> None:
+    """A LeaseCheck has a field of its own (its run): the error keeps the check's fields only,
+    and comes back with them, as a BaseCheck."""
+    fields: dict[str, Any] = {
+        "approved": False,
+        "reason": "budget_exhausted",
+        "reservation_id": None,
+        "expires_at": None,
+        "remaining": 0,
+        "limit": 1,
+        "agent_id": "a",
+        "customer_id": "c",
+        "estimated_units": 2,
+    }
+    refused = LeaseCheck(**fields)
+    with pytest.raises(BudgetExhaustedError) as info:
+        refused.raise_for_refusal()
+    error = info.value
+    json.dumps(error.args)
+    for copy in (pickle.loads(pickle.dumps(error)), type(error)(*error.args)):
+        assert type(copy) is BudgetExhaustedError
+        assert str(copy) == str(error)
+        assert copy.check == BaseCheck(**fields)
 
 
 @pytest.mark.parametrize("reason", [*get_args(Reason), "a reason from a newer script"])
