@@ -5,6 +5,7 @@ ceilings and its estimate reserved before it starts, and its actual units record
 """
 
 from agentbill._async_client import AsyncAgentBillClient
+from agentbill._check import BaseCheck, ThresholdCrossing
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import (
     AgentBillError,
@@ -25,7 +26,6 @@ from agentbill._models import Preflight
 from agentbill._outage import OutageStats
 from agentbill._results import (
     AsyncCheck,
-    BaseCheck,
     BudgetStatus,
     Check,
     Estimates,
@@ -33,12 +33,10 @@ from agentbill._results import (
     RateLimit,
     Settlement,
     TaskStatus,
-    ThresholdCrossing,
     Usage,
 )
 from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
-
-__version__ = "0.1.0"
+from agentbill._version import __version__
 
 __all__ = [
     "AgentBillClient",

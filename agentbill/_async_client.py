@@ -12,6 +12,7 @@ import redis
 import redis.asyncio as aioredis
 
 from agentbill import _core
+from agentbill._check import ThresholdCrossing
 from agentbill._client import (
     BaseClient,
     check_callback,
@@ -41,7 +42,6 @@ from agentbill._results import (
     Event,
     Settlement,
     TaskStatus,
-    ThresholdCrossing,
     Usage,
 )
 from agentbill._retry import Heal, translate

@@ -22,6 +22,7 @@ from redis.exceptions import MovedError
 from redis.retry import Retry
 
 from agentbill import _core, _topology
+from agentbill._check import BaseCheck, ThresholdCrossing
 from agentbill._durability import (
     WRITES,
     ReplicaTimeout,
@@ -36,7 +37,7 @@ from agentbill._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from agentbill._gate import Gate, Run, Units
+from agentbill._gate import Gate, GateClient, Run, Units
 from agentbill._lease import AsyncLease, Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import (
@@ -55,14 +56,12 @@ from agentbill._outage import (
 )
 from agentbill._own import OwnReservations
 from agentbill._results import (
-    BaseCheck,
     BudgetStatus,
     Check,
     Estimates,
     Event,
     Settlement,
     TaskStatus,
-    ThresholdCrossing,
     Usage,
 )
 from agentbill._retry import Heal, RetryPolicy, is_transient, translate
@@ -423,7 +422,7 @@ class BaseClient:
             units=kwargs["units"],
             bound=kwargs["bound"],
         )
-        return Gate(self, **kwargs)
+        return Gate(cast("GateClient", self), **kwargs)  # self is one of the twins
 
 
 CLUSTER_TYPES: tuple[type, ...] = (RedisCluster, AsyncRedisCluster)

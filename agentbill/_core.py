@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from redis.exceptions import NoScriptError
 
 from agentbill import _contract
+from agentbill._check import BaseCheck, Reason, Scope, ThresholdCrossing
 from agentbill._contract import STRUCTS, common_args
 from agentbill._exceptions import AgentBillError, InvalidRequestError
 from agentbill._keys import CustomerKeys, KeySpace, digest, reservation_id, tag_of_reservation
@@ -44,20 +45,17 @@ from agentbill._models import (
 from agentbill._own import OwnReservations
 from agentbill._results import (
     LEARN_AFTER,
-    BaseCheck,
     BudgetStatus,
     Estimates,
     Event,
     EventType,
     Period,
     RateLimit,
-    Reason,
-    Scope,
     Settlement,
     SettleStatus,
     TaskStatus,
-    ThresholdCrossing,
     Usage,
+    open_reservation,
 )
 from agentbill._tenants import parse_api_key, tenant_namespace
 from agentbill._zones import zone_table
@@ -946,7 +944,7 @@ def plan_extend(p: Policy, check: BaseCheck, units: object, make: Callable[..., 
     extra = validate_units("units", units)
     if extra < 1:
         raise InvalidRequestError("units", "must be at least 1")
-    rid = check._reservation()
+    rid = open_reservation(check)
     if check.offline:
         raise InvalidRequestError(
             "reservation_id", "was approved offline (Redis was unreachable): it cannot be extended"

@@ -21,13 +21,10 @@ what failed and are always raised ``from`` the underlying redis-py exception.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from agentbill._results import BaseCheck
+from agentbill._check import REFUSALS, BaseCheck, check_fields, check_from_fields
 
 __all__ = [
     "AgentBillError",
@@ -45,31 +42,6 @@ __all__ = [
 ]
 
 
-_TIMES = ("expires_at", "period_end")
-
-
-def _check_fields(check: BaseCheck) -> dict[str, Any]:
-    """A check's fields, JSON-safe (times as ISO strings, crossings as dicts)."""
-    fields = {f.name: getattr(check, f.name) for f in dataclasses.fields(check)}
-    fields.pop("_client", None)
-    for name in _TIMES:
-        if fields.get(name) is not None:
-            fields[name] = fields[name].isoformat()
-    fields["crossed"] = [dataclasses.asdict(c) for c in check.crossed]
-    return fields
-
-
-def _check_from_fields(fields: Mapping[str, Any]) -> BaseCheck:
-    from agentbill._results import BaseCheck, ThresholdCrossing  # _results imports this module
-
-    values = dict(fields)
-    for name in _TIMES:
-        if isinstance(values.get(name), str):
-            values[name] = datetime.fromisoformat(values[name])
-    values["crossed"] = tuple(ThresholdCrossing(**c) for c in values.get("crossed", ()))
-    return BaseCheck(**values)
-
-
 class AgentBillError(Exception):
     """Root of every error agentbill raises."""
 
@@ -82,12 +54,12 @@ class RunBlockedError(AgentBillError):
 
     def __init__(self, check: BaseCheck | Mapping[str, Any]) -> None:
         if isinstance(check, Mapping):
-            check = _check_from_fields(check)
+            check = check_from_fields(check)
         self.check: BaseCheck = check
         self.reason: str = check.reason or "refused"
         # args is the check's fields, JSON-safe: the error pickles, and a task queue's result
         # backend that rebuilds errors as cls(*args) (Celery's) gets the typed error back.
-        super().__init__(_check_fields(check))
+        super().__init__(check_fields(check))
 
     def __str__(self) -> str:
         return self._describe()
@@ -161,6 +133,18 @@ class RateLimitedError(RunBlockedError):
 
 class ConcurrencyLimitedError(RunBlockedError):
     """The customer (or the agent) already has its maximum of runs in flight."""
+
+
+REFUSALS.update(
+    {
+        "": RunBlockedError,
+        "ceiling_exceeded": CeilingExceededError,
+        "budget_exhausted": BudgetExhaustedError,
+        "task_ceiling_exceeded": TaskCeilingExceededError,
+        "rate_limited": RateLimitedError,
+        "concurrency_limited": ConcurrencyLimitedError,
+    }
+)
 
 
 class InvalidRequestError(AgentBillError, ValueError):

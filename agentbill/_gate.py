@@ -38,13 +38,15 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, ParamSpec, TypeAlias, TypeVar, cast
+from typing import Any, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
 
+from agentbill._check import BaseCheck
+from agentbill._core import Plan
 from agentbill._exceptions import AgentBillError
 from agentbill._interrupts import interrupts_held
-from agentbill._learned import Learner
+from agentbill._learned import EstimatesClient, Learner
 from agentbill._models import validate_units
-from agentbill._results import AsyncCheck, Check, Settlement
+from agentbill._results import AsyncCheck, Check, Estimates, Settlement
 
 logger = logging.getLogger("agentbill")
 
@@ -58,12 +60,76 @@ Units: TypeAlias = int | Callable[[T], int] | None
 __all__ = ["AsyncRun", "Gate", "Run", "Units"]
 
 
+class GateClient(EstimatesClient, Protocol):
+    """What a gate, a run block and an LLM call's ticket call on a client, either one: this
+    module sits below both, so it names the methods instead of importing the classes.
+    AgentBillClient returns values, AsyncAgentBillClient awaitables."""
+
+    def preflight(
+        self,
+        agent_id: str,
+        estimated_units: int,
+        customer_id: str | None = None,
+        *,
+        task_ref: str | None = None,
+        task_ceiling: int | None = None,
+        idempotency_key: str | None = None,
+        ttl: int | None = None,
+    ) -> BaseCheck | Awaitable[BaseCheck]: ...
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> Plan[Any]: ...
+
+    def _preflight(
+        self, plan: Plan[Any], track: bool = True
+    ) -> BaseCheck | Awaitable[BaseCheck]: ...
+
+    def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        **options: Any,
+    ) -> Settlement | Awaitable[Settlement]: ...
+
+
+class SyncGateClient(GateClient, Protocol):
+    """AgentBillClient, as a gate sees it: every call returns its value."""
+
+    def estimates(
+        self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
+    ) -> Estimates: ...
+
+    def _preflight(self, plan: Plan[Any], track: bool = True) -> Check: ...
+
+    def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        **options: Any,
+    ) -> Settlement: ...
+
+
 class Gate:
     """A decorator bound to one client and one run description; see ``AgentBillClient.gate``."""
 
     def __init__(
         self,
-        client: Any,
+        client: GateClient,
         *,
         agent_id: str,
         estimated_units: int | Literal["learned"],
@@ -112,7 +178,7 @@ class Gate:
         return validate_units("units", used)
 
     def _wrap_sync(self, fn: Callable[P, R]) -> Callable[P, R]:
-        client = self._client
+        client = cast(SyncGateClient, self._client)  # not an async client: see __call__
 
         @functools.wraps(fn)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -147,17 +213,18 @@ class Gate:
         """The sync gate's settle once its body returned (SIGINT held back by the caller): a
         deferred result is released (TypeError), else ``units`` of it is recorded, or the
         estimate if ``units`` fails (the work happened)."""
+        client = cast(SyncGateClient, self._client)  # only _wrap_sync calls this
         try:
             _refuse_deferred(fn, result, awaitable=True)
         except TypeError:
-            _release_quietly(self._client, check)
+            _release_quietly(client, check)
             raise
         try:
             used = self._units_of(result, check)
         except BaseException:
-            _close(self._client, check, check.estimated_units)
+            _close(client, check, check.estimated_units)
             raise
-        _close(self._client, check, used)
+        _close(client, check, used)
 
     def _wrap_async(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         client = self._client
@@ -187,7 +254,7 @@ class _Asking:
     ``estimated_units="learned"`` what the agent's recent runs used (see ``_learned``), up to
     ``bound``."""
 
-    def __init__(self, client: Any, preflight: dict[str, Any], bound: int | None) -> None:
+    def __init__(self, client: GateClient, preflight: dict[str, Any], bound: int | None) -> None:
         self._preflight = preflight
         self._bound = bound
         learned = preflight["estimated_units"] == "learned"
@@ -231,13 +298,13 @@ def _refuse_deferred(fn: Callable[..., Any], result: object, *, awaitable: bool)
 # -- the preflight, guarded --------------------------------------------------------------------
 
 
-def _plan(client: Any, preflight: dict[str, Any]) -> Any:
+def _plan(client: GateClient, preflight: dict[str, Any]) -> Plan[Any]:
     """The gate's preflight, not sent: unadoptable (only a request naming it closes it), and
     its reservation id made before anything is sent."""
     return client._plan_preflight(**preflight, adoptable=False)
 
 
-def _admit(client: Any, preflight: dict[str, Any]) -> Any:
+def _admit(client: SyncGateClient, preflight: dict[str, Any]) -> Check:
     """Preflight; the approved Check, or the typed RunBlockedError.
 
     An interrupt while the preflight is under way (KeyboardInterrupt, anything but the client's
@@ -263,7 +330,7 @@ def _admit(client: Any, preflight: dict[str, Any]) -> Any:
         raise
 
 
-async def _admit_async(client: Any, preflight: dict[str, Any]) -> Any:
+async def _admit_async(client: GateClient, preflight: dict[str, Any]) -> Any:
     """:func:`_admit` for a coroutine, on either client: a cancel while the preflight is under
     way releases its reservation by id; a cancel that came with its reply and was swallowed on
     the way (``Task.cancelling()`` went up, yet the preflight returned) releases it and raises
@@ -290,7 +357,7 @@ async def _admit_async(client: Any, preflight: dict[str, Any]) -> Any:
 class _Reservation:
     """What a settle needs of a preflight whose Check never came back: its id and run."""
 
-    def __init__(self, reservation_id: str, preflight: dict[str, Any]) -> None:
+    def __init__(self, reservation_id: str | None, preflight: dict[str, Any]) -> None:
         self.reservation_id = reservation_id
         self.agent_id: str = preflight["agent_id"]
         self.customer_id: str | None = preflight["customer_id"]
@@ -300,7 +367,21 @@ class _Reservation:
 # -- settling: surely, and through cancellation and interrupts --------------------------------
 
 
-def _settle(client: Any, check: Any, units: int | None, **options: Any) -> Any:
+@overload
+def _settle(
+    client: SyncGateClient, check: Any, units: int | None, **options: Any
+) -> Settlement: ...
+
+
+@overload
+def _settle(
+    client: GateClient, check: Any, units: int | None, **options: Any
+) -> Settlement | Awaitable[Settlement]: ...
+
+
+def _settle(
+    client: GateClient, check: Any, units: int | None, **options: Any
+) -> Settlement | Awaitable[Settlement]:
     """The gate's record of ``units`` (None: its release), surely (see the module docstring):
     a Settlement, or with the async client a coroutine of one. ``options``: a record's
     ``success``, ``idempotency_key``, ``metadata``."""
@@ -309,7 +390,7 @@ def _settle(client: Any, check: Any, units: int | None, **options: Any) -> Any:
     )
 
 
-def _close(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
+def _close(client: SyncGateClient, check: Any, units: int | None, **options: Any) -> Settlement:
     """:func:`_settle` on the sync client, with SIGINT held back until it is done. An interrupt
     that lands before the hold begins (a second Ctrl-C while the first unwinds through a
     release) does not stop it either: the settle is made, then that interrupt is raised."""
@@ -329,7 +410,9 @@ def _close(client: Any, check: Any, units: int | None, **options: Any) -> Settle
         return settlement
 
 
-async def _close_async(client: Any, check: Any, units: int | None, **options: Any) -> Settlement:
+async def _close_async(
+    client: GateClient, check: Any, units: int | None, **options: Any
+) -> Settlement:
     """:func:`_settle` awaited to its end through cancellation (see :func:`_completed`)."""
     settlement: Settlement = await _completed(_settle(client, check, units, **options))
     return settlement
@@ -364,7 +447,7 @@ def _warn_unreleased(reservation_id: str | None, exc: AgentBillError) -> None:
     )
 
 
-def _release_quietly(client: Any, check: Any) -> None:
+def _release_quietly(client: SyncGateClient, check: Any) -> None:
     """Release after the body (or the preflight) failed, never hiding its exception. If Redis
     cannot take it now it is queued (see ``_settle_surely``); only a release Redis refuses
     outright is logged, and then the reservation keeps its units until its TTL."""
@@ -374,7 +457,7 @@ def _release_quietly(client: Any, check: Any) -> None:
         _warn_unreleased(check.reservation_id, exc)
 
 
-async def _release_quietly_async(client: Any, check: Any) -> None:
+async def _release_quietly_async(client: GateClient, check: Any) -> None:
     """:func:`_release_quietly`, run to its end through cancellation (see :func:`_completed`)."""
     try:
         await _close_async(client, check, None)
@@ -389,7 +472,11 @@ class _Block:
     """What ``with client.run(...)`` and ``async with`` share: one block, entered once."""
 
     def __init__(
-        self, client: Any, charge_estimate: bool, bound: int | None = None, **preflight: Any
+        self,
+        client: GateClient,
+        charge_estimate: bool,
+        bound: int | None = None,
+        **preflight: Any,
     ) -> None:
         self._client = client
         self._charge_estimate = charge_estimate
@@ -398,11 +485,6 @@ class _Block:
         self._entered = False
         self._check: Any = None
         self.settlement: Settlement | None = None
-
-    @property
-    def check(self) -> Any:
-        """The approved Check (AsyncCheck with the async client)."""
-        return self._check
 
     def _enter(self) -> None:
         if self._entered:
@@ -445,6 +527,22 @@ class Run(_Block):
     for one block.
     """
 
+    _client: SyncGateClient
+
+    def __init__(
+        self,
+        client: SyncGateClient,
+        charge_estimate: bool,
+        bound: int | None = None,
+        **preflight: Any,
+    ) -> None:
+        super().__init__(client, charge_estimate, bound, **preflight)
+
+    @property
+    def check(self) -> Check:
+        """The approved Check, inside the block (None before it is entered)."""
+        return cast(Check, self._check)
+
     def __enter__(self) -> Run:
         self._enter()
         self._check = _admit(self._client, self._ask.sync())
@@ -457,11 +555,25 @@ class Run(_Block):
         self._check = self._approved().extend(units)
         return cast(Check, self._check)
 
-    def record(self, units: int, **kwargs: Any) -> Settlement:
-        """Record what the block used (``kwargs``: ``success``, ``idempotency_key``,
-        ``metadata``, as for ``Check.record``). It is the block's own record: if Redis cannot
-        take it now, it is queued (status ``queued``) and delivered later, not raised."""
-        self.settlement = _close(self._client, self._approved(), units, **kwargs)
+    def record(
+        self,
+        units: int,
+        *,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
+        """Record what the block used (``success``, ``idempotency_key``, ``metadata`` as for
+        ``Check.record``). It is the block's own record: if Redis cannot take it now, it is
+        queued (status ``queued``) and delivered later, not raised."""
+        self.settlement = _close(
+            self._client,
+            self._approved(),
+            units,
+            success=success,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
         return self.settlement
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
@@ -499,6 +611,11 @@ class AsyncRun(_Block):
     Its preflight, record and release go through cancellation like the gate's (see the module
     docstring)."""
 
+    @property
+    def check(self) -> AsyncCheck:
+        """The approved AsyncCheck, inside the block (None before it is entered)."""
+        return cast(AsyncCheck, self._check)
+
     async def __aenter__(self) -> AsyncRun:
         self._enter()
         self._check = await _admit_async(self._client, await self._ask.any())
@@ -509,9 +626,23 @@ class AsyncRun(_Block):
         self._check = await self._approved().extend(units)
         return cast(AsyncCheck, self._check)
 
-    async def record(self, units: int, **kwargs: Any) -> Settlement:
+    async def record(
+        self,
+        units: int,
+        *,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
         """See :meth:`Run.record`."""
-        settlement = await _close_async(self._client, self._approved(), units, **kwargs)
+        settlement = await _close_async(
+            self._client,
+            self._approved(),
+            units,
+            success=success,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
         self.settlement = settlement
         return settlement
 

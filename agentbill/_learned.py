@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import Protocol
 
 from agentbill._exceptions import StoreUnavailableError
 from agentbill._results import Estimates
@@ -22,11 +22,20 @@ REFRESH = 1.0
 """Seconds a Learner keeps the statistics it read before reading them again."""
 
 
+class EstimatesClient(Protocol):
+    """What a Learner calls on either client (this module sits below both): an Estimates from
+    AgentBillClient, an awaitable of one from AsyncAgentBillClient."""
+
+    def estimates(
+        self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
+    ) -> Estimates | Awaitable[Estimates]: ...
+
+
 class Learner:
     """The learned estimates of one agent of one customer, for one gate, run or wrapped client
     (either client: with AsyncAgentBillClient, :meth:`units` may return an awaitable)."""
 
-    def __init__(self, client: Any, agent_id: str, customer_id: str | None) -> None:
+    def __init__(self, client: EstimatesClient, agent_id: str, customer_id: str | None) -> None:
         self._client = client
         self._agent_id = agent_id
         self._customer_id = customer_id

@@ -45,18 +45,15 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
-from agentbill._core import customer_of, new_token
+from agentbill._check import BaseCheck
+from agentbill._core import Plan, customer_of, new_token
 from agentbill._exceptions import InvalidRequestError
 from agentbill._fork import reset_at_fork
 from agentbill._keys import customer_tag, reservation_id
 from agentbill._models import validate_units
-from agentbill._results import BaseCheck, BudgetStatus, RateLimit, Settlement, SettleStatus
-
-if TYPE_CHECKING:
-    from agentbill._async_client import AsyncAgentBillClient
-    from agentbill._client import AgentBillClient
+from agentbill._results import BudgetStatus, RateLimit, Settlement, SettleStatus, open_reservation
 
 __all__ = ["AsyncLease", "Lease", "LeaseCheck", "LeaseStats"]
 
@@ -147,12 +144,12 @@ class LeaseCheck(BaseCheck):
     def record(self, units: int) -> Settlement:
         """Count ``units`` as used by this run (its slice is charged them when settled), and
         give its estimate back to the lease's next runs."""
-        self._reservation()
+        open_reservation(self)
         return self._close("recorded", validate_units("units", units))
 
     def release(self) -> Settlement:
         """This run used nothing: its estimate is free for the lease's next runs."""
-        self._reservation()
+        open_reservation(self)
         return self._close("released", 0)
 
     def extend(self, units: int) -> LeaseCheck:
@@ -536,8 +533,78 @@ def _owed_record(book: LeaseBook, units: int, task_ref: str | None) -> Record:
     return book.owed_id(), units, book.agent_id, book.customer_id, task_ref
 
 
+class QueuesSettlements(Protocol):
+    """What a lease needs of either client to charge a late run without I/O of its own: this
+    module sits below the clients, so it names the methods it calls instead of the classes."""
+
+    def _plan_close(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        *,
+        learn: bool = True,
+    ) -> Plan[Settlement]: ...
+
+    def _settle_later(self, plan: Plan[Settlement]) -> Settlement: ...
+
+
+class LeaseClient(QueuesSettlements, Protocol):
+    """What a :class:`Lease` calls on AgentBillClient."""
+
+    @property
+    def ceiling(self) -> int | None: ...
+
+    def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> BaseCheck: ...
+
+    def get_budget(
+        self, customer_id: str | None = None, *, agent_id: str | None = None
+    ) -> BudgetStatus: ...
+
+    def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        *,
+        learn: bool = True,
+    ) -> Settlement: ...
+
+
+class AsyncLeaseClient(QueuesSettlements, Protocol):
+    """What an :class:`AsyncLease` awaits on AsyncAgentBillClient."""
+
+    @property
+    def ceiling(self) -> int | None: ...
+
+    async def _reserve_slice(
+        self, agent_id: str, units: int, customer_id: str | None, task_ref: str | None, ttl: int
+    ) -> BaseCheck: ...
+
+    async def get_budget(
+        self, customer_id: str | None = None, *, agent_id: str | None = None
+    ) -> BudgetStatus: ...
+
+    async def _settle_surely(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        *,
+        learn: bool = True,
+    ) -> Settlement: ...
+
+
 def _charge_later(
-    client: AgentBillClient | AsyncAgentBillClient,
+    client: QueuesSettlements,
     book: LeaseBook,
     task_ref: str | None,
     units: int,
@@ -557,7 +624,7 @@ class Lease:
 
     def __init__(
         self,
-        client: AgentBillClient,
+        client: LeaseClient,
         agent_id: str,
         customer_id: str | None,
         *,
@@ -633,6 +700,15 @@ class Lease:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> Lease:
+        raise TypeError(
+            "AgentBillClient.lease(...) is a plain context manager: use `with`, or an "
+            "AsyncAgentBillClient for `async with`"
+        )
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None  # never entered: __aenter__ raised
+
 
 class AsyncLease:
     """A lease on :class:`AsyncAgentBillClient`: ``await lease.preflight(...)``,
@@ -640,7 +716,7 @@ class AsyncLease:
 
     def __init__(
         self,
-        client: AsyncAgentBillClient,
+        client: AsyncLeaseClient,
         agent_id: str,
         customer_id: str | None,
         *,
@@ -708,3 +784,11 @@ class AsyncLease:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    def __enter__(self) -> AsyncLease:
+        raise TypeError(
+            "AsyncAgentBillClient.lease(...) is an async context manager: use `async with`"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None  # never entered: __enter__ raised

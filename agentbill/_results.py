@@ -4,127 +4,84 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Any, Literal, Protocol
 
-from agentbill._exceptions import (
-    BudgetExhaustedError,
-    CeilingExceededError,
-    ConcurrencyLimitedError,
-    InvalidRequestError,
-    RateLimitedError,
-    RunBlockedError,
-    TaskCeilingExceededError,
-)
+from agentbill._check import BaseCheck, ThresholdCrossing
+from agentbill._exceptions import InvalidRequestError
 
-if TYPE_CHECKING:
-    from agentbill._async_client import AsyncAgentBillClient
-    from agentbill._client import AgentBillClient
-
-Reason = Literal[
-    "ceiling_exceeded",
-    "task_ceiling_exceeded",
-    "budget_exhausted",
-    "rate_limited",
-    "concurrency_limited",
-]
-Scope = Literal["request", "task", "customer", "agent"]
 Period = Literal["hour", "day", "week", "month"]
 EventType = Literal["approved", "refused", "recorded", "released", "expired", "threshold"]
 SettleStatus = Literal["recorded", "released", "late", "expired", "direct", "noop", "queued"]
 
-_ERRORS: dict[str, type[RunBlockedError]] = {
-    "ceiling_exceeded": CeilingExceededError,
-    "budget_exhausted": BudgetExhaustedError,
-    "task_ceiling_exceeded": TaskCeilingExceededError,
-    "rate_limited": RateLimitedError,
-    "concurrency_limited": ConcurrencyLimitedError,
-}
+
+def open_reservation(check: BaseCheck) -> str:
+    """The id of the reservation ``check`` holds; InvalidRequestError if it was refused."""
+    if check.reservation_id is None:
+        raise InvalidRequestError(
+            "reservation_id", f"this check was refused ({check.reason}); it holds nothing"
+        )
+    return check.reservation_id
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ThresholdCrossing:
-    """A budget's soft threshold crossed (once per period): committed units (spent + reserved)
-    reached ``percent`` of the limit. Passed to the client's ``on_threshold`` callback."""
+class CheckClient(Protocol):
+    """What a :class:`Check` calls on its client (AgentBillClient): this module sits below the
+    clients, so it names the methods it needs instead of importing the class."""
 
-    customer_id: str
-    agent_id: str | None
-    """None for the customer's own budget; else the agent whose budget it is."""
-    percent: int
-    committed: int
+    def record(
+        self,
+        agent_id: str,
+        units: int,
+        customer_id: str | None = None,
+        *,
+        reservation_id: str | None = None,
+        task_ref: str | None = None,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement: ...
+
+    def release(self, reservation_id: str | None = None) -> Settlement: ...
+
+    def _extend(self, check: Check, units: object) -> Check: ...
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BaseCheck:
-    """The decision of one preflight: the fields both Check and AsyncCheck carry.
+class AsyncCheckClient(Protocol):
+    """What an :class:`AsyncCheck` awaits on its client (AsyncAgentBillClient)."""
 
-    A refusal is returned, not raised: test ``approved``, or call :meth:`raise_for_refusal`.
-    When approved, the estimate is held in a reservation until it is recorded, released, or
-    ``expires_at`` passes.
-    """
+    async def record(
+        self,
+        agent_id: str,
+        units: int,
+        customer_id: str | None = None,
+        *,
+        reservation_id: str | None = None,
+        task_ref: str | None = None,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement: ...
 
-    approved: bool
-    reason: Reason | None
-    """None when approved; else which rule refused."""
-    reservation_id: str | None
-    expires_at: datetime | None
-    """When an unsettled reservation gives its units back (UTC, Redis clock)."""
-    remaining: int | None
-    """The customer's units left after this reservation; None when the customer is unlimited."""
-    limit: int | None
-    """The limit of the rule that refused; when approved, the customer's budget limit."""
-    agent_id: str
-    customer_id: str
-    estimated_units: int
-    task_ref: str | None = None
-    task_ceiling: int | None = None
-    task_used: int | None = None
-    task_remaining: int | None = None
-    replayed: bool = False
-    """True when this is the remembered answer to an earlier identical request."""
-    offline: bool = False
-    """True when Redis was unreachable and the client's outage policy approved the run alone
-    (no budget was checked; ``remaining``, ``limit`` and ``expires_at`` are None)."""
-    scope: Scope | None = None
-    """Which scope's rule refused: request (the ceiling), task, customer or agent."""
-    used: int | None = None
-    """On a refusal: what the refusing rule counts as used (spent units; runs in flight for
-    concurrency)."""
-    reserved: int | None = None
-    """On a refusal: the units the refusing rule's scope holds in open reservations."""
-    retry_after: float | None = None
-    """On a rate_limited refusal: seconds until the same ask would pass (None: it never will,
-    the ask is above the burst)."""
-    period_end: datetime | None = None
-    """When the customer's current budget period ends (None for a lifetime budget)."""
-    crossed: tuple[ThresholdCrossing, ...] = ()
-    """Soft thresholds this call crossed."""
+    async def release(self, reservation_id: str | None = None) -> Settlement: ...
 
-    def __bool__(self) -> bool:
-        return self.approved
-
-    def raise_for_refusal(self) -> Self:
-        """Return self when approved; else raise the RunBlockedError subclass for ``reason``."""
-        if self.approved:
-            return self
-        raise _ERRORS.get(self.reason or "", RunBlockedError)(self)
-
-    def _reservation(self) -> str:
-        if self.reservation_id is None:
-            raise InvalidRequestError(
-                "reservation_id", f"this check was refused ({self.reason}); it holds nothing"
-            )
-        return self.reservation_id
+    async def _extend(self, check: AsyncCheck, units: object) -> AsyncCheck: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Check(BaseCheck):
     """A preflight's decision from :class:`AgentBillClient`; see :class:`BaseCheck`."""
 
-    _client: AgentBillClient | None = field(default=None, repr=False, compare=False)
+    _client: CheckClient | None = field(default=None, repr=False, compare=False)
 
-    def record(self, units: int, **kwargs: Any) -> Settlement:
+    def record(
+        self,
+        units: int,
+        *,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
         """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return self._client.record(
             self.agent_id,
@@ -132,12 +89,14 @@ class Check(BaseCheck):
             self.customer_id,
             reservation_id=rid,
             task_ref=self.task_ref,
-            **kwargs,
+            success=success,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
         )
 
     def release(self) -> Settlement:
         """Close this reservation without charging anything."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return self._client.release(rid)
 
@@ -157,11 +116,18 @@ class AsyncCheck(BaseCheck):
     """A preflight's decision from :class:`AsyncAgentBillClient`: ``record``/``release`` are
     awaited."""
 
-    _client: AsyncAgentBillClient | None = field(default=None, repr=False, compare=False)
+    _client: AsyncCheckClient | None = field(default=None, repr=False, compare=False)
 
-    async def record(self, units: int, **kwargs: Any) -> Settlement:
+    async def record(
+        self,
+        units: int,
+        *,
+        success: bool = True,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Settlement:
         """Close this reservation, charging ``units``; see :meth:`AgentBillClient.record`."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return await self._client.record(
             self.agent_id,
@@ -169,12 +135,14 @@ class AsyncCheck(BaseCheck):
             self.customer_id,
             reservation_id=rid,
             task_ref=self.task_ref,
-            **kwargs,
+            success=success,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
         )
 
     async def release(self) -> Settlement:
         """Close this reservation without charging anything."""
-        rid = self._reservation()
+        rid = open_reservation(self)
         assert self._client is not None
         return await self._client.release(rid)
 

@@ -60,6 +60,13 @@ from agentbill._exceptions import (
 from agentbill._fork import reset_at_fork
 from agentbill._interrupts import interrupts_held
 
+CLUSTER_HINT = (
+    "reaches a node of a Redis Cluster (it answered MOVED): use "
+    "redis+cluster://host:port[,host:port...] (or pass redis=RedisCluster(...)) so that every "
+    "call goes to the node that owns its keys"
+)
+"""What a MOVED reply means for a plain connection (the shared vectors hold it too)."""
+
 T = TypeVar("T")
 
 Heal = Callable[[float], None]
@@ -150,8 +157,6 @@ def translate(exc: Exception) -> AgentBillError:
                 return InvalidRequestError(field, spec["message"])
     if isinstance(exc, rx.MovedError):
         # Only a plain connection sees MOVED: a cluster client follows it. Nothing ran.
-        from agentbill._topology import CLUSTER_HINT
-
         return InvalidRequestError("redis_url", CLUSTER_HINT)
     code = busy_code(exc)
     if code is not None:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from agentbill._check import BaseCheck
 from agentbill._exceptions import (
     AgentBillError,
     AuthenticationError,
@@ -43,7 +44,8 @@ from agentbill._exceptions import (
     StoreUnavailableError,
 )
 from agentbill._install import pip_install
-from agentbill._results import BaseCheck, Settlement
+from agentbill._results import Settlement
+from agentbill._version import __version__
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
@@ -247,8 +249,6 @@ def configured_tracer() -> Tracer | None:
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
         return None
-    from agentbill import __version__
-
     tracer: Tracer = provider.get_tracer("agentbill", __version__)
     return tracer
 

@@ -32,6 +32,7 @@ from redis.connection import SSLConnection, parse_url
 from redis.exceptions import RedisClusterException
 
 from agentbill._exceptions import StoreUnavailableError
+from agentbill._retry import translate
 
 Kind = Literal["cluster", "sentinel"]
 
@@ -47,11 +48,6 @@ SENTINEL_QUERY = ("sentinel_username", "sentinel_password")
 URL_FORMS = (
     "redis://, rediss://, unix://, redis+cluster://host:port[,host:port...], "
     "redis+sentinel://host:port[,host:port...]/service_name (or rediss+...)"
-)
-CLUSTER_HINT = (
-    "reaches a node of a Redis Cluster (it answered MOVED): use "
-    "redis+cluster://host:port[,host:port...] (or pass redis=RedisCluster(...)) so that every "
-    "call goes to the node that owns its keys"
 )
 
 
@@ -144,8 +140,6 @@ def _cluster(topology: Topology, options: dict[str, Any], asynchronous: bool) ->
     try:
         return _Cluster(startup_nodes=startup, **options)
     except (RedisClusterException, redis.RedisError, OSError) as exc:
-        from agentbill._retry import translate
-
         # redis-py wraps what the last startup node answered (a refused key, say).
         cause = exc if not isinstance(exc, RedisClusterException) else exc.__cause__
         if isinstance(cause, redis.RedisError | OSError):

@@ -15,8 +15,8 @@ from typing import Any
 import redis
 
 from agentbill import AgentBillClient, Check, Preflight, _core
+from agentbill._check import BaseCheck
 from agentbill._keys import tag_of_reservation
-from agentbill._results import BaseCheck
 from benchmarks._timing import BLOCK, WARMUP, Op
 
 NAMESPACE = "bench"

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import redis
 
 from agentbill import AgentBillClient, _core, _scripts
-from agentbill._results import BaseCheck
+from agentbill._check import BaseCheck
 from tests._servers import RedisServer
 
 NAMESPACE = "cost"

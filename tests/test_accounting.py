@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from agentbill import AgentBillClient, Preflight
+from agentbill._check import BaseCheck
 from agentbill._keys import KeySpace, customer_tag, reservation_id
 from agentbill._models import MAX_UNITS
-from agentbill._results import BaseCheck
 from agentbill._scripts import OPERATIONS, lua_dir
 from agentbill._zones import zone_table
 from tests._clock import movable_clock, shift_clock

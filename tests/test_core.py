@@ -7,6 +7,7 @@ import pickle
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any, cast, get_args
 
 import pytest
 import redis
@@ -16,10 +17,15 @@ from agentbill import (
     AgentBillError,
     BaseCheck,
     BudgetExhaustedError,
+    CeilingExceededError,
+    ConcurrencyLimitedError,
     InvalidRequestError,
+    LeaseCheck,
+    RateLimitedError,
     RunBlockedError,
     TaskCeilingExceededError,
 )
+from agentbill._check import Reason
 from agentbill._contract import SCRIPTS
 from agentbill._core import Policy, preflight_call, record_call, release_call
 from agentbill._keys import KeySpace, customer_tag, tag_of_reservation
@@ -143,6 +149,59 @@ def test_errors_survive_pickle_and_a_rebuild_from_their_args(error: AgentBillErr
                 error.remaining,
             )
     json.dumps(error.args)  # what a json result backend stores
+
+
+def test_a_lease_refusal_survives_pickle_and_a_rebuild_from_its_args() -> None:
+    """A LeaseCheck has a field of its own (its run): the error keeps the check's fields only,
+    and comes back with them, as a BaseCheck."""
+    fields: dict[str, Any] = {
+        "approved": False,
+        "reason": "budget_exhausted",
+        "reservation_id": None,
+        "expires_at": None,
+        "remaining": 0,
+        "limit": 1,
+        "agent_id": "a",
+        "customer_id": "c",
+        "estimated_units": 2,
+    }
+    refused = LeaseCheck(**fields)
+    with pytest.raises(BudgetExhaustedError) as info:
+        refused.raise_for_refusal()
+    error = info.value
+    json.dumps(error.args)
+    for copy in (pickle.loads(pickle.dumps(error)), type(error)(*error.args)):
+        assert type(copy) is BudgetExhaustedError
+        assert str(copy) == str(error)
+        assert copy.check == BaseCheck(**fields)
+
+
+@pytest.mark.parametrize("reason", [*get_args(Reason), "a reason from a newer script"])
+def test_a_refusal_raises_the_error_of_its_reason(reason: str) -> None:
+    """``raise_for_refusal`` raises from a table the error module fills in (the check sits a
+    floor below the errors): every reason has its own error; an unknown one the base class."""
+    refused = BaseCheck(
+        approved=False,
+        reason=cast(Reason, reason),
+        reservation_id=None,
+        expires_at=None,
+        remaining=0,
+        limit=1,
+        agent_id="a",
+        customer_id="c",
+        estimated_units=2,
+    )
+    expected = {
+        "ceiling_exceeded": CeilingExceededError,
+        "task_ceiling_exceeded": TaskCeilingExceededError,
+        "budget_exhausted": BudgetExhaustedError,
+        "rate_limited": RateLimitedError,
+        "concurrency_limited": ConcurrencyLimitedError,
+    }.get(reason, RunBlockedError)
+    with pytest.raises(RunBlockedError) as info:
+        refused.raise_for_refusal()
+    assert type(info.value) is expected
+    assert info.value.check is refused
 
 
 def _failing(calls: list[int], exc: Exception, pause: float = 0.0) -> Callable[[], int]:

@@ -185,6 +185,28 @@ def test_bad_lease_arguments_name_the_field(redis_server: RedisServer, namespace
         assert info.value.field == "estimated_units"
 
 
+def test_with_on_the_async_clients_lease_says_async_with(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    """The twin of test_run's: ``with`` where ``async with`` is meant names the fix."""
+
+    async def main() -> None:
+        async with AsyncAgentBillClient(redis_url=redis_server.url, namespace=namespace) as c:
+            with pytest.raises(TypeError, match="use `async with`"), c.lease("a", slice_units=5):
+                pass
+
+    asyncio.run(main())
+
+
+def test_async_with_on_the_sync_clients_lease_says_with(client: AgentBillClient) -> None:
+    async def main() -> None:
+        with pytest.raises(TypeError, match="use `with`"):
+            async with client.lease("a", slice_units=5):
+                pass
+
+    asyncio.run(main())
+
+
 def _leaser(url: str, namespace: str, tries: int, out: mp.Queue[int]) -> None:
     with (
         AgentBillClient(redis_url=url, namespace=namespace) as client,

@@ -27,7 +27,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp_types import CallToolResult, TextContent
 from pydantic import BaseModel
 
-from agentbill import AgentBillClient, KeyAdmin, _results
+from agentbill import AgentBillClient, KeyAdmin, _check, _results
 from agentbill.mcp_server import ADMIN_TOOLS, AGENT_TOOLS
 from agentbill.mcp_server._results import (
     BudgetResult,
@@ -170,7 +170,7 @@ def test_lists_the_agent_tools_with_input_and_output_schemas(
 
 def test_result_models_keep_the_library_field_names() -> None:
     pairs: list[tuple[type[BaseModel], type[object]]] = [
-        (PreflightResult, _results.BaseCheck),
+        (PreflightResult, _check.BaseCheck),
         (SettlementResult, _results.Settlement),
         (BudgetResult, _results.BudgetStatus),
         (RateLimitResult, _results.RateLimit),

@@ -33,10 +33,19 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from functools import cache
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
+from agentbill._core import Plan
 from agentbill._fork import reset_at_fork
-from agentbill._gate import _close, _close_async, _release_quietly, _release_quietly_async
+from agentbill._gate import (
+    GateClient,
+    SyncGateClient,
+    _close,
+    _close_async,
+    _release_quietly,
+    _release_quietly_async,
+)
+from agentbill._results import Settlement
 from agentbill.llm._plan import CallPlan, Settings, charge
 from agentbill.llm._usage import EventSplitter, Tally
 
@@ -283,12 +292,48 @@ def _queue_record(ticket: Any, loop: asyncio.AbstractEventLoop | None) -> None:
             loop.call_soon_threadsafe(client._flusher.wake)
 
 
+class Wakes(Protocol):
+    def wake(self) -> None: ...
+
+
+class QueuesRecords(Protocol):
+    """What a dropped stream's record needs of either client: queued for its background
+    delivery, without I/O of its own (see :class:`Dropped`)."""
+
+    @property
+    def _flusher(self) -> Wakes: ...
+
+    def _plan_close(
+        self,
+        reservation_id: str,
+        units: int | None,
+        agent_id: str,
+        customer_id: str | None,
+        task_ref: str | None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        model: str | None = None,
+    ) -> Plan[Settlement]: ...
+
+    def _settle_later(self, plan: Plan[Settlement]) -> Settlement: ...
+
+
+class TicketClient(GateClient, QueuesRecords, Protocol):
+    """What a ticket calls on either client (this package sits below both)."""
+
+
+class SyncTicketClient(SyncGateClient, QueuesRecords, Protocol):
+    """What a :class:`SyncTicket` calls on AgentBillClient."""
+
+
 class SyncTicket:
     """One call's reservation, with AgentBillClient: settled exactly once, as a gate settles
     (see ``agentbill._gate``): surely, so that a record or release Redis cannot take now is
     queued and delivered later, never lost, and with SIGINT held until it is done."""
 
-    def __init__(self, client: Any, settings: Settings, plan: CallPlan, check: Any) -> None:
+    def __init__(
+        self, client: SyncTicketClient, settings: Settings, plan: CallPlan, check: Any
+    ) -> None:
         self._client = client
         self._settings = settings
         self._plan = plan
@@ -339,7 +384,9 @@ class AsyncTicket:
     """The async twin of :class:`SyncTicket`; its record or release runs to its end even when
     the task that awaits it is cancelled (the cancel is raised once it is done)."""
 
-    def __init__(self, client: Any, settings: Settings, plan: CallPlan, check: Any) -> None:
+    def __init__(
+        self, client: TicketClient, settings: Settings, plan: CallPlan, check: Any
+    ) -> None:
         self._client = client
         self._settings = settings
         self._plan = plan

@@ -16,7 +16,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from agentbill import _core
 from agentbill._exceptions import InvalidRequestError
@@ -25,7 +25,7 @@ from agentbill._install import pip_install
 from agentbill._learned import Learner
 from agentbill._models import validate_units
 from agentbill.llm._estimate import resolve
-from agentbill.llm._meter import AsyncTicket, SyncTicket
+from agentbill.llm._meter import AsyncTicket, SyncTicket, SyncTicketClient, TicketClient
 from agentbill.llm._plan import OPERATIONS, CallPlan, Operation, Provider, Settings, plan_call
 from agentbill.llm._pricing import Pricer
 
@@ -35,6 +35,18 @@ CLIENT_CLASSES: tuple[tuple[Provider, str, str, str], ...] = (
     ("openai", "openai", "OpenAI", "AsyncOpenAI"),
     ("anthropic", "anthropic", "Anthropic", "AsyncAnthropic"),
 )
+
+
+class WrapClient(TicketClient, Protocol):
+    """What ``wrap`` calls on either client (this package sits below both): its settings
+    (``_policy``) to validate the arguments, and what a ticket calls."""
+
+    @property
+    def _policy(self) -> _core.Policy: ...
+
+
+class SyncWrapClient(SyncTicketClient, WrapClient, Protocol):
+    """What ``wrap`` calls on AgentBillClient."""
 
 
 def identify(llm_client: object) -> tuple[Provider, bool]:
@@ -54,7 +66,7 @@ def identify(llm_client: object) -> tuple[Provider, bool]:
 
 
 def settings_for(
-    client: Any,
+    client: WrapClient,
     llm_client: object,
     is_async: bool,
     *,
@@ -131,7 +143,7 @@ def preflight_of(s: Settings, plan: CallPlan) -> dict[str, Any]:
 class SyncMeter:
     """Preflights for one wrapped client, with AgentBillClient."""
 
-    def __init__(self, client: Any, settings: Settings) -> None:
+    def __init__(self, client: SyncWrapClient, settings: Settings) -> None:
         self.client = client
         self.settings = settings
         self.learner = (
@@ -165,7 +177,7 @@ class SyncMeter:
 class AsyncMeter:
     """Preflights for one wrapped client, with AsyncAgentBillClient."""
 
-    def __init__(self, client: Any, settings: Settings) -> None:
+    def __init__(self, client: WrapClient, settings: Settings) -> None:
         self.client = client
         self.settings = settings
         self.learner = (
@@ -275,11 +287,11 @@ def install(llm_client: C, meter: SyncMeter | AsyncMeter) -> C:
     return copy  # type: ignore[no-any-return]
 
 
-def wrap_sync(client: Any, llm_client: C, **options: object) -> C:
+def wrap_sync(client: SyncWrapClient, llm_client: C, **options: object) -> C:
     settings = settings_for(client, llm_client, False, **options)
     return install(llm_client, SyncMeter(client, settings))
 
 
-def wrap_async(client: Any, llm_client: C, **options: object) -> C:
+def wrap_async(client: WrapClient, llm_client: C, **options: object) -> C:
     settings = settings_for(client, llm_client, True, **options)
     return install(llm_client, AsyncMeter(client, settings))

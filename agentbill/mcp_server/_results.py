@@ -11,7 +11,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentbill._results import Period, Reason, Scope, SettleStatus
+from agentbill._check import Reason, Scope
+from agentbill._results import Period, SettleStatus
 
 
 class _Result(BaseModel):

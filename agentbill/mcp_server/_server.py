@@ -17,9 +17,9 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetad
 from mcp_types import ToolAnnotations
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agentbill import __version__
 from agentbill._async_client import AsyncAgentBillClient
 from agentbill._exceptions import InvalidRequestError
+from agentbill._version import __version__
 from agentbill.mcp_server._tools import ADMIN_TOOLS, AGENT_TOOLS, Tools
 
 ENV_API_KEY = "AGENTBILL_API_KEY"

@@ -24,6 +24,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agentbill import _core  # noqa: E402
+from agentbill._check import BaseCheck  # noqa: E402
 from agentbill._exceptions import InvalidRequestError  # noqa: E402
 from agentbill._keys import (  # noqa: E402
     KeySpace,
@@ -35,7 +36,6 @@ from agentbill._keys import (  # noqa: E402
 )
 from agentbill._models import EventsRequest, PreflightRequest, validate, validate_units  # noqa: E402
 from agentbill._own import OwnReservations  # noqa: E402
-from agentbill._results import BaseCheck  # noqa: E402
 from agentbill._zones import zone_table  # noqa: E402
 
 CONTRACT = json.loads((ROOT / "lua" / "contract.json").read_text(encoding="utf-8"))
@@ -548,7 +548,7 @@ def url_case(url: str) -> dict[str, Any]:
 
 
 def urls() -> dict[str, Any]:
-    from agentbill._topology import CLUSTER_HINT
+    from agentbill._retry import CLUSTER_HINT
 
     return {"cluster_hint": CLUSTER_HINT, "cases": [url_case(url) for url in URLS]}
 
