@@ -11,8 +11,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -36,7 +37,7 @@ from agentbill._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from agentbill._gate import Gate, Run, Units
+from agentbill._gate import AsyncRun, Gate, Run, Units
 from agentbill._lease import AsyncLease, Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import (
@@ -55,6 +56,7 @@ from agentbill._outage import (
 )
 from agentbill._own import OwnReservations
 from agentbill._results import (
+    AsyncCheck,
     BaseCheck,
     BudgetStatus,
     Check,
@@ -81,8 +83,63 @@ ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 logger = logging.getLogger("agentbill")
 
 L = TypeVar("L", Lease, AsyncLease)
+B = TypeVar("B", Run, AsyncRun)
+C = TypeVar("C", Check, AsyncCheck)
 LLM = TypeVar("LLM")
 LEASE_FIELDS = ("agent_id", "customer_id", "slice_units", "task_ref", "ttl")
+
+
+# -- what the base's dialogues ask a client to do (see _core.drive) -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    """Send these calls in one pipelined round trip (``_send_batch``); the answer: the replies."""
+
+    calls: list[_core.Call]
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """One attempt's EVALSHAs (``_pipeline``); the answer: (the answers, WAIT's replies)."""
+
+    commands: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadScript:
+    """Load a script Redis answered NOSCRIPT for (SCRIPT LOAD)."""
+
+    script: str
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Deliver the queued settlements (``flush``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Sleep (the async client: without blocking its loop)."""
+
+    seconds: float
+
+
+Ask = SendBatch | Pipeline | LoadScript | Flush | Pause
+
+
+@dataclass(slots=True)
+class Batch:
+    """A batch on its way (see ``_send_batch``): each call's reply so far, and the items still
+    owed one. It outlives an attempt: a retry resends only the items still pending."""
+
+    calls: list[_core.Call]
+    replies: list[object]
+    pending: list[int]
+
+    @classmethod
+    def of(cls, calls: list[_core.Call]) -> Batch:
+        return cls(calls, [None] * len(calls), list(range(len(calls))))
 
 
 def connection_url(settings: ClientSettings) -> tuple[str, Heal | None]:
@@ -119,8 +176,14 @@ def connection_options(settings: ClientSettings) -> dict[str, Any]:
     }
 
 
-class BaseClient:
-    """What both clients share: validated settings, the policy the scripts take, the scripts."""
+class BaseClient(Generic[C]):
+    """What both clients share: validated settings, the policy the scripts take, the scripts,
+    and every step of an operation that is not I/O. An operation that needs Redis midway
+    (a batch, ``flush``) is a dialogue here (see ``_core.drive``); each client's ``_answer``
+    does what it asks, called or awaited."""
+
+    _make_check: Callable[..., C]
+    """Check or AsyncCheck, bound to the client."""
 
     def __init__(
         self,
@@ -151,6 +214,38 @@ class BaseClient:
             # One Cluster node can be down while the others answer: no client-wide verdict.
             watch_health=not isinstance(client, CLUSTER_TYPES),
             heal=heal,
+        )
+
+    def _open(
+        self,
+        arguments: dict[str, Any],
+        redis_types: tuple[type, ...],
+        redis_types_text: str,
+        connect: Callable[[ClientSettings], tuple[Any, Heal | None]],
+    ) -> None:
+        """What a client's constructor does with its ``arguments`` (its ``locals()``): validate
+        the settings (the arguments ClientSettings declares), check the callback, connect (or
+        check the ``redis`` client given); then :meth:`__init__`."""
+        settings = _core.settings_from(
+            **{name: arguments[name] for name in ClientSettings.model_fields}
+        )
+        on_threshold = arguments["on_threshold"]
+        check_callback(on_threshold)
+        client, heal = arguments["redis"], None
+        owns = client is None
+        if client is None:
+            client, heal = connect(settings)
+        elif not isinstance(client, redis_types):
+            raise InvalidRequestError("redis", redis_types_text)
+        BaseClient.__init__(self, settings, client, owns, on_threshold, heal)
+
+    def _instrument(self, arguments: dict[str, Any]) -> None:
+        """The telemetry the constructor's ``arguments`` ask for: its last step."""
+        self._telemetry = instrument(
+            self,
+            arguments["metrics"],
+            arguments["metrics_customers"],
+            arguments["trace_customers"],
         )
 
     def _confirm(
@@ -411,19 +506,135 @@ class BaseClient:
             ttl=req.ttl,
         )
 
-    def _gate(self, **kwargs: Any) -> Gate:
-        _core.validate_gate(
+    def _gate(self, **arguments: Any) -> Gate:
+        """The decorator for the arguments of ``gate``, checked now."""
+        _core.validate_gate(self._policy, **arguments)
+        return Gate(self, **arguments)
+
+    def _block(self, cls: type[B], charge_estimate: bool, bound: int | None, **preflight: Any) -> B:
+        """``cls`` (Run or AsyncRun) for the arguments of ``run``, checked now."""
+        _core.validate_gate(self._policy, **preflight, charge_estimate=charge_estimate, bound=bound)
+        return cls(self, charge_estimate, bound, **preflight)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[C]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
             self._policy,
-            kwargs["agent_id"],
-            kwargs["estimated_units"],
-            kwargs["customer_id"],
-            kwargs["task_ref"],
-            kwargs["task_ceiling"],
-            kwargs["ttl"],
-            units=kwargs["units"],
-            bound=kwargs["bound"],
+            agent_id,
+            estimated_units,
+            customer_id,
+            task_ref,
+            task_ceiling,
+            idempotency_key,
+            ttl,
+            self._make_check,
+            adoptable=adoptable,
         )
-        return Gate(self, **kwargs)
+
+    def _closed(self, plan: _core.Plan[Settlement], settlement: Settlement, release: bool) -> None:
+        """After a ``_settle_surely``: see ``_released`` and ``_recorded``."""
+        if release:
+            self._released(plan, settlement)
+        else:
+            self._recorded(plan, settlement)
+
+    @staticmethod
+    def _decode_one(plan: _core.Plan[_core.T], replies: list[object]) -> _core.T:
+        """The result of a call sent alone in a batch (with WAIT, see ``_durability``)."""
+        answer = replies[0]
+        if isinstance(answer, Exception):
+            raise translate(answer) from answer
+        return plan.decode(cast(_core.Reply, answer))
+
+    def _attempt_batch(self, batch: Batch) -> Generator[Ask, Any, list[object]]:
+        """One attempt at sending ``batch`` (see ``_send_batch``), a dialogue: every pending
+        item in one pipeline; the items answered NOSCRIPT once more after their script is
+        loaded. Returns every reply once none is pending."""
+        calls = batch.calls
+        for _ in range(2):
+            commands = [
+                pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
+                for i in batch.pending
+            ]
+            answered, acks = yield Pipeline(commands)
+            if self._wait is not None:
+                self._confirm(calls, answered, acks, batch.pending, batch.replies)
+            missing = _core.take_answers(batch.pending, answered, batch.replies)
+            for name in {calls[i].script for i in missing}:
+                yield LoadScript(self._scripts[name].script)
+            batch.pending = missing
+            if not batch.pending:
+                return batch.replies
+        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+
+    def _flush(self) -> Generator[Ask, Any, int]:
+        """``flush`` as a dialogue; see :meth:`AgentBillClient.flush`."""
+        # Another thread (or the background) may be sending a batch: its outcome is waited
+        # for, and what it puts back is tried here, so that 0 means every settlement queued
+        # before this call is in Redis.
+        wait_until = (
+            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+        )
+        while True:
+            batch = self._outage.take()
+            if not batch:
+                if not self._outage.in_flight or time.monotonic() >= wait_until:
+                    break
+                yield Pause(0.01)
+                continue
+            try:
+                replies = yield SendBatch([item.plan.call for item in batch])
+            except StoreUnavailableError as exc:
+                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
+                break
+            except AgentBillError as exc:
+                self._undeliverable(batch, exc)
+                break
+            except BaseException:  # cancelled or interrupted: the batch stays queued
+                self._outage.put_back(batch)
+                raise
+            if not self._delivered(batch, replies):
+                break
+        return self._outage.stats().queued
+
+    def _preflight_many(self, requests: Iterable[Preflight]) -> Generator[Ask, Any, list[C]]:
+        """``preflight_many`` as a dialogue; see :meth:`AgentBillClient.preflight_many`."""
+        plans = _core.plan_preflight_many(self._policy, requests, self._make_check)
+        if not plans:
+            return []
+        try:
+            replies = yield SendBatch([plan.call for plan in plans])
+        except StoreUnavailableError as exc:
+            return [self._offline_check(plan, exc) for plan in plans]
+        checks, failed = _core.decode_batch(plans, replies)
+        if failed is not None:
+            releases = self._batch_releases(checks)
+            answers: list[object] | None = None
+            try:
+                answers = yield SendBatch([release.call for release in releases])
+            except StoreUnavailableError:
+                pass
+            finally:
+                self._queue_unanswered(releases, answers)
+                index, error = failed
+                raise _core.batch_error(index, translate(error)) from error
+        for check in checks:
+            self._notify(check)
+            self._track(cast(C, check))
+        if self._outage.has_queued:
+            yield Flush()
+        return cast(list[C], checks)
 
 
 CLUSTER_TYPES: tuple[type, ...] = (RedisCluster, AsyncRedisCluster)
@@ -464,7 +675,7 @@ def from_url(
     return client_class.from_pool(pool), heal
 
 
-class AgentBillClient(BaseClient):
+class AgentBillClient(BaseClient[Check]):
     """Budget enforcement for agent runs, against a Redis shared by every worker.
 
     Connects to ``redis`` (a ready ``redis.Redis`` or ``RedisCluster``) if given, else
@@ -525,45 +736,29 @@ class AgentBillClient(BaseClient):
         metrics_customers: bool = False,
         trace_customers: bool = False,
     ) -> None:
-        settings = _core.settings_from(
-            api_key=api_key,
-            ceiling=ceiling,
-            redis_url=redis_url,
-            namespace=namespace,
-            reservation_ttl=reservation_ttl,
-            idempotency_ttl=idempotency_ttl,
-            outcome_retention=outcome_retention,
-            task_retention=task_retention,
-            idle_retention=idle_retention,
-            reap_limit=reap_limit,
-            connect_timeout=connect_timeout,
-            socket_timeout=socket_timeout,
-            retry_attempts=retry_attempts,
-            retry_deadline=retry_deadline,
-            max_connections=max_connections,
-            on_outage=on_outage,
-            outage_allowance=outage_allowance,
-            ledger_max_len=ledger_max_len,
-            background_settle=background_settle,
-            durability=durability,
-        )
-        check_callback(on_threshold)
-        owns, heal = redis is None, None
-        if redis is None:
-            redis, heal = _connect(settings)
-        elif not isinstance(redis, REDIS_TYPES):
-            raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
-        super().__init__(settings, redis, owns, on_threshold, heal)
+        arguments = locals()
+        self._open(arguments, REDIS_TYPES, REDIS_TYPES_TEXT, _connect)
         self._flusher = Flusher(self.flush)
-        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
+        self._make_check = functools.partial(Check, _client=self)
+        self._instrument(arguments)
+
+    def _answer(self, ask: Ask) -> object:
+        """Do what a dialogue of the base asks (see ``_core.drive``)."""
+        if isinstance(ask, SendBatch):
+            return self._send_batch(ask.calls)
+        if isinstance(ask, Pipeline):
+            return self._pipeline(ask.commands)
+        if isinstance(ask, LoadScript):
+            return self._redis.script_load(ask.script)
+        if isinstance(ask, Flush):
+            return self.flush()
+        time.sleep(ask.seconds)
+        return None
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         if self._wait is not None and plan.call.script in WRITES:
             # The script and WAIT in one pipelined round trip (see _durability).
-            answer = (self._send_batch([plan.call]))[0]
-            if isinstance(answer, Exception):
-                raise translate(answer) from answer
-            return plan.decode(cast(_core.Reply, answer))
+            return self._decode_one(plan, self._send_batch([plan.call]))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
         try:
@@ -600,29 +795,9 @@ class AgentBillClient(BaseClient):
         replies in order, an item Redis refused as its exception. Items answered NOSCRIPT are
         sent again once their script is loaded; a retry after a transport error resends only
         unanswered items, which carry their request ids, so none lands twice."""
-        replies: list[object] = [None] * len(calls)
-        pending = list(range(len(calls)))
-
-        def attempt() -> list[object]:
-            nonlocal pending
-            for _ in range(2):
-                commands = [
-                    pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
-                    for i in pending
-                ]
-                answered, acks = self._pipeline(commands)
-                if self._wait is not None:
-                    self._confirm(calls, answered, acks, pending, replies)
-                missing = _core.take_answers(pending, answered, replies)
-                for name in {calls[i].script for i in missing}:
-                    self._redis.script_load(self._scripts[name].script)
-                pending = missing
-                if not pending:
-                    return replies
-            raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
-
+        batch = Batch.of(calls)
         try:
-            return self._retry.call(attempt)
+            return self._retry.call(lambda: _core.drive(self._attempt_batch(batch), self._answer))
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
 
@@ -656,12 +831,8 @@ class AgentBillClient(BaseClient):
         request still raises. ``options``: a record's ``success``, ``idempotency_key`` and
         ``metadata``."""
         plan = self._plan_close(reservation_id, units, agent_id, customer_id, task_ref, **options)
-        if units is None:
-            settlement = self._settle(plan, release=True, surely=True)
-            self._released(plan, settlement)
-        else:
-            settlement = self._settle(plan, surely=True)
-            self._recorded(plan, settlement)
+        settlement = self._settle(plan, release=units is None, surely=True)
+        self._closed(plan, settlement, release=units is None)
         return settlement
 
     def _deliver_until(self, deadline: float) -> int:
@@ -675,33 +846,7 @@ class AgentBillClient(BaseClient):
         unreachable, silent or answering "not now" (BUSY, OOM, ...); those are kept for the
         next try. A settlement Redis refuses for good is dropped, logged and counted, and a
         dropped record's reservation released (see ``outage_stats``)."""
-        # Another thread (or the background) may be sending a batch: its outcome is waited
-        # for, and what it puts back is tried here, so that 0 means every settlement queued
-        # before this call is in Redis.
-        wait_until = (
-            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
-        )
-        while True:
-            batch = self._outage.take()
-            if not batch:
-                if not self._outage.in_flight or time.monotonic() >= wait_until:
-                    break
-                time.sleep(0.01)
-                continue
-            try:
-                replies = self._send_batch([item.plan.call for item in batch])
-            except StoreUnavailableError as exc:
-                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
-                break
-            except AgentBillError as exc:
-                self._undeliverable(batch, exc)
-                break
-            except BaseException:  # cancelled or interrupted: the batch stays queued
-                self._outage.put_back(batch)
-                raise
-            if not self._delivered(batch, replies):
-                break
-        return self._outage.stats().queued
+        return _core.drive(self._flush(), self._answer)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -731,32 +876,6 @@ class AgentBillClient(BaseClient):
         )
         return self._preflight(plan)
 
-    def _plan_preflight(
-        self,
-        agent_id: object,
-        estimated_units: object,
-        customer_id: object = None,
-        task_ref: object = None,
-        task_ceiling: object = None,
-        idempotency_key: object = None,
-        ttl: object = None,
-        adoptable: bool = True,
-    ) -> _core.Plan[Check]:
-        """A validated preflight, not sent: the gate reads its reservation id first, so it can
-        release it if the preflight is interrupted, whether or not Redis reserved."""
-        return _core.plan_preflight(
-            self._policy,
-            agent_id,
-            estimated_units,
-            customer_id,
-            task_ref,
-            task_ceiling,
-            idempotency_key,
-            ttl,
-            functools.partial(Check, _client=self),
-            adoptable=adoptable,
-        )
-
     def _preflight(self, plan: _core.Plan[Check], track: bool = True) -> Check:
         try:
             check = self._run(plan)
@@ -777,8 +896,8 @@ class AgentBillClient(BaseClient):
 
     def _extend(self, check: Check, units: object) -> Check:
         """See :meth:`Check.extend`."""
-        make = functools.partial(Check, _client=self)
-        return self._run(_core.plan_extend(self._policy, check, units, make)).raise_for_refusal()
+        plan = _core.plan_extend(self._policy, check, units, self._make_check)
+        return self._run(plan).raise_for_refusal()
 
     def estimates(
         self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
@@ -801,33 +920,7 @@ class AgentBillClient(BaseClient):
         and that item's error is raised: the same batch can be sent again. StoreUnavailableError
         for the whole batch: the outage policy decides each item, as for ``preflight``.
         """
-        plans = _core.plan_preflight_many(
-            self._policy, requests, functools.partial(Check, _client=self)
-        )
-        if not plans:
-            return []
-        try:
-            replies = self._send_batch([plan.call for plan in plans])
-        except StoreUnavailableError as exc:
-            return [self._offline_check(plan, exc) for plan in plans]
-        checks, failed = _core.decode_batch(plans, replies)
-        if failed is not None:
-            releases = self._batch_releases(checks)
-            answers: list[object] | None = None
-            try:
-                answers = self._send_batch([release.call for release in releases])
-            except StoreUnavailableError:
-                pass
-            finally:
-                self._queue_unanswered(releases, answers)
-                index, error = failed
-                raise _core.batch_error(index, translate(error)) from error
-        for check in checks:
-            self._notify(check)
-            self._track(cast(Check, check))
-        if self._outage.has_queued:
-            self.flush()
-        return cast(list[Check], checks)
+        return _core.drive(self._preflight_many(requests), self._answer)
 
     def lease(
         self,
@@ -956,19 +1049,8 @@ class AgentBillClient(BaseClient):
         a block left without a record releases, or charges the estimate if
         ``charge_estimate``. Bad arguments raise InvalidRequestError at once.
         """
-        _core.validate_gate(
-            self._policy,
-            agent_id,
-            estimated_units,
-            customer_id,
-            task_ref,
-            task_ceiling,
-            ttl,
-            charge_estimate=charge_estimate,
-            bound=bound,
-        )
-        return Run(
-            self,
+        return self._block(
+            Run,
             charge_estimate,
             bound,
             agent_id=agent_id,
@@ -1089,14 +1171,7 @@ class AgentBillClient(BaseClient):
         """The customer's ledger, oldest first: after the event whose ``id`` is ``since``, at
         most ``limit`` of them (all by default), read in pages of 1,000 entries so that Redis
         is never held long. The ledger keeps the last ``ledger_max_len`` (about)."""
-        pages = _core.plan_events(self._policy, customer_id, since, limit)
-        plan = next(pages)
-        while True:
-            try:
-                plan = pages.send(self._run(plan))
-            except StopIteration as done:
-                events: list[Event] = done.value
-                return events
+        return _core.drive(_core.plan_events(self._policy, customer_id, since, limit), self._run)
 
     def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None

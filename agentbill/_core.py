@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar, cast
@@ -761,6 +761,43 @@ def batch_error(index: int, error: AgentBillError) -> AgentBillError:
     if isinstance(error, InvalidRequestError):
         return InvalidRequestError(f"requests[{index}].{error.field}", error.message)
     return error
+
+
+# -- dialogues: logic that needs answers from Redis midway, once for both clients ----------------
+
+Ask = TypeVar("Ask")
+
+
+def drive(dialogue: Generator[Ask, Any, T], answer: Callable[[Ask], object]) -> T:
+    """Run ``dialogue`` to its end and return what it returns: a generator without I/O that
+    yields what it needs done (a plan to send, a batch, a pause) and is sent each answer, or
+    thrown the error (any BaseException: an interrupt too) that getting it raised, so that it
+    handles failures where it asked. ``answer`` does the I/O: the sync client's half of the
+    dialogue (:func:`adrive` is the async client's)."""
+    step, value = dialogue.send, cast(Any, None)  # None starts it
+    while True:
+        try:
+            ask = step(value)
+        except StopIteration as done:
+            return cast(T, done.value)
+        try:
+            step, value = dialogue.send, answer(ask)
+        except BaseException as exc:
+            step, value = dialogue.throw, exc
+
+
+async def adrive(dialogue: Generator[Ask, Any, T], answer: Callable[[Ask], Awaitable[object]]) -> T:
+    """:func:`drive`, with each answer awaited."""
+    step, value = dialogue.send, cast(Any, None)
+    while True:
+        try:
+            ask = step(value)
+        except StopIteration as done:
+            return cast(T, done.value)
+        try:
+            step, value = dialogue.send, await answer(ask)
+        except BaseException as exc:
+            step, value = dialogue.throw, exc
 
 
 def plan_record(
