@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import redis
 import redis.asyncio as aioredis
 
 from agentbill import _core
@@ -45,7 +44,7 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import Heal, translate
+from agentbill._retry import Heal, translated
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -123,10 +122,8 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
             return self._decode_one(plan, await self._send_batch([plan.call]))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
-        try:
+        with translated():
             reply = await self._retry.acall(lambda: script(keys=keys, args=args))
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
         return plan.decode(reply)
 
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
@@ -154,12 +151,10 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
     async def _send_batch(self, calls: list[_core.Call]) -> list[object]:
         """See :meth:`AgentBillClient._send_batch`."""
         batch = Batch.of(calls)
-        try:
+        with translated():
             return await self._retry.acall(
                 lambda: _core.adrive(self._attempt_batch(batch), self._answer)
             )
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
 
     async def _settle(
         self, plan: _core.Plan[Settlement], release: bool = False, surely: bool = False

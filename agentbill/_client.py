@@ -67,7 +67,7 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._retry import Heal, RetryPolicy, is_transient, translate
+from agentbill._retry import Heal, RetryPolicy, is_transient, translate, translated
 from agentbill._scripts import bind, pipeline_args
 from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
@@ -761,10 +761,8 @@ class AgentBillClient(BaseClient[Check]):
             return self._decode_one(plan, self._send_batch([plan.call]))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
-        try:
+        with translated():
             reply = self._retry.call(lambda: script(keys=keys, args=args))
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
         return plan.decode(reply)
 
     def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
@@ -796,10 +794,8 @@ class AgentBillClient(BaseClient[Check]):
         sent again once their script is loaded; a retry after a transport error resends only
         unanswered items, which carry their request ids, so none lands twice."""
         batch = Batch.of(calls)
-        try:
+        with translated():
             return self._retry.call(lambda: _core.drive(self._attempt_batch(batch), self._answer))
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
 
     def _settle(
         self, plan: _core.Plan[Settlement], release: bool = False, surely: bool = False
