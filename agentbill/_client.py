@@ -56,7 +56,6 @@ from agentbill._outage import (
 )
 from agentbill._own import OwnReservations
 from agentbill._results import (
-    AsyncCheck,
     BaseCheck,
     BudgetStatus,
     Check,
@@ -84,7 +83,7 @@ logger = logging.getLogger("agentbill")
 
 L = TypeVar("L", Lease, AsyncLease)
 B = TypeVar("B", Run, AsyncRun)
-C = TypeVar("C", Check, AsyncCheck)
+C = TypeVar("C", bound=BaseCheck)  # Check or AsyncCheck
 LLM = TypeVar("LLM")
 LEASE_FIELDS = ("agent_id", "customer_id", "slice_units", "task_ref", "ttl")
 
