@@ -267,14 +267,16 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
 
     async def _extend(self, check: AsyncCheck, units: object) -> AsyncCheck:
         """See :meth:`AsyncCheck.extend`."""
-        plan = _core.plan_extend(self._policy, check, units, self._make_check)
+        plan = _core.plan_extend(self._script_settings, check, units, self._make_check)
         return (await self._run(plan)).raise_for_refusal()
 
     async def estimates(
         self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
     ) -> Estimates:
         """See :meth:`AgentBillClient.estimates`."""
-        return await self._run(_core.plan_estimates(self._policy, agent_id, customer_id, model))
+        return await self._run(
+            _core.plan_estimates(self._script_settings, agent_id, customer_id, model)
+        )
 
     async def preflight_many(self, requests: Iterable[Preflight]) -> list[AsyncCheck]:
         """See :meth:`AgentBillClient.preflight_many`."""
@@ -306,7 +308,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
     ) -> Settlement:
         """See :meth:`AgentBillClient.record`."""
         plan = _core.plan_record(
-            self._policy,
+            self._script_settings,
             agent_id,
             units,
             customer_id,
@@ -330,7 +332,9 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         customer_id: str | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
-        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        plan = _core.plan_release(
+            self._script_settings, reservation_id, idempotency_key, customer_id
+        )
         settlement = await self._settle(plan, release=True)
         self._released(plan, settlement)
         return settlement
@@ -435,7 +439,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         """See :meth:`AgentBillClient.set_budget`."""
         return await self._run(
             _core.plan_set_budget(
-                self._policy, customer_id, limit, period, tz, agent_id, thresholds
+                self._script_settings, customer_id, limit, period, tz, agent_id, thresholds
             )
         )
 
@@ -451,7 +455,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         """See :meth:`AgentBillClient.set_rate_limit`."""
         return await self._run(
             _core.plan_set_rate_limit(
-                self._policy, customer_id, units, per_seconds, burst, agent_id
+                self._script_settings, customer_id, units, per_seconds, burst, agent_id
             )
         )
 
@@ -460,35 +464,39 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
     ) -> BudgetStatus:
         """See :meth:`AgentBillClient.set_concurrency_limit`."""
         return await self._run(
-            _core.plan_set_concurrency_limit(self._policy, customer_id, max_in_flight, agent_id)
+            _core.plan_set_concurrency_limit(
+                self._script_settings, customer_id, max_in_flight, agent_id
+            )
         )
 
     async def get_budget(
         self, customer_id: str | None = None, *, agent_id: str | None = None
     ) -> BudgetStatus:
         """See :meth:`AgentBillClient.get_budget`."""
-        return await self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
+        return await self._run(_core.plan_get_budget(self._script_settings, customer_id, agent_id))
 
     async def get_usage(self, customer_id: str | None = None, *, limit: int = 100) -> Usage:
         """See :meth:`AgentBillClient.get_usage`."""
-        return await self._run(_core.plan_get_usage(self._policy, customer_id, limit))
+        return await self._run(_core.plan_get_usage(self._script_settings, customer_id, limit))
 
     async def events(
         self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
     ) -> list[Event]:
         """See :meth:`AgentBillClient.events`."""
-        pages = _core.plan_events(self._policy, customer_id, since, limit)
+        pages = _core.plan_events(self._script_settings, customer_id, since, limit)
         return await _core.adrive(pages, self._run)
 
     async def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None
     ) -> TaskStatus:
         """See :meth:`AgentBillClient.open_task`."""
-        return await self._run(_core.plan_open_task(self._policy, task_ref, ceiling, customer_id))
+        return await self._run(
+            _core.plan_open_task(self._script_settings, task_ref, ceiling, customer_id)
+        )
 
     async def get_task(self, task_ref: str, customer_id: str | None = None) -> TaskStatus:
         """See :meth:`AgentBillClient.get_task`."""
-        return await self._run(_core.plan_get_task(self._policy, task_ref, customer_id))
+        return await self._run(_core.plan_get_task(self._script_settings, task_ref, customer_id))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """AgentBillClient: one script call per operation, over the logic in ``_core``.
 
-``BaseClient`` holds what the sync and async clients share (settings, policy, properties); each
-client method is: plan (validate + build the call, in ``_core``), one round trip, decode.
+``BaseClient`` holds what the sync and async clients share (settings, properties, every step
+that is not I/O); each client method is: plan (validate + build the call, in ``_core``), one
+round trip, decode.
 """
 
 from __future__ import annotations
@@ -176,10 +177,10 @@ def connection_options(settings: ClientSettings) -> dict[str, Any]:
 
 
 class BaseClient(Generic[C]):
-    """What both clients share: validated settings, the policy the scripts take, the scripts,
-    and every step of an operation that is not I/O. An operation that needs Redis midway
-    (a batch, ``flush``) is a dialogue here (see ``_core.drive``); each client's ``_answer``
-    does what it asks, called or awaited."""
+    """What both clients share: validated settings (and ``ScriptSettings``, the same in the
+    units the scripts take), the scripts, and every step of an operation that is not I/O. An
+    operation that needs Redis midway (a batch, ``flush``) is a dialogue here (see
+    ``_core.drive``); each client's ``_answer`` does what it asks, called or awaited."""
 
     _make_check: Callable[..., C]
     """Check or AsyncCheck, bound to the client."""
@@ -193,7 +194,7 @@ class BaseClient(Generic[C]):
         heal: Heal | None = None,
     ) -> None:
         self._settings = settings
-        self._policy = _core.Policy.from_settings(settings)
+        self._script_settings = _core.ScriptSettings.from_settings(settings)
         self._redis: Any = client
         self._owns_redis = owns_client
         self._scripts = bind(client)
@@ -364,7 +365,7 @@ class BaseClient(Generic[C]):
         arrives before its preflight is remembered, and the preflight then reserves nothing.
         Not when Redis answered "not now" (busy): nothing was written."""
         if plan.reservation_id is not None:
-            release = _core.plan_release(self._policy, plan.reservation_id, None, None)
+            release = _core.plan_release(self._script_settings, plan.reservation_id, None, None)
             self._settle_later(release, release=True)
 
     def _offline_settlement(
@@ -377,7 +378,7 @@ class BaseClient(Generic[C]):
         """A record/release Redis cannot take now: queued by the outage policy (an offline
         run's release too: its preflight may have reached Redis), or ``exc`` (always when Redis
         answered "not now"). ``surely`` (a settlement no caller can make again, see
-        ``_settle_surely``): queued whatever the policy (a warning says so where the policy
+        ``_settle_surely``): queued whatever the outage policy (a warning says so where it
         would have raised), and delivered in the background."""
         refused = self._outage.fails_closed or isinstance(exc, StoreBusyError)
         if surely:
@@ -406,9 +407,9 @@ class BaseClient(Generic[C]):
         ``model``: an LLM call's, whose statistics it adds its sample to too; ``learn`` False:
         no sample at all (a lease's slice is not one run)."""
         if units is None:
-            return _core.plan_release(self._policy, reservation_id, None, None)
+            return _core.plan_release(self._script_settings, reservation_id, None, None)
         return _core.plan_record(
-            self._policy,
+            self._script_settings,
             agent_id,
             units,
             customer_id,
@@ -448,7 +449,7 @@ class BaseClient(Generic[C]):
         latest first: a threshold crossing is taken back by the release of the approval that
         made it once the approvals after it are released too."""
         return [
-            _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True)
+            _core.plan_release(self._script_settings, c.reservation_id, None, None, rollback=True)
             for c in reversed(checks)
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
@@ -484,7 +485,7 @@ class BaseClient(Generic[C]):
         return not busy
 
     def _release_plan(self, reservation_id: str) -> _core.Plan[Settlement]:
-        return _core.plan_release(self._policy, reservation_id, None, None)
+        return _core.plan_release(self._script_settings, reservation_id, None, None)
 
     def _undeliverable(self, batch: list[Queued], exc: AgentBillError) -> None:
         """Redis refused a whole batch with an error that is not any item's own (a revoked key,
@@ -507,12 +508,14 @@ class BaseClient(Generic[C]):
 
     def _gate(self, **arguments: Any) -> Gate:
         """The decorator for the arguments of ``gate``, checked now."""
-        _core.validate_gate(self._policy, **arguments)
+        _core.validate_gate(self._script_settings, **arguments)
         return Gate(self, **arguments)
 
     def _block(self, cls: type[B], charge_estimate: bool, bound: int | None, **preflight: Any) -> B:
         """``cls`` (Run or AsyncRun) for the arguments of ``run``, checked now."""
-        _core.validate_gate(self._policy, **preflight, charge_estimate=charge_estimate, bound=bound)
+        _core.validate_gate(
+            self._script_settings, **preflight, charge_estimate=charge_estimate, bound=bound
+        )
         return cls(self, charge_estimate, bound, **preflight)
 
     def _plan_preflight(
@@ -529,7 +532,7 @@ class BaseClient(Generic[C]):
         """A validated preflight, not sent: the gate reads its reservation id first, so it can
         release it if the preflight is interrupted, whether or not Redis reserved."""
         return _core.plan_preflight(
-            self._policy,
+            self._script_settings,
             agent_id,
             estimated_units,
             customer_id,
@@ -609,7 +612,7 @@ class BaseClient(Generic[C]):
 
     def _preflight_many(self, requests: Iterable[Preflight]) -> Generator[Ask, Any, list[C]]:
         """``preflight_many`` as a dialogue; see :meth:`AgentBillClient.preflight_many`."""
-        plans = _core.plan_preflight_many(self._policy, requests, self._make_check)
+        plans = _core.plan_preflight_many(self._script_settings, requests, self._make_check)
         if not plans:
             return []
         try:
@@ -891,7 +894,7 @@ class AgentBillClient(BaseClient[Check]):
 
     def _extend(self, check: Check, units: object) -> Check:
         """See :meth:`Check.extend`."""
-        plan = _core.plan_extend(self._policy, check, units, self._make_check)
+        plan = _core.plan_extend(self._script_settings, check, units, self._make_check)
         return self._run(plan).raise_for_refusal()
 
     def estimates(
@@ -901,7 +904,7 @@ class AgentBillClient(BaseClient[Check]):
         ``model``: its LLM calls to that model, kept by ``wrap``): count, means and percentiles
         of the actual units over the last 100 to 200 records that closed a reservation. What
         ``"learned"`` estimates reserve from; see "Estimates that learn" in the README."""
-        return self._run(_core.plan_estimates(self._policy, agent_id, customer_id, model))
+        return self._run(_core.plan_estimates(self._script_settings, agent_id, customer_id, model))
 
     def preflight_many(self, requests: Iterable[Preflight]) -> list[Check]:
         """Many preflights in one round trip: one Check per ``Preflight`` in order, each decided
@@ -958,7 +961,7 @@ class AgentBillClient(BaseClient[Check]):
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
         plan = _core.plan_record(
-            self._policy,
+            self._script_settings,
             agent_id,
             units,
             customer_id,
@@ -990,7 +993,9 @@ class AgentBillClient(BaseClient[Check]):
 
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
-        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        plan = _core.plan_release(
+            self._script_settings, reservation_id, idempotency_key, customer_id
+        )
         settlement = self._settle(plan, release=True)
         self._released(plan, settlement)
         return settlement
@@ -1116,7 +1121,7 @@ class AgentBillClient(BaseClient[Check]):
         Returns that scope's status."""
         return self._run(
             _core.plan_set_budget(
-                self._policy, customer_id, limit, period, tz, agent_id, thresholds
+                self._script_settings, customer_id, limit, period, tz, agent_id, thresholds
             )
         )
 
@@ -1135,7 +1140,7 @@ class AgentBillClient(BaseClient[Check]):
         ``units`` None removes the limit."""
         return self._run(
             _core.plan_set_rate_limit(
-                self._policy, customer_id, units, per_seconds, burst, agent_id
+                self._script_settings, customer_id, units, per_seconds, burst, agent_id
             )
         )
 
@@ -1145,7 +1150,9 @@ class AgentBillClient(BaseClient[Check]):
         """At most ``max_in_flight`` open reservations (runs in flight) for the customer, or
         with ``agent_id`` for that agent; None removes the limit."""
         return self._run(
-            _core.plan_set_concurrency_limit(self._policy, customer_id, max_in_flight, agent_id)
+            _core.plan_set_concurrency_limit(
+                self._script_settings, customer_id, max_in_flight, agent_id
+            )
         )
 
     def get_budget(
@@ -1153,12 +1160,12 @@ class AgentBillClient(BaseClient[Check]):
     ) -> BudgetStatus:
         """The budget of the customer (or of one agent) in its current period: limit, spent,
         reserved, remaining, open reservations, the period's bounds and the other limits."""
-        return self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
+        return self._run(_core.plan_get_budget(self._script_settings, customer_id, agent_id))
 
     def get_usage(self, customer_id: str | None = None, *, limit: int = 100) -> Usage:
         """The customer's budget and its agents', in one round trip: at most ``limit`` agents,
         the most recently active first."""
-        return self._run(_core.plan_get_usage(self._policy, customer_id, limit))
+        return self._run(_core.plan_get_usage(self._script_settings, customer_id, limit))
 
     def events(
         self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
@@ -1166,17 +1173,21 @@ class AgentBillClient(BaseClient[Check]):
         """The customer's ledger, oldest first: after the event whose ``id`` is ``since``, at
         most ``limit`` of them (all by default), read in pages of 1,000 entries so that Redis
         is never held long. The ledger keeps the last ``ledger_max_len`` (about)."""
-        return _core.drive(_core.plan_events(self._policy, customer_id, since, limit), self._run)
+        return _core.drive(
+            _core.plan_events(self._script_settings, customer_id, since, limit), self._run
+        )
 
     def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None
     ) -> TaskStatus:
         """Open a task of the customer with a ceiling (``None``: no ceiling), or change it."""
-        return self._run(_core.plan_open_task(self._policy, task_ref, ceiling, customer_id))
+        return self._run(
+            _core.plan_open_task(self._script_settings, task_ref, ceiling, customer_id)
+        )
 
     def get_task(self, task_ref: str, customer_id: str | None = None) -> TaskStatus:
         """The task's ceiling, used, reserved and remaining (``exists`` False if never seen)."""
-        return self._run(_core.plan_get_task(self._policy, task_ref, customer_id))
+        return self._run(_core.plan_get_task(self._script_settings, task_ref, customer_id))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -73,7 +73,9 @@ def settings_for(
         name = type(llm_client).__name__
         twin = "AsyncAgentBillClient" if llm_is_async else "AgentBillClient"
         raise InvalidRequestError("llm_client", f"{name} must be wrapped by {twin}.wrap")
-    _core.validate_gate(client._policy, agent_id, 1, customer_id, task_ref, task_ceiling, None)
+    _core.validate_gate(
+        client._script_settings, agent_id, 1, customer_id, task_ref, task_ceiling, None
+    )
     if unit not in ("token", "usd") or not isinstance(unit, str):
         raise InvalidRequestError("unit", "must be 'token' or 'usd'")
     estimator = resolve(estimate)
