@@ -165,7 +165,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
             settlement = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_settlement(plan, exc, release, surely)
-        self._outage.settled(plan, release)
+        self._outage.landed(plan, release)
         return settlement
 
     async def _settle_surely(

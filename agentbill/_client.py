@@ -808,7 +808,7 @@ class AgentBillClient(BaseClient[Check]):
             settlement = self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_settlement(plan, exc, release, surely)
-        self._outage.settled(plan, release)
+        self._outage.landed(plan, release)
         return settlement
 
     def _settle_surely(
