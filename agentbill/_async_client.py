@@ -25,7 +25,7 @@ from agentbill._durability import WRITES, asend_on_nodes
 from agentbill._exceptions import (
     StoreUnavailableError,
 )
-from agentbill._gate import AsyncRun, Gate, Units
+from agentbill._gate import AsyncRun, Gate, UnitsUsed
 from agentbill._lease import AsyncLease
 from agentbill._models import ClientSettings, Preflight
 from agentbill._outage import (
@@ -345,7 +345,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
-        units: Units[Any] = None,
+        units: UnitsUsed[Any] = None,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,

@@ -38,7 +38,7 @@ from agentbill._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from agentbill._gate import AsyncRun, Gate, Run, Units
+from agentbill._gate import AsyncRun, Gate, Run, UnitsUsed
 from agentbill._lease import AsyncLease, Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import (
@@ -1006,7 +1006,7 @@ class AgentBillClient(BaseClient[Check]):
         estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
-        units: Units[Any] = None,
+        units: UnitsUsed[Any] = None,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,
