@@ -307,8 +307,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         metadata: dict[str, Any] | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.record`."""
-        plan = _core.plan_record(
-            self._script_settings,
+        plan = self._plan_record(
             agent_id,
             units,
             customer_id,
@@ -317,8 +316,6 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
             success,
             idempotency_key,
             metadata,
-            self._own,
-            offline_key=self._outage.offline_key,
         )
         settlement = await self._settle(plan)
         self._recorded(plan, settlement)

@@ -408,6 +408,36 @@ class BaseClient(Generic[C]):
         no sample at all (a lease's slice is not one run)."""
         if units is None:
             return _core.plan_release(self._script_settings, reservation_id, None, None)
+        return self._plan_record(
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            model=model,
+            learn=learn,
+        )
+
+    def _plan_record(
+        self,
+        agent_id: object,
+        units: object,
+        customer_id: object,
+        reservation_id: object,
+        task_ref: object,
+        success: object = True,
+        idempotency_key: object = None,
+        metadata: object = None,
+        *,
+        model: str | None = None,
+        learn: bool = True,
+    ) -> _core.Plan[Settlement]:
+        """A validated record (see ``record``): one without a reservation id prefers this
+        client's own oldest open reservation of its group (see ``_own``), and one of a
+        reservation approved offline under an idempotency key says so (see ``_outage``)."""
         return _core.plan_record(
             self._script_settings,
             agent_id,
@@ -418,6 +448,7 @@ class BaseClient(Generic[C]):
             success,
             idempotency_key,
             metadata,
+            self._own,
             model=model,
             learn=learn,
             offline_key=self._outage.offline_key,
@@ -960,8 +991,7 @@ class AgentBillClient(BaseClient[Check]):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
-        plan = _core.plan_record(
-            self._script_settings,
+        plan = self._plan_record(
             agent_id,
             units,
             customer_id,
@@ -970,8 +1000,6 @@ class AgentBillClient(BaseClient[Check]):
             success,
             idempotency_key,
             metadata,
-            self._own,
-            offline_key=self._outage.offline_key,
         )
         settlement = self._settle(plan)
         self._recorded(plan, settlement)

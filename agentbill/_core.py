@@ -773,10 +773,11 @@ def batch_error(index: int, error: AgentBillError) -> AgentBillError:
 
 # -- dialogues: logic that needs answers from Redis midway, once for both clients ----------------
 
-Ask = TypeVar("Ask")
+Q = TypeVar("Q")
+"""What a dialogue asks (the clients' ``Ask``)."""
 
 
-def drive(dialogue: Generator[Ask, Any, T], answer: Callable[[Ask], object]) -> T:
+def drive(dialogue: Generator[Q, Any, T], answer: Callable[[Q], object]) -> T:
     """Run ``dialogue`` to its end and return what it returns: a generator without I/O that
     yields what it needs done (a plan to send, a batch, a pause) and is sent each answer, or
     thrown the error (any BaseException: an interrupt too) that getting it raised, so that it
@@ -794,7 +795,7 @@ def drive(dialogue: Generator[Ask, Any, T], answer: Callable[[Ask], object]) -> 
             step, value = dialogue.throw, exc
 
 
-async def adrive(dialogue: Generator[Ask, Any, T], answer: Callable[[Ask], Awaitable[object]]) -> T:
+async def adrive(dialogue: Generator[Q, Any, T], answer: Callable[[Q], Awaitable[object]]) -> T:
     """:func:`drive`, with each answer awaited."""
     step, value = dialogue.send, cast(Any, None)
     while True:
