@@ -6,27 +6,27 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import redis
 import redis.asyncio as aioredis
 
 from agentbill import _core
 from agentbill._check import ThresholdCrossing
 from agentbill._client import (
+    Ask,
     BaseClient,
-    check_callback,
+    Batch,
+    Flush,
+    LoadScript,
+    Pipeline,
+    SendBatch,
     from_url,
 )
 from agentbill._durability import WRITES, asend_on_nodes
 from agentbill._exceptions import (
-    AgentBillError,
-    InvalidRequestError,
-    StoreBusyError,
-    StoreError,
     StoreUnavailableError,
 )
-from agentbill._gate import AsyncRun, Gate, Units
+from agentbill._gate import AsyncRun, Gate, UnitsUsed
 from agentbill._lease import AsyncLease
 from agentbill._models import ClientSettings, Preflight
 from agentbill._outage import (
@@ -44,9 +44,7 @@ from agentbill._results import (
     TaskStatus,
     Usage,
 )
-from agentbill._retry import Heal, translate
-from agentbill._scripts import pipeline_args
-from agentbill._telemetry import instrument
+from agentbill._retry import Heal, translated
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -61,7 +59,7 @@ REDIS_TYPES = (aioredis.Redis, aioredis.RedisCluster)
 REDIS_TYPES_TEXT = "must be a redis.asyncio Redis or RedisCluster"
 
 
-class AsyncAgentBillClient(BaseClient):
+class AsyncAgentBillClient(BaseClient[AsyncCheck]):
     """The asyncio twin of :class:`AgentBillClient`: same parameters, results and errors.
 
     ``redis`` is a ready ``redis.asyncio.Redis`` (or ``RedisCluster``). Methods are awaited;
@@ -99,51 +97,33 @@ class AsyncAgentBillClient(BaseClient):
         metrics_customers: bool = False,
         trace_customers: bool = False,
     ) -> None:
-        settings = _core.settings_from(
-            api_key=api_key,
-            ceiling=ceiling,
-            redis_url=redis_url,
-            namespace=namespace,
-            reservation_ttl=reservation_ttl,
-            idempotency_ttl=idempotency_ttl,
-            outcome_retention=outcome_retention,
-            task_retention=task_retention,
-            idle_retention=idle_retention,
-            reap_limit=reap_limit,
-            connect_timeout=connect_timeout,
-            socket_timeout=socket_timeout,
-            retry_attempts=retry_attempts,
-            retry_deadline=retry_deadline,
-            max_connections=max_connections,
-            on_outage=on_outage,
-            outage_allowance=outage_allowance,
-            ledger_max_len=ledger_max_len,
-            background_settle=background_settle,
-            durability=durability,
-        )
-        check_callback(on_threshold)
-        owns, heal = redis is None, None
-        if redis is None:
-            redis, heal = _connect(settings)
-        elif not isinstance(redis, REDIS_TYPES):
-            raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
-        super().__init__(settings, redis, owns, on_threshold, heal)
+        arguments = locals()
+        self._open(arguments, REDIS_TYPES, REDIS_TYPES_TEXT, _connect)
         self._flusher = AsyncFlusher(self.flush)
-        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
+        self._make_check = functools.partial(AsyncCheck, _client=self)
+        self._instrument(arguments)
+
+    async def _answer(self, ask: Ask) -> object:
+        """Do what a dialogue of the base asks (see ``_core.adrive``)."""
+        if isinstance(ask, SendBatch):
+            return await self._send_batch(ask.calls)
+        if isinstance(ask, Pipeline):
+            return await self._pipeline(ask.commands)
+        if isinstance(ask, LoadScript):
+            return await self._redis.script_load(ask.script)
+        if isinstance(ask, Flush):
+            return await self.flush()
+        await asyncio.sleep(ask.seconds)
+        return None
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         if self._wait is not None and plan.call.script in WRITES:
             # The script and WAIT in one pipelined round trip (see _durability).
-            answer = (await self._send_batch([plan.call]))[0]
-            if isinstance(answer, Exception):
-                raise translate(answer) from answer
-            return plan.decode(cast(_core.Reply, answer))
+            return self._decode_one(plan, await self._send_batch([plan.call]))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
-        try:
+        with translated():
             reply = await self._retry.acall(lambda: script(keys=keys, args=args))
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
         return plan.decode(reply)
 
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
@@ -170,31 +150,11 @@ class AsyncAgentBillClient(BaseClient):
 
     async def _send_batch(self, calls: list[_core.Call]) -> list[object]:
         """See :meth:`AgentBillClient._send_batch`."""
-        replies: list[object] = [None] * len(calls)
-        pending = list(range(len(calls)))
-
-        async def attempt() -> list[object]:
-            nonlocal pending
-            for _ in range(2):
-                commands = [
-                    pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
-                    for i in pending
-                ]
-                answered, acks = await self._pipeline(commands)
-                if self._wait is not None:
-                    self._confirm(calls, answered, acks, pending, replies)
-                missing = _core.take_answers(pending, answered, replies)
-                for name in {calls[i].script for i in missing}:
-                    await self._redis.script_load(self._scripts[name].script)
-                pending = missing
-                if not pending:
-                    return replies
-            raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
-
-        try:
-            return await self._retry.acall(attempt)
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
+        batch = Batch.of(calls)
+        with translated():
+            return await self._retry.acall(
+                lambda: _core.adrive(self._attempt_batch(batch), self._answer)
+            )
 
     async def _settle(
         self, plan: _core.Plan[Settlement], release: bool = False, surely: bool = False
@@ -205,7 +165,7 @@ class AsyncAgentBillClient(BaseClient):
             settlement = await self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_settlement(plan, exc, release, surely)
-        self._outage.settled(plan, release)
+        self._outage.landed(plan, release)
         return settlement
 
     async def _settle_surely(
@@ -219,12 +179,8 @@ class AsyncAgentBillClient(BaseClient):
     ) -> Settlement:
         """See :meth:`AgentBillClient._settle_surely`."""
         plan = self._plan_close(reservation_id, units, agent_id, customer_id, task_ref, **options)
-        if units is None:
-            settlement = await self._settle(plan, release=True, surely=True)
-            self._released(plan, settlement)
-        else:
-            settlement = await self._settle(plan, surely=True)
-            self._recorded(plan, settlement)
+        settlement = await self._settle(plan, release=units is None, surely=True)
+        self._closed(plan, settlement, release=units is None)
         return settlement
 
     def _deliver_until(self, deadline: float) -> int:
@@ -271,33 +227,7 @@ class AsyncAgentBillClient(BaseClient):
 
     async def flush(self) -> int:
         """See :meth:`AgentBillClient.flush`."""
-        # Another thread (or the background) may be sending a batch: its outcome is waited
-        # for, and what it puts back is tried here, so that 0 means every settlement queued
-        # before this call is in Redis.
-        wait_until = (
-            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
-        )
-        while True:
-            batch = self._outage.take()
-            if not batch:
-                if not self._outage.in_flight or time.monotonic() >= wait_until:
-                    break
-                await asyncio.sleep(0.01)
-                continue
-            try:
-                replies = await self._send_batch([item.plan.call for item in batch])
-            except StoreUnavailableError as exc:
-                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
-                break
-            except AgentBillError as exc:
-                self._undeliverable(batch, exc)
-                break
-            except BaseException:  # cancelled or interrupted: the batch stays queued
-                self._outage.put_back(batch)
-                raise
-            if not self._delivered(batch, replies):
-                break
-        return self._outage.stats().queued
+        return await _core.adrive(self._flush(), self._answer)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -318,32 +248,6 @@ class AsyncAgentBillClient(BaseClient):
         )
         return await self._preflight(plan)
 
-    def _plan_preflight(
-        self,
-        agent_id: object,
-        estimated_units: object,
-        customer_id: object = None,
-        task_ref: object = None,
-        task_ceiling: object = None,
-        idempotency_key: object = None,
-        ttl: object = None,
-        adoptable: bool = True,
-    ) -> _core.Plan[AsyncCheck]:
-        """A validated preflight, not sent: the gate reads its reservation id first, so it can
-        release it if the preflight is interrupted, whether or not Redis reserved."""
-        return _core.plan_preflight(
-            self._policy,
-            agent_id,
-            estimated_units,
-            customer_id,
-            task_ref,
-            task_ceiling,
-            idempotency_key,
-            ttl,
-            functools.partial(AsyncCheck, _client=self),
-            adoptable=adoptable,
-        )
-
     async def _preflight(self, plan: _core.Plan[AsyncCheck], track: bool = True) -> AsyncCheck:
         try:
             check = await self._run(plan)
@@ -363,45 +267,20 @@ class AsyncAgentBillClient(BaseClient):
 
     async def _extend(self, check: AsyncCheck, units: object) -> AsyncCheck:
         """See :meth:`AsyncCheck.extend`."""
-        make = functools.partial(AsyncCheck, _client=self)
-        plan = _core.plan_extend(self._policy, check, units, make)
+        plan = _core.plan_extend(self._script_settings, check, units, self._make_check)
         return (await self._run(plan)).raise_for_refusal()
 
     async def estimates(
         self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
     ) -> Estimates:
         """See :meth:`AgentBillClient.estimates`."""
-        return await self._run(_core.plan_estimates(self._policy, agent_id, customer_id, model))
+        return await self._run(
+            _core.plan_estimates(self._script_settings, agent_id, customer_id, model)
+        )
 
     async def preflight_many(self, requests: Iterable[Preflight]) -> list[AsyncCheck]:
         """See :meth:`AgentBillClient.preflight_many`."""
-        plans = _core.plan_preflight_many(
-            self._policy, requests, functools.partial(AsyncCheck, _client=self)
-        )
-        if not plans:
-            return []
-        try:
-            replies = await self._send_batch([plan.call for plan in plans])
-        except StoreUnavailableError as exc:
-            return [self._offline_check(plan, exc) for plan in plans]
-        checks, failed = _core.decode_batch(plans, replies)
-        if failed is not None:
-            releases = self._batch_releases(checks)
-            answers: list[object] | None = None
-            try:
-                answers = await self._send_batch([release.call for release in releases])
-            except StoreUnavailableError:
-                pass
-            finally:
-                self._queue_unanswered(releases, answers)
-                index, error = failed
-                raise _core.batch_error(index, translate(error)) from error
-        for check in checks:
-            self._notify(check)
-            self._track(cast(AsyncCheck, check))
-        if self._outage.has_queued:
-            await self.flush()
-        return cast(list[AsyncCheck], checks)
+        return await _core.adrive(self._preflight_many(requests), self._answer)
 
     def lease(
         self,
@@ -428,8 +307,7 @@ class AsyncAgentBillClient(BaseClient):
         metadata: dict[str, Any] | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.record`."""
-        plan = _core.plan_record(
-            self._policy,
+        plan = self._plan_record(
             agent_id,
             units,
             customer_id,
@@ -438,8 +316,6 @@ class AsyncAgentBillClient(BaseClient):
             success,
             idempotency_key,
             metadata,
-            self._own,
-            offline_key=self._outage.offline_key,
         )
         settlement = await self._settle(plan)
         self._recorded(plan, settlement)
@@ -453,7 +329,9 @@ class AsyncAgentBillClient(BaseClient):
         customer_id: str | None = None,
     ) -> Settlement:
         """See :meth:`AgentBillClient.release`."""
-        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        plan = _core.plan_release(
+            self._script_settings, reservation_id, idempotency_key, customer_id
+        )
         settlement = await self._settle(plan, release=True)
         self._released(plan, settlement)
         return settlement
@@ -464,7 +342,7 @@ class AsyncAgentBillClient(BaseClient):
         estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
-        units: Units[Any] = None,
+        units: UnitsUsed[Any] = None,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,
@@ -500,19 +378,8 @@ class AsyncAgentBillClient(BaseClient):
         a block left without a record releases, or charges the estimate if
         ``charge_estimate``. Bad arguments raise InvalidRequestError at once.
         """
-        _core.validate_gate(
-            self._policy,
-            agent_id,
-            estimated_units,
-            customer_id,
-            task_ref,
-            task_ceiling,
-            ttl,
-            charge_estimate=charge_estimate,
-            bound=bound,
-        )
-        return AsyncRun(
-            self,
+        return self._block(
+            AsyncRun,
             charge_estimate,
             bound,
             agent_id=agent_id,
@@ -569,7 +436,7 @@ class AsyncAgentBillClient(BaseClient):
         """See :meth:`AgentBillClient.set_budget`."""
         return await self._run(
             _core.plan_set_budget(
-                self._policy, customer_id, limit, period, tz, agent_id, thresholds
+                self._script_settings, customer_id, limit, period, tz, agent_id, thresholds
             )
         )
 
@@ -585,7 +452,7 @@ class AsyncAgentBillClient(BaseClient):
         """See :meth:`AgentBillClient.set_rate_limit`."""
         return await self._run(
             _core.plan_set_rate_limit(
-                self._policy, customer_id, units, per_seconds, burst, agent_id
+                self._script_settings, customer_id, units, per_seconds, burst, agent_id
             )
         )
 
@@ -594,41 +461,39 @@ class AsyncAgentBillClient(BaseClient):
     ) -> BudgetStatus:
         """See :meth:`AgentBillClient.set_concurrency_limit`."""
         return await self._run(
-            _core.plan_set_concurrency_limit(self._policy, customer_id, max_in_flight, agent_id)
+            _core.plan_set_concurrency_limit(
+                self._script_settings, customer_id, max_in_flight, agent_id
+            )
         )
 
     async def get_budget(
         self, customer_id: str | None = None, *, agent_id: str | None = None
     ) -> BudgetStatus:
         """See :meth:`AgentBillClient.get_budget`."""
-        return await self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
+        return await self._run(_core.plan_get_budget(self._script_settings, customer_id, agent_id))
 
     async def get_usage(self, customer_id: str | None = None, *, limit: int = 100) -> Usage:
         """See :meth:`AgentBillClient.get_usage`."""
-        return await self._run(_core.plan_get_usage(self._policy, customer_id, limit))
+        return await self._run(_core.plan_get_usage(self._script_settings, customer_id, limit))
 
     async def events(
         self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
     ) -> list[Event]:
         """See :meth:`AgentBillClient.events`."""
-        pages = _core.plan_events(self._policy, customer_id, since, limit)
-        plan = next(pages)
-        while True:
-            try:
-                plan = pages.send(await self._run(plan))
-            except StopIteration as done:
-                events: list[Event] = done.value
-                return events
+        pages = _core.plan_events(self._script_settings, customer_id, since, limit)
+        return await _core.adrive(pages, self._run)
 
     async def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None
     ) -> TaskStatus:
         """See :meth:`AgentBillClient.open_task`."""
-        return await self._run(_core.plan_open_task(self._policy, task_ref, ceiling, customer_id))
+        return await self._run(
+            _core.plan_open_task(self._script_settings, task_ref, ceiling, customer_id)
+        )
 
     async def get_task(self, task_ref: str, customer_id: str | None = None) -> TaskStatus:
         """See :meth:`AgentBillClient.get_task`."""
-        return await self._run(_core.plan_get_task(self._policy, task_ref, customer_id))
+        return await self._run(_core.plan_get_task(self._script_settings, task_ref, customer_id))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """AgentBillClient: one script call per operation, over the logic in ``_core``.
 
-``BaseClient`` holds what the sync and async clients share (settings, policy, properties); each
-client method is: plan (validate + build the call, in ``_core``), one round trip, decode.
+``BaseClient`` holds what the sync and async clients share (settings, properties, every step
+that is not I/O); each client method is: plan (validate + build the call, in ``_core``), one
+round trip, decode.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -37,7 +39,7 @@ from agentbill._exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from agentbill._gate import Gate, GateClient, Run, Units
+from agentbill._gate import AsyncRun, Gate, GateClient, Run, UnitsUsed
 from agentbill._lease import AsyncLease, Lease
 from agentbill._models import ClientSettings, LeaseRequest, Preflight, validate
 from agentbill._outage import (
@@ -64,7 +66,7 @@ from agentbill._results import (
     TaskStatus,
     Usage,
 )
-from agentbill._retry import Heal, RetryPolicy, is_transient, translate
+from agentbill._retry import Heal, RetryPolicy, is_transient, translate, translated
 from agentbill._scripts import bind, pipeline_args
 from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
@@ -80,8 +82,63 @@ ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
 logger = logging.getLogger("agentbill")
 
 L = TypeVar("L", Lease, AsyncLease)
+B = TypeVar("B", Run, AsyncRun)
+C = TypeVar("C", bound=BaseCheck)  # Check or AsyncCheck
 LLM = TypeVar("LLM")
 LEASE_FIELDS = ("agent_id", "customer_id", "slice_units", "task_ref", "ttl")
+
+
+# -- what the base's dialogues ask a client to do (see _core.drive) -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    """Send these calls in one pipelined round trip (``_send_batch``); the answer: the replies."""
+
+    calls: list[_core.Call]
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """One attempt's EVALSHAs (``_pipeline``); the answer: (the answers, WAIT's replies)."""
+
+    commands: list[list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadScript:
+    """Load a script Redis answered NOSCRIPT for (SCRIPT LOAD)."""
+
+    script: str
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Deliver the queued settlements (``flush``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Sleep (the async client: without blocking its loop)."""
+
+    seconds: float
+
+
+Ask = SendBatch | Pipeline | LoadScript | Flush | Pause
+
+
+@dataclass(slots=True)
+class Batch:
+    """A batch on its way (see ``_send_batch``): each call's reply so far, and the items still
+    owed one. It outlives an attempt: a retry resends only the items still pending."""
+
+    calls: list[_core.Call]
+    replies: list[object]
+    pending: list[int]
+
+    @classmethod
+    def of(cls, calls: list[_core.Call]) -> Batch:
+        return cls(calls, [None] * len(calls), list(range(len(calls))))
 
 
 def connection_url(settings: ClientSettings) -> tuple[str, Heal | None]:
@@ -118,8 +175,14 @@ def connection_options(settings: ClientSettings) -> dict[str, Any]:
     }
 
 
-class BaseClient:
-    """What both clients share: validated settings, the policy the scripts take, the scripts."""
+class BaseClient(Generic[C]):
+    """What both clients share: validated settings (and ``ScriptSettings``, the same in the
+    units the scripts take), the scripts, and every step of an operation that is not I/O. An
+    operation that needs Redis midway (a batch, ``flush``) is a dialogue here (see
+    ``_core.drive``); each client's ``_answer`` does what it asks, called or awaited."""
+
+    _make_check: Callable[..., C]
+    """Check or AsyncCheck, bound to the client."""
 
     def __init__(
         self,
@@ -130,7 +193,7 @@ class BaseClient:
         heal: Heal | None = None,
     ) -> None:
         self._settings = settings
-        self._policy = _core.Policy.from_settings(settings)
+        self._script_settings = _core.ScriptSettings.from_settings(settings)
         self._redis: Any = client
         self._owns_redis = owns_client
         self._scripts = bind(client)
@@ -150,6 +213,38 @@ class BaseClient:
             # One Cluster node can be down while the others answer: no client-wide verdict.
             watch_health=not isinstance(client, CLUSTER_TYPES),
             heal=heal,
+        )
+
+    def _open(
+        self,
+        arguments: dict[str, Any],
+        redis_types: tuple[type, ...],
+        redis_types_text: str,
+        connect: Callable[[ClientSettings], tuple[Any, Heal | None]],
+    ) -> None:
+        """What a client's constructor does with its ``arguments`` (its ``locals()``): validate
+        the settings (the arguments ClientSettings declares), check the callback, connect (or
+        check the ``redis`` client given); then :meth:`__init__`."""
+        settings = _core.settings_from(
+            **{name: arguments[name] for name in ClientSettings.model_fields}
+        )
+        on_threshold = arguments["on_threshold"]
+        check_callback(on_threshold)
+        client, heal = arguments["redis"], None
+        owns = client is None
+        if client is None:
+            client, heal = connect(settings)
+        elif not isinstance(client, redis_types):
+            raise InvalidRequestError("redis", redis_types_text)
+        BaseClient.__init__(self, settings, client, owns, on_threshold, heal)
+
+    def _instrument(self, arguments: dict[str, Any]) -> None:
+        """The telemetry the constructor's ``arguments`` ask for: its last step."""
+        self._telemetry = instrument(
+            self,
+            arguments["metrics"],
+            arguments["metrics_customers"],
+            arguments["trace_customers"],
         )
 
     def _confirm(
@@ -269,7 +364,7 @@ class BaseClient:
         arrives before its preflight is remembered, and the preflight then reserves nothing.
         Not when Redis answered "not now" (busy): nothing was written."""
         if plan.reservation_id is not None:
-            release = _core.plan_release(self._policy, plan.reservation_id, None, None)
+            release = _core.plan_release(self._script_settings, plan.reservation_id, None, None)
             self._settle_later(release, release=True)
 
     def _offline_settlement(
@@ -282,7 +377,7 @@ class BaseClient:
         """A record/release Redis cannot take now: queued by the outage policy (an offline
         run's release too: its preflight may have reached Redis), or ``exc`` (always when Redis
         answered "not now"). ``surely`` (a settlement no caller can make again, see
-        ``_settle_surely``): queued whatever the policy (a warning says so where the policy
+        ``_settle_surely``): queued whatever the outage policy (a warning says so where it
         would have raised), and delivered in the background."""
         refused = self._outage.fails_closed or isinstance(exc, StoreBusyError)
         if surely:
@@ -311,9 +406,8 @@ class BaseClient:
         ``model``: an LLM call's, whose statistics it adds its sample to too; ``learn`` False:
         no sample at all (a lease's slice is not one run)."""
         if units is None:
-            return _core.plan_release(self._policy, reservation_id, None, None)
-        return _core.plan_record(
-            self._policy,
+            return _core.plan_release(self._script_settings, reservation_id, None, None)
+        return self._plan_record(
             agent_id,
             units,
             customer_id,
@@ -322,6 +416,38 @@ class BaseClient:
             success,
             idempotency_key,
             metadata,
+            model=model,
+            learn=learn,
+        )
+
+    def _plan_record(
+        self,
+        agent_id: object,
+        units: object,
+        customer_id: object,
+        reservation_id: object,
+        task_ref: object,
+        success: object = True,
+        idempotency_key: object = None,
+        metadata: object = None,
+        *,
+        model: str | None = None,
+        learn: bool = True,
+    ) -> _core.Plan[Settlement]:
+        """A validated record (see ``record``): one without a reservation id prefers this
+        client's own oldest open reservation of its group (see ``_own``), and one of a
+        reservation approved offline under an idempotency key says so (see ``_outage``)."""
+        return _core.plan_record(
+            self._script_settings,
+            agent_id,
+            units,
+            customer_id,
+            reservation_id,
+            task_ref,
+            success,
+            idempotency_key,
+            metadata,
+            self._own,
             model=model,
             learn=learn,
             offline_key=self._outage.offline_key,
@@ -353,7 +479,7 @@ class BaseClient:
         latest first: a threshold crossing is taken back by the release of the approval that
         made it once the approvals after it are released too."""
         return [
-            _core.plan_release(self._policy, c.reservation_id, None, None, rollback=True)
+            _core.plan_release(self._script_settings, c.reservation_id, None, None, rollback=True)
             for c in reversed(checks)
             if c is not None and c.approved and not c.replayed and not c.offline
         ]
@@ -389,7 +515,7 @@ class BaseClient:
         return not busy
 
     def _release_plan(self, reservation_id: str) -> _core.Plan[Settlement]:
-        return _core.plan_release(self._policy, reservation_id, None, None)
+        return _core.plan_release(self._script_settings, reservation_id, None, None)
 
     def _undeliverable(self, batch: list[Queued], exc: AgentBillError) -> None:
         """Redis refused a whole batch with an error that is not any item's own (a revoked key,
@@ -410,19 +536,138 @@ class BaseClient:
             ttl=req.ttl,
         )
 
-    def _gate(self, **kwargs: Any) -> Gate:
+    def _gate(self, **arguments: Any) -> Gate:
+        """The decorator for the arguments of ``gate``, checked now."""
+        _core.validate_gate(self._script_settings, **arguments)
+        return Gate(cast("GateClient", self), **arguments)  # self is one of the twins
+
+    def _block(self, cls: type[B], charge_estimate: bool, bound: int | None, **preflight: Any) -> B:
+        """``cls`` (Run or AsyncRun) for the arguments of ``run``, checked now."""
         _core.validate_gate(
-            self._policy,
-            kwargs["agent_id"],
-            kwargs["estimated_units"],
-            kwargs["customer_id"],
-            kwargs["task_ref"],
-            kwargs["task_ceiling"],
-            kwargs["ttl"],
-            units=kwargs["units"],
-            bound=kwargs["bound"],
+            self._script_settings, **preflight, charge_estimate=charge_estimate, bound=bound
         )
-        return Gate(cast("GateClient", self), **kwargs)  # self is one of the twins
+        # self is one of the twins: each fits its block's client Protocol (tests/test_layers.py)
+        return cls(cast(Any, self), charge_estimate, bound, **preflight)
+
+    def _plan_preflight(
+        self,
+        agent_id: object,
+        estimated_units: object,
+        customer_id: object = None,
+        task_ref: object = None,
+        task_ceiling: object = None,
+        idempotency_key: object = None,
+        ttl: object = None,
+        adoptable: bool = True,
+    ) -> _core.Plan[C]:
+        """A validated preflight, not sent: the gate reads its reservation id first, so it can
+        release it if the preflight is interrupted, whether or not Redis reserved."""
+        return _core.plan_preflight(
+            self._script_settings,
+            agent_id,
+            estimated_units,
+            customer_id,
+            task_ref,
+            task_ceiling,
+            idempotency_key,
+            ttl,
+            self._make_check,
+            adoptable=adoptable,
+        )
+
+    def _closed(self, plan: _core.Plan[Settlement], settlement: Settlement, release: bool) -> None:
+        """After a ``_settle_surely``: see ``_released`` and ``_recorded``."""
+        if release:
+            self._released(plan, settlement)
+        else:
+            self._recorded(plan, settlement)
+
+    @staticmethod
+    def _decode_one(plan: _core.Plan[_core.T], replies: list[object]) -> _core.T:
+        """The result of a call sent alone in a batch (with WAIT, see ``_durability``)."""
+        answer = replies[0]
+        if isinstance(answer, Exception):
+            raise translate(answer) from answer
+        return plan.decode(cast(_core.Reply, answer))
+
+    def _attempt_batch(self, batch: Batch) -> Generator[Ask, Any, list[object]]:
+        """One attempt at sending ``batch`` (see ``_send_batch``), a dialogue: every pending
+        item in one pipeline; the items answered NOSCRIPT once more after their script is
+        loaded. Returns every reply once none is pending."""
+        calls = batch.calls
+        for _ in range(2):
+            commands = [
+                pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
+                for i in batch.pending
+            ]
+            answered, acks = yield Pipeline(commands)
+            if self._wait is not None:
+                self._confirm(calls, answered, acks, batch.pending, batch.replies)
+            missing = _core.take_answers(batch.pending, answered, batch.replies)
+            for name in {calls[i].script for i in missing}:
+                yield LoadScript(self._scripts[name].script)
+            batch.pending = missing
+            if not batch.pending:
+                return batch.replies
+        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+
+    def _flush(self) -> Generator[Ask, Any, int]:
+        """``flush`` as a dialogue; see :meth:`AgentBillClient.flush`."""
+        # Another thread (or the background) may be sending a batch: its outcome is waited
+        # for, and what it puts back is tried here, so that 0 means every settlement queued
+        # before this call is in Redis.
+        wait_until = (
+            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
+        )
+        while True:
+            batch = self._outage.take()
+            if not batch:
+                if not self._outage.in_flight or time.monotonic() >= wait_until:
+                    break
+                yield Pause(0.01)
+                continue
+            try:
+                replies = yield SendBatch([item.plan.call for item in batch])
+            except StoreUnavailableError as exc:
+                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
+                break
+            except AgentBillError as exc:
+                self._undeliverable(batch, exc)
+                break
+            except BaseException:  # cancelled or interrupted: the batch stays queued
+                self._outage.put_back(batch)
+                raise
+            if not self._delivered(batch, replies):
+                break
+        return self._outage.stats().queued
+
+    def _preflight_many(self, requests: Iterable[Preflight]) -> Generator[Ask, Any, list[C]]:
+        """``preflight_many`` as a dialogue; see :meth:`AgentBillClient.preflight_many`."""
+        plans = _core.plan_preflight_many(self._script_settings, requests, self._make_check)
+        if not plans:
+            return []
+        try:
+            replies = yield SendBatch([plan.call for plan in plans])
+        except StoreUnavailableError as exc:
+            return [self._offline_check(plan, exc) for plan in plans]
+        checks, failed = _core.decode_batch(plans, replies)
+        if failed is not None:
+            releases = self._batch_releases(checks)
+            answers: list[object] | None = None
+            try:
+                answers = yield SendBatch([release.call for release in releases])
+            except StoreUnavailableError:
+                pass
+            finally:
+                self._queue_unanswered(releases, answers)
+                index, error = failed
+                raise _core.batch_error(index, translate(error)) from error
+        for check in checks:
+            self._notify(check)
+            self._track(cast(C, check))
+        if self._outage.has_queued:
+            yield Flush()
+        return cast(list[C], checks)
 
 
 CLUSTER_TYPES: tuple[type, ...] = (RedisCluster, AsyncRedisCluster)
@@ -463,7 +708,7 @@ def from_url(
     return client_class.from_pool(pool), heal
 
 
-class AgentBillClient(BaseClient):
+class AgentBillClient(BaseClient[Check]):
     """Budget enforcement for agent runs, against a Redis shared by every worker.
 
     Connects to ``redis`` (a ready ``redis.Redis`` or ``RedisCluster``) if given, else
@@ -524,51 +769,33 @@ class AgentBillClient(BaseClient):
         metrics_customers: bool = False,
         trace_customers: bool = False,
     ) -> None:
-        settings = _core.settings_from(
-            api_key=api_key,
-            ceiling=ceiling,
-            redis_url=redis_url,
-            namespace=namespace,
-            reservation_ttl=reservation_ttl,
-            idempotency_ttl=idempotency_ttl,
-            outcome_retention=outcome_retention,
-            task_retention=task_retention,
-            idle_retention=idle_retention,
-            reap_limit=reap_limit,
-            connect_timeout=connect_timeout,
-            socket_timeout=socket_timeout,
-            retry_attempts=retry_attempts,
-            retry_deadline=retry_deadline,
-            max_connections=max_connections,
-            on_outage=on_outage,
-            outage_allowance=outage_allowance,
-            ledger_max_len=ledger_max_len,
-            background_settle=background_settle,
-            durability=durability,
-        )
-        check_callback(on_threshold)
-        owns, heal = redis is None, None
-        if redis is None:
-            redis, heal = _connect(settings)
-        elif not isinstance(redis, REDIS_TYPES):
-            raise InvalidRequestError("redis", REDIS_TYPES_TEXT)
-        super().__init__(settings, redis, owns, on_threshold, heal)
+        arguments = locals()
+        self._open(arguments, REDIS_TYPES, REDIS_TYPES_TEXT, _connect)
         self._flusher = Flusher(self.flush)
-        self._telemetry = instrument(self, metrics, metrics_customers, trace_customers)
+        self._make_check = functools.partial(Check, _client=self)
+        self._instrument(arguments)
+
+    def _answer(self, ask: Ask) -> object:
+        """Do what a dialogue of the base asks (see ``_core.drive``)."""
+        if isinstance(ask, SendBatch):
+            return self._send_batch(ask.calls)
+        if isinstance(ask, Pipeline):
+            return self._pipeline(ask.commands)
+        if isinstance(ask, LoadScript):
+            return self._redis.script_load(ask.script)
+        if isinstance(ask, Flush):
+            return self.flush()
+        time.sleep(ask.seconds)
+        return None
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         if self._wait is not None and plan.call.script in WRITES:
             # The script and WAIT in one pipelined round trip (see _durability).
-            answer = (self._send_batch([plan.call]))[0]
-            if isinstance(answer, Exception):
-                raise translate(answer) from answer
-            return plan.decode(cast(_core.Reply, answer))
+            return self._decode_one(plan, self._send_batch([plan.call]))
         script = self._scripts[plan.call.script]
         keys, args = plan.call.keys, plan.call.args
-        try:
+        with translated():
             reply = self._retry.call(lambda: script(keys=keys, args=args))
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
         return plan.decode(reply)
 
     def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
@@ -599,31 +826,9 @@ class AgentBillClient(BaseClient):
         replies in order, an item Redis refused as its exception. Items answered NOSCRIPT are
         sent again once their script is loaded; a retry after a transport error resends only
         unanswered items, which carry their request ids, so none lands twice."""
-        replies: list[object] = [None] * len(calls)
-        pending = list(range(len(calls)))
-
-        def attempt() -> list[object]:
-            nonlocal pending
-            for _ in range(2):
-                commands = [
-                    pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
-                    for i in pending
-                ]
-                answered, acks = self._pipeline(commands)
-                if self._wait is not None:
-                    self._confirm(calls, answered, acks, pending, replies)
-                missing = _core.take_answers(pending, answered, replies)
-                for name in {calls[i].script for i in missing}:
-                    self._redis.script_load(self._scripts[name].script)
-                pending = missing
-                if not pending:
-                    return replies
-            raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
-
-        try:
-            return self._retry.call(attempt)
-        except (redis.RedisError, OSError) as exc:
-            raise translate(exc) from exc
+        batch = Batch.of(calls)
+        with translated():
+            return self._retry.call(lambda: _core.drive(self._attempt_batch(batch), self._answer))
 
     def _settle(
         self, plan: _core.Plan[Settlement], release: bool = False, surely: bool = False
@@ -634,7 +839,7 @@ class AgentBillClient(BaseClient):
             settlement = self._run(plan)
         except StoreUnavailableError as exc:
             return self._offline_settlement(plan, exc, release, surely)
-        self._outage.settled(plan, release)
+        self._outage.landed(plan, release)
         return settlement
 
     def _settle_surely(
@@ -655,12 +860,8 @@ class AgentBillClient(BaseClient):
         request still raises. ``options``: a record's ``success``, ``idempotency_key`` and
         ``metadata``."""
         plan = self._plan_close(reservation_id, units, agent_id, customer_id, task_ref, **options)
-        if units is None:
-            settlement = self._settle(plan, release=True, surely=True)
-            self._released(plan, settlement)
-        else:
-            settlement = self._settle(plan, surely=True)
-            self._recorded(plan, settlement)
+        settlement = self._settle(plan, release=units is None, surely=True)
+        self._closed(plan, settlement, release=units is None)
         return settlement
 
     def _deliver_until(self, deadline: float) -> int:
@@ -674,33 +875,7 @@ class AgentBillClient(BaseClient):
         unreachable, silent or answering "not now" (BUSY, OOM, ...); those are kept for the
         next try. A settlement Redis refuses for good is dropped, logged and counted, and a
         dropped record's reservation released (see ``outage_stats``)."""
-        # Another thread (or the background) may be sending a batch: its outcome is waited
-        # for, and what it puts back is tried here, so that 0 means every settlement queued
-        # before this call is in Redis.
-        wait_until = (
-            time.monotonic() + self._settings.retry_deadline + 2 * self._settings.socket_timeout
-        )
-        while True:
-            batch = self._outage.take()
-            if not batch:
-                if not self._outage.in_flight or time.monotonic() >= wait_until:
-                    break
-                time.sleep(0.01)
-                continue
-            try:
-                replies = self._send_batch([item.plan.call for item in batch])
-            except StoreUnavailableError as exc:
-                self._outage.put_back(batch, busy=isinstance(exc, StoreBusyError))
-                break
-            except AgentBillError as exc:
-                self._undeliverable(batch, exc)
-                break
-            except BaseException:  # cancelled or interrupted: the batch stays queued
-                self._outage.put_back(batch)
-                raise
-            if not self._delivered(batch, replies):
-                break
-        return self._outage.stats().queued
+        return _core.drive(self._flush(), self._answer)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -730,32 +905,6 @@ class AgentBillClient(BaseClient):
         )
         return self._preflight(plan)
 
-    def _plan_preflight(
-        self,
-        agent_id: object,
-        estimated_units: object,
-        customer_id: object = None,
-        task_ref: object = None,
-        task_ceiling: object = None,
-        idempotency_key: object = None,
-        ttl: object = None,
-        adoptable: bool = True,
-    ) -> _core.Plan[Check]:
-        """A validated preflight, not sent: the gate reads its reservation id first, so it can
-        release it if the preflight is interrupted, whether or not Redis reserved."""
-        return _core.plan_preflight(
-            self._policy,
-            agent_id,
-            estimated_units,
-            customer_id,
-            task_ref,
-            task_ceiling,
-            idempotency_key,
-            ttl,
-            functools.partial(Check, _client=self),
-            adoptable=adoptable,
-        )
-
     def _preflight(self, plan: _core.Plan[Check], track: bool = True) -> Check:
         try:
             check = self._run(plan)
@@ -776,8 +925,8 @@ class AgentBillClient(BaseClient):
 
     def _extend(self, check: Check, units: object) -> Check:
         """See :meth:`Check.extend`."""
-        make = functools.partial(Check, _client=self)
-        return self._run(_core.plan_extend(self._policy, check, units, make)).raise_for_refusal()
+        plan = _core.plan_extend(self._script_settings, check, units, self._make_check)
+        return self._run(plan).raise_for_refusal()
 
     def estimates(
         self, agent_id: str, customer_id: str | None = None, *, model: str | None = None
@@ -786,7 +935,7 @@ class AgentBillClient(BaseClient):
         ``model``: its LLM calls to that model, kept by ``wrap``): count, means and percentiles
         of the actual units over the last 100 to 200 records that closed a reservation. What
         ``"learned"`` estimates reserve from; see "Estimates that learn" in the README."""
-        return self._run(_core.plan_estimates(self._policy, agent_id, customer_id, model))
+        return self._run(_core.plan_estimates(self._script_settings, agent_id, customer_id, model))
 
     def preflight_many(self, requests: Iterable[Preflight]) -> list[Check]:
         """Many preflights in one round trip: one Check per ``Preflight`` in order, each decided
@@ -800,33 +949,7 @@ class AgentBillClient(BaseClient):
         and that item's error is raised: the same batch can be sent again. StoreUnavailableError
         for the whole batch: the outage policy decides each item, as for ``preflight``.
         """
-        plans = _core.plan_preflight_many(
-            self._policy, requests, functools.partial(Check, _client=self)
-        )
-        if not plans:
-            return []
-        try:
-            replies = self._send_batch([plan.call for plan in plans])
-        except StoreUnavailableError as exc:
-            return [self._offline_check(plan, exc) for plan in plans]
-        checks, failed = _core.decode_batch(plans, replies)
-        if failed is not None:
-            releases = self._batch_releases(checks)
-            answers: list[object] | None = None
-            try:
-                answers = self._send_batch([release.call for release in releases])
-            except StoreUnavailableError:
-                pass
-            finally:
-                self._queue_unanswered(releases, answers)
-                index, error = failed
-                raise _core.batch_error(index, translate(error)) from error
-        for check in checks:
-            self._notify(check)
-            self._track(cast(Check, check))
-        if self._outage.has_queued:
-            self.flush()
-        return cast(list[Check], checks)
+        return _core.drive(self._preflight_many(requests), self._answer)
 
     def lease(
         self,
@@ -868,8 +991,7 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (nothing written), StoreUnavailableError.
         """
-        plan = _core.plan_record(
-            self._policy,
+        plan = self._plan_record(
             agent_id,
             units,
             customer_id,
@@ -878,8 +1000,6 @@ class AgentBillClient(BaseClient):
             success,
             idempotency_key,
             metadata,
-            self._own,
-            offline_key=self._outage.offline_key,
         )
         settlement = self._settle(plan)
         self._recorded(plan, settlement)
@@ -901,7 +1021,9 @@ class AgentBillClient(BaseClient):
 
         Raises InvalidRequestError (neither or both given), StoreUnavailableError.
         """
-        plan = _core.plan_release(self._policy, reservation_id, idempotency_key, customer_id)
+        plan = _core.plan_release(
+            self._script_settings, reservation_id, idempotency_key, customer_id
+        )
         settlement = self._settle(plan, release=True)
         self._released(plan, settlement)
         return settlement
@@ -912,7 +1034,7 @@ class AgentBillClient(BaseClient):
         estimated_units: int | Literal["learned"],
         customer_id: str | None = None,
         *,
-        units: Units[Any] = None,
+        units: UnitsUsed[Any] = None,
         task_ref: str | None = None,
         task_ceiling: int | None = None,
         ttl: int | None = None,
@@ -955,19 +1077,8 @@ class AgentBillClient(BaseClient):
         a block left without a record releases, or charges the estimate if
         ``charge_estimate``. Bad arguments raise InvalidRequestError at once.
         """
-        _core.validate_gate(
-            self._policy,
-            agent_id,
-            estimated_units,
-            customer_id,
-            task_ref,
-            task_ceiling,
-            ttl,
-            charge_estimate=charge_estimate,
-            bound=bound,
-        )
-        return Run(
-            self,
+        return self._block(
+            Run,
             charge_estimate,
             bound,
             agent_id=agent_id,
@@ -1038,7 +1149,7 @@ class AgentBillClient(BaseClient):
         Returns that scope's status."""
         return self._run(
             _core.plan_set_budget(
-                self._policy, customer_id, limit, period, tz, agent_id, thresholds
+                self._script_settings, customer_id, limit, period, tz, agent_id, thresholds
             )
         )
 
@@ -1057,7 +1168,7 @@ class AgentBillClient(BaseClient):
         ``units`` None removes the limit."""
         return self._run(
             _core.plan_set_rate_limit(
-                self._policy, customer_id, units, per_seconds, burst, agent_id
+                self._script_settings, customer_id, units, per_seconds, burst, agent_id
             )
         )
 
@@ -1067,7 +1178,9 @@ class AgentBillClient(BaseClient):
         """At most ``max_in_flight`` open reservations (runs in flight) for the customer, or
         with ``agent_id`` for that agent; None removes the limit."""
         return self._run(
-            _core.plan_set_concurrency_limit(self._policy, customer_id, max_in_flight, agent_id)
+            _core.plan_set_concurrency_limit(
+                self._script_settings, customer_id, max_in_flight, agent_id
+            )
         )
 
     def get_budget(
@@ -1075,12 +1188,12 @@ class AgentBillClient(BaseClient):
     ) -> BudgetStatus:
         """The budget of the customer (or of one agent) in its current period: limit, spent,
         reserved, remaining, open reservations, the period's bounds and the other limits."""
-        return self._run(_core.plan_get_budget(self._policy, customer_id, agent_id))
+        return self._run(_core.plan_get_budget(self._script_settings, customer_id, agent_id))
 
     def get_usage(self, customer_id: str | None = None, *, limit: int = 100) -> Usage:
         """The customer's budget and its agents', in one round trip: at most ``limit`` agents,
         the most recently active first."""
-        return self._run(_core.plan_get_usage(self._policy, customer_id, limit))
+        return self._run(_core.plan_get_usage(self._script_settings, customer_id, limit))
 
     def events(
         self, customer_id: str | None = None, *, since: str | None = None, limit: int | None = None
@@ -1088,24 +1201,21 @@ class AgentBillClient(BaseClient):
         """The customer's ledger, oldest first: after the event whose ``id`` is ``since``, at
         most ``limit`` of them (all by default), read in pages of 1,000 entries so that Redis
         is never held long. The ledger keeps the last ``ledger_max_len`` (about)."""
-        pages = _core.plan_events(self._policy, customer_id, since, limit)
-        plan = next(pages)
-        while True:
-            try:
-                plan = pages.send(self._run(plan))
-            except StopIteration as done:
-                events: list[Event] = done.value
-                return events
+        return _core.drive(
+            _core.plan_events(self._script_settings, customer_id, since, limit), self._run
+        )
 
     def open_task(
         self, task_ref: str, ceiling: int | None, customer_id: str | None = None
     ) -> TaskStatus:
         """Open a task of the customer with a ceiling (``None``: no ceiling), or change it."""
-        return self._run(_core.plan_open_task(self._policy, task_ref, ceiling, customer_id))
+        return self._run(
+            _core.plan_open_task(self._script_settings, task_ref, ceiling, customer_id)
+        )
 
     def get_task(self, task_ref: str, customer_id: str | None = None) -> TaskStatus:
         """The task's ceiling, used, reserved and remaining (``exists`` False if never seen)."""
-        return self._run(_core.plan_get_task(self._policy, task_ref, customer_id))
+        return self._run(_core.plan_get_task(self._script_settings, task_ref, customer_id))
 
     # -- lifecycle -----------------------------------------------------------------------------
 

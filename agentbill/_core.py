@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar, cast
@@ -95,7 +95,7 @@ class Call(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class ScriptSettings:
     """The client's settings in the units the scripts take (ms, plain ints)."""
 
     keys: KeySpace
@@ -121,7 +121,7 @@ class Policy:
         object.__setattr__(self, "common", common)
 
     @classmethod
-    def from_settings(cls, s: ClientSettings) -> Policy:
+    def from_settings(cls, s: ClientSettings) -> ScriptSettings:
         return cls(
             keys=KeySpace(s.namespace),
             ceiling=s.ceiling,
@@ -171,7 +171,7 @@ def customer_of(customer_id: T | None) -> T | str:
 
 
 def preflight_call(
-    p: Policy, req: PreflightRequest, token: str, adoptable: bool = True
+    p: ScriptSettings, req: PreflightRequest, token: str, adoptable: bool = True
 ) -> tuple[Call, str]:
     """KEYS/ARGV for preflight.lua, and the id of the reservation it would create.
     ``adoptable`` False: only a request naming the reservation may close it (a lease's slice),
@@ -200,7 +200,7 @@ def preflight_call(
     return Call("preflight", PREFLIGHT.keys(ck, idem=idem_key), args), rid
 
 
-def preflight_idempotency(p: Policy, req: PreflightRequest, rid: str) -> tuple[str, str]:
+def preflight_idempotency(p: ScriptSettings, req: PreflightRequest, rid: str) -> tuple[str, str]:
     """The key of a preflight's idempotency record, and what makes two requests under it "the
     same request" ('' without an idempotency key: the key is then named after the reservation,
     unused by the script but declared, as every key a script may touch is, for Redis Cluster)."""
@@ -217,7 +217,9 @@ def _int(value: str | None) -> int:
     return int(value) if value else 0
 
 
-def decode_preflight(reply: Any, req: PreflightRequest, p: Policy, make: Callable[..., C]) -> C:
+def decode_preflight(
+    reply: Any, req: PreflightRequest, p: ScriptSettings, make: Callable[..., C]
+) -> C:
     """preflight.lua's reply as a decision, built by ``make`` (a Check bound to its client)."""
     f = PREFLIGHT.unpack(reply)
     approved = f.approved == "1"
@@ -272,7 +274,9 @@ def decode_crossed(
     return tuple(out)
 
 
-def offline_decision(p: Policy, req: PreflightRequest, rid: str, make: Callable[..., C]) -> C:
+def offline_decision(
+    p: ScriptSettings, req: PreflightRequest, rid: str, make: Callable[..., C]
+) -> C:
     """The decision a client makes alone while Redis is unreachable (outage policies
     ``fail_open`` and ``allowance``): only the per-request ceiling can be checked; anything
     within it is approved offline, as reservation ``rid`` that Redis has not seen."""
@@ -313,7 +317,7 @@ def queued_settlement(rid: str | None, status: SettleStatus = "queued") -> Settl
 # -- record / release --------------------------------------------------------------------------
 
 
-def settle_keys(p: Policy, req: RecordRequest) -> tuple[CustomerKeys, str]:
+def settle_keys(p: ScriptSettings, req: RecordRequest) -> tuple[CustomerKeys, str]:
     """The customer keys a record touches, and the customer id to store ('' if unknown).
 
     With a reservation id, its embedded tag decides; a customer_id that names another customer
@@ -330,7 +334,7 @@ def settle_keys(p: Policy, req: RecordRequest) -> tuple[CustomerKeys, str]:
     return ck, req.customer_id or ""
 
 
-def reservation_keys(p: Policy, rid: str) -> CustomerKeys:
+def reservation_keys(p: ScriptSettings, rid: str) -> CustomerKeys:
     tag = tag_of_reservation(rid)
     if tag is None:
         raise InvalidRequestError("reservation_id", "is not a reservation id issued by agentbill")
@@ -338,7 +342,7 @@ def reservation_keys(p: Policy, rid: str) -> CustomerKeys:
 
 
 def record_call(
-    p: Policy,
+    p: ScriptSettings,
     req: RecordRequest,
     token: str,
     prefer: str | None = None,
@@ -400,7 +404,9 @@ def record_call(
     return Call("settle", keys, args)
 
 
-def release_call(p: Policy, req: ReleaseRequest, token: str, rollback: bool = False) -> Call:
+def release_call(
+    p: ScriptSettings, req: ReleaseRequest, token: str, rollback: bool = False
+) -> Call:
     """KEYS/ARGV for settle.lua, as release() calls it: by reservation id, or by the
     idempotency key of the preflight that reserved. ``rollback``: the release undoes an
     approval of a batch that failed (the threshold crossings it made are taken back)."""
@@ -474,7 +480,7 @@ def _agent_digest(agent_id: str | None) -> str | None:
     return digest(agent_id) if agent_id is not None else None
 
 
-def set_budget_call(p: Policy, req: BudgetRequest) -> Call:
+def set_budget_call(p: ScriptSettings, req: BudgetRequest) -> Call:
     ck = p.keys.customer(req.customer_id)
     args = SET_BUDGET.args(
         p.common,
@@ -489,7 +495,7 @@ def set_budget_call(p: Policy, req: BudgetRequest) -> Call:
     return Call("set_budget", SET_BUDGET.keys(ck), args)
 
 
-def set_limits_call(p: Policy, req: RateLimitRequest | ConcurrencyRequest) -> Call:
+def set_limits_call(p: ScriptSettings, req: RateLimitRequest | ConcurrencyRequest) -> Call:
     ck = p.keys.customer(req.customer_id)
     n = per_ms = burst = None
     if isinstance(req, RateLimitRequest):
@@ -512,7 +518,7 @@ def set_limits_call(p: Policy, req: RateLimitRequest | ConcurrencyRequest) -> Ca
     return Call("set_limits", SET_LIMITS.keys(ck), args)
 
 
-def get_budget_call(p: Policy, customer_id: str, agent_id: str | None) -> Call:
+def get_budget_call(p: ScriptSettings, customer_id: str, agent_id: str | None) -> Call:
     ck = p.keys.customer(customer_id)
     args = GET_BUDGET.args(p.common, agent_digest=_agent_digest(agent_id))
     return Call("get_budget", GET_BUDGET.keys(ck), args)
@@ -559,7 +565,7 @@ def decode_budget(reply: Reply, customer_id: str, agent_id: str | None = None) -
     return decode_scope(r.customer, customer_id, None, now)
 
 
-def get_usage_call(p: Policy, customer_id: str, agent_limit: int) -> Call:
+def get_usage_call(p: ScriptSettings, customer_id: str, agent_limit: int) -> Call:
     ck = p.keys.customer(customer_id)
     return Call("get_usage", GET_USAGE.keys(ck), GET_USAGE.args(p.common, agent_limit=agent_limit))
 
@@ -583,7 +589,7 @@ EVENTS_PAGE = 1000
 ledger (reading 100,000 at once held Redis for over a second)."""
 
 
-def events_call(p: Policy, customer_id: str, since: str | None, count: int) -> Call:
+def events_call(p: ScriptSettings, customer_id: str, since: str | None, count: int) -> Call:
     ck = p.keys.customer(customer_id)
     args = EVENTS.args(p.common, after=since or "-", count=count)
     return Call("events", EVENTS.keys(ck), args)
@@ -620,7 +626,7 @@ def decode_events(reply: Reply, customer_id: str) -> list[Event]:
     return out
 
 
-def open_task_call(p: Policy, customer_id: str, task_ref: str, ceiling: int | None) -> Call:
+def open_task_call(p: ScriptSettings, customer_id: str, task_ref: str, ceiling: int | None) -> Call:
     ck = p.keys.customer(customer_id)
     args = OPEN_TASK.args(
         p.common, task_digest=digest(task_ref), task_ref=task_ref, ceiling=ceiling
@@ -628,7 +634,7 @@ def open_task_call(p: Policy, customer_id: str, task_ref: str, ceiling: int | No
     return Call("open_task", OPEN_TASK.keys(ck), args)
 
 
-def get_task_call(p: Policy, customer_id: str, task_ref: str) -> Call:
+def get_task_call(p: ScriptSettings, customer_id: str, task_ref: str) -> Call:
     ck = p.keys.customer(customer_id)
     return Call(
         "get_task", GET_TASK.keys(ck), GET_TASK.args(p.common, task_digest=digest(task_ref))
@@ -675,7 +681,7 @@ class Plan(NamedTuple, Generic[T]):
 
 
 def plan_preflight(
-    p: Policy,
+    p: ScriptSettings,
     agent_id: object,
     estimated_units: object,
     customer_id: object,
@@ -708,7 +714,9 @@ def plan_preflight(
     )
 
 
-def plan_preflight_many(p: Policy, requests: object, make: Callable[..., C]) -> list[Plan[C]]:
+def plan_preflight_many(
+    p: ScriptSettings, requests: object, make: Callable[..., C]
+) -> list[Plan[C]]:
     """One plan per item of ``requests`` (Preflight tuples); a bad item raises
     InvalidRequestError naming ``requests[i].<field>`` and nothing is planned."""
     if isinstance(requests, str | bytes) or not isinstance(requests, Iterable):
@@ -761,8 +769,46 @@ def batch_error(index: int, error: AgentBillError) -> AgentBillError:
     return error
 
 
+# -- dialogues: logic that needs answers from Redis midway, once for both clients ----------------
+
+Q = TypeVar("Q")
+"""What a dialogue asks (the clients' ``Ask``)."""
+
+
+def drive(dialogue: Generator[Q, Any, T], answer: Callable[[Q], object]) -> T:
+    """Run ``dialogue`` to its end and return what it returns: a generator without I/O that
+    yields what it needs done (a plan to send, a batch, a pause) and is sent each answer, or
+    thrown the error (any BaseException: an interrupt too) that getting it raised, so that it
+    handles failures where it asked. ``answer`` does the I/O: the sync client's half of the
+    dialogue (:func:`adrive` is the async client's)."""
+    step, value = dialogue.send, cast(Any, None)  # None starts it
+    while True:
+        try:
+            ask = step(value)
+        except StopIteration as done:
+            return cast(T, done.value)
+        try:
+            step, value = dialogue.send, answer(ask)
+        except BaseException as exc:
+            step, value = dialogue.throw, exc
+
+
+async def adrive(dialogue: Generator[Q, Any, T], answer: Callable[[Q], Awaitable[object]]) -> T:
+    """:func:`drive`, with each answer awaited."""
+    step, value = dialogue.send, cast(Any, None)
+    while True:
+        try:
+            ask = step(value)
+        except StopIteration as done:
+            return cast(T, done.value)
+        try:
+            step, value = dialogue.send, await answer(ask)
+        except BaseException as exc:
+            step, value = dialogue.throw, exc
+
+
 def plan_record(
-    p: Policy,
+    p: ScriptSettings,
     agent_id: object,
     units: object,
     customer_id: object,
@@ -805,7 +851,7 @@ def plan_record(
 
 
 def plan_release(
-    p: Policy,
+    p: ScriptSettings,
     reservation_id: object,
     idempotency_key: object,
     customer_id: object,
@@ -836,7 +882,7 @@ def plan_release(
 
 
 def plan_set_budget(
-    p: Policy,
+    p: ScriptSettings,
     customer_id: object,
     limit: object,
     period: object,
@@ -858,7 +904,7 @@ def plan_set_budget(
 
 
 def plan_set_rate_limit(
-    p: Policy,
+    p: ScriptSettings,
     customer_id: object,
     units: object,
     per_seconds: object,
@@ -878,7 +924,7 @@ def plan_set_rate_limit(
 
 
 def plan_set_concurrency_limit(
-    p: Policy, customer_id: object, max_in_flight: object, agent_id: object
+    p: ScriptSettings, customer_id: object, max_in_flight: object, agent_id: object
 ) -> Plan[BudgetStatus]:
     req = validate(
         ConcurrencyRequest,
@@ -890,20 +936,20 @@ def plan_set_concurrency_limit(
     return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
 
 
-def plan_get_budget(p: Policy, customer_id: object, agent_id: object) -> Plan[BudgetStatus]:
+def plan_get_budget(p: ScriptSettings, customer_id: object, agent_id: object) -> Plan[BudgetStatus]:
     req = validate(ScopeRef, customer_id=customer_of(customer_id), agent_id=agent_id)
     call = get_budget_call(p, req.customer_id, req.agent_id)
     return Plan(call, lambda reply: decode_budget(reply, req.customer_id, req.agent_id))
 
 
-def plan_get_usage(p: Policy, customer_id: object, limit: object) -> Plan[Usage]:
+def plan_get_usage(p: ScriptSettings, customer_id: object, limit: object) -> Plan[Usage]:
     req = validate(UsageRequest, customer_id=customer_of(customer_id), limit=limit)
     call = get_usage_call(p, req.customer_id, req.limit)
     return Plan(call, lambda r: decode_usage(r, req.customer_id))
 
 
 def plan_events(
-    p: Policy, customer_id: object, since: object, limit: object
+    p: ScriptSettings, customer_id: object, since: object, limit: object
 ) -> Generator[Plan[list[Event]], list[Event], list[Event]]:
     """The ledger read in pages of EVENTS_PAGE: the client sends each plan yielded and sends
     its result back; the generator returns every entry asked for. Validated at the first
@@ -923,7 +969,7 @@ def plan_events(
 
 
 def plan_open_task(
-    p: Policy, task_ref: object, ceiling: object, customer_id: object
+    p: ScriptSettings, task_ref: object, ceiling: object, customer_id: object
 ) -> Plan[TaskStatus]:
     req = validate(
         TaskRequest, task_ref=task_ref, customer_id=customer_of(customer_id), ceiling=ceiling
@@ -932,13 +978,15 @@ def plan_open_task(
     return Plan(call, lambda reply: decode_task(reply, req.customer_id, req.task_ref))
 
 
-def plan_get_task(p: Policy, task_ref: object, customer_id: object) -> Plan[TaskStatus]:
+def plan_get_task(p: ScriptSettings, task_ref: object, customer_id: object) -> Plan[TaskStatus]:
     req = validate(TaskRequest, task_ref=task_ref, customer_id=customer_of(customer_id))
     call = get_task_call(p, req.customer_id, req.task_ref)
     return Plan(call, lambda reply: decode_task(reply, req.customer_id, req.task_ref))
 
 
-def plan_extend(p: Policy, check: BaseCheck, units: object, make: Callable[..., C]) -> Plan[C]:
+def plan_extend(
+    p: ScriptSettings, check: BaseCheck, units: object, make: Callable[..., C]
+) -> Plan[C]:
     """``units`` more on ``check``'s reservation (see extend.lua); the decision is a Check of
     the reservation (``make``) whose ``estimated_units`` is its new total."""
     extra = validate_units("units", units)
@@ -1020,7 +1068,7 @@ def decode_estimates(reply: Any, agent_id: str, customer_id: str, model: str | N
 
 
 def plan_estimates(
-    p: Policy, agent_id: object, customer_id: object, model: object
+    p: ScriptSettings, agent_id: object, customer_id: object, model: object
 ) -> Plan[Estimates]:
     req = validate(ScopeRef, customer_id=customer_of(customer_id), agent_id=agent_id)
     if req.agent_id is None:
@@ -1036,7 +1084,7 @@ def plan_estimates(
 
 
 def validate_gate(
-    p: Policy,
+    p: ScriptSettings,
     agent_id: object,
     estimated_units: object,
     customer_id: object,

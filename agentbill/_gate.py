@@ -54,10 +54,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-Units: TypeAlias = int | Callable[[T], int] | None
-"""What a gate records after the body: an int, a callable of the body's result, or the estimate."""
+UnitsUsed: TypeAlias = int | Callable[[T], int] | None
+"""What a gate records after the body: an int, a callable of the body's result, or the estimate
+(None). Not ``_models.Units``, the validated int every count of units is."""
 
-__all__ = ["AsyncRun", "Gate", "Run", "Units"]
+__all__ = ["AsyncRun", "Gate", "Run", "UnitsUsed"]
 
 
 class GateClient(EstimatesClient, Protocol):
@@ -134,7 +135,7 @@ class Gate:
         agent_id: str,
         estimated_units: int | Literal["learned"],
         customer_id: str | None,
-        units: Units[Any],
+        units: UnitsUsed[Any],
         task_ref: str | None,
         task_ceiling: int | None,
         ttl: int | None,

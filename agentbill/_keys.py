@@ -7,13 +7,13 @@ reservation id must carry the tag while staying within the 256-character id limi
 
 Layout, for namespace ``ns`` and customer tag ``t``::
 
-    ns:{t}:budget   hash  policies and counters of the customer and its agents
+    ns:{t}:budget   hash  limits and counters of the customer and its agents
     ns:{t}:res      hash  reservation id -> open reservation (fields joined by \x1f)
     ns:{t}:exp      zset  reservation id, scored by expiry (ms, Redis clock)
     ns:{t}:open     zset  "<group>:<seq>:<reservation id>", lexical; oldest open per group
     ns:{t}:tasks    hash  "<task digest>:c|u|r|n" -> ceiling, used, reserved, name
     ns:{t}:tasksx   zset  task digest, scored by when it may be forgotten once idle
-    ns:{t}:closed   hash  reservation id -> outcome of a closed reservation (fields joined)
+    ns:{t}:closed   hash  reservation id -> outcome of a closed reservation (joined by \x1f)
     ns:{t}:closedx  zset  reservation id, scored by when its outcome may be forgotten
     ns:{t}:ledger   stream every decision, record, release, expiry, threshold crossing
     ns:{t}:agents   zset  agent digest, scored by when it may be forgotten once idle

@@ -255,8 +255,9 @@ class OutageLedger:
             return tuple(s.by_key.get(idempotency_record(plan), ()))
         return ()
 
-    def settled(self, plan: Any, release: bool) -> None:
-        """``plan``'s settlement reached Redis: free the allowance of the runs it closed."""
+    def landed(self, plan: Any, release: bool) -> None:
+        """``plan``'s record or release reached Redis: free the allowance of the
+        offline runs it closed."""
         with self._lock:
             s = self._s
             s.free(self._offline(s, plan, release))

@@ -34,8 +34,8 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import TypeVar
 
 from redis import exceptions as rx
@@ -575,3 +575,17 @@ class RetryPolicy:
         if self._watch is None or self._watch.loop is not loop:
             self._watch = LoopWatch(loop)
         return self._watch
+
+
+# -- the error boundary --------------------------------------------------------------------------
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """The one boundary: a redis-py (or socket) error raised in the block leaves it as its
+    agentbill error (:func:`translate`), ``from`` the original. A plain context manager, so it
+    works around awaits too (``with translated(): await ...``)."""
+    try:
+        yield
+    except (rx.RedisError, OSError) as exc:
+        raise translate(exc) from exc

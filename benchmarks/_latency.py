@@ -83,7 +83,7 @@ def floor_ops(client: AgentBillClient, r: redis.Redis, n: int, customer: str = H
     """The same script calls with KEYS/ARGV built before timing and sent as bare EVALSHAs:
     what a preflight and a pair would cost with no agentbill Python around the round trip;
     and a script that does nothing, sent preflight's KEYS/ARGV: the cost of the call itself."""
-    policy, scripts = client._policy, client._scripts
+    policy, scripts = client._script_settings, client._scripts
     pre_sha, settle_sha = scripts["preflight"].sha, scripts["settle"].sha
     client.preflight(AGENT, 1, customer).release()  # both scripts are loaded on the server
 

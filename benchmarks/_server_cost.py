@@ -270,7 +270,7 @@ class Bench:
 
     def plan(self) -> _core.Call:
         return _core.plan_preflight(
-            self.client._policy, AGENT, 1, CUSTOMER, None, None, None, None, BaseCheck
+            self.client._script_settings, AGENT, 1, CUSTOMER, None, None, None, None, BaseCheck
         ).call
 
     def evalsha(self, sha: str, call: _core.Call) -> Any:
@@ -282,7 +282,7 @@ class Bench:
 
     def record_call(self, pre: _core.Call) -> _core.Call:
         return _core.plan_record(
-            self.client._policy, AGENT, 1, None, _rid(pre), None, True, None, None
+            self.client._script_settings, AGENT, 1, None, _rid(pre), None, True, None, None
         ).call
 
     def made(self) -> tuple[_core.Call, _core.Call]:

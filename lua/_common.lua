@@ -552,8 +552,8 @@ local function close_reservation(rid, r, status, charged, now, request, named)
 end
 
 -- Lazy expiry, bounded: return at most REAP_LIMIT expired reservations to the budget, and
--- forget at most REAP_LIMIT outcomes past their retention and idle tasks past theirs. No cron
--- and no sweeper process is needed. Returns true when a counter or a task changed.
+-- forget at most REAP_LIMIT each of the outcomes past their retention, the idle tasks past
+-- theirs and the idle agents past theirs. No cron and no sweeper process is needed. Returns true when a counter or a task changed.
 -- `expired_before`: due reservations this call already expired itself (they count towards the
 -- limit); `now_s`: now as a string, if the caller has it.
 local function reap(now, expired_before, now_s)

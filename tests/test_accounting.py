@@ -206,7 +206,9 @@ def test_a_preflight_landing_after_its_release_reserves_nothing(
     lands (another connection): the preflight must not reserve then."""
     from agentbill import _core
 
-    plan = _core.plan_preflight(client._policy, "agent", 10, "u", None, None, None, None, BaseCheck)
+    plan = _core.plan_preflight(
+        client._script_settings, "agent", 10, "u", None, None, None, None, BaseCheck
+    )
     assert plan.reservation_id is not None
     client.release(plan.reservation_id)
     keys, args = plan.call.keys, plan.call.args
@@ -226,7 +228,7 @@ def test_the_production_scripts_read_no_clock_hook(
     """Finding 7: anyone who could HSET the budget hash moved that customer's clock."""
     client.set_budget("u", 10, period="day")
     before = client.get_budget("u")
-    raw.hset(client._policy.keys.customer("u").budget, "_clock_offset", 3 * 86_400_000)
+    raw.hset(client._script_settings.keys.customer("u").budget, "_clock_offset", 3 * 86_400_000)
     after = client.get_budget("u")
     assert after.period_start == before.period_start
     for name in (*OPERATIONS, "_common"):
@@ -357,12 +359,12 @@ def test_a_customers_keys_expire_after_its_idle_retention(
     ttl = {k: raw.pttl(k) for k in raw.scan_iter(match=f"{client.namespace}:*")}
     assert ttl
     assert all(0 < t <= 90 * 86_400_000 for t in ttl.values()), ttl
-    keys = client._policy.keys.customer("free")
+    keys = client._script_settings.keys.customer("free")
     assert 0 < raw.pttl(keys.closed) <= 86_400_000  # outcomes: the retention
 
     client.set_budget("paid", 100)
     client.preflight("agent", 5, "paid")
-    paid = client._policy.keys.customer("paid")
+    paid = client._script_settings.keys.customer("paid")
     assert raw.pttl(paid.budget) == -1
     assert raw.pttl(paid.res) == -1
     assert raw.pttl(paid.ledger) > 0
@@ -374,7 +376,7 @@ def test_a_budget_set_after_runs_keeps_their_keys_for_good(
     """Keys written before a budget was set carry a TTL; setting it removes their TTL, and
     the runs after it (which skip persisting what has no TTL) give them none."""
     client.preflight("agent", 5, "late")
-    keys = client._policy.keys.customer("late")
+    keys = client._script_settings.keys.customer("late")
     kept = (keys.budget, keys.res, keys.exp, keys.open)
     assert all(raw.pttl(k) > 0 for k in kept)
     client.set_budget("late", 100)
@@ -479,7 +481,7 @@ def test_a_settle_finds_its_period_after_the_next_period_started(
 
 
 def held_period(c: AgentBillClient, raw: redis.Redis, customer: str, index: int) -> str:
-    arch = str(raw.hget(c._policy.keys.customer(customer).budget, "arch"))
+    arch = str(raw.hget(c._script_settings.keys.customer(customer).budget, "arch"))
     return arch.split(",")[index].split("@")[0]
 
 

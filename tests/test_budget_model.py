@@ -87,7 +87,7 @@ def test_a_reservation_is_charged_to_the_period_it_was_made_in(
     held.record(6)
     budget = client.get_budget("c1")
     assert (budget.spent, budget.reserved) == (0, 10)  # the 6 went to the hour before
-    key = client._policy.keys.customer("c1").budget
+    key = client._script_settings.keys.customer("c1").budget
     before = held_period(client, raw, "c1")
     assert (raw.hget(key, f"s:{before}"), raw.hget(key, f"r:{before}")) == ("6", "0")
     recorded = [e for e in client.events("c1") if e.type == "recorded"]
@@ -96,7 +96,7 @@ def test_a_reservation_is_charged_to_the_period_it_was_made_in(
 
 def held_period(client: AgentBillClient, raw: redis.Redis, customer: str) -> str | None:
     """The id of the customer's latest archived period (its counters kept as s:/r:<id>)."""
-    value = raw.hget(client._policy.keys.customer(customer).budget, "arch")
+    value = raw.hget(client._script_settings.keys.customer(customer).budget, "arch")
     return None if not value else str(value).split(",")[-1].split("@")[0]
 
 

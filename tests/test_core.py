@@ -27,12 +27,12 @@ from agentbill import (
 )
 from agentbill._check import Reason
 from agentbill._contract import SCRIPTS
-from agentbill._core import Policy, preflight_call, record_call, release_call
+from agentbill._core import ScriptSettings, preflight_call, record_call, release_call
 from agentbill._keys import KeySpace, customer_tag, tag_of_reservation
 from agentbill._models import ClientSettings, PreflightRequest, RecordRequest, ReleaseRequest
 from agentbill._retry import RetryPolicy
 
-POLICY = Policy.from_settings(ClientSettings(namespace="ns"))
+POLICY = ScriptSettings.from_settings(ClientSettings(namespace="ns"))
 
 
 def test_reservation_id_carries_the_customer_tag_within_256_chars() -> None:

@@ -47,7 +47,7 @@ def state(c: AgentBillClient, raw: redis.Redis, check: Any) -> tuple[object, ...
     """Everything an extension may change but the ledger: budgets, the task, the reservation."""
     customer = c.get_budget(CUSTOMER)
     agent = c.get_budget(CUSTOMER, agent_id=AGENT)
-    keys = c._policy.keys.customer(CUSTOMER)
+    keys = c._script_settings.keys.customer(CUSTOMER)
     return (
         (customer.spent, customer.reserved, customer.open_reservations),
         (agent.spent, agent.reserved),
@@ -181,7 +181,7 @@ def test_a_reservation_that_is_not_open_cannot_be_extended(
         time.sleep(1.1)  # due, and not reaped yet
     else:
         check.release()
-        check = _with_id(check, f"rsv.{c._policy.keys.customer(CUSTOMER).tag}.{'0' * 24}")
+        check = _with_id(check, f"rsv.{c._script_settings.keys.customer(CUSTOMER).tag}.{'0' * 24}")
     before = dump(raw, c.namespace)
     with pytest.raises(InvalidRequestError) as info:
         check.extend(5)
@@ -236,13 +236,13 @@ def test_a_retried_extension_reserves_once(client: AgentBillClient) -> None:
     comes back and nothing more is reserved."""
     client.set_budget(CUSTOMER, 100)
     check = client.preflight(AGENT, 10, CUSTOMER)
-    plan = _core.plan_extend(client._policy, check, 30, Check)
+    plan = _core.plan_extend(client._script_settings, check, 30, Check)
     first = client._run(plan)
     again = client._run(plan)
     assert first == again
     assert first.estimated_units == 40
     assert client.get_budget(CUSTOMER).reserved == 40
-    refusal = _core.plan_extend(client._policy, check, 90, Check)
+    refusal = _core.plan_extend(client._script_settings, check, 90, Check)
     assert client._run(refusal) == client._run(refusal)  # a refusal is answered the same
     assert [e.type for e in client.events(CUSTOMER)].count("refused") == 1
 

@@ -131,7 +131,7 @@ def test_statistics_are_kept_per_customer_cluster_safe_and_expire(
     client: AgentBillClient, raw: redis.Redis
 ) -> None:
     run(client, 10, 5)
-    keys = client._policy.keys.customer(CUSTOMER)
+    keys = client._script_settings.keys.customer(CUSTOMER)
     stats_key = keys.stats(AGENT)
     assert stats_key.startswith(keys.prefix + ":")  # the customer's hash tag
     assert 0 < raw.pttl(stats_key) <= 90 * 86_400_000  # the idle retention

@@ -118,7 +118,7 @@ def test_a_statistics_key_stays_small_whatever_the_records_report(
     for i in range(400):
         units = 0 if i % 41 == 40 else 2 ** (i % 40) + i
         run(c, 2**40, units)
-    key = c._policy.keys.customer(CUSTOMER).stats(AGENT)
+    key = c._script_settings.keys.customer(CUSTOMER).stats(AGENT)
     assert raw.hlen(key) <= 1 + 2 * (3 + 217)
     memory = raw.memory_usage(key)
     assert memory is not None

@@ -312,10 +312,10 @@ def test_outcomes_are_forgotten_after_the_retention(
     ) as c:
         check = c.preflight("agent", 1, "c1")
         check.record(1)
-        assert raw.hlen(c._policy.keys.customer("c1").closed) == 1
+        assert raw.hlen(c._script_settings.keys.customer("c1").closed) == 1
         _wait_past(1.2)
         c.get_budget("c1")
-        assert raw.hlen(c._policy.keys.customer("c1").closed) == 0
+        assert raw.hlen(c._script_settings.keys.customer("c1").closed) == 0
 
 
 def test_record_of_an_unknown_reservation_charges_once(client: AgentBillClient) -> None:

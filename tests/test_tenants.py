@@ -343,7 +343,7 @@ def test_a_tenant_key_cannot_touch_another_tenant_or_the_server(
 
     # agentbill's own set_budget script, with B's keys: refused before it runs.
     b_settings = _core.settings_from(namespace=tenant_b.namespace)
-    b_policy = _core.Policy.from_settings(b_settings)
+    b_policy = _core.ScriptSettings.from_settings(b_settings)
     b_call = _core.plan_set_budget(b_policy, "cust", 10**9, None, "UTC", None, ()).call
     _refused(lambda: bind(raw_a)["set_budget"](keys=b_call.keys, args=b_call.args))
     # A script A loads itself runs with A's permissions: declaring A's keys does not help.

@@ -19,7 +19,7 @@ import redis
 from agentbill._exceptions import StoreError, StoreUnavailableError
 from agentbill._keys import KeySpace
 from agentbill._models import UsageRequest, validate
-from agentbill._retry import translate
+from agentbill._retry import translated
 from agentbill.cli._common import Failed
 
 SCAN_COUNT = 1000
@@ -35,18 +35,18 @@ def scan_customers(r: redis.Redis, namespace: str) -> list[str]:
     """Every customer id of ``namespace`` on this server, sorted."""
     found: set[str] = set()
     try:
-        for keys in _batches(r, budget_key_pattern(namespace)):
-            pipe = r.pipeline(transaction=False)
-            for key in keys:
-                pipe.hget(key, CUSTOMER_FIELD)
-            for value in pipe.execute():
-                if value is not None:
-                    found.add(value.decode() if isinstance(value, bytes) else str(value))
-    except (redis.RedisError, OSError) as exc:
-        error = translate(exc)
-        if isinstance(error, StoreUnavailableError) or not isinstance(error, StoreError):
-            raise error from exc
-        raise Failed(f"cannot list the customers ({error}); name them with --customer") from exc
+        with translated():
+            for keys in _batches(r, budget_key_pattern(namespace)):
+                pipe = r.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hget(key, CUSTOMER_FIELD)
+                for value in pipe.execute():
+                    if value is not None:
+                        found.add(value.decode() if isinstance(value, bytes) else str(value))
+    except StoreUnavailableError:
+        raise
+    except StoreError as error:  # a refusal of its own (a key that may not SCAN, say)
+        raise Failed(f"cannot list the customers ({error}); name them with --customer") from error
     return sorted(found)
 
 

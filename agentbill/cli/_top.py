@@ -33,7 +33,7 @@ from rich.text import Text
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import AgentBillError
 from agentbill._results import BudgetStatus, Usage
-from agentbill._retry import translate
+from agentbill._retry import translated
 from agentbill.cli._common import Namespace, RedisUrl, Session, bad_input, example, session
 from agentbill.cli._customers import Customers
 from agentbill.cli._output import DASH, console, duration, emit_json, jsonable, show, units
@@ -123,10 +123,8 @@ class Frame:
 
 def redis_time_ms(r: redis.Redis) -> int:
     """The server's clock (TIME), in milliseconds: the clock of the ledger's ids."""
-    try:
+    with translated():
         seconds, micros = r.time()
-    except (redis.RedisError, OSError) as exc:
-        raise translate(exc) from exc
     return int(seconds) * 1000 + int(micros) // 1000
 
 

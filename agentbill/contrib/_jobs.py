@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import AgentBillError, InvalidRequestError
-from agentbill._gate import Units
+from agentbill._gate import UnitsUsed
 from agentbill._install import pip_install
 from agentbill._models import validate_units
 from agentbill._results import Check, Settlement
@@ -129,7 +129,7 @@ class JobBudget:
     customer_id: From[str | None] = None
     task_ref: From[str | None] = None
     task_ceiling: int | None = None
-    units: Units[Any] = None
+    units: UnitsUsed[Any] = None
     """What to record after the job returns: an int, a callable of its result, or the
     estimate (None)."""
     ttl: int | None = None

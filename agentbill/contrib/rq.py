@@ -47,7 +47,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from agentbill._client import AgentBillClient
 from agentbill._exceptions import InvalidRequestError, RunBlockedError
-from agentbill._gate import Units
+from agentbill._gate import UnitsUsed
 from agentbill._outage import deliver_queued
 from agentbill._results import Settlement
 from agentbill.contrib._jobs import (
@@ -241,7 +241,7 @@ def budgeted(
     customer_id: From[str | None] = None,
     task_ref: From[str | None] = None,
     task_ceiling: int | None = None,
-    units: Units[Any] = None,
+    units: UnitsUsed[Any] = None,
     ttl: int | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 

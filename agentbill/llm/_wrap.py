@@ -39,10 +39,10 @@ CLIENT_CLASSES: tuple[tuple[Provider, str, str, str], ...] = (
 
 class WrapClient(TicketClient, Protocol):
     """What ``wrap`` calls on either client (this package sits below both): its settings
-    (``_policy``) to validate the arguments, and what a ticket calls."""
+    (``_script_settings``) to validate the arguments, and what a ticket calls."""
 
     @property
-    def _policy(self) -> _core.Policy: ...
+    def _script_settings(self) -> _core.ScriptSettings: ...
 
 
 class SyncWrapClient(SyncTicketClient, WrapClient, Protocol):
@@ -85,7 +85,9 @@ def settings_for(
         name = type(llm_client).__name__
         twin = "AsyncAgentBillClient" if llm_is_async else "AgentBillClient"
         raise InvalidRequestError("llm_client", f"{name} must be wrapped by {twin}.wrap")
-    _core.validate_gate(client._policy, agent_id, 1, customer_id, task_ref, task_ceiling, None)
+    _core.validate_gate(
+        client._script_settings, agent_id, 1, customer_id, task_ref, task_ceiling, None
+    )
     if unit not in ("token", "usd") or not isinstance(unit, str):
         raise InvalidRequestError("unit", "must be 'token' or 'usd'")
     estimator = resolve(estimate)

@@ -342,7 +342,7 @@ def drawn_token(token: str) -> Iterator[None]:
 
 def plan(case: dict[str, Any], token: str) -> _core.Plan[Any]:
     """Python's plan for a vector case, its request id ``token``."""
-    policy = _core.Policy.from_settings(_core.settings_from(**case["client"]))
+    policy = _core.ScriptSettings.from_settings(_core.settings_from(**case["client"]))
     values = {**DEFAULTS, **case["request"]}
     if case["op"] == "get_usage":
         values.setdefault("limit", 100)  # the clients' default
