@@ -11,10 +11,11 @@ Two ways to build the library from the same ``lua/*.lua`` files, neither edited:
   made by ``begin(KEYS, ARGV)`` at the start of every call. Each operation's function is its
   file's text after ``begin``. The prelude's functions are then built once, not per call.
   Correct only while the prelude keeps no other per-call state at its top level (its constant
-  tables are only read): :func:`split_prelude` refuses a top level it cannot split and
-  :func:`check_constant` one whose top-level locals a script assigns or writes into. Neither
-  sees a write through an alias (``local t = SCOPE_FIELDS; t[1] = x``): before this becomes
-  the product, run the suite through FCALL
+  tables are only read): a top-level local that any script changes is per-call state too,
+  made again by ``begin`` (lean's per-call memo ``known_periods``, say), and
+  :func:`split_prelude` refuses a top level it cannot split. A write through an alias
+  (``local t = SCOPE_FIELDS; t[1] = x``) is not seen: before this becomes the product, run the
+  suite through FCALL
   (``pytest -p benchmarks._fcall_plugin``).
 
 Operations that issue no write (``READ_ONLY``) are registered ``no-writes``: a function without
@@ -59,23 +60,43 @@ def _statements(prelude: str) -> list[str]:
     return pieces
 
 
-def split_prelude(prelude: str) -> tuple[str, list[str]]:
-    """(the prelude with every top-level ``local x = <reads KEYS/ARGV>`` turned into ``local x``,
-    the assignments ``x = ...`` to make at each call)."""
+def _code(text: str) -> str:
+    return re.sub(r"--[^\n]*", "", text)
+
+
+def changed(name: str, code: str) -> bool:
+    """Whether ``code`` (comments removed) assigns ``name``, a field or index of it, or hands
+    it to table.insert/remove/sort. A write through an alias (``local t = name; t[1] = x``)
+    is not seen."""
+    assigned = re.search(rf"(?<![\w.])(?<!local ){name}\s*(\[[^\]]*\]|\.\w+)?\s*=(?!=)", code)
+    return bool(assigned or re.search(rf"table\.(insert|remove|sort)\(\s*{name}\b", code))
+
+
+def split_prelude(prelude: str, bodies: list[str]) -> tuple[str, list[str]]:
+    """(the prelude to run once at FUNCTION LOAD, the assignments ``begin`` makes at each call).
+
+    A top-level ``local x = ...`` is per-call state when it reads KEYS or ARGV or when any
+    script (the prelude's functions, an operation) changes ``x``: it becomes ``local x`` at
+    load and ``x = ...`` in ``begin``. Every other top-level local (functions, constant tables)
+    is made once. A ValueError for a top level this cannot split."""
+    pieces = _statements(prelude)
+    code = "\n".join(_code(t) for t in [prelude, *bodies])
     out, per_call = [], []
-    for piece in _statements(prelude):
-        code = re.sub(r"--[^\n]*", "", piece)
-        if code.strip() and not code.startswith("local"):
+    for piece in pieces:
+        text = _code(piece)
+        if text.strip() and not text.startswith("local"):
             # A top-level call (redis.setresp, say) would run once at FUNCTION LOAD, not per call.
             raise ValueError(f"cannot hoist a top-level statement that is not a local:\n{piece}")
-        if not re.search(r"\b(KEYS|ARGV)\b", code):
+        m = TOP_LOCAL.match(text.strip())
+        if m is None or piece.startswith("local function"):
             out.append(piece)
             continue
-        m = TOP_LOCAL.match(code.strip())
-        if m is None or piece.startswith("local function"):
-            raise ValueError(f"cannot hoist this top-level piece of the prelude:\n{piece}")
-        out.append(f"local {m.group(1)}\n")
-        per_call.append(f"  {m.group(1)} = {m.group(2).strip()}\n")
+        names = [n.strip() for n in m.group(1).split(",")]
+        if re.search(r"\b(KEYS|ARGV)\b", text) or any(changed(n, code) for n in names):
+            out.append(f"local {m.group(1)}\n")
+            per_call.append(f"  {m.group(1)} = {m.group(2).strip()}\n")
+        else:
+            out.append(piece)
     return "".join(out), per_call
 
 
@@ -88,24 +109,6 @@ READ_ONLY = ("events", "estimates")
 
 def _flags(op: str) -> str:
     return "{'no-writes'}" if op in READ_ONLY else "{}"
-
-
-def check_constant(prelude: str, bodies: list[str], per_call: list[str]) -> None:
-    """Raise ValueError if the prelude's top-level state could carry over from one call to the
-    next once hoisted: a top-level local (not a function, not made again by ``begin``) that any
-    script assigns, or a table of them written into."""
-    made = {n.strip() for a in per_call for n in a.split("=")[0].split(",")}
-    names = set()
-    for piece in _statements(prelude):
-        m = TOP_LOCAL.match(re.sub(r"--[^\n]*", "", piece).strip())
-        if m and not piece.startswith("local function"):
-            names |= {n.strip() for n in m.group(1).split(",")} - made
-    code = "\n".join(re.sub(r"--[^\n]*", "", t) for t in [prelude, *bodies])
-    for name in sorted(names):
-        assigned = re.search(rf"(?<![\w.])(?<!local ){name}\s*(\[[^\]]*\]|\.\w+)?\s*=(?!=)", code)
-        inserted = re.search(rf"table\.(insert|remove|sort)\(\s*{name}\b", code)
-        if assigned or inserted:
-            raise ValueError(f"the prelude's top-level {name!r} changes in a call: not hoistable")
 
 
 def _digest(text: str) -> str:
@@ -127,8 +130,7 @@ def library(kind: str = "hoisted") -> tuple[str, dict[str, str]]:
                 f"{prelude}\n{body}\nend}}\n"
             )
     elif kind == "hoisted":
-        top, per_call = split_prelude(prelude)
-        check_constant(prelude, list(bodies.values()), per_call)
+        top, per_call = split_prelude(prelude, list(bodies.values()))
         parts.append(top)
         parts.append("local function begin(KEYS, ARGV)\n" + "".join(per_call) + "end\n")
         for op, body in bodies.items():
