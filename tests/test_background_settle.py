@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 
 from agentbill import AgentBillClient
+from tests._faults import Connect, connect, wait_until
 from tests._servers import RedisServer, running
-from tests.test_outage import Connect, connect, wait_until
 
-__all__ = ["connect"]  # the sync/async client fixture, defined with the outage tests
+__all__ = ["connect"]  # the sync/async client fixture, defined in tests/_faults.py
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import time
 import pytest
 
 from agentbill import AgentBillClient
+from tests._faults import AGENT, CUSTOMER
 from tests._servers import RedisServer
-from tests.test_outage import AGENT, CUSTOMER
 
 CHILDREN = 50
 CHILD_TIMEOUT = 30.0

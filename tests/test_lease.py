@@ -30,12 +30,12 @@ from agentbill import (
     LeaseCheck,
 )
 from agentbill._lease import LeaseBook
+from tests._faults import ReplyLosingProxy, proxy, wait_until
 from tests._servers import RedisServer
-from tests.test_outage import ReplyLosingProxy, proxy, wait_until
 
 T = TypeVar("T")
 
-__all__ = ["proxy"]  # the reply-losing proxy fixture, defined with the outage tests
+__all__ = ["proxy"]  # the reply-losing proxy fixture, defined in tests/_faults.py
 
 
 class BlockingLease:

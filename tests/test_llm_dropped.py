@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from agentbill import AgentBillClient
+from tests._faults import wait_until
 from tests._llm_mock import MockLLM
 from tests.test_llm import CUSTOMER, Side, kwargs_for, method, reader, side
-from tests.test_outage import wait_until
 
 __all__ = ["reader", "side"]
 

@@ -22,11 +22,10 @@ import openai
 import pytest
 
 from agentbill import AgentBillClient, AsyncAgentBillClient, Settlement
+from tests._faults import busy, wait_until
 from tests._llm_mock import MockLLM
 from tests._servers import RedisServer, running
 from tests.test_llm import AGENT, CUSTOMER, Side, call, kwargs_for, method, reader, side
-from tests.test_outage import wait_until
-from tests.test_transient_errors import busy
 
 __all__ = ["reader", "side"]  # the sync/async fixtures, defined with the LLM tests
 

@@ -40,9 +40,9 @@ from agentbill._local import (
     local_status,
     stop_local_server,
 )
-from tests.test_outage import AGENT, CUSTOMER, Connect, connect
+from tests._faults import AGENT, CUSTOMER, Connect, connect
 
-__all__ = ["connect"]  # the sync/async client fixture, defined with the outage tests
+__all__ = ["connect"]  # the sync/async client fixture, defined in tests/_faults.py
 
 
 def _mode(path: Path) -> int:

@@ -17,8 +17,7 @@ import pytest
 
 from agentbill import AgentBillClient, InvalidRequestError, StoreUnavailableError
 from agentbill.contrib._jobs import JobBudget, JobCall, JobRun
-from tests._servers import RedisServer, running
-from tests.test_outage import (
+from tests._faults import (
     AGENT,
     CUSTOMER,
     Connect,
@@ -28,8 +27,9 @@ from tests.test_outage import (
     proxy,
     wait_until,
 )
+from tests._servers import RedisServer, running
 
-__all__ = ["connect", "proxy"]  # fixtures used here, defined with the fail-closed tests
+__all__ = ["connect", "proxy"]  # fixtures used here, defined in tests/_faults.py
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from agentbill import (
     BaseCheck,
     StoreUnavailableError,
 )
+from tests._faults import AGENT, CUSTOMER, UNREACHABLE_BOUND, silent_listener
 from tests._servers import RedisServer, free_port
-from tests.test_outage import AGENT, CUSTOMER, UNREACHABLE_BOUND, silent_listener
 
 # A thousand callers in one process on this shared 2-core machine: the event loop itself (or
 # the GIL, for threads) takes a few hundred ms to run them all, measured here up to 2.4 s with
@@ -31,7 +31,7 @@ from tests.test_outage import AGENT, CUSTOMER, UNREACHABLE_BOUND, silent_listene
 # seconds, far beyond this bound.
 MANY_CALLERS_BOUND = UNREACHABLE_BOUND + 1.0
 
-__all__ = ["silent_listener"]  # a fixture, defined with the fail-closed tests
+__all__ = ["silent_listener"]  # a fixture, defined in tests/_faults.py
 
 LIMIT = 37
 ASYNC_CALLERS = 1200

@@ -36,9 +36,8 @@ from agentbill import (
     Settlement,
     StoreUnavailableError,
 )
+from tests._faults import busy, wait_until
 from tests._servers import RedisServer, running
-from tests.test_outage import wait_until
-from tests.test_transient_errors import busy
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -30,10 +29,10 @@ from agentbill import (
     StoreUnavailableError,
 )
 from agentbill._retry import RetryPolicy, translate
+from tests._faults import AGENT, CUSTOMER, Connect, busy, connect, wait_until
 from tests._servers import RedisServer, running
-from tests.test_outage import AGENT, CUSTOMER, Connect, connect, wait_until
 
-__all__ = ["connect"]  # the sync/async client fixture, defined with the outage tests
+__all__ = ["connect"]  # the sync/async client fixture, defined in tests/_faults.py
 
 Condition = Callable[[RedisServer], contextlib.AbstractContextManager[None]]
 
@@ -56,41 +55,6 @@ def out_of_memory(server: RedisServer) -> Iterator[None]:
         finally:
             r.config_set("maxmemory", 0)
             r.delete(*[f"filler:{i}" for i in range(3000)])
-
-
-def _answers_busy(probe: redis.Redis) -> bool:
-    try:
-        probe.get("probe")
-    except redis.ResponseError as exc:
-        return str(exc).startswith("BUSY")
-    return False
-
-
-@contextlib.contextmanager
-def busy(server: RedisServer) -> Iterator[None]:
-    """Another client's script runs until killed: past ``lua-time-limit`` Redis answers every
-    other command with BUSY. SCRIPT KILL on exit."""
-    runner = server.client()
-    done = threading.Event()
-
-    def run() -> None:
-        with contextlib.suppress(redis.ResponseError):
-            runner.eval("while true do end", 0)
-        done.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    with server.client() as probe:
-        wait_until(lambda: _answers_busy(probe), "Redis to answer BUSY")
-        try:
-            yield
-        finally:
-            while not done.is_set():
-                with contextlib.suppress(redis.ResponseError):
-                    probe.script_kill()
-                done.wait(0.05)
-            thread.join(timeout=10)
-            runner.close()
 
 
 CONDITIONS: dict[str, Condition] = {"oom": out_of_memory, "busy": busy}

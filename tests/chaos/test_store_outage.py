@@ -1,7 +1,7 @@
 """Chaos scenario 5, Redis unreachable or silent: fail closed, in bounded time, many calls at once.
 
 The bounds are the product's promise with the default client settings, as the README and
-tests/test_outage.py state them: nothing listening, StoreUnavailableError within 2 s; a server
+tests/test_fail_closed.py state them: nothing listening, StoreUnavailableError within 2 s; a server
 that accepts connections but never answers (here SIGSTOPped: the kernel still accepts), within
 2 s too (one 1 s attempt). The calls are timed against those bounds only; the figures measured
 go to RELIABILITY.md.

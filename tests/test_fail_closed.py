@@ -9,30 +9,33 @@ write it carried lands once. Each test body runs on the sync and the async clien
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import inspect
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
-from typing import Any, cast
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agentbill import AgentBillClient, AsyncAgentBillClient, StoreUnavailableError
+from agentbill import AgentBillClient, StoreUnavailableError
 from agentbill._keys import customer_tag, reservation_id
-from tests._async_facade import blocking_client
+from tests._faults import (
+    AGENT,
+    CUSTOMER,
+    UNREACHABLE_BOUND,
+    Connect,
+    ReplyLosingProxy,
+    connect,
+    other_clients,
+    proxy,
+    silent_listener,
+    wait_until,
+)
 from tests._servers import RedisServer, free_port, running
 
-AGENT = "agent"
-CUSTOMER = "acme"
-SCRIPT_COMMANDS = (b"EVALSHA", b"EVAL")
-UNREACHABLE_BOUND = 2.0
+__all__ = ["connect", "proxy", "silent_listener"]  # fixtures used here, defined in tests/_faults.py
+
 SILENT_BOUND = 2.0
 
 Operation = Callable[[AgentBillClient], object]
@@ -46,47 +49,6 @@ OPERATIONS: dict[str, Operation] = {
     "open_task": lambda c: c.open_task("task", 10, CUSTOMER),
     "get_task": lambda c: c.get_task("task", CUSTOMER),
 }
-
-
-Connect = Callable[..., AbstractContextManager[AgentBillClient]]
-"""Builds a client from AgentBillClient's keyword arguments."""
-
-
-@contextlib.contextmanager
-def sync_client(**kwargs: Any) -> Iterator[AgentBillClient]:
-    with AgentBillClient(**kwargs) as client:
-        yield client
-
-
-@contextlib.contextmanager
-def async_client(**kwargs: Any) -> Iterator[AgentBillClient]:
-    """An AsyncAgentBillClient behind the suite's blocking facade."""
-    with asyncio.Runner() as runner:
-        aclient = AsyncAgentBillClient(**kwargs)
-        try:
-            yield cast(AgentBillClient, blocking_client(aclient, runner))
-        finally:
-            runner.run(aclient.close())
-
-
-@pytest.fixture(params=["sync", "async"])
-def connect(request: pytest.FixtureRequest) -> Connect:
-    return sync_client if request.param == "sync" else async_client
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` if it never does."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.02)
-
-
-def close_socket(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
 
 
 # -- Redis unreachable -------------------------------------------------------------------------
@@ -104,12 +66,6 @@ def test_unreachable_redis_fails_closed_within_2s(connect: Connect, operation: O
 
 
 # -- Redis accepts connections but never answers -----------------------------------------------
-
-
-def other_clients(raw: redis.Redis) -> list[object]:
-    """Connections to the server other than ``raw``'s own."""
-    me = raw.client_id()
-    return [c for c in raw.client_list() if int(c["id"]) != me]
 
 
 def test_paused_server_fails_closed_within_2s_and_holds_at_most_one_reservation(
@@ -211,26 +167,6 @@ def evalsha_calls(raw: redis.Redis) -> int:
     return int(stats["calls"])
 
 
-@pytest.fixture
-def silent_listener() -> Iterator[int]:
-    """A port that accepts TCP connections and never sends a byte."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-
-    def accept_forever() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                accepted.append(listener.accept()[0])
-
-    thread = threading.Thread(target=accept_forever, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    close_socket(listener)
-    thread.join(timeout=5)
-    for sock in accepted:
-        close_socket(sock)
-
-
 def test_a_listener_that_never_answers_fails_closed_within_2s(
     connect: Connect, silent_listener: int
 ) -> None:
@@ -244,152 +180,6 @@ def test_a_listener_that_never_answers_fails_closed_within_2s(
 
 
 # -- a reply lost on the way back ----------------------------------------------------------------
-
-
-def take_commands(buffer: bytearray) -> list[tuple[bytes, bytes]]:
-    """Remove the complete RESP commands at the front of ``buffer``: (NAME, raw bytes) each."""
-    out: list[tuple[bytes, bytes]] = []
-    while (end := command_end(buffer)) is not None:
-        raw = bytes(buffer[:end])
-        del buffer[:end]
-        name = raw.split(b"\r\n")[2] if raw.startswith(b"*") else raw.split()[0]
-        out.append((name.upper(), raw))
-    return out
-
-
-def command_end(buffer: bytearray) -> int | None:
-    """Where the first complete command in ``buffer`` ends, or None if it is not all there."""
-    line_end = buffer.find(b"\r\n")
-    if line_end < 0:
-        return None
-    if not buffer.startswith(b"*"):  # an inline command: one line
-        return line_end + 2
-    pos = line_end + 2
-    for _ in range(int(buffer[1:line_end])):
-        line_end = buffer.find(b"\r\n", pos)
-        if line_end < 0:
-            return None
-        pos = line_end + 2 + int(buffer[pos + 1 : line_end]) + 2
-        if pos > len(buffer):
-            return None
-    return pos
-
-
-class Link:
-    """One client connection through the proxy and its connection to the server."""
-
-    def __init__(self, client: socket.socket, server: socket.socket) -> None:
-        self.client = client
-        self.server = server
-        self.doomed = False
-        """The script call just forwarded is to lose its reply."""
-
-    def close(self) -> None:
-        close_socket(self.client)
-        close_socket(self.server)
-
-
-class ReplyLosingProxy:
-    """A TCP proxy in front of one Redis server that loses script replies on purpose.
-
-    ``lose_next_replies(n)``: the next n script calls (EVALSHA/EVAL) are forwarded and run, but
-    their replies are thrown away and the client's connection closed, as when the network
-    fails on the way back. A NOSCRIPT reply passes through: that script did not run.
-    ``refuse_scripts``: script calls are not forwarded at all; the connection is closed.
-    Everything else (handshakes, SCRIPT LOAD) passes through untouched.
-    """
-
-    def __init__(self, server_port: int) -> None:
-        self.server_port = server_port
-        self.refuse_scripts = False
-        self.script_calls = 0
-        self.lost = 0
-        self._to_lose = 0
-        self._lock = threading.Lock()
-        self._links: list[Link] = []
-        self._threads: list[threading.Thread] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._spawn(self._accept)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def lose_next_replies(self, n: int) -> None:
-        with self._lock:
-            self._to_lose = n
-
-    def close(self) -> None:
-        close_socket(self._listener)
-        self._threads[0].join(timeout=5)  # the accepting thread: no new links after this
-        with self._lock:
-            links, threads = list(self._links), list(self._threads)
-        for link in links:
-            link.close()
-        for thread in threads:
-            thread.join(timeout=5)
-
-    def _spawn(self, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        with self._lock:
-            self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            link = Link(client, socket.create_connection(("127.0.0.1", self.server_port)))
-            with self._lock:
-                self._links.append(link)
-            self._spawn(self._requests, link)
-            self._spawn(self._replies, link)
-
-    def _requests(self, link: Link) -> None:
-        buffer = bytearray()
-        with contextlib.suppress(OSError):
-            while chunk := link.client.recv(65536):
-                buffer += chunk
-                for name, raw in take_commands(buffer):
-                    if not self._forward(link, name, raw):
-                        link.close()
-                        return
-        link.close()
-
-    def _forward(self, link: Link, name: bytes, raw: bytes) -> bool:
-        """Send one command on to the server; False when the connection is to be cut instead."""
-        if name in SCRIPT_COMMANDS:
-            with self._lock:
-                self.script_calls += 1
-                if self.refuse_scripts:
-                    return False
-                link.doomed = self._to_lose > 0
-        link.server.sendall(raw)
-        return True
-
-    def _replies(self, link: Link) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := link.server.recv(65536):
-                with self._lock:
-                    lose = link.doomed and not chunk.startswith(b"-NOSCRIPT")
-                    link.doomed = False
-                    if lose:
-                        self._to_lose -= 1
-                        self.lost += 1
-                if lose:
-                    break
-                link.client.sendall(chunk)
-        link.close()
-
-
-@pytest.fixture
-def proxy(redis_server: RedisServer) -> Iterator[ReplyLosingProxy]:
-    lossy = ReplyLosingProxy(redis_server.port)
-    yield lossy
-    lossy.close()
 
 
 @pytest.fixture
