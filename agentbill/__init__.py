@@ -20,6 +20,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
+from agentbill._key_admin import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
 from agentbill._lease import AsyncLease, Lease, LeaseCheck, LeaseStats
 from agentbill._models import Preflight
 from agentbill._outage import OutageStats
@@ -36,7 +37,6 @@ from agentbill._results import (
     ThresholdCrossing,
     Usage,
 )
-from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
 
 __version__ = "0.1.0"
 

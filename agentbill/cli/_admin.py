@@ -12,13 +12,14 @@ import typer
 
 from agentbill._exceptions import InvalidRequestError
 from agentbill._install import pip_install
+from agentbill._key_admin import ENV_ADMIN_URL, KeyAdmin
 from agentbill._local import (
     HOME_ENV,
     ensure_local_server,
     local_status,
     stop_local_server,
 )
-from agentbill._tenants import ENV_ADMIN_URL, KEY_ID_PATTERN, KeyAdmin
+from agentbill._tenants import KEY_ID_PATTERN
 from agentbill.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_ERROR,
