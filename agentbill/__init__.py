@@ -20,7 +20,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
-from agentbill._key_admin import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
+from agentbill._key_admin import IssuedKey, KeyAdmin, KeyInfo, NodesUnreachableError, RevokedKey
 from agentbill._lease import AsyncLease, Lease, LeaseCheck, LeaseStats
 from agentbill._models import Preflight
 from agentbill._outage import OutageStats
@@ -62,6 +62,7 @@ __all__ = [
     "Lease",
     "LeaseCheck",
     "LeaseStats",
+    "NodesUnreachableError",
     "OutageStats",
     "Preflight",
     "RateLimit",

@@ -29,14 +29,21 @@ from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from agentbill._exceptions import InvalidRequestError
+from agentbill._exceptions import AgentBillError, InvalidRequestError, StoreUnavailableError
 from agentbill._keys import namespace_prefix
 from agentbill._models import Id, validate
-from agentbill._retry import translate
+from agentbill._retry import translate, unreachable
 from agentbill._tenants import KEY_ID_PATTERN, USER_PREFIX, format_key, username_for
-from agentbill._topology import URL_FORMS, Kind, data_nodes
+from agentbill._topology import URL_FORMS, Kind, cluster_members, data_nodes
 
-__all__ = ["ENV_ADMIN_URL", "IssuedKey", "KeyAdmin", "KeyInfo", "RevokedKey"]
+__all__ = [
+    "ENV_ADMIN_URL",
+    "IssuedKey",
+    "KeyAdmin",
+    "KeyInfo",
+    "NodesUnreachableError",
+    "RevokedKey",
+]
 
 ENV_ADMIN_URL = "AGENTBILL_ADMIN_URL"
 SECRET_BYTES = 32  # secrets.token_urlsafe(32): 43 characters
@@ -145,23 +152,49 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class NodesUnreachableError(StoreUnavailableError):
+    """A key change (or listing) could not be made on every data node. ``nodes``: each node
+    it did not reach (``host:port``), ``key_id``: the key's, if known. The message says what
+    was done and on which nodes, and what to do: a key revoked while a node was down is still
+    accepted by that node (and by a replica of it that a failover promotes), so run the revoke
+    again once it is back, or remove the node from the cluster or Sentinel set. A create that
+    raises this created nothing (what it had made was deleted again)."""
+
+    def __init__(self, message: str, nodes: tuple[str, ...], key_id: str | None = None) -> None:
+        self.nodes = nodes
+        self.key_id = key_id
+        super().__init__(message, nodes, key_id)  # args rebuild it: it pickles
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+Node = tuple[str, Any]
+"""A data node's ``host:port`` and a connection to it."""
+
+
 class KeyAdmin:
     """Creates, lists and revokes tenant keys, over a privileged Redis connection.
 
     Connects to ``redis`` (a ready ``redis.Redis`` or ``RedisCluster``) if given, else
     ``redis_url``, else the ``AGENTBILL_ADMIN_URL`` environment variable; never to the embedded
     local server. The connection needs the ``@admin`` ACL commands (``ACL``, ``CONFIG GET``,
-    ``COMMAND``). Redis does not replicate ACL users, so on a Redis Cluster
-    (``redis+cluster://``) and a Sentinel set (``redis+sentinel://``) every change is made on
-    every data node, primaries and replicas alike (the sentinels need none), and cluster keys
-    get the few commands cluster clients send (:data:`CLUSTER_COMMANDS`). A node added later
-    has none of the users: run ``keys create`` again for it, or copy an aclfile.
+    ``COMMAND``, and ``CLUSTER NODES`` on a cluster). Redis does not replicate ACL users, so on
+    a Redis Cluster (``redis+cluster://``) and a Sentinel set (``redis+sentinel://``) every
+    change is made on every data node, primaries and replicas alike (the sentinels need none),
+    failed ones included: the nodes are those ``CLUSTER NODES`` or the sentinels list, not
+    only the healthy ones. A change that cannot be made on some node raises
+    :class:`NodesUnreachableError` naming them (a revoke still revokes on every node it
+    reaches; a create then creates nothing). Cluster keys get the few commands cluster clients
+    send (:data:`CLUSTER_COMMANDS`). A node added later has none of the users: run ``keys
+    create`` again for it, or copy an aclfile.
 
     ``rewrite_config``: when the server has no ``aclfile``, run CONFIG REWRITE after each change
     so users survive a restart (the server must have been started with a config file).
 
     Errors: InvalidRequestError (bad argument, unknown key id, no URL), AuthenticationError
-    (the admin credentials were refused), StoreError / StoreUnavailableError.
+    (the admin credentials were refused), NodesUnreachableError (some nodes not reached),
+    StoreError / StoreUnavailableError.
     """
 
     def __init__(
@@ -172,40 +205,59 @@ class KeyAdmin:
         rewrite_config: bool = False,
         timeout: float = 5.0,
     ) -> None:
-        self._owns = redis is None
         self._cluster = False
+        self._opened: list[Any] = []  # the connections this admin opened, to close
         if redis is None:
             url = redis_url or os.environ.get(ENV_ADMIN_URL)
             if not url:
                 raise InvalidRequestError(
                     "redis_url", f"give the admin connection's URL, or set {ENV_ADMIN_URL}"
                 )
-            kind, nodes = _open(url, timeout)
+            kind, connections = _open(url, timeout)
             self._cluster = kind == "cluster"
+            self._opened = list(connections)
+            nodes = [(_name(c), c) for c in connections]
         elif isinstance(redis, RedisCluster):
-            nodes = [node.redis_connection for node in redis.get_nodes()]  # type: ignore[no-untyped-call]
+            nodes, self._opened = _cluster_client_nodes(redis, timeout)
             self._cluster = True
         else:
-            nodes = [redis]
-        self._nodes: list[Any] = nodes
+            nodes = [(_name(redis), redis)]
+        self._nodes: list[Node] = nodes
         self._rewrite_config = rewrite_config
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rewrite_config={self._rewrite_config!r})"
 
-    def _call(self, *args: Any, node: Any = None) -> Any:
-        """One command on ``node`` (the first node by default)."""
+    def _call(self, node: Any, *args: Any) -> Any:
+        """One command on ``node``."""
         try:
-            return (node or self._nodes[0]).execute_command(*args)
+            return node.execute_command(*args)
         except (redis.RedisError, OSError) as exc:
             raise translate(exc) from exc
 
-    def _call_all(self, *args: Any) -> list[Any]:
-        """One command on every node, in order."""
-        return [self._call(*args, node=node) for node in self._nodes]
+    def _each(
+        self, *args: Any, nodes: list[Node] | None = None
+    ) -> tuple[list[tuple[Node, Any]], dict[str, AgentBillError]]:
+        """One command on every node (of ``nodes``, all by default): the replies of the nodes
+        that answered, and why each other one did not. No node answering raises the first
+        node's error as it is (an unreachable server, refused admin credentials)."""
+        answered: list[tuple[Node, Any]] = []
+        failed: dict[str, AgentBillError] = {}
+        targets = self._nodes if nodes is None else nodes
+        for node in targets:
+            try:
+                answered.append((node, self._call(node[1], *args)))
+            except AgentBillError as exc:
+                failed[node[0]] = exc
+        if targets and not answered:
+            raise next(iter(failed.values()))
+        return answered, failed
 
     def create_key(self, namespace: str) -> IssuedKey:
-        """Create a key for ``namespace``: a new ACL user; other keys of it are untouched."""
+        """Create a key for ``namespace``: a new ACL user on every data node; other keys of it
+        are untouched. Raises NodesUnreachableError, having created nothing, when some node
+        could not take it: a key that some nodes lack would be refused by them (after a
+        failover, by the new primary)."""
         ns = validate(_Namespace, namespace=namespace).namespace
         commands = SCRIPT_COMMANDS + CLIENT_COMMANDS + self._optional_commands()
         if self._cluster:
@@ -214,17 +266,26 @@ class KeyAdmin:
             key_id = secrets.token_hex(8)
             username = username_for(ns, key_id)
             # 64 random bits per namespace: a clash is a formality, but never overwrite a user.
-            if all(user is None for user in self._call_all("ACL", "GETUSER", username)):
+            users, failed = self._each("ACL", "GETUSER", username)
+            if failed:
+                raise _unreached(failed, "no key was created", None)
+            if all(user is None for _, user in users):
                 break
         secret = secrets.token_urlsafe(SECRET_BYTES)
         try:
-            self._call_all("ACL", "SETUSER", username, *tenant_acl_rules(ns, secret, commands))
-            persisted = self._persist()
+            _, failed = self._each(
+                "ACL", "SETUSER", username, *tenant_acl_rules(ns, secret, commands)
+            )
+            if failed:
+                raise _unreached(failed, "no key was created", None)
+            persisted = self._persist(self._nodes)
         except BaseException:
-            # A key nobody was shown must not stay usable, on any node.
-            for node in self._nodes:
+            # A key nobody was shown must not stay usable, on any node, nor come back with
+            # a restart from an aclfile it was saved to.
+            for _, node in self._nodes:
                 with contextlib.suppress(Exception):
                     node.execute_command("ACL", "DELUSER", username)
+                    self._persist_node(node)
             raise
         return IssuedKey(
             key_id=key_id,
@@ -235,34 +296,56 @@ class KeyAdmin:
         )
 
     def list_keys(self, namespace: str | None = None) -> list[KeyInfo]:
-        """Every agentbill key on the server (of ``namespace`` if given), by namespace, id."""
+        """Every agentbill key on the data nodes (of ``namespace`` if given), by namespace, id.
+        Raises NodesUnreachableError when some node could not be asked: a list without its
+        keys could hide one that still works there."""
+        found, failed = self._find(namespace)
+        if failed:
+            raise _unreached(failed, "the keys could not be listed", None)
+        return found
+
+    def _find(self, namespace: str | None) -> tuple[list[KeyInfo], dict[str, AgentBillError]]:
+        """The keys on the nodes that answered (a node may lack some: all of them), and why
+        each other node did not."""
         found = set()
-        for names in self._call_all("ACL", "USERS"):  # a node may lack some: all of them
+        answered, failed = self._each("ACL", "USERS")
+        for _, names in answered:
             for name in names:
                 info = _key_info(_text(name))
                 if info is not None and namespace in (None, info.namespace):
                     found.add(info)
-        return sorted(found, key=lambda k: (k.namespace, k.key_id))
+        return sorted(found, key=lambda k: (k.namespace, k.key_id)), failed
 
     def revoke_key(self, key_id: str) -> RevokedKey:
-        """Delete the key's ACL user. Redis disconnects every client authenticated with it, so
-        its next call is refused at once; new connections are refused too.
+        """Delete the key's ACL user on every data node. Redis disconnects every client
+        authenticated with it, so its next call is refused at once; new connections are
+        refused too.
 
-        Raises InvalidRequestError naming ``key_id`` when no key has this id.
+        Raises InvalidRequestError naming ``key_id`` when no node has a key with this id, and
+        NodesUnreachableError when some node could not be reached (or refused): the key is
+        then deleted on every other node, and still works on those (run it again once they
+        are back).
         """
         kid = validate(_KeyId, key_id=key_id).key_id
-        for info in self.list_keys():
-            if info.key_id == kid:
-                self._call_all("ACL", "DELUSER", info.username)
-                persisted = self._persist()
-                return RevokedKey(info.key_id, info.namespace, info.username, persisted)
-        raise InvalidRequestError("key_id", "no agentbill key has this id on this server")
+        keys, failed = self._find(None)
+        info = next((k for k in keys if k.key_id == kid), None)
+        if info is None:
+            if failed:  # a node we could not ask may still have it
+                raise _unreached(failed, "no node reached has this key", kid)
+            raise InvalidRequestError("key_id", "no agentbill key has this id on this server")
+        reached = [node for node in self._nodes if node[0] not in failed]
+        deleted, refused = self._each("ACL", "DELUSER", info.username, nodes=reached)
+        failed |= refused
+        persisted = self._persist([node for node, _ in deleted])
+        if failed:
+            done = f"key {kid} was revoked on {len(deleted)} of {len(self._nodes)} nodes"
+            raise _unreached(failed, done, kid)
+        return RevokedKey(info.key_id, info.namespace, info.username, persisted)
 
     def close(self) -> None:
-        """Close the connection this admin opened (not a ``redis=`` client you passed in)."""
-        if self._owns:
-            for node in self._nodes:
-                node.close()
+        """Close the connections this admin opened (not a ``redis=`` client you passed in)."""
+        for node in self._opened:
+            node.close()
 
     def __enter__(self) -> KeyAdmin:
         return self
@@ -271,25 +354,96 @@ class KeyAdmin:
         self.close()
 
     def _optional_commands(self) -> tuple[str, ...]:
+        """Of :data:`OPTIONAL_COMMANDS`, those the servers know (as the first node that
+        answers says)."""
+        answered, _ = self._each("COMMAND", "INFO", "client")
         known: set[str] = set()
-        for info in self._call("COMMAND", "INFO", "client").values():
+        for info in answered[0][1].values():
             known.update(_text(sub[0]).lower() for sub in info.get("subcommands") or ())
         return tuple(command for command in OPTIONAL_COMMANDS if command in known)
 
-    def _persist(self) -> Persisted | None:
-        """Persist the users on every node; what all of them did (None if one could not)."""
-        done = {self._persist_node(node) for node in self._nodes}
+    def _persist(self, nodes: list[Node]) -> Persisted | None:
+        """Persist the users on ``nodes``; what all of them did (None if one could not)."""
+        done = {self._persist_node(node) for _, node in nodes}
         return done.pop() if len(done) == 1 else None
 
     def _persist_node(self, node: Any) -> Persisted | None:
         # CONFIG GET answers {name: value}; an empty value is "no aclfile".
-        if any(_text(v) for v in self._call("CONFIG", "GET", "aclfile", node=node).values()):
-            self._call("ACL", "SAVE", node=node)
+        if any(_text(v) for v in self._call(node, "CONFIG", "GET", "aclfile").values()):
+            self._call(node, "ACL", "SAVE")
             return "aclfile"
         if self._rewrite_config:
-            self._call("CONFIG", "REWRITE", node=node)
+            self._call(node, "CONFIG", "REWRITE")
             return "config"
         return None
+
+
+def _unreached(
+    failed: dict[str, AgentBillError], done: str, key_id: str | None
+) -> NodesUnreachableError:
+    """The error for a change that some nodes did not take: what was done, which nodes did
+    not take it and why, what to do."""
+    why = "; ".join(f"{name} ({exc})" for name, exc in failed.items())
+    advice = (
+        "those nodes still accept the key: run the revoke again once they are back (a node "
+        "restarted from its aclfile has the key again), or remove them from the cluster "
+        "(CLUSTER FORGET) or the Sentinel set (SENTINEL RESET)"
+        if key_id is not None
+        else "bring those nodes back, or remove them from the cluster (CLUSTER FORGET) or the "
+        "Sentinel set (SENTINEL RESET), and run it again"
+    )
+    return NodesUnreachableError(
+        f"{done}: {len(failed)} node(s) not reached: {why}. {advice}", tuple(failed), key_id
+    )
+
+
+def _name(node: Any) -> str:
+    """``host:port`` (or the socket path) of a redis-py connection."""
+    kwargs = node.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def _cluster_client_nodes(
+    cluster: RedisCluster, timeout: float
+) -> tuple[list[Node], list[redis.Redis]]:
+    """Every node of a ready cluster client's cluster, failed ones included (``CLUSTER
+    NODES``, asked of the nodes the client knows until one answers): the client's own
+    connections where it has one, new ones (returned second, to close) for the nodes it
+    left out (a failed replica): the client's options, with ``timeout`` and no redis-py
+    retries (a node that is down is reported at once, not after redis-py's backoff)."""
+    known = cluster.get_nodes()  # type: ignore[no-untyped-call]
+    last: Exception | None = None
+    for node in known:
+        try:
+            reply = node.redis_connection.execute_command("CLUSTER", "NODES")
+            addresses = cluster_members(reply, (node.host, node.port))
+            break
+        except (redis.RedisError, OSError) as exc:
+            if not unreachable(exc):
+                raise translate(exc) from exc
+            last = exc
+    else:
+        assert last is not None
+        raise translate(last) from last
+    nodes: list[Node] = []
+    opened: list[redis.Redis] = []
+    kwargs = {
+        **cluster.get_connection_kwargs(),  # type: ignore[no-untyped-call]
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    for host, port in addresses:
+        own = cluster.get_node(host=host, port=port)  # type: ignore[no-untyped-call]
+        if own is not None and own.redis_connection is not None:
+            nodes.append((f"{host}:{port}", own.redis_connection))
+        else:
+            extra = redis.Redis(host=host, port=port, **kwargs)
+            opened.append(extra)
+            nodes.append((f"{host}:{port}", extra))
+    return nodes, opened
 
 
 def _open(url: str, timeout: float) -> tuple[Kind | None, list[redis.Redis]]:

@@ -233,36 +233,113 @@ def credentials(url: str) -> tuple[str | None, str | None]:
 
 
 def data_nodes(url: str, options: dict[str, Any]) -> tuple[Kind | None, list[redis.Redis]]:
-    """A connection to every data node the URL reaches (sync, with ``options``): for a
-    cluster its primaries and replicas as the cluster lists them, for Sentinel the master and
-    the replicas the sentinels know, else the one server. What needs every node (the ACL
-    users of tenant keys: Redis does not replicate ACL changes) goes through these."""
+    """A connection (sync, with ``options``, not yet connected) to every data node the URL
+    names or reaches, failed ones included: for a cluster every node its ``CLUSTER NODES``
+    lists (primaries and replicas, those it marks ``fail`` too), for Sentinel the master and
+    every replica the sentinels know (``SENTINEL REPLICAS``, down ones too), else the one
+    server. What must reach every node (the ACL users of tenant keys: Redis does not replicate
+    ACL changes) goes through these, so a node that is down is one the caller can name, never
+    one it skips unseen (``CLUSTER SLOTS`` and redis-py's ``discover_slaves`` leave failed
+    replicas out). No node or sentinel answering is StoreUnavailableError (translated)."""
     topology = parse(url)
     if topology is None:
         return None, [redis.Redis.from_url(url, **options)]
     merged = {**topology.options, **options}
+    if merged.pop("connection_class", None) is SSLConnection:
+        merged["ssl"] = True
     if topology.kind == "cluster":
-        with connect(topology, dict(merged), asynchronous=False) as cluster:
-            addresses = [(node.host, node.port) for node in cluster.get_nodes()]
+        addresses = _ask_first(topology.nodes, merged, _cluster_members)
     else:
-        from redis.sentinel import Sentinel
-
-        assert topology.service is not None
         sentinel_options = {
             k: v for k, v in merged.items() if k.startswith(("socket_", "ssl", "retry"))
         }
         sentinel_options |= topology.sentinel_options
-        sentinel: Any = Sentinel(list(topology.nodes), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
-        try:
-            addresses = [sentinel.discover_master(topology.service)]
-            addresses += sentinel.discover_slaves(topology.service)
-        except redis.RedisError as exc:
-            from agentbill._retry import translate
-
-            raise translate(exc) from exc
-        finally:
-            for s in sentinel.sentinels:
-                s.close()
-    if merged.pop("connection_class", None) is SSLConnection:
-        merged["ssl"] = True
+        assert topology.service is not None
+        addresses = _sentinel_members(topology.nodes, sentinel_options, topology.service)
     return topology.kind, [redis.Redis(host=h, port=p, **merged) for h, p in addresses]
+
+
+Address = tuple[str, int]
+
+
+def cluster_members(reply: Any, asked: Address) -> list[Address]:
+    """Every node in a ``CLUSTER NODES`` reply (text, or redis-py's parsed dict) that has an
+    address, whatever its flags say (``fail``, ``fail?``): only a node still in handshake or
+    without an address is left out. ``asked``: the node that answered (its own line may lack
+    its IP before it learned it)."""
+    lines: list[tuple[str, str]] = []
+    if isinstance(reply, dict):
+        lines = [(str(addr), str(info.get("flags", ""))) for addr, info in reply.items()]
+    else:
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) >= 3:
+                lines.append((fields[1].split("@", 1)[0], fields[2]))
+    found: list[Address] = []
+    for addr, flag_text in lines:
+        flags = flag_text.split(",")
+        if "handshake" in flags or "noaddr" in flags:
+            continue
+        host, _, port = addr.rpartition(":")
+        if "myself" in flags and not host:
+            host = asked[0]
+        if host and port.isdigit() and int(port) > 0 and (host, int(port)) not in found:
+            found.append((host, int(port)))
+    return found
+
+
+def _cluster_members(node: redis.Redis, asked: Address) -> list[Address]:
+    return cluster_members(node.execute_command("CLUSTER", "NODES"), asked)  # type: ignore[no-untyped-call]
+
+
+def _ask_first(nodes: tuple[Address, ...], options: dict[str, Any], ask: Any) -> list[Address]:
+    """``ask(connection, address)`` of the first node that answers; a node that cannot be
+    reached is passed over, any other error (refused credentials) is raised, translated."""
+    from agentbill._retry import translate, unreachable
+
+    last: Exception | None = None
+    for host, port in nodes:
+        with redis.Redis(host=host, port=port, **options) as node:
+            try:
+                found: list[Address] = ask(node, (host, port))
+                return found
+            except (redis.RedisError, OSError) as exc:
+                if not unreachable(exc):
+                    raise translate(exc) from exc
+                last = exc
+    assert last is not None
+    raise translate(last) from last
+
+
+def _sentinel_members(
+    sentinels: tuple[Address, ...], options: dict[str, Any], service: str
+) -> list[Address]:
+    """The master and every replica of ``service`` as every sentinel that answers knows them
+    (their union: just after a failover two sentinels may still disagree)."""
+    from agentbill._retry import translate, unreachable
+
+    found: list[Address] = []
+    last: Exception | None = None
+    for host, port in sentinels:
+        with redis.Redis(host=host, port=port, **options) as sentinel:
+            try:
+                master = sentinel.sentinel_master(service)
+                replicas = sentinel.sentinel_slaves(service)
+            except (redis.RedisError, OSError) as exc:
+                if not (unreachable(exc) or isinstance(exc, redis.ResponseError)):
+                    raise translate(exc) from exc
+                last = exc  # down, or it does not monitor this service (yet)
+                continue
+        for info in [master, *replicas]:
+            address = (_text(info["ip"]), int(info["port"]))
+            if address not in found:
+                found.append(address)
+    if not found:
+        assert last is not None
+        raise translate(last) from last
+    return found
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

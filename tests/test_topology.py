@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -16,7 +17,10 @@ from typing import Any, cast
 import pytest
 import redis
 from redis import exceptions as rx
+from redis._parsers.helpers import parse_cluster_nodes
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from agentbill import (
     AgentBillClient,
@@ -24,6 +28,7 @@ from agentbill import (
     AuthenticationError,
     InvalidRequestError,
     KeyAdmin,
+    NodesUnreachableError,
     Preflight,
 )
 from agentbill._keys import KeySpace
@@ -334,3 +339,86 @@ def test_a_queued_record_sent_to_the_wrong_cluster_node_waits_and_is_never_dropp
     with AgentBillClient(redis_url=cluster.url, namespace=namespace) as right:
         spent = [right.get_budget(c).spent for c in CUSTOMERS]
     assert sorted(set(spent)) == [0, 3]
+
+
+# -- a data node down while keys change ----------------------------------------------------------
+
+
+# A replica's first sync starts at once (the default waits 5 s for more replicas), and CLUSTER
+# SLOTS lists it within a second (only once its offset moved: the master's pings every 10 s).
+FAST_SYNC = {"repl-diskless-sync-delay": "0", "repl-ping-replica-period": "1"}
+
+
+def wait_until(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def users_on(node: RedisServer) -> set[str]:
+    with node.client(decode_responses=True) as r:
+        return {name for name in r.acl_users() if name.startswith("agentbill:")}
+
+
+def marked_failed(cluster: Cluster, node: RedisServer) -> bool:
+    """Whether the cluster's first primary flags ``node`` as failed (CLUSTER SLOTS, and so
+    redis-py's node list, then leave it out)."""
+    with cluster.nodes[0].client(decode_responses=True) as r:
+        text = r.execute_command("CLUSTER", "NODES")
+    nodes = text if isinstance(text, dict) else parse_cluster_nodes(text)  # type: ignore[no-untyped-call]
+    return "fail" in nodes[f"127.0.0.1:{node.port}"]["flags"].split(",")
+
+
+def test_a_key_change_with_a_replica_down_reaches_every_other_node_and_names_it(
+    namespace: str,
+) -> None:
+    """A replica just killed (still listed as healthy), then flagged failed (CLUSTER SLOTS
+    leaves it out): revoke deletes the key on every node it reaches and raises naming the
+    replica, create creates nothing anywhere; once the replica is back (its aclfile still
+    holds the keys) a second revoke finishes the job. Before: the just-killed replica made
+    revoke raise having revoked nothing, and the failed one was skipped with a success."""
+    # Two primaries: a node is flagged failed once a majority of primaries report it.
+    group = Cluster(size=2, replicas=1, aclfile=True, node_timeout=500, extra=FAST_SYNC).start()
+    try:
+        replica = group.replicas[0]
+        with KeyAdmin(group.url) as admin:
+            first, second = admin.create_key(namespace), admin.create_key(namespace)
+        assert users_on(replica) == {first.username, second.username}
+        replica.kill()
+        down = f"127.0.0.1:{replica.port}"
+        up = [n for n in group.all_nodes if n is not replica]
+
+        with KeyAdmin(group.url) as admin, pytest.raises(NodesUnreachableError) as info:
+            admin.revoke_key(first.key_id)
+        assert (info.value.nodes, info.value.key_id) == ((down,), first.key_id)
+        assert down in str(info.value)
+        assert "run the revoke again" in str(info.value)
+        assert all(users_on(n) == {second.username} for n in up)
+
+        wait_until(lambda: marked_failed(group, replica))
+        startup = [ClusterNode(h, p) for h, p in group.startup_nodes]  # type: ignore[no-untyped-call]
+        with RedisCluster(startup_nodes=startup, retry=Retry(NoBackoff(), 0)) as rc:
+            assert down not in {n.name for n in rc.get_nodes()}  # what KeyAdmin used to ask
+            for admin in (KeyAdmin(group.url), KeyAdmin(redis=rc)):
+                with admin, pytest.raises(NodesUnreachableError) as info:
+                    admin.create_key(namespace)
+                assert info.value.nodes == (down,)
+                assert "no key was created" in str(info.value)
+                with pytest.raises(NodesUnreachableError):
+                    admin.list_keys()
+        assert all(users_on(n) == {second.username} for n in up)
+        with KeyAdmin(group.url) as admin, pytest.raises(NodesUnreachableError) as info:
+            admin.revoke_key(second.key_id)
+        assert info.value.nodes == (down,)
+        assert all(users_on(n) == set() for n in up)
+
+        replica.start()  # it loads its aclfile: both keys work there again
+        assert users_on(replica) == {first.username, second.username}
+        with KeyAdmin(group.url) as admin:
+            assert {k.key_id for k in admin.list_keys()} == {first.key_id, second.key_id}
+            admin.revoke_key(first.key_id)
+            admin.revoke_key(second.key_id)
+        assert all(users_on(n) == set() for n in group.all_nodes)
+    finally:
+        group.stop()
