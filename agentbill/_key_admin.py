@@ -34,7 +34,7 @@ from agentbill._keys import namespace_prefix
 from agentbill._models import Id, validate
 from agentbill._retry import translate, unreachable
 from agentbill._tenants import KEY_ID_PATTERN, USER_PREFIX, format_key, username_for
-from agentbill._topology import URL_FORMS, Kind, cluster_members, data_nodes
+from agentbill._topology import URL_FORMS, Kind, UrlError, cluster_members, data_nodes
 
 __all__ = [
     "ENV_ADMIN_URL",
@@ -455,6 +455,8 @@ def _open(url: str, timeout: float) -> tuple[Kind | None, list[redis.Redis]]:
     }
     try:
         return data_nodes(url, options)
+    except UrlError as exc:
+        raise InvalidRequestError("redis_url", str(exc)) from None
     except ValueError:
         raise InvalidRequestError(
             "redis_url", f"is not a Redis URL agentbill can use ({URL_FORMS})"

@@ -19,16 +19,18 @@ ValueError here; the callers turn that into an InvalidRequestError naming their 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.connection import SSLConnection, parse_url
+from redis.connection import Connection, ConnectionPool, SSLConnection, parse_url
 from redis.exceptions import RedisClusterException
 
 from agentbill._exceptions import StoreUnavailableError
@@ -72,25 +74,47 @@ class Topology:
         return self.options.get("connection_class") is SSLConnection
 
 
+class UrlError(ValueError):
+    """A Redis URL agentbill refuses; the message names the problem (it reads after
+    ``redis_url``), never quoting the URL (it may hold a password)."""
+
+
 def parse(url: str) -> Topology | None:
     """The topology of a ``redis+cluster://`` or ``redis+sentinel://`` URL (and their
-    ``rediss+`` forms); None for any other URL (redis-py takes those as they are).
+    ``rediss+`` forms); None for any other URL (redis-py takes those as they are, once the
+    rules every URL follows are checked: no port 0, well-formed %-escapes in the credentials).
 
-    Raises ValueError for a malformed one (never quoting it: it may hold a password).
+    Raises ValueError for a malformed one (UrlError where the message names the problem; never
+    quoting it: it may hold a password).
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SCHEMES:
+    if not sep:
+        return None
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:].removeprefix("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    _check_userinfo(userinfo)
+    if scheme.lower() not in SCHEMES:
+        port = None
+        with contextlib.suppress(ValueError):  # redis-py reports a bad port itself
+            port = urlsplit(url).port
+        if port == 0:
+            raise UrlError(PORT_0)
         return None
     kind, base = SCHEMES[scheme.lower()]
-    netloc, _, tail = rest.partition("/")
     path, _, query = tail.partition("?")
-    userinfo, at, hostlist = netloc.rpartition("@")
     nodes = tuple(_node(part, DEFAULT_PORTS[kind]) for part in hostlist.split(","))
     service = None
     if kind == "sentinel":
         service, _, path = path.partition("/")
         if not service:
-            raise ValueError("a Sentinel URL needs the master's service name as its path")
+            raise UrlError("is a Sentinel URL without the master's service name as its path")
+        if path and not path.isdigit():
+            raise UrlError("has a database after the service name that is not a number")
+    elif path not in ("", "0"):
+        raise UrlError(
+            "is a Redis Cluster URL with a path other than /0 (a cluster has database 0)"
+        )
     pairs = parse_qsl(query)
     sentinel_options = {k.removeprefix("sentinel_"): v for k, v in pairs if k in SENTINEL_QUERY}
     data_query = urlencode([(k, v) for k, v in pairs if k not in SENTINEL_QUERY])
@@ -98,16 +122,48 @@ def parse(url: str) -> Topology | None:
     options = parse_url(f"{base}://{userinfo}{at}{first}/{path}?{data_query}")  # type: ignore[no-untyped-call]
     options.pop("host", None)
     options.pop("port", None)
-    if kind == "cluster" and options.get("db", 0) != 0:
-        raise ValueError("a Redis Cluster has database 0 only")
+    if kind == "cluster" and options.pop("db", 0) != 0:  # RedisCluster refuses even db=0
+        raise UrlError("is a Redis Cluster URL with a database other than 0 (a cluster has 0)")
+    _check_arguments(options)
     return Topology(kind, nodes, options, service, sentinel_options)
+
+
+PORT_0 = "has port 0: give the server's port, or none for the default"
 
 
 def _node(text: str, default_port: int) -> tuple[str, int]:
     parts = urlsplit(f"//{text.strip()}")
     if not parts.hostname:
-        raise ValueError("every host in the list needs a name")
-    return parts.hostname, parts.port or default_port
+        raise UrlError("needs a name for every host in its host list")
+    if parts.port == 0:
+        raise UrlError(PORT_0)
+    return parts.hostname, default_port if parts.port is None else parts.port
+
+
+def _check_userinfo(userinfo: str) -> None:
+    """The user and password must be %-escaped UTF-8, as the TypeScript client requires (redis-py
+    would take ``%zz`` as it is, and undecodable bytes as U+FFFD)."""
+    for part in userinfo.split(":", 1):
+        try:
+            if re.search(r"%(?![0-9A-Fa-f]{2})", part) is not None:
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "a lone %")
+            unquote(part, errors="strict")
+        except UnicodeDecodeError:
+            raise UrlError("has a malformed %-escape in its username or password") from None
+
+
+def _check_arguments(options: dict[str, Any]) -> None:
+    """Every query argument is one redis-py's connections (or pool) take: an unknown one would
+    reach a connection's constructor at the first call (TypeError there), or be dropped."""
+    connection_class = options.get("connection_class", Connection)
+    accepted: set[str] = set()
+    for cls in (*connection_class.__mro__, *ConnectionPool.__mro__):
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            accepted.update(inspect.signature(init).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UrlError(f"has a query argument redis-py's connections do not take: {unknown[0]}")
 
 
 def connect(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:

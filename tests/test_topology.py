@@ -94,6 +94,36 @@ def test_a_bad_topology_url_is_an_error_naming_redis_url(url: str) -> None:
     assert info.value.field == "redis_url"
 
 
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        # An unknown query argument: refused at construction, named (it was a TypeError at
+        # the first call on Sentinel, and dropped unseen by the async cluster client).
+        ("redis+sentinel://:hunter2@s1:26379/svc?bogus=1", "bogus"),
+        ("redis+cluster://:hunter2@a:7000?socket_keepalive=1&bogus=1", "bogus"),
+        # Port 0 is no port (it was read as 6379 / 26379).
+        ("redis+cluster://:hunter2@a:7000,b:0", "port 0"),
+        ("redis+sentinel://:hunter2@s1:0/svc", "port 0"),
+        ("redis://:hunter2@a:0/0", "port 0"),
+        # A cluster has database 0 only (these were read as 0).
+        ("redis+cluster://:hunter2@a:7000/abc", "path other than /0"),
+        ("redis+cluster://:hunter2@a:7000/0/extra", "path other than /0"),
+        ("redis+cluster://:hunter2@a:7000?db=2", "database other than 0"),
+        ("redis+sentinel://:hunter2@s1/svc/abc", "not a number"),
+        # A malformed %-escape in the credentials (Python took it as it was).
+        ("redis://u:hunter2%zz@a:6379/0", "%-escape"),
+        ("redis+cluster://u:hunter2%ff@a:7000", "%-escape"),
+    ],
+)
+def test_a_refused_url_names_the_problem_at_construction(url: str, named: str) -> None:
+    for make in (AgentBillClient, AsyncAgentBillClient, KeyAdmin):
+        with pytest.raises(InvalidRequestError) as info:
+            make(redis_url=url)
+        assert info.value.field == "redis_url"
+        assert named in info.value.message
+        assert "hunter2" not in str(info.value)
+
+
 # -- fixtures ------------------------------------------------------------------------------------
 
 
@@ -170,6 +200,17 @@ def test_a_cluster_url_reaches_customers_on_every_node(
             if any(True for _ in r.scan_iter(match=KeySpace(namespace).pattern(), count=1000)):
                 owners.add(node.port)
     assert len(owners) == len(cluster.nodes)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("path", ["/", "/0", "/?db=0"])
+def test_a_cluster_url_may_name_database_0(
+    kind: str, path: str, cluster: Cluster, namespace: str
+) -> None:
+    """The form the docs show, ``.../0``: the sync client refused it before (redis-py's
+    RedisCluster takes no ``db``, not even 0)."""
+    with url_client(kind, cluster.url + path, namespace) as client:
+        assert client.set_budget(CUSTOMERS[0], 7).limit == 7
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
