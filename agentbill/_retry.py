@@ -7,7 +7,8 @@ A failed attempt is one of three kinds:
   StoreUnavailableError, and the client's outage policy decides what happens next.
 - **Redis busy**: Redis answered that it cannot run the call now (:data:`BUSY_CODES`: a long
   script, maxmemory reached, loading its data, a replica or cluster not ready; or a cluster
-  client's redirections ran out while a slot moved). Nothing was written. Retried; then StoreBusyError, which never triggers the outage policy.
+  client's redirections ran out while a slot moved). Nothing was written. Retried; then
+  StoreBusyError, which never triggers the outage policy.
 - **Anything else Redis answers** (a bad request, a permission, a wrong key): never retried.
 
 Retrying a write is safe because every write carries a request id (a client-made reservation

@@ -196,6 +196,8 @@ def _cluster(topology: Topology, options: dict[str, Any], asynchronous: bool) ->
         return _AsyncCluster(startup_nodes=nodes, **kwargs)
     from redis.cluster import ClusterNode
 
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True  # RedisCluster builds its nodes' clients from ssl=, ssl_*=
     startup = [ClusterNode(host, port) for host, port in topology.nodes]  # type: ignore[no-untyped-call]
     try:
         return _Cluster(startup_nodes=startup, **options)

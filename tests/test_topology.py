@@ -35,7 +35,15 @@ from agentbill._keys import KeySpace
 from agentbill._topology import parse
 from tests._async_facade import blocking_client
 from tests._cli import cli_env, invoke
-from tests._servers import Cluster, RedisServer, SentinelSet, valkey_binary
+from tests._servers import (
+    Cluster,
+    RedisServer,
+    SentinelSet,
+    TlsFiles,
+    free_port,
+    make_tls_files,
+    valkey_binary,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -293,6 +301,49 @@ def test_tenant_keys_on_a_cluster_live_on_every_node_and_stay_confined(
             url_client(kind, cluster.url, "agentbill", api_key) as client,
         ):
             client.preflight("agent", 1, CUSTOMERS[0])
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, TlsFiles]]:
+    """3 primaries that take TLS clients (and talk TLS on the cluster bus) on a port of
+    their own, besides the plain one the fixture sets them up through."""
+    tls = make_tls_files(tmp_path_factory.mktemp("tls"))
+    group = Cluster()
+    for node in group.nodes:
+        node.config |= {
+            "tls-port": str(free_port()),
+            "tls-cert-file": str(tls.cert),
+            "tls-key-file": str(tls.key),
+            "tls-ca-cert-file": str(tls.ca),
+            "tls-auth-clients": "no",
+            "tls-cluster": "yes",
+            "cluster-port": str(node.port + 10000),  # free_cluster_port checked it
+        }
+    try:
+        yield group.start(), tls
+    finally:
+        group.stop()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_tls_cluster_url_reaches_every_node(
+    kind: str, tls_cluster: tuple[Cluster, TlsFiles], namespace: str
+) -> None:
+    """rediss+cluster:// over the TLS ports (a plain client there is refused). The sync
+    client could not be built before: RedisCluster took connection_class=SSLConnection for
+    its nodes' Redis(), which refuses it (it takes ssl=True and the ssl_* options)."""
+    group, tls = tls_cluster
+    hosts = ",".join(f"127.0.0.1:{n.config['tls-port']}" for n in group.nodes)
+    url = f"rediss+cluster://{hosts}?ssl_ca_certs={tls.ca}"
+    with url_client(kind, url, namespace) as client:
+        for customer in CUSTOMERS:
+            client.set_budget(customer, 5)
+        checks = client.preflight_many([Preflight("agent", 2, c) for c in CUSTOMERS])
+        assert all(check.approved for check in checks)
+        assert checks[0].record(1).charged == 1
+    plain = redis.Redis(port=int(group.nodes[0].config["tls-port"]), socket_timeout=1)
+    with plain, pytest.raises(rx.ConnectionError):
+        plain.ping()
 
 
 # -- Sentinel ------------------------------------------------------------------------------------
