@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 from redis.connection import Connection, ConnectionPool, SSLConnection, parse_url
@@ -222,8 +223,37 @@ def _redis_error(exc: RedisClusterException) -> redis.RedisError:
     return redis.ConnectionError(f"no node of the Redis Cluster answered: {exc}")
 
 
+# A Redis Cluster may run with `cluster-require-full-coverage no`: a primary down (no replica
+# to promote) takes only its slots away, and the others keep serving theirs. Two things
+# redis-py's cluster clients do would make every call fail then: they ask COMMAND of one node
+# (the default node: the first primary) when they start, and they load a script with SCRIPT
+# LOAD on every primary, failing if one is down. Both twins below ask the nodes in turn and
+# load scripts on every primary that answers; a call on the dead primary's slots still fails
+# (unreachable: StoreUnavailableError once the retry policy gives up).
+
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _each_node_first(default: Any, nodes: list[Any]) -> list[Any]:
+    """``default`` first, then the other ``nodes`` (primaries first, as listed)."""
+    return [default, *(node for node in nodes if node is not default)]
+
+
+def _script_keys(fallback: Any) -> Any:
+    """The keys of a command: EVAL's and EVALSHA's from their arguments (script, key count,
+    keys...), any other's from ``fallback``."""
+
+    def keys(*args: Any) -> Any:
+        if args and str(args[0]).upper() in ("EVAL", "EVALSHA"):
+            return list(args[3 : 3 + int(args[2])])
+        return fallback(*args)
+
+    return keys
+
+
 class _Cluster(RedisCluster):
-    """redis-py's cluster client, raising redis-py errors only (see :func:`_redis_error`)."""
+    """redis-py's cluster client, raising redis-py errors only (see :func:`_redis_error`), and
+    working while a primary is down (see above)."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -231,13 +261,90 @@ class _Cluster(RedisCluster):
         except RedisClusterException as exc:
             raise _redis_error(exc) from exc
 
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        """redis-py's cluster pipeline, reading a script call's keys from the call itself: it
+        asks the default node (COMMAND GETKEYS, one round trip per queued call) for commands
+        whose keys move, EVALSHA among them, and failed while that node was down."""
+        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        pipe._get_command_keys = _script_keys(pipe._get_command_keys)
+        return pipe
+
+    def command(self, **kwargs: Any) -> Any:
+        """COMMAND, from the first node that answers (it becomes the default node)."""
+        nodes = self.get_primaries() + self.get_replicas()  # type: ignore[no-untyped-call]
+        last: Exception | None = None
+        for node in _each_node_first(self.get_default_node(), nodes):  # type: ignore[no-untyped-call]
+            try:
+                reply = self.execute_command("COMMAND", target_nodes=node)
+            except _UNREACHABLE as exc:
+                last = exc
+                continue
+            self.set_default_node(node)  # type: ignore[no-untyped-call]
+            return reply
+        assert last is not None
+        raise last
+
+    def script_load(self, script: Any) -> Any:
+        """SCRIPT LOAD on every primary that answers; its SHA1."""
+        sha, last = None, None
+        for node in self.get_primaries():  # type: ignore[no-untyped-call]
+            try:
+                sha = self.execute_command("SCRIPT LOAD", script, target_nodes=node)
+            except _UNREACHABLE as exc:
+                last = exc
+        if sha is None:
+            assert last is not None
+            raise last
+        return sha
+
+
+class _AsyncCommands(AsyncCommandsParser):
+    """redis.asyncio's reader of COMMAND, asking the nodes in turn (see above)."""
+
+    def __init__(self, cluster: AsyncRedisCluster) -> None:
+        super().__init__()
+        self._cluster = cluster
+
+    async def initialize(self, node: Any = None) -> None:
+        manager = self._cluster.nodes_manager
+        nodes = self._cluster.get_primaries() + self._cluster.get_replicas()
+        last: Exception | None = None
+        for each in _each_node_first(node or manager.default_node, nodes):
+            try:
+                await super().initialize(each)
+            except _UNREACHABLE as exc:
+                last = exc
+                continue
+            manager.default_node = each
+            return
+        assert last is not None
+        raise last
+
 
 class _AsyncCluster(AsyncRedisCluster):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = _AsyncCommands(self)
+
     async def initialize(self, *args: Any, **kwargs: Any) -> AsyncRedisCluster:
         try:
             return await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
             raise _redis_error(exc) from exc
+
+    async def script_load(self, script: Any) -> Any:
+        """SCRIPT LOAD on every primary that answers; its SHA1."""
+        await self.initialize()
+        sha, last = None, None
+        for node in self.get_primaries():
+            try:
+                sha = await self.execute_command("SCRIPT LOAD", script, target_nodes=node)
+            except _UNREACHABLE as exc:
+                last = exc
+        if sha is None:
+            assert last is not None
+            raise last
+        return sha
 
 
 def _sentinel(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:

@@ -20,6 +20,7 @@ from redis import exceptions as rx
 from redis._parsers.helpers import parse_cluster_nodes
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from agentbill import (
@@ -30,6 +31,7 @@ from agentbill import (
     KeyAdmin,
     NodesUnreachableError,
     Preflight,
+    StoreUnavailableError,
 )
 from agentbill._keys import KeySpace
 from agentbill._topology import parse
@@ -431,6 +433,40 @@ def test_a_queued_record_sent_to_the_wrong_cluster_node_waits_and_is_never_dropp
     with AgentBillClient(redis_url=cluster.url, namespace=namespace) as right:
         spent = [right.get_budget(c).spent for c in CUSTOMERS]
     assert sorted(set(spent)) == [0, 3]
+
+
+def test_a_primary_down_leaves_the_other_primaries_working(namespace: str) -> None:
+    """`cluster-require-full-coverage no`, and the primary of slot 0 (redis-py's default
+    node) killed with no replica to promote: new clients are built, and calls for the
+    customers on the other primaries work, scripts loaded again included (every node forgot
+    them); calls on the dead primary's slots raise StoreUnavailableError. Before, the sync
+    client could not be built (COMMAND went to the dead node alone) and every async call
+    failed (COMMAND, then SCRIPT LOAD sent to every primary)."""
+    group = Cluster(extra={"cluster-require-full-coverage": "no"}).start()
+    try:
+        with AgentBillClient(redis_url=group.url, namespace=namespace) as client:
+            for customer in CUSTOMERS:
+                client.set_budget(customer, 10)
+        dead = group.nodes[0]  # slots 0 to 5460
+        slots = {c: key_slot(KeySpace(namespace).customer(c).budget.encode()) for c in CUSTOMERS}
+        lost = {c for c, slot in slots.items() if slot < 16384 // 3}
+        assert 0 < len(lost) < len(CUSTOMERS)
+        dead.kill()
+        for node in group.nodes[1:]:
+            with node.client() as r:
+                r.script_flush()
+        for kind in ("sync", "async"):
+            with url_client(kind, group.url, namespace) as client:
+                for customer in CUSTOMERS:
+                    if customer in lost:
+                        with pytest.raises(StoreUnavailableError):
+                            client.preflight("agent", 1, customer)
+                    else:
+                        assert client.preflight("agent", 1, customer).approved
+                alive = [Preflight("agent", 1, c) for c in CUSTOMERS if c not in lost]
+                assert all(check.approved for check in client.preflight_many(alive))
+    finally:
+        group.stop()
 
 
 # -- a data node down while keys change ----------------------------------------------------------
