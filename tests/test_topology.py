@@ -550,3 +550,27 @@ def test_a_key_change_with_a_replica_down_reaches_every_other_node_and_names_it(
         assert all(users_on(n) == set() for n in group.all_nodes)
     finally:
         group.stop()
+
+
+def test_a_key_revoke_with_a_sentinel_replica_down_names_it(namespace: str) -> None:
+    """A replica the sentinels flag down (s_down) is one redis-py's discover_slaves leaves
+    out: revoke skipped it and reported success before. Now it is listed (SENTINEL REPLICAS),
+    and the revoke, done on the master, raises naming it."""
+    group = SentinelSet(password=ADMIN_PASSWORD, sentinels=1, down_after_ms=300)
+    for node in group.data_nodes:
+        node.config |= FAST_SYNC
+    group.start()
+    try:
+        with KeyAdmin(group.admin_url) as admin:
+            issued = admin.create_key(namespace)
+        replica = group.replicas[0]
+        replica.kill()
+        with group.sentinels[0].client(decode_responses=True) as sentinel:
+            wait_until(lambda: "s_down" in sentinel.sentinel_slaves(group.service)[0]["flags"])
+        with KeyAdmin(group.admin_url) as admin, pytest.raises(NodesUnreachableError) as info:
+            admin.revoke_key(issued.key_id)
+        assert info.value.nodes == (f"127.0.0.1:{replica.port}",)
+        with group.node_client(group.master, decode_responses=True) as r:
+            assert r.acl_getuser(issued.username) is None
+    finally:
+        group.stop()
