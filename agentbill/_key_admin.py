@@ -85,10 +85,12 @@ OPTIONAL_COMMANDS = ("client|setinfo", "client|maint_notifications")
 # What a cluster client (redis-py's RedisCluster, ioredis's Cluster) sends besides: CLUSTER
 # SLOTS to learn which node owns which slot (again after a MOVED), COMMAND to learn where each
 # command's keys are (redis-py asks once per client), ASKING before a command it sends to the
-# node a slot is migrating to. Each reads no data, and none reaches another namespace's keys.
-# READONLY is left out: agentbill reads from primaries only. Sentinel clients need nothing on
-# the data nodes (they ask the sentinels, which have users of their own).
-CLUSTER_COMMANDS = ("cluster|slots", "command", "asking")
+# node a slot is migrating to, and CLIENT SETNAME (ioredis names the connection that refreshes
+# the slots; refused, every refresh was an ACL LOG entry). Each reads no data or describes only
+# the caller's own connection, and none reaches another namespace's keys. READONLY is left
+# out: agentbill reads from primaries only. Sentinel clients need nothing on the data nodes
+# (they ask the sentinels, which have users of their own).
+CLUSTER_COMMANDS = ("cluster|slots", "command", "asking", "client|setname")
 
 Persisted = Literal["aclfile", "config"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from agentbill import AgentBillClient, KeyAdmin
-from tests._servers import AclRedisServer, RedisServer
+from tests._servers import AclRedisServer, Cluster, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TS = ROOT / "clients" / "typescript"
@@ -365,6 +365,46 @@ def test_a_tenant_key_from_python_authenticates_node_as_its_acl_user() -> None:
         assert revoked["error"] == "AuthenticationError"
     finally:
         server.stop()
+
+
+@pytest.mark.cluster
+def test_a_tenant_key_works_for_node_over_a_cluster_url() -> None:
+    """A key from KeyAdmin on a Redis Cluster, used by the TypeScript client over
+    redis+cluster:// (ioredis's Cluster): preflight, record and preflightMany for customers
+    on every primary, within the commands the key's ACL user has on every node."""
+    group = Cluster().start()
+    try:
+        with KeyAdmin(group.url) as admin:
+            key = admin.create_key("acme").api_key.get_secret_value()
+        customers = [f"customer-{i}" for i in range(9)]
+        with AgentBillClient(api_key=key, redis_url=group.url) as c:
+            for customer in customers:
+                c.set_budget(customer, 10)
+        asks = [{"agentId": "n", "estimatedUnits": 4, "customerId": c} for c in customers]
+        steps = [{"op": "preflight", "args": ask} for ask in asks]
+        steps += [
+            {"op": "record", "args": {"agentId": "n", "units": 3, "customerId": c}}
+            for c in customers
+        ]
+        steps += [{"op": "preflightMany", "args": [{**ask, "estimatedUnits": 2} for ask in asks]}]
+        results = node(
+            {"client": {"apiKey": key, "redisUrl": group.url}, "op": "steps", "args": steps}
+        )
+        assert [r["approved"] for r in results[: len(customers)]] == [True] * len(customers)
+        assert [r["charged"] for r in results[len(customers) : -1]] == [3] * len(customers)
+        assert [r["approved"] for r in results[-1]] == [True] * len(customers)
+        with AgentBillClient(api_key=key, redis_url=group.url) as c:
+            for customer in customers:
+                budget = c.get_budget(customer)
+                assert (budget.spent, budget.reserved) == (3, 2), customer
+        owners = 0
+        for server in group.nodes:
+            with server.client(decode_responses=True) as r:
+                owners += r.dbsize() > 0
+                assert r.acl_log() == [], "a command the key lacks was sent (and refused)"
+        assert owners == len(group.nodes)
+    finally:
+        group.stop()
 
 
 def test_node_takes_the_same_redis_answers_for_not_now_as_python() -> None:
