@@ -380,8 +380,10 @@ def test_a_tenant_key_works_for_node_over_a_cluster_url() -> None:
         with AgentBillClient(api_key=key, redis_url=group.url) as c:
             for customer in customers:
                 c.set_budget(customer, 10)
-        asks = [{"agentId": "n", "estimatedUnits": 4, "customerId": c} for c in customers]
-        steps = [{"op": "preflight", "args": ask} for ask in asks]
+        asks: list[dict[str, Any]] = [
+            {"agentId": "n", "estimatedUnits": 4, "customerId": c} for c in customers
+        ]
+        steps: list[dict[str, Any]] = [{"op": "preflight", "args": ask} for ask in asks]
         steps += [
             {"op": "record", "args": {"agentId": "n", "units": 3, "customerId": c}}
             for c in customers
