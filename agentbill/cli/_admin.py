@@ -229,8 +229,9 @@ def keys_list(
     "revoke",
     epilog=example(
         "agentbill keys revoke 3f9a0c1d2e4b5a69",
-        exits=f"Exit status: {EXIT_OK} revoked, {EXIT_BAD_INPUT} not a key id, {EXIT_ERROR} no "
-        "such key or another error.",
+        exits=f"Exit status: {EXIT_OK} revoked, {EXIT_BAD_INPUT} not a key id, "
+        f"{EXIT_UNAVAILABLE} not revoked on every node (those not reached are named: run it "
+        f"again once they are back), {EXIT_ERROR} no such key or another error.",
     ),
 )
 def keys_revoke(
