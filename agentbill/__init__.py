@@ -14,6 +14,7 @@ from agentbill._exceptions import (
     CeilingExceededError,
     ConcurrencyLimitedError,
     InvalidRequestError,
+    NodesUnreachableError,
     RateLimitedError,
     RunBlockedError,
     StoreBusyError,
@@ -21,6 +22,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
+from agentbill._key_admin import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
 from agentbill._lease import AsyncLease, Lease, LeaseCheck, LeaseStats
 from agentbill._models import Preflight
 from agentbill._outage import OutageStats
@@ -35,7 +37,6 @@ from agentbill._results import (
     TaskStatus,
     Usage,
 )
-from agentbill._tenants import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
 from agentbill._version import __version__
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "Lease",
     "LeaseCheck",
     "LeaseStats",
+    "NodesUnreachableError",
     "OutageStats",
     "Preflight",
     "RateLimit",

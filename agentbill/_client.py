@@ -701,6 +701,8 @@ def from_url(
         # A query parameter redis-py does not know reaches the connection's constructor,
         # which would refuse it (TypeError) at the first call: built once now, not connected.
         pool.connection_class(**pool.connection_kwargs)
+    except _topology.UrlError as exc:
+        raise InvalidRequestError("redis_url", str(exc)) from None
     except (ValueError, TypeError):
         raise InvalidRequestError(
             "redis_url", f"is not a Redis URL agentbill can use ({_topology.URL_FORMS})"

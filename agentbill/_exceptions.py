@@ -11,9 +11,10 @@
     └── StoreError                    Redis answered with an error we did not expect
         ├── AuthenticationError       Redis refused the credentials (a wrong or revoked key)
         └── StoreUnavailableError     Redis could not run the call now; nothing was approved
-            └── StoreBusyError        Redis answered "not now" (BUSY, OOM, LOADING, ...): .code;
-                                      nothing was written, so the same call may simply be
-                                      made again; never triggers the outage policy
+            ├── StoreBusyError        Redis answered "not now" (BUSY, OOM, LOADING, ...): .code;
+            │                         nothing was written, so the same call may simply be
+            │                         made again; never triggers the outage policy
+            └── NodesUnreachableError a tenant key change missed some nodes: .nodes (KeyAdmin)
 
 Refusals carry the numbers a handler needs (``reason``, ``limit``, ``remaining``); failures say
 what failed and are always raised ``from`` the underlying redis-py exception.
@@ -33,6 +34,7 @@ __all__ = [
     "CeilingExceededError",
     "ConcurrencyLimitedError",
     "InvalidRequestError",
+    "NodesUnreachableError",
     "RateLimitedError",
     "RunBlockedError",
     "StoreBusyError",
@@ -197,6 +199,23 @@ class StoreBusyError(StoreUnavailableError):
     def __init__(self, message: str, code: str) -> None:
         self.code = code
         super().__init__(message, code)  # args rebuild it: it pickles
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class NodesUnreachableError(StoreUnavailableError):
+    """A key change (or listing) could not be made on every data node. ``nodes``: each node
+    it did not reach (``host:port``), ``key_id``: the key's, if known. The message says what
+    was done and on which nodes, and what to do: a key revoked while a node was down is still
+    accepted by that node (and by a replica of it that a failover promotes), so run the revoke
+    again once it is back, or remove the node from the cluster or Sentinel set. A create that
+    raises this created nothing (what it had made was deleted again)."""
+
+    def __init__(self, message: str, nodes: tuple[str, ...], key_id: str | None = None) -> None:
+        self.nodes = nodes
+        self.key_id = key_id
+        super().__init__(message, nodes, key_id)  # args rebuild it: it pickles
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -6,8 +6,9 @@ A failed attempt is one of three kinds:
   run before its reply was lost (it is *in doubt*). Retried; if Redis stays unreachable,
   StoreUnavailableError, and the client's outage policy decides what happens next.
 - **Redis busy**: Redis answered that it cannot run the call now (:data:`BUSY_CODES`: a long
-  script, maxmemory reached, loading its data, a replica or cluster not ready). Nothing was
-  written. Retried; then StoreBusyError, which never triggers the outage policy.
+  script, maxmemory reached, loading its data, a replica or cluster not ready; or a cluster
+  client's redirections ran out while a slot moved). Nothing was written. Retried; then
+  StoreBusyError, which never triggers the outage policy.
 - **Anything else Redis answers** (a bad request, a permission, a wrong key): never retried.
 
 Retrying a write is safe because every write carries a request id (a client-made reservation
@@ -101,11 +102,19 @@ FIRST_WAIT = 0.05
 """Seconds (plus up to as much again, at random) between the first attempt and the second."""
 
 
+# redis-py's cluster clients follow MOVED, ASK and TRYAGAIN replies up to a TTL (16 hops),
+# then raise this. Each hop was a redirection or a "try again", so the call ran nowhere: while
+# a slot migrates (resharding), or while the nodes disagree about its owner, it is "not now".
+_REDIRECTIONS_EXHAUSTED = "TTL exhausted"
+
+
 def busy_code(exc: BaseException) -> str | None:
     """The code of a "not now" error reply (:data:`BUSY_CODES`), else None."""
     for cls in type(exc).__mro__:
         if cls.__name__ in _BUSY_CLASSES:
             return _BUSY_CLASSES[cls.__name__]
+    if isinstance(exc, rx.ClusterError) and str(exc).startswith(_REDIRECTIONS_EXHAUSTED):
+        return "TRYAGAIN"
     if isinstance(exc, rx.ResponseError):
         first = str(exc).split(" ", 1)[0]
         if first in BUSY_CODES:

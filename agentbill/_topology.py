@@ -19,16 +19,19 @@ ValueError here; the callers turn that into an InvalidRequestError naming their 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.connection import SSLConnection, parse_url
+from redis.connection import Connection, ConnectionPool, SSLConnection, parse_url
 from redis.exceptions import RedisClusterException
 
 from agentbill._exceptions import StoreUnavailableError
@@ -68,25 +71,47 @@ class Topology:
         return self.options.get("connection_class") is SSLConnection
 
 
+class UrlError(ValueError):
+    """A Redis URL agentbill refuses; the message names the problem (it reads after
+    ``redis_url``), never quoting the URL (it may hold a password)."""
+
+
 def parse(url: str) -> Topology | None:
     """The topology of a ``redis+cluster://`` or ``redis+sentinel://`` URL (and their
-    ``rediss+`` forms); None for any other URL (redis-py takes those as they are).
+    ``rediss+`` forms); None for any other URL (redis-py takes those as they are, once the
+    rules every URL follows are checked: no port 0, well-formed %-escapes in the credentials).
 
-    Raises ValueError for a malformed one (never quoting it: it may hold a password).
+    Raises ValueError for a malformed one (UrlError where the message names the problem; never
+    quoting it: it may hold a password).
     """
     scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in SCHEMES:
+    if not sep:
+        return None
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:].removeprefix("/")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    _check_userinfo(userinfo)
+    if scheme.lower() not in SCHEMES:
+        port = None
+        with contextlib.suppress(ValueError):  # redis-py reports a bad port itself
+            port = urlsplit(url).port
+        if port == 0:
+            raise UrlError(PORT_0)
         return None
     kind, base = SCHEMES[scheme.lower()]
-    netloc, _, tail = rest.partition("/")
     path, _, query = tail.partition("?")
-    userinfo, at, hostlist = netloc.rpartition("@")
     nodes = tuple(_node(part, DEFAULT_PORTS[kind]) for part in hostlist.split(","))
     service = None
     if kind == "sentinel":
         service, _, path = path.partition("/")
         if not service:
-            raise ValueError("a Sentinel URL needs the master's service name as its path")
+            raise UrlError("is a Sentinel URL without the master's service name as its path")
+        if path and not path.isdigit():
+            raise UrlError("has a database after the service name that is not a number")
+    elif path not in ("", "0"):
+        raise UrlError(
+            "is a Redis Cluster URL with a path other than /0 (a cluster has database 0)"
+        )
     pairs = parse_qsl(query)
     sentinel_options = {k.removeprefix("sentinel_"): v for k, v in pairs if k in SENTINEL_QUERY}
     data_query = urlencode([(k, v) for k, v in pairs if k not in SENTINEL_QUERY])
@@ -94,16 +119,48 @@ def parse(url: str) -> Topology | None:
     options = parse_url(f"{base}://{userinfo}{at}{first}/{path}?{data_query}")  # type: ignore[no-untyped-call]
     options.pop("host", None)
     options.pop("port", None)
-    if kind == "cluster" and options.get("db", 0) != 0:
-        raise ValueError("a Redis Cluster has database 0 only")
+    if kind == "cluster" and options.pop("db", 0) != 0:  # RedisCluster refuses even db=0
+        raise UrlError("is a Redis Cluster URL with a database other than 0 (a cluster has 0)")
+    _check_arguments(options)
     return Topology(kind, nodes, options, service, sentinel_options)
+
+
+PORT_0 = "has port 0: give the server's port, or none for the default"
 
 
 def _node(text: str, default_port: int) -> tuple[str, int]:
     parts = urlsplit(f"//{text.strip()}")
     if not parts.hostname:
-        raise ValueError("every host in the list needs a name")
-    return parts.hostname, parts.port or default_port
+        raise UrlError("needs a name for every host in its host list")
+    if parts.port == 0:
+        raise UrlError(PORT_0)
+    return parts.hostname, default_port if parts.port is None else parts.port
+
+
+def _check_userinfo(userinfo: str) -> None:
+    """The user and password must be %-escaped UTF-8, as the TypeScript client requires (redis-py
+    would take ``%zz`` as it is, and undecodable bytes as U+FFFD)."""
+    for part in userinfo.split(":", 1):
+        try:
+            if re.search(r"%(?![0-9A-Fa-f]{2})", part) is not None:
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "a lone %")
+            unquote(part, errors="strict")
+        except UnicodeDecodeError:
+            raise UrlError("has a malformed %-escape in its username or password") from None
+
+
+def _check_arguments(options: dict[str, Any]) -> None:
+    """Every query argument is one redis-py's connections (or pool) take: an unknown one would
+    reach a connection's constructor at the first call (TypeError there), or be dropped."""
+    connection_class = options.get("connection_class", Connection)
+    accepted: set[str] = set()
+    for cls in (*connection_class.__mro__, *ConnectionPool.__mro__):
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            accepted.update(inspect.signature(init).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise UrlError(f"has a query argument redis-py's connections do not take: {unknown[0]}")
 
 
 def connect(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:
@@ -136,6 +193,8 @@ def _cluster(topology: Topology, options: dict[str, Any], asynchronous: bool) ->
         return _AsyncCluster(startup_nodes=nodes, **kwargs)
     from redis.cluster import ClusterNode
 
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True  # RedisCluster builds its nodes' clients from ssl=, ssl_*=
     startup = [ClusterNode(host, port) for host, port in topology.nodes]  # type: ignore[no-untyped-call]
     try:
         return _Cluster(startup_nodes=startup, **options)
@@ -158,8 +217,37 @@ def _redis_error(exc: RedisClusterException) -> redis.RedisError:
     return redis.ConnectionError(f"no node of the Redis Cluster answered: {exc}")
 
 
+# A Redis Cluster may run with `cluster-require-full-coverage no`: a primary down (no replica
+# to promote) takes only its slots away, and the others keep serving theirs. Two things
+# redis-py's cluster clients do would make every call fail then: they ask COMMAND of one node
+# (the default node: the first primary) when they start, and they load a script with SCRIPT
+# LOAD on every primary, failing if one is down. Both twins below ask the nodes in turn and
+# load scripts on every primary that answers; a call on the dead primary's slots still fails
+# (unreachable: StoreUnavailableError once the retry policy gives up).
+
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _each_node_first(default: Any, nodes: list[Any]) -> list[Any]:
+    """``default`` first, then the other ``nodes`` (primaries first, as listed)."""
+    return [default, *(node for node in nodes if node is not default)]
+
+
+def _script_keys(fallback: Any) -> Any:
+    """The keys of a command: EVAL's and EVALSHA's from their arguments (script, key count,
+    keys...), any other's from ``fallback``."""
+
+    def keys(*args: Any) -> Any:
+        if args and str(args[0]).upper() in ("EVAL", "EVALSHA"):
+            return list(args[3 : 3 + int(args[2])])
+        return fallback(*args)
+
+    return keys
+
+
 class _Cluster(RedisCluster):
-    """redis-py's cluster client, raising redis-py errors only (see :func:`_redis_error`)."""
+    """redis-py's cluster client, raising redis-py errors only (see :func:`_redis_error`), and
+    working while a primary is down (see above)."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -167,13 +255,90 @@ class _Cluster(RedisCluster):
         except RedisClusterException as exc:
             raise _redis_error(exc) from exc
 
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        """redis-py's cluster pipeline, reading a script call's keys from the call itself: it
+        asks the default node (COMMAND GETKEYS, one round trip per queued call) for commands
+        whose keys move, EVALSHA among them, and failed while that node was down."""
+        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        pipe._get_command_keys = _script_keys(pipe._get_command_keys)
+        return pipe
+
+    def command(self, **kwargs: Any) -> Any:
+        """COMMAND, from the first node that answers (it becomes the default node)."""
+        nodes = self.get_primaries() + self.get_replicas()  # type: ignore[no-untyped-call]
+        last: Exception | None = None
+        for node in _each_node_first(self.get_default_node(), nodes):  # type: ignore[no-untyped-call]
+            try:
+                reply = self.execute_command("COMMAND", target_nodes=node)
+            except _UNREACHABLE as exc:
+                last = exc
+                continue
+            self.set_default_node(node)  # type: ignore[no-untyped-call]
+            return reply
+        assert last is not None
+        raise last
+
+    def script_load(self, script: Any) -> Any:
+        """SCRIPT LOAD on every primary that answers; its SHA1."""
+        sha, last = None, None
+        for node in self.get_primaries():  # type: ignore[no-untyped-call]
+            try:
+                sha = self.execute_command("SCRIPT LOAD", script, target_nodes=node)
+            except _UNREACHABLE as exc:
+                last = exc
+        if sha is None:
+            assert last is not None
+            raise last
+        return sha
+
+
+class _AsyncCommands(AsyncCommandsParser):
+    """redis.asyncio's reader of COMMAND, asking the nodes in turn (see above)."""
+
+    def __init__(self, cluster: AsyncRedisCluster) -> None:
+        super().__init__()
+        self._cluster = cluster
+
+    async def initialize(self, node: Any = None) -> None:
+        manager = self._cluster.nodes_manager
+        nodes = self._cluster.get_primaries() + self._cluster.get_replicas()
+        last: Exception | None = None
+        for each in _each_node_first(node or manager.default_node, nodes):
+            try:
+                await super().initialize(each)
+            except _UNREACHABLE as exc:
+                last = exc
+                continue
+            manager.default_node = each
+            return
+        assert last is not None
+        raise last
+
 
 class _AsyncCluster(AsyncRedisCluster):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = _AsyncCommands(self)
+
     async def initialize(self, *args: Any, **kwargs: Any) -> AsyncRedisCluster:
         try:
             return await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
             raise _redis_error(exc) from exc
+
+    async def script_load(self, script: Any) -> Any:
+        """SCRIPT LOAD on every primary that answers; its SHA1."""
+        await self.initialize()
+        sha, last = None, None
+        for node in self.get_primaries():
+            try:
+                sha = await self.execute_command("SCRIPT LOAD", script, target_nodes=node)
+            except _UNREACHABLE as exc:
+                last = exc
+        if sha is None:
+            assert last is not None
+            raise last
+        return sha
 
 
 def _sentinel(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:
@@ -227,36 +392,113 @@ def credentials(url: str) -> tuple[str | None, str | None]:
 
 
 def data_nodes(url: str, options: dict[str, Any]) -> tuple[Kind | None, list[redis.Redis]]:
-    """A connection to every data node the URL reaches (sync, with ``options``): for a
-    cluster its primaries and replicas as the cluster lists them, for Sentinel the master and
-    the replicas the sentinels know, else the one server. What needs every node (the ACL
-    users of tenant keys: Redis does not replicate ACL changes) goes through these."""
+    """A connection (sync, with ``options``, not yet connected) to every data node the URL
+    names or reaches, failed ones included: for a cluster every node its ``CLUSTER NODES``
+    lists (primaries and replicas, those it marks ``fail`` too), for Sentinel the master and
+    every replica the sentinels know (``SENTINEL REPLICAS``, down ones too), else the one
+    server. What must reach every node (the ACL users of tenant keys: Redis does not replicate
+    ACL changes) goes through these, so a node that is down is one the caller can name, never
+    one it skips unseen (``CLUSTER SLOTS`` and redis-py's ``discover_slaves`` leave failed
+    replicas out). No node or sentinel answering is StoreUnavailableError (translated)."""
     topology = parse(url)
     if topology is None:
         return None, [redis.Redis.from_url(url, **options)]
     merged = {**topology.options, **options}
+    if merged.pop("connection_class", None) is SSLConnection:
+        merged["ssl"] = True
     if topology.kind == "cluster":
-        with connect(topology, dict(merged), asynchronous=False) as cluster:
-            addresses = [(node.host, node.port) for node in cluster.get_nodes()]
+        addresses = _ask_first(topology.nodes, merged, _cluster_members)
     else:
-        from redis.sentinel import Sentinel
-
-        assert topology.service is not None
         sentinel_options = {
             k: v for k, v in merged.items() if k.startswith(("socket_", "ssl", "retry"))
         }
         sentinel_options |= topology.sentinel_options
-        sentinel: Any = Sentinel(list(topology.nodes), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
-        try:
-            addresses = [sentinel.discover_master(topology.service)]
-            addresses += sentinel.discover_slaves(topology.service)
-        except redis.RedisError as exc:
-            from agentbill._retry import translate
-
-            raise translate(exc) from exc
-        finally:
-            for s in sentinel.sentinels:
-                s.close()
-    if merged.pop("connection_class", None) is SSLConnection:
-        merged["ssl"] = True
+        assert topology.service is not None
+        addresses = _sentinel_members(topology.nodes, sentinel_options, topology.service)
     return topology.kind, [redis.Redis(host=h, port=p, **merged) for h, p in addresses]
+
+
+Address = tuple[str, int]
+
+
+def cluster_members(reply: Any, asked: Address) -> list[Address]:
+    """Every node in a ``CLUSTER NODES`` reply (text, or redis-py's parsed dict) that has an
+    address, whatever its flags say (``fail``, ``fail?``): only a node still in handshake or
+    without an address is left out. ``asked``: the node that answered (its own line may lack
+    its IP before it learned it)."""
+    lines: list[tuple[str, str]] = []
+    if isinstance(reply, dict):
+        lines = [(str(addr), str(info.get("flags", ""))) for addr, info in reply.items()]
+    else:
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) >= 3:
+                lines.append((fields[1].split("@", 1)[0], fields[2]))
+    found: list[Address] = []
+    for addr, flag_text in lines:
+        flags = flag_text.split(",")
+        if "handshake" in flags or "noaddr" in flags:
+            continue
+        host, _, port = addr.rpartition(":")
+        if "myself" in flags and not host:
+            host = asked[0]
+        if host and port.isdigit() and int(port) > 0 and (host, int(port)) not in found:
+            found.append((host, int(port)))
+    return found
+
+
+def _cluster_members(node: redis.Redis, asked: Address) -> list[Address]:
+    return cluster_members(node.execute_command("CLUSTER", "NODES"), asked)  # type: ignore[no-untyped-call]
+
+
+def _ask_first(nodes: tuple[Address, ...], options: dict[str, Any], ask: Any) -> list[Address]:
+    """``ask(connection, address)`` of the first node that answers; a node that cannot be
+    reached is passed over, any other error (refused credentials) is raised, translated."""
+    from agentbill._retry import translate, unreachable
+
+    last: Exception | None = None
+    for host, port in nodes:
+        with redis.Redis(host=host, port=port, **options) as node:
+            try:
+                found: list[Address] = ask(node, (host, port))
+                return found
+            except (redis.RedisError, OSError) as exc:
+                if not unreachable(exc):
+                    raise translate(exc) from exc
+                last = exc
+    assert last is not None
+    raise translate(last) from last
+
+
+def _sentinel_members(
+    sentinels: tuple[Address, ...], options: dict[str, Any], service: str
+) -> list[Address]:
+    """The master and every replica of ``service`` as every sentinel that answers knows them
+    (their union: just after a failover two sentinels may still disagree)."""
+    from agentbill._retry import translate, unreachable
+
+    found: list[Address] = []
+    last: Exception | None = None
+    for host, port in sentinels:
+        with redis.Redis(host=host, port=port, **options) as sentinel:
+            try:
+                master = sentinel.sentinel_master(service)
+                replicas = sentinel.sentinel_slaves(service)
+            except (redis.RedisError, OSError) as exc:
+                if not (unreachable(exc) or isinstance(exc, redis.ResponseError)):
+                    raise translate(exc) from exc
+                last = exc  # down, or it does not monitor this service (yet)
+                continue
+        for info in [master, *replicas]:
+            address = (_text(info["ip"]), int(info["port"]))
+            if address not in found:
+                found.append(address)
+    if not found:
+        assert last is not None
+        raise translate(last) from last
+    return found
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from agentbill import AgentBillClient, AsyncAgentBillClient, Preflight
+from agentbill import AgentBillClient, AsyncAgentBillClient, Preflight, StoreBusyError
 from agentbill._keys import KeySpace, customer_tag
 from agentbill._scripts import source
 from tests._async_facade import blocking_client
@@ -209,3 +209,34 @@ def test_racing_preflights_never_approve_more_than_the_budget(
     by_ask = race(partial(cluster_client, cluster.startup_nodes), namespace, racers, asks)
 
     check_budget_race(client, by_ask, racers, limit)
+
+
+def test_a_call_redirected_until_redis_py_gives_up_is_busy_and_lands_later(
+    cluster: Cluster, both_clients: AgentBillClient, namespace: str
+) -> None:
+    """A slot left MIGRATING on its owner with no node importing it: the owner answers ASK,
+    the target MOVED back, until redis-py's cluster client gives up ("TTL exhausted"). Every
+    hop was a redirection, so the call ran nowhere: the retry policy tries again, then
+    StoreBusyError (it was a bare StoreError, never retried). Once the slot is stable the
+    same calls land."""
+    client = both_clients
+    customer = "migrating"
+    key = KeySpace(namespace).customer(customer).budget
+    with cluster.nodes[0].client() as r:
+        slot = int(r.execute_command("CLUSTER", "KEYSLOT", key))
+        ranges = r.execute_command("CLUSTER", "SLOTS")
+    owner_port = next(int(rng[2][1]) for rng in ranges if int(rng[0]) <= slot <= int(rng[1]))
+    owner = next(n for n in cluster.nodes if n.port == owner_port)
+    target = next(n for n in cluster.nodes if n is not owner)
+    with owner.client() as r:
+        r.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target))
+    try:
+        with pytest.raises(StoreBusyError) as info:
+            client.set_budget(customer, 10)
+        assert info.value.code == "TRYAGAIN"
+        assert "TTL exhausted" in str(info.value)
+    finally:
+        with owner.client() as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+    assert client.set_budget(customer, 10).limit == 10
+    assert client.preflight("agent", 4, customer).approved

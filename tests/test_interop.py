@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from agentbill import AgentBillClient, KeyAdmin
-from tests._servers import AclRedisServer, RedisServer
+from agentbill._keys import KeySpace
+from tests._servers import AclRedisServer, Cluster, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TS = ROOT / "clients" / "typescript"
@@ -365,6 +366,82 @@ def test_a_tenant_key_from_python_authenticates_node_as_its_acl_user() -> None:
         assert revoked["error"] == "AuthenticationError"
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    group = Cluster()
+    try:
+        yield group.start()
+    finally:
+        group.stop()
+
+
+@pytest.mark.cluster
+def test_a_tenant_key_works_for_node_over_a_cluster_url(cluster: Cluster) -> None:
+    """A key from KeyAdmin on a Redis Cluster, used by the TypeScript client over
+    redis+cluster:// (ioredis's Cluster): preflight, record and preflightMany for customers
+    on every primary, within the commands the key's ACL user has on every node."""
+    group = cluster
+    with KeyAdmin(group.url) as admin:
+        key = admin.create_key("acme").api_key.get_secret_value()
+    customers = [f"customer-{i}" for i in range(9)]
+    with AgentBillClient(api_key=key, redis_url=group.url) as c:
+        for customer in customers:
+            c.set_budget(customer, 10)
+    asks: list[dict[str, Any]] = [
+        {"agentId": "n", "estimatedUnits": 4, "customerId": c} for c in customers
+    ]
+    steps: list[dict[str, Any]] = [{"op": "preflight", "args": ask} for ask in asks]
+    steps += [
+        {"op": "record", "args": {"agentId": "n", "units": 3, "customerId": c}} for c in customers
+    ]
+    steps += [{"op": "preflightMany", "args": [{**ask, "estimatedUnits": 2} for ask in asks]}]
+    results = node({"client": {"apiKey": key, "redisUrl": group.url}, "op": "steps", "args": steps})
+    assert [r["approved"] for r in results[: len(customers)]] == [True] * len(customers)
+    assert [r["charged"] for r in results[len(customers) : -1]] == [3] * len(customers)
+    assert [r["approved"] for r in results[-1]] == [True] * len(customers)
+    with AgentBillClient(api_key=key, redis_url=group.url) as c:
+        for customer in customers:
+            budget = c.get_budget(customer)
+            assert (budget.spent, budget.reserved) == (3, 2), customer
+    owners = 0
+    for server in group.nodes:
+        with server.client(decode_responses=True) as r:
+            owners += r.dbsize() > 0
+            assert r.acl_log() == [], "a command the key lacks was sent (and refused)"
+    assert owners == len(group.nodes)
+
+
+@pytest.mark.cluster
+def test_node_reads_redirections_that_run_out_as_busy_as_python_does(
+    cluster: Cluster, namespace: str
+) -> None:
+    """A slot left MIGRATING with no node importing it: ASK, MOVED back, until ioredis gives
+    up ("Too many Cluster redirections"). The call ran nowhere: StoreBusyError, retried
+    within the deadline, as Python's client reads redis-py's "TTL exhausted" (it was a plain
+    StoreError, never retried)."""
+    customer = "migrating"
+    key = KeySpace(namespace).customer(customer).budget
+    with cluster.nodes[0].client() as r:
+        slot = int(r.execute_command("CLUSTER", "KEYSLOT", key))
+    owner = next(n for i, n in enumerate(cluster.nodes) if i == min(slot // (16384 // 3), 2))
+    target = next(n for n in cluster.nodes if n is not owner)
+    with owner.client() as r:
+        r.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(target))
+    step = {
+        "client": {"redisUrl": cluster.url, "namespace": namespace},
+        "op": "setBudget",
+        "args": {"customerId": customer, "limit": 5},
+    }
+    try:
+        refused = node_error(step)
+    finally:
+        with owner.client() as r:
+            r.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+    assert refused["error"] == "StoreBusyError", refused
+    assert "TRYAGAIN" in refused["message"]
+    assert node(step)["limit"] == 5
 
 
 def test_node_takes_the_same_redis_answers_for_not_now_as_python() -> None:

@@ -40,15 +40,10 @@ from agentbill import (
     StoreUnavailableError,
     _core,
 )
+from agentbill._key_admin import CLIENT_COMMANDS, SCRIPT_COMMANDS
 from agentbill._keys import KeySpace, namespace_prefix
 from agentbill._scripts import bind, lua_dir
-from agentbill._tenants import (
-    CLIENT_COMMANDS,
-    SCRIPT_COMMANDS,
-    TenantKey,
-    format_key,
-    parse_api_key,
-)
+from agentbill._tenants import TenantKey, format_key, parse_api_key
 from tests._async_facade import blocking_client
 from tests._ids import valid_ids
 from tests._servers import AclRedisServer, make_tls_files

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -16,7 +17,11 @@ from typing import Any, cast
 import pytest
 import redis
 from redis import exceptions as rx
+from redis._parsers.helpers import parse_cluster_nodes
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.retry import Retry
 
 from agentbill import (
     AgentBillClient,
@@ -24,13 +29,23 @@ from agentbill import (
     AuthenticationError,
     InvalidRequestError,
     KeyAdmin,
+    NodesUnreachableError,
     Preflight,
+    StoreUnavailableError,
 )
 from agentbill._keys import KeySpace
 from agentbill._topology import parse
 from tests._async_facade import blocking_client
 from tests._cli import cli_env, invoke
-from tests._servers import Cluster, RedisServer, SentinelSet, valkey_binary
+from tests._servers import (
+    Cluster,
+    RedisServer,
+    SentinelSet,
+    TlsFiles,
+    free_port,
+    make_tls_files,
+    valkey_binary,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -87,6 +102,36 @@ def test_a_bad_topology_url_is_an_error_naming_redis_url(url: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         KeyAdmin(url)
     assert info.value.field == "redis_url"
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        # An unknown query argument: refused at construction, named (it was a TypeError at
+        # the first call on Sentinel, and dropped unseen by the async cluster client).
+        ("redis+sentinel://:hunter2@s1:26379/svc?bogus=1", "bogus"),
+        ("redis+cluster://:hunter2@a:7000?socket_keepalive=1&bogus=1", "bogus"),
+        # Port 0 is no port (it was read as 6379 / 26379).
+        ("redis+cluster://:hunter2@a:7000,b:0", "port 0"),
+        ("redis+sentinel://:hunter2@s1:0/svc", "port 0"),
+        ("redis://:hunter2@a:0/0", "port 0"),
+        # A cluster has database 0 only (these were read as 0).
+        ("redis+cluster://:hunter2@a:7000/abc", "path other than /0"),
+        ("redis+cluster://:hunter2@a:7000/0/extra", "path other than /0"),
+        ("redis+cluster://:hunter2@a:7000?db=2", "database other than 0"),
+        ("redis+sentinel://:hunter2@s1/svc/abc", "not a number"),
+        # A malformed %-escape in the credentials (Python took it as it was).
+        ("redis://u:hunter2%zz@a:6379/0", "%-escape"),
+        ("redis+cluster://u:hunter2%ff@a:7000", "%-escape"),
+    ],
+)
+def test_a_refused_url_names_the_problem_at_construction(url: str, named: str) -> None:
+    for make in (AgentBillClient, AsyncAgentBillClient, KeyAdmin):
+        with pytest.raises(InvalidRequestError) as info:
+            make(redis_url=url)
+        assert info.value.field == "redis_url"
+        assert named in info.value.message
+        assert "hunter2" not in str(info.value)
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -165,6 +210,17 @@ def test_a_cluster_url_reaches_customers_on_every_node(
             if any(True for _ in r.scan_iter(match=KeySpace(namespace).pattern(), count=1000)):
                 owners.add(node.port)
     assert len(owners) == len(cluster.nodes)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("path", ["/", "/0", "/?db=0"])
+def test_a_cluster_url_may_name_database_0(
+    kind: str, path: str, cluster: Cluster, namespace: str
+) -> None:
+    """The form the docs show, ``.../0``: the sync client refused it before (redis-py's
+    RedisCluster takes no ``db``, not even 0)."""
+    with url_client(kind, cluster.url + path, namespace) as client:
+        assert client.set_budget(CUSTOMERS[0], 7).limit == 7
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -247,6 +303,49 @@ def test_tenant_keys_on_a_cluster_live_on_every_node_and_stay_confined(
             url_client(kind, cluster.url, "agentbill", api_key) as client,
         ):
             client.preflight("agent", 1, CUSTOMERS[0])
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, TlsFiles]]:
+    """3 primaries that take TLS clients (and talk TLS on the cluster bus) on a port of
+    their own, besides the plain one the fixture sets them up through."""
+    tls = make_tls_files(tmp_path_factory.mktemp("tls"))
+    group = Cluster()
+    for node in group.nodes:
+        node.config |= {
+            "tls-port": str(free_port()),
+            "tls-cert-file": str(tls.cert),
+            "tls-key-file": str(tls.key),
+            "tls-ca-cert-file": str(tls.ca),
+            "tls-auth-clients": "no",
+            "tls-cluster": "yes",
+            "cluster-port": str(node.port + 10000),  # free_cluster_port checked it
+        }
+    try:
+        yield group.start(), tls
+    finally:
+        group.stop()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_tls_cluster_url_reaches_every_node(
+    kind: str, tls_cluster: tuple[Cluster, TlsFiles], namespace: str
+) -> None:
+    """rediss+cluster:// over the TLS ports (a plain client there is refused). The sync
+    client could not be built before: RedisCluster took connection_class=SSLConnection for
+    its nodes' Redis(), which refuses it (it takes ssl=True and the ssl_* options)."""
+    group, tls = tls_cluster
+    hosts = ",".join(f"127.0.0.1:{n.config['tls-port']}" for n in group.nodes)
+    url = f"rediss+cluster://{hosts}?ssl_ca_certs={tls.ca}"
+    with url_client(kind, url, namespace) as client:
+        for customer in CUSTOMERS:
+            client.set_budget(customer, 5)
+        checks = client.preflight_many([Preflight("agent", 2, c) for c in CUSTOMERS])
+        assert all(check.approved for check in checks)
+        assert checks[0].record(1).charged == 1
+    plain = redis.Redis(port=int(group.nodes[0].config["tls-port"]), socket_timeout=1)
+    with plain, pytest.raises(rx.ConnectionError):
+        plain.ping()
 
 
 # -- Sentinel ------------------------------------------------------------------------------------
@@ -334,3 +433,144 @@ def test_a_queued_record_sent_to_the_wrong_cluster_node_waits_and_is_never_dropp
     with AgentBillClient(redis_url=cluster.url, namespace=namespace) as right:
         spent = [right.get_budget(c).spent for c in CUSTOMERS]
     assert sorted(set(spent)) == [0, 3]
+
+
+def test_a_primary_down_leaves_the_other_primaries_working(namespace: str) -> None:
+    """`cluster-require-full-coverage no`, and the primary of slot 0 (redis-py's default
+    node) killed with no replica to promote: new clients are built, and calls for the
+    customers on the other primaries work, scripts loaded again included (every node forgot
+    them); calls on the dead primary's slots raise StoreUnavailableError. Before, the sync
+    client could not be built (COMMAND went to the dead node alone) and every async call
+    failed (COMMAND, then SCRIPT LOAD sent to every primary)."""
+    group = Cluster(extra={"cluster-require-full-coverage": "no"}).start()
+    try:
+        with AgentBillClient(redis_url=group.url, namespace=namespace) as client:
+            for customer in CUSTOMERS:
+                client.set_budget(customer, 10)
+        dead = group.nodes[0]  # slots 0 to 5460
+        slots = {c: key_slot(KeySpace(namespace).customer(c).budget.encode()) for c in CUSTOMERS}
+        lost = {c for c, slot in slots.items() if slot < 16384 // 3}
+        assert 0 < len(lost) < len(CUSTOMERS)
+        dead.kill()
+        for node in group.nodes[1:]:
+            with node.client() as r:
+                r.script_flush()
+        for kind in ("sync", "async"):
+            with url_client(kind, group.url, namespace) as client:
+                for customer in CUSTOMERS:
+                    if customer in lost:
+                        with pytest.raises(StoreUnavailableError):
+                            client.preflight("agent", 1, customer)
+                    else:
+                        assert client.preflight("agent", 1, customer).approved
+                alive = [Preflight("agent", 1, c) for c in CUSTOMERS if c not in lost]
+                assert all(check.approved for check in client.preflight_many(alive))
+    finally:
+        group.stop()
+
+
+# -- a data node down while keys change ----------------------------------------------------------
+
+
+# A replica's first sync starts at once (the default waits 5 s for more replicas), and CLUSTER
+# SLOTS lists it within a second (only once its offset moved: the master's pings every 10 s).
+FAST_SYNC = {"repl-diskless-sync-delay": "0", "repl-ping-replica-period": "1"}
+
+
+def wait_until(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def users_on(node: RedisServer) -> set[str]:
+    with node.client(decode_responses=True) as r:
+        return {name for name in r.acl_users() if name.startswith("agentbill:")}
+
+
+def marked_failed(cluster: Cluster, node: RedisServer) -> bool:
+    """Whether the cluster's first primary flags ``node`` as failed (CLUSTER SLOTS, and so
+    redis-py's node list, then leave it out)."""
+    with cluster.nodes[0].client(decode_responses=True) as r:
+        text = r.execute_command("CLUSTER", "NODES")
+    nodes = text if isinstance(text, dict) else parse_cluster_nodes(text)  # type: ignore[no-untyped-call]
+    return "fail" in nodes[f"127.0.0.1:{node.port}"]["flags"].split(",")
+
+
+def test_a_key_change_with_a_replica_down_reaches_every_other_node_and_names_it(
+    namespace: str,
+) -> None:
+    """A replica just killed (still listed as healthy), then flagged failed (CLUSTER SLOTS
+    leaves it out): revoke deletes the key on every node it reaches and raises naming the
+    replica, create creates nothing anywhere; once the replica is back (its aclfile still
+    holds the keys) a second revoke finishes the job. Before: the just-killed replica made
+    revoke raise having revoked nothing, and the failed one was skipped with a success."""
+    # Two primaries: a node is flagged failed once a majority of primaries report it.
+    group = Cluster(size=2, replicas=1, aclfile=True, node_timeout=500, extra=FAST_SYNC).start()
+    try:
+        replica = group.replicas[0]
+        with KeyAdmin(group.url) as admin:
+            first, second = admin.create_key(namespace), admin.create_key(namespace)
+        assert users_on(replica) == {first.username, second.username}
+        replica.kill()
+        down = f"127.0.0.1:{replica.port}"
+        up = [n for n in group.all_nodes if n is not replica]
+
+        with KeyAdmin(group.url) as admin, pytest.raises(NodesUnreachableError) as info:
+            admin.revoke_key(first.key_id)
+        assert (info.value.nodes, info.value.key_id) == ((down,), first.key_id)
+        assert down in str(info.value)
+        assert "run the revoke again" in str(info.value)
+        assert all(users_on(n) == {second.username} for n in up)
+
+        wait_until(lambda: marked_failed(group, replica))
+        startup = [ClusterNode(h, p) for h, p in group.startup_nodes]  # type: ignore[no-untyped-call]
+        with RedisCluster(startup_nodes=startup, retry=Retry(NoBackoff(), 0)) as rc:
+            assert down not in {n.name for n in rc.get_nodes()}  # what KeyAdmin used to ask
+            for admin in (KeyAdmin(group.url), KeyAdmin(redis=rc)):
+                with admin, pytest.raises(NodesUnreachableError) as info:
+                    admin.create_key(namespace)
+                assert info.value.nodes == (down,)
+                assert "no key was created" in str(info.value)
+                with pytest.raises(NodesUnreachableError):
+                    admin.list_keys()
+        assert all(users_on(n) == {second.username} for n in up)
+        with KeyAdmin(group.url) as admin, pytest.raises(NodesUnreachableError) as info:
+            admin.revoke_key(second.key_id)
+        assert info.value.nodes == (down,)
+        assert all(users_on(n) == set() for n in up)
+
+        replica.start()  # it loads its aclfile: both keys work there again
+        assert users_on(replica) == {first.username, second.username}
+        with KeyAdmin(group.url) as admin:
+            assert {k.key_id for k in admin.list_keys()} == {first.key_id, second.key_id}
+            admin.revoke_key(first.key_id)
+            admin.revoke_key(second.key_id)
+        assert all(users_on(n) == set() for n in group.all_nodes)
+    finally:
+        group.stop()
+
+
+def test_a_key_revoke_with_a_sentinel_replica_down_names_it(namespace: str) -> None:
+    """A replica the sentinels flag down (s_down) is one redis-py's discover_slaves leaves
+    out: revoke skipped it and reported success before. Now it is listed (SENTINEL REPLICAS),
+    and the revoke, done on the master, raises naming it."""
+    group = SentinelSet(password=ADMIN_PASSWORD, sentinels=1, down_after_ms=300)
+    for node in group.data_nodes:
+        node.config |= FAST_SYNC
+    group.start()
+    try:
+        with KeyAdmin(group.admin_url) as admin:
+            issued = admin.create_key(namespace)
+        replica = group.replicas[0]
+        replica.kill()
+        with group.sentinels[0].client(decode_responses=True) as sentinel:
+            wait_until(lambda: "s_down" in sentinel.sentinel_slaves(group.service)[0]["flags"])
+        with KeyAdmin(group.admin_url) as admin, pytest.raises(NodesUnreachableError) as info:
+            admin.revoke_key(issued.key_id)
+        assert info.value.nodes == (f"127.0.0.1:{replica.port}",)
+        with group.node_client(group.master, decode_responses=True) as r:
+            assert r.acl_getuser(issued.username) is None
+    finally:
+        group.stop()

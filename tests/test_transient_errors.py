@@ -213,6 +213,8 @@ def test_a_queued_record_redis_refuses_for_good_is_dropped_loudly_and_released(
         (redis.exceptions.ClusterDownError("The cluster is down"), "CLUSTERDOWN"),
         (redis.ResponseError("NOREPLICAS Not enough good replicas to write."), "NOREPLICAS"),
         (redis.ResponseError("MISCONF Redis is configured to save RDB snapshots"), "MISCONF"),
+        # redis-py's cluster client followed MOVED/ASK/TRYAGAIN until its TTL ran out.
+        (redis.exceptions.ClusterError("TTL exhausted."), "TRYAGAIN"),
     ],
 )
 def test_not_now_answers_are_busy_errors(error: Exception, code: str) -> None:
@@ -259,6 +261,23 @@ def test_busy_is_retried_and_ends_as_busy() -> None:
         RetryPolicy(attempts=3, deadline=10.0).call(fn)
     assert caught.value is busy
     assert len(calls) == 3
+
+
+def test_redirections_exhausted_are_retried_and_end_as_busy() -> None:
+    exhausted = redis.exceptions.ClusterError("TTL exhausted.")
+    calls: list[int] = []
+
+    def fn() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise exhausted
+        return "landed"
+
+    assert RetryPolicy(attempts=3, deadline=10.0).call(fn) == "landed"
+    with pytest.raises(redis.exceptions.ClusterError) as caught:
+        RetryPolicy(attempts=3, deadline=10.0).call(_raising(exhausted))
+    assert caught.value is exhausted
+    assert isinstance(translate(caught.value), StoreBusyError)
 
 
 def test_a_busy_answer_after_an_attempt_in_doubt_is_in_doubt() -> None:

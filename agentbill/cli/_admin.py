@@ -12,13 +12,14 @@ import typer
 
 from agentbill._exceptions import InvalidRequestError
 from agentbill._install import pip_install
+from agentbill._key_admin import ENV_ADMIN_URL, KeyAdmin
 from agentbill._local import (
     HOME_ENV,
     ensure_local_server,
     local_status,
     stop_local_server,
 )
-from agentbill._tenants import ENV_ADMIN_URL, KEY_ID_PATTERN, KeyAdmin
+from agentbill._tenants import KEY_ID_PATTERN
 from agentbill.cli._common import (
     EXIT_BAD_INPUT,
     EXIT_ERROR,
@@ -228,8 +229,9 @@ def keys_list(
     "revoke",
     epilog=example(
         "agentbill keys revoke 3f9a0c1d2e4b5a69",
-        exits=f"Exit status: {EXIT_OK} revoked, {EXIT_BAD_INPUT} not a key id, {EXIT_ERROR} no "
-        "such key or another error.",
+        exits=f"Exit status: {EXIT_OK} revoked, {EXIT_BAD_INPUT} not a key id, "
+        f"{EXIT_UNAVAILABLE} not revoked on every node (those not reached are named: run it "
+        f"again once they are back), {EXIT_ERROR} no such key or another error.",
     ),
 )
 def keys_revoke(

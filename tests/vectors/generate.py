@@ -516,6 +516,18 @@ URLS = [
     "redis+sentinel://s1:26379/",
     "redis+sentinel://s1/svc?db=x",
     "http://u:hunter2@h:6379",
+    # port 0 is no port: refused, never read as the default
+    "redis://u:hunter2@h:0/1",
+    "redis+cluster://u:hunter2@a:7000,b:0",
+    "redis+sentinel://u:hunter2@s1:0/svc",
+    # a cluster has database 0 only: no path but / or /0, no db but 0
+    "redis+cluster://u:hunter2@h:7000/abc",
+    "redis+cluster://u:hunter2@h:7000/0/extra",
+    "redis+sentinel://u:hunter2@s1/svc/abc",
+    # the user and password are %-escaped UTF-8
+    "redis://u:hunter2%zz@h:6379",
+    "redis+cluster://u:hunter2%ff@h:7000",
+    "redis+sentinel://u%2:hunter2@s1/svc",
 ]
 
 

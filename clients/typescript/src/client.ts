@@ -187,10 +187,16 @@ function isAuthError(exc: unknown): boolean {
  * `busy_codes`, which the Python client reads too). */
 export const BUSY_CODES: readonly string[] = contract.busy_codes
 
-/** The code of a "not now" error reply (BUSY_CODES), else undefined. */
+/** The code of a "not now" error reply (BUSY_CODES), else undefined. ioredis's Cluster
+ * follows MOVED, ASK and TRYAGAIN up to maxRedirections times, then gives up with "Too many
+ * Cluster redirections": every hop was a redirection or a "try again", so the call ran nowhere
+ * (a slot migrating, or the nodes disagreeing on its owner): TRYAGAIN, as Python reads
+ * redis-py's "TTL exhausted". */
 function busyCode(exc: unknown): string | undefined {
   if (exc instanceof AgentBillError) return undefined
-  const first = errorText(exc).split(' ', 1)[0]!
+  const text = errorText(exc)
+  if (text.startsWith('Too many Cluster redirections')) return 'TRYAGAIN'
+  const first = text.split(' ', 1)[0]!
   return BUSY_CODES.includes(first) ? first : undefined
 }
 

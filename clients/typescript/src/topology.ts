@@ -80,9 +80,10 @@ function parse(url: string, key: TenantKey | undefined, tls: TlsOptions | undefi
   if (topology === undefined) return { kind: 'single', options: urlOptions(url, key, tls) }
   const [kind, base] = topology
   const rest = url.slice(sep + 3)
-  const slash = rest.indexOf('/')
-  const netloc = slash < 0 ? rest : rest.slice(0, slash)
-  const tail = slash < 0 ? '' : rest.slice(slash + 1)
+  // The host list ends at the first '/' or '?' (a query right after it is the URL's too).
+  const cut = rest.search(/[/?]/)
+  const netloc = cut < 0 ? rest : rest.slice(0, cut)
+  const tail = cut < 0 ? '' : rest.slice(rest[cut] === '/' ? cut + 1 : cut)
   const question = tail.indexOf('?')
   let path = question < 0 ? tail : tail.slice(0, question)
   const query = new URLSearchParams(question < 0 ? '' : tail.slice(question + 1))
@@ -99,6 +100,9 @@ function parse(url: string, key: TenantKey | undefined, tls: TlsOptions | undefi
     service = end < 0 ? path : path.slice(0, end) // as redis-py: not %-decoded
     path = end < 0 ? '' : path.slice(end + 1)
     if (service === '') throw bad("is a Sentinel URL without the master's service name as its path")
+    if (!/^\d*$/.test(path)) throw bad('has a database after the service name that is not a number')
+  } else if (path !== '' && path !== '0') {
+    throw bad('is a Redis Cluster URL with a path other than /0 (a cluster has database 0)')
   }
   // The data nodes' options are a plain URL's (as Python builds them with parse_url); the host
   // here is a placeholder, the nodes are above.
@@ -123,8 +127,11 @@ function node(text: string, defaultPort: number): Node {
   if (host === '' || parsed.username !== '' || parsed.pathname !== '') {
     throw bad('needs a name for every host in its host list')
   }
-  return { host, port: Number(parsed.port) || defaultPort }
+  if (parsed.port === '0') throw bad(PORT_0)
+  return { host, port: parsed.port === '' ? defaultPort : Number(parsed.port) }
 }
+
+const PORT_0 = "has port 0: give the server's port, or none for the default"
 
 /** ioredis options for one server's URL: what Python's redis-py takes from the same URL. */
 function urlOptions(url: string, key: TenantKey | undefined, tls: TlsOptions | undefined): RedisOptions {
@@ -147,6 +154,7 @@ function urlOptions(url: string, key: TenantKey | undefined, tls: TlsOptions | u
     out.path = decodeURIComponent(parsed.pathname)
   } else if (parsed.protocol === 'redis:' || parsed.protocol === 'rediss:') {
     out.host = parsed.hostname.replace(/^\[|\]$/g, '') || '127.0.0.1'
+    if (parsed.port === '0') throw bad(PORT_0)
     out.port = parsed.port === '' ? 6379 : Number(parsed.port)
     if (Number.isInteger(db) && db > 0) out.db = db
     if (parsed.protocol === 'rediss:') {

@@ -28,6 +28,7 @@ async function race(client, { agentId, customerId, units, go }) {
 async function run(client, op, args) {
   if (op === 'race') return await race(client, args)
   if (op === 'preflight') return (await client.preflight(args)).fields()
+  if (op === 'preflightMany') return (await client.preflightMany(args)).map((c) => c.fields())
   if (op === 'steps') {
     const results = []
     for (const s of args) results.push(await run(client, s.op, s.args))
