@@ -55,6 +55,8 @@ class RedisServer:
             "dir": str(self.dir),
             "save": '""',
             "appendonly": "no",
+            # A replica's first sync starts at once (the default waits 5 s for more replicas).
+            "repl-diskless-sync-delay": "0",
             "logfile": str(self.dir / "server.log"),
             **(extra or {}),
         }

@@ -474,7 +474,7 @@ def test_a_primary_down_leaves_the_other_primaries_working(namespace: str) -> No
 
 # A replica's first sync starts at once (the default waits 5 s for more replicas), and CLUSTER
 # SLOTS lists it within a second (only once its offset moved: the master's pings every 10 s).
-FAST_SYNC = {"repl-diskless-sync-delay": "0", "repl-ping-replica-period": "1"}
+FAST_SYNC = {"repl-ping-replica-period": "1"}
 
 
 def wait_until(condition: Any, timeout: float = 20.0) -> None:
