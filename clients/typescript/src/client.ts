@@ -5,6 +5,7 @@
  */
 import type { ConnectionOptions as TlsOptions } from 'node:tls'
 import { Cluster, Redis, type RedisOptions } from 'ioredis'
+import type { CheckFields, ThresholdCrossing } from './check.js'
 import { type Call, contract, scripts, scriptError } from './contract.js'
 import * as core from './core.js'
 import type {
@@ -32,11 +33,9 @@ import { CLUSTER_HINT, parseRedisUrl } from './topology.js'
 import {
   Check,
   type BudgetStatus,
-  type CheckFields,
   type Event,
   type Settlement,
   type TaskStatus,
-  type ThresholdCrossing,
   type Usage,
 } from './results.js'
 import { parseApiKey, type TenantKey } from './tenants.js'

@@ -5,21 +5,18 @@
  */
 import { randomBytes } from 'node:crypto'
 import { blake2b } from '@noble/hashes/blake2'
+import type { CheckFields, Reason, Scope, ThresholdCrossing } from './check.js'
 import { type Call, type Fields, type Named, buildCall, contract, decodeLedgerEntry, decodeReply } from './contract.js'
 import { InvalidRequestError } from './errors.js'
 import { type CustomerKeys, KeySpace, digest, digestOf, reservationId, tagOfReservation } from './keys.js'
 import type {
   BudgetStatus,
-  CheckFields,
   Event,
   EventType,
   Period,
-  Reason,
-  Scope,
   Settlement,
   SettleStatus,
   TaskStatus,
-  ThresholdCrossing,
   Usage,
 } from './results.js'
 import * as v from './validate.js'
