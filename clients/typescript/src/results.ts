@@ -6,8 +6,9 @@ export type Period = 'hour' | 'day' | 'week' | 'month'
 export type EventType = 'approved' | 'refused' | 'recorded' | 'released' | 'expired' | 'threshold'
 export type SettleStatus = 'recorded' | 'released' | 'late' | 'expired' | 'direct' | 'noop'
 
-/** What a Check needs of its client to settle itself. */
-export interface Settler {
+/** What a Check calls on its client (AgentBillClient): results.ts sits below the client, so it
+ * names the methods it needs instead of importing the class. */
+export interface CheckClient {
   record(options: {
     agentId: string
     units: number
@@ -53,9 +54,9 @@ export class Check implements CheckFields {
   readonly retryAfter!: number | undefined
   readonly periodEnd!: Date | undefined
   readonly crossed!: readonly ThresholdCrossing[]
-  readonly #client: Settler
+  readonly #client: CheckClient
 
-  constructor(fields: CheckFields, client: Settler) {
+  constructor(fields: CheckFields, client: CheckClient) {
     Object.assign(this, fields)
     this.#client = client
     Object.freeze(this)
