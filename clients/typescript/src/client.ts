@@ -5,6 +5,7 @@
  */
 import type { ConnectionOptions as TlsOptions } from 'node:tls'
 import { Cluster, Redis, type RedisOptions } from 'ioredis'
+import type { CheckFields, ThresholdCrossing } from './check.js'
 import { type Call, contract, scripts, scriptError } from './contract.js'
 import * as core from './core.js'
 import type {
@@ -32,11 +33,9 @@ import { CLUSTER_HINT, parseRedisUrl } from './topology.js'
 import {
   Check,
   type BudgetStatus,
-  type CheckFields,
   type Event,
   type Settlement,
   type TaskStatus,
-  type ThresholdCrossing,
   type Usage,
 } from './results.js'
 import { parseApiKey, type TenantKey } from './tenants.js'
@@ -103,7 +102,8 @@ const GATE_OPTIONS = [
 ]
 
 export interface Settings {
-  readonly policy: core.Policy
+  /** What the scripts take of these settings (keys, ceiling, TTLs in ms), validated once. */
+  readonly scriptSettings: core.ScriptSettings
   readonly key: TenantKey | undefined
   readonly redisUrl: string | undefined
   readonly connectTimeoutMs: number
@@ -151,7 +151,7 @@ export function settingsFrom(o: Record<string, unknown>): Settings {
     throw new InvalidRequestError('redisUrl', 'must be a non-empty string')
   }
   return {
-    policy: {
+    scriptSettings: {
       keys: new KeySpace(namespace),
       ceiling: v.optionalUnits('ceiling', o['ceiling']),
       reservationTtlMs: v.seconds('reservationTtl', o['reservationTtl'] ?? 3600) * 1000,
@@ -280,7 +280,7 @@ export class AgentBillClient {
   #idle: (() => void)[] = []
   readonly #owed = new SettleQueue(
     (plan) => this.#run(plan, true),
-    (rid) => core.planRelease(this.#settings.policy, rid),
+    (rid) => core.planRelease(this.#settings.scriptSettings, rid),
   )
   readonly #own = new OwnReservations()
   readonly #onThreshold: ((crossing: ThresholdCrossing) => unknown) | undefined
@@ -315,11 +315,11 @@ export class AgentBillClient {
 
   /** The namespace every key of this client starts with (a tenant key's, if given one). */
   get namespace(): string {
-    return this.#settings.policy.keys.namespace
+    return this.#settings.scriptSettings.keys.namespace
   }
 
   get ceiling(): number | undefined {
-    return this.#settings.policy.ceiling
+    return this.#settings.scriptSettings.ceiling
   }
 
   // -- connection ----------------------------------------------------------------------------------
@@ -613,13 +613,13 @@ export class AgentBillClient {
    * Throws InvalidRequestError (nothing sent), StoreUnavailableError (nothing approved).
    */
   async preflight(options: PreflightOptions): Promise<Check> {
-    const plan = core.planPreflight(this.#settings.policy, options)
+    const plan = core.planPreflight(this.#settings.scriptSettings, options)
     return this.#track(this.#check(await this.#run(plan)))
   }
 
   /** See `Check.extend`. */
   async extend(check: CheckFields, units: number): Promise<Check> {
-    const plan = core.planExtend(this.#settings.policy, check, units)
+    const plan = core.planExtend(this.#settings.scriptSettings, check, units)
     return this.#check(await this.#run(plan)).raiseForRefusal()
   }
 
@@ -632,7 +632,7 @@ export class AgentBillClient {
    */
   async preflightMany(requests: readonly PreflightOptions[]): Promise<Check[]> {
     if (!Array.isArray(requests)) throw new InvalidRequestError('requests', 'must be an array of preflight options')
-    const plans = requests.map((r, i) => core.planPreflight(this.#settings.policy, r, `requests[${i}]`))
+    const plans = requests.map((r, i) => core.planPreflight(this.#settings.scriptSettings, r, `requests[${i}]`))
     // Sent together on one connection (per node on a Cluster): one round trip in effect.
     const outcomes = await Promise.allSettled(plans.map((plan) => this.#send(plan.call)))
     const failed = outcomes.findIndex((o) => o.status === 'rejected')
@@ -642,12 +642,12 @@ export class AgentBillClient {
       // a threshold crossing is taken back by the release of the approval that made it once
       // the approvals after it are released too. No caller could make these releases again:
       // those Redis cannot take now are queued (surely.ts), never left held until their TTL.
-      const policy = this.#settings.policy
+      const scriptSettings = this.#settings.scriptSettings
       await Promise.allSettled(
         checks
           .filter((c) => c?.approved && !c.replayed)
           .reverse()
-          .map((c) => this.#settleSurely(core.planRelease(policy, c!.reservationId!, undefined, true), false)),
+          .map((c) => this.#settleSurely(core.planRelease(scriptSettings, c!.reservationId!, undefined, true), false)),
       )
       const error = (outcomes[failed] as PromiseRejectedResult).reason as unknown
       // A plain URL to a cluster node (MOVED) is the connection's fault, not the item's.
@@ -675,7 +675,7 @@ export class AgentBillClient {
     if (request.reservationId === undefined) {
       prefer = this.#own.oldest([request.customerId ?? core.DEFAULT_CUSTOMER, request.agentId, request.taskRef])
     }
-    const plan = core.recordPlan(this.#settings.policy, request, undefined, prefer)
+    const plan = core.recordPlan(this.#settings.scriptSettings, request, undefined, prefer)
     const settlement = await this.#run(plan)
     // Forgotten only once the call is made: one that threw closed nothing.
     this.#own.discard(plan.reservationId ?? prefer)
@@ -689,7 +689,7 @@ export class AgentBillClient {
    * or Node. Status `noop` when that preflight reserved nothing; releasing twice releases once.
    */
   async release(reservation: string | ReleaseOptions): Promise<Settlement> {
-    const plan = core.planRelease(this.#settings.policy, reservation)
+    const plan = core.planRelease(this.#settings.scriptSettings, reservation)
     const settlement = await this.#run(plan)
     this.#own.discard(plan.reservationId)
     this.#own.discard(settlement.reservationId) // released by key: now its id is known
@@ -718,12 +718,12 @@ export class AgentBillClient {
       const used = typeof units === 'function' ? (units as (r: Awaited<R>) => number)(result) : units
       return v.units('units', used)
     }
-    const policy = this.#settings.policy
+    const scriptSettings = this.#settings.scriptSettings
     const close = (check: Check, units: number | undefined): Promise<unknown> => {
       const rid = check.reservationId!
       const plan = units === undefined
-        ? core.planRelease(policy, rid)
-        : core.recordPlan(policy, {
+        ? core.planRelease(scriptSettings, rid)
+        : core.recordPlan(scriptSettings, {
           agentId: check.agentId, units, customerId: check.customerId, reservationId: rid,
           taskRef: check.taskRef, success: true, idempotencyKey: undefined, metadata: undefined,
         })
@@ -736,7 +736,7 @@ export class AgentBillClient {
       try {
         // Unadoptable and not in this client's book: only a request naming it (the gate's own
         // record or release) closes it, never a record without an id, from any client.
-        const plan = core.planPreflight(policy, preflight, '', false)
+        const plan = core.planPreflight(scriptSettings, preflight, '', false)
         let decided: Check
         try {
           decided = this.#check(await this.#run(plan))
@@ -744,7 +744,7 @@ export class AgentBillClient {
           if (exc instanceof StoreUnavailableError && !(exc instanceof StoreBusyError)) {
             // In doubt: Redis may run it yet. Its id is the client's, so its release can be
             // queued now (one that lands first is remembered: the preflight then reserves nothing).
-            this.#owed.add({ plan: core.planRelease(policy, plan.reservationId!), record: false }, exc)
+            this.#owed.add({ plan: core.planRelease(scriptSettings, plan.reservationId!), record: false }, exc)
           }
           throw exc
         }
@@ -796,28 +796,28 @@ export class AgentBillClient {
 
   /** Set the budget of the customer, or with `agentId` of that agent (`limit` null: unlimited). */
   async setBudget(options: SetBudgetOptions): Promise<BudgetStatus> {
-    return this.#run(core.planSetBudget(this.#settings.policy, options))
+    return this.#run(core.planSetBudget(this.#settings.scriptSettings, options))
   }
 
   /** Limit the customer (or an agent) to `units` per `perSeconds`, bursts up to `burst`. */
   async setRateLimit(options: SetRateLimitOptions): Promise<BudgetStatus> {
-    return this.#run(core.planSetRateLimit(this.#settings.policy, options))
+    return this.#run(core.planSetRateLimit(this.#settings.scriptSettings, options))
   }
 
   /** At most `maxInFlight` open reservations for the customer (or an agent); null removes it. */
   async setConcurrencyLimit(options: SetConcurrencyLimitOptions): Promise<BudgetStatus> {
-    return this.#run(core.planSetConcurrencyLimit(this.#settings.policy, options))
+    return this.#run(core.planSetConcurrencyLimit(this.#settings.scriptSettings, options))
   }
 
   /** The budget of the customer (or of one agent) in its current period. */
   async getBudget(options: { customerId?: string; agentId?: string } = {}): Promise<BudgetStatus> {
-    return this.#run(core.planGetBudget(this.#settings.policy, options))
+    return this.#run(core.planGetBudget(this.#settings.scriptSettings, options))
   }
 
   /** The customer's budget and its agents', in one round trip: at most `limit` agents (100), the
    * most recently active first. */
   async getUsage(options: { customerId?: string; limit?: number } = {}): Promise<Usage> {
-    return this.#run(core.planGetUsage(this.#settings.policy, options))
+    return this.#run(core.planGetUsage(this.#settings.scriptSettings, options))
   }
 
   /** The customer's ledger, oldest first: after the event whose id is `since`, at most `limit`
@@ -828,7 +828,7 @@ export class AgentBillClient {
     let after = since
     for (;;) {
       const want = limit === undefined ? core.EVENTS_PAGE : Math.min(core.EVENTS_PAGE, limit - out.length)
-      const page = await this.#run(core.planEventsPage(this.#settings.policy, customerId, after, want))
+      const page = await this.#run(core.planEventsPage(this.#settings.scriptSettings, customerId, after, want))
       out.push(...page)
       if (page.length < want || (limit !== undefined && out.length >= limit)) return out
       after = page[page.length - 1]!.id
@@ -837,12 +837,12 @@ export class AgentBillClient {
 
   /** Open a task of the customer with a ceiling (null: none), or change it. */
   async openTask(options: { taskRef: string; ceiling: number | null; customerId?: string }): Promise<TaskStatus> {
-    return this.#run(core.planOpenTask(this.#settings.policy, options))
+    return this.#run(core.planOpenTask(this.#settings.scriptSettings, options))
   }
 
   /** The task's ceiling, used, reserved and remaining (`exists` false if never seen). */
   async getTask(options: { taskRef: string; customerId?: string }): Promise<TaskStatus> {
-    return this.#run(core.planGetTask(this.#settings.policy, options))
+    return this.#run(core.planGetTask(this.#settings.scriptSettings, options))
   }
 
   /**

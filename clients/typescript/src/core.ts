@@ -5,21 +5,18 @@
  */
 import { randomBytes } from 'node:crypto'
 import { blake2b } from '@noble/hashes/blake2'
+import type { CheckFields, Reason, Scope, ThresholdCrossing } from './check.js'
 import { type Call, type Fields, type Named, buildCall, contract, decodeLedgerEntry, decodeReply } from './contract.js'
 import { InvalidRequestError } from './errors.js'
 import { type CustomerKeys, KeySpace, digest, digestOf, reservationId, tagOfReservation } from './keys.js'
 import type {
   BudgetStatus,
-  CheckFields,
   Event,
   EventType,
   Period,
-  Reason,
-  Scope,
   Settlement,
   SettleStatus,
   TaskStatus,
-  ThresholdCrossing,
   Usage,
 } from './results.js'
 import * as v from './validate.js'
@@ -31,7 +28,7 @@ export const REQUEST_ID_TTL_MS = 10 * 60 * 1000
 const PERIODS: readonly Period[] = contract.enums['period'] as readonly Period[]
 
 /** The client's settings in the units the scripts take (ms, plain integers). */
-export interface Policy {
+export interface ScriptSettings {
   readonly keys: KeySpace
   readonly ceiling: number | undefined
   readonly reservationTtlMs: number
@@ -43,7 +40,7 @@ export interface Policy {
   readonly ledgerLen: number
 }
 
-function common(p: Policy): Named {
+function common(p: ScriptSettings): Named {
   return {
     reap_limit: p.reapLimit,
     retention_ms: p.retentionMs,
@@ -160,7 +157,7 @@ export function validatePreflight(input: unknown, field = ''): PreflightRequest 
 /** KEYS/ARGV for preflight.lua, and the id of the reservation it would create. `adoptable`
  * false: only a request naming the reservation may close it, never a record without an id. */
 export function preflightCall(
-  p: Policy,
+  p: ScriptSettings,
   req: PreflightRequest,
   token: string,
   adoptable = true,
@@ -229,7 +226,7 @@ export function decodePreflight(raw: unknown, req: PreflightRequest): CheckField
 }
 
 export function planPreflight(
-  p: Policy,
+  p: ScriptSettings,
   input: unknown,
   field = '',
   adoptable = true,
@@ -244,7 +241,7 @@ export function planPreflight(
  * checks (concurrency aside). The decision is the reservation's check, `estimatedUnits` its new
  * total.
  */
-export function planExtend(p: Policy, check: CheckFields, units: unknown, token = newToken()): Plan<CheckFields> {
+export function planExtend(p: ScriptSettings, check: CheckFields, units: unknown, token = newToken()): Plan<CheckFields> {
   const extra = v.units('units', units)
   if (extra < 1) throw new InvalidRequestError('units', 'must be at least 1')
   const rid = check.reservationId
@@ -290,7 +287,7 @@ export interface ReleaseOptions {
   readonly customerId?: string | undefined
 }
 
-function reservationKeys(p: Policy, rid: string, field: string): CustomerKeys {
+function reservationKeys(p: ScriptSettings, rid: string, field: string): CustomerKeys {
   const tag = tagOfReservation(rid)
   if (tag === undefined) {
     throw new InvalidRequestError(field, 'is not a reservation id issued by agentbill')
@@ -298,7 +295,7 @@ function reservationKeys(p: Policy, rid: string, field: string): CustomerKeys {
   return p.keys.byTag(tag)
 }
 
-function checkCustomer(p: Policy, ck: CustomerKeys, customerId: string | undefined): void {
+function checkCustomer(p: ScriptSettings, ck: CustomerKeys, customerId: string | undefined): void {
   if (customerId !== undefined && p.keys.customer(customerId).tag !== ck.tag) {
     throw new InvalidRequestError('customerId', 'contradicts reservationId (it belongs to another customer)')
   }
@@ -356,11 +353,11 @@ export function validateRecord(input: unknown): RecordRequest {
  * KEYS/ARGV for settle.lua, as record() calls it. `prefer`: without a reservation id, the
  * reservation to close first if it is still open (one this client made, see own.ts).
  */
-export function planRecord(p: Policy, input: unknown, token = newToken(), prefer?: string): Plan<Settlement> {
+export function planRecord(p: ScriptSettings, input: unknown, token = newToken(), prefer?: string): Plan<Settlement> {
   return recordPlan(p, validateRecord(input), token, prefer)
 }
 
-export function recordPlan(p: Policy, req: RecordRequest, token = newToken(), prefer?: string): Plan<Settlement> {
+export function recordPlan(p: ScriptSettings, req: RecordRequest, token = newToken(), prefer?: string): Plan<Settlement> {
   const { agentId, units, reservationId: rid, taskRef, success, idempotencyKey, metadata } = req
   let customerId = req.customerId
   let ck: CustomerKeys
@@ -421,7 +418,7 @@ export function recordPlan(p: Policy, req: RecordRequest, token = newToken(), pr
 /** KEYS/ARGV for settle.lua, as release() calls it: by reservation id, or by the idempotency
  * key of the preflight that reserved. `rollback`: the release undoes an approval of a batch
  * that failed (the threshold crossings it made are taken back). */
-export function planRelease(p: Policy, input: unknown, token = newToken(), rollback = false): Plan<Settlement> {
+export function planRelease(p: ScriptSettings, input: unknown, token = newToken(), rollback = false): Plan<Settlement> {
   const o: Record<string, unknown> = typeof input === 'string' ? { reservationId: input } : v.options('options', input)
   v.known('', o, ['reservationId', 'idempotencyKey', 'customerId'])
   const rid = v.optionalId('reservationId', o['reservationId'])
@@ -540,7 +537,7 @@ export interface SetBudgetOptions {
   readonly thresholds?: readonly number[] | undefined
 }
 
-export function planSetBudget(p: Policy, input: unknown): Plan<BudgetStatus> {
+export function planSetBudget(p: ScriptSettings, input: unknown): Plan<BudgetStatus> {
   const { o, customerId, agentId } = scopeRef(input, ['limit', 'period', 'tz', 'thresholds'])
   if (!('limit' in o)) throw new InvalidRequestError('limit', 'is required (null for unlimited)')
   const limit = v.optionalUnits('limit', o['limit'])
@@ -573,7 +570,7 @@ export interface SetRateLimitOptions {
   readonly agentId?: string | undefined
 }
 
-export function planSetRateLimit(p: Policy, input: unknown): Plan<BudgetStatus> {
+export function planSetRateLimit(p: ScriptSettings, input: unknown): Plan<BudgetStatus> {
   const { o, customerId, agentId } = scopeRef(input, ['units', 'perSeconds', 'burst'])
   const units = o['units'] === undefined || o['units'] === null ? undefined : v.integer('units', o['units'], 1, v.MAX_UNITS)
   const per = v.optionalSeconds('perSeconds', o['perSeconds'])
@@ -600,7 +597,7 @@ export interface SetConcurrencyLimitOptions {
   readonly agentId?: string | undefined
 }
 
-export function planSetConcurrencyLimit(p: Policy, input: unknown): Plan<BudgetStatus> {
+export function planSetConcurrencyLimit(p: ScriptSettings, input: unknown): Plan<BudgetStatus> {
   const { o, customerId, agentId } = scopeRef(input, ['maxInFlight'])
   const max = o['maxInFlight'] === undefined || o['maxInFlight'] === null ? undefined : v.integer('maxInFlight', o['maxInFlight'], 0, v.MAX_UNITS)
   const ck = p.keys.customer(customerId)
@@ -616,7 +613,7 @@ export function planSetConcurrencyLimit(p: Policy, input: unknown): Plan<BudgetS
   return { call, decode: (r) => decodeBudget('set_limits', r, customerId, agentId) }
 }
 
-export function planGetBudget(p: Policy, input: unknown): Plan<BudgetStatus> {
+export function planGetBudget(p: ScriptSettings, input: unknown): Plan<BudgetStatus> {
   const { customerId, agentId } = scopeRef(input, [])
   const ck = p.keys.customer(customerId)
   const call = buildCall('get_budget', ck.fixed, common(p), {
@@ -625,7 +622,7 @@ export function planGetBudget(p: Policy, input: unknown): Plan<BudgetStatus> {
   return { call, decode: (r) => decodeBudget('get_budget', r, customerId, agentId) }
 }
 
-export function planGetUsage(p: Policy, input: unknown): Plan<Usage> {
+export function planGetUsage(p: ScriptSettings, input: unknown): Plan<Usage> {
   const o = v.options('options', input)
   v.known('', o, ['customerId', 'limit'])
   const customerId = v.optionalId('customerId', o['customerId']) ?? DEFAULT_CUSTOMER
@@ -672,7 +669,7 @@ export function validateEvents(input: unknown): { customerId: string; since: str
 }
 
 /** One page of the ledger: at most `count` entries after `since`. */
-export function planEventsPage(p: Policy, customerId: string, since: string | undefined, count: number): Plan<Event[]> {
+export function planEventsPage(p: ScriptSettings, customerId: string, since: string | undefined, count: number): Plan<Event[]> {
   const call = buildCall('events', p.keys.customer(customerId).fixed, common(p), {
     after: since ?? '-',
     count,
@@ -718,7 +715,7 @@ function decodeTask(script: 'open_task' | 'get_task', raw: unknown, customerId: 
   }
 }
 
-export function planOpenTask(p: Policy, input: unknown): Plan<TaskStatus> {
+export function planOpenTask(p: ScriptSettings, input: unknown): Plan<TaskStatus> {
   const o = v.options('options', input)
   v.known('', o, ['taskRef', 'ceiling', 'customerId'])
   const taskRef = v.id('taskRef', o['taskRef'])
@@ -733,7 +730,7 @@ export function planOpenTask(p: Policy, input: unknown): Plan<TaskStatus> {
   return { call, decode: (r) => decodeTask('open_task', r, customerId, taskRef) }
 }
 
-export function planGetTask(p: Policy, input: unknown): Plan<TaskStatus> {
+export function planGetTask(p: ScriptSettings, input: unknown): Plan<TaskStatus> {
   const o = v.options('options', input)
   v.known('', o, ['taskRef', 'customerId'])
   const taskRef = v.id('taskRef', o['taskRef'])

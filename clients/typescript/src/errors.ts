@@ -18,7 +18,7 @@
  *
  * Failures carry the underlying ioredis error as `cause`.
  */
-import type { CheckFields } from './results.js'
+import type { CheckFields } from './check.js'
 
 export class AgentBillError extends Error {
   constructor(message: string, options?: ErrorOptions) {

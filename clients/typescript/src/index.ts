@@ -30,21 +30,18 @@ export {
   StoreUnavailableError,
   TaskCeilingExceededError,
 } from './errors.js'
+export type { CheckFields, Reason, Scope, ThresholdCrossing } from './check.js'
 export { Check } from './results.js'
 export type {
   BudgetStatus,
-  CheckFields,
   Event,
   EventType,
   Period,
   RateLimit,
-  Reason,
   RecordExtras,
-  Scope,
   Settlement,
   SettleStatus,
   TaskStatus,
-  ThresholdCrossing,
   Usage,
 } from './results.js'
 export { HOME_ENV, dataDir, socketPath } from './local.js'

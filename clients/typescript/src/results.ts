@@ -1,62 +1,14 @@
 /** Small frozen results: what each operation returns (the Python client's, in camelCase). */
+import type { CheckFields, Reason, Scope, ThresholdCrossing } from './check.js'
 import { InvalidRequestError, refusal } from './errors.js'
 
-export type Reason =
-  | 'ceiling_exceeded'
-  | 'task_ceiling_exceeded'
-  | 'budget_exhausted'
-  | 'rate_limited'
-  | 'concurrency_limited'
-export type Scope = 'request' | 'task' | 'customer' | 'agent'
 export type Period = 'hour' | 'day' | 'week' | 'month'
 export type EventType = 'approved' | 'refused' | 'recorded' | 'released' | 'expired' | 'threshold'
 export type SettleStatus = 'recorded' | 'released' | 'late' | 'expired' | 'direct' | 'noop'
 
-/** A soft threshold crossed (once per period): committed units reached `percent` of the limit. */
-export interface ThresholdCrossing {
-  readonly customerId: string
-  /** undefined for the customer's own budget; else the agent whose budget it is. */
-  readonly agentId: string | undefined
-  readonly percent: number
-  readonly committed: number
-}
-
-/** The decision of one preflight, as data (what a RunBlockedError carries). */
-export interface CheckFields {
-  readonly approved: boolean
-  /** undefined when approved; else which rule refused. */
-  readonly reason: Reason | undefined
-  readonly reservationId: string | undefined
-  /** When an unsettled reservation gives its units back (Redis clock). */
-  readonly expiresAt: Date | undefined
-  /** The customer's units left after this reservation; undefined when unlimited. */
-  readonly remaining: number | undefined
-  /** The limit of the rule that refused; when approved, the customer's budget limit. */
-  readonly limit: number | undefined
-  readonly agentId: string
-  readonly customerId: string
-  readonly estimatedUnits: number
-  readonly taskRef: string | undefined
-  readonly taskCeiling: number | undefined
-  readonly taskUsed: number | undefined
-  readonly taskRemaining: number | undefined
-  /** True when this is the remembered answer to an earlier identical request. */
-  readonly replayed: boolean
-  /** Which scope's rule refused: request (the ceiling), task, customer or agent. */
-  readonly scope: Scope | undefined
-  /** On a refusal: what the refusing rule counts as used. */
-  readonly used: number | undefined
-  /** On a refusal: the units the refusing rule's scope holds in open reservations. */
-  readonly reserved: number | undefined
-  /** On a rate_limited refusal: seconds until the same ask would pass (undefined: never). */
-  readonly retryAfter: number | undefined
-  /** When the customer's current budget period ends (undefined for a lifetime budget). */
-  readonly periodEnd: Date | undefined
-  readonly crossed: readonly ThresholdCrossing[]
-}
-
-/** What a Check needs of its client to settle itself. */
-export interface Settler {
+/** What a Check calls on its client (AgentBillClient): results.ts sits below the client, so it
+ * names the methods it needs instead of importing the class. */
+export interface CheckClient {
   record(options: {
     agentId: string
     units: number
@@ -102,9 +54,9 @@ export class Check implements CheckFields {
   readonly retryAfter!: number | undefined
   readonly periodEnd!: Date | undefined
   readonly crossed!: readonly ThresholdCrossing[]
-  readonly #client: Settler
+  readonly #client: CheckClient
 
-  constructor(fields: CheckFields, client: Settler) {
+  constructor(fields: CheckFields, client: CheckClient) {
     Object.assign(this, fields)
     this.#client = client
     Object.freeze(this)

@@ -51,34 +51,34 @@ test('every key of every (namespace, customer) pair', () => {
 /** The plan the client makes for a vector case; `extra` is what the client adds on its own (a
  * preflight not adoptable, its own reservation to close first, a batch's rollback). */
 function planOf(c: Json): core.Plan<unknown> {
-  const policy = settingsFrom(camel(c.client)).policy
+  const scriptSettings = settingsFrom(camel(c.client)).scriptSettings
   const request = camel(c.request)
   const extra = c.extra ?? {}
   switch (c.op) {
     case 'preflight':
-      return core.preflightCall(policy, core.validatePreflight(request), c.token, extra.adoptable ?? true) as unknown as core.Plan<unknown>
+      return core.preflightCall(scriptSettings, core.validatePreflight(request), c.token, extra.adoptable ?? true) as unknown as core.Plan<unknown>
     case 'record':
-      return core.planRecord(policy, request, c.token, extra.prefer)
+      return core.planRecord(scriptSettings, request, c.token, extra.prefer)
     case 'release':
-      return core.planRelease(policy, request, c.token, extra.rollback ?? false)
+      return core.planRelease(scriptSettings, request, c.token, extra.rollback ?? false)
     case 'set_budget':
-      return core.planSetBudget(policy, request)
+      return core.planSetBudget(scriptSettings, request)
     case 'set_rate_limit':
-      return core.planSetRateLimit(policy, request)
+      return core.planSetRateLimit(scriptSettings, request)
     case 'set_concurrency_limit':
-      return core.planSetConcurrencyLimit(policy, request)
+      return core.planSetConcurrencyLimit(scriptSettings, request)
     case 'get_budget':
-      return core.planGetBudget(policy, request)
+      return core.planGetBudget(scriptSettings, request)
     case 'get_usage':
-      return core.planGetUsage(policy, request)
+      return core.planGetUsage(scriptSettings, request)
     case 'events': {
       const e = core.validateEvents(request)
-      return core.planEventsPage(policy, e.customerId, e.since, Math.min(core.EVENTS_PAGE, e.limit ?? core.EVENTS_PAGE))
+      return core.planEventsPage(scriptSettings, e.customerId, e.since, Math.min(core.EVENTS_PAGE, e.limit ?? core.EVENTS_PAGE))
     }
     case 'open_task':
-      return core.planOpenTask(policy, request)
+      return core.planOpenTask(scriptSettings, request)
     case 'get_task':
-      return core.planGetTask(policy, request)
+      return core.planGetTask(scriptSettings, request)
     default:
       throw new Error(`no op ${c.op}`)
   }
@@ -148,7 +148,7 @@ test('zone tables: the same UTC offsets as Python', () => {
 
 test('-0 is the integer 0 (JavaScript has it; Python has no such int): it comes back as 0', () => {
   assert.ok(Object.is(v.units('units', -0), 0))
-  const plan = core.planPreflight(settingsFrom({}).policy, { agentId: 'a', estimatedUnits: -0 })
+  const plan = core.planPreflight(settingsFrom({}).scriptSettings, { agentId: 'a', estimatedUnits: -0 })
   assert.ok(Object.is(plan.request.estimatedUnits, 0))
 })
 
