@@ -339,7 +339,9 @@ local function after_charge(dig, name, id)
   charged_cs = cs -- nothing after this changes the counters (but reaping): the reply reuses it
   who = name
   check_thresholds(cs, 'customer', name, crossed, id)
-  if dig ~= '' then
+  -- The agent's whole scope (an HMGET of 14 fields and its period) only when it has
+  -- thresholds to cross: most agents have none, and one HEXISTS is far cheaper.
+  if dig ~= '' and redis.call('HEXISTS', K.budget, 'a:' .. dig .. ':thr') == 1 then
     check_thresholds(scope_read('a:' .. dig .. ':', now, cs), 'agent', name, crossed, id)
   end
 end
