@@ -107,8 +107,7 @@ local crossed = {}
 local who = false     -- the agent whose budget an agent crossing is
 local charged_cs = false -- the customer's state after the charge, if after_charge read it
 
-local function reply(status, id, charged, released, late, replayed)
-  local cs = charged_cs or scope_read('', now)
+local function reply(cs, status, id, charged, released, late, replayed)
   return packed({status, id, charged, released, late, replayed, cs.limit or false, cs.spent,
                  cs.reserved, now, crossed, who}, 12)
 end
@@ -120,8 +119,9 @@ local function finish(status, id, charged, released, late, replayed)
   if reap(now, expired_here) then
     charged_cs = false
   end
-  touch()
-  return reply(status, id, charged, released, late, replayed)
+  local cs = charged_cs or scope_read('', now)
+  touch(cs.policy) -- read with the customer's scope: no second read of it
+  return reply(cs, status, id, charged, released, late, replayed)
 end
 
 -- -- what this call does, decided before anything is written --------------------------------
