@@ -572,7 +572,7 @@ local function reap(now, expired_before, now_s)
   for _, rid in ipairs(expired) do
     local r = redis.call('HGET', K.res, rid)
     if r then
-      close_reservation(rid, split(r), 'expired', 0, now, '', '1')
+      close_reservation(rid, split(r, 10), 'expired', 0, now, '', '1')
       changed = true
     else
       redis.call('ZREM', K.exp, rid)

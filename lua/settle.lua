@@ -73,7 +73,7 @@
 -- Errors (nothing written): 'AGENTBILL idempotency_conflict', 'AGENTBILL agent_mismatch',
 -- 'AGENTBILL task_mismatch', 'AGENTBILL overflow units' (a counter would pass 2^53-1).
 
-local A = split(ARGV[6])
+local A = split(ARGV[6], 17)
 local rid = A[1]
 local units = tonumber(A[2])
 local charge = A[3] == '1' and units > 0
@@ -155,7 +155,7 @@ end
 -- The open reservation `id` as a record (fields), or nil.
 local function open_record(id)
   local v = redis.call('HGET', K.res, id)
-  return v and split(v)
+  return v and split(v, 10)
 end
 
 -- Whether reservation `id` (record `r`) is one this call's reaping returns: due, and among
