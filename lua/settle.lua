@@ -278,11 +278,12 @@ if action == 'close' and not releasing then
       local v = redis.call('HMGET', key, 'g', '0n', '0a', '0e', '1n', '1a', '1e')
       local g = v[1] or '0'
       local at = g == '0' and 1 or 4 -- the current generation's fields in v, after 'g'
-      local full = tonumber(v[at + 1] or '0') >= STATS_WINDOW
-      local a = full and 0 or tonumber(v[at + 2] or '0')
-      local e = full and 0 or tonumber(v[at + 3] or '0')
+      local n = num(v[at + 1])
+      local full = n >= STATS_WINDOW
+      local a = full and 0 or num(v[at + 2])
+      local e = full and 0 or num(v[at + 3])
       if a + units <= MAX and e + tonumber(r[4]) <= MAX then
-        learn_into[#learn_into + 1] = {key, g, full}
+        learn_into[#learn_into + 1] = {key, g, full, full and 0 or n, a, e}
       end
     end
   end
@@ -308,20 +309,23 @@ end
 
 -- -- from here on, nothing fails ---------------------------------------------------------------
 
--- Add the sample (estimate, actual) to statistics hash `s` ({key, current generation, full}).
+-- Add the sample (estimate, actual) to statistics hash `s` ({key, current generation, full,
+-- and the generation's samples, actual and estimate sums as read above}): the sums are
+-- written in one HSET from the values read (nothing else ran in between).
 local function learn(s, estimate, actual)
   local key, g = s[1], s[2]
+  local w = {}
   if s[3] then -- the current generation is full: the older one goes, a new one starts
-    local older = g == '0' and '1' or '0'
-    redis.call('HDEL', key, unpack(stats_fields(older)))
-    g = older
-    redis.call('HSET', key, 'g', g)
+    g = g == '0' and '1' or '0'
+    redis.call('HDEL', key, unpack(stats_fields(g)))
+    w[1], w[2] = 'g', g
   end
-  redis.call('HINCRBY', key, g .. 'n', 1)
-  incr(key, g .. 'a', actual)
-  incr(key, g .. 'e', estimate)
+  w[#w + 1], w[#w + 2] = g .. 'n', fmt(s[4] + 1)
+  w[#w + 1], w[#w + 2] = g .. 'a', fmt(s[5] + actual)
+  w[#w + 1], w[#w + 2] = g .. 'e', fmt(s[6] + estimate)
+  redis.call('HSET', key, unpack(w))
   redis.call('HINCRBY', key, g .. ':' .. bin_of(actual), 1)
-  redis.call('PEXPIRE', key, fmt(IDLE))
+  redis.call('PEXPIRE', key, IDLE_S)
 end
 
 local function remember(status, id, charged, released, late)
