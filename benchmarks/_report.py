@@ -395,6 +395,9 @@ def markdown(res: Results, commit: str, chart: str | None) -> str:
         "ratio to the p50 of a redis-py PING against the same server in the same run "
         "(written `x`), because this machine is shared and its absolute times drift.",
         "",
+        "Every lever tried on the hot path, with its measured effect and whether it was kept: "
+        "[LEVERS.md](LEVERS.md) (written by hand).",
+        "",
         f"- run: {res.started:%Y-%m-%d %H:%M} UTC, commit `{commit}`, wall time "
         f"{res.wall:.0f} s; {res.params}",
         f"- PING baseline: p50 **{_us(ping.p50)}**, p99 {_us(ping.p99)} "

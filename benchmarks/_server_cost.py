@@ -222,8 +222,8 @@ SETTLE_CUTS = (
         "return remember(status, rid, charged",
         "if action == 'close' then",
     ),
-    Cut("+ finish: reap(now)", "touch()", "local function finish"),
-    Cut("+ finish: touch()", "return reply(status", "local function finish"),
+    Cut("+ finish: reap(now)", "local cs = charged_cs", "local function finish"),
+    Cut("+ finish: the customer if not read, touch()", "return reply(cs", "local function finish"),
 )
 
 
