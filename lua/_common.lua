@@ -326,15 +326,11 @@ local function scope_read(p, now, fallback)
   return s
 end
 
--- The counter fields of each period period_fields() found this call, by scope and period.
-local known_periods = {}
-
 -- Before the first write of a scope's counters in a period other than the stored one: the
 -- stored period's counters are archived, the current period's brought back (or started at
 -- zero), and archived periods nobody can settle in any more are forgotten.
 local function scope_roll(s, now)
   if s.stored == s.pid then return end
-  known_periods = {}
   local p = s.p
   local v = redis.call('HMGET', K.budget, p .. 'spent', p .. 'reserved', p .. 'pend', p .. 'arch',
     p .. 'pid')
@@ -366,22 +362,13 @@ end
 
 -- The counter fields of period `rp` of scope prefix `p`: the stored period's, an archived
 -- one's, or nil when that period's counters are gone (the ledger keeps its records).
--- Remembered for the call (a settle asks once to check a charge fits and again to make it);
--- forgotten by scope_roll and forget_agent, the writers of a scope's periods.
 local function period_fields(p, rp)
-  local known = known_periods[p .. SEP .. rp]
-  if known then
-    return known[1], known[2]
-  end
   local v = redis.call('HMGET', K.budget, p .. 'pid', p .. 'r:' .. rp)
-  local spent, reserved
   if (v[1] or '') == rp then
-    spent, reserved = p .. 'spent', p .. 'reserved'
+    return p .. 'spent', p .. 'reserved'
   elseif v[2] then
-    spent, reserved = p .. 's:' .. rp, p .. 'r:' .. rp
+    return p .. 's:' .. rp, p .. 'r:' .. rp
   end
-  known_periods[p .. SEP .. rp] = {spent, reserved}
-  return spent, reserved
 end
 
 -- Give back `est` reserved units of scope prefix `p`, reserved in period `rp`, and charge
@@ -537,7 +524,6 @@ local function forget_agent(adig)
     drop[#drop + 1] = p .. 'r:' .. pid
   end
   redis.call('HDEL', K.budget, unpack(drop))
-  known_periods = {} -- its periods' counters are gone
   return true
 end
 
