@@ -248,6 +248,9 @@ end
 -- The periods a charge of this call goes to: {customer period, agent digest, agent period,
 -- task digest}; the current periods for a direct charge.
 local target
+-- The period fields charge_fits finds, for the close or the late charge below to reuse
+-- (nothing between them rolls a period; see period_fields).
+local periods = {}
 if charge then
   if action == 'close' or action == 'expire' then
     target = {rec(r, 8), rec(r, 9), rec(r, 10), r[3]}
@@ -260,8 +263,8 @@ if charge then
   end
 end
 if target then
-  local fits = charge_fits('', target[1], units)
-    and (target[2] == '' or charge_fits('a:' .. target[2] .. ':', target[3], units))
+  local fits = charge_fits('', target[1], units, periods)
+    and (target[2] == '' or charge_fits('a:' .. target[2] .. ':', target[3], units, periods))
     and (target[4] == '' or tonumber(redis.call('HGET', K.tasks, target[4] .. ':u') or '0') + units <= MAX)
   if not fits then
     return overflow('units')
@@ -381,9 +384,9 @@ end
 -- Charge this record's units to the closed reservation of outcome `o` (a release, an expiry
 -- or another worker's close came first): to the periods it was reserved in, flagged late.
 local function charge_closed(id)
-  scope_settle('', rec(o, 12), 0, units)
+  scope_settle('', rec(o, 12), 0, units, periods)
   if rec(o, 13) ~= '' then
-    scope_settle('a:' .. o[13] .. ':', rec(o, 14), 0, units)
+    scope_settle('a:' .. o[13] .. ':', rec(o, 14), 0, units, periods)
   end
   if o[4] ~= '' then
     incr(K.tasks, o[4] .. ':u', units)
@@ -400,7 +403,7 @@ end
 if action == 'close' then
   local charged = charge and units or 0
   local status = releasing and 'released' or 'recorded'
-  close_reservation(rid, r, status, charged, now, request, named and '1' or '0')
+  close_reservation(rid, r, status, charged, now, request, named and '1' or '0', periods)
   if rollback then
     uncross('', rec(r, 8), rid)
     if rec(r, 9) ~= '' then
