@@ -395,6 +395,9 @@ def markdown(res: Results, commit: str, chart: str | None) -> str:
         "ratio to the p50 of a redis-py PING against the same server in the same run "
         "(written `x`), because this machine is shared and its absolute times drift.",
         "",
+        "Every lever tried on the hot path, with its measured effect and whether it was kept: "
+        "[LEVERS.md](LEVERS.md) (written by hand).",
+        "",
         f"- run: {res.started:%Y-%m-%d %H:%M} UTC, commit `{commit}`, wall time "
         f"{res.wall:.0f} s; {res.params}",
         f"- PING baseline: p50 **{_us(ping.p50)}**, p99 {_us(ping.p99)} "
@@ -689,14 +692,15 @@ def hiredis_section(res: Results) -> list[str]:
         ]
         for r in res.hiredis
     ]
-    gain = 1 - with_.preflight_cpu / without.preflight_cpu
+    # A run is a preflight and its record: the pair's client CPU is what a worker pays.
+    gain = 1 - with_.pair_cpu / without.pair_cpu
     advice = (
-        f"hiredis saves {gain:.0%} of a preflight's client CPU here: recommended "
-        "(`pip install agentbill-redis[fast]`)."
+        f"hiredis saves {gain:.0%} of a preflight+record pair's client CPU here: recommended "
+        "for busy workers (`pip install agentbill-redis[fast]`)."
         if gain >= 0.1
-        else f"hiredis changes a preflight's client CPU by {-gain:+.0%} here: not worth "
-        "recommending on this evidence (agentbill's replies are one packed string, cheap to "
-        "parse either way)."
+        else f"hiredis changes a preflight+record pair's client CPU by {-gain:+.0%} here: not "
+        "worth recommending on this evidence (agentbill's replies are one packed string, cheap "
+        "to parse either way)."
     )
     return [
         "",

@@ -199,7 +199,7 @@ def cut(source: str, at: Cut) -> str:
 
 
 PREFLIGHT_CUTS = (
-    Cut("prelude (_common.lua), nothing else", "local A = split(ARGV[6])"),
+    Cut("prelude (_common.lua), nothing else", "local A = split(ARGV[6]"),
     Cut("+ argument parsing, now_ms()", "local cs, as"),
     Cut("+ idempotency check, read_state()", "local function fits"),
     Cut("+ overflow check, reap(now)", "-- A repeat of an approved request"),
@@ -212,7 +212,7 @@ PREFLIGHT_CUTS = (
 )
 
 SETTLE_CUTS = (
-    Cut("prelude (_common.lua), nothing else", "local A = split(ARGV[6])"),
+    Cut("prelude (_common.lua), nothing else", "local A = split(ARGV[6]"),
     Cut("+ argument parsing, now_ms()", "local crossed = {}"),
     Cut("+ idempotency checks, find the reservation", "-- A record after a release"),
     Cut("+ overflow check (charge_fits)", "-- -- from here on, nothing fails"),
@@ -222,8 +222,8 @@ SETTLE_CUTS = (
         "return remember(status, rid, charged",
         "if action == 'close' then",
     ),
-    Cut("+ finish: reap(now)", "touch()", "local function finish"),
-    Cut("+ finish: touch()", "return reply(status", "local function finish"),
+    Cut("+ finish: reap(now)", "local cs = charged_cs", "local function finish"),
+    Cut("+ finish: the customer if not read, touch()", "return reply(cs", "local function finish"),
 )
 
 

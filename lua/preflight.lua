@@ -51,14 +51,12 @@ local idem_key = KEYS[11]
 local now = now_ms()
 local now_s = fmt(now)
 
-local cs, as -- the customer's and the agent's scope
-local stored -- the customer scope's fields policy, customer and seq
+local cs, as -- the customer's and the agent's scope (cs also holds policy, customer, seq)
 local task = {used = 0, reserved = 0, exists = false}
 
 local function read_state()
   cs = scope_read('', now)
   as = scope_read('a:' .. adig .. ':', now, cs)
-  stored = redis.call('HMGET', K.budget, 'policy', 'customer', 'seq')
   task = {used = 0, reserved = 0, exists = false}
   if tf ~= '' then
     task.ceiling, task.used, task.reserved, task.exists = task_state(tf)
@@ -149,7 +147,7 @@ if not rule and (cs.reserved + units > MAX or as.reserved + units > MAX or task.
 end
 if rule then
   ledger('refused', agent, task_ref, units, 0, '', rule.reason, rule.scope, cs.pid)
-  touch(stored[1] or false)
+  touch(cs.policy)
   return reply(0, rule.reason, false, false, 0, rule)
 end
 
@@ -157,13 +155,13 @@ end
 -- values computed from those read above (nothing else runs between).
 scope_roll(cs, now)
 scope_roll(as, now)
-local seq = num(stored[3]) + 1
+local seq = num(cs.seq) + 1
 local w = {'seq', fmt(seq), 'open', fmt(cs.open + 1), as.p .. 'open', fmt(as.open + 1)}
 if units ~= 0 then
   w[#w + 1], w[#w + 2] = 'reserved', fmt(cs.reserved + units)
   w[#w + 1], w[#w + 2] = as.p .. 'reserved', fmt(as.reserved + units)
 end
-if not stored[2] then
+if not cs.customer then
   w[#w + 1], w[#w + 2] = 'customer', customer_id
 end
 if not as.name then
@@ -207,5 +205,5 @@ ledger('approved', agent, task_ref, units, 0, rid, '', '', cs.pid)
 local crossed = {}
 check_thresholds(cs, 'customer', agent, crossed, rid)
 check_thresholds(as, 'agent', agent, crossed, rid)
-touch(stored[1] or false)
+touch(cs.policy)
 return reply('1', false, rid, expires_s, '0', nil, crossed)

@@ -73,7 +73,7 @@
 -- Errors (nothing written): 'AGENTBILL idempotency_conflict', 'AGENTBILL agent_mismatch',
 -- 'AGENTBILL task_mismatch', 'AGENTBILL overflow units' (a counter would pass 2^53-1).
 
-local A = split(ARGV[6])
+local A = split(ARGV[6], 17)
 local rid = A[1]
 local units = tonumber(A[2])
 local charge = A[3] == '1' and units > 0
@@ -107,8 +107,7 @@ local crossed = {}
 local who = false     -- the agent whose budget an agent crossing is
 local charged_cs = false -- the customer's state after the charge, if after_charge read it
 
-local function reply(status, id, charged, released, late, replayed)
-  local cs = charged_cs or scope_read('', now)
+local function reply(cs, status, id, charged, released, late, replayed)
   return packed({status, id, charged, released, late, replayed, cs.limit or false, cs.spent,
                  cs.reserved, now, crossed, who}, 12)
 end
@@ -120,8 +119,9 @@ local function finish(status, id, charged, released, late, replayed)
   if reap(now, expired_here) then
     charged_cs = false
   end
-  touch()
-  return reply(status, id, charged, released, late, replayed)
+  local cs = charged_cs or scope_read('', now)
+  touch(cs.policy) -- read with the customer's scope: no second read of it
+  return reply(cs, status, id, charged, released, late, replayed)
 end
 
 -- -- what this call does, decided before anything is written --------------------------------
@@ -155,7 +155,7 @@ end
 -- The open reservation `id` as a record (fields), or nil.
 local function open_record(id)
   local v = redis.call('HGET', K.res, id)
-  return v and split(v)
+  return v and split(v, 10)
 end
 
 -- Whether reservation `id` (record `r`) is one this call's reaping returns: due, and among
@@ -248,6 +248,9 @@ end
 -- The periods a charge of this call goes to: {customer period, agent digest, agent period,
 -- task digest}; the current periods for a direct charge.
 local target
+-- The period fields charge_fits finds, for the close or the late charge below to reuse
+-- (nothing between them rolls a period; see period_fields).
+local periods = {}
 if charge then
   if action == 'close' or action == 'expire' then
     target = {rec(r, 8), rec(r, 9), rec(r, 10), r[3]}
@@ -260,8 +263,8 @@ if charge then
   end
 end
 if target then
-  local fits = charge_fits('', target[1], units)
-    and (target[2] == '' or charge_fits('a:' .. target[2] .. ':', target[3], units))
+  local fits = charge_fits('', target[1], units, periods)
+    and (target[2] == '' or charge_fits('a:' .. target[2] .. ':', target[3], units, periods))
     and (target[4] == '' or tonumber(redis.call('HGET', K.tasks, target[4] .. ':u') or '0') + units <= MAX)
   if not fits then
     return overflow('units')
@@ -278,11 +281,12 @@ if action == 'close' and not releasing then
       local v = redis.call('HMGET', key, 'g', '0n', '0a', '0e', '1n', '1a', '1e')
       local g = v[1] or '0'
       local at = g == '0' and 1 or 4 -- the current generation's fields in v, after 'g'
-      local full = tonumber(v[at + 1] or '0') >= STATS_WINDOW
-      local a = full and 0 or tonumber(v[at + 2] or '0')
-      local e = full and 0 or tonumber(v[at + 3] or '0')
+      local n = num(v[at + 1])
+      local full = n >= STATS_WINDOW
+      local a = full and 0 or num(v[at + 2])
+      local e = full and 0 or num(v[at + 3])
       if a + units <= MAX and e + tonumber(r[4]) <= MAX then
-        learn_into[#learn_into + 1] = {key, g, full}
+        learn_into[#learn_into + 1] = {key, g, full, full and 0 or n, a, e}
       end
     end
   end
@@ -308,20 +312,23 @@ end
 
 -- -- from here on, nothing fails ---------------------------------------------------------------
 
--- Add the sample (estimate, actual) to statistics hash `s` ({key, current generation, full}).
+-- Add the sample (estimate, actual) to statistics hash `s` ({key, current generation, full,
+-- and the generation's samples, actual and estimate sums as read above}): the sums are
+-- written in one HSET from the values read (nothing else ran in between).
 local function learn(s, estimate, actual)
   local key, g = s[1], s[2]
+  local w = {}
   if s[3] then -- the current generation is full: the older one goes, a new one starts
-    local older = g == '0' and '1' or '0'
-    redis.call('HDEL', key, unpack(stats_fields(older)))
-    g = older
-    redis.call('HSET', key, 'g', g)
+    g = g == '0' and '1' or '0'
+    redis.call('HDEL', key, unpack(stats_fields(g)))
+    w[1], w[2] = 'g', g
   end
-  redis.call('HINCRBY', key, g .. 'n', 1)
-  incr(key, g .. 'a', actual)
-  incr(key, g .. 'e', estimate)
+  w[#w + 1], w[#w + 2] = g .. 'n', fmt(s[4] + 1)
+  w[#w + 1], w[#w + 2] = g .. 'a', fmt(s[5] + actual)
+  w[#w + 1], w[#w + 2] = g .. 'e', fmt(s[6] + estimate)
+  redis.call('HSET', key, unpack(w))
   redis.call('HINCRBY', key, g .. ':' .. bin_of(actual), 1)
-  redis.call('PEXPIRE', key, fmt(IDLE))
+  redis.call('PEXPIRE', key, IDLE_S)
 end
 
 local function remember(status, id, charged, released, late)
@@ -339,7 +346,9 @@ local function after_charge(dig, name, id)
   charged_cs = cs -- nothing after this changes the counters (but reaping): the reply reuses it
   who = name
   check_thresholds(cs, 'customer', name, crossed, id)
-  if dig ~= '' then
+  -- The agent's whole scope (an HMGET of 14 fields and its period) only when it has
+  -- thresholds to cross: most agents have none, and one HEXISTS is far cheaper.
+  if dig ~= '' and redis.call('HEXISTS', K.budget, 'a:' .. dig .. ':thr') == 1 then
     check_thresholds(scope_read('a:' .. dig .. ':', now, cs), 'agent', name, crossed, id)
   end
 end
@@ -375,9 +384,9 @@ end
 -- Charge this record's units to the closed reservation of outcome `o` (a release, an expiry
 -- or another worker's close came first): to the periods it was reserved in, flagged late.
 local function charge_closed(id)
-  scope_settle('', rec(o, 12), 0, units)
+  scope_settle('', rec(o, 12), 0, units, periods)
   if rec(o, 13) ~= '' then
-    scope_settle('a:' .. o[13] .. ':', rec(o, 14), 0, units)
+    scope_settle('a:' .. o[13] .. ':', rec(o, 14), 0, units, periods)
   end
   if o[4] ~= '' then
     incr(K.tasks, o[4] .. ':u', units)
@@ -394,7 +403,7 @@ end
 if action == 'close' then
   local charged = charge and units or 0
   local status = releasing and 'released' or 'recorded'
-  close_reservation(rid, r, status, charged, now, request, named and '1' or '0')
+  close_reservation(rid, r, status, charged, now, request, named and '1' or '0', periods)
   if rollback then
     uncross('', rec(r, 8), rid)
     if rec(r, 9) ~= '' then
