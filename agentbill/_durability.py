@@ -41,7 +41,7 @@ from redis import exceptions as rx
 
 Durability = Literal["primary", "replicated"]
 
-WRITES = frozenset({"preflight", "settle", "set_budget", "set_limits", "open_task"})
+WRITES = frozenset({"preflight", "extend", "settle", "set_budget", "set_limits", "open_task"})
 """The scripts that write (the reads' reaping of expired reservations is redone if lost)."""
 
 REPLICAS = 1

@@ -82,6 +82,29 @@ def test_a_stopped_replica_fails_the_write_in_doubt_and_the_retry_charges_once(
         assert (budget.spent, budget.reserved) == (6, 21)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_extension_waits_for_the_replica_like_every_other_write(
+    kind: str, pair: tuple[RedisServer, RedisServer], namespace: str
+) -> None:
+    """extend reserves more on an open reservation: a write, so it waits for the replica too
+    (it returned at once, unconfirmed, so a failover could lose units already approved)."""
+    primary, replica = pair
+    with url_client(
+        kind, primary.url, namespace, durability="replicated", retry_deadline=0.5
+    ) as client:
+        client.set_budget("acme", 100)
+        check = client.preflight("agent", 10, "acme")
+        replica.pause()
+        try:
+            with pytest.raises(StoreUnavailableError, match="replica"):
+                check.extend(50)
+        finally:
+            replica.resume()
+        assert client.get_budget("acme").reserved in (10, 60)  # in doubt, as a lost reply
+        assert check.record(7).charged == 7
+        assert (client.get_budget("acme").spent, client.get_budget("acme").reserved) == (7, 0)
+
+
 def test_without_replicated_durability_a_stopped_replica_changes_nothing(
     pair: tuple[RedisServer, RedisServer], namespace: str
 ) -> None:
