@@ -41,7 +41,7 @@ from redis import exceptions as rx
 
 Durability = Literal["primary", "replicated"]
 
-WRITES = frozenset({"preflight", "settle", "set_budget", "set_limits", "open_task"})
+WRITES = frozenset({"preflight", "extend", "settle", "set_budget", "set_limits", "open_task"})
 """The scripts that write (the reads' reaping of expired reservations is redone if lost)."""
 
 REPLICAS = 1
@@ -59,9 +59,20 @@ def wait_command(durability: Durability, socket_timeout: float) -> tuple[object,
     return ("WAIT", REPLICAS, max(1, int(socket_timeout * 500)))
 
 
+# WAIT's error replies when the node stopped being a primary under it (a failover demoting it,
+# or REPLICAOF): the writes before it ran, and nothing confirmed them. In doubt, as a timeout.
+_DEMOTED = ("UNBLOCKED", "WAIT cannot be used with replica")
+
+
 def check_acked(reply: object) -> None:
-    """Raise ReplicaTimeout unless WAIT's reply says a replica has the writes (an error reply,
-    a refused WAIT say, is raised as it is)."""
+    """Raise ReplicaTimeout unless WAIT's reply says a replica has the writes. An error reply
+    of a node that a failover just demoted is a ReplicaTimeout too; another (a refused WAIT,
+    say) is raised as it is."""
+    if isinstance(reply, rx.ResponseError) and str(reply).startswith(_DEMOTED):
+        raise ReplicaTimeout(
+            f"the node stopped being the primary before a replica confirmed the write ({reply}):"
+            " it may or may not survive the failover"
+        ) from reply
     if isinstance(reply, Exception):
         raise reply
     if not isinstance(reply, int) or reply < REPLICAS:

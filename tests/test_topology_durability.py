@@ -5,6 +5,7 @@ once."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +14,8 @@ import pytest
 
 from agentbill import AgentBillClient, InvalidRequestError, Preflight, StoreUnavailableError
 from agentbill._keys import KeySpace
-from tests._servers import Cluster, RedisServer
-from tests.test_topology import MATRIX, SERVERS, url_client
+from tests._servers import Cluster, RedisServer, free_port
+from tests.test_topology import FAST_SYNC, MATRIX, SERVERS, url_client
 
 
 @pytest.fixture(scope="module", params=MATRIX)
@@ -80,6 +81,80 @@ def test_a_stopped_replica_fails_the_write_in_doubt_and_the_retry_charges_once(
         client.preflight_many([Preflight("agent", 1, "acme", idempotency_key="job-3")])
         budget = client.get_budget("acme")
         assert (budget.spent, budget.reserved) == (6, 21)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_extension_waits_for_the_replica_like_every_other_write(
+    kind: str, pair: tuple[RedisServer, RedisServer], namespace: str
+) -> None:
+    """extend reserves more on an open reservation: a write, so it waits for the replica too
+    (it returned at once, unconfirmed, so a failover could lose units already approved)."""
+    primary, replica = pair
+    with url_client(
+        kind, primary.url, namespace, durability="replicated", retry_deadline=0.5
+    ) as client:
+        client.set_budget("acme", 100)
+        check = client.preflight("agent", 10, "acme")
+        replica.pause()
+        try:
+            with pytest.raises(StoreUnavailableError, match="replica"):
+                check.extend(50)
+        finally:
+            replica.resume()
+        assert client.get_budget("acme").reserved in (10, 60)  # in doubt, as a lost reply
+        assert check.record(7).charged == 7
+        assert (client.get_budget("acme").spent, client.get_budget("acme").reserved) == (7, 0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_write_whose_primary_is_demoted_under_its_wait_is_in_doubt_and_charged_once(
+    kind: str, namespace: str
+) -> None:
+    """A failover demotes the old primary while a write waits for its replica: Redis unblocks
+    the WAIT with an error reply (UNBLOCKED), after the write ran. In doubt, like a lost reply:
+    StoreUnavailableError, and the retry with the same request id charges once. It was a plain
+    StoreError ("Redis refused the command"), which reads as a refusal and is not retried."""
+    primary = RedisServer(extra=FAST_SYNC).start()
+    replica = RedisServer(extra={**FAST_SYNC, "replicaof": f"127.0.0.1 {primary.port}"}).start()
+    try:
+        with replica.client() as r:
+            while r.info("replication")["master_link_status"] != "up":
+                time.sleep(0.02)
+        with url_client(
+            kind,
+            primary.url,
+            namespace,
+            durability="replicated",
+            socket_timeout=2.0,  # WAIT blocks up to 1 s: the demotion comes first
+            retry_deadline=0.5,
+        ) as client:
+            client.set_budget("acme", 100)
+            check = client.preflight("agent", 10, "acme")
+            replica.pause()
+
+            def demote() -> None:
+                while True:  # once the record's WAIT is blocked on the primary
+                    with primary.client() as p:
+                        if p.info("clients")["blocked_clients"]:
+                            p.execute_command("REPLICAOF", "127.0.0.1", free_port())
+                            return
+                    time.sleep(0.01)
+
+            demoter = threading.Thread(target=demote)
+            demoter.start()
+            try:
+                with pytest.raises(StoreUnavailableError):  # valkey may drop the connection
+                    check.record(6)
+            finally:
+                demoter.join()
+                with primary.client() as p:
+                    p.execute_command("REPLICAOF", "NO", "ONE")
+                replica.resume()
+            assert check.record(6).charged == 6
+            assert client.get_budget("acme").spent == 6
+    finally:
+        replica.stop()
+        primary.stop()
 
 
 def test_without_replicated_durability_a_stopped_replica_changes_nothing(
