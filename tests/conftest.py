@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import cast
@@ -13,6 +14,13 @@ import redis
 from agentbill import AgentBillClient, AsyncAgentBillClient
 from tests._async_facade import blocking_client
 from tests._servers import RedisServer
+
+# A suite started in the background by a shell without job control (`make test &` in a script,
+# nohup) inherits SIGINT ignored, and so would every process it starts: the tests that interrupt
+# a worker or the CLI with SIGINT need it to arrive. Python's own handler is what a terminal
+# gives, and a process the suite starts then gets the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
