@@ -92,6 +92,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         durability: Literal["primary", "replicated"] = "primary",
+        durability_replicas: int = 1,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
         metrics: bool | CollectorRegistry = False,
         metrics_customers: bool = False,

@@ -203,7 +203,9 @@ class BaseClient(Generic[C]):
         self._on_threshold = on_threshold
         self._own = OwnReservations()
         self._telemetry: Telemetry = OFF
-        self._wait = wait_command(settings.durability, settings.socket_timeout)
+        self._wait = wait_command(
+            settings.durability, settings.durability_replicas, settings.socket_timeout
+        )
         self._retry = RetryPolicy(
             settings.retry_attempts,
             settings.retry_deadline,
@@ -255,7 +257,7 @@ class BaseClient(Generic[C]):
         pending: list[int],
         replies: list[object],
     ) -> None:
-        """Unless WAIT's replies (``acks``) say a replica has the writes, raise ReplicaTimeout
+        """Unless WAIT's replies (``acks``) say the replicas have the writes, raise ReplicaTimeout
         with every item left to send again (same request ids: safe). A lone call's "not now"
         reply is raised too, for the retry policy to try again, as it would a call sent
         alone."""
@@ -263,7 +265,7 @@ class BaseClient(Generic[C]):
             raise cast(Exception, answered[0])
         try:
             for acked in acks:
-                check_acked(acked)
+                check_acked(acked, self._settings.durability_replicas)
         except ReplicaTimeout:
             pending[:] = range(len(calls))
             replies[:] = [None] * len(calls)
@@ -732,9 +734,12 @@ class AgentBillClient(BaseClient[Check]):
     label. With OpenTelemetry configured, every operation is a span; ``trace_customers`` puts
     the customer id in them. See ``_telemetry``.
     ``durability``: ``"primary"`` (a write returns once the primary has it) or
-    ``"replicated"`` (once a replica has it too: WAIT in the same round trip, for half
-    ``socket_timeout``; unconfirmed, the call is in doubt like a lost reply, retried with its
-    request id, then StoreUnavailableError). See ``_durability``.
+    ``"replicated"`` (once ``durability_replicas`` replicas have it too: WAIT in the same round
+    trip, for half ``socket_timeout``; unconfirmed, the call is in doubt like a lost reply,
+    retried with its request id, then StoreUnavailableError). Set ``durability_replicas`` to
+    the number of replicas each primary has: with fewer, a failover that leaves the old
+    primary up can lose acknowledged writes; with all of them, one replica down makes writes
+    fail until it is back. See ``_durability``.
 
     Raises InvalidRequestError for bad settings, StoreUnavailableError when the embedded server
     cannot be started.
@@ -766,6 +771,7 @@ class AgentBillClient(BaseClient[Check]):
         ledger_max_len: int = 100_000,
         background_settle: bool = False,
         durability: Literal["primary", "replicated"] = "primary",
+        durability_replicas: int = 1,
         on_threshold: Callable[[ThresholdCrossing], object] | None = None,
         metrics: bool | CollectorRegistry = False,
         metrics_customers: bool = False,

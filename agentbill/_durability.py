@@ -3,8 +3,16 @@
 Redis replicates asynchronously: a primary acknowledges a write before any replica has it, so a
 failover (Sentinel or Cluster promoting a replica) can lose approvals and records the old
 primary already acknowledged. With ``durability="replicated"`` every script call that writes
-is followed, on the same connection and in the same pipelined round trip, by ``WAIT 1
-<timeout>``: Redis answers once one replica has acknowledged everything this connection wrote.
+is followed, on the same connection and in the same pipelined round trip, by ``WAIT
+<durability_replicas> <timeout>``: Redis answers once that many replicas have acknowledged
+everything this connection wrote.
+
+How many: every replica the primary has (``durability_replicas``, 1 by default). WAIT counts
+replicas, not the one a failover will promote: with two replicas and ``WAIT 1``, a failover
+that leaves the old primary up (``SENTINEL FAILOVER``, a partition) promotes replica A while
+the old primary keeps acknowledging writes that replica B confirms; then both follow A and
+those writes are gone. Waiting for all of them closes that, at a price: one replica down or
+lagging makes every write fail in doubt until it is back.
 
 Why the same round trip, and not a transaction: WAIT covers the writes of the connection it is
 sent on, so it must follow the script on that connection; pipelining the two costs no second
@@ -44,19 +52,19 @@ Durability = Literal["primary", "replicated"]
 WRITES = frozenset({"preflight", "extend", "settle", "set_budget", "set_limits", "open_task"})
 """The scripts that write (the reads' reaping of expired reservations is redone if lost)."""
 
-REPLICAS = 1
-
 
 class ReplicaTimeout(rx.TimeoutError):
     """No replica confirmed a write within the WAIT timeout (the write may have landed)."""
 
 
-def wait_command(durability: Durability, socket_timeout: float) -> tuple[object, ...] | None:
-    """The command that follows each write (None: none). Its timeout is half the socket
-    timeout, so Redis answers before the client stops reading."""
+def wait_command(
+    durability: Durability, replicas: int, socket_timeout: float
+) -> tuple[object, ...] | None:
+    """The command that follows each write (None: none): WAIT for ``replicas`` replicas. Its
+    timeout is half the socket timeout, so Redis answers before the client stops reading."""
     if durability == "primary":
         return None
-    return ("WAIT", REPLICAS, max(1, int(socket_timeout * 500)))
+    return ("WAIT", replicas, max(1, int(socket_timeout * 500)))
 
 
 # WAIT's error replies when the node stopped being a primary under it (a failover demoting it,
@@ -64,8 +72,9 @@ def wait_command(durability: Durability, socket_timeout: float) -> tuple[object,
 _DEMOTED = ("UNBLOCKED", "WAIT cannot be used with replica")
 
 
-def check_acked(reply: object) -> None:
-    """Raise ReplicaTimeout unless WAIT's reply says a replica has the writes. An error reply
+def check_acked(reply: object, replicas: int) -> None:
+    """Raise ReplicaTimeout unless WAIT's reply says ``replicas`` replicas (the number the
+    command asked for, :func:`wait_command`) have the writes. An error reply
     of a node that a failover just demoted is a ReplicaTimeout too; another (a refused WAIT,
     say) is raised as it is."""
     if isinstance(reply, rx.ResponseError) and str(reply).startswith(_DEMOTED):
@@ -75,10 +84,10 @@ def check_acked(reply: object) -> None:
         ) from reply
     if isinstance(reply, Exception):
         raise reply
-    if not isinstance(reply, int) or reply < REPLICAS:
+    if not isinstance(reply, int) or reply < replicas:
         raise ReplicaTimeout(
-            f"no replica confirmed the write in time (WAIT answered {reply!r}): it may or may "
-            "not survive a failover"
+            f"fewer replicas than durability_replicas={replicas} confirmed the write in time"
+            f" (WAIT answered {reply!r}): it may or may not survive a failover"
         )
 
 

@@ -33,6 +33,9 @@ MAX_ID_LENGTH = 256
 # A TTL up to ~68 years in seconds still fits comfortably in a double of milliseconds.
 MAX_TTL_SECONDS = 2**31 - 1
 MAX_METADATA_BYTES = 4096
+# durability_replicas: more than any primary has; a number past Redis's range would fail at the
+# first write, not here.
+MAX_REPLICAS = 100
 
 
 # Characters an id may not hold: control characters (the scripts' field separator among them),
@@ -113,6 +116,7 @@ class ClientSettings(_Request):
     ledger_max_len: Annotated[int, Strict(), Field(ge=1, le=100_000_000)] = 100_000
     background_settle: Annotated[bool, Strict()] = False
     durability: Literal["primary", "replicated"] = "primary"
+    durability_replicas: Annotated[int, Strict(), Field(ge=1, le=MAX_REPLICAS)] = 1
 
     @field_validator("outcome_retention")
     @classmethod
@@ -131,6 +135,15 @@ class ClientSettings(_Request):
         for part in ("outcome_retention", "task_retention"):
             if value < info.data.get(part, 0):
                 raise ValueError(f"must be at least {part}")
+        return value
+
+    @field_validator("durability_replicas")
+    @classmethod
+    def _replicas_go_with_replicated(cls, value: int, info: ValidationInfo) -> int:
+        # Under durability="primary" nothing waits: another count would promise what no call
+        # does.
+        if value != 1 and info.data.get("durability") == "primary":
+            raise ValueError("is only used with durability='replicated'")
         return value
 
     @field_validator("outage_allowance")

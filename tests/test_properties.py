@@ -456,6 +456,7 @@ SETTINGS: dict[str, st.SearchStrategy[object]] = {
         not_str,
         st.none(),
     ),
+    "durability_replicas": bad_ints(1, 100),
     "ledger_max_len": bad_ints(1, 100_000_000),
     "on_threshold": st.one_of(not_str, st.text(max_size=5)),  # not callable
     "background_settle": bad_bools,
@@ -464,7 +465,10 @@ SETTINGS: dict[str, st.SearchStrategy[object]] = {
     "trace_customers": bad_bools,
 }
 # Arguments the setting needs beside it to be about that setting alone, and a valid value.
-SETTING_CONTEXT: dict[str, dict[str, object]] = {"outage_allowance": {"on_outage": "allowance"}}
+SETTING_CONTEXT: dict[str, dict[str, object]] = {
+    "outage_allowance": {"on_outage": "allowance"},
+    "durability_replicas": {"durability": "replicated"},
+}
 VALID_SETTING: dict[str, object] = {"outage_allowance": 5}
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agentbill import AgentBillClient, InvalidRequestError, Preflight, StoreUnavailableError
 from agentbill._keys import KeySpace
 from tests._servers import Cluster, RedisServer, free_port
-from tests.test_topology import FAST_SYNC, MATRIX, SERVERS, url_client
+from tests.test_topology import FAST_SYNC, MATRIX, SERVERS, url_client, wait_until
 
 
 @pytest.fixture(scope="module", params=MATRIX)
@@ -169,6 +171,117 @@ def test_without_replicated_durability_a_stopped_replica_changes_nothing(
             replica.resume()
 
 
+# The steps Sentinel takes in a failover that leaves the old primary up (SENTINEL FAILOVER, a
+# partition), done by hand so that no timing decides the outcome (report-attack12b, a6).
+FAILOVER_SYNC = {**FAST_SYNC, "repl-diskless-sync-delay": "0"}
+
+
+def follows(node: RedisServer, primary: RedisServer) -> bool:
+    with node.client(decode_responses=True) as r:
+        info = r.info("replication")
+    return bool(info.get("master_port") == primary.port and info.get("master_link_status") == "up")
+
+
+def serves(primary: RedisServer, replicas: int) -> bool:
+    """A write on the primary reaches ``replicas`` replicas. (A replica that just synced is
+    "online" before the primary streams to it: that waits for the replica's first ACK, up to a
+    second later.)"""
+    with primary.client() as r:
+        r.set("waitall-probe", 1)
+        return bool(r.wait(replicas, 100) == replicas)
+
+
+@contextmanager
+def two_replicas() -> Iterator[tuple[RedisServer, RedisServer, RedisServer]]:
+    """A primary and its replicas A and B, in sync."""
+    with ExitStack() as servers:
+        primary = RedisServer(extra=FAILOVER_SYNC).start()
+        servers.callback(primary.stop)
+        pair = []
+        for _ in range(2):
+            node = RedisServer(extra={**FAILOVER_SYNC, "replicaof": f"127.0.0.1 {primary.port}"})
+            servers.callback(node.start().stop)
+            pair.append(node)
+        a, b = pair
+        wait_until(lambda: follows(a, primary) and follows(b, primary) and serves(primary, 2))
+        yield primary, a, b
+
+
+def promote(node: RedisServer, primary: RedisServer) -> None:
+    """``node`` becomes a primary once it has everything ``primary`` wrote (as Sentinel would
+    pick it); ``primary`` stays up, still a primary."""
+
+    def offset(server: RedisServer, field: str) -> int:
+        with server.client(decode_responses=True) as r:
+            return int(r.info("replication")[field])
+
+    wait_until(lambda: offset(node, "slave_repl_offset") == offset(primary, "master_repl_offset"))
+    with node.client() as r:
+        r.execute_command("REPLICAOF", "NO", "ONE")
+
+
+def reconfigure(nodes: list[RedisServer], primary: RedisServer) -> None:
+    """What Sentinel does last: the old primary and the other replica follow the new one (a
+    full resync: what they held past the promotion is dropped)."""
+    for node in nodes:
+        with node.client() as r:
+            r.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+    wait_until(lambda: all(follows(n, primary) for n in nodes) and serves(primary, len(nodes)))
+
+
+def test_with_two_replicas_waiting_for_one_loses_what_the_old_primary_acknowledged(
+    namespace: str,
+) -> None:
+    """Why durability_replicas exists: with two replicas, WAIT 1 counts replica B while A is
+    already promoted, so the old primary acknowledges a record that the failover then drops.
+    The record was charged as far as the caller knows; the budget holds it as still reserved."""
+    with two_replicas() as (old, a, b):
+        with AgentBillClient(
+            redis_url=old.url, namespace=namespace, durability="replicated"
+        ) as client:
+            client.set_budget("acme", 100)
+            check = client.preflight("agent", 10, "acme")
+            promote(a, old)
+            assert check.record(10).charged == 10  # acknowledged: B confirmed it
+        reconfigure([old, b], a)
+        with AgentBillClient(redis_url=a.url, namespace=namespace) as client:
+            budget = client.get_budget("acme")
+        assert (budget.spent, budget.reserved) == (0, 10)  # the acknowledged record is lost
+        key = KeySpace(namespace).customer("acme").budget
+        with a.client() as on_a, b.client() as on_b:
+            assert on_b.dump(key) == on_a.dump(key)  # B dropped it too
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_with_two_replicas_waiting_for_both_leaves_the_old_primarys_write_in_doubt(
+    kind: str, namespace: str
+) -> None:
+    """durability_replicas=2: the old primary cannot get its record confirmed by two replicas
+    once A is promoted, so the call fails in doubt (StoreUnavailableError) instead of being
+    acknowledged; sent again to the new primary with the same reservation id, it charges once.
+    """
+    options: dict[str, Any] = {
+        "durability": "replicated",
+        "durability_replicas": 2,
+        "retry_deadline": 0.5,
+    }
+    with two_replicas() as (old, a, b):
+        with url_client(kind, old.url, namespace, **options) as client:
+            client.set_budget("acme", 100)
+            check = client.preflight("agent", 10, "acme")
+            promote(a, old)
+            with pytest.raises(StoreUnavailableError, match="durability_replicas=2"):
+                check.record(10)
+        reconfigure([old, b], a)
+        with url_client(kind, a.url, namespace, **options) as client:
+            assert client.get_budget("acme").reserved == 10  # the preflight survived
+            first = client.record("agent", 10, "acme", reservation_id=check.reservation_id)
+            again = client.record("agent", 10, "acme", reservation_id=check.reservation_id)
+            budget = client.get_budget("acme")
+        assert (first.charged, first.replayed, again.replayed) == (10, False, True)
+        assert (budget.spent, budget.reserved) == (10, 0)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     nodes = Cluster(replicas=1)
@@ -218,7 +331,20 @@ def test_replicated_durability_on_a_cluster_waits_on_each_customers_node(
         assert client.get_budget(customers[0]).spent == 2 + 6
 
 
-def test_durability_is_validated() -> None:
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"durability": "sync"}, "durability"),
+        *(
+            ({"durability": "replicated", "durability_replicas": bad}, "durability_replicas")
+            for bad in (0, -1, True, 2.0, "2", None, 101)
+        ),
+        # Nothing waits under durability="primary": a count there would promise nothing.
+        ({"durability_replicas": 2}, "durability_replicas"),
+    ],
+    ids=repr,
+)
+def test_durability_is_validated(options: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        AgentBillClient(redis_url="redis://127.0.0.1:1/0", durability="sync")  # type: ignore[arg-type]
-    assert info.value.field == "durability"
+        AgentBillClient(redis_url="redis://127.0.0.1:1/0", **options)  # type: ignore[arg-type]
+    assert info.value.field == field
