@@ -7,7 +7,7 @@ TS := clients/typescript
 NPM_STAMP := $(TS)/node_modules/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint typecheck bench check clean ts-setup ts-typecheck ts-test
+.PHONY: help setup demo test lint typecheck bench check clean ts-setup ts-typecheck ts-test library
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ setup: $(STAMP)  ## create .venv and install agentbill with its dev tools
 
 demo: $(STAMP)  ## several worker processes share budgets on the embedded local server
 	$(PY) examples/demo.py
+
+library: $(STAMP)  ## rebuild lua/library.lua (the Functions library) after editing lua/*.lua
+	$(PY) -c 'from agentbill._scripts import write; print("wrote", write())'
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check agentbill tests benchmarks examples

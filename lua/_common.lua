@@ -1,4 +1,5 @@
--- agentbill shared prelude: prepended to every operation script by the client that loads it.
+-- agentbill shared prelude: the top level of agentbill's Functions library (lua/library.lua,
+-- built by agentbill/_scripts.py), before the function of every operation.
 --
 -- Every script of one customer takes the same first ten KEYS, all sharing the customer's
 -- {hash tag} so one script call runs on one Redis Cluster slot:
@@ -51,19 +52,29 @@
 local SEP = '\31'
 local MAX = 9007199254740991 -- 2^53 - 1: Lua numbers are doubles, exact up to here
 
-local K = {
-  budget = KEYS[1], res = KEYS[2], exp = KEYS[3], open = KEYS[4], tasks = KEYS[5],
-  tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9], agents = KEYS[10],
-}
-local REAP_LIMIT = tonumber(ARGV[1])
-local RETENTION = tonumber(ARGV[2])
-local LEDGER_LEN = tonumber(ARGV[3])
-local TASK_RETENTION = tonumber(ARGV[4])
-local IDLE = tonumber(ARGV[5])
+-- The call under way: its keys and settings, set by begin() at the start of every function.
+-- This file is the top level of agentbill's Functions library (lua/library.lua): it runs once,
+-- at FUNCTION LOAD, and every call shares what it makes. So nothing else at the top level may
+-- hold per-call state: every other top-level local is a function or a table no call changes
+-- (tests/test_library.py checks).
+local K, REAP_LIMIT, RETENTION, LEDGER_LEN, TASK_RETENTION, IDLE
 -- The same settings as the client sent them (integers in decimal), for commands that take them
 -- as they are: a Lua number handed to redis.call is formatted with '%.17g' on every call, and
 -- number formatting is among the dearer steps of a script.
-local REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+local REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S
+
+local function begin(KEYS, ARGV)
+  K = {
+    budget = KEYS[1], res = KEYS[2], exp = KEYS[3], open = KEYS[4], tasks = KEYS[5],
+    tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9], agents = KEYS[10],
+  }
+  REAP_LIMIT = tonumber(ARGV[1])
+  RETENTION = tonumber(ARGV[2])
+  LEDGER_LEN = tonumber(ARGV[3])
+  TASK_RETENTION = tonumber(ARGV[4])
+  IDLE = tonumber(ARGV[5])
+  REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+end
 
 local function fmt(n)
   if n == 0 then return '0' end -- the commonest count, and string.format is dear

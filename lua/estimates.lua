@@ -1,6 +1,7 @@
 -- estimates: the estimate statistics settle.lua keeps for one (customer, agent), or for one
 -- (customer, agent, model) of the LLM wrapper: both generations summed (the last 100 to 200
 -- records that closed a reservation; see "Learning" in settle.lua). Reads only.
+-- Function flags: no-writes (it reads only, so a Redis over maxmemory still answers it)
 --
 -- KEYS[1..10] the customer's keys (see _common.lua)
 -- KEYS[11]    the statistics hash

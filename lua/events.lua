@@ -1,4 +1,5 @@
 -- events: the customer's ledger, oldest first.
+-- Function flags: no-writes (it reads only, so a Redis over maxmemory still answers it)
 --
 -- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)

@@ -1,4 +1,6 @@
 -- get_task: one task of the customer after returning expired reservations.
+-- Function flags: allow-oom (a Redis over maxmemory still answers it: its only writes return
+-- expired reservations, at most the reap limit of them)
 --
 -- KEYS[1..10] the customer's keys (see _common.lua)
 -- ARGV[1..5]  reap limit, retentions, ledger cap (see _common.lua)

@@ -1,4 +1,6 @@
 -- get_usage: the customer's budget and its agents' (the most recently active first, at most a
+-- Function flags: allow-oom (a Redis over maxmemory still answers it: its only writes return
+-- expired reservations, at most the reap limit of them)
 -- limit of them), after returning expired reservations: how much is left, how much is held,
 -- and by whom. An agent is listed while it is remembered: with a budget or limit, always;
 -- otherwise until it has been idle for the idle retention.

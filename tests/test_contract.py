@@ -139,7 +139,7 @@ def source(op: str) -> str:
 
 def test_the_contract_covers_exactly_the_scripts_the_clients_load() -> None:
     assert set(SCRIPTS) == set(OPERATIONS)
-    assert {p.stem for p in LUA.glob("*.lua")} == {*OPERATIONS, "_common"}
+    assert {p.stem for p in LUA.glob("*.lua")} == {*OPERATIONS, "_common", "library"}
 
 
 def test_every_name_is_unique_and_every_type_known() -> None:
@@ -263,15 +263,15 @@ def test_packed_replies_have_as_many_fields_as_the_contract(op: str) -> None:
 
 
 def test_prelude_keys_and_args_are_the_contract_names_in_order() -> None:
-    """_common.lua's K table and its ARGV locals use the file's names, in the file's order."""
+    """begin()'s K table and its ARGV settings use the file's names, in the file's order."""
     prelude = source("_common")
-    table = re.search(r"local K = \{(.*?)\}", prelude, re.S)
+    table = re.search(r"  K = \{(.*?)\}", prelude, re.S)
     assert table is not None
     pairs = re.findall(r"(\w+) = KEYS\[(\d+)\]", table[1])
     assert [(name, str(i)) for i, name in enumerate(
         (k["name"] for k in CONTRACT["customer_keys"]), 1
     )] == pairs  # fmt: skip
-    read = [int(i) for i in re.findall(r"^local \w+ = tonumber\(ARGV\[(\d+)\]\)", prelude, re.M)]
+    read = [int(i) for i in re.findall(r"^  \w+ = tonumber\(ARGV\[(\d+)\]\)", prelude, re.M)]
     assert read == list(range(1, len(CONTRACT["common_args"]) + 1))
 
 
