@@ -6,18 +6,18 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
 
-from agentbill import _core
+from agentbill import _core, _topology
 from agentbill._check import ThresholdCrossing
 from agentbill._client import (
     Ask,
     BaseClient,
     Batch,
     Flush,
-    LoadScript,
+    LoadLibrary,
     Pipeline,
     SendBatch,
     from_url,
@@ -110,8 +110,9 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
             return await self._send_batch(ask.calls)
         if isinstance(ask, Pipeline):
             return await self._pipeline(ask.commands)
-        if isinstance(ask, LoadScript):
-            return await self._redis.script_load(ask.script)
+        if isinstance(ask, LoadLibrary):
+            await _topology.aload_library(self._redis, self._library)
+            return None
         if isinstance(ask, Flush):
             return await self.flush()
         await asyncio.sleep(ask.seconds)
@@ -121,11 +122,12 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         if self._wait is not None and plan.call.script in WRITES:
             # The script and WAIT in one pipelined round trip (see _durability).
             return self._decode_one(plan, await self._send_batch([plan.call]))
-        script = self._scripts[plan.call.script]
-        keys, args = plan.call.keys, plan.call.args
+        call = plan.call
         with translated():
-            reply = await self._retry.acall(lambda: script(keys=keys, args=args))
-        return plan.decode(reply)
+            reply = await self._retry.acall(
+                lambda: _core.adrive(self._attempt_one(call), self._answer)
+            )
+        return plan.decode(cast(_core.Reply, reply))
 
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
@@ -135,14 +137,17 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         return result
 
     async def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
-        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
-        with replicated durability, WAIT after them on the same connection: the answers in
-        order, and WAIT's replies."""
+        """See :meth:`AgentBillClient._pipeline`."""
+        if self._wait is None and len(commands) == 1:
+            try:
+                return [await self._redis.execute_command(*commands[0])], []
+            except aioredis.ResponseError as exc:
+                return [exc], []
         if self._wait is not None and isinstance(self._redis, aioredis.RedisCluster):
             return await asend_on_nodes(self._redis, commands, self._wait)
         pipe = self._redis.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command("EVALSHA", *args)
+        for command in commands:
+            pipe.execute_command(*command)
         if self._wait is None:
             return list(await pipe.execute(raise_on_error=False)), []
         pipe.execute_command(*self._wait)

@@ -23,7 +23,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import MovedError
 from redis.retry import Retry
 
-from agentbill import _core, _topology
+from agentbill import _core, _scripts, _topology
 from agentbill._check import BaseCheck, ThresholdCrossing
 from agentbill._durability import (
     WRITES,
@@ -67,7 +67,7 @@ from agentbill._results import (
     Usage,
 )
 from agentbill._retry import Heal, RetryPolicy, is_transient, translate, translated
-from agentbill._scripts import bind, pipeline_args
+from agentbill._scripts import FUNCTION_MISSING
 from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
 
@@ -100,16 +100,15 @@ class SendBatch:
 
 @dataclass(frozen=True, slots=True)
 class Pipeline:
-    """One attempt's EVALSHAs (``_pipeline``); the answer: (the answers, WAIT's replies)."""
+    """One attempt's FCALLs (``_pipeline``); the answer: (the answers, WAIT's replies)."""
 
     commands: list[list[Any]]
 
 
 @dataclass(frozen=True, slots=True)
-class LoadScript:
-    """Load a script Redis answered NOSCRIPT for (SCRIPT LOAD)."""
-
-    script: str
+class LoadLibrary:
+    """Load agentbill's Functions library, which Redis answered "Function not found" for
+    (:func:`_topology.load_library`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +123,7 @@ class Pause:
     seconds: float
 
 
-Ask = SendBatch | Pipeline | LoadScript | Flush | Pause
+Ask = SendBatch | Pipeline | LoadLibrary | Flush | Pause
 
 
 @dataclass(slots=True)
@@ -196,7 +195,9 @@ class BaseClient(Generic[C]):
         self._script_settings = _core.ScriptSettings.from_settings(settings)
         self._redis: Any = client
         self._owns_redis = owns_client
-        self._scripts = bind(client)
+        self._library = _scripts.installed()
+        if isinstance(client, CLUSTER_TYPES):
+            _topology.route_functions(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
         self._flusher: Flusher | AsyncFlusher
         deliver_at_exit(self)
@@ -593,25 +594,39 @@ class BaseClient(Generic[C]):
         return plan.decode(cast(_core.Reply, answer))
 
     def _attempt_batch(self, batch: Batch) -> Generator[Ask, Any, list[object]]:
-        """One attempt at sending ``batch`` (see ``_send_batch``), a dialogue: every pending
-        item in one pipeline; the items answered NOSCRIPT once more after their script is
-        loaded. Returns every reply once none is pending."""
-        calls = batch.calls
-        for _ in range(2):
+        """One attempt at sending ``batch``, a dialogue: every pending item's FCALL in one
+        round trip. This is the one place the library gets loaded, for single calls (a batch
+        of one) and batches alike: Redis answers "Function not found" when it lacks the library
+        (never loaded there, FUNCTION FLUSH or DELETE, a server restarted empty); those items
+        ran nothing, so the library is loaded (FUNCTION LOAD REPLACE) and they are sent once
+        more, as the same requests (same request ids). Returns every reply once none is
+        pending. A server without Functions at all is a StoreError naming the version floor.
+        """
+        calls, library = batch.calls, self._library
+        for attempt in range(2):
+            if attempt:
+                yield LoadLibrary()
             commands = [
-                pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
-                for i in batch.pending
+                library.fcall(calls[i].script, calls[i].keys, calls[i].args) for i in batch.pending
             ]
             answered, acks = yield Pipeline(commands)
             if self._wait is not None:
                 self._confirm(calls, answered, acks, batch.pending, batch.replies)
-            missing = _core.take_answers(batch.pending, answered, batch.replies)
-            for name in {calls[i].script for i in missing}:
-                yield LoadScript(self._scripts[name].script)
-            batch.pending = missing
+            batch.pending = _core.take_answers(batch.pending, answered, batch.replies)
             if not batch.pending:
                 return batch.replies
-        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+        raise StoreError(
+            f"Redis answered {FUNCTION_MISSING!r} for agentbill's library {library.name} right"
+            " after loading it"
+        )
+
+    def _attempt_one(self, call: _core.Call) -> Generator[Ask, Any, object]:
+        """One attempt at one call (see :meth:`_attempt_batch`): its reply, or its error
+        reply raised (so that the retry policy sees a "not now")."""
+        (reply,) = yield from self._attempt_batch(Batch.of([call]))
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def _flush(self) -> Generator[Ask, Any, int]:
         """``flush`` as a dialogue; see :meth:`AgentBillClient.flush`."""
@@ -789,8 +804,9 @@ class AgentBillClient(BaseClient[Check]):
             return self._send_batch(ask.calls)
         if isinstance(ask, Pipeline):
             return self._pipeline(ask.commands)
-        if isinstance(ask, LoadScript):
-            return self._redis.script_load(ask.script)
+        if isinstance(ask, LoadLibrary):
+            _topology.load_library(self._redis, self._library)
+            return None
         if isinstance(ask, Flush):
             return self.flush()
         time.sleep(ask.seconds)
@@ -800,11 +816,10 @@ class AgentBillClient(BaseClient[Check]):
         if self._wait is not None and plan.call.script in WRITES:
             # The script and WAIT in one pipelined round trip (see _durability).
             return self._decode_one(plan, self._send_batch([plan.call]))
-        script = self._scripts[plan.call.script]
-        keys, args = plan.call.keys, plan.call.args
+        call = plan.call
         with translated():
-            reply = self._retry.call(lambda: script(keys=keys, args=args))
-        return plan.decode(reply)
+            reply = self._retry.call(lambda: _core.drive(self._attempt_one(call), self._answer))
+        return plan.decode(cast(_core.Reply, reply))
 
     def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         """One round trip; then, if an outage left settlements queued, deliver them."""
@@ -815,14 +830,20 @@ class AgentBillClient(BaseClient[Check]):
         return result
 
     def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
-        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
+        """The commands (FCALLs) in one pipelined round trip (one per node on a cluster) and,
         with replicated durability, WAIT after them on the same connection: the answers in
-        order, and WAIT's replies."""
+        order (an error reply as its exception), and WAIT's replies. One command without WAIT
+        is sent alone: a single operation's call, the hot path."""
+        if self._wait is None and len(commands) == 1:
+            try:
+                return [self._redis.execute_command(*commands[0])], []
+            except redis.ResponseError as exc:
+                return [exc], []
         if self._wait is not None and isinstance(self._redis, RedisCluster):
             return send_on_nodes(self._redis, commands, self._wait)
         pipe = self._redis.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command("EVALSHA", *args)
+        for command in commands:
+            pipe.execute_command(*command)
         if self._wait is None:
             return list(pipe.execute(raise_on_error=False)), []
         pipe.execute_command(*self._wait)
@@ -830,10 +851,10 @@ class AgentBillClient(BaseClient[Check]):
         return answered[:-1], answered[-1:]
 
     def _send_batch(self, calls: list[_core.Call]) -> list[object]:
-        """Every call in one pipelined round trip (each script call atomic on its own); the
-        replies in order, an item Redis refused as its exception. Items answered NOSCRIPT are
-        sent again once their script is loaded; a retry after a transport error resends only
-        unanswered items, which carry their request ids, so none lands twice."""
+        """Every call in one pipelined round trip (each function call atomic on its own); the
+        replies in order, an item Redis refused as its exception. Items answered "Function not
+        found" are sent again once the library is loaded; a retry after a transport error
+        resends only unanswered items, which carry their request ids, so none lands twice."""
         batch = Batch.of(calls)
         with translated():
             return self._retry.call(lambda: _core.drive(self._attempt_batch(batch), self._answer))

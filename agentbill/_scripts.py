@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 OPERATIONS = (
     "preflight",
     "settle",
@@ -64,6 +66,12 @@ class Library:
         if operation not in OPERATIONS:
             raise KeyError(operation)
         return f"{self.name}_{operation}"
+
+    def fcall(
+        self, operation: str, keys: tuple[str, ...], args: tuple[str | int, ...]
+    ) -> list[Any]:
+        """The command that calls ``operation``'s function with ``keys`` and ``args``."""
+        return ["FCALL", self.function(operation), len(keys), *keys, *args]
 
 
 def lua_dir() -> Path:
@@ -125,17 +133,25 @@ def write() -> Path:
     return path
 
 
-def pipeline_args(script: Any, keys: tuple[str, ...], args: tuple[str | int, ...]) -> list[Any]:
-    """EVALSHA's arguments for ``script`` in a pipeline. A redis-py Script queued in a pipeline
-    sends SCRIPT EXISTS on every execute; a batch sends EVALSHA alone and, for any item answered
-    NOSCRIPT, loads that script and sends the item again (see the clients' ``_send_batch``)."""
-    return [script.sha, len(keys), *keys, *args]
+# What Redis answers an FCALL of a function it does not have: its library was never loaded here,
+# or was removed (FUNCTION FLUSH, FUNCTION DELETE, a server restarted without its data). Redis
+# 7.0+ and Valkey send "ERR Function not found"; redis-py drops the "ERR ".
+FUNCTION_MISSING = "Function not found"
+
+# What a server without Functions (Redis before 7.0) answers FCALL or FUNCTION: "ERR unknown
+# command `FCALL`, with args beginning with: ..." (Redis 6 quotes it with backticks, 7 with ').
+_NO_FUNCTIONS = re.compile(r"unknown command [`']?(FCALL|FCALL_RO|FUNCTION)\b", re.I)
+
+VERSION_FLOOR = "Redis 7.0+ or Valkey (any version)"
+"""The servers agentbill runs on: those with Functions (FUNCTION LOAD, FCALL)."""
 
 
-def bind(client: Any) -> dict[str, Any]:
-    """One redis-py Script (or AsyncScript) per operation, registered on ``client``."""
-    prelude = source(PRELUDE)
-    return {
-        op: client.register_script(f"{prelude}\nbegin(KEYS, ARGV)\n{source(op)}")
-        for op in OPERATIONS
-    }
+def function_missing(reply: object) -> bool:
+    """Whether ``reply`` (an error) says the server lacks the function called: load the library
+    and call again."""
+    return isinstance(reply, ResponseError) and str(reply).startswith(FUNCTION_MISSING)
+
+
+def no_functions(reply: object) -> bool:
+    """Whether ``reply`` (an error) says the server has no Functions at all (older than 7.0)."""
+    return isinstance(reply, ResponseError) and _NO_FUNCTIONS.search(str(reply)) is not None
