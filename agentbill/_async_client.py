@@ -22,7 +22,7 @@ from agentbill._client import (
     SendBatch,
     from_url,
 )
-from agentbill._durability import WRITES, asend_on_nodes
+from agentbill._durability import asend_on_nodes
 from agentbill._exceptions import (
     StoreUnavailableError,
 )
@@ -109,7 +109,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         if isinstance(ask, SendBatch):
             return await self._send_batch(ask.calls)
         if isinstance(ask, Pipeline):
-            return await self._pipeline(ask.commands)
+            return await self._pipeline(ask.commands, ask.wait)
         if isinstance(ask, LoadLibrary):
             await _topology.aload_library(self._redis, self._library)
             return None
@@ -119,9 +119,6 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         return None
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
-        if self._wait is not None and plan.call.script in WRITES:
-            # The script and WAIT in one pipelined round trip (see _durability).
-            return self._decode_one(plan, await self._send_batch([plan.call]))
         call = plan.call
         with translated():
             reply = await self._retry.acall(
@@ -136,21 +133,24 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
             await self.flush()
         return result
 
-    async def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
+    async def _pipeline(
+        self, commands: list[list[Any]], wait: bool
+    ) -> tuple[list[object], list[object]]:
         """See :meth:`AgentBillClient._pipeline`."""
-        if self._wait is None and len(commands) == 1:
+        after = self._wait if wait else None
+        if after is None and len(commands) == 1:
             try:
                 return [await self._redis.execute_command(*commands[0])], []
             except aioredis.ResponseError as exc:
                 return [exc], []
-        if self._wait is not None and isinstance(self._redis, aioredis.RedisCluster):
-            return await asend_on_nodes(self._redis, commands, self._wait)
+        if after is not None and isinstance(self._redis, aioredis.RedisCluster):
+            return await asend_on_nodes(self._redis, commands, after)
         pipe = self._redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        if self._wait is None:
+        if after is None:
             return list(await pipe.execute(raise_on_error=False)), []
-        pipe.execute_command(*self._wait)
+        pipe.execute_command(*after)
         answered = list(await pipe.execute(raise_on_error=False))
         return answered[:-1], answered[-1:]
 

@@ -100,9 +100,11 @@ class SendBatch:
 
 @dataclass(frozen=True, slots=True)
 class Pipeline:
-    """One attempt's FCALLs (``_pipeline``); the answer: (the answers, WAIT's replies)."""
+    """One attempt's FCALLs (``_pipeline``), ``wait``: followed by WAIT (they write, with
+    replicated durability); the answer: (the answers, WAIT's replies)."""
 
     commands: list[list[Any]]
+    wait: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,14 +587,6 @@ class BaseClient(Generic[C]):
         else:
             self._recorded(plan, settlement)
 
-    @staticmethod
-    def _decode_one(plan: _core.Plan[_core.T], replies: list[object]) -> _core.T:
-        """The result of a call sent alone in a batch (with WAIT, see ``_durability``)."""
-        answer = replies[0]
-        if isinstance(answer, Exception):
-            raise translate(answer) from answer
-        return plan.decode(cast(_core.Reply, answer))
-
     def _attempt_batch(self, batch: Batch) -> Generator[Ask, Any, list[object]]:
         """One attempt at sending ``batch``, a dialogue: every pending item's FCALL in one
         round trip. This is the one place the library gets loaded, for single calls (a batch
@@ -603,14 +597,16 @@ class BaseClient(Generic[C]):
         pending. A server without Functions at all is a StoreError naming the version floor.
         """
         calls, library = batch.calls, self._library
+        # With replicated durability a write waits for the replicas (see _durability).
+        wait = self._wait is not None and any(call.script in WRITES for call in calls)
         for attempt in range(2):
             if attempt:
                 yield LoadLibrary()
             commands = [
                 library.fcall(calls[i].script, calls[i].keys, calls[i].args) for i in batch.pending
             ]
-            answered, acks = yield Pipeline(commands)
-            if self._wait is not None:
+            answered, acks = yield Pipeline(commands, wait)
+            if wait:
                 self._confirm(calls, answered, acks, batch.pending, batch.replies)
             batch.pending = _core.take_answers(batch.pending, answered, batch.replies)
             if not batch.pending:
@@ -803,7 +799,7 @@ class AgentBillClient(BaseClient[Check]):
         if isinstance(ask, SendBatch):
             return self._send_batch(ask.calls)
         if isinstance(ask, Pipeline):
-            return self._pipeline(ask.commands)
+            return self._pipeline(ask.commands, ask.wait)
         if isinstance(ask, LoadLibrary):
             _topology.load_library(self._redis, self._library)
             return None
@@ -813,9 +809,6 @@ class AgentBillClient(BaseClient[Check]):
         return None
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
-        if self._wait is not None and plan.call.script in WRITES:
-            # The script and WAIT in one pipelined round trip (see _durability).
-            return self._decode_one(plan, self._send_batch([plan.call]))
         call = plan.call
         with translated():
             reply = self._retry.call(lambda: _core.drive(self._attempt_one(call), self._answer))
@@ -829,24 +822,25 @@ class AgentBillClient(BaseClient[Check]):
             self.flush()
         return result
 
-    def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
+    def _pipeline(self, commands: list[list[Any]], wait: bool) -> tuple[list[object], list[object]]:
         """The commands (FCALLs) in one pipelined round trip (one per node on a cluster) and,
-        with replicated durability, WAIT after them on the same connection: the answers in
-        order (an error reply as its exception), and WAIT's replies. One command without WAIT
-        is sent alone: a single operation's call, the hot path."""
-        if self._wait is None and len(commands) == 1:
+        if ``wait``, WAIT after them on the same connection: the answers in order (an error
+        reply as its exception), and WAIT's replies. One command without WAIT is sent alone:
+        a single operation's call, the hot path."""
+        after = self._wait if wait else None
+        if after is None and len(commands) == 1:
             try:
                 return [self._redis.execute_command(*commands[0])], []
             except redis.ResponseError as exc:
                 return [exc], []
-        if self._wait is not None and isinstance(self._redis, RedisCluster):
-            return send_on_nodes(self._redis, commands, self._wait)
+        if after is not None and isinstance(self._redis, RedisCluster):
+            return send_on_nodes(self._redis, commands, after)
         pipe = self._redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        if self._wait is None:
+        if after is None:
             return list(pipe.execute(raise_on_error=False)), []
-        pipe.execute_command(*self._wait)
+        pipe.execute_command(*after)
         answered = list(pipe.execute(raise_on_error=False))
         return answered[:-1], answered[-1:]
 

@@ -7,7 +7,6 @@ slot and runs on whichever node owns it; customers spread over the nodes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -23,7 +22,7 @@ from redis.retry import Retry
 
 from agentbill import AgentBillClient, AsyncAgentBillClient, Preflight, StoreBusyError
 from agentbill._keys import KeySpace, customer_tag
-from agentbill._scripts import source
+from agentbill._scripts import installed
 from tests._async_facade import blocking_client
 from tests._servers import Cluster
 from tests.test_concurrency import Ask, check_budget_race, race, warm_up
@@ -133,9 +132,9 @@ def test_preflight_many_spans_customers_on_every_node(
     client = both_clients
     for customer in CUSTOMERS:
         client.set_budget(customer, 5)
-    for host, port in cluster.startup_nodes:  # every node forgets the scripts: NOSCRIPT paths
+    for host, port in cluster.startup_nodes:  # every node forgets the library: reload paths
         with redis.Redis(host=host, port=port) as node:
-            node.script_flush()
+            node.function_flush()
     asks = [Preflight("agent", units, c) for c in CUSTOMERS for units in (3, 3)]
     checks = client.preflight_many(asks)
     assert [c.approved for c in checks] == [True, False] * len(CUSTOMERS)
@@ -165,35 +164,39 @@ def test_each_customer_lives_in_one_slot_and_customers_spread_over_nodes(
     assert len(set().union(*nodes_of.values())) >= 2
 
 
-def test_scripts_are_reloaded_after_a_script_flush_on_every_node(
-    cluster: Cluster, both_clients: AgentBillClient
+@pytest.mark.parametrize("forget", ["flush", "delete"])
+def test_the_library_is_loaded_again_on_every_primary_after_it_was_removed(
+    cluster: Cluster, both_clients: AgentBillClient, forget: str
 ) -> None:
-    """redis-py's Script answers NOSCRIPT by loading the script (on every primary) again."""
+    """FUNCTION FLUSH (or DELETE) on every node: the first call a node answers "Function not
+    found" loads the library on every primary, and the call is sent once more."""
     client = both_clients
     customers = CUSTOMERS[:10]
     for customer in customers:
         client.set_budget(customer, 10)
-    assert all(loaded(cluster, "preflight")), "the scripts are cached before the flush"
+    assert all(loaded(cluster)), "every primary has the library before it is removed"
     for node in cluster.nodes:
         with node.client() as r:
-            r.script_flush()
-    assert not any(loaded(cluster, "preflight"))
+            if forget == "flush":
+                r.function_flush()
+            else:
+                r.function_delete(installed().name)
+    assert not any(loaded(cluster))
 
     for customer in customers:
         check = client.preflight("agent", 4, customer)
         assert check.approved
         assert check.record(4).charged == 4
         assert client.get_budget(customer).spent == 4
-    assert all(loaded(cluster, "preflight"))
+    assert all(loaded(cluster))
 
 
-def loaded(cluster: Cluster, operation: str) -> list[bool]:
-    """Whether each node has the operation's script cached."""
-    sha = hashlib.sha1(source(operation).encode()).hexdigest()
+def loaded(cluster: Cluster) -> list[bool]:
+    """Whether each primary has agentbill's library."""
     out = []
     for node in cluster.nodes:
         with node.client() as r:
-            out.extend(r.script_exists(sha))
+            out.append(bool(r.function_list(library=installed().name)))
     return out
 
 

@@ -82,7 +82,7 @@ def run_processes(target: Callable[..., T], args: Sequence[tuple[object, ...]]) 
 
 
 def warm_up(client: AgentBillClient) -> None:
-    """Load the scripts into the server, so no racer's first call pays for a NOSCRIPT."""
+    """Load the library into the server, so no racer's first call pays for loading it."""
     client.preflight(AGENT, 0, "warm-up").release()
 
 

@@ -114,35 +114,33 @@ class Journal:
 
 
 class Tap:
-    """Keeps the raw reply of the client's last preflight script call.
+    """Keeps the raw reply of the client's last preflight function call.
 
     ``Check.remaining`` is clamped at 0, so an approval that left spent + reserved above the
-    limit would read the same as one that left exactly nothing; the script's own reply carries
-    the counters as the approval left them.
+    limit would read the same as one that left exactly nothing; the function's own reply
+    carries the counters as the approval left them. The client's ``_pipeline`` (the one way
+    its calls reach Redis, a single one included) is wrapped to see it.
     """
 
     def __init__(self, client: AgentBillClient) -> None:
-        self._inner = client._scripts["preflight"]
-        client._scripts["preflight"] = self
+        self._inner = client._pipeline
+        self._function = client._library.function("preflight")
+        client._pipeline = self  # type: ignore[method-assign]
         self.reply: Any = None
 
-    @property
-    def sha(self) -> str:  # a replicated client pipelines EVALSHA itself: no reply seen here
-        return str(self._inner.sha)
-
-    @property
-    def script(self) -> Any:
-        return self._inner.script
-
-    def __call__(self, keys: Any, args: Any) -> Any:
-        self.reply = None
-        reply = self._inner(keys=keys, args=args)
-        self.reply = reply
-        return reply
+    def __call__(self, commands: list[list[Any]], wait: bool) -> Any:
+        preflights = [i for i, command in enumerate(commands) if command[1] == self._function]
+        if preflights:
+            self.reply = None
+        answered, acks = self._inner(commands, wait)
+        for i in preflights:
+            if not isinstance(answered[i], Exception):
+                self.reply = answered[i]
+        return answered, acks
 
     def committed(self) -> tuple[int, int | None]:
-        """spent + reserved and the limit, as the last preflight left them ((0, None) when the
-        reply went by another path: a replicated client's pipeline)."""
+        """spent + reserved and the limit, as the last preflight left them ((0, None) when it
+        got no reply)."""
         if self.reply is None:
             return 0, None
         reply = _core.PREFLIGHT.unpack(self.reply)  # by name (lua/contract.json)
