@@ -36,7 +36,6 @@ from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
     StoreBusyError,
-    StoreError,
     StoreUnavailableError,
 )
 from agentbill._gate import AsyncRun, Gate, GateClient, Run, UnitsUsed
@@ -67,7 +66,7 @@ from agentbill._results import (
     Usage,
 )
 from agentbill._retry import Heal, RetryPolicy, is_transient, translate, translated
-from agentbill._scripts import FUNCTION_MISSING
+from agentbill._scripts import FUNCTION_MISSING, LibraryRemoved
 from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
 
@@ -594,7 +593,9 @@ class BaseClient(Generic[C]):
         (never loaded there, FUNCTION FLUSH or DELETE, a server restarted empty); those items
         ran nothing, so the library is loaded (FUNCTION LOAD REPLACE) and they are sent once
         more, as the same requests (same request ids). Returns every reply once none is
-        pending. A server without Functions at all is a StoreError naming the version floor.
+        pending. Gone again at once (a FUNCTION FLUSH racing the reload): LibraryRemoved, a
+        "not now" the retry policy sends again. A server without Functions at all answers
+        another error (a StoreError naming the version floor, see ``_retry.translate``).
         """
         calls, library = batch.calls, self._library
         # With replicated durability a write waits for the replicas (see _durability).
@@ -611,9 +612,9 @@ class BaseClient(Generic[C]):
             batch.pending = _core.take_answers(batch.pending, answered, batch.replies)
             if not batch.pending:
                 return batch.replies
-        raise StoreError(
+        raise LibraryRemoved(
             f"Redis answered {FUNCTION_MISSING!r} for agentbill's library {library.name} right"
-            " after loading it"
+            " after it was loaded (removed again meanwhile): again"
         )
 
     def _attempt_one(self, call: _core.Call) -> Generator[Ask, Any, object]:

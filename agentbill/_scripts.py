@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, TryAgainError
 
 OPERATIONS = (
     "preflight",
@@ -144,6 +144,12 @@ _NO_FUNCTIONS = re.compile(r"unknown command [`']?(FCALL|FCALL_RO|FUNCTION)\b", 
 
 VERSION_FLOOR = "Redis 7.0+ or Valkey (any version)"
 """The servers agentbill runs on: those with Functions (FUNCTION LOAD, FCALL)."""
+
+
+class LibraryRemoved(TryAgainError):
+    """The library was gone again right after this client loaded it: a FUNCTION FLUSH or
+    DELETE raced the reload. The calls ran nothing: "not now" (a TRYAGAIN), for the one retry
+    policy to send again, as the same requests, a bounded number of times."""
 
 
 def function_missing(reply: object) -> bool:
