@@ -120,11 +120,20 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         call = plan.call
+        if self._waits([call]):
+            # The call and WAIT in one pipelined round trip (see _durability).
+            return self._decode_one(plan, await self._send_batch([call]))
         with translated():
-            reply = await self._retry.acall(
-                lambda: _core.adrive(self._attempt_one(call), self._answer)
-            )
+            reply = await self._retry.acall(lambda: self._call_alone(call))
         return plan.decode(cast(_core.Reply, reply))
+
+    async def _call_alone(self, call: _core.Call) -> object:
+        """See :meth:`AgentBillClient._call_alone`."""
+        fcall = self._library.fcall(call.script, call.keys, call.args)
+        try:
+            return await self._redis.execute_command(*fcall)
+        except aioredis.ResponseError as exc:
+            return await _core.adrive(self._after_one(call, exc), self._answer)
 
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
@@ -138,11 +147,6 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
     ) -> tuple[list[object], list[object]]:
         """See :meth:`AgentBillClient._pipeline`."""
         after = self._wait if wait else None
-        if after is None and len(commands) == 1:
-            try:
-                return [await self._redis.execute_command(*commands[0])], []
-            except aioredis.ResponseError as exc:
-                return [exc], []
         if after is not None and isinstance(self._redis, aioredis.RedisCluster):
             return await asend_on_nodes(self._redis, commands, after)
         pipe = self._redis.pipeline(transaction=False)

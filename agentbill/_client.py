@@ -586,44 +586,71 @@ class BaseClient(Generic[C]):
         else:
             self._recorded(plan, settlement)
 
+    @staticmethod
+    def _decode_one(plan: _core.Plan[_core.T], replies: list[object]) -> _core.T:
+        """The result of a call sent alone in a batch (with WAIT, see ``_durability``)."""
+        answer = replies[0]
+        if isinstance(answer, Exception):
+            raise translate(answer) from answer
+        return plan.decode(cast(_core.Reply, answer))
+
     def _attempt_batch(self, batch: Batch) -> Generator[Ask, Any, list[object]]:
         """One attempt at sending ``batch``, a dialogue: every pending item's FCALL in one
-        round trip. This is the one place the library gets loaded, for single calls (a batch
-        of one) and batches alike: Redis answers "Function not found" when it lacks the library
-        (never loaded there, FUNCTION FLUSH or DELETE, a server restarted empty); those items
-        ran nothing, so the library is loaded (FUNCTION LOAD REPLACE) and they are sent once
-        more, as the same requests (same request ids). Returns every reply once none is
-        pending. Gone again at once (a FUNCTION FLUSH racing the reload): LibraryRemoved, a
-        "not now" the retry policy sends again. A server without Functions at all answers
-        another error (a StoreError naming the version floor, see ``_retry.translate``).
-        """
-        calls, library = batch.calls, self._library
-        # With replicated durability a write waits for the replicas (see _durability).
-        wait = self._wait is not None and any(call.script in WRITES for call in calls)
-        for attempt in range(2):
-            if attempt:
-                yield LoadLibrary()
-            commands = [
-                library.fcall(calls[i].script, calls[i].keys, calls[i].args) for i in batch.pending
-            ]
-            answered, acks = yield Pipeline(commands, wait)
-            if wait:
-                self._confirm(calls, answered, acks, batch.pending, batch.replies)
-            batch.pending = _core.take_answers(batch.pending, answered, batch.replies)
-            if not batch.pending:
-                return batch.replies
-        raise LibraryRemoved(
-            f"Redis answered {FUNCTION_MISSING!r} for agentbill's library {library.name} right"
-            " after it was loaded (removed again meanwhile): again"
-        )
+        round trip; the items answered "Function not found" go to :meth:`_reloaded`. Returns
+        every reply once none is pending."""
+        wait = self._waits(batch.calls)
+        answered, acks = yield Pipeline(self._commands(batch), wait)
+        self._take(batch, answered, acks, wait)
+        if batch.pending:
+            yield from self._reloaded(batch, wait)
+        return batch.replies
 
-    def _attempt_one(self, call: _core.Call) -> Generator[Ask, Any, object]:
-        """One attempt at one call (see :meth:`_attempt_batch`): its reply, or its error
-        reply raised (so that the retry policy sees a "not now")."""
-        (reply,) = yield from self._attempt_batch(Batch.of([call]))
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+    def _reloaded(self, batch: Batch, wait: bool) -> Generator[Ask, Any, list[object]]:
+        """The one place the library gets loaded, for single calls and batches alike: Redis
+        answered "Function not found" to the pending items of ``batch`` because it lacks the
+        library (never loaded there, FUNCTION FLUSH or DELETE, a server restarted empty).
+        Those calls ran nothing, so the library is loaded (FUNCTION LOAD REPLACE) and they are
+        sent once more, as the same requests (same request ids). Gone again at once (a FUNCTION
+        FLUSH racing the reload): LibraryRemoved, a "not now" the retry policy sends again. (A
+        server without Functions at all answers another error: a StoreError naming the version
+        floor, see ``_retry.translate``.)"""
+        yield LoadLibrary()
+        answered, acks = yield Pipeline(self._commands(batch), wait)
+        self._take(batch, answered, acks, wait)
+        if batch.pending:
+            raise LibraryRemoved(
+                f"Redis answered {FUNCTION_MISSING!r} for agentbill's library"
+                f" {self._library.name} right after it was loaded (removed again meanwhile)"
+            )
+        return batch.replies
+
+    def _waits(self, calls: list[_core.Call]) -> bool:
+        """Whether these calls are followed by WAIT: with replicated durability, if any writes
+        (see ``_durability``)."""
+        return self._wait is not None and any(call.script in WRITES for call in calls)
+
+    def _commands(self, batch: Batch) -> list[list[Any]]:
+        """The FCALL of each pending item of ``batch``."""
+        fcall, calls = self._library.fcall, batch.calls
+        return [fcall(calls[i].script, calls[i].keys, calls[i].args) for i in batch.pending]
+
+    def _take(self, batch: Batch, answered: list[object], acks: list[object], wait: bool) -> None:
+        """Keep a round trip's answers to ``batch``'s pending items (WAIT's replies checked
+        first); those answered "Function not found" stay pending."""
+        if wait:
+            self._confirm(batch.calls, answered, acks, batch.pending, batch.replies)
+        batch.pending = _core.take_answers(batch.pending, answered, batch.replies)
+
+    def _after_one(self, call: _core.Call, answer: object) -> Generator[Ask, Any, object]:
+        """What follows Redis's ``answer`` to ``call`` sent alone (the hot path, see the
+        clients' ``_call_alone``): the library loaded and the call sent once more if the answer
+        says it is missing; then the reply, or its error raised (the retry policy may send
+        it again)."""
+        if _scripts.function_missing(answer):
+            (answer,) = yield from self._reloaded(Batch([call], [None], [0]), False)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def _flush(self) -> Generator[Ask, Any, int]:
         """``flush`` as a dialogue; see :meth:`AgentBillClient.flush`."""
@@ -811,9 +838,21 @@ class AgentBillClient(BaseClient[Check]):
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
         call = plan.call
+        if self._waits([call]):
+            # The call and WAIT in one pipelined round trip (see _durability).
+            return self._decode_one(plan, self._send_batch([call]))
         with translated():
-            reply = self._retry.call(lambda: _core.drive(self._attempt_one(call), self._answer))
+            reply = self._retry.call(lambda: self._call_alone(call))
         return plan.decode(cast(_core.Reply, reply))
+
+    def _call_alone(self, call: _core.Call) -> object:
+        """One FCALL, sent as it is (no pipeline, no dialogue) unless Redis lacks the library:
+        see :meth:`_after_one`."""
+        fcall = self._library.fcall(call.script, call.keys, call.args)
+        try:
+            return self._redis.execute_command(*fcall)
+        except redis.ResponseError as exc:
+            return _core.drive(self._after_one(call, exc), self._answer)
 
     def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         """One round trip; then, if an outage left settlements queued, deliver them."""
@@ -826,14 +865,8 @@ class AgentBillClient(BaseClient[Check]):
     def _pipeline(self, commands: list[list[Any]], wait: bool) -> tuple[list[object], list[object]]:
         """The commands (FCALLs) in one pipelined round trip (one per node on a cluster) and,
         if ``wait``, WAIT after them on the same connection: the answers in order (an error
-        reply as its exception), and WAIT's replies. One command without WAIT is sent alone:
-        a single operation's call, the hot path."""
+        reply as its exception), and WAIT's replies."""
         after = self._wait if wait else None
-        if after is None and len(commands) == 1:
-            try:
-                return [self._redis.execute_command(*commands[0])], []
-            except redis.ResponseError as exc:
-                return [exc], []
         if after is not None and isinstance(self._redis, RedisCluster):
             return send_on_nodes(self._redis, commands, after)
         pipe = self._redis.pipeline(transaction=False)
