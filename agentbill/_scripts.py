@@ -11,6 +11,11 @@ Names: the library is ``agentbill_<digest>``, the digest of its text, and each f
 ``<library>_<operation>``: two agentbill versions can share one Redis, each calling its own.
 An operation's flags (``no-writes``, ``allow-oom``) are written in its file's header, on a line
 ``-- Function flags: <flag>[, <flag>] (why)``.
+
+The clients call the functions (FCALL) and load the library themselves, in one place
+(``BaseClient._reloaded``, the I/O in ``_topology.load_library``): Redis answers "Function not
+found" (:func:`function_missing`) while it lacks the library. A server without Functions (Redis
+before 7.0, :func:`no_functions`) is below :data:`VERSION_FLOOR`.
 """
 
 from __future__ import annotations
