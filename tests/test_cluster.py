@@ -20,13 +20,19 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from agentbill import AgentBillClient, AsyncAgentBillClient, Preflight, StoreBusyError
+from agentbill import (
+    AgentBillClient,
+    AsyncAgentBillClient,
+    LibraryNotLoadedError,
+    Preflight,
+    StoreBusyError,
+)
 from agentbill._keys import KeySpace, customer_tag
 from agentbill._scripts import installed
 from tests._async_facade import blocking_client
 from tests._servers import Cluster
 from tests.test_concurrency import Ask, check_budget_race, race, warm_up
-from tests.test_topology import MATRIX, SERVERS
+from tests.test_topology import MATRIX, SERVERS, url_client
 
 pytestmark = pytest.mark.cluster
 
@@ -189,6 +195,36 @@ def test_the_library_is_loaded_again_on_every_primary_after_it_was_removed(
         assert check.record(4).charged == 4
         assert client.get_budget(customer).spent == 4
     assert all(loaded(cluster))
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_user_who_may_not_load_the_library_gets_library_not_loaded_naming_the_node(
+    cluster: Cluster, namespace: str, kind: str
+) -> None:
+    """A user with FCALL but not FUNCTION (a tenant key's position), the library gone from
+    every primary: LibraryNotLoadedError naming a primary; once an operator loaded it on every
+    primary, the same client works."""
+    for node in cluster.nodes:
+        with node.client() as r:
+            r.acl_setuser(
+                "caller", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all",
+                "-function"]
+            )  # fmt: skip
+            r.function_flush()
+    url = cluster.url.replace("redis+cluster://", "redis+cluster://caller:secret@")
+    primaries = {f"127.0.0.1:{node.port}" for node in cluster.nodes}
+    with url_client(kind, url, namespace) as client:
+        with pytest.raises(LibraryNotLoadedError) as caught:
+            client.preflight("agent", 1, CUSTOMERS[0])
+        assert (caught.value.library, caught.value.node in primaries) == (installed().name, True)
+        assert "`agentbill keys load-library`" in str(caught.value)
+        with pytest.raises(LibraryNotLoadedError):
+            client.preflight_many([Preflight("agent", 1, c) for c in CUSTOMERS[:10]])
+        assert not any(loaded(cluster))
+        for node in cluster.nodes:
+            with node.client() as r:
+                r.function_load(installed().text)
+        assert client.preflight("agent", 1, CUSTOMERS[0]).approved
 
 
 def loaded(cluster: Cluster) -> list[bool]:
