@@ -39,9 +39,17 @@ def loads(r: redis.Redis) -> int:
     return int(stats["calls"])
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def libraries(r: redis.Redis) -> set[str]:
-    return {str(dict(zip(lib[::2], lib[1::2], strict=True))["library_name"]) for lib in
-            r.function_list()}  # fmt: skip
+    """The names of the libraries the server has."""
+    out = set()
+    for lib in r.function_list():
+        fields = {_text(k): v for k, v in zip(lib[::2], lib[1::2], strict=True)}
+        out.add(_text(fields["library_name"]))
+    return out
 
 
 # -- "Function not found": load, and the same requests once more ----------------------------------
@@ -109,6 +117,23 @@ def test_another_agentbill_versions_library_does_not_disturb_this_one(
     raw.function_delete(other.name)
     assert client.get_budget("c").reserved == 3
     assert libraries(raw) == {installed().name}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_library_survives_a_restart_with_its_data_no_reload(kind: str, namespace: str) -> None:
+    """Functions are data: a server killed and restarted from its append-only file has the
+    library, so the first call after it loads nothing."""
+    with running(extra={"appendonly": "yes", "appendfsync": "always"}) as server:
+        with url_client(kind, server.url, namespace) as client:
+            client.set_budget("c", 10)
+            server.kill()
+            server.restart()
+            with server.client() as r:
+                assert libraries(r) == {installed().name}
+                r.config_resetstat()
+                assert client.preflight("agent", 4, "c").approved
+                assert loads(r) == 0
+            assert client.get_budget("c").reserved == 4
 
 
 # -- the version floor ---------------------------------------------------------------------------
