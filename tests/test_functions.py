@@ -123,17 +123,19 @@ def test_another_agentbill_versions_library_does_not_disturb_this_one(
 def test_the_library_survives_a_restart_with_its_data_no_reload(kind: str, namespace: str) -> None:
     """Functions are data: a server killed and restarted from its append-only file has the
     library, so the first call after it loads nothing."""
-    with running(extra={"appendonly": "yes", "appendfsync": "always"}) as server:
-        with url_client(kind, server.url, namespace) as client:
-            client.set_budget("c", 10)
-            server.kill()
-            server.restart()
-            with server.client() as r:
-                assert libraries(r) == {installed().name}
-                r.config_resetstat()
-                assert client.preflight("agent", 4, "c").approved
-                assert loads(r) == 0
-            assert client.get_budget("c").reserved == 4
+    with (
+        running(extra={"appendonly": "yes", "appendfsync": "always"}) as server,
+        url_client(kind, server.url, namespace) as client,
+    ):
+        client.set_budget("c", 10)
+        server.kill()
+        server.restart()
+        with server.client() as r:
+            assert libraries(r) == {installed().name}
+            r.config_resetstat()
+            assert client.preflight("agent", 4, "c").approved
+            assert loads(r) == 0
+        assert client.get_budget("c").reserved == 4
 
 
 # -- the version floor ---------------------------------------------------------------------------
