@@ -262,6 +262,29 @@ def test_a_user_who_may_not_load_the_library_gets_library_not_loaded(
             assert client.get_budget("c").reserved == 1
 
 
+def test_queued_settlements_wait_for_the_library_not_dropped(
+    acl_server: RedisServer, namespace: str
+) -> None:
+    """background_settle: records queued while the library is missing and this client may not
+    load it stay queued (nothing ran), and land once an operator loaded it."""
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+    with (
+        acl_server.client() as admin,
+        AgentBillClient(redis_url=url, namespace=namespace, background_settle=True) as client,
+    ):
+        admin.function_load(installed().text, replace=True)
+        checks = [client.preflight("agent", 5, "c") for _ in range(3)]
+        admin.function_flush()
+        for check in checks:
+            assert check.record(2).status == "queued"
+        assert client.flush() == 3
+        assert client.outage_stats.dropped == 0
+        admin.function_load(installed().text)
+        assert client.flush() == 0
+        budget = client.get_budget("c")
+        assert (budget.spent, budget.reserved) == (6, 0)
+
+
 # -- function flags: reads answer from a Redis over maxmemory ------------------------------------
 
 
