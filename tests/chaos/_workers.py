@@ -118,21 +118,30 @@ class Tap:
 
     ``Check.remaining`` is clamped at 0, so an approval that left spent + reserved above the
     limit would read the same as one that left exactly nothing; the function's own reply
-    carries the counters as the approval left them. The client's ``_pipeline`` (the one way
-    its calls reach Redis, a single one included) is wrapped to see it.
+    carries the counters as the approval left them. The two ways a client's calls reach Redis
+    are wrapped to see it: ``_call_alone`` (a single call) and ``_pipeline`` (batches, and a
+    write followed by WAIT).
     """
 
     def __init__(self, client: AgentBillClient) -> None:
-        self._inner = client._pipeline
+        self._alone, self._pipeline = client._call_alone, client._pipeline
         self._function = client._library.function("preflight")
-        client._pipeline = self  # type: ignore[method-assign]
+        client._call_alone = self.alone  # type: ignore[method-assign]
+        client._pipeline = self.pipeline  # type: ignore[method-assign]
         self.reply: Any = None
 
-    def __call__(self, commands: list[list[Any]], wait: bool) -> Any:
+    def alone(self, call: _core.Call) -> Any:
+        if call.script != "preflight":
+            return self._alone(call)
+        self.reply = None
+        self.reply = self._alone(call)
+        return self.reply
+
+    def pipeline(self, commands: list[list[Any]], wait: bool) -> Any:
         preflights = [i for i, command in enumerate(commands) if command[1] == self._function]
         if preflights:
             self.reply = None
-        answered, acks = self._inner(commands, wait)
+        answered, acks = self._pipeline(commands, wait)
         for i in preflights:
             if not isinstance(answered[i], Exception):
                 self.reply = answered[i]
