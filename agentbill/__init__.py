@@ -1,6 +1,6 @@
 """agentbill: pre-flight budget enforcement for AI agent runs.
 
-Every worker runs the same atomic Lua scripts in one shared Redis: a run is checked against the
+Every worker runs the same atomic Lua functions in one shared Redis: a run is checked against the
 ceilings and its estimate reserved before it starts, and its actual units recorded after.
 """
 
@@ -14,6 +14,7 @@ from agentbill._exceptions import (
     CeilingExceededError,
     ConcurrencyLimitedError,
     InvalidRequestError,
+    LibraryNotLoadedError,
     NodesUnreachableError,
     RateLimitedError,
     RunBlockedError,
@@ -61,6 +62,7 @@ __all__ = [
     "Lease",
     "LeaseCheck",
     "LeaseStats",
+    "LibraryNotLoadedError",
     "NodesUnreachableError",
     "OutageStats",
     "Preflight",

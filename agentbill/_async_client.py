@@ -6,23 +6,23 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
 
-from agentbill import _core
+from agentbill import _core, _topology
 from agentbill._check import ThresholdCrossing
 from agentbill._client import (
     Ask,
     BaseClient,
     Batch,
     Flush,
-    LoadScript,
+    LoadLibrary,
     Pipeline,
     SendBatch,
     from_url,
 )
-from agentbill._durability import WRITES, asend_on_nodes
+from agentbill._durability import asend_on_nodes
 from agentbill._exceptions import (
     StoreUnavailableError,
 )
@@ -109,23 +109,31 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
         if isinstance(ask, SendBatch):
             return await self._send_batch(ask.calls)
         if isinstance(ask, Pipeline):
-            return await self._pipeline(ask.commands)
-        if isinstance(ask, LoadScript):
-            return await self._redis.script_load(ask.script)
+            return await self._pipeline(ask.commands, ask.wait)
+        if isinstance(ask, LoadLibrary):
+            await _topology.aload_library(self._redis, self._library)
+            return None
         if isinstance(ask, Flush):
             return await self.flush()
         await asyncio.sleep(ask.seconds)
         return None
 
     async def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
-        if self._wait is not None and plan.call.script in WRITES:
-            # The script and WAIT in one pipelined round trip (see _durability).
-            return self._decode_one(plan, await self._send_batch([plan.call]))
-        script = self._scripts[plan.call.script]
-        keys, args = plan.call.keys, plan.call.args
+        call = plan.call
+        if self._waits([call]):
+            # The call and WAIT in one pipelined round trip (see _durability).
+            return self._decode_one(plan, await self._send_batch([call]))
         with translated():
-            reply = await self._retry.acall(lambda: script(keys=keys, args=args))
-        return plan.decode(reply)
+            reply = await self._retry.acall(lambda: self._call_alone(call))
+        return plan.decode(cast(_core.Reply, reply))
+
+    async def _call_alone(self, call: _core.Call) -> object:
+        """See :meth:`AgentBillClient._call_alone`."""
+        fcall = self._library.fcall(call.script, call.keys, call.args)
+        try:
+            return await self._redis.execute_command(*fcall)
+        except aioredis.ResponseError as exc:
+            return await _core.adrive(self._after_one(call, exc), self._answer)
 
     async def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         result = await self._send(plan)
@@ -134,18 +142,19 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
             await self.flush()
         return result
 
-    async def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
-        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
-        with replicated durability, WAIT after them on the same connection: the answers in
-        order, and WAIT's replies."""
-        if self._wait is not None and isinstance(self._redis, aioredis.RedisCluster):
-            return await asend_on_nodes(self._redis, commands, self._wait)
+    async def _pipeline(
+        self, commands: list[list[Any]], wait: bool
+    ) -> tuple[list[object], list[object]]:
+        """See :meth:`AgentBillClient._pipeline`."""
+        after = self._wait if wait else None
+        if after is not None and isinstance(self._redis, aioredis.RedisCluster):
+            return await asend_on_nodes(self._redis, commands, after)
         pipe = self._redis.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command("EVALSHA", *args)
-        if self._wait is None:
+        for command in commands:
+            pipe.execute_command(*command)
+        if after is None:
             return list(await pipe.execute(raise_on_error=False)), []
-        pipe.execute_command(*self._wait)
+        pipe.execute_command(*after)
         answered = list(await pipe.execute(raise_on_error=False))
         return answered[:-1], answered[-1:]
 

@@ -23,7 +23,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import MovedError
 from redis.retry import Retry
 
-from agentbill import _core, _topology
+from agentbill import _core, _scripts, _topology
 from agentbill._check import BaseCheck, ThresholdCrossing
 from agentbill._durability import (
     WRITES,
@@ -36,7 +36,6 @@ from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
     StoreBusyError,
-    StoreError,
     StoreUnavailableError,
 )
 from agentbill._gate import AsyncRun, Gate, GateClient, Run, UnitsUsed
@@ -67,7 +66,7 @@ from agentbill._results import (
     Usage,
 )
 from agentbill._retry import Heal, RetryPolicy, is_transient, translate, translated
-from agentbill._scripts import bind, pipeline_args
+from agentbill._scripts import FUNCTION_MISSING, LibraryRemoved
 from agentbill._telemetry import OFF, Telemetry, instrument
 from agentbill._tenants import auth_options, check_url
 
@@ -100,16 +99,17 @@ class SendBatch:
 
 @dataclass(frozen=True, slots=True)
 class Pipeline:
-    """One attempt's EVALSHAs (``_pipeline``); the answer: (the answers, WAIT's replies)."""
+    """One attempt's FCALLs (``_pipeline``), ``wait``: followed by WAIT (they write, with
+    replicated durability); the answer: (the answers, WAIT's replies)."""
 
     commands: list[list[Any]]
+    wait: bool
 
 
 @dataclass(frozen=True, slots=True)
-class LoadScript:
-    """Load a script Redis answered NOSCRIPT for (SCRIPT LOAD)."""
-
-    script: str
+class LoadLibrary:
+    """Load agentbill's Functions library, which Redis answered "Function not found" for
+    (:func:`_topology.load_library`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,7 @@ class Pause:
     seconds: float
 
 
-Ask = SendBatch | Pipeline | LoadScript | Flush | Pause
+Ask = SendBatch | Pipeline | LoadLibrary | Flush | Pause
 
 
 @dataclass(slots=True)
@@ -196,7 +196,9 @@ class BaseClient(Generic[C]):
         self._script_settings = _core.ScriptSettings.from_settings(settings)
         self._redis: Any = client
         self._owns_redis = owns_client
-        self._scripts = bind(client)
+        self._library = _scripts.installed()
+        if isinstance(client, CLUSTER_TYPES):
+            _topology.route_functions(client)
         self._outage = OutageLedger(settings.on_outage, settings.outage_allowance)
         self._flusher: Flusher | AsyncFlusher
         deliver_at_exit(self)
@@ -593,25 +595,62 @@ class BaseClient(Generic[C]):
         return plan.decode(cast(_core.Reply, answer))
 
     def _attempt_batch(self, batch: Batch) -> Generator[Ask, Any, list[object]]:
-        """One attempt at sending ``batch`` (see ``_send_batch``), a dialogue: every pending
-        item in one pipeline; the items answered NOSCRIPT once more after their script is
-        loaded. Returns every reply once none is pending."""
-        calls = batch.calls
-        for _ in range(2):
-            commands = [
-                pipeline_args(self._scripts[calls[i].script], calls[i].keys, calls[i].args)
-                for i in batch.pending
-            ]
-            answered, acks = yield Pipeline(commands)
-            if self._wait is not None:
-                self._confirm(calls, answered, acks, batch.pending, batch.replies)
-            missing = _core.take_answers(batch.pending, answered, batch.replies)
-            for name in {calls[i].script for i in missing}:
-                yield LoadScript(self._scripts[name].script)
-            batch.pending = missing
-            if not batch.pending:
-                return batch.replies
-        raise StoreError("Redis answered NOSCRIPT right after the script was loaded")
+        """One attempt at sending ``batch``, a dialogue: every pending item's FCALL in one
+        round trip; the items answered "Function not found" go to :meth:`_reloaded`. Returns
+        every reply once none is pending."""
+        wait = self._waits(batch.calls)
+        answered, acks = yield Pipeline(self._commands(batch), wait)
+        self._take(batch, answered, acks, wait)
+        if batch.pending:
+            yield from self._reloaded(batch, wait)
+        return batch.replies
+
+    def _reloaded(self, batch: Batch, wait: bool) -> Generator[Ask, Any, list[object]]:
+        """The one place the library gets loaded, for single calls and batches alike: Redis
+        answered "Function not found" to the pending items of ``batch`` because it lacks the
+        library (never loaded there, FUNCTION FLUSH or DELETE, a server restarted empty).
+        Those calls ran nothing, so the library is loaded (FUNCTION LOAD REPLACE) and they are
+        sent once more, as the same requests (same request ids). Gone again at once (a FUNCTION
+        FLUSH racing the reload): LibraryRemoved, a "not now" the retry policy sends again. (A
+        server without Functions at all answers another error: a StoreError naming the version
+        floor, see ``_retry.translate``.)"""
+        yield LoadLibrary()
+        answered, acks = yield Pipeline(self._commands(batch), wait)
+        self._take(batch, answered, acks, wait)
+        if batch.pending:
+            raise LibraryRemoved(
+                f"Redis answered {FUNCTION_MISSING!r} for agentbill's library"
+                f" {self._library.name} right after it was loaded (removed again meanwhile)"
+            )
+        return batch.replies
+
+    def _waits(self, calls: list[_core.Call]) -> bool:
+        """Whether these calls are followed by WAIT: with replicated durability, if any writes
+        (see ``_durability``)."""
+        return self._wait is not None and any(call.script in WRITES for call in calls)
+
+    def _commands(self, batch: Batch) -> list[list[Any]]:
+        """The FCALL of each pending item of ``batch``."""
+        fcall, calls = self._library.fcall, batch.calls
+        return [fcall(calls[i].script, calls[i].keys, calls[i].args) for i in batch.pending]
+
+    def _take(self, batch: Batch, answered: list[object], acks: list[object], wait: bool) -> None:
+        """Keep a round trip's answers to ``batch``'s pending items (WAIT's replies checked
+        first); those answered "Function not found" stay pending."""
+        if wait:
+            self._confirm(batch.calls, answered, acks, batch.pending, batch.replies)
+        batch.pending = _core.take_answers(batch.pending, answered, batch.replies)
+
+    def _after_one(self, call: _core.Call, answer: object) -> Generator[Ask, Any, object]:
+        """What follows Redis's ``answer`` to ``call`` sent alone (the hot path, see the
+        clients' ``_call_alone``): the library loaded and the call sent once more if the answer
+        says it is missing; then the reply, or its error raised (the retry policy may send
+        it again)."""
+        if _scripts.function_missing(answer):
+            (answer,) = yield from self._reloaded(Batch([call], [None], [0]), False)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def _flush(self) -> Generator[Ask, Any, int]:
         """``flush`` as a dialogue; see :meth:`AgentBillClient.flush`."""
@@ -788,23 +827,32 @@ class AgentBillClient(BaseClient[Check]):
         if isinstance(ask, SendBatch):
             return self._send_batch(ask.calls)
         if isinstance(ask, Pipeline):
-            return self._pipeline(ask.commands)
-        if isinstance(ask, LoadScript):
-            return self._redis.script_load(ask.script)
+            return self._pipeline(ask.commands, ask.wait)
+        if isinstance(ask, LoadLibrary):
+            _topology.load_library(self._redis, self._library)
+            return None
         if isinstance(ask, Flush):
             return self.flush()
         time.sleep(ask.seconds)
         return None
 
     def _send(self, plan: _core.Plan[_core.T]) -> _core.T:
-        if self._wait is not None and plan.call.script in WRITES:
-            # The script and WAIT in one pipelined round trip (see _durability).
-            return self._decode_one(plan, self._send_batch([plan.call]))
-        script = self._scripts[plan.call.script]
-        keys, args = plan.call.keys, plan.call.args
+        call = plan.call
+        if self._waits([call]):
+            # The call and WAIT in one pipelined round trip (see _durability).
+            return self._decode_one(plan, self._send_batch([call]))
         with translated():
-            reply = self._retry.call(lambda: script(keys=keys, args=args))
-        return plan.decode(reply)
+            reply = self._retry.call(lambda: self._call_alone(call))
+        return plan.decode(cast(_core.Reply, reply))
+
+    def _call_alone(self, call: _core.Call) -> object:
+        """One FCALL, sent as it is (no pipeline, no dialogue) unless Redis lacks the library:
+        see :meth:`_after_one`."""
+        fcall = self._library.fcall(call.script, call.keys, call.args)
+        try:
+            return self._redis.execute_command(*fcall)
+        except redis.ResponseError as exc:
+            return _core.drive(self._after_one(call, exc), self._answer)
 
     def _run(self, plan: _core.Plan[_core.T]) -> _core.T:
         """One round trip; then, if an outage left settlements queued, deliver them."""
@@ -814,26 +862,27 @@ class AgentBillClient(BaseClient[Check]):
             self.flush()
         return result
 
-    def _pipeline(self, commands: list[list[Any]]) -> tuple[list[object], list[object]]:
-        """Each command's EVALSHA in one pipelined round trip (one per node on a cluster) and,
-        with replicated durability, WAIT after them on the same connection: the answers in
-        order, and WAIT's replies."""
-        if self._wait is not None and isinstance(self._redis, RedisCluster):
-            return send_on_nodes(self._redis, commands, self._wait)
+    def _pipeline(self, commands: list[list[Any]], wait: bool) -> tuple[list[object], list[object]]:
+        """The commands (FCALLs) in one pipelined round trip (one per node on a cluster) and,
+        if ``wait``, WAIT after them on the same connection: the answers in order (an error
+        reply as its exception), and WAIT's replies."""
+        after = self._wait if wait else None
+        if after is not None and isinstance(self._redis, RedisCluster):
+            return send_on_nodes(self._redis, commands, after)
         pipe = self._redis.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command("EVALSHA", *args)
-        if self._wait is None:
+        for command in commands:
+            pipe.execute_command(*command)
+        if after is None:
             return list(pipe.execute(raise_on_error=False)), []
-        pipe.execute_command(*self._wait)
+        pipe.execute_command(*after)
         answered = list(pipe.execute(raise_on_error=False))
         return answered[:-1], answered[-1:]
 
     def _send_batch(self, calls: list[_core.Call]) -> list[object]:
-        """Every call in one pipelined round trip (each script call atomic on its own); the
-        replies in order, an item Redis refused as its exception. Items answered NOSCRIPT are
-        sent again once their script is loaded; a retry after a transport error resends only
-        unanswered items, which carry their request ids, so none lands twice."""
+        """Every call in one pipelined round trip (each function call atomic on its own); the
+        replies in order, an item Redis refused as its exception. Items answered "Function not
+        found" are sent again once the library is loaded; a retry after a transport error
+        resends only unanswered items, which carry their request ids, so none lands twice."""
         batch = Batch.of(calls)
         with translated():
             return self._retry.call(lambda: _core.drive(self._attempt_batch(batch), self._answer))

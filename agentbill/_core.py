@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from pydantic import SecretStr
-from redis.exceptions import NoScriptError
 
 from agentbill import _contract
 from agentbill._check import BaseCheck, Reason, Scope, ThresholdCrossing
@@ -57,6 +56,7 @@ from agentbill._results import (
     Usage,
     open_reservation,
 )
+from agentbill._scripts import function_missing
 from agentbill._tenants import parse_api_key, tenant_namespace
 from agentbill._zones import zone_table
 
@@ -752,10 +752,10 @@ def take_answers(
     pending: list[int], answered: Sequence[object], replies: list[object]
 ) -> list[int]:
     """Store a pipeline's answers to the ``pending`` items in ``replies``; the items answered
-    NOSCRIPT (to send again once their script is loaded)."""
+    "Function not found" (to send again once the library is loaded)."""
     missing = []
     for i, reply in zip(pending, answered, strict=True):
-        if isinstance(reply, NoScriptError):
+        if function_missing(reply):
             missing.append(i)
         else:
             replies[i] = reply

@@ -92,7 +92,7 @@ def check_acked(reply: object, replicas: int) -> None:
 
 
 def _by_node(nodes: list[Any]) -> dict[str, tuple[Any, list[int]]]:
-    """The items' indexes grouped by the node that owns their first key (``args[2]``)."""
+    """The items' indexes grouped by their node."""
     groups: dict[str, tuple[Any, list[int]]] = {}
     for i, node in enumerate(nodes):
         groups.setdefault(node.name, (node, []))[1].append(i)
@@ -109,15 +109,16 @@ def _redirected(answered: list[object]) -> rx.TryAgainError | None:
 def send_on_nodes(
     cluster: Any, commands: list[list[Any]], wait: tuple[object, ...]
 ) -> tuple[list[object], list[object]]:
-    """Each EVALSHA (``commands``: its arguments) on the node owning its slot, WAIT after them
-    on the same connection, one pipeline per node: the answers in order, and WAIT's replies."""
+    """Each command (an FCALL: function, key count, keys...) on the node owning its slot (its
+    first key's), WAIT after them on the same connection, one pipeline per node: the answers
+    in order, and WAIT's replies."""
     answered: list[object] = [None] * len(commands)
     acks: list[object] = []
-    nodes = [cluster.get_node_from_key(args[2]) for args in commands]
+    nodes = [cluster.get_node_from_key(args[3]) for args in commands]
     for node, indexes in _by_node(nodes).values():
         pipe = node.redis_connection.pipeline(transaction=False)
         for i in indexes:
-            pipe.execute_command("EVALSHA", *commands[i])
+            pipe.execute_command(*commands[i])
         pipe.execute_command(*wait)
         try:
             replies = pipe.execute(raise_on_error=False)
@@ -143,9 +144,9 @@ async def asend_on_nodes(
     await cluster.initialize()
     answered: list[object] = [None] * len(commands)
     acks: list[object] = []
-    nodes = [cluster.get_node_from_key(args[2]) for args in commands]
+    nodes = [cluster.get_node_from_key(args[3]) for args in commands]
     for node, indexes in _by_node(nodes).values():
-        sent = [PipelineCommand(i, "EVALSHA", *commands[i]) for i in indexes]
+        sent = [PipelineCommand(i, *commands[i]) for i in indexes]
         sent.append(PipelineCommand(len(commands), *wait))
         try:
             await node.execute_pipeline(sent)

@@ -10,6 +10,8 @@
     ├── InvalidRequestError           bad input; also a ValueError; nothing was written
     └── StoreError                    Redis answered with an error we did not expect
         ├── AuthenticationError       Redis refused the credentials (a wrong or revoked key)
+        ├── LibraryNotLoadedError     Redis lacks agentbill's Functions library and this
+        │                             client may not load it (a tenant key): .library, .node
         └── StoreUnavailableError     Redis could not run the call now; nothing was approved
             ├── StoreBusyError        Redis answered "not now" (BUSY, OOM, LOADING, ...): .code;
             │                         nothing was written, so the same call may simply be
@@ -34,6 +36,7 @@ __all__ = [
     "CeilingExceededError",
     "ConcurrencyLimitedError",
     "InvalidRequestError",
+    "LibraryNotLoadedError",
     "NodesUnreachableError",
     "RateLimitedError",
     "RunBlockedError",
@@ -173,6 +176,23 @@ class AuthenticationError(StoreError):
     Redis requires one. Never retried, and never an outage: an outage policy does not approve
     runs offline because of it. The message never holds the key.
     """
+
+
+class LibraryNotLoadedError(StoreError):
+    """Redis does not have agentbill's Functions library (``library``: its name) and refused
+    to let this client load it (FUNCTION LOAD answered NOPERM on ``node``, ``host:port``): a
+    tenant key may call the library's functions but not load them. An operator loads it once
+    per Redis (it persists and replicates with the data) with ``agentbill keys load-library``
+    or ``KeyAdmin.load_library()``. Nothing ran. Never retried, and never an outage.
+    """
+
+    def __init__(self, message: str, library: str, node: str) -> None:
+        self.library = library
+        self.node = node
+        super().__init__(message, library, node)  # args rebuild it: it pickles
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class StoreUnavailableError(StoreError):

@@ -60,6 +60,7 @@ from agentbill._exceptions import (
 )
 from agentbill._fork import reset_at_fork
 from agentbill._interrupts import interrupts_held
+from agentbill._scripts import VERSION_FLOOR, no_functions
 
 CLUSTER_HINT = (
     "reaches a node of a Redis Cluster (it answered MOVED): use "
@@ -170,6 +171,11 @@ def translate(exc: Exception) -> AgentBillError:
     code = busy_code(exc)
     if code is not None:
         return StoreBusyError(f"Redis cannot run the call now ({code}): {exc}", code)
+    if no_functions(exc):
+        return StoreError(
+            f"agentbill needs {VERSION_FLOOR}: this server has no Functions (FCALL,"
+            f" FUNCTION LOAD); it answered: {exc}"
+        )
     if isinstance(exc, rx.ResponseError):
         return StoreError(f"Redis refused the command: {exc}")
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):

@@ -11,6 +11,11 @@ Names: the library is ``agentbill_<digest>``, the digest of its text, and each f
 ``<library>_<operation>``: two agentbill versions can share one Redis, each calling its own.
 An operation's flags (``no-writes``, ``allow-oom``) are written in its file's header, on a line
 ``-- Function flags: <flag>[, <flag>] (why)``.
+
+The clients call the functions (FCALL) and load the library themselves, in one place
+(``BaseClient._reloaded``, the I/O in ``_topology.load_library``): Redis answers "Function not
+found" (:func:`function_missing`) while it lacks the library. A server without Functions (Redis
+before 7.0, :func:`no_functions`) is below :data:`VERSION_FLOOR`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from redis.exceptions import ResponseError, TryAgainError
 
 OPERATIONS = (
     "preflight",
@@ -64,6 +71,12 @@ class Library:
         if operation not in OPERATIONS:
             raise KeyError(operation)
         return f"{self.name}_{operation}"
+
+    def fcall(
+        self, operation: str, keys: tuple[str, ...], args: tuple[str | int, ...]
+    ) -> list[Any]:
+        """The command that calls ``operation``'s function with ``keys`` and ``args``."""
+        return ["FCALL", self.function(operation), len(keys), *keys, *args]
 
 
 def lua_dir() -> Path:
@@ -125,17 +138,31 @@ def write() -> Path:
     return path
 
 
-def pipeline_args(script: Any, keys: tuple[str, ...], args: tuple[str | int, ...]) -> list[Any]:
-    """EVALSHA's arguments for ``script`` in a pipeline. A redis-py Script queued in a pipeline
-    sends SCRIPT EXISTS on every execute; a batch sends EVALSHA alone and, for any item answered
-    NOSCRIPT, loads that script and sends the item again (see the clients' ``_send_batch``)."""
-    return [script.sha, len(keys), *keys, *args]
+# What Redis answers an FCALL of a function it does not have: its library was never loaded here,
+# or was removed (FUNCTION FLUSH, FUNCTION DELETE, a server restarted without its data). Redis
+# 7.0+ and Valkey send "ERR Function not found"; redis-py drops the "ERR ".
+FUNCTION_MISSING = "Function not found"
+
+# What a server without Functions (Redis before 7.0) answers FCALL or FUNCTION: "ERR unknown
+# command `FCALL`, with args beginning with: ..." (Redis 6 quotes it with backticks, 7 with ').
+_NO_FUNCTIONS = re.compile(r"unknown command [`']?(FCALL|FCALL_RO|FUNCTION)\b", re.I)
+
+VERSION_FLOOR = "Redis 7.0+ or Valkey (any version)"
+"""The servers agentbill runs on: those with Functions (FUNCTION LOAD, FCALL)."""
 
 
-def bind(client: Any) -> dict[str, Any]:
-    """One redis-py Script (or AsyncScript) per operation, registered on ``client``."""
-    prelude = source(PRELUDE)
-    return {
-        op: client.register_script(f"{prelude}\nbegin(KEYS, ARGV)\n{source(op)}")
-        for op in OPERATIONS
-    }
+class LibraryRemoved(TryAgainError):
+    """The library was gone again right after this client loaded it: a FUNCTION FLUSH or
+    DELETE raced the reload. The calls ran nothing: "not now" (a TRYAGAIN), for the one retry
+    policy to send again, as the same requests, a bounded number of times."""
+
+
+def function_missing(reply: object) -> bool:
+    """Whether ``reply`` (an error) says the server lacks the function called: load the library
+    and call again."""
+    return isinstance(reply, ResponseError) and str(reply).startswith(FUNCTION_MISSING)
+
+
+def no_functions(reply: object) -> bool:
+    """Whether ``reply`` (an error) says the server has no Functions at all (older than 7.0)."""
+    return isinstance(reply, ResponseError) and _NO_FUNCTIONS.search(str(reply)) is not None

@@ -396,7 +396,7 @@ class _Active(Telemetry):
 
             attributes = {
                 "db.system": "redis",
-                "db.operation.name": "EVALSHA",
+                "db.operation.name": "FCALL",
                 "agentbill.script": what,
             }
             with self._tracer.start_as_current_span(

@@ -34,8 +34,9 @@ from redis.cluster import RedisCluster
 from redis.connection import Connection, ConnectionPool, SSLConnection, parse_url
 from redis.exceptions import RedisClusterException
 
-from agentbill._exceptions import StoreUnavailableError
+from agentbill._exceptions import LibraryNotLoadedError, StoreUnavailableError
 from agentbill._retry import translate
+from agentbill._scripts import Library
 
 Kind = Literal["cluster", "sentinel"]
 
@@ -218,14 +219,17 @@ def _redis_error(exc: RedisClusterException) -> redis.RedisError:
 
 
 # A Redis Cluster may run with `cluster-require-full-coverage no`: a primary down (no replica
-# to promote) takes only its slots away, and the others keep serving theirs. Two things
+# to promote) takes only its slots away, and the others keep serving theirs. Three things
 # redis-py's cluster clients do would make every call fail then: they ask COMMAND of one node
-# (the default node: the first primary) when they start, and they load a script with SCRIPT
-# LOAD on every primary, failing if one is down. Both twins below ask the nodes in turn and
-# load scripts on every primary that answers; a call on the dead primary's slots still fails
-# (unreachable: StoreUnavailableError once the retry policy gives up).
+# (the default node: the first primary) when they start, they ask that node for the keys of a
+# command whose keys move (COMMAND GETKEYS, FCALL among them: one more round trip per call),
+# and they send FUNCTION LOAD to every primary, failing if one is down. The twins below ask
+# the nodes in turn, :func:`route_functions` reads FCALL's keys from the call itself, and
+# :func:`load_library` loads on every primary that answers; a call on the dead primary's
+# slots still fails (unreachable: StoreUnavailableError once the retry policy gives up).
 
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+FUNCTION_CALLS = ("FCALL", "FCALL_RO")
 
 
 def _each_node_first(default: Any, nodes: list[Any]) -> list[Any]:
@@ -233,16 +237,109 @@ def _each_node_first(default: Any, nodes: list[Any]) -> list[Any]:
     return [default, *(node for node in nodes if node is not default)]
 
 
-def _script_keys(fallback: Any) -> Any:
-    """The keys of a command: EVAL's and EVALSHA's from their arguments (script, key count,
-    keys...), any other's from ``fallback``."""
+def _function_keys(args: tuple[Any, ...]) -> list[Any] | None:
+    """The keys of an FCALL or FCALL_RO (function, key count, keys...), else None."""
+    if len(args) > 2 and str(args[0]).upper() in FUNCTION_CALLS:
+        return list(args[3 : 3 + int(args[2])])
+    return None
 
-    def keys(*args: Any) -> Any:
-        if args and str(args[0]).upper() in ("EVAL", "EVALSHA"):
-            return list(args[3 : 3 + int(args[2])])
-        return fallback(*args)
 
-    return keys
+def route_functions(cluster: Any) -> None:
+    """Make a redis-py cluster client (sync or asyncio, ours or one handed in) read the keys of
+    a function call from the call, as redis-py does for EVALSHA, instead of asking its default
+    node (see above). Its pipelines share its command parser, so they do too."""
+    parser = cluster.commands_parser
+    if getattr(parser, "_agentbill_routes", False):
+        return
+    asked = parser.get_keys
+    if inspect.iscoroutinefunction(asked):
+
+        async def aget_keys(*args: Any) -> Any:
+            keys = _function_keys(args)
+            return keys if keys is not None else await asked(*args)
+
+        parser.get_keys = aget_keys
+    else:
+
+        def get_keys(connection: Any, *args: Any) -> Any:
+            keys = _function_keys(args)
+            return keys if keys is not None else asked(connection, *args)
+
+        parser.get_keys = get_keys
+    parser._agentbill_routes = True
+
+
+def _address(client: Any) -> str:
+    """``host:port`` of a plain client's server (its unix socket, or its Sentinel service)."""
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    if "host" in kwargs:
+        return f"{kwargs['host']}:{kwargs.get('port', 6379)}"
+    service = getattr(pool, "service_name", None)
+    return f"the master of Sentinel service {service!r}" if service else "the Redis server"
+
+
+def _not_loaded(library: Library, node: str, exc: Exception) -> LibraryNotLoadedError:
+    return LibraryNotLoadedError(
+        f"Redis at {node} does not have agentbill's Functions library {library.name} and this"
+        f" client may not load it ({exc}): an operator loads it with `agentbill keys"
+        " load-library` or KeyAdmin.load_library()",
+        library.name,
+        node,
+    )
+
+
+def load_library(client: Any, library: Library) -> None:
+    """FUNCTION LOAD REPLACE of ``library`` on the server a sync client talks to: on a cluster,
+    on every primary that answers (none answering raises the last failure). A server that
+    refuses it (NOPERM: a tenant key) raises LibraryNotLoadedError naming the node."""
+    if not isinstance(client, RedisCluster):
+        try:
+            client.function_load(library.text, replace=True)
+        except redis.exceptions.NoPermissionError as exc:
+            raise _not_loaded(library, _address(client), exc) from exc
+        return
+    loaded, last = False, None
+    for node in client.get_primaries():  # type: ignore[no-untyped-call]
+        try:
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "FUNCTION LOAD", "REPLACE", library.text, target_nodes=node
+            )
+            loaded = True
+        except redis.exceptions.NoPermissionError as exc:
+            raise _not_loaded(library, node.name, exc) from exc
+        except _UNREACHABLE as exc:
+            last = exc
+    if not loaded:
+        assert last is not None
+        raise last
+
+
+async def aload_library(client: Any, library: Library) -> None:
+    """:func:`load_library` for a redis.asyncio client."""
+    if not isinstance(client, AsyncRedisCluster):
+        try:
+            await client.function_load(library.text, replace=True)
+        except redis.exceptions.NoPermissionError as exc:
+            raise _not_loaded(library, _address(client), exc) from exc
+        return
+    await client.initialize()
+    loaded, last = False, None
+    for node in client.get_primaries():
+        try:
+            await client.execute_command(
+                "FUNCTION LOAD", "REPLACE", library.text, target_nodes=node
+            )
+            loaded = True
+        except redis.exceptions.NoPermissionError as exc:
+            raise _not_loaded(library, node.name, exc) from exc
+        except _UNREACHABLE as exc:
+            last = exc
+    if not loaded:
+        assert last is not None
+        raise last
 
 
 class _Cluster(RedisCluster):
@@ -254,14 +351,6 @@ class _Cluster(RedisCluster):
             return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
         except RedisClusterException as exc:
             raise _redis_error(exc) from exc
-
-    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
-        """redis-py's cluster pipeline, reading a script call's keys from the call itself: it
-        asks the default node (COMMAND GETKEYS, one round trip per queued call) for commands
-        whose keys move, EVALSHA among them, and failed while that node was down."""
-        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
-        pipe._get_command_keys = _script_keys(pipe._get_command_keys)
-        return pipe
 
     def command(self, **kwargs: Any) -> Any:
         """COMMAND, from the first node that answers (it becomes the default node)."""
@@ -277,19 +366,6 @@ class _Cluster(RedisCluster):
             return reply
         assert last is not None
         raise last
-
-    def script_load(self, script: Any) -> Any:
-        """SCRIPT LOAD on every primary that answers; its SHA1."""
-        sha, last = None, None
-        for node in self.get_primaries():  # type: ignore[no-untyped-call]
-            try:
-                sha = self.execute_command("SCRIPT LOAD", script, target_nodes=node)
-            except _UNREACHABLE as exc:
-                last = exc
-        if sha is None:
-            assert last is not None
-            raise last
-        return sha
 
 
 class _AsyncCommands(AsyncCommandsParser):
@@ -325,20 +401,6 @@ class _AsyncCluster(AsyncRedisCluster):
             return await super().initialize(*args, **kwargs)
         except RedisClusterException as exc:
             raise _redis_error(exc) from exc
-
-    async def script_load(self, script: Any) -> Any:
-        """SCRIPT LOAD on every primary that answers; its SHA1."""
-        await self.initialize()
-        sha, last = None, None
-        for node in self.get_primaries():
-            try:
-                sha = await self.execute_command("SCRIPT LOAD", script, target_nodes=node)
-            except _UNREACHABLE as exc:
-                last = exc
-        if sha is None:
-            assert last is not None
-            raise last
-        return sha
 
 
 def _sentinel(topology: Topology, options: dict[str, Any], asynchronous: bool) -> Any:

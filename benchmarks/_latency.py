@@ -17,6 +17,7 @@ import redis
 from agentbill import AgentBillClient, Check, Preflight, _core
 from agentbill._check import BaseCheck
 from agentbill._keys import tag_of_reservation
+from benchmarks._server_cost import load_function
 from benchmarks._timing import BLOCK, WARMUP, Op
 
 NAMESPACE = "bench"
@@ -32,9 +33,9 @@ PREFLIGHT_MANY = f"preflight_many of {BATCH}, per decision"
 LEASE = "lease: preflight + record, per run"
 LEASE_SLICE = 1000
 BATCHED = "batched"  # preflight_many's customer: its reservations are left open
-RAW_PREFLIGHT = "preflight as a bare EVALSHA"
-RAW_PAIR = "pair as two bare EVALSHAs"
-NOOP_SCRIPT = "EVALSHA of `return 1`, preflight's KEYS/ARGV"
+RAW_PREFLIGHT = "preflight as a bare FCALL"
+RAW_PAIR = "pair as two bare FCALLs"
+NOOP_SCRIPT = "FCALL of `return 1`, preflight's KEYS/ARGV"
 GET_BUDGET = "get_budget"
 LIMITS_MOVING = "limits moving-window hit()"
 LIMITS_FIXED = "limits fixed-window hit()"
@@ -80,15 +81,15 @@ def agentbill_ops(client: AgentBillClient, customer: str = HOT) -> list[Op]:
 
 
 def floor_ops(client: AgentBillClient, r: redis.Redis, n: int, customer: str = HOT) -> list[Op]:
-    """The same script calls with KEYS/ARGV built before timing and sent as bare EVALSHAs:
+    """The same function calls with KEYS/ARGV built before timing and sent as bare FCALLs:
     what a preflight and a pair would cost with no agentbill Python around the round trip;
-    and a script that does nothing, sent preflight's KEYS/ARGV: the cost of the call itself."""
-    policy, scripts = client._script_settings, client._scripts
-    pre_sha, settle_sha = scripts["preflight"].sha, scripts["settle"].sha
-    client.preflight(AGENT, 1, customer).release()  # both scripts are loaded on the server
+    and a function that does nothing, sent preflight's KEYS/ARGV: the cost of the call itself."""
+    policy, library = client._script_settings, client._library
+    pre_fn, settle_fn = library.function("preflight"), library.function("settle")
+    client.preflight(AGENT, 1, customer).release()  # the library is loaded on the server
 
-    def evalsha(sha: str, call: _core.Call) -> tuple[Any, ...]:
-        return (sha, len(call.keys), *call.keys, *call.args)
+    def fcall(function: str, call: _core.Call) -> tuple[Any, ...]:
+        return (function, len(call.keys), *call.keys, *call.args)
 
     def planned() -> tuple[tuple[Any, ...], tuple[Any, ...], str]:
         """One preflight's call (a fresh reservation id, as the client makes) and the record
@@ -99,7 +100,7 @@ def floor_ops(client: AgentBillClient, r: redis.Redis, n: int, customer: str = H
         rid = str(pre.args[-1]).split("\x1f")[0]  # the packed fields start with it
         assert tag_of_reservation(rid)
         rec = _core.plan_record(policy, AGENT, 1, None, rid, None, True, None, None).call
-        return evalsha(pre_sha, pre), evalsha(settle_sha, rec), rid
+        return fcall(pre_fn, pre), fcall(settle_fn, rec), rid
 
     count = WARMUP + n + 1
     alone = [planned() for _ in range(count)]
@@ -108,20 +109,20 @@ def floor_ops(client: AgentBillClient, r: redis.Redis, n: int, customer: str = H
 
     def raw_preflight() -> str:
         pre, _, rid = next(alone_it)
-        r.evalsha(*pre)
+        r.fcall(*pre)
         return rid
 
     def raw_pair() -> None:
         pre, rec, _ = next(pairs_it)
-        r.evalsha(*pre)
-        r.evalsha(*rec)
+        r.fcall(*pre)
+        r.fcall(*rec)
 
-    noop = (r.script_load("return 1"), *alone[-1][0][1:])
+    noop = (load_function(r, "bench_noop", "return 1"), *alone[-1][0][1:])
 
     return [
         Op(RAW_PREFLIGHT, raw_preflight, lambda rid: client.release(rid)),
         Op(RAW_PAIR, raw_pair),
-        Op(NOOP_SCRIPT, lambda: r.evalsha(*noop)),
+        Op(NOOP_SCRIPT, lambda: r.fcall(*noop)),
     ]
 
 

@@ -135,14 +135,14 @@ def targets(res: Results) -> list[Target]:
                 2.5,
                 True,
                 f"a PING is one round trip; the same round trip carrying preflight's 11 keys and "
-                f"6 arguments to a script that does nothing costs {noop:.2f} PINGs (redis-py "
+                f"6 arguments to a function that does nothing costs {noop:.2f} PINGs (redis-py "
                 f"packs 20 arguments, the server builds KEYS/ARGV). Running preflight.lua makes "
-                f"that bare EVALSHA {raw:.2f} PINGs: redis-server spends "
+                f"that bare FCALL {raw:.2f} PINGs: redis-server spends "
                 f"{x(srv[L.PREFLIGHT]):.2f} PINGs ({_us(srv[L.PREFLIGHT])}) in the script, and "
                 f"the reply is one packed string. agentbill's client-side Python adds the "
                 f"other {pf - raw:.2f} PINGs. Client CPU per call: PING "
-                f"{client_cpu(L.PING)}, no-op script {client_cpu(L.NOOP_SCRIPT)}, bare "
-                f"EVALSHA {client_cpu(L.RAW_PREFLIGHT)}, preflight {client_cpu(L.PREFLIGHT)} "
+                f"{client_cpu(L.PING)}, no-op function {client_cpu(L.NOOP_SCRIPT)}, bare "
+                f"FCALL {client_cpu(L.RAW_PREFLIGHT)}, preflight {client_cpu(L.PREFLIGHT)} "
                 f"(see the profile).",
                 BEFORE["preflight_x_ping"],
             )
@@ -156,9 +156,9 @@ def targets(res: Results) -> list[Target]:
                 True,
                 f"two round trips are 2 PINGs; redis-server spends {x(srv[L.PAIR]):.2f} PINGs "
                 f"({_us(srv[L.PAIR])}) in preflight.lua and settle.lua together. As two bare "
-                f"EVALSHAs the pair costs {raw_pair:.2f} PINGs; the client-side Python of "
+                f"FCALLs the pair costs {raw_pair:.2f} PINGs; the client-side Python of "
                 f"preflight, record and the Check adds {pair - raw_pair:.2f} "
-                f"(client CPU per pair {client_cpu(L.PAIR)}, as bare EVALSHAs "
+                f"(client CPU per pair {client_cpu(L.PAIR)}, as bare FCALLs "
                 f"{client_cpu(L.RAW_PAIR)}).",
                 BEFORE["pair_x_ping"],
             )
@@ -254,7 +254,7 @@ def targets(res: Results) -> list[Target]:
                 1.3,
                 True,
                 f"client CPU per call: preflight {_us(cpu)}, limits {_us(mw_cpu)}, the same "
-                f"EVALSHA with its KEYS/ARGV built beforehand {client_cpu(L.RAW_PREFLIGHT)}, a "
+                f"FCALL with its KEYS/ARGV built beforehand {client_cpu(L.RAW_PREFLIGHT)}, a "
                 f"no-op script with preflight's 11 keys and 6 arguments "
                 f"{client_cpu(L.NOOP_SCRIPT)}: redis-py packs 20 arguments where limits sends "
                 f"6, and agentbill validates, builds the call and a Check (see the profile).{fast}",
@@ -469,7 +469,7 @@ def markdown(res: Results, commit: str, chart: str | None) -> str:
         "*redis-server time*: the server's own time per call (INFO commandstats, reset before "
         "each block of 100 calls; the median over blocks), in a separate interleaved pass. "
         "*client CPU*: this process's user+system CPU per call "
-        "(kernel loopback TCP included). The bare EVALSHA rows send the very same script calls "
+        "(kernel loopback TCP included). The bare FCALL rows send the very same function calls "
         "with KEYS/ARGV built before timing: the floor under the client.",
     ]
 

@@ -17,13 +17,14 @@ import redis
 
 from agentbill import AgentBillClient, Preflight
 from agentbill._keys import KeySpace
+from benchmarks._server_cost import load_function
 
 BATCH = 2000  # customers per loader call
 OPEN_BATCH = 1000  # preflights per preflight_many call
 OPEN_TTL = 24 * 3600  # seconds: far beyond the run, so the reaper never touches them
 
-# Benchmark-only loader: a budget hash with a limit for each declared key (KEYS[1] of the
-# scripts; see lua/_common.lua).
+# Benchmark-only loader (a function of its own): a budget hash with a limit for each declared
+# key (KEYS[1] of the library's functions; see lua/_common.lua).
 LOADER = """
 for _, key in ipairs(KEYS) do
   redis.call('HSET', key, 'limit', ARGV[1])
@@ -37,11 +38,11 @@ def add_customers(r: redis.Redis, client: AgentBillClient, count: int, limit: in
     spent or reserved, in ``client``'s namespace. Returns the seconds it took."""
     t0 = time.perf_counter()
     space = KeySpace(client.namespace)
-    loader = r.register_script(LOADER)
+    loader = load_function(r, "scale_loader", LOADER)
     with r.pipeline(transaction=False) as pipe:
         for first in range(0, count, BATCH):
             keys = [space.customer(f"c{i}").budget for i in range(first, min(count, first + BATCH))]
-            loader(keys=keys, args=[limit], client=pipe)
+            pipe.fcall(loader, len(keys), *keys, limit)
             if len(pipe) >= 8:
                 pipe.execute()
         pipe.execute()

@@ -10,11 +10,12 @@ Two meters with one interface (``Meter.per_call``: the server's cost of one call
 - :class:`Micros`: the server's own clock, INFO commandstats reset before a block of calls;
   the median over blocks of µs per call. It moves with the machine's load.
 
-:func:`preflight_cuts` and :func:`settle_cuts` are the scripts with an early ``return`` put at
-successive points, run with the KEYS/ARGV of real calls: the step between two cuts is what
-the code between them costs. :func:`replayed_commands` is the script of the commands an
-approved preflight issues (read with MONITOR), replayed with the same arguments and no logic:
-the floor of the commands themselves.
+:func:`preflight_cuts` and :func:`settle_cuts` are the Functions library with an early
+``return`` put at successive points of one operation, run with the KEYS/ARGV of real calls
+(FCALL, as the client sends them): the step between two cuts is what the code between them
+costs. :func:`replayed_commands` is a function issuing the commands an approved preflight
+issues (read with MONITOR), replayed with the same arguments and no logic: the floor of the
+commands themselves.
 
 ``python -m benchmarks.profile_preflight --server`` prints all of it.
 """
@@ -199,7 +200,7 @@ def cut(source: str, at: Cut) -> str:
 
 
 PREFLIGHT_CUTS = (
-    Cut("prelude (_common.lua), nothing else", "local A = split(ARGV[6]"),
+    Cut("begin(KEYS, ARGV), nothing else", "local A = split(ARGV[6]"),
     Cut("+ argument parsing, now_ms()", "local cs, as"),
     Cut("+ idempotency check, read_state()", "local function fits"),
     Cut("+ overflow check, reap(now)", "-- A repeat of an approved request"),
@@ -212,7 +213,7 @@ PREFLIGHT_CUTS = (
 )
 
 SETTLE_CUTS = (
-    Cut("prelude (_common.lua), nothing else", "local A = split(ARGV[6]"),
+    Cut("begin(KEYS, ARGV), nothing else", "local A = split(ARGV[6]"),
     Cut("+ argument parsing, now_ms()", "local crossed = {}"),
     Cut("+ idempotency checks, find the reservation", "-- A record after a release"),
     Cut("+ overflow check (charge_fits)", "-- -- from here on, nothing fails"),
@@ -227,24 +228,34 @@ SETTLE_CUTS = (
 )
 
 
-def preflight_cuts() -> list[tuple[str, str]]:
-    """(name, full script source) of preflight.lua cut at each of PREFLIGHT_CUTS, then whole."""
+def preflight_cuts() -> list[tuple[str, _scripts.Library]]:
+    """(name, the library with preflight.lua cut) at each of PREFLIGHT_CUTS, then whole."""
     return _cuts("preflight", PREFLIGHT_CUTS)
 
 
-def settle_cuts() -> list[tuple[str, str]]:
+def settle_cuts() -> list[tuple[str, _scripts.Library]]:
     return _cuts("settle", SETTLE_CUTS)
 
 
-def _cuts(operation: str, cuts: Sequence[Cut]) -> list[tuple[str, str]]:
-    full = _scripts.source(operation)
-    prelude = _scripts.source(operation)[: len(full) - len(_body(operation))]
-    body = _body(operation)
-    return [(c.name, prelude + cut(body, c)) for c in cuts] + [("whole script", full)]
+def _cuts(operation: str, cuts: Sequence[Cut]) -> list[tuple[str, _scripts.Library]]:
+    body = _scripts.source(operation)
+
+    def cut_at(at: Cut) -> _scripts.Library:
+        return _scripts.build(
+            lambda name: cut(body, at) if name == operation else _scripts.source(name)
+        )
+
+    return [(c.name, cut_at(c)) for c in cuts] + [("whole function", _scripts.installed())]
 
 
-def _body(operation: str) -> str:
-    return (_scripts.lua_dir() / f"{operation}.lua").read_text(encoding="utf-8")
+def load_function(r: redis.Redis, name: str, body: str) -> str:
+    """A library of one function ``name`` running ``body`` (no prelude), loaded; its name."""
+    r.function_load(
+        f"#!lua name={name}\nredis.register_function('{name}', function(KEYS, ARGV)\n"
+        f"{body}\nend)\n",
+        replace=True,
+    )
+    return name
 
 
 # -- the calls ---------------------------------------------------------------------------------
@@ -257,8 +268,10 @@ class Bench:
     server: RedisServer
     r: redis.Redis = field(init=False)
     client: AgentBillClient = field(init=False)
+    library: _scripts.Library = field(init=False)
 
     def __post_init__(self) -> None:
+        self.library = _scripts.installed()
         self.r = self.server.client()
         self.client = AgentBillClient(redis_url=self.server.url, namespace=NAMESPACE)
         self.client.set_budget(CUSTOMER, BIG_LIMIT)
@@ -273,8 +286,8 @@ class Bench:
             self.client._script_settings, AGENT, 1, CUSTOMER, None, None, None, None, BaseCheck
         ).call
 
-    def evalsha(self, sha: str, call: _core.Call) -> Any:
-        return self.r.evalsha(sha, len(call.keys), *call.keys, *call.args)
+    def fcall(self, function: str, call: _core.Call) -> Any:
+        return self.r.fcall(function, len(call.keys), *call.keys, *call.args)
 
     def release(self, calls: list[_core.Call]) -> None:
         for c in calls:
@@ -288,22 +301,22 @@ class Bench:
     def made(self) -> tuple[_core.Call, _core.Call]:
         """A reservation preflight.lua made (untimed): its call, and the record closing it."""
         pre = self.plan()
-        self.evalsha(self.client._scripts["preflight"].sha, pre)
+        self.fcall(self.library.function("preflight"), pre)
         return pre, self.record_call(pre)
 
-    def preflight_case(self, name: str, sha: str, note: str = "") -> Case:
-        """Script ``sha`` run with an approved preflight's KEYS/ARGV; released after."""
+    def preflight_case(self, name: str, function: str, note: str = "") -> Case:
+        """Function ``function`` run with an approved preflight's KEYS/ARGV; released after."""
 
         def call(c: _core.Call) -> object:
-            return self.evalsha(sha, c)
+            return self.fcall(function, c)
 
         return Case(name, call, self.plan, self.release, note)
 
-    def settle_case(self, name: str, sha: str) -> Case:
-        """Script ``sha`` run with the KEYS/ARGV of record(1) of an open reservation."""
+    def settle_case(self, name: str, function: str) -> Case:
+        """Function ``function`` run with the KEYS/ARGV of record(1) of an open reservation."""
 
         def call(pair: tuple[_core.Call, _core.Call]) -> object:
-            return self.evalsha(sha, pair[1])
+            return self.fcall(function, pair[1])
 
         def after(pairs: list[tuple[_core.Call, _core.Call]]) -> None:
             self.release([pre for pre, _ in pairs])  # those a cut script left open
@@ -311,30 +324,37 @@ class Bench:
         return Case(name, call, self.made, after)
 
     def cases(self) -> list[Case]:
-        """PING, a no-op script, the peers, the commands of a preflight replayed, and preflight
-        and settle as the client sends them."""
+        """PING, a no-op function, the peers, the commands of a preflight replayed, and
+        preflight and settle as the client sends them (FCALL of the library)."""
         r = self.r
         script, count = replayed_commands(self)
         return [
             Case("PING", lambda _: r.ping()),
             self.preflight_case(
-                "EVALSHA `return 1`, preflight's KEYS/ARGV", r.script_load("return 1")
+                "FCALL of `return 1`, preflight's KEYS/ARGV",
+                load_function(r, "cost_noop", "return 1"),
             ),
             *peer_cases(self.server.url),
             self.preflight_case(
                 "preflight's commands replayed, no logic",
-                r.script_load(script),
+                load_function(r, "cost_replayed", script),
                 f"{count} commands",
             ),
-            self.preflight_case(PREFLIGHT_CASE, self.client._scripts["preflight"].sha),
-            self.settle_case(SETTLE_CASE, self.client._scripts["settle"].sha),
+            self.preflight_case(PREFLIGHT_CASE, self.library.function("preflight")),
+            self.settle_case(SETTLE_CASE, self.library.function("settle")),
         ]
 
     def cut_cases(self, operation: str) -> list[Case]:
-        """The script cut at each point, run with a real call's KEYS/ARGV."""
-        if operation == "preflight":
-            return [self.preflight_case(n, self.r.script_load(s)) for n, s in preflight_cuts()]
-        return [self.settle_case(n, self.r.script_load(s)) for n, s in settle_cuts()]
+        """The operation cut at each point, run with a real call's KEYS/ARGV."""
+        out = []
+        for name, library in preflight_cuts() if operation == "preflight" else settle_cuts():
+            self.r.function_load(library.text, replace=True)
+            function = library.function(operation)
+            if operation == "preflight":
+                out.append(self.preflight_case(name, function))
+            else:
+                out.append(self.settle_case(name, function))
+        return out
 
 
 def _rid(call: _core.Call) -> str:
@@ -380,7 +400,7 @@ def monitored(bench: Bench) -> list[list[str]]:
         t.start()
         time.sleep(0.1)
         call = bench.plan()
-        bench.evalsha(bench.client._scripts["preflight"].sha, call)
+        bench.fcall(bench.library.function("preflight"), call)
         bench.r.ping()
         t.join(timeout=10)
         bench.release([call])
@@ -392,9 +412,9 @@ def _lua_str(s: str) -> str:
 
 
 def replayed_commands(bench: Bench) -> tuple[str, int]:
-    """A script that issues the commands of one approved preflight, in order, with the same
-    arguments (keys from KEYS, as any script must): the cost of the commands alone; and how
-    many there are."""
+    """A function body that issues the commands of one approved preflight, in order, with the
+    same arguments (keys from KEYS, as any function must): the cost of the commands alone; and
+    how many there are."""
     cmds = monitored(bench)
     slots = {k: f"KEYS[{i + 1}]" for i, k in enumerate(bench.plan().keys)}
     lines = []

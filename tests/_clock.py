@@ -1,12 +1,15 @@
 """Moving a customer's clock in tests, without a hook in the production scripts.
 
 The production prelude reads Redis ``TIME`` and nothing else. Tests that cross period
-boundaries load a variant of the scripts (different source, so a different SHA) whose clock adds
-the customer's ``_clock_offset`` field (ms): :func:`movable_clock` installs it for the clients a
+boundaries load a variant of the Functions library (built by ``_scripts.build`` from a changed
+prelude, so it has another name and lives beside the production one) whose clock adds the
+customer's ``_clock_offset`` field (ms): :func:`movable_clock` installs it for the clients a
 test builds, and :func:`shift_clock` moves it.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import pytest
 import redis
@@ -38,9 +41,15 @@ def _movable_source(operation: str) -> str:
     return text.replace(PRODUCTION_CLOCK, MOVABLE_CLOCK)
 
 
+@cache
+def movable_library() -> _scripts.Library:
+    """The library with the movable clock (its own name: it lives beside the production one)."""
+    return _scripts.build(_movable_source)
+
+
 def movable_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Clients built from now on in this test run the scripts with the movable clock."""
-    monkeypatch.setattr(_scripts, "source", _movable_source)
+    """Clients built from now on in this test call the library with the movable clock."""
+    monkeypatch.setattr(_scripts, "installed", movable_library)
 
 
 def shift_clock(raw: redis.Redis, namespace: str, customer: str, ms: int) -> None:

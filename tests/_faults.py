@@ -25,7 +25,8 @@ from tests._servers import RedisServer
 
 AGENT = "agent"
 CUSTOMER = "acme"
-SCRIPT_COMMANDS = (b"EVALSHA", b"EVAL")
+SCRIPT_COMMANDS = (b"FCALL", b"FCALL_RO")
+FUNCTION_MISSING = b"-ERR Function not found"
 UNREACHABLE_BOUND = 2.0
 
 
@@ -142,11 +143,11 @@ class Link:
 class ReplyLosingProxy:
     """A TCP proxy in front of one Redis server that loses script replies on purpose.
 
-    ``lose_next_replies(n)``: the next n script calls (EVALSHA/EVAL) are forwarded and run, but
+    ``lose_next_replies(n)``: the next n function calls (FCALL) are forwarded and run, but
     their replies are thrown away and the client's connection closed, as when the network
-    fails on the way back. A NOSCRIPT reply passes through: that script did not run.
-    ``refuse_scripts``: script calls are not forwarded at all; the connection is closed.
-    Everything else (handshakes, SCRIPT LOAD) passes through untouched.
+    fails on the way back. A "Function not found" reply passes through: that call did not run.
+    ``refuse_scripts``: function calls are not forwarded at all; the connection is closed.
+    Everything else (handshakes, FUNCTION LOAD) passes through untouched.
     """
 
     def __init__(self, server_port: int) -> None:
@@ -224,7 +225,7 @@ class ReplyLosingProxy:
         with contextlib.suppress(OSError):
             while chunk := link.server.recv(65536):
                 with self._lock:
-                    lose = link.doomed and not chunk.startswith(b"-NOSCRIPT")
+                    lose = link.doomed and not chunk.startswith(FUNCTION_MISSING)
                     link.doomed = False
                     if lose:
                         self._to_lose -= 1

@@ -18,7 +18,7 @@ from agentbill import AgentBillClient, Preflight
 from agentbill._check import BaseCheck
 from agentbill._keys import KeySpace, customer_tag, reservation_id
 from agentbill._models import MAX_UNITS
-from agentbill._scripts import OPERATIONS, lua_dir
+from agentbill._scripts import OPERATIONS, installed, lua_dir
 from agentbill._zones import zone_table
 from tests._clock import movable_clock, shift_clock
 from tests._servers import RedisServer, running
@@ -212,14 +212,8 @@ def test_a_preflight_landing_after_its_release_reserves_nothing(
     assert plan.reservation_id is not None
     client.release(plan.reservation_id)
     keys, args = plan.call.keys, plan.call.args
-    raw.register_script(_script_source("preflight"))(keys=keys, args=args)
+    raw.fcall(installed().function("preflight"), len(keys), *keys, *args)  # loaded by release
     assert client.get_budget("u").reserved == 0
-
-
-def _script_source(operation: str) -> str:
-    from agentbill._scripts import source
-
-    return source(operation)
 
 
 def test_the_production_scripts_read_no_clock_hook(

@@ -142,7 +142,7 @@ def test_a_scrape_costs_one_script_call_per_customer() -> None:
             stats = r.info("commandstats")
         # One get_usage script call per customer (the commands it runs inside Redis are
         # counted too, under their own names); no SCAN: the list is kept for --rescan seconds.
-        assert stats["cmdstat_evalsha"]["calls"] == 3
+        assert stats["cmdstat_fcall"]["calls"] == 3
         assert "cmdstat_scan" not in stats
     finally:
         server.stop()

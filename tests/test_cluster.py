@@ -7,7 +7,6 @@ slot and runs on whichever node owns it; customers spread over the nodes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -21,13 +20,19 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from agentbill import AgentBillClient, AsyncAgentBillClient, Preflight, StoreBusyError
+from agentbill import (
+    AgentBillClient,
+    AsyncAgentBillClient,
+    LibraryNotLoadedError,
+    Preflight,
+    StoreBusyError,
+)
 from agentbill._keys import KeySpace, customer_tag
-from agentbill._scripts import source
+from agentbill._scripts import installed
 from tests._async_facade import blocking_client
 from tests._servers import Cluster
 from tests.test_concurrency import Ask, check_budget_race, race, warm_up
-from tests.test_topology import MATRIX, SERVERS
+from tests.test_topology import MATRIX, SERVERS, url_client
 
 pytestmark = pytest.mark.cluster
 
@@ -133,9 +138,9 @@ def test_preflight_many_spans_customers_on_every_node(
     client = both_clients
     for customer in CUSTOMERS:
         client.set_budget(customer, 5)
-    for host, port in cluster.startup_nodes:  # every node forgets the scripts: NOSCRIPT paths
+    for host, port in cluster.startup_nodes:  # every node forgets the library: reload paths
         with redis.Redis(host=host, port=port) as node:
-            node.script_flush()
+            node.function_flush()
     asks = [Preflight("agent", units, c) for c in CUSTOMERS for units in (3, 3)]
     checks = client.preflight_many(asks)
     assert [c.approved for c in checks] == [True, False] * len(CUSTOMERS)
@@ -165,35 +170,69 @@ def test_each_customer_lives_in_one_slot_and_customers_spread_over_nodes(
     assert len(set().union(*nodes_of.values())) >= 2
 
 
-def test_scripts_are_reloaded_after_a_script_flush_on_every_node(
-    cluster: Cluster, both_clients: AgentBillClient
+@pytest.mark.parametrize("forget", ["flush", "delete"])
+def test_the_library_is_loaded_again_on_every_primary_after_it_was_removed(
+    cluster: Cluster, both_clients: AgentBillClient, forget: str
 ) -> None:
-    """redis-py's Script answers NOSCRIPT by loading the script (on every primary) again."""
+    """FUNCTION FLUSH (or DELETE) on every node: the first call a node answers "Function not
+    found" loads the library on every primary, and the call is sent once more."""
     client = both_clients
     customers = CUSTOMERS[:10]
     for customer in customers:
         client.set_budget(customer, 10)
-    assert all(loaded(cluster, "preflight")), "the scripts are cached before the flush"
+    assert all(loaded(cluster)), "every primary has the library before it is removed"
     for node in cluster.nodes:
         with node.client() as r:
-            r.script_flush()
-    assert not any(loaded(cluster, "preflight"))
+            if forget == "flush":
+                r.function_flush()
+            else:
+                r.function_delete(installed().name)
+    assert not any(loaded(cluster))
 
     for customer in customers:
         check = client.preflight("agent", 4, customer)
         assert check.approved
         assert check.record(4).charged == 4
         assert client.get_budget(customer).spent == 4
-    assert all(loaded(cluster, "preflight"))
+    assert all(loaded(cluster))
 
 
-def loaded(cluster: Cluster, operation: str) -> list[bool]:
-    """Whether each node has the operation's script cached."""
-    sha = hashlib.sha1(source(operation).encode()).hexdigest()
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_user_who_may_not_load_the_library_gets_library_not_loaded_naming_the_node(
+    cluster: Cluster, namespace: str, kind: str
+) -> None:
+    """A user with FCALL but not FUNCTION (a tenant key's position), the library gone from
+    every primary: LibraryNotLoadedError naming a primary; once an operator loaded it on every
+    primary, the same client works."""
+    for node in cluster.nodes:
+        with node.client() as r:
+            r.acl_setuser(
+                "caller", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all",
+                "-function"]
+            )  # fmt: skip
+            r.function_flush()
+    url = cluster.url.replace("redis+cluster://", "redis+cluster://caller:secret@")
+    primaries = {f"127.0.0.1:{node.port}" for node in cluster.nodes}
+    with url_client(kind, url, namespace) as client:
+        with pytest.raises(LibraryNotLoadedError) as caught:
+            client.preflight("agent", 1, CUSTOMERS[0])
+        assert (caught.value.library, caught.value.node in primaries) == (installed().name, True)
+        assert "`agentbill keys load-library`" in str(caught.value)
+        with pytest.raises(LibraryNotLoadedError):
+            client.preflight_many([Preflight("agent", 1, c) for c in CUSTOMERS[:10]])
+        assert not any(loaded(cluster))
+        for node in cluster.nodes:
+            with node.client() as r:
+                r.function_load(installed().text)
+        assert client.preflight("agent", 1, CUSTOMERS[0]).approved
+
+
+def loaded(cluster: Cluster) -> list[bool]:
+    """Whether each primary has agentbill's library."""
     out = []
     for node in cluster.nodes:
         with node.client() as r:
-            out.extend(r.script_exists(sha))
+            out.append(bool(r.function_list(library=installed().name)))
     return out
 
 

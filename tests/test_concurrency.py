@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -82,7 +83,7 @@ def run_processes(target: Callable[..., T], args: Sequence[tuple[object, ...]]) 
 
 
 def warm_up(client: AgentBillClient) -> None:
-    """Load the scripts into the server, so no racer's first call pays for a NOSCRIPT."""
+    """Load the library into the server, so no racer's first call pays for loading it."""
     client.preflight(AGENT, 0, "warm-up").release()
 
 
@@ -293,22 +294,47 @@ MIXED_OPS = 400
 MIXED_LIMIT = 500
 
 
+@pytest.mark.parametrize("flushing", [False, True], ids=["", "library-flushed-meanwhile"])
 def test_a_mixed_run_keeps_every_count_exact(
-    redis_server: RedisServer, client: AgentBillClient, namespace: str
+    redis_server: RedisServer, client: AgentBillClient, namespace: str, flushing: bool
 ) -> None:
+    """``flushing``: FUNCTION FLUSH over and over while the workers run. A call answered
+    "Function not found" ran nothing; the worker loads the library and sends it once more as
+    the same request, so every count stays exact (and no settlement is a replay)."""
     customers = ["hot-1", "hot-2"]
     for customer in customers:
         client.set_budget(customer, MIXED_LIMIT)
     warm_up(client)
     barrier = CTX.Barrier(MIXED_WORKERS)
+    done = threading.Event()
 
-    tallies = run_processes(
-        mixed_worker,
-        [
-            (redis_server.url, namespace, customers, MIXED_OPS, seed, barrier)
-            for seed in range(MIXED_WORKERS)
-        ],
-    )
+    def flush_until_done() -> None:
+        """FUNCTION FLUSH, then again once a worker loaded the library back and a moment
+        passed (a flush during a reload is retried, as the same request, too)."""
+        with redis_server.client() as r:
+            while not done.wait(0.02):
+                if r.function_list():
+                    r.function_flush()
+
+    flusher = threading.Thread(target=flush_until_done)
+    if flushing:
+        flusher.start()
+    try:
+        tallies = run_processes(
+            mixed_worker,
+            [
+                (redis_server.url, namespace, customers, MIXED_OPS, seed, barrier)
+                for seed in range(MIXED_WORKERS)
+            ],
+        )
+    finally:
+        done.set()
+        if flushing:
+            flusher.join()
+    if flushing:
+        with redis_server.client() as r:
+            reloads = r.info("commandstats").get("cmdstat_function|load", {"calls": 0})
+        assert int(reloads["calls"]) > MIXED_WORKERS  # the flushes did hit the workers
 
     for tally in tallies:
         assert all(0 <= r <= MIXED_LIMIT for r in tally.remaining_seen)

@@ -144,7 +144,7 @@ def test_every_attempt_of_one_call_queued_on_a_paused_server_lands_as_one_reserv
             client.preflight(AGENT, estimate, CUSTOMER).release()
             before = client.get_budget(CUSTOMER)
             raw.ping()
-            runs_before = evalsha_calls(raw)
+            runs_before = fcall_calls(raw)
             server.pause()
             try:
                 with pytest.raises(StoreUnavailableError):
@@ -153,7 +153,7 @@ def test_every_attempt_of_one_call_queued_on_a_paused_server_lands_as_one_reserv
                 server.resume()
 
             wait_until(
-                lambda: evalsha_calls(raw) - runs_before == attempts and not other_clients(raw),
+                lambda: fcall_calls(raw) - runs_before == attempts and not other_clients(raw),
                 "every queued attempt to run",
             )
             after = client.get_budget(CUSTOMER)
@@ -162,8 +162,8 @@ def test_every_attempt_of_one_call_queued_on_a_paused_server_lands_as_one_reserv
     assert after.spent == before.spent
 
 
-def evalsha_calls(raw: redis.Redis) -> int:
-    stats = raw.info("commandstats").get("cmdstat_evalsha", {"calls": 0})
+def fcall_calls(raw: redis.Redis) -> int:
+    stats = raw.info("commandstats").get("cmdstat_fcall", {"calls": 0})
     return int(stats["calls"])
 
 
@@ -187,7 +187,7 @@ def lossy(
     connect: Connect, proxy: ReplyLosingProxy, client: AgentBillClient, namespace: str
 ) -> Iterator[AgentBillClient]:
     """A client talking through the proxy; ``client`` (direct, sync) sees the same namespace."""
-    # Load the scripts first, so a script call is never answered NOSCRIPT while measured.
+    # Load the library first, so a call is never answered "Function not found" while measured.
     client.preflight(AGENT, 0, "warm-up").release()
     with connect(redis_url=proxy.url, namespace=namespace) as c:
         yield c

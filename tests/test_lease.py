@@ -81,8 +81,8 @@ def make_lease(
             runner.run(aclient.close())
 
 
-def evalsha_calls(raw: redis.Redis) -> int:
-    return int(raw.info("commandstats").get("cmdstat_evalsha", {"calls": 0})["calls"])
+def fcall_calls(raw: redis.Redis) -> int:
+    return int(raw.info("commandstats").get("cmdstat_fcall", {"calls": 0})["calls"])
 
 
 def test_runs_are_decided_locally_within_a_slice(
@@ -90,11 +90,11 @@ def test_runs_are_decided_locally_within_a_slice(
 ) -> None:
     client, lease_of = make_lease
     client.set_budget("c1", 100)
-    client.preflight("agent", 0, "warm-up").release()  # the script is loaded: no NOSCRIPT
+    client.preflight("agent", 0, "warm-up").release()  # the library is loaded: no reload detour
     with lease_of("agent", "c1", slice_units=10) as lease:
-        before = evalsha_calls(raw)
+        before = fcall_calls(raw)
         runs = [lease.preflight(1) for _ in range(10)]
-        assert evalsha_calls(raw) - before == 1  # one slice, ten decisions
+        assert fcall_calls(raw) - before == 1  # one slice, ten decisions
         assert all(r.approved for r in runs)
         assert client.get_budget("c1").reserved == 10  # the slice, held in Redis
         for r in runs:
@@ -254,7 +254,7 @@ def test_a_slice_whose_reply_was_lost_is_reserved_once(
     """A slice is one preflight with a client-made reservation id: the client's retry after a
     lost reply finds its own reservation, so the lease holds one slice, not two."""
     with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as looker:
-        looker.preflight("agent", 0, "warm-up").release()  # scripts loaded: no NOSCRIPT detour
+        looker.preflight("agent", 0, "warm-up").release()  # the library loaded: no reload detour
         with (
             AgentBillClient(redis_url=proxy.url, namespace=namespace) as lossy,
             lossy.lease("agent", "c1", slice_units=10) as lease,

@@ -221,7 +221,7 @@ def test_a_queued_call_whose_attempts_all_landed_is_delivered_once(
 ) -> None:
     """Every attempt ran but lost its reply: the call is in doubt, so it is queued, and its
     delivery carries the same request id, so the record that did land is not charged again."""
-    client.preflight(AGENT, 0, "warm-up").release()  # scripts loaded: no NOSCRIPT detours
+    client.preflight(AGENT, 0, "warm-up").release()  # the library loaded: no reload detours
     with connect(redis_url=proxy.url, namespace=namespace, on_outage="fail_open") as lossy:
         proxy.lose_next_replies(10)
         queued = lossy.record(AGENT, 4, CUSTOMER)

@@ -1,5 +1,6 @@
-"""The wheel ships every Lua script and the wire contract beside them (lua/contract.json), and the
-installed package loads both from inside itself."""
+"""The wheel ships every Lua script, the Functions library the clients load (lua/library.lua)
+and the wire contract beside them (lua/contract.json), and the installed package loads them
+from inside itself."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import agentbill
-from agentbill._scripts import OPERATIONS, PRELUDE
+from agentbill._scripts import LIBRARY_FILE, OPERATIONS, PRELUDE, installed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +33,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_contains_every_script_and_the_type_marker(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     scripts = {p.name for p in (ROOT / "lua").glob("*.lua")}
-    assert {f"{op}.lua" for op in (*OPERATIONS, PRELUDE)} <= scripts
+    assert {f"{op}.lua" for op in (*OPERATIONS, PRELUDE)} | {LIBRARY_FILE} <= scripts
     for script in scripts:
         assert f"agentbill/lua/{script}" in names
     assert "agentbill/lua/contract.json" in names
@@ -44,6 +45,8 @@ def test_installed_wheel_loads_scripts_from_the_package(wheel: Path, tmp_path: P
     probe = (
         "import agentbill._scripts as s; print(s.lua_dir());"
         "print(all(s.source(op) for op in s.OPERATIONS));"
+        "print(s.installed().text == (s.lua_dir() / 'library.lua').read_text());"
+        "print(s.installed().name);"
         "import json, agentbill._contract as c;"
         "print(c.FILE == json.loads((s.lua_dir() / 'contract.json').read_text()))"
     )
@@ -55,7 +58,7 @@ def test_installed_wheel_loads_scripts_from_the_package(wheel: Path, tmp_path: P
         capture_output=True,
         text=True,
     ).stdout.split()
-    assert out == [str(tmp_path / "agentbill" / "lua"), "True", "True"]
+    assert out == [str(tmp_path / "agentbill" / "lua"), "True", "True", installed().name, "True"]
 
 
 def test_public_surface_is_sorted_and_importable() -> None:

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from agentbill import AgentBillClient, InvalidRequestError, Preflight
+from agentbill._scripts import installed
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
@@ -102,24 +103,37 @@ def test_an_item_redis_refuses_releases_what_the_batch_approved(client: AgentBil
     earlier.release()
 
 
-def test_scripts_flushed_from_redis_are_loaded_again(
+@pytest.mark.parametrize("forget", ["flush", "delete"])
+def test_a_library_removed_from_redis_is_loaded_again_for_a_batch(
+    client: AgentBillClient, raw: redis.Redis, forget: str
+) -> None:
+    """FUNCTION FLUSH (or FUNCTION DELETE of agentbill's library) between two batches: every
+    item is answered "Function not found", the library is loaded and each item sent once more,
+    as the same request: reserved once."""
+    client.preflight_many([Preflight("agent", 1, "c1")])
+    if forget == "flush":
+        raw.function_flush()
+    else:
+        raw.function_delete(installed().name)
+    assert raw.function_list() == []
+    asks = [Preflight("agent", 1, "c1"), Preflight("agent", 1, "c2", idempotency_key="k")]
+    checks = client.preflight_many(asks)
+    assert all(c.approved and not c.replayed for c in checks)
+    assert client.get_budget("c1").reserved == 2
+    assert client.get_budget("c2").reserved == 1
+    assert [str(lib[1]) for lib in raw.function_list()] == [installed().name]
+
+
+def test_a_batch_sends_one_fcall_per_item_and_nothing_else(
     client: AgentBillClient, raw: redis.Redis
 ) -> None:
-    client.preflight_many([Preflight("agent", 1, "c1")])
-    raw.script_flush()
-    checks = client.preflight_many([Preflight("agent", 1, "c1"), Preflight("agent", 1, "c2")])
-    assert all(c.approved for c in checks)
-    assert client.get_budget("c1").reserved == 2
-
-
-def test_a_batch_sends_no_script_exists(client: AgentBillClient, raw: redis.Redis) -> None:
-    """redis-py's Script in a pipeline sends SCRIPT EXISTS on every execute; ours does not."""
-    client.preflight_many([Preflight("agent", 1, "c1")])  # scripts loaded
+    """No FUNCTION LOAD, LIST or SCRIPT EXISTS around a batch once the library is there."""
+    client.preflight_many([Preflight("agent", 1, "c1")])  # the library loaded
     raw.config_resetstat()
     client.preflight_many([Preflight("agent", 1, f"c{i}") for i in range(10)])
     stats = raw.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 10
-    assert "cmdstat_script|exists" not in stats
+    assert stats["cmdstat_fcall"]["calls"] == 10
+    assert not [name for name in stats if "function" in name or "script" in name]
 
 
 def _racer(url: str, namespace: str, batches: int, out: mp.Queue[int]) -> None:

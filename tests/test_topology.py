@@ -261,7 +261,7 @@ def assert_confined(node: RedisServer, username: str, password: str, own: str) -
             ("GET", "other:{x}:budget"),
             ("SET", "other:{x}:budget", "1"),
             ("HSET", "other:{x}:h", "f", "1"),
-            ("EVALSHA", "0" * 40, "1", "other:{x}:budget"),
+            ("FCALL", "agentbill_0_preflight", "1", "other:{x}:budget"),
             ("FLUSHALL",),
             ("KEYS", "*"),
             ("CONFIG", "GET", "*"),
@@ -438,10 +438,11 @@ def test_a_queued_record_sent_to_the_wrong_cluster_node_waits_and_is_never_dropp
 def test_a_primary_down_leaves_the_other_primaries_working(namespace: str) -> None:
     """`cluster-require-full-coverage no`, and the primary of slot 0 (redis-py's default
     node) killed with no replica to promote: new clients are built, and calls for the
-    customers on the other primaries work, scripts loaded again included (every node forgot
-    them); calls on the dead primary's slots raise StoreUnavailableError. Before, the sync
+    customers on the other primaries work, the library loaded again included (every node
+    forgot it); calls on the dead primary's slots raise StoreUnavailableError. Before, the sync
     client could not be built (COMMAND went to the dead node alone) and every async call
-    failed (COMMAND, then SCRIPT LOAD sent to every primary)."""
+    failed (COMMAND, then SCRIPT LOAD sent to every primary); redis-py's own FUNCTION LOAD
+    goes to every primary too, and its FCALL asks the default node for the call's keys."""
     group = Cluster(extra={"cluster-require-full-coverage": "no"}).start()
     try:
         with AgentBillClient(redis_url=group.url, namespace=namespace) as client:
@@ -454,7 +455,7 @@ def test_a_primary_down_leaves_the_other_primaries_working(namespace: str) -> No
         dead.kill()
         for node in group.nodes[1:]:
             with node.client() as r:
-                r.script_flush()
+                r.function_flush()
         for kind in ("sync", "async"):
             with url_client(kind, group.url, namespace) as client:
                 for customer in CUSTOMERS:

@@ -453,7 +453,7 @@ def probe_outcomes(client: AgentBillClient, rids: Iterable[str]) -> dict[str, tu
 
 
 def warm_up(client: AgentBillClient) -> None:
-    """Load every script into the server, so no worker's first call pays for a NOSCRIPT."""
+    """Load the library into the server, so no worker's first call pays for loading it."""
     client.preflight("warm-up", 0, "warm-up").release()
     client.record("warm-up", 0, "warm-up")
 

@@ -114,35 +114,42 @@ class Journal:
 
 
 class Tap:
-    """Keeps the raw reply of the client's last preflight script call.
+    """Keeps the raw reply of the client's last preflight function call.
 
     ``Check.remaining`` is clamped at 0, so an approval that left spent + reserved above the
-    limit would read the same as one that left exactly nothing; the script's own reply carries
-    the counters as the approval left them.
+    limit would read the same as one that left exactly nothing; the function's own reply
+    carries the counters as the approval left them. The two ways a client's calls reach Redis
+    are wrapped to see it: ``_call_alone`` (a single call) and ``_pipeline`` (batches, and a
+    write followed by WAIT).
     """
 
     def __init__(self, client: AgentBillClient) -> None:
-        self._inner = client._scripts["preflight"]
-        client._scripts["preflight"] = self
+        self._alone, self._pipeline = client._call_alone, client._pipeline
+        self._function = client._library.function("preflight")
+        client._call_alone = self.alone  # type: ignore[method-assign]
+        client._pipeline = self.pipeline  # type: ignore[method-assign]
         self.reply: Any = None
 
-    @property
-    def sha(self) -> str:  # a replicated client pipelines EVALSHA itself: no reply seen here
-        return str(self._inner.sha)
-
-    @property
-    def script(self) -> Any:
-        return self._inner.script
-
-    def __call__(self, keys: Any, args: Any) -> Any:
+    def alone(self, call: _core.Call) -> Any:
+        if call.script != "preflight":
+            return self._alone(call)
         self.reply = None
-        reply = self._inner(keys=keys, args=args)
-        self.reply = reply
-        return reply
+        self.reply = self._alone(call)
+        return self.reply
+
+    def pipeline(self, commands: list[list[Any]], wait: bool) -> Any:
+        preflights = [i for i, command in enumerate(commands) if command[1] == self._function]
+        if preflights:
+            self.reply = None
+        answered, acks = self._pipeline(commands, wait)
+        for i in preflights:
+            if not isinstance(answered[i], Exception):
+                self.reply = answered[i]
+        return answered, acks
 
     def committed(self) -> tuple[int, int | None]:
-        """spent + reserved and the limit, as the last preflight left them ((0, None) when the
-        reply went by another path: a replicated client's pipeline)."""
+        """spent + reserved and the limit, as the last preflight left them ((0, None) when it
+        got no reply)."""
         if self.reply is None:
             return 0, None
         reply = _core.PREFLIGHT.unpack(self.reply)  # by name (lua/contract.json)

@@ -1,0 +1,323 @@
+"""How the clients load and call agentbill's Functions library (lua/library.lua).
+
+Every operation is an FCALL of the library's function. Redis answers "Function not found"
+when it lacks the library (never loaded there, FUNCTION FLUSH or FUNCTION DELETE, a server
+restarted without its data): the client loads it (FUNCTION LOAD REPLACE) and sends the same
+requests once more. A server without Functions (Redis before 7.0) gets a StoreError naming the
+version floor; a user that may call the functions but not load them (a tenant key) gets
+LibraryNotLoadedError. Each function's flags let reads answer from a Redis over maxmemory.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from agentbill import (
+    AgentBillClient,
+    LibraryNotLoadedError,
+    Preflight,
+    StoreBusyError,
+    StoreError,
+    StoreUnavailableError,
+)
+from agentbill._retry import translate
+from agentbill._scripts import build, installed, no_functions, source
+from tests._clock import movable_clock, shift_clock
+from tests._servers import RedisServer, running
+from tests.test_topology import url_client
+
+KINDS = ["sync", "async"]
+
+
+def loads(r: redis.Redis) -> int:
+    """FUNCTION LOAD calls the server ran so far."""
+    stats = r.info("commandstats").get("cmdstat_function|load", {"calls": 0})
+    return int(stats["calls"])
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def libraries(r: redis.Redis) -> set[str]:
+    """The names of the libraries the server has."""
+    out = set()
+    for lib in r.function_list():
+        fields = {_text(k): v for k, v in zip(lib[::2], lib[1::2], strict=True)}
+        out.add(_text(fields["library_name"]))
+    return out
+
+
+# -- "Function not found": load, and the same requests once more ----------------------------------
+
+
+@pytest.mark.parametrize("forget", ["flush", "delete"])
+def test_a_single_call_loads_the_library_again_once_and_lands_once(
+    both_clients: AgentBillClient, raw: redis.Redis, forget: str
+) -> None:
+    client = both_clients
+    client.set_budget("c", 100)
+    check = client.preflight("agent", 10, "c", idempotency_key="job-1")
+    if forget == "flush":
+        raw.function_flush()
+    else:
+        raw.function_delete(installed().name)
+    raw.config_resetstat()
+
+    settled = check.record(4)  # answered "Function not found": loaded, sent again
+    assert (settled.charged, settled.replayed) == (4, False)
+    assert loads(raw) == 1
+    assert libraries(raw) == {installed().name}
+    assert raw.info("commandstats")["cmdstat_fcall"]["calls"] == 2  # the first ran nothing
+
+    raw.function_flush()
+    again = client.preflight("agent", 10, "c", idempotency_key="job-1")
+    assert again.replayed
+    assert again.reservation_id == check.reservation_id
+    budget = client.get_budget("c")
+    assert (budget.spent, budget.reserved, budget.open_reservations) == (4, 0, 0)
+    assert loads(raw) == 2
+
+
+def test_calls_send_no_function_load_while_the_library_is_there(
+    client: AgentBillClient, raw: redis.Redis
+) -> None:
+    client.get_budget("c")
+    raw.config_resetstat()
+    for _ in range(5):
+        client.preflight("agent", 1, "c").release()
+    stats = raw.info("commandstats")
+    assert stats["cmdstat_fcall"]["calls"] == 10
+    assert not [name for name in stats if "function" in name or "script" in name]
+
+
+def test_another_agentbill_versions_library_does_not_disturb_this_one(
+    client: AgentBillClient, raw: redis.Redis
+) -> None:
+    """Each version's library has its own name (and so its own function names): both live
+    in one Redis, the client's reload replaces only its own, and deleting the other (what an
+    operator does to an old version's) changes nothing for this one."""
+
+    def read(name: str) -> str:
+        return source(name) + ("\n-- another version\n" if name == "estimates" else "")
+
+    other = build(read)
+    assert other.name != installed().name
+    raw.function_flush()
+    assert raw.function_load(other.text) == other.name
+    client.set_budget("c", 10)  # loads this version's library beside the other
+    assert libraries(raw) == {installed().name, other.name}
+    raw.function_delete(installed().name)
+    assert client.preflight("agent", 3, "c").approved  # loaded again; the other untouched
+    assert libraries(raw) == {installed().name, other.name}
+    raw.function_delete(other.name)
+    assert client.get_budget("c").reserved == 3
+    assert libraries(raw) == {installed().name}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_library_survives_a_restart_with_its_data_no_reload(kind: str, namespace: str) -> None:
+    """Functions are data: a server killed and restarted from its append-only file has the
+    library, so the first call after it loads nothing."""
+    with (
+        running(extra={"appendonly": "yes", "appendfsync": "always"}) as server,
+        url_client(kind, server.url, namespace) as client,
+    ):
+        client.set_budget("c", 10)
+        server.kill()
+        server.restart()
+        with server.client() as r:
+            assert libraries(r) == {installed().name}
+            r.config_resetstat()
+            assert client.preflight("agent", 4, "c").approved
+            assert loads(r) == 0
+        assert client.get_budget("c").reserved == 4
+
+
+# -- the version floor ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_functions_server() -> Iterator[RedisServer]:
+    """A server that answers FCALL and FUNCTION as Redis 6 does: unknown commands (renamed
+    away; `rename-command` takes one command per line, so the config file gets three)."""
+    server = RedisServer()
+    conf = server.dir / "no-functions.conf"
+    conf.write_text(
+        'rename-command FCALL ""\nrename-command FCALL_RO ""\nrename-command FUNCTION ""\n'
+    )
+    original = server.args
+
+    def args() -> list[str]:
+        binary, *rest = original()
+        return [binary, str(conf), *rest]
+
+    server.args = args  # type: ignore[method-assign]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_server_without_functions_is_a_store_error_naming_the_floor_never_retried(
+    kind: str, no_functions_server: RedisServer, namespace: str
+) -> None:
+    with no_functions_server.client() as r:
+        with pytest.raises(redis.ResponseError, match="unknown command"):
+            r.execute_command("FCALL", "f", "0")
+        with url_client(kind, no_functions_server.url, namespace) as client:
+            with pytest.raises(StoreError) as caught:
+                client.preflight("agent", 1, "c")
+            assert type(caught.value) is StoreError  # not "unavailable": no outage policy
+            assert str(caught.value).startswith(
+                "agentbill needs Redis 7.0+ or Valkey (any version): this server has no"
+                " Functions (FCALL, FUNCTION LOAD); it answered: unknown command 'FCALL'"
+            )
+            r.config_resetstat()  # (a connection's handshake on 7.0 has refused steps too)
+            with pytest.raises(StoreError, match=r"Redis 7\.0\+"):
+                client.preflight("agent", 1, "c")
+            with pytest.raises(StoreError, match=r"Redis 7\.0\+"):
+                client.preflight_many([Preflight("agent", 1, "c")])
+            errors = r.info("errorstats")
+    # One refused FCALL per call: no retry, no attempt to load.
+    assert errors["errorstat_ERR"]["count"] == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "unknown command `FCALL`, with args beginning with: `agentbill_x_preflight`, `11`, ",
+        "unknown command 'FCALL', with args beginning with: 'agentbill_x_preflight' '11' ",
+        "unknown command `FUNCTION`, with args beginning with: `LOAD`, `REPLACE`, ",
+    ],
+)
+def test_redis_6_answers_translate_to_the_floor(answer: str) -> None:
+    """What redis-server 6.0.9 answers FCALL and FUNCTION (backticks; 7.x quotes with ')."""
+    exc = redis.ResponseError(answer)
+    assert no_functions(exc)
+    error = translate(exc)
+    assert type(error) is StoreError
+    assert str(error).startswith("agentbill needs Redis 7.0+ or Valkey (any version)")
+    assert not no_functions(redis.ResponseError("unknown command 'NOPE', with args"))
+    assert not no_functions(redis.ResponseError("Function not found"))
+
+
+# -- a user that may call the functions but not load them --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def acl_server() -> Iterator[RedisServer]:
+    with running() as server:
+        with server.client() as r:
+            # FCALL and everything else, but not FUNCTION (LOAD): a tenant key's position.
+            r.acl_setuser(
+                "caller", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all",
+                "-function"]
+            )  # fmt: skip
+        yield server
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_user_who_may_not_load_the_library_gets_library_not_loaded(
+    kind: str, acl_server: RedisServer, namespace: str
+) -> None:
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+    library, node = installed().name, f"127.0.0.1:{acl_server.port}"
+    with acl_server.client() as admin:
+        admin.function_flush()
+        with url_client(kind, url, namespace) as client:
+            for call in (
+                lambda: client.preflight("agent", 1, "c"),
+                lambda: client.preflight_many([Preflight("agent", 1, "c")]),
+                lambda: client.get_budget("c"),
+            ):
+                with pytest.raises(LibraryNotLoadedError) as caught:
+                    call()
+                error = caught.value
+                assert isinstance(error, StoreError)
+                assert not isinstance(error, StoreUnavailableError)
+                assert (error.library, error.node) == (library, node)
+                # Between the parentheses, what the server said (Redis and Valkey differ).
+                head, said = str(error).split(" (", 1)
+                assert head == (
+                    f"Redis at {node} does not have agentbill's Functions library {library}"
+                    " and this client may not load it"
+                )
+                assert said.endswith(
+                    "no permissions to run the 'function|load' command): an operator loads it"
+                    " with `agentbill keys load-library` or KeyAdmin.load_library()"
+                )
+                assert isinstance(error.__cause__, redis.exceptions.NoPermissionError)
+                copy = pickle.loads(pickle.dumps(error))
+                assert (type(copy), str(copy), copy.node) == (type(error), str(error), node)
+            assert not admin.function_list()
+            admin.function_load(installed().text)  # what `agentbill keys load-library` does
+            assert client.preflight("agent", 1, "c").approved
+            assert client.get_budget("c").reserved == 1
+
+
+def test_queued_settlements_wait_for_the_library_not_dropped(
+    acl_server: RedisServer, namespace: str
+) -> None:
+    """background_settle: records queued while the library is missing and this client may not
+    load it stay queued (nothing ran), and land once an operator loaded it."""
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+    with (
+        acl_server.client() as admin,
+        AgentBillClient(redis_url=url, namespace=namespace, background_settle=True) as client,
+    ):
+        admin.function_load(installed().text, replace=True)
+        checks = [client.preflight("agent", 5, "c") for _ in range(3)]
+        admin.function_flush()
+        for check in checks:
+            assert check.record(2).status == "queued"
+        assert client.flush() == 3
+        assert client.outage_stats.dropped == 0
+        admin.function_load(installed().text)
+        assert client.flush() == 0
+        budget = client.get_budget("c")
+        assert (budget.spent, budget.reserved) == (6, 0)
+
+
+# -- function flags: reads answer from a Redis over maxmemory ------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reads_answer_from_a_redis_over_maxmemory_and_writes_are_busy(
+    kind: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get_budget, get_usage, get_task (allow-oom: their only writes return expired
+    reservations), events and estimates (no-writes) answer; preflight is refused as before
+    (StoreBusyError, OOM). A function without flags is refused up front over maxmemory."""
+    movable_clock(monkeypatch)
+    with (
+        running(extra={"maxmemory-policy": "noeviction"}) as server,
+        url_client(kind, server.url, namespace, retry_deadline=0.2) as client,
+        server.client() as r,
+    ):
+        client.set_budget("c", 1000)
+        client.open_task("t", 100, "c")
+        client.preflight("agent", 5, "c", task_ref="t").record(3)
+        client.preflight("agent", 7, "c", ttl=1)  # expires: reaped by a read over maxmemory
+        shift_clock(r, namespace, "c", 2000)
+        r.config_set("maxmemory", r.info("memory")["used_memory"] // 2)  # well over it now
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            r.set("one-more", "x")
+
+        budget = client.get_budget("c")
+        assert (budget.spent, budget.reserved, budget.open_reservations) == (3, 0, 0)
+        assert client.get_usage("c").customer.spent == 3
+        assert client.get_task("t", "c").used == 3
+        assert [e.type for e in client.events("c")][:3] == ["approved", "recorded", "approved"]
+        assert client.estimates("agent", "c") is not None
+        with pytest.raises(StoreBusyError) as caught:
+            client.preflight("agent", 1, "c")
+        assert caught.value.code == "OOM"
+        r.config_set("maxmemory", 0)
+        assert client.preflight("agent", 1, "c").approved
