@@ -584,6 +584,10 @@ def test_a_key_change_with_a_replica_down_reaches_every_other_node_and_names_it(
                 assert "no key was created" in str(info.value)
                 with pytest.raises(NodesUnreachableError):
                     admin.list_keys()
+                with pytest.raises(NodesUnreachableError) as info:  # loaded on both primaries
+                    admin.load_library()
+                assert info.value.nodes == (down,)
+                assert "was loaded on 2 primaries" in str(info.value)
         assert all(users_on(n) == {second.username} for n in up)
         with KeyAdmin(group.url) as admin, pytest.raises(NodesUnreachableError) as info:
             admin.revoke_key(second.key_id)
