@@ -85,9 +85,9 @@ SCRIPT_COMMANDS = (
 # What a client sends besides. FCALL of agentbill's functions (FCALL_RO for those flagged
 # no-writes), and never EVAL, EVALSHA, SCRIPT or FUNCTION: a key runs only code an operator
 # loaded (KeyAdmin.load_library, `agentbill keys load-library`), never code of its own, so one
-# tenant can neither stall Redis for every other with a long script (each tenant's calls would
-# wait on it, and a SCRIPT KILL of someone else's) nor flush or replace the library the others
-# call. ACL cannot name the functions FCALL may call, but only an operator loads any, and a
+# tenant can neither stall Redis for every other with a long script (every call waits behind
+# it until it ends or is killed) nor flush or replace the library the others call. ACL
+# cannot name the functions FCALL may call, but only an operator loads any, and a
 # function runs with its caller's permissions: FCALL's keys are checked against the key's
 # pattern like any command's, and each ``redis.call`` inside against these grants. With the
 # library missing (FUNCTION FLUSH, a node added later, a restart that lost the data) a call
