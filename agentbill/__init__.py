@@ -23,7 +23,7 @@ from agentbill._exceptions import (
     StoreUnavailableError,
     TaskCeilingExceededError,
 )
-from agentbill._key_admin import IssuedKey, KeyAdmin, KeyInfo, RevokedKey
+from agentbill._key_admin import IssuedKey, KeyAdmin, KeyInfo, LoadedLibrary, RevokedKey
 from agentbill._lease import AsyncLease, Lease, LeaseCheck, LeaseStats
 from agentbill._models import Preflight
 from agentbill._outage import OutageStats
@@ -63,6 +63,7 @@ __all__ = [
     "LeaseCheck",
     "LeaseStats",
     "LibraryNotLoadedError",
+    "LoadedLibrary",
     "NodesUnreachableError",
     "OutageStats",
     "Preflight",

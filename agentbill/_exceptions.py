@@ -225,12 +225,13 @@ class StoreBusyError(StoreUnavailableError):
 
 
 class NodesUnreachableError(StoreUnavailableError):
-    """A key change (or listing) could not be made on every data node. ``nodes``: each node
-    it did not reach (``host:port``), ``key_id``: the key's, if known. The message says what
-    was done and on which nodes, and what to do: a key revoked while a node was down is still
-    accepted by that node (and by a replica of it that a failover promotes), so run the revoke
-    again once it is back, or remove the node from the cluster or Sentinel set. A create that
-    raises this created nothing (what it had made was deleted again)."""
+    """A key change (or listing, or a load of the library) could not be made on every data
+    node. ``nodes``: each node it did not reach (``host:port``), ``key_id``: the key's, if
+    known. The message says what was done and on which nodes, and what to do: a key revoked
+    while a node was down is still accepted by that node (and by a replica of it that a
+    failover promotes), so run the revoke again once it is back, or remove the node from the
+    cluster or Sentinel set. A create that raises this created nothing (what it had made was
+    deleted again)."""
 
     def __init__(self, message: str, nodes: tuple[str, ...], key_id: str | None = None) -> None:
         self.nodes = nodes

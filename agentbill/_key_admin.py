@@ -1,4 +1,5 @@
-"""Tenant keys, the admin's side: :class:`KeyAdmin` creates, lists and revokes them.
+"""Tenant keys, the admin's side: :class:`KeyAdmin` creates, lists and revokes them, and loads
+the Functions library their clients call.
 
 Run with a privileged connection, it creates a Redis ACL user per key::
 
@@ -7,9 +8,12 @@ Run with a privileged connection, it creates a Redis ACL user per key::
 
 (``<prefix>`` and the key's format: ``agentbill._tenants``). Only the secret's SHA-256 is sent
 to Redis (``#<hash>``), which keeps nothing else; agentbill keeps nothing at all: the key is
-shown once. A script runs with the permissions of the user who calls it (Redis 7, Valkey), so
-the scripts of a tenant's client can touch only that tenant's keys, with only the commands
-granted here. No function here puts a secret into a repr, a message or a log line.
+shown once. A key may call agentbill's functions (FCALL) but load no code of its own, so the
+library (``lua/library.lua``) is loaded by the admin: :meth:`KeyAdmin.create_key` loads it,
+:meth:`KeyAdmin.load_library` loads it again (after FUNCTION FLUSH, on a node added later). A
+function runs with the permissions of the user who calls it (Redis 7, Valkey), so a tenant's
+calls can touch only that tenant's keys, with only the commands granted here. No function here
+puts a secret into a repr, a message or a log line.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from agentbill._exceptions import (
 from agentbill._keys import namespace_prefix
 from agentbill._models import Id, validate
 from agentbill._retry import translate, unreachable
+from agentbill._scripts import installed
 from agentbill._tenants import KEY_ID_PATTERN, USER_PREFIX, format_key, username_for
 from agentbill._topology import URL_FORMS, Kind, UrlError, cluster_members, data_nodes
 
@@ -45,14 +50,16 @@ __all__ = [
     "IssuedKey",
     "KeyAdmin",
     "KeyInfo",
+    "LoadedLibrary",
     "RevokedKey",
 ]
 
 ENV_ADMIN_URL = "AGENTBILL_ADMIN_URL"
 SECRET_BYTES = 32  # secrets.token_urlsafe(32): 43 characters
 
-# What the scripts call (lua/*.lua, every ``redis.call``); tests/test_tenants.py checks this
-# list against the files, so a script cannot start using a command its tenants lack.
+# What the scripts call (lua/*.lua, every ``redis.call``: the functions of lua/library.lua);
+# tests/test_tenants.py checks this list against the library, so a function cannot start using
+# a command its tenants lack.
 SCRIPT_COMMANDS = (
     "get",
     "set",
@@ -75,15 +82,24 @@ SCRIPT_COMMANDS = (
     "persist",
     "zrevrange",
 )
-# What redis-py sends for a client: Script runs EVALSHA and, when the server answers NOSCRIPT
-# (after a restart, a failover or SCRIPT FLUSH), SCRIPT LOAD; a URL naming a database other
-# than 0 makes every new connection SELECT it; PING is the cheapest liveness check. AUTH and
-# HELLO need no grant. On connect redis-py also sends CLIENT SETINFO (Redis 7.2+) and, over
-# TCP with RESP3, CLIENT MAINT_NOTIFICATIONS (newer servers); it ignores a refusal of either,
-# but each refusal is an ACL LOG entry, so they are granted where the server knows them.
-# Both only describe the caller's own connection. WAIT (durability="replicated") says only how
-# many replicas have this connection's writes.
-CLIENT_COMMANDS = ("evalsha", "script|load", "select", "ping", "wait")
+# What a client sends besides. FCALL of agentbill's functions (FCALL_RO for those flagged
+# no-writes), and never EVAL, EVALSHA, SCRIPT or FUNCTION: a key runs only code an operator
+# loaded (KeyAdmin.load_library, `agentbill keys load-library`), never code of its own, so one
+# tenant can neither stall Redis for every other with a long script (every call waits behind
+# it until it ends or is killed) nor flush or replace the library the others call. ACL
+# cannot name the functions FCALL may call, but only an operator loads any, and a
+# function runs with its caller's permissions: FCALL's keys are checked against the key's
+# pattern like any command's, and each ``redis.call`` inside against these grants. With the
+# library missing (FUNCTION FLUSH, a node added later, a restart that lost the data) a call
+# answers "Function not found"; the client's FUNCTION LOAD is then refused (NOPERM) and it
+# raises LibraryNotLoadedError, naming the command that loads it. A URL naming a database
+# other than 0 makes every new connection SELECT it; PING is the cheapest liveness check.
+# AUTH and HELLO need no grant. On connect redis-py also sends CLIENT SETINFO (Redis 7.2+)
+# and, over TCP with RESP3, CLIENT MAINT_NOTIFICATIONS (newer servers); it ignores a refusal
+# of either, but each refusal is an ACL LOG entry, so they are granted where the server knows
+# them. Both only describe the caller's own connection. WAIT (durability="replicated") says
+# only how many replicas have this connection's writes.
+CLIENT_COMMANDS = ("fcall", "fcall_ro", "select", "ping", "wait")
 OPTIONAL_COMMANDS = ("client|setinfo", "client|maint_notifications")
 # What a cluster client (redis-py's RedisCluster, ioredis's Cluster) sends besides: CLUSTER
 # SLOTS to learn which node owns which slot (again after a MOVED), COMMAND to learn where each
@@ -134,6 +150,17 @@ class RevokedKey:
     persisted: Persisted | None
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedLibrary:
+    """What :meth:`KeyAdmin.load_library` did: the library's ``name`` (``agentbill_<digest>``),
+    the ``primaries`` it was loaded on and the ``replicas`` it skipped (``host:port`` each): a
+    replica copies its primary's functions."""
+
+    name: str
+    primaries: tuple[str, ...]
+    replicas: tuple[str, ...]
+
+
 def tenant_acl_rules(namespace: str, secret: str, commands: tuple[str, ...]) -> list[str]:
     """The ACL SETUSER rules of one key: its secret's hash, its namespace's keys, ``commands``."""
     digest = hashlib.sha256(secret.encode()).hexdigest()
@@ -162,20 +189,23 @@ Node = tuple[str, Any]
 
 
 class KeyAdmin:
-    """Creates, lists and revokes tenant keys, over a privileged Redis connection.
+    """Creates, lists and revokes tenant keys, and loads the Functions library their clients
+    call, over a privileged Redis connection.
 
     Connects to ``redis`` (a ready ``redis.Redis`` or ``RedisCluster``) if given, else
     ``redis_url``, else the ``AGENTBILL_ADMIN_URL`` environment variable; never to the embedded
     local server. The connection needs the ``@admin`` ACL commands (``ACL``, ``CONFIG GET``,
-    ``COMMAND``, and ``CLUSTER NODES`` on a cluster). Redis does not replicate ACL users, so on
-    a Redis Cluster (``redis+cluster://``) and a Sentinel set (``redis+sentinel://``) every
-    change is made on every data node, primaries and replicas alike (the sentinels need none),
-    failed ones included: the nodes are those ``CLUSTER NODES`` or the sentinels list, not
-    only the healthy ones. A change that cannot be made on some node raises
-    :class:`NodesUnreachableError` naming them (a revoke still revokes on every node it
-    reaches; a create then creates nothing). Cluster keys get the few commands cluster clients
-    send (:data:`CLUSTER_COMMANDS`). A node added later has none of the users: run ``keys
-    create`` again for it, or copy an aclfile.
+    ``COMMAND``, ``ROLE``, and ``CLUSTER NODES`` on a cluster) and ``FUNCTION LOAD``. Redis
+    does not replicate ACL users, so on a Redis Cluster (``redis+cluster://``) and a Sentinel
+    set (``redis+sentinel://``) every change is made on every data node, primaries and
+    replicas alike (the sentinels need none), failed ones included: the nodes are those
+    ``CLUSTER NODES`` or the sentinels list, not only the healthy ones. A change that cannot
+    be made on some node raises :class:`NodesUnreachableError` naming them (a revoke still
+    revokes on every node it reaches; a create then creates nothing). Cluster keys get the few
+    commands cluster clients send (:data:`CLUSTER_COMMANDS`). A node added later has none of
+    the users: run ``keys create`` again for it, or copy an aclfile. Functions do replicate,
+    so the library is loaded on every primary, and a replica is skipped
+    (:meth:`load_library`); a primary added later needs ``load_library`` too.
 
     ``rewrite_config``: when the server has no ``aclfile``, run CONFIG REWRITE after each change
     so users survive a restart (the server must have been started with a config file).
@@ -243,9 +273,10 @@ class KeyAdmin:
 
     def create_key(self, namespace: str) -> IssuedKey:
         """Create a key for ``namespace``: a new ACL user on every data node; other keys of it
-        are untouched. Raises NodesUnreachableError, having created nothing, when some node
-        could not take it: a key that some nodes lack would be refused by them (after a
-        failover, by the new primary)."""
+        are untouched. Loads the library first, as :meth:`load_library` does: the key cannot.
+        Raises NodesUnreachableError, having created nothing, when some node could not take
+        it: a key that some nodes lack would be refused by them (after a failover, by the new
+        primary)."""
         ns = validate(_Namespace, namespace=namespace).namespace
         commands = SCRIPT_COMMANDS + CLIENT_COMMANDS + self._optional_commands()
         if self._cluster:
@@ -259,6 +290,9 @@ class KeyAdmin:
                 raise _unreached(failed, "no key was created", None)
             if all(user is None for _, user in users):
                 break
+        _, failed = self._load_library()
+        if failed:
+            raise _unreached(failed, "no key was created", None)
         secret = secrets.token_urlsafe(SECRET_BYTES)
         try:
             _, failed = self._each(
@@ -329,6 +363,34 @@ class KeyAdmin:
             done = f"key {kid} was revoked on {len(deleted)} of {len(self._nodes)} nodes"
             raise _unreached(failed, done, kid)
         return RevokedKey(info.key_id, info.namespace, info.username, persisted)
+
+    def load_library(self) -> LoadedLibrary:
+        """Load agentbill's Functions library (``FUNCTION LOAD REPLACE`` of the text this
+        package ships) on every primary; a replica is skipped, as it copies its primary's
+        functions. Doing it again changes nothing. A tenant key cannot load it itself (its
+        client raises LibraryNotLoadedError instead): run this after a FUNCTION FLUSH, for a
+        node added later, or after a restart that lost the data. :meth:`create_key` runs it.
+
+        Raises NodesUnreachableError naming the nodes that could not be reached (or refused),
+        having loaded the library on every primary that was: run it again once they are back.
+        """
+        loaded, failed = self._load_library()
+        if failed:
+            done = f"the library {loaded.name} was loaded on {len(loaded.primaries)} primaries"
+            raise _unreached(failed, done, None)
+        return loaded
+
+    def _load_library(self) -> tuple[LoadedLibrary, dict[str, AgentBillError]]:
+        """Load the library on every primary that answers; and why each other node did not.
+        ``ROLE`` tells a primary from a replica: a replica refuses FUNCTION LOAD (READONLY),
+        and one whose role is not known yet (down) is reported, not assumed."""
+        library = installed()
+        roles, failed = self._each("ROLE")
+        primaries = [node for node, role in roles if _text(role[0]) == "master"]
+        replicas = tuple(node[0] for node, role in roles if _text(role[0]) != "master")
+        loaded, refused = self._each("FUNCTION", "LOAD", "REPLACE", library.text, nodes=primaries)
+        done = LoadedLibrary(library.name, tuple(node[0] for node, _ in loaded), replicas)
+        return done, failed | refused
 
     def close(self) -> None:
         """Close the connections this admin opened (not a ``redis=`` client you passed in)."""

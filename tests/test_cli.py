@@ -439,7 +439,7 @@ def test_the_command_tree_is_the_issues() -> None:
             ("budget", "set"), ("budget", "get"), ("limit", "rate"), ("limit", "concurrency"),
             ("usage",), ("events",), ("top",), ("exporter",), ("mcp",),
             ("local", "start"), ("local", "status"), ("local", "stop"), ("local", "url"),
-            ("keys", "create"), ("keys", "list"), ("keys", "revoke"),
+            ("keys", "create"), ("keys", "list"), ("keys", "revoke"), ("keys", "load-library"),
         ]
     )  # fmt: skip
     assert issue == ALL_COMMANDS

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import re
 import secrets
 import subprocess
 import sys
+import threading
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,9 +28,11 @@ from typing import Any
 import pytest
 import redis
 from hypothesis import given
+from redis import exceptions as rx
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import agentbill
 from agentbill import (
     AgentBillClient,
     AsyncAgentBillClient,
@@ -36,17 +40,18 @@ from agentbill import (
     InvalidRequestError,
     IssuedKey,
     KeyAdmin,
+    LoadedLibrary,
     StoreError,
     StoreUnavailableError,
     _core,
 )
-from agentbill._key_admin import CLIENT_COMMANDS, SCRIPT_COMMANDS
+from agentbill._key_admin import CLIENT_COMMANDS, CLUSTER_COMMANDS, SCRIPT_COMMANDS
 from agentbill._keys import KeySpace, namespace_prefix
-from agentbill._scripts import bind, lua_dir
+from agentbill._scripts import installed
 from agentbill._tenants import TenantKey, format_key, parse_api_key
 from tests._async_facade import blocking_client
 from tests._ids import valid_ids
-from tests._servers import AclRedisServer, make_tls_files
+from tests._servers import AclRedisServer, free_port, make_tls_files
 
 KEY_ID = "0123456789abcdef"
 
@@ -140,14 +145,16 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[Make]:
 # -- the rules and the key format ----------------------------------------------------------------
 
 
-def test_tenants_are_granted_exactly_the_commands_the_scripts_call() -> None:
-    called: set[str] = set()
-    for path in lua_dir().glob("*.lua"):
-        text = path.read_text()
-        # Every command is a literal, so this list is complete.
-        assert not re.search(r"redis\.p?call\(\s*[^'\"\s]", text), path.name
-        called |= {name.lower() for name in re.findall(r"redis\.p?call\(\s*['\"](\w+)", text)}
+def test_tenants_are_granted_exactly_the_commands_the_functions_call() -> None:
+    text = installed().text  # what Redis runs (test_library: it is built from lua/*.lua)
+    # Every command is a literal, so this list is complete.
+    assert not re.search(r"redis\.p?call\(\s*[^'\"\s]", text)
+    called = {name.lower() for name in re.findall(r"redis\.p?call\(\s*['\"](\w+)", text)}
     assert called == set(SCRIPT_COMMANDS)
+    # What runs code: only FCALL of loaded functions, never code the caller brings.
+    granted = {c.split("|")[0] for c in SCRIPT_COMMANDS + CLIENT_COMMANDS + CLUSTER_COMMANDS}
+    assert granted & {"fcall", "fcall_ro"} == {"fcall", "fcall_ro"}
+    assert not granted & {"eval", "eval_ro", "evalsha", "evalsha_ro", "script", "function"}
 
 
 @given(
@@ -271,8 +278,6 @@ def test_a_label_sends_no_credentials(server: AclRedisServer) -> None:
 def test_a_tenant_runs_end_to_end(
     make_client: Make, server: AclRedisServer, tenant_a: Tenant
 ) -> None:
-    with server.client() as root:
-        root.script_flush()  # the first call gets NOSCRIPT: SCRIPT LOAD is granted
     client = make_client(api_key=tenant_a.key, redis_url=server.url)
     assert client.set_budget("cust", 100).limit == 100
     check = client.preflight("agent", 30, "cust", task_ref="t1", task_ceiling=50)
@@ -296,6 +301,17 @@ def test_a_tenant_runs_end_to_end(
     # A URL naming another database works too (SELECT is granted; keys stay confined).
     db1 = make_client(api_key=tenant_a.key, redis_url=server.url.replace("/0", "/1"))
     assert db1.preflight("agent", 1, "cust").approved
+
+
+def policy(tenant: Tenant) -> _core.ScriptSettings:
+    return _core.ScriptSettings.from_settings(_core.settings_from(namespace=tenant.namespace))
+
+
+def fcall(raw: redis.Redis, call: _core.Call, command: str = "FCALL") -> Any:
+    """agentbill's function for ``call``, sent by hand as the clients send it."""
+    function = installed().function(call.script)
+    args = (command, function, len(call.keys), *call.keys, *call.args)
+    return raw.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 def _refused(call: Callable[[], object]) -> str:
@@ -336,17 +352,9 @@ def test_a_tenant_key_cannot_touch_another_tenant_or_the_server(
             _refused(call)
     _refused(lambda: raw_a.eval("return 1", 0))
 
-    # agentbill's own set_budget script, with B's keys: refused before it runs.
-    b_settings = _core.settings_from(namespace=tenant_b.namespace)
-    b_policy = _core.ScriptSettings.from_settings(b_settings)
-    b_call = _core.plan_set_budget(b_policy, "cust", 10**9, None, "UTC", None, ()).call
-    _refused(lambda: bind(raw_a)["set_budget"](keys=b_call.keys, args=b_call.args))
-    # A script A loads itself runs with A's permissions: declaring A's keys does not help.
-    sneaky = raw_a.register_script(f"return redis.call('HSET', '{b_keys.budget}', 'limit', 1)")
-    _refused(lambda: sneaky(keys=[a_keys.budget]))
-    _refused(
-        lambda: raw_a.register_script("return redis.call('DEL', KEYS[1])")(keys=[a_keys.budget])
-    )
+    # agentbill's own set_budget function, with B's keys: refused before it runs.
+    b_call = _core.plan_set_budget(policy(tenant_b), "cust", 10**9, None, "UTC", None, ()).call
+    _refused(lambda: fcall(raw_a, b_call))
 
     server_wide: list[tuple[object, ...]] = [
         ("SCAN", 0),
@@ -386,6 +394,163 @@ def test_a_tenant_key_cannot_touch_another_tenant_or_the_server(
     with AgentBillClient(api_key=tenant_b.key, redis_url=server.url) as b:
         budget = b.get_budget("cust")
         assert (budget.limit, budget.reserved) == (100, 10)
+
+
+# -- what a key may run: agentbill's functions, never code of its own (issue 13) -----------------
+
+BUSY = "local n = 0 for i = 1, 100000000 do n = n + 1 end return n"  # a second or so of Lua
+
+
+def test_a_key_calls_agentbills_functions_on_its_own_keys_only(
+    server: AclRedisServer, tenant_a: Tenant, tenant_b: Tenant
+) -> None:
+    a, b = policy(tenant_a), policy(tenant_b)
+    with raw_as(server, tenant_a) as raw_a:
+        set_budget = _core.plan_set_budget(a, "cust", 100, None, "UTC", None, ())
+        assert set_budget.decode(fcall(raw_a, set_budget.call)).limit == 100
+        record = _core.plan_record(a, "agent", 7, "cust", None, None, True, None, None)
+        assert record.decode(fcall(raw_a, record.call)).charged == 7
+        get = _core.plan_get_budget(a, "cust", None)
+        assert get.decode(fcall(raw_a, get.call)).spent == 7
+        events = next(_core.plan_events(a, "cust", None, 10))  # flagged no-writes: FCALL_RO
+        assert [e.units for e in events.decode(fcall(raw_a, events.call, "FCALL_RO"))] == [7]
+
+        # B's keys, through the same functions: refused before they run.
+        for call in (
+            _core.plan_set_budget(b, "cust", 10**9, None, "UTC", None, ()).call,
+            _core.plan_record(b, "agent", 7, "cust", None, None, True, None, None).call,
+            _core.plan_get_budget(b, "cust", None).call,
+        ):
+            with pytest.raises(rx.NoPermissionError):
+                fcall(raw_a, call)
+        with pytest.raises(rx.NoPermissionError):
+            fcall(raw_a, next(_core.plan_events(b, "cust", None, 10)).call, "FCALL_RO")
+        # One of B's keys among A's own: every key FCALL names is checked.
+        b_budget = KeySpace(tenant_b.namespace).customer("cust").budget
+        mixed = record.call._replace(keys=(b_budget, *record.call.keys[1:]))
+        with pytest.raises(rx.NoPermissionError):
+            fcall(raw_a, mixed)
+    with server.client() as root:
+        assert root.exists(b_budget) == 0
+
+
+def test_a_key_runs_no_code_of_its_own(server: AclRedisServer, tenant_a: Tenant) -> None:
+    """No EVAL, EVALSHA, SCRIPT or FUNCTION: a tenant can neither run a script (not even one
+    someone else cached) nor load, replace, flush or delete functions."""
+    library = installed()
+    own = f"#!lua name=mine\nredis.register_function('mine', function() {BUSY} end)"
+    with server.client() as root:
+        sha = root.script_load(BUSY)
+        dump = root.function_dump()
+    budget = KeySpace(tenant_a.namespace).customer("cust").budget
+    with raw_as(server, tenant_a) as raw_a:
+        for command in (
+            ("EVAL", BUSY, 0),
+            ("EVAL", "return redis.call('HGET', KEYS[1], 'limit')", 1, budget),  # its own key
+            ("EVAL_RO", "return 1", 0),
+            ("EVALSHA", sha, 0),
+            ("EVALSHA_RO", sha, 0),
+            ("SCRIPT", "LOAD", BUSY),
+            ("SCRIPT", "EXISTS", sha),
+            ("SCRIPT", "FLUSH"),
+            ("SCRIPT", "KILL"),
+            ("FUNCTION", "LOAD", own),
+            ("FUNCTION", "LOAD", "REPLACE", library.text),
+            ("FUNCTION", "FLUSH"),
+            ("FUNCTION", "DELETE", library.name),
+            ("FUNCTION", "RESTORE", dump, "REPLACE"),
+            ("FUNCTION", "KILL"),
+            ("FUNCTION", "LIST"),
+        ):
+            with pytest.raises(rx.NoPermissionError):
+                raw_a.execute_command(*command)
+        # redis-py's Script sends EVALSHA, then SCRIPT LOAD on NOSCRIPT: refused at the first.
+        with pytest.raises(rx.NoPermissionError):
+            raw_a.register_script(BUSY)()
+    with server.client(decode_responses=True) as root:
+        assert root.function_list(library="mine") == []
+        assert root.function_list(library=library.name) != []
+
+
+def test_one_tenant_cannot_stall_redis_for_another(
+    make_client: Make, server: AclRedisServer, tenant_a: Tenant, tenant_b: Tenant
+) -> None:
+    """Issue 13: a tenant's own long script held Redis for every tenant (each call waiting on
+    it, then BUSY), and another tenant's queued records were lost during such a stall. Now
+    each way of running it is refused at once, and B's records land meanwhile."""
+    b = make_client(api_key=tenant_b.key, redis_url=server.url)
+    b.set_budget("cust", 10**6)
+    own = f"#!lua name=busy\nredis.register_function('busy', function() {BUSY} end)"
+    attempts = [
+        ("EVAL", BUSY, 0),
+        ("SCRIPT", "LOAD", BUSY),
+        ("EVALSHA", hashlib.sha1(BUSY.encode()).hexdigest(), 0),
+        ("FUNCTION", "LOAD", own),
+        ("FCALL", "busy", 0),
+    ]
+    refused: list[str] = []
+
+    def attack() -> None:
+        with raw_as(server, tenant_a) as raw_a:
+            for attempt in attempts:
+                try:
+                    raw_a.execute_command(*attempt)
+                except rx.NoPermissionError:
+                    refused.append(str(attempt[0]))
+                except redis.ResponseError:  # FCALL of a function nobody loaded
+                    pass
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    charged = [b.record("agent", 1, "cust").charged for _ in range(50)]
+    attacker.join()
+    assert refused == ["EVAL", "SCRIPT", "EVALSHA", "FUNCTION"]
+    assert charged == [1] * 50
+    assert b.get_budget("cust").spent == 50
+
+
+@pytest.mark.parametrize("reload", ["KeyAdmin.load_library", "agentbill keys load-library"])
+def test_after_function_flush_a_tenant_is_told_until_the_library_is_loaded_again(
+    reload: str, make_client: Make, server: AclRedisServer, admin: KeyAdmin, tenant_a: Tenant
+) -> None:
+    """Only an operator loads the library: a tenant's call without it raises
+    LibraryNotLoadedError (naming the command), and works again once it is loaded, its
+    reservation still open and charged once."""
+    client = make_client(api_key=tenant_a.key, redis_url=server.url)
+    client.set_budget("cust", 100)
+    check = client.preflight("agent", 10, "cust")
+    with server.client() as root:
+        root.function_flush()
+    with pytest.raises(agentbill.LibraryNotLoadedError) as info:
+        check.record(8)
+    assert "agentbill keys load-library" in str(info.value)
+    with pytest.raises(agentbill.LibraryNotLoadedError):
+        client.get_budget("cust")
+
+    if reload == "KeyAdmin.load_library":
+        loaded = admin.load_library()
+        assert loaded == LoadedLibrary(installed().name, (f"127.0.0.1:{server.port}",), ())
+    else:
+        run = _cli("load-library", admin_url=server.admin_url)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == f"loaded {installed().name} on 1 primaries\n"
+    assert check.record(8).charged == 8
+    budget = client.get_budget("cust")
+    assert (budget.spent, budget.reserved) == (8, 0)
+
+
+def test_creating_a_key_loads_the_library_and_loading_again_changes_nothing(
+    server: AclRedisServer, admin: KeyAdmin
+) -> None:
+    library = installed()
+    with server.client(decode_responses=True) as root:
+        root.function_flush()
+        _tenant(admin, "loads")
+        assert root.function_list(library=library.name) != []
+        code = root.function_list(library=library.name, withcode=True)
+        assert admin.load_library() == admin.load_library()
+        assert root.function_list(library=library.name, withcode=True) == code
+        assert len(root.function_list()) == 1
 
 
 def test_limit_a_tenant_can_edit_its_own_counters_with_raw_commands(
@@ -544,8 +709,12 @@ def test_with_an_aclfile_keys_survive_a_restart_and_so_does_a_revocation() -> No
         with KeyAdmin(srv.admin_url) as admin:
             tenant = Tenant(admin.create_key("durable"))
             assert tenant.issued.persisted == "aclfile"
-        srv.restart()
+        srv.restart()  # with its data lost (no RDB or AOF here): the library too
         with AgentBillClient(api_key=tenant.key, redis_url=srv.url) as client:
+            with pytest.raises(agentbill.LibraryNotLoadedError):
+                client.preflight("agent", 1, "cust")
+            with KeyAdmin(srv.admin_url) as admin:
+                admin.load_library()
             assert client.preflight("agent", 1, "cust").approved
         with KeyAdmin(srv.admin_url) as admin:
             assert admin.revoke_key(tenant.issued.key_id).persisted == "aclfile"
@@ -612,6 +781,28 @@ def test_cli_creates_lists_and_revokes_keys(server: AclRedisServer) -> None:
         assert secret not in run.stdout + run.stderr
     for run in (created, listed, revoked, again):
         assert server.admin_password not in run.stdout + run.stderr
+
+
+def test_cli_loads_the_library(server: AclRedisServer) -> None:
+    library = installed()
+    with server.client(decode_responses=True) as root:
+        root.function_flush()
+        for _ in range(2):  # loading it again changes nothing
+            run = _cli("load-library", "--json", admin_url=server.admin_url)
+            assert run.returncode == 0, run.stderr
+            assert json.loads(run.stdout) == {
+                "name": library.name,
+                "primaries": [f"127.0.0.1:{server.port}"],
+                "replicas": [],
+            }
+            assert root.function_list(library=library.name) != []
+    no_admin = _cli("load-library", admin_url=None)
+    assert no_admin.returncode == 1
+    assert "AGENTBILL_ADMIN_URL" in no_admin.stderr
+    down = _cli("load-library", "--redis-url", f"redis://127.0.0.1:{free_port()}/0", admin_url=None)
+    assert down.returncode == 3
+    for ran in (run, no_admin, down):
+        assert server.admin_password not in ran.stdout + ran.stderr
 
 
 def test_cli_reports_refused_admin_credentials(server: AclRedisServer) -> None:

@@ -23,6 +23,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.retry import Retry
 
+import agentbill
 from agentbill import (
     AgentBillClient,
     AsyncAgentBillClient,
@@ -34,6 +35,7 @@ from agentbill import (
     StoreUnavailableError,
 )
 from agentbill._keys import KeySpace
+from agentbill._scripts import installed
 from agentbill._topology import parse
 from tests._async_facade import blocking_client
 from tests._cli import cli_env, invoke
@@ -255,13 +257,21 @@ def raw_as(node: RedisServer, username: str, password: str) -> redis.Redis:
 
 def assert_confined(node: RedisServer, username: str, password: str, own: str) -> None:
     """As the tenant, on this node: another namespace's keys are refused (NOPERM) by every
-    command it has, its own are not (a cluster node may still redirect them: MOVED)."""
+    command it has, its own are not (a cluster node may still redirect them: MOVED), and no
+    code of its own runs (EVAL, EVALSHA, SCRIPT, FUNCTION)."""
+    get_budget = installed().function("get_budget")
     with raw_as(node, username, password) as r:
         for args in (
             ("GET", "other:{x}:budget"),
             ("SET", "other:{x}:budget", "1"),
             ("HSET", "other:{x}:h", "f", "1"),
-            ("FCALL", "agentbill_0_preflight", "1", "other:{x}:budget"),
+            ("FCALL", get_budget, "1", "other:{x}:budget"),
+            ("EVAL", "return 1", "0"),
+            ("EVALSHA", "0" * 40, "1", f"{own}:{{x}}:budget"),
+            ("SCRIPT", "LOAD", "return 1"),
+            ("FUNCTION", "LOAD", "#!lua name=mine\nredis.register_function('f', tostring)"),
+            ("FUNCTION", "FLUSH"),
+            ("FUNCTION", "DELETE", installed().name),
             ("FLUSHALL",),
             ("KEYS", "*"),
             ("CONFIG", "GET", "*"),
@@ -279,6 +289,8 @@ def test_tenant_keys_on_a_cluster_live_on_every_node_and_stay_confined(
     with KeyAdmin(cluster.url) as admin:
         issued = admin.create_key(namespace)
         assert issued.key_id in {k.key_id for k in admin.list_keys(namespace)}
+    for node in cluster.all_nodes:  # loaded on each primary, copied to its replica
+        wait_until(lambda node=node: has_library(node))
     api_key = issued.api_key.get_secret_value()
     secret = api_key.rsplit(".", 1)[1]
     for node in cluster.all_nodes:  # primaries and replicas
@@ -303,6 +315,40 @@ def test_tenant_keys_on_a_cluster_live_on_every_node_and_stay_confined(
             url_client(kind, cluster.url, "agentbill", api_key) as client,
         ):
             client.preflight("agent", 1, CUSTOMERS[0])
+
+
+def has_library(node: RedisServer) -> bool:
+    with node.client() as r:
+        return bool(r.function_list(library=installed().name))
+
+
+def test_load_library_loads_every_cluster_primary_and_skips_replicas(
+    cluster: Cluster, namespace: str
+) -> None:
+    """After FUNCTION FLUSH on every primary a tenant's calls raise LibraryNotLoadedError on
+    every node (its key cannot load the library); load_library loads it on each primary,
+    replicas copy it, and the tenant's client works again."""
+    with KeyAdmin(cluster.url) as admin:
+        issued = admin.create_key(namespace)
+    api_key = issued.api_key.get_secret_value()
+    for node in cluster.nodes:
+        with node.client() as r:
+            r.function_flush()
+    for node in cluster.all_nodes:
+        wait_until(lambda node=node: not has_library(node))
+    with url_client("sync", cluster.url, "agentbill", api_key) as client:
+        for customer in CUSTOMERS:  # customers on every primary
+            with pytest.raises(agentbill.LibraryNotLoadedError):
+                client.get_budget(customer)
+
+        with KeyAdmin(cluster.url) as admin:
+            loaded = admin.load_library()
+        assert loaded.name == installed().name
+        assert sorted(loaded.primaries) == sorted(f"127.0.0.1:{n.port}" for n in cluster.nodes)
+        assert sorted(loaded.replicas) == sorted(f"127.0.0.1:{n.port}" for n in cluster.replicas)
+        for node in cluster.all_nodes:
+            wait_until(lambda node=node: has_library(node))
+        exercise(client, CUSTOMERS)
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +418,8 @@ def test_tenant_keys_on_a_sentinel_set_live_on_master_and_replicas(
     for node in sentinels.data_nodes:
         with sentinels.node_client(node, decode_responses=True) as r:
             assert r.acl_getuser(issued.username) is not None, f"no user on {node.port}"
+            # Loaded on the master, copied to the replicas.
+            wait_until(lambda r=r: bool(r.function_list(library=installed().name)))
         assert_confined(node, issued.username, secret, namespace)
     for sentinel in sentinels.sentinels:  # the sentinels get none
         with sentinel.client(decode_responses=True) as r:
@@ -536,6 +584,10 @@ def test_a_key_change_with_a_replica_down_reaches_every_other_node_and_names_it(
                 assert "no key was created" in str(info.value)
                 with pytest.raises(NodesUnreachableError):
                     admin.list_keys()
+                with pytest.raises(NodesUnreachableError) as info:  # loaded on both primaries
+                    admin.load_library()
+                assert info.value.nodes == (down,)
+                assert "was loaded on 2 primaries" in str(info.value)
         assert all(users_on(n) == {second.username} for n in up)
         with KeyAdmin(group.url) as admin, pytest.raises(NodesUnreachableError) as info:
             admin.revoke_key(second.key_id)

@@ -44,12 +44,14 @@ local = group(
 )
 keys = group(
     "keys",
-    "Tenant keys: one Redis ACL user per key, confined to its namespace's keys and to the "
-    f"commands agentbill sends. Run with a privileged connection: ${ENV_ADMIN_URL}, or "
-    "--redis-url (a URL on the command line, password included, shows in ps and shell "
-    "history).",
+    "Tenant keys: one Redis ACL user per key, confined to its namespace's keys and to "
+    "calling agentbill's functions, which the operator loads (keys create does; keys "
+    "load-library again after FUNCTION FLUSH). Run with a privileged connection: "
+    f"${ENV_ADMIN_URL}, or --redis-url (a URL on the command line, password included, shows "
+    "in ps and shell history).",
     "AGENTBILL_ADMIN_URL=redis://admin:secret@redis:6379/0 agentbill keys create acme",
     "agentbill keys list --json",
+    "agentbill keys load-library",
 )
 
 
@@ -188,8 +190,9 @@ def keys_create(
     config_rewrite: ConfigRewrite = False,
     as_json: Json = False,
 ) -> None:
-    """Create a key for NAMESPACE. The key alone goes to stdout (it cannot be shown again);
-    what was done goes to stderr. Redis stores only the SHA-256 of its secret."""
+    """Create a key for NAMESPACE (and load agentbill's functions, as load-library does). The
+    key alone goes to stdout (it cannot be shown again); what was done goes to stderr. Redis
+    stores only the SHA-256 of its secret."""
     with admin(redis_url, config_rewrite) as a:
         issued = a.create_key(namespace)
     if as_json:
@@ -255,6 +258,30 @@ def keys_revoke(
         print(f"revoked key {revoked.key_id} of namespace {revoked.namespace!r}")
     if revoked.persisted is None:
         not_persisted()
+
+
+@keys.command(
+    "load-library",
+    epilog=example(
+        "AGENTBILL_ADMIN_URL=redis://admin:secret@redis:6379/0 agentbill keys load-library",
+        exits=f"Exit status: {EXIT_OK} loaded on every primary, {EXIT_UNAVAILABLE} some nodes "
+        f"not reached (they are named: run it again once they are back), {EXIT_ERROR} another "
+        "error.",
+    ),
+)
+def keys_load_library(redis_url: AdminUrl = None, as_json: Json = False) -> None:
+    """Load agentbill's Functions library on every primary (replicas copy it). Tenant keys
+    may call its functions but not load it: run this after FUNCTION FLUSH, for a node added
+    later, or after a restart that lost the data (their calls then raise
+    LibraryNotLoadedError). Loading it again changes nothing."""
+    with admin(redis_url) as a:
+        loaded = a.load_library()
+    if as_json:
+        emit_json(loaded)
+        return
+    print(f"loaded {loaded.name} on {len(loaded.primaries)} primaries")
+    if loaded.replicas:
+        print(f"skipped {len(loaded.replicas)} replicas: they copy their primary's functions")
 
 
 # -- mcp -----------------------------------------------------------------------------------------
