@@ -179,7 +179,7 @@ function errorText(exc: unknown): string {
 
 const AUTH_ERROR = /^(WRONGPASS|NOAUTH|NOPERM)|invalid username-password|user is disabled|no permissions|unauthenticated/i
 
-/** Redis's answer to FCALL of a function it does not have (Redis 7, Valkey 8 and 9). */
+/** Redis's answer to FCALL of a function it does not have (the same on Redis 7.0 and Valkey 9). */
 const FUNCTION_NOT_FOUND = 'ERR Function not found'
 /** A Redis before 7.0, which has no FCALL ('...' since 6.2, `...` before). */
 const NO_FUNCTIONS = /^ERR unknown command ['`]FCALL['`]/i
@@ -525,9 +525,10 @@ export class AgentBillClient {
    * One script call: FCALL of the operation's function in agentbill's Functions library. Redis
    * answers "Function not found" when it lacks the library: a new server, one restarted without
    * persistence, FUNCTION FLUSH, or another agentbill version (whose library has another name,
-   * so the two never disturb each other). Then this client loads the library (#loadLibrary) and
-   * sends the same call once more: the same arguments, so the same request id, and a call that
-   * had run is never run twice. A Redis without Functions (before 7.0) is a StoreError.
+   * so the two never disturb each other). Nothing ran then: this client loads the library
+   * (#loadLibrary) and sends the same call once more, with the same arguments, so the same
+   * request id (a retry after its reply is lost still lands once). A Redis without Functions
+   * (before 7.0) is a StoreError.
    */
   async #eval(call: Call): Promise<unknown> {
     const redis = await this.#connection()
