@@ -6,7 +6,7 @@
 import type { ConnectionOptions as TlsOptions } from 'node:tls'
 import { Cluster, Redis, type RedisOptions } from 'ioredis'
 import type { CheckFields, ThresholdCrossing } from './check.js'
-import { type Call, contract, scripts, scriptError } from './contract.js'
+import { type Call, contract, functionName, library, scriptError } from './contract.js'
 import * as core from './core.js'
 import type {
   PreflightOptions,
@@ -20,6 +20,7 @@ import {
   AgentBillError,
   AuthenticationError,
   InvalidRequestError,
+  LibraryNotLoadedError,
   StoreBusyError,
   StoreError,
   StoreUnavailableError,
@@ -178,6 +179,11 @@ function errorText(exc: unknown): string {
 
 const AUTH_ERROR = /^(WRONGPASS|NOAUTH|NOPERM)|invalid username-password|user is disabled|no permissions|unauthenticated/i
 
+/** Redis's answer to FCALL of a function it does not have (the same on Redis 7.0 and Valkey 9). */
+const FUNCTION_NOT_FOUND = 'ERR Function not found'
+/** A Redis before 7.0, which has no FCALL ('...' since 6.2, `...` before). */
+const NO_FUNCTIONS = /^ERR unknown command ['`]FCALL['`]/i
+
 function isAuthError(exc: unknown): boolean {
   return AUTH_ERROR.test(errorText(exc))
 }
@@ -278,6 +284,8 @@ export class AgentBillClient {
    * out too. Cleared by the next answer. */
   #down: unknown
   #idle: (() => void)[] = []
+  /** The FUNCTION LOAD under way, if one is (see #loadLibrary). */
+  #loading: Promise<void> | undefined
   readonly #owed = new SettleQueue(
     (plan) => this.#run(plan, true),
     (rid) => core.planRelease(this.#settings.scriptSettings, rid),
@@ -513,26 +521,55 @@ export class AgentBillClient {
     else next.go() // the slot passes straight to it
   }
 
-  /** One script call: EVALSHA, and on NOSCRIPT (a restart, failover or SCRIPT FLUSH) SCRIPT
-   * LOAD then EVALSHA again (a tenant's ACL user may run these two, not EVAL). */
+  /**
+   * One script call: FCALL of the operation's function in agentbill's Functions library. Redis
+   * answers "Function not found" when it lacks the library: a new server, one restarted without
+   * persistence, FUNCTION FLUSH, or another agentbill version (whose library has another name,
+   * so the two never disturb each other). Nothing ran then: this client loads the library
+   * (#loadLibrary) and sends the same call once more, with the same arguments, so the same
+   * request id (a retry after its reply is lost still lands once). A Redis without Functions
+   * (before 7.0) is a StoreError.
+   */
   async #eval(call: Call): Promise<unknown> {
     const redis = await this.#connection()
     if (redis instanceof Redis && redis.status === 'end' && this.#given === undefined) {
       redis.connect().catch(() => undefined) // it stopped reconnecting while idle
     }
-    const script = scripts[call.script]
-    const send = (): Promise<unknown> => redis.evalsha(script.sha, call.keys.length, ...call.keys, ...call.args)
+    const name = functionName(library, call.script)
+    const send = (): Promise<unknown> => redis.fcall(name, call.keys.length, ...call.keys, ...call.args)
     try {
       return await send()
     } catch (exc) {
-      if (!errorText(exc).startsWith('NOSCRIPT')) throw exc
+      const text = errorText(exc)
+      if (NO_FUNCTIONS.test(text)) {
+        throw new StoreError(`agentbill needs Redis 7.0+ or Valkey (it runs as a Functions library, FCALL): ${text}`, { cause: exc })
+      }
+      if (!text.startsWith(FUNCTION_NOT_FOUND)) throw exc
     }
-    if (redis instanceof Cluster) {
-      await Promise.all(redis.nodes('master').map((node) => node.script('LOAD', script.source)))
-    } else {
-      await redis.script('LOAD', script.source)
-    }
+    await this.#loadLibrary(redis)
     return await send()
+  }
+
+  /** FUNCTION LOAD REPLACE of agentbill's library, on every primary of a Cluster (a call may
+   * land on any of them; replicas get it from their primary). REPLACE: another call may have
+   * loaded it meanwhile, with the same text. The calls that find it missing together share one
+   * load. A connection that may not load it (a tenant key: FCALL only) gets a
+   * LibraryNotLoadedError. */
+  #loadLibrary(redis: Redis | Cluster): Promise<void> {
+    this.#loading ??= (async () => {
+      const nodes = redis instanceof Cluster ? redis.nodes('master') : [redis]
+      try {
+        await Promise.all(nodes.map((node) => node.function('LOAD', 'REPLACE', library.text)))
+      } catch (exc) {
+        if (errorText(exc).startsWith('NOPERM')) {
+          throw new LibraryNotLoadedError(library.name, errorText(exc), { cause: exc })
+        }
+        throw exc
+      }
+    })().finally(() => {
+      this.#loading = undefined
+    })
+    return this.#loading
   }
 
   /** `fn` with the connection this client built held open (referenced) while it runs.

@@ -11,6 +11,8 @@
  *     ├── InvalidRequestError           bad input (`field` names it); nothing was sent
  *     └── StoreError                    Redis answered with an error we did not expect
  *         ├── AuthenticationError       Redis refused the credentials (a wrong or revoked key)
+ *         ├── LibraryNotLoadedError     agentbill's Functions library is not in Redis, and this
+ *         │                             connection may not load it (a tenant key): `library`
  *         └── StoreUnavailableError     Redis could not run the call now; nothing was approved
  *             └── StoreBusyError        Redis answered "not now" (BUSY, OOM, LOADING, ...): `code`;
  *                                       nothing was written, so the same call may simply be
@@ -109,6 +111,26 @@ export class StoreError extends AgentBillError {}
 
 /** Redis refused the credentials. Never retried; the message never holds the key. */
 export class AuthenticationError extends StoreError {}
+
+/** agentbill's Functions library (`library`, its name) is not loaded in this Redis, and this
+ * connection may not load it: a tenant key's ACL user may call the functions (FCALL), never load
+ * them. An operator loads it once per Redis (per primary on a Cluster), and after each agentbill
+ * upgrade. Never retried. */
+export class LibraryNotLoadedError extends StoreError {
+  /** `refused`: Redis's answer to this client's FUNCTION LOAD (a NOPERM). */
+  constructor(
+    readonly library: string,
+    refused: string,
+    options?: ErrorOptions,
+  ) {
+    super(
+      `agentbill's Functions library ${library} is not loaded in this Redis, and this connection ` +
+        `may not load it (${refused}): an operator loads it with \`agentbill keys load-library\` ` +
+        `(the Python CLI) or KeyAdmin.load_library()`,
+      options,
+    )
+  }
+}
 
 /** Redis could not be reached, or did not answer within the timeouts, or (the subclass
  * StoreBusyError) answered "not now": nothing was approved. */

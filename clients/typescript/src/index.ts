@@ -23,6 +23,7 @@ export {
   CeilingExceededError,
   ConcurrencyLimitedError,
   InvalidRequestError,
+  LibraryNotLoadedError,
   RateLimitedError,
   RunBlockedError,
   StoreBusyError,

@@ -448,11 +448,11 @@ test('gate: an abort that fires while the preflight is under way never starts th
   const given = new Redis(server.port, '127.0.0.1')
   const c = new AgentBillClient({ redis: given, namespace: namespace() })
   const controller = new AbortController()
-  const evalsha = given.evalsha.bind(given) as (...args: unknown[]) => Promise<unknown>
+  const fcall = given.fcall.bind(given) as (...args: unknown[]) => Promise<unknown>
   // The abort fires as the preflight is sent: its reply arrives after it.
-  ;(given as unknown as { evalsha: unknown }).evalsha = (...args: unknown[]) => {
+  ;(given as unknown as { fcall: unknown }).fcall = (...args: unknown[]) => {
     controller.abort(new Error('cancelled during the preflight'))
-    return evalsha(...args)
+    return fcall(...args)
   }
   let ran = 0
   const gated = c.gate({ agentId: 'g', estimatedUnits: 9, customerId: 'u', signal: controller.signal }, () => {
@@ -461,7 +461,7 @@ test('gate: an abort that fires while the preflight is under way never starts th
   await assert.rejects(gated(), /cancelled during the preflight/)
   await new Promise((done) => setTimeout(done, 20)) // a body scheduled anyway would have run
   assert.equal(ran, 0)
-  ;(given as unknown as { evalsha: unknown }).evalsha = evalsha
+  ;(given as unknown as { fcall: unknown }).fcall = fcall
   const b = await c.getBudget({ customerId: 'u' })
   assert.deepEqual([b.spent, b.reserved, b.openReservations], [0, 0, 0])
   await c.close()

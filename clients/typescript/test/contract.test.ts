@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict'
 import { readFileSync } from 'node:fs'
 import { test } from 'node:test'
-import { buildCall, contract, decodeReply, pack, scriptError, scripts, SCRIPT_NAMES } from '../src/contract.js'
+import { buildCall, contract, decodeReply, functionName, library, pack, parseLibrary, scriptError, SCRIPT_NAMES } from '../src/contract.js'
 
 const SEP = contract.encoding.separator
 
@@ -12,11 +12,23 @@ test('the package reads the contract the repository has', () => {
   assert.deepEqual(Object.keys(contract.scripts).sort(), [...SCRIPT_NAMES].sort())
 })
 
-test('scripts are the prelude and the operation, as Python sends them (one SHA for both)', () => {
-  const prelude = readFileSync(new URL('../../../../lua/_common.lua', import.meta.url), 'utf8')
-  const body = readFileSync(new URL('../../../../lua/get_task.lua', import.meta.url), 'utf8')
-  assert.equal(scripts.get_task.source, `${prelude}\n${body}`)
-  assert.match(scripts.get_task.sha, /^[0-9a-f]{40}$/)
+test("the library is the repository's lua/library.lua, and every operation's function is in it by the one naming rule", () => {
+  const repo = readFileSync(new URL('../../../../lua/library.lua', import.meta.url), 'utf8')
+  assert.equal(library.text, repo)
+  assert.equal(`#!lua name=${library.name}`, repo.split('\n', 1)[0])
+  assert.match(library.name, /^agentbill_[0-9a-f]+$/)
+  for (const op of SCRIPT_NAMES) {
+    assert.equal(functionName(library, op), `${library.name}_${op}`)
+    // As agentbill/_scripts.py build() registers it: once per operation.
+    assert.equal(repo.split(`function_name = '${functionName(library, op)}'`).length, 2, op)
+  }
+})
+
+test('a library text without its name line is refused, saying what its first line is', () => {
+  assert.deepEqual(parseLibrary('#!lua name=agentbill_0a1b\nreturn 1\n'), { name: 'agentbill_0a1b', text: '#!lua name=agentbill_0a1b\nreturn 1\n' })
+  assert.throws(() => parseLibrary('-- no header\n'), /lua\/library\.lua is not an agentbill Functions library: its first line is "-- no header"/)
+  assert.throws(() => parseLibrary('#!lua name=other_0a1b\n'), /not an agentbill Functions library/)
+  assert.throws(() => parseLibrary(''), /not an agentbill Functions library/)
 })
 
 test('a packed argument is every field by name, in the contract order', () => {

@@ -100,7 +100,7 @@ class ReplyDroppingProxy {
       client.on('data', (chunk) => {
         upstream.write(chunk)
         const text = chunk.toString('latin1')
-        if (!cut && this.dropping > 0 && text.includes('EVALSHA') && text.includes('rsv.')) {
+        if (!cut && this.dropping > 0 && /fcall/i.test(text) && text.includes('rsv.')) {
           this.dropping -= 1
           cut = true
           setTimeout(() => {
@@ -140,6 +140,7 @@ test('a preflight whose reply was lost is retried with the same reservation id: 
     const check = await c.preflight({ agentId: 'a', estimatedUnits: 9, customerId: 'u' })
     assert.equal(check.approved, true)
     assert.equal(check.replayed, false) // our own first attempt, not someone else's
+    assert.equal(proxy.dropping, 0) // a reply was lost: the approval above is the retry's
     const b = await direct.getBudget({ customerId: 'u' })
     assert.deepEqual([b.reserved, b.openReservations], [9, 1])
     const approvals = (await direct.events({ customerId: 'u' })).filter((e) => e.type === 'approved')
@@ -147,6 +148,7 @@ test('a preflight whose reply was lost is retried with the same reservation id: 
     proxy.dropping = 1
     const settled = await check.record(9)
     assert.equal(settled.status, 'recorded')
+    assert.equal(proxy.dropping, 0)
     const after = await direct.getBudget({ customerId: 'u' })
     assert.deepEqual([after.spent, after.reserved], [9, 0])
   } finally {

@@ -1,6 +1,6 @@
 /**
- * `npm pack` makes an installable tarball whose scripts are byte-identical to the repository's
- * lua/, and the product sheet's snippet runs exactly as written against it, installed into a
+ * `npm pack` makes an installable tarball whose Functions library and wire contract are
+ * byte-identical to the repository's lua/library.lua and lua/contract.json, and the product sheet's snippet runs exactly as written against it, installed into a
  * fresh folder under the name `agentbill` (as `npm install agentbill@npm:agentbill-redis` does).
  */
 import assert from 'node:assert/strict'
@@ -47,15 +47,14 @@ after(async () => {
   await server.stop()
 })
 
-test('the packed scripts and contract are byte-identical to the repository lua/', () => {
+test('the packed library and contract are byte-identical to the repository lua/', () => {
   const unpacked = join(work, 'unpacked')
   execFileSync('mkdir', ['-p', unpacked])
   execFileSync('tar', ['-xzf', tarball, '-C', unpacked])
   const packedLua = join(unpacked, 'package', 'lua')
-  const repoFiles = readdirSync(REPO_LUA).filter((f) => f.endsWith('.lua') || f === 'contract.json').sort()
-  assert.ok(repoFiles.includes('preflight.lua') && repoFiles.includes('contract.json'))
-  assert.deepEqual(readdirSync(packedLua).sort(), repoFiles)
-  for (const file of repoFiles) {
+  // What the client reads, and only that: the library holds every script.
+  assert.deepEqual(readdirSync(packedLua).sort(), ['contract.json', 'library.lua'])
+  for (const file of ['contract.json', 'library.lua']) {
     assert.ok(readFileSync(join(packedLua, file)).equals(readFileSync(join(REPO_LUA, file))), file)
   }
   const files = execFileSync('tar', ['-tzf', tarball], { encoding: 'utf8' }).split('\n')

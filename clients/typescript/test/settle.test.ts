@@ -157,14 +157,14 @@ test("preflightMany: a failed batch's rollback that Redis cannot take now is que
   const ns = namespace()
   const c = new AgentBillClient({ redis: given, namespace: ns })
   await c.preflight({ agentId: 'a', estimatedUnits: 1, customerId: 'u', idempotencyKey: 'k' })
-  const evalsha = given.evalsha.bind(given) as (...args: unknown[]) => Promise<unknown>
+  const fcall = given.fcall.bind(given) as (...args: unknown[]) => Promise<unknown>
   let sent = 0
   let busyReplies = true
   // The batch's three items reach Redis; what follows (the rollback) is answered BUSY.
-  ;(given as unknown as { evalsha: unknown }).evalsha = (...args: unknown[]) => {
+  ;(given as unknown as { fcall: unknown }).fcall = (...args: unknown[]) => {
     sent += 1
     if (sent > 3 && busyReplies) return Promise.reject(new Error('BUSY Redis is busy running a script.'))
-    return evalsha(...args)
+    return fcall(...args)
   }
   const warnings: string[] = []
   const onWarning = (w: Error): void => void warnings.push(w.message)

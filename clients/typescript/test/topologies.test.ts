@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url'
 import { connect as tlsConnect } from 'node:tls'
 import { test } from 'node:test'
 import { Cluster, Redis } from 'ioredis'
+import { library } from '../src/contract.js'
 import { AgentBillClient, AgentBillError, InvalidRequestError } from '../src/index.js'
 import { RedisServer, freePort, namespace, rawCommand, serverBinary, writeFile } from './servers.js'
 
@@ -25,7 +26,7 @@ async function clusterPort(): Promise<number> {
   }
 }
 
-test('Redis Cluster: customers on every node, scripts reloaded after SCRIPT FLUSH', async () => {
+test('Redis Cluster: customers on every node, the library loaded on every primary after FUNCTION FLUSH', async () => {
   const nodes: RedisServer[] = []
   try {
     for (let i = 0; i < 3; i++) {
@@ -67,9 +68,18 @@ test('Redis Cluster: customers on every node, scripts reloaded after SCRIPT FLUS
     }
     const batch = await c.preflightMany(customers.map((customerId) => ({ agentId: 'a', estimatedUnits: 2, customerId })))
     assert.deepEqual(batch.map((k) => k.approved), customers.map(() => false))
-    await Promise.all(cluster.nodes('master').map((node) => node.script('FLUSH')))
+    await Promise.all(cluster.nodes('master').map((node) => node.function('FLUSH')))
     const after = await Promise.all(customers.map((customerId) => c.getBudget({ customerId })))
     assert.deepEqual(after.map((b) => [b.spent, b.reserved]), customers.map(() => [4, 0]))
+    // The first call that found it missing loaded it on every primary, the others too.
+    const loaded = await Promise.all(cluster.nodes('master').map(async (n) => JSON.stringify(await n.function('LIST'))))
+    assert.deepEqual(loaded.map((l) => l.includes(`"${library.name}"`)), [true, true, true])
+    // A write after the flush, charged once: each customer's record lands once.
+    await Promise.all(cluster.nodes('master').map((node) => node.function('FLUSH')))
+    const settled = await Promise.all(customers.map((customerId) => c.record({ agentId: 'a', units: 1, customerId })))
+    assert.deepEqual(settled.map((s) => s.charged), customers.map(() => 1))
+    const charged = await Promise.all(customers.map((customerId) => c.getBudget({ customerId })))
+    assert.deepEqual(charged.map((b) => b.spent), customers.map(() => 5))
     // the customers really are spread over the nodes
     const owners = new Set(await Promise.all(cluster.nodes('master').map(async (n) => (await n.dbsize()) > 0)))
     assert.deepEqual([...owners], [true])
