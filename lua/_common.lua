@@ -63,17 +63,30 @@ local K, REAP_LIMIT, RETENTION, LEDGER_LEN, TASK_RETENTION, IDLE
 -- number formatting is among the dearer steps of a script.
 local REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S
 
+-- The most a call reaps of each kind: the clients' own bound on the reap limit (reap_limit in
+-- agentbill/_models.py, reapLimit in the TypeScript client), so that no caller can make one call
+-- walk a customer's whole backlog while Redis serves no one else.
+local MAX_REAP_S = '10000'
+local MAX_REAP = 10000 -- the same as MAX_REAP_S (no tonumber() at FUNCTION LOAD)
+-- How many arguments one command is handed at most from a list: Lua's unpack() fails beyond
+-- about 8,000 results ("too many results to unpack").
+local CHUNK = 1000
+
 local function begin(KEYS, ARGV)
   K = {
     budget = KEYS[1], res = KEYS[2], exp = KEYS[3], open = KEYS[4], tasks = KEYS[5],
     tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9], agents = KEYS[10],
   }
-  REAP_LIMIT = tonumber(ARGV[1])
+  REAP_LIMIT, REAP_LIMIT_S = tonumber(ARGV[1]), ARGV[1]
+  if REAP_LIMIT > MAX_REAP then
+    -- A caller that is not agentbill's client (a tenant key's own FCALL) asked for more.
+    REAP_LIMIT, REAP_LIMIT_S = MAX_REAP, MAX_REAP_S
+  end
   RETENTION = tonumber(ARGV[2])
   LEDGER_LEN = tonumber(ARGV[3])
   TASK_RETENTION = tonumber(ARGV[4])
   IDLE = tonumber(ARGV[5])
-  REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+  RETENTION_S, LEDGER_LEN_S, IDLE_S = ARGV[2], ARGV[3], ARGV[5]
 end
 
 local function fmt(n)
@@ -602,9 +615,10 @@ local function reap(now, expired_before, now_s)
     end
   end
   local old = redis.call('ZRANGEBYSCORE', K.closedx, '-inf', now_s, 'LIMIT', '0', REAP_LIMIT_S)
-  if #old > 0 then
-    redis.call('HDEL', K.closed, unpack(old))
-    redis.call('ZREM', K.closedx, unpack(old))
+  for i = 1, #old, CHUNK do
+    local j = math.min(i + CHUNK - 1, #old)
+    redis.call('HDEL', K.closed, unpack(old, i, j))
+    redis.call('ZREM', K.closedx, unpack(old, i, j))
   end
   local idle = redis.call('ZRANGEBYSCORE', K.tasksx, '-inf', now_s, 'LIMIT', '0', REAP_LIMIT_S)
   for _, tf in ipairs(idle) do

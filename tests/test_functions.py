@@ -23,6 +23,7 @@ from agentbill import (
     StoreBusyError,
     StoreError,
     StoreUnavailableError,
+    _core,
 )
 from agentbill._retry import translate
 from agentbill._scripts import build, installed, no_functions, source
@@ -321,3 +322,49 @@ def test_reads_answer_from_a_redis_over_maxmemory_and_writes_are_busy(
         assert caught.value.code == "OOM"
         r.config_set("maxmemory", 0)
         assert client.preflight("agent", 1, "c").approved
+
+
+# -- what a caller other than agentbill's client may ask of a function --------------------------
+
+
+def _outcomes_past_retention(
+    raw: redis.Redis, client: AgentBillClient, customer: str, n: int
+) -> str:
+    """``n`` closed outcomes of ``customer`` that may be forgotten now; their zset's key."""
+    keys = client._script_settings.keys.customer(customer)
+    pipe = raw.pipeline(transaction=False)
+    for start in range(0, n, 5000):
+        ids = [f"r{i}" for i in range(start, min(start + 5000, n))]
+        pipe.hset(keys.closed, mapping=dict.fromkeys(ids, "x"))
+        pipe.zadd(keys.closedx, dict.fromkeys(ids, 1))
+    pipe.execute()
+    return keys.closedx
+
+
+def test_the_largest_reap_limit_forgets_that_many_outcomes_in_one_call(
+    redis_server: RedisServer, raw: redis.Redis, namespace: str
+) -> None:
+    """reap_limit=10,000 (the most the clients accept) with 9,000 outcomes past their retention:
+    one call forgets them all. (Lua's unpack() stops near 8,000 values: handed the whole list
+    at once, every call of this customer failed.)"""
+    with AgentBillClient(
+        redis_url=redis_server.url, namespace=namespace, reap_limit=10_000
+    ) as client:
+        client.set_budget("c", 100)
+        closedx = _outcomes_past_retention(raw, client, "c", 9_000)
+        assert client.get_budget("c").remaining == 100
+        assert raw.zcard(closedx) == 0
+
+
+def test_a_reap_limit_beyond_the_clients_bound_reaps_no_more_than_it(
+    client: AgentBillClient, raw: redis.Redis
+) -> None:
+    """A tenant key may FCALL the functions with arguments of its own: asked to reap a billion
+    entries, one call still forgets at most 10,000 (the clients' bound), so no caller can make
+    one call hold Redis for its whole backlog."""
+    client.set_budget("c", 100)
+    closedx = _outcomes_past_retention(raw, client, "c", 25_000)
+    call = _core.get_budget_call(client._script_settings, "c", None)
+    args = ("1000000000", *call.args[1:])
+    raw.fcall(installed().function("get_budget"), len(call.keys), *call.keys, *args)
+    assert raw.zcard(closedx) == 15_000
