@@ -25,10 +25,12 @@ from agentbill import (
     StoreUnavailableError,
     _core,
 )
+from agentbill._models import RecordRequest
 from agentbill._retry import translate
 from agentbill._scripts import build, installed, no_functions, source
 from tests._clock import movable_clock, shift_clock
 from tests._servers import RedisServer, running
+from tests.conftest import namespace_keys
 from tests.test_topology import url_client
 
 KINDS = ["sync", "async"]
@@ -368,3 +370,54 @@ def test_a_reap_limit_beyond_the_clients_bound_reaps_no_more_than_it(
     args = ("1000000000", *call.args[1:])
     raw.fcall(installed().function("get_budget"), len(call.keys), *call.keys, *args)
     assert raw.zcard(closedx) == 15_000
+
+
+@pytest.mark.parametrize("reap_limit", ["-1", "-5", "nan", "inf", "0x10", " 5", "5.0", "1e3", ""])
+def test_a_setting_not_written_as_the_clients_write_it_is_refused_before_any_write(
+    client: AgentBillClient, raw: redis.Redis, namespace: str, reap_limit: str
+) -> None:
+    """A tenant key's own FCALL with a reap limit Lua reads as a number but Redis does not take
+    as one ('nan', '0x10': a record was charged, then the call failed in its reaping), or one
+    ZRANGEBYSCORE takes for "no limit" ('-1': every outcome past its retention forgotten in one
+    call, 12,000 here, past the 10,000 bound): refused, and nothing written."""
+    client.set_budget("c", 100)
+    check = client.preflight("a", 10, customer_id="c")
+    closedx = _outcomes_past_retention(raw, client, "c", 12_000)
+    before = namespace_keys(raw, namespace, ledger=True)
+    p = client._script_settings
+    request = RecordRequest(
+        agent_id="a", units=7, customer_id="c", reservation_id=check.reservation_id
+    )
+    calls = [
+        _core.record_call(p, request, _core.new_token()),
+        _core.get_budget_call(p, "c", None),
+    ]
+    for call in calls:
+        args = (reap_limit, *call.args[1:])
+        with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting reap_limit"):
+            raw.fcall(installed().function(call.script), len(call.keys), *call.keys, *args)
+    assert namespace_keys(raw, namespace, ledger=True) == before
+    assert raw.zcard(closedx) == 12_000
+    status = client.get_budget("c")
+    assert (status.spent, status.reserved) == (0, 10)
+
+
+@pytest.mark.parametrize("position", [1, 2, 3, 4])
+def test_every_setting_is_checked_before_any_write(
+    client: AgentBillClient, raw: redis.Redis, namespace: str, position: int
+) -> None:
+    """The retentions and the ledger cap, 'nan' or '-1': refused before the record's writes
+    (PEXPIRE and XADD MAXLEN refused them after)."""
+    client.set_budget("c", 100)
+    check = client.preflight("a", 10, customer_id="c")
+    before = namespace_keys(raw, namespace, ledger=True)
+    request = RecordRequest(
+        agent_id="a", units=7, customer_id="c", reservation_id=check.reservation_id
+    )
+    call = _core.record_call(client._script_settings, request, _core.new_token())
+    for bad in ("nan", "-1"):
+        args = list(call.args)
+        args[position] = bad
+        with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting"):
+            raw.fcall(installed().function("settle"), len(call.keys), *call.keys, *args)
+    assert namespace_keys(raw, namespace, ledger=True) == before
