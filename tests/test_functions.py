@@ -421,3 +421,35 @@ def test_every_setting_is_checked_before_any_write(
         with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting"):
             raw.fcall(installed().function("settle"), len(call.keys), *call.keys, *args)
     assert namespace_keys(raw, namespace, ledger=True) == before
+
+
+def _agents(raw: redis.Redis, client: AgentBillClient, customer: str, n: int) -> None:
+    """``n`` agents of ``customer``, remembered (named in the budget hash, listed in its zset),
+    as a tenant key's raw writes can make them."""
+    keys = client._script_settings.keys.customer(customer)
+    pipe = raw.pipeline(transaction=False)
+    for start in range(0, n, 5000):
+        ids = range(start, min(start + 5000, n))
+        pipe.zadd(keys.agents, {f"d{i}": 10**13 for i in ids})
+        pipe.hset(keys.budget, mapping={f"a:d{i}:name": f"agent{i}" for i in ids})
+    pipe.execute()
+
+
+@pytest.mark.parametrize("agent_limit", ["0", "-1", "1000000000", "nan"])
+def test_get_usage_lists_no_more_agents_than_the_clients_bound_whoever_asks(
+    client: AgentBillClient, raw: redis.Redis, agent_limit: str
+) -> None:
+    """A tenant key's own FCALL of get_usage asking for '0' or '-1' agents (ZREVRANGE 0 -1:
+    every one; 100,000 held Redis past its BUSY threshold) or a billion: refused, or at most
+    10,000 listed (the clients' bound)."""
+    client.set_budget("c", 100)
+    _agents(raw, client, "c", 12_000)
+    call = _core.get_usage_call(client._script_settings, "c", 10)
+    args = (*call.args[:-1], agent_limit)
+    fn = installed().function("get_usage")
+    if agent_limit == "1000000000":
+        reply = raw.fcall(fn, len(call.keys), *call.keys, *args)
+        assert len(reply[1]) == 2 * 10_000
+    else:
+        with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting agent_limit"):
+            raw.fcall(fn, len(call.keys), *call.keys, *args)
