@@ -10,6 +10,7 @@ LibraryNotLoadedError. Each function's flags let reads answer from a Redis over 
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ import redis
 
 from agentbill import (
     AgentBillClient,
+    AsyncAgentBillClient,
     LibraryNotLoadedError,
     Preflight,
     StoreBusyError,
@@ -286,6 +288,61 @@ def test_queued_settlements_wait_for_the_library_not_dropped(
         assert client.flush() == 0
         budget = client.get_budget("c")
         assert (budget.spent, budget.reserved) == (6, 0)
+
+
+def test_a_gated_record_that_finds_the_library_missing_is_queued_not_lost(
+    acl_server: RedisServer, namespace: str
+) -> None:
+    """A gated run (its record no caller can make again) whose body ends after a FUNCTION
+    FLUSH, on a connection that may not load the library (a tenant key): the record ran
+    nothing, so it is queued, not raised after the body (its units were never charged, its
+    estimate held until the TTL); it lands once an operator loads the library."""
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+    with (
+        acl_server.client() as admin,
+        AgentBillClient(redis_url=url, namespace=namespace) as client,
+    ):
+        admin.function_load(installed().text, replace=True)
+        client.set_budget("c", 1000)
+
+        @client.gate("a", 50, customer_id="c", units=42)
+        def body() -> str:
+            admin.function_flush()
+            return "done"
+
+        assert body() == "done"
+        assert client.flush() == 1
+        admin.function_load(installed().text)  # what `agentbill keys load-library` does
+        assert client.flush() == 0
+        budget = client.get_budget("c")
+        assert (budget.spent, budget.reserved) == (42, 0)
+
+
+def test_an_async_gated_record_that_finds_the_library_missing_is_queued_not_lost(
+    acl_server: RedisServer, namespace: str
+) -> None:
+    """The same with AsyncAgentBillClient."""
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+
+    async def main(admin: redis.Redis) -> tuple[int, int]:
+        async with AsyncAgentBillClient(redis_url=url, namespace=namespace) as client:
+            await client.set_budget("c", 1000)
+
+            @client.gate("a", 50, customer_id="c", units=42)
+            async def body() -> str:
+                admin.function_flush()
+                return "done"
+
+            assert await body() == "done"
+            assert await client.flush() == 1
+            admin.function_load(installed().text)
+            assert await client.flush() == 0
+            budget = await client.get_budget("c")
+            return budget.spent, budget.reserved
+
+    with acl_server.client() as admin:
+        admin.function_load(installed().text, replace=True)
+        assert asyncio.run(main(admin)) == (42, 0)
 
 
 # -- function flags: reads answer from a Redis over maxmemory ------------------------------------

@@ -834,7 +834,9 @@ export class AgentBillClient {
     try {
       return await this.#run(plan, true)
     } catch (exc) {
-      if (!(exc instanceof StoreUnavailableError)) throw exc
+      // Queued when it ran nothing and may land later: Redis cannot take it now, or the library
+      // is missing and this connection may not load it (it lands once an operator loads it).
+      if (!(exc instanceof StoreUnavailableError || exc instanceof LibraryNotLoadedError)) throw exc
       this.#owed.add({ plan, record }, exc)
       return undefined
     }

@@ -138,6 +138,26 @@ test('a queued record waits while the library is missing and this user may not l
   }
 })
 
+test('a gated record that finds the library missing (and may not load it) is queued, not thrown after the body', async () => {
+  const ns = namespace()
+  await admin.acl('SETUSER', 'caller', 'on', '>secret', '~*', '+@all', '-function')
+  const c = new AgentBillClient({ redisUrl: `redis://caller:secret@127.0.0.1:${server.port}/0`, namespace: ns })
+  try {
+    await c.setBudget({ customerId: 'u', limit: 100 })
+    const gated = c.gate({ agentId: 'g', estimatedUnits: 10, customerId: 'u', units: 7 }, async () => {
+      await admin.function('FLUSH')
+      return 'worked'
+    })
+    assert.equal(await gated(), 'worked') // the record ran nothing: owed, not thrown and lost
+    await admin.function('LOAD', 'REPLACE', library.text) // the operator: `agentbill keys load-library`
+    const b = await until(() => c.getBudget({ customerId: 'u' }), (x) => x.spent === 7)
+    assert.deepEqual([b.spent, b.reserved, b.openReservations], [7, 0, 0])
+  } finally {
+    await c.close()
+    await admin.acl('DELUSER', 'caller')
+  }
+})
+
 test('what is still queued when the process ends gets a last delivery', async () => {
   const ns = namespace()
   const script = `
