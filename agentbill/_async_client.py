@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from agentbill import _core, _topology
 from agentbill._check import ThresholdCrossing
 from agentbill._client import (
+    UNSETTLED,
     Ask,
     BaseClient,
     Batch,
@@ -173,7 +174,7 @@ class AsyncAgentBillClient(BaseClient[AsyncCheck]):
             return self._settle_later(plan, release)
         try:
             settlement = await self._run(plan)
-        except StoreUnavailableError as exc:
+        except UNSETTLED as exc:
             return self._offline_settlement(plan, exc, release, surely)
         self._outage.landed(plan, release)
         return settlement

@@ -35,6 +35,7 @@ from agentbill._durability import (
 from agentbill._exceptions import (
     AgentBillError,
     InvalidRequestError,
+    LibraryNotLoadedError,
     StoreBusyError,
     StoreUnavailableError,
 )
@@ -77,6 +78,12 @@ if TYPE_CHECKING:
     from agentbill.llm import EstimateSpec
 
 ENV_REDIS_URL = "AGENTBILL_REDIS_URL"
+
+
+# What a record or release may meet having run nothing, and land later: Redis unreachable,
+# silent or "not now", or agentbill's library missing where this client may not load it (a
+# tenant key, until an operator loads it). See ``_offline_settlement``.
+UNSETTLED = (StoreUnavailableError, LibraryNotLoadedError)
 
 logger = logging.getLogger("agentbill")
 
@@ -374,16 +381,20 @@ class BaseClient(Generic[C]):
     def _offline_settlement(
         self,
         plan: _core.Plan[Settlement],
-        exc: StoreUnavailableError,
+        exc: StoreUnavailableError | LibraryNotLoadedError,
         release: bool,
         surely: bool = False,
     ) -> Settlement:
         """A record/release Redis cannot take now: queued by the outage policy (an offline
         run's release too: its preflight may have reached Redis), or ``exc`` (always when Redis
-        answered "not now"). ``surely`` (a settlement no caller can make again, see
-        ``_settle_surely``): queued whatever the outage policy (a warning says so where it
-        would have raised), and delivered in the background."""
-        refused = self._outage.fails_closed or isinstance(exc, StoreBusyError)
+        answered "not now", or lacks the library this client may not load). ``surely`` (a
+        settlement no caller can make again, see ``_settle_surely``): queued whatever the
+        outage policy (a warning says so where it would have raised), and delivered in the
+        background: one that lacks the library ran nothing and lands once an operator loads
+        it (the queue keeps it meanwhile, see ``_undeliverable``)."""
+        refused = self._outage.fails_closed or isinstance(
+            exc, StoreBusyError | LibraryNotLoadedError
+        )
         if surely:
             if refused:
                 warn_queued(plan, release, exc)
@@ -894,7 +905,7 @@ class AgentBillClient(BaseClient[Check]):
             return self._settle_later(plan, release)
         try:
             settlement = self._run(plan)
-        except StoreUnavailableError as exc:
+        except UNSETTLED as exc:
             return self._offline_settlement(plan, exc, release, surely)
         self._outage.landed(plan, release)
         return settlement

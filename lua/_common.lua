@@ -72,20 +72,32 @@ local MAX_REAP = 10000 -- the same as MAX_REAP_S (no tonumber() at FUNCTION LOAD
 -- about 8,000 results ("too many results to unpack").
 local CHUNK = 1000
 
+-- One of the settings (ARGV[1..5]) as a number: a decimal integer, as the clients send them,
+-- else an error before anything is written. Another caller (a tenant key's own FCALL) could
+-- hand in what Lua reads as a number but Redis refuses as an argument ('nan', '0x10', ' 5':
+-- the call failed after its writes), or a count of '-1', which ZRANGEBYSCORE's LIMIT takes
+-- for "no limit" (a reap of the whole backlog, past MAX_REAP).
+local function setting(v, name)
+  if not (v and #v <= 16 and string.find(v, '^%d+$')) then
+    error({err = 'AGENTBILL bad_setting ' .. name .. ': a decimal integer, as the clients send it'})
+  end
+  return tonumber(v)
+end
+
 local function begin(KEYS, ARGV)
   K = {
     budget = KEYS[1], res = KEYS[2], exp = KEYS[3], open = KEYS[4], tasks = KEYS[5],
     tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9], agents = KEYS[10],
   }
-  REAP_LIMIT, REAP_LIMIT_S = tonumber(ARGV[1]), ARGV[1]
+  REAP_LIMIT, REAP_LIMIT_S = setting(ARGV[1], 'reap_limit'), ARGV[1]
   if REAP_LIMIT > MAX_REAP then
     -- A caller that is not agentbill's client (a tenant key's own FCALL) asked for more.
     REAP_LIMIT, REAP_LIMIT_S = MAX_REAP, MAX_REAP_S
   end
-  RETENTION = tonumber(ARGV[2])
-  LEDGER_LEN = tonumber(ARGV[3])
-  TASK_RETENTION = tonumber(ARGV[4])
-  IDLE = tonumber(ARGV[5])
+  RETENTION = setting(ARGV[2], 'outcome_retention')
+  LEDGER_LEN = setting(ARGV[3], 'ledger_max_len')
+  TASK_RETENTION = setting(ARGV[4], 'task_retention')
+  IDLE = setting(ARGV[5], 'idle_retention')
   RETENTION_S, LEDGER_LEN_S, IDLE_S = ARGV[2], ARGV[3], ARGV[5]
 end
 

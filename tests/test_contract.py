@@ -272,7 +272,7 @@ def test_prelude_keys_and_args_are_the_contract_names_in_order() -> None:
         (k["name"] for k in CONTRACT["customer_keys"]), 1
     )] == pairs  # fmt: skip
     read = [
-        int(i) for i in re.findall(r"^  \w+(?:, \w+)? = tonumber\(ARGV\[(\d+)\]\)", prelude, re.M)
+        int(i) for i in re.findall(r"^  \w+(?:, \w+)? = setting\(ARGV\[(\d+)\], ", prelude, re.M)
     ]
     assert read == list(range(1, len(CONTRACT["common_args"]) + 1))
 

@@ -10,6 +10,7 @@ LibraryNotLoadedError. Each function's flags let reads answer from a Redis over 
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ import redis
 
 from agentbill import (
     AgentBillClient,
+    AsyncAgentBillClient,
     LibraryNotLoadedError,
     Preflight,
     StoreBusyError,
@@ -25,10 +27,12 @@ from agentbill import (
     StoreUnavailableError,
     _core,
 )
+from agentbill._models import RecordRequest
 from agentbill._retry import translate
 from agentbill._scripts import build, installed, no_functions, source
 from tests._clock import movable_clock, shift_clock
 from tests._servers import RedisServer, running
+from tests.conftest import namespace_keys
 from tests.test_topology import url_client
 
 KINDS = ["sync", "async"]
@@ -286,6 +290,61 @@ def test_queued_settlements_wait_for_the_library_not_dropped(
         assert (budget.spent, budget.reserved) == (6, 0)
 
 
+def test_a_gated_record_that_finds_the_library_missing_is_queued_not_lost(
+    acl_server: RedisServer, namespace: str
+) -> None:
+    """A gated run (its record no caller can make again) whose body ends after a FUNCTION
+    FLUSH, on a connection that may not load the library (a tenant key): the record ran
+    nothing, so it is queued, not raised after the body (its units were never charged, its
+    estimate held until the TTL); it lands once an operator loads the library."""
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+    with (
+        acl_server.client() as admin,
+        AgentBillClient(redis_url=url, namespace=namespace) as client,
+    ):
+        admin.function_load(installed().text, replace=True)
+        client.set_budget("c", 1000)
+
+        @client.gate("a", 50, customer_id="c", units=42)
+        def body() -> str:
+            admin.function_flush()
+            return "done"
+
+        assert body() == "done"
+        assert client.flush() == 1
+        admin.function_load(installed().text)  # what `agentbill keys load-library` does
+        assert client.flush() == 0
+        budget = client.get_budget("c")
+        assert (budget.spent, budget.reserved) == (42, 0)
+
+
+def test_an_async_gated_record_that_finds_the_library_missing_is_queued_not_lost(
+    acl_server: RedisServer, namespace: str
+) -> None:
+    """The same with AsyncAgentBillClient."""
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+
+    async def main(admin: redis.Redis) -> tuple[int, int]:
+        async with AsyncAgentBillClient(redis_url=url, namespace=namespace) as client:
+            await client.set_budget("c", 1000)
+
+            @client.gate("a", 50, customer_id="c", units=42)
+            async def body() -> str:
+                admin.function_flush()
+                return "done"
+
+            assert await body() == "done"
+            assert await client.flush() == 1
+            admin.function_load(installed().text)
+            assert await client.flush() == 0
+            budget = await client.get_budget("c")
+            return budget.spent, budget.reserved
+
+    with acl_server.client() as admin:
+        admin.function_load(installed().text, replace=True)
+        assert asyncio.run(main(admin)) == (42, 0)
+
+
 # -- function flags: reads answer from a Redis over maxmemory ------------------------------------
 
 
@@ -368,3 +427,86 @@ def test_a_reap_limit_beyond_the_clients_bound_reaps_no_more_than_it(
     args = ("1000000000", *call.args[1:])
     raw.fcall(installed().function("get_budget"), len(call.keys), *call.keys, *args)
     assert raw.zcard(closedx) == 15_000
+
+
+@pytest.mark.parametrize("reap_limit", ["-1", "-5", "nan", "inf", "0x10", " 5", "5.0", "1e3", ""])
+def test_a_setting_not_written_as_the_clients_write_it_is_refused_before_any_write(
+    client: AgentBillClient, raw: redis.Redis, namespace: str, reap_limit: str
+) -> None:
+    """A tenant key's own FCALL with a reap limit Lua reads as a number but Redis does not take
+    as one ('nan', '0x10': a record was charged, then the call failed in its reaping), or one
+    ZRANGEBYSCORE takes for "no limit" ('-1': every outcome past its retention forgotten in one
+    call, 12,000 here, past the 10,000 bound): refused, and nothing written."""
+    client.set_budget("c", 100)
+    check = client.preflight("a", 10, customer_id="c")
+    closedx = _outcomes_past_retention(raw, client, "c", 12_000)
+    before = namespace_keys(raw, namespace, ledger=True)
+    p = client._script_settings
+    request = RecordRequest(
+        agent_id="a", units=7, customer_id="c", reservation_id=check.reservation_id
+    )
+    calls = [
+        _core.record_call(p, request, _core.new_token()),
+        _core.get_budget_call(p, "c", None),
+    ]
+    for call in calls:
+        args = (reap_limit, *call.args[1:])
+        with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting reap_limit"):
+            raw.fcall(installed().function(call.script), len(call.keys), *call.keys, *args)
+    assert namespace_keys(raw, namespace, ledger=True) == before
+    assert raw.zcard(closedx) == 12_000
+    status = client.get_budget("c")
+    assert (status.spent, status.reserved) == (0, 10)
+
+
+@pytest.mark.parametrize("position", [1, 2, 3, 4])
+def test_every_setting_is_checked_before_any_write(
+    client: AgentBillClient, raw: redis.Redis, namespace: str, position: int
+) -> None:
+    """The retentions and the ledger cap, 'nan' or '-1': refused before the record's writes
+    (PEXPIRE and XADD MAXLEN refused them after)."""
+    client.set_budget("c", 100)
+    check = client.preflight("a", 10, customer_id="c")
+    before = namespace_keys(raw, namespace, ledger=True)
+    request = RecordRequest(
+        agent_id="a", units=7, customer_id="c", reservation_id=check.reservation_id
+    )
+    call = _core.record_call(client._script_settings, request, _core.new_token())
+    for bad in ("nan", "-1"):
+        args = list(call.args)
+        args[position] = bad
+        with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting"):
+            raw.fcall(installed().function("settle"), len(call.keys), *call.keys, *args)
+    assert namespace_keys(raw, namespace, ledger=True) == before
+
+
+def _agents(raw: redis.Redis, client: AgentBillClient, customer: str, n: int) -> None:
+    """``n`` agents of ``customer``, remembered (named in the budget hash, listed in its zset),
+    as a tenant key's raw writes can make them."""
+    keys = client._script_settings.keys.customer(customer)
+    pipe = raw.pipeline(transaction=False)
+    for start in range(0, n, 5000):
+        ids = range(start, min(start + 5000, n))
+        pipe.zadd(keys.agents, {f"d{i}": 10**13 for i in ids})
+        pipe.hset(keys.budget, mapping={f"a:d{i}:name": f"agent{i}" for i in ids})
+    pipe.execute()
+
+
+@pytest.mark.parametrize("agent_limit", ["0", "-1", "1000000000", "nan"])
+def test_get_usage_lists_no_more_agents_than_the_clients_bound_whoever_asks(
+    client: AgentBillClient, raw: redis.Redis, agent_limit: str
+) -> None:
+    """A tenant key's own FCALL of get_usage asking for '0' or '-1' agents (ZREVRANGE 0 -1:
+    every one; 100,000 held Redis past its BUSY threshold) or a billion: refused, or at most
+    10,000 listed (the clients' bound)."""
+    client.set_budget("c", 100)
+    _agents(raw, client, "c", 12_000)
+    call = _core.get_usage_call(client._script_settings, "c", 10)
+    args = (*call.args[:-1], agent_limit)
+    fn = installed().function("get_usage")
+    if agent_limit == "1000000000":
+        reply = raw.fcall(fn, len(call.keys), *call.keys, *args)
+        assert len(reply[1]) == 2 * 10_000
+    else:
+        with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting agent_limit"):
+            raw.fcall(fn, len(call.keys), *call.keys, *args)

@@ -527,8 +527,8 @@ export class AgentBillClient {
    * persistence, FUNCTION FLUSH, or another agentbill version (whose library has another name,
    * so the two never disturb each other). Nothing ran then: this client loads the library
    * (#loadLibrary) and sends the same call once more, with the same arguments, so the same
-   * request id (a retry after its reply is lost still lands once). A Redis without Functions
-   * (before 7.0) is a StoreError.
+   * request id (a retry after its reply is lost still lands once); missing again at once, it is
+   * a TRYAGAIN for the retry policy. A Redis without Functions (before 7.0) is a StoreError.
    */
   async #eval(call: Call): Promise<unknown> {
     const redis = await this.#connection()
@@ -547,7 +547,18 @@ export class AgentBillClient {
       if (!text.startsWith(FUNCTION_NOT_FOUND)) throw exc
     }
     await this.#loadLibrary(redis)
-    return await send()
+    try {
+      return await send()
+    } catch (exc) {
+      if (!errorText(exc).startsWith(FUNCTION_NOT_FOUND)) throw exc
+      // Gone again right after the load (a FUNCTION FLUSH, DELETE or RESTORE racing it): the
+      // call ran nothing. "Not now", a TRYAGAIN, as the Python client's LibraryRemoved: the
+      // retry policy sends the same call again, a bounded number of times.
+      throw new Error(
+        `TRYAGAIN Redis answered 'Function not found' for agentbill's library ${library.name} right after it was loaded (removed again meanwhile)`,
+        { cause: exc },
+      )
+    }
   }
 
   /** FUNCTION LOAD REPLACE of agentbill's library, on every primary of a Cluster (a call may
@@ -823,7 +834,9 @@ export class AgentBillClient {
     try {
       return await this.#run(plan, true)
     } catch (exc) {
-      if (!(exc instanceof StoreUnavailableError)) throw exc
+      // Queued when it ran nothing and may land later: Redis cannot take it now, or the library
+      // is missing and this connection may not load it (it lands once an operator loads it).
+      if (!(exc instanceof StoreUnavailableError || exc instanceof LibraryNotLoadedError)) throw exc
       this.#owed.add({ plan, record }, exc)
       return undefined
     }

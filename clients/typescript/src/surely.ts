@@ -6,16 +6,17 @@
  * doubling to 2 s) until it lands, oldest first. Each keeps its plan, so its request id: one
  * that did land before its reply was lost is not charged again.
  *
- * One that Redis refuses for good (a bad request) is dropped with a warning; a dropped record
- * naming a reservation has that reservation released (queued like any release), so its units
- * come back instead of staying held until its TTL.
+ * One waiting for agentbill's library (LibraryNotLoadedError: an operator loads it) stays
+ * queued too. One that Redis refuses for good (a bad request) is dropped with a warning; a
+ * dropped record naming a reservation has that reservation released (queued like any release),
+ * so its units come back instead of staying held until its TTL.
  *
  * The queue is in the process's memory. Its timer never keeps a process alive; what is queued
  * when the process runs out of work (Node's `beforeExit`), or when `close()` is called, gets a
  * last delivery, tried for up to LAST_DELIVERY_MS. A process killed, or ended by
  * `process.exit()`, loses what is queued (the reservations then expire uncharged).
  */
-import { StoreUnavailableError } from './errors.js'
+import { LibraryNotLoadedError, StoreUnavailableError } from './errors.js'
 import type { Plan } from './core.js'
 import type { Settlement } from './results.js'
 
@@ -107,7 +108,9 @@ export class SettleQueue {
       try {
         await this.send(owed.plan)
       } catch (exc) {
-        if (exc instanceof StoreUnavailableError) return // not now: kept, in order
+        // Not now: kept, in order. So too while the library is missing and this connection may
+        // not load it (a tenant key): nothing ran, and it lands once an operator loads it.
+        if (exc instanceof StoreUnavailableError || exc instanceof LibraryNotLoadedError) return
         this.#items.shift()
         warn(`the queued ${owed.record ? 'record' : 'release'} of reservation ${owed.plan.reservationId} was refused by Redis and dropped: ${text(exc)}`)
         if (owed.record && owed.plan.reservationId !== undefined) {

@@ -85,6 +85,40 @@ test('after FUNCTION FLUSH a call loads the library and is sent again with the s
   }
 })
 
+test('the library flushed again right after this client loaded it: the call is retried (TRYAGAIN), charged once', async () => {
+  // A FUNCTION FLUSH (or DELETE, or RESTORE of an older dump) racing the reload: the call sent
+  // again misses once more. It ran nothing, so it is "not now", as in the Python client: the
+  // retry policy sends it again. Thrown instead, a record was lost and its estimate held.
+  const given = new Redis(server.port, '127.0.0.1')
+  const c = new AgentBillClient({ redis: given, namespace: namespace() })
+  try {
+    await c.setBudget({ customerId: 'u', limit: 100 })
+    const check = await c.preflight({ agentId: 'a', estimatedUnits: 10, customerId: 'u' })
+    await raw.function('FLUSH')
+    const load = given.function.bind(given) as (...args: unknown[]) => Promise<unknown>
+    let raced = false
+    ;(given as unknown as { function: unknown }).function = async (...args: unknown[]) => {
+      const answer = await load(...args)
+      if (!raced && String(args[0]).toUpperCase() === 'LOAD') {
+        raced = true
+        await raw.function('FLUSH') // removed again before the call is sent again
+      }
+      return answer
+    }
+    const sent = noting(given)
+    const settled = await check.record(7)
+    assert.equal(settled.status, 'recorded')
+    assert.ok(raced)
+    assert.deepEqual(sent.map((s) => s.answer), ['ERR Function not found', 'ERR Function not found', 'ERR Function not found', 'ok'])
+    for (const s of sent) assert.deepEqual(s.args, sent[0]!.args) // one request id throughout
+    const b = await c.getBudget({ customerId: 'u' })
+    assert.deepEqual([b.spent, b.reserved, b.openReservations], [7, 0, 0])
+  } finally {
+    await c.close()
+    given.disconnect()
+  }
+})
+
 test('calls that find the library missing together share one FUNCTION LOAD', async () => {
   const c = new AgentBillClient({ redisUrl: server.url, namespace: namespace() })
   try {

@@ -7,6 +7,7 @@ import { after, before, test } from 'node:test'
 import { Redis } from 'ioredis'
 import { AgentBillClient, InvalidRequestError, StoreError, StoreUnavailableError } from '../src/index.js'
 import { RedisServer, namespace } from './servers.js'
+import { library } from '../src/contract.js'
 
 let server: RedisServer
 let admin: Redis
@@ -102,6 +103,58 @@ test("a gated call's record or release that Redis cannot take now is queued and 
   } finally {
     process.off('warning', onWarning)
     await c.close()
+  }
+})
+
+test('a queued record waits while the library is missing and this user may not load it, then lands once', async () => {
+  // A tenant key's client (FCALL only) with a gated record queued during a stall, delivered
+  // after a FUNCTION FLUSH: LibraryNotLoadedError is "not until an operator loads it", nothing
+  // ran, so the record stays queued (as in Python) instead of being dropped with its release.
+  const ns = namespace()
+  await admin.acl('SETUSER', 'caller', 'on', '>secret', '~*', '+@all', '-function')
+  const c = new AgentBillClient({ redisUrl: `redis://caller:secret@127.0.0.1:${server.port}/0`, namespace: ns })
+  const warnings: string[] = []
+  const onWarning = (w: Error): void => void warnings.push(w.message)
+  process.on('warning', onWarning)
+  try {
+    await c.setBudget({ customerId: 'u', limit: 100 })
+    let stop: (() => Promise<void>) | undefined
+    const gated = c.gate({ agentId: 'g', estimatedUnits: 10, customerId: 'u', units: 7 }, async () => {
+      await admin.function('FLUSH')
+      stop = await busy() // its record cannot land now: queued
+      return 'worked'
+    })
+    assert.equal(await gated(), 'worked')
+    await stop!() // delivered now: the library is missing, and this user may not load it
+    await until(async () => warnings.filter((w) => /may not load it/.test(w)).length, (n) => n > 0)
+    await admin.function('LOAD', 'REPLACE', library.text) // the operator: `agentbill keys load-library`
+    const b = await until(() => c.getBudget({ customerId: 'u' }), (x) => x.spent === 7)
+    assert.deepEqual([b.spent, b.reserved, b.openReservations], [7, 0, 0])
+    assert.ok(!warnings.some((w) => /dropped/.test(w)), warnings.join('\n'))
+  } finally {
+    process.off('warning', onWarning)
+    await c.close()
+    await admin.acl('DELUSER', 'caller')
+  }
+})
+
+test('a gated record that finds the library missing (and may not load it) is queued, not thrown after the body', async () => {
+  const ns = namespace()
+  await admin.acl('SETUSER', 'caller', 'on', '>secret', '~*', '+@all', '-function')
+  const c = new AgentBillClient({ redisUrl: `redis://caller:secret@127.0.0.1:${server.port}/0`, namespace: ns })
+  try {
+    await c.setBudget({ customerId: 'u', limit: 100 })
+    const gated = c.gate({ agentId: 'g', estimatedUnits: 10, customerId: 'u', units: 7 }, async () => {
+      await admin.function('FLUSH')
+      return 'worked'
+    })
+    assert.equal(await gated(), 'worked') // the record ran nothing: owed, not thrown and lost
+    await admin.function('LOAD', 'REPLACE', library.text) // the operator: `agentbill keys load-library`
+    const b = await until(() => c.getBudget({ customerId: 'u' }), (x) => x.spent === 7)
+    assert.deepEqual([b.spent, b.reserved, b.openReservations], [7, 0, 0])
+  } finally {
+    await c.close()
+    await admin.acl('DELUSER', 'caller')
   }
 })
 
