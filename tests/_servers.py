@@ -177,7 +177,13 @@ class Cluster:
         aclfile: bool = False,
     ) -> None:
         def node() -> RedisServer:
-            config = {"cluster-enabled": "yes", "cluster-node-timeout": str(node_timeout)}
+            config = {
+                "cluster-enabled": "yes",
+                "cluster-node-timeout": str(node_timeout),
+                # CLUSTER SLOTS lists a replica only once its offset moved, which for a
+                # primary taking no writes is its first ping to its replicas (every 10 s).
+                "repl-ping-replica-period": "1",
+            }
             server = RedisServer(
                 extra={**config, **(extra or {})}, port=free_cluster_port(), binary=binary
             )
@@ -203,6 +209,7 @@ class Cluster:
             raise
 
     def _start(self, timeout: float) -> Cluster:
+        deadline = time.monotonic() + timeout
         for node in self.all_nodes:
             node.start()
         per = 16384 // len(self.nodes)
@@ -214,13 +221,20 @@ class Cluster:
         with first.client() as c:
             for node in self.all_nodes[1:]:
                 c.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        self._converge(timeout)
-        if self.replicas:
-            for i, replica in enumerate(self.replicas):
-                primary = self.nodes[i % len(self.nodes)]
-                with replica.client() as c:
-                    c.execute_command("CLUSTER", "REPLICATE", self.node_id(primary))
-            self._converge(timeout, replicated=True)
+        # Each replica is attached as soon as it has heard of its primary, so its sync runs
+        # while the primaries sit out the 2 s a fresh cluster node waits before it says ok.
+        for i, replica in enumerate(self.replicas):
+            primary = self.node_id(self.nodes[i % len(self.nodes)])
+            with replica.client() as c:
+                while True:
+                    try:
+                        c.execute_command("CLUSTER", "REPLICATE", primary)
+                        break
+                    except redis.ResponseError:  # "Unknown node": the gossip is not there yet
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.02)
+        self._converge(max(0.0, deadline - time.monotonic()), replicated=bool(self.replicas))
         return self
 
     def node_id(self, node: RedisServer) -> str:
