@@ -260,7 +260,7 @@ class Cluster:
                 ok = False
             if ok:
                 return
-            time.sleep(0.1)
+            time.sleep(0.02)
         raise RuntimeError("cluster did not converge")
 
     @property
@@ -370,8 +370,8 @@ class SentinelSet:
                 ok = False
             if ok:
                 return
-            time.sleep(0.1)
-        raise RuntimeError("the sentinels did not discover each other")
+            time.sleep(0.02)
+        raise RuntimeError("the sentinels did not reach the master, its replicas and each other")
 
     def master_port(self) -> int:
         """The master's port, as the first sentinel knows it."""
