@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -177,7 +178,13 @@ class Cluster:
         aclfile: bool = False,
     ) -> None:
         def node() -> RedisServer:
-            config = {"cluster-enabled": "yes", "cluster-node-timeout": str(node_timeout)}
+            config = {
+                "cluster-enabled": "yes",
+                "cluster-node-timeout": str(node_timeout),
+                # CLUSTER SLOTS lists a replica only once its offset moved, which for a
+                # primary taking no writes is its first ping to its replicas (every 10 s).
+                "repl-ping-replica-period": "1",
+            }
             server = RedisServer(
                 extra={**config, **(extra or {})}, port=free_cluster_port(), binary=binary
             )
@@ -203,6 +210,7 @@ class Cluster:
             raise
 
     def _start(self, timeout: float) -> Cluster:
+        deadline = time.monotonic() + timeout
         for node in self.all_nodes:
             node.start()
         per = 16384 // len(self.nodes)
@@ -214,13 +222,20 @@ class Cluster:
         with first.client() as c:
             for node in self.all_nodes[1:]:
                 c.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        self._converge(timeout)
-        if self.replicas:
-            for i, replica in enumerate(self.replicas):
-                primary = self.nodes[i % len(self.nodes)]
-                with replica.client() as c:
-                    c.execute_command("CLUSTER", "REPLICATE", self.node_id(primary))
-            self._converge(timeout, replicated=True)
+        # Each replica is attached as soon as it has heard of its primary, so its sync runs
+        # while the primaries sit out the 2 s a fresh cluster node waits before it says ok.
+        for i, replica in enumerate(self.replicas):
+            primary = self.node_id(self.nodes[i % len(self.nodes)])
+            with replica.client() as c:
+                while True:
+                    try:
+                        c.execute_command("CLUSTER", "REPLICATE", primary)
+                        break
+                    except redis.ResponseError:  # "Unknown node": the gossip is not there yet
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.02)
+        self._converge(max(0.0, deadline - time.monotonic()), replicated=bool(self.replicas))
         return self
 
     def node_id(self, node: RedisServer) -> str:
@@ -245,7 +260,7 @@ class Cluster:
                 ok = False
             if ok:
                 return
-            time.sleep(0.1)
+            time.sleep(0.02)
         raise RuntimeError("cluster did not converge")
 
     @property
@@ -257,7 +272,8 @@ class Cluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def stop(self) -> None:
-        for node in self.all_nodes:
+        # Replicas before primaries: a primary stopped with replicas waits for their acks.
+        for node in [*self.replicas, *self.nodes]:
             node.stop()
 
 
@@ -335,7 +351,8 @@ class SentinelSet:
         raise RuntimeError("the replicas did not connect to the master")
 
     def wait_sentinels(self, timeout: float) -> None:
-        """Until every sentinel knows the master, its replicas and the other sentinels."""
+        """Until every sentinel knows the master, its replicas and the other sentinels, and is
+        connected to the master and to every replica."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ok = True
@@ -347,12 +364,14 @@ class SentinelSet:
                     fields = c.sentinel_master(self.service)
                     ok &= int(fields["num-slaves"]) >= len(self.replicas)
                     ok &= int(fields["num-other-sentinels"]) >= len(self.sentinels) - 1
+                    links = [fields, *c.sentinel_slaves(self.service)]
+                    ok &= all("disconnected" not in link["flags"] for link in links)
                     continue
                 ok = False
             if ok:
                 return
-            time.sleep(0.1)
-        raise RuntimeError("the sentinels did not discover each other")
+            time.sleep(0.02)
+        raise RuntimeError("the sentinels did not reach the master, its replicas and each other")
 
     def master_port(self) -> int:
         """The master's port, as the first sentinel knows it."""
@@ -368,17 +387,23 @@ class SentinelSet:
         return ports
 
     def stop(self) -> None:
-        for node in [*self.sentinels, *self.data_nodes]:
+        # Replicas before the master: a master stopped with replicas waits for their acks.
+        for node in [*self.sentinels, *self.replicas, self.master]:
             node.stop()
 
 
 class SentinelServer(RedisServer):
-    """One sentinel of a :class:`SentinelSet` (its config file is the sentinel's to rewrite)."""
+    """One sentinel of a :class:`SentinelSet` (its config file is the sentinel's to rewrite).
+
+    Its config names the other sentinels and the replicas from the start, as a sentinel's own
+    rewritten config does once it has found them: finding them takes a hello message on the
+    master (every 2 s) and an INFO, seconds that every Sentinel set would wait otherwise."""
 
     def __init__(self, group: SentinelSet, *, binary: Path | None, down_after_ms: int) -> None:
         super().__init__(binary=binary)
         self.group = group
         self.down_after_ms = down_after_ms
+        self.myid = secrets.token_hex(20)
 
     def args(self) -> list[str]:
         name, master = self.group.service, self.group.master
@@ -394,6 +419,12 @@ class SentinelServer(RedisServer):
         ]
         if self.group.password is not None:
             lines.append(f"sentinel auth-pass {name} {self.group.password}")
+        lines.append(f"sentinel myid {self.myid}")
+        for other in self.group.sentinels:
+            if other is not self:
+                lines.append(f"sentinel known-sentinel {name} 127.0.0.1 {other.port} {other.myid}")
+        for replica in self.group.replicas:
+            lines.append(f"sentinel known-replica {name} 127.0.0.1 {replica.port}")
         conf = self.dir / "sentinel.conf"
         conf.write_text("\n".join(lines) + "\n")
         return [str(self.binary), str(conf), "--sentinel"]

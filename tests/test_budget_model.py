@@ -27,6 +27,7 @@ from agentbill import (
 )
 from tests._clock import movable_clock
 from tests._clock import shift_clock as move
+from tests._processes import CTX
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
@@ -227,10 +228,9 @@ def test_racing_processes_get_exactly_the_rate_limits_burst(
     """10 processes x 20 asks against a burst of 37 (and one unit a day after it)."""
     with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as admin:
         admin.set_rate_limit("hot", 1, 86_400, burst=37)
-    ctx = mp.get_context("spawn")
-    out: mp.Queue[int] = ctx.Queue()
+    out: mp.Queue[int] = CTX.Queue()
     procs = [
-        ctx.Process(target=_rate_racer, args=(redis_server.url, namespace, 20, out))
+        CTX.Process(target=_rate_racer, args=(redis_server.url, namespace, 20, out))
         for _ in range(10)
     ]
     for p in procs:
@@ -404,9 +404,8 @@ def test_replaying_the_ledger_gives_the_counters(redis_server: RedisServer, name
     with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as admin:
         admin.set_budget("c0", 400)
         admin.set_budget("c1", 300)
-    ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(target=_ledger_worker, args=(redis_server.url, namespace, seed, 625))
+        CTX.Process(target=_ledger_worker, args=(redis_server.url, namespace, seed, 625))
         for seed in range(4)
     ]
     for p in procs:

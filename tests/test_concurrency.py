@@ -1,12 +1,11 @@
 """Real processes racing on one budget: the scripts' atomicity is the only thing keeping order.
 
-Every worker is a separate interpreter (multiprocessing, "spawn") with its own client and its
-own connection; a barrier releases them together so their preflights reach Redis at once.
+Every worker is a separate process (tests/_processes.py) with its own client and its own
+connection; a barrier releases them together so their preflights reach Redis at once.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import threading
 import traceback
@@ -21,9 +20,9 @@ from typing import NamedTuple, TypeVar, cast
 import pytest
 
 from agentbill import AgentBillClient
+from tests._processes import CTX
 from tests._servers import RedisServer
 
-CTX = multiprocessing.get_context("spawn")
 T = TypeVar("T")
 Outcome = tuple[int, bool, object]
 """A worker's index, whether it returned, and its return value or traceback."""
@@ -51,7 +50,7 @@ def _entry(
 
 
 def run_processes(target: Callable[..., T], args: Sequence[tuple[object, ...]]) -> list[T]:
-    """Run ``target(*args[i])`` in one spawned process per entry; their return values, in order.
+    """Run ``target(*args[i])`` in one worker process per entry; their return values, in order.
 
     A worker that raises fails the test with its traceback.
     """

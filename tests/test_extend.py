@@ -34,9 +34,10 @@ from agentbill import (
 )
 from agentbill._models import MAX_UNITS
 from tests._async_facade import Blocking
+from tests._processes import CTX
 from tests._servers import RedisServer
 from tests.test_accounting import _refused_without_a_write, due, dump
-from tests.test_concurrency import BARRIER_TIMEOUT, CTX, run_processes
+from tests.test_concurrency import BARRIER_TIMEOUT, run_processes
 
 __all__ = ["due"]  # the fixture with due reservations, defined with the accounting tests
 

@@ -32,8 +32,9 @@ from agentbill import (
 from agentbill._core import stats_bin_top
 from agentbill._results import LEARN_AFTER
 from tests._llm_mock import MockLLM
+from tests._processes import CTX
 from tests._servers import RedisServer
-from tests.test_concurrency import BARRIER_TIMEOUT, CTX, run_processes
+from tests.test_concurrency import BARRIER_TIMEOUT, run_processes
 from tests.test_properties import FUZZ, bad_units
 
 AGENT, CUSTOMER = "agent", "u"

@@ -17,8 +17,9 @@ import redis
 from agentbill import AgentBillClient, RunBlockedError, _learned
 from agentbill._results import LEARN_AFTER
 from tests._llm_mock import MockLLM
+from tests._processes import CTX
 from tests._servers import RedisServer
-from tests.test_concurrency import BARRIER_TIMEOUT, CTX, run_processes
+from tests.test_concurrency import BARRIER_TIMEOUT, run_processes
 from tests.test_learned import AGENT, CUSTOMER, DOLLAR, approved, approved_call, run
 
 

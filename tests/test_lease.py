@@ -31,6 +31,7 @@ from agentbill import (
 )
 from agentbill._lease import LeaseBook
 from tests._faults import ReplyLosingProxy, proxy, wait_until
+from tests._processes import CTX
 from tests._servers import RedisServer
 
 T = TypeVar("T")
@@ -228,10 +229,9 @@ def test_racing_processes_with_leases_never_overspend(
     limit, procs_n = 137, 4
     with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as admin:
         admin.set_budget("hot", limit)
-    ctx = mp.get_context("spawn")
-    out: mp.Queue[int] = ctx.Queue()
+    out: mp.Queue[int] = CTX.Queue()
     procs = [
-        ctx.Process(target=_leaser, args=(redis_server.url, namespace, 100, out))
+        CTX.Process(target=_leaser, args=(redis_server.url, namespace, 100, out))
         for _ in range(procs_n)
     ]
     for p in procs:

@@ -1,6 +1,6 @@
 """Racing processes making wrapped LLM calls against one dollar budget never exceed it.
 
-Four spawned interpreters, each with its own AgentBillClient and its own SDK client (OpenAI
+Four processes, each with its own AgentBillClient and its own SDK client (OpenAI
 chat completions in two of them, Anthropic streams in the other two, against the in-process
 mock), start together and call until refused. Every call reserves its bound and is charged
 its priced usage, so the budget holds and the ledger adds up to the micro-dollar.
@@ -14,8 +14,9 @@ import pytest
 
 from agentbill import AgentBillClient, RunBlockedError
 from tests._llm_mock import MockLLM
+from tests._processes import CTX
 from tests._servers import RedisServer
-from tests.test_concurrency import BARRIER_TIMEOUT, CTX, run_processes
+from tests.test_concurrency import BARRIER_TIMEOUT, run_processes
 
 DOLLAR = 1_000_000
 CALLS = 60

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -604,8 +605,9 @@ def test_bad_settings_stop_the_server_before_it_serves(tmp_path: Path) -> None:
         ({"AGENTBILL_REDIS_URL": "redis://127.0.0.1:1/0"}, ["--http", "0.0.0.0:8765"], "--http"),
         ({"AGENTBILL_REDIS_URL": "redis://127.0.0.1:1/0"}, ["--http", "8765"], "--http"),
     ]
-    for env, args, field in cases:
-        done = subprocess.run(
+
+    def start(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [sys.executable, "-m", "agentbill.mcp_server", *args],
             env={**base, **env},
             stdin=subprocess.DEVNULL,
@@ -613,6 +615,11 @@ def test_bad_settings_stop_the_server_before_it_serves(tmp_path: Path) -> None:
             text=True,
             timeout=60,
         )
+
+    # All at once: each server's interpreter start-up overlaps the others'.
+    with ThreadPoolExecutor(len(cases)) as pool:
+        ran = list(pool.map(lambda case: start(case[0], case[1]), cases))
+    for (env, args, field), done in zip(cases, ran, strict=True):
         assert done.returncode == 2, (env, args, done.stderr)
         assert done.stderr.startswith(f"agentbill mcp: {field}:"), done.stderr
         assert "Traceback" not in done.stderr

@@ -27,6 +27,7 @@ from tests._faults import (
     proxy,
     wait_until,
 )
+from tests._processes import CTX
 from tests._servers import RedisServer, running
 
 __all__ = ["connect", "proxy"]  # fixtures used here, defined in tests/_faults.py
@@ -297,11 +298,10 @@ def test_overshoot_is_bounded_by_processes_times_allowance(
         admin.set_budget(CUSTOMER, 5)
         admin.record(AGENT, 5, CUSTOMER)
     durable.kill()
-    ctx = mp.get_context("spawn")
-    out: mp.Queue[tuple[int, int]] = ctx.Queue()
-    redis_is_back = ctx.Event()
+    out: mp.Queue[tuple[int, int]] = CTX.Queue()
+    redis_is_back = CTX.Event()
     workers = [
-        ctx.Process(
+        CTX.Process(
             target=_offline_worker,
             args=(durable.url, namespace, allowance, 10, out, redis_is_back),
         )

@@ -12,6 +12,7 @@ import redis
 
 from agentbill import AgentBillClient, InvalidRequestError, Preflight
 from agentbill._scripts import installed
+from tests._processes import CTX
 from tests._servers import RedisServer
 from tests.conftest import namespace_keys
 
@@ -150,10 +151,9 @@ def test_racing_processes_get_exactly_the_budget(redis_server: RedisServer, name
     limit = 137
     with AgentBillClient(redis_url=redis_server.url, namespace=namespace) as admin:
         admin.set_budget("hot", limit)
-    ctx = mp.get_context("spawn")
-    out: mp.Queue[int] = ctx.Queue()
+    out: mp.Queue[int] = CTX.Queue()
     procs = [
-        ctx.Process(target=_racer, args=(redis_server.url, namespace, 5, out)) for _ in range(6)
+        CTX.Process(target=_racer, args=(redis_server.url, namespace, 5, out)) for _ in range(6)
     ]
     for p in procs:
         p.start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -25,10 +24,11 @@ import redis
 
 from agentbill import AgentBillClient, BudgetStatus, StoreUnavailableError
 from agentbill._keys import KeySpace
+from tests._processes import CTX
 from tests.chaos import _workers as w
 
-CTX = multiprocessing.get_context("spawn")
-# Generous: a spawned interpreter starting on a loaded 2-core machine can take seconds.
+# Generous: the first worker of a session starts the fork server (tests/_processes.py), an
+# interpreter that imports agentbill, which on a loaded 2-core machine can take seconds.
 READY_TIMEOUT = 120.0
 FINISH_TIMEOUT = 240.0
 

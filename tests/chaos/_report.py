@@ -67,7 +67,7 @@ SCENARIOS: dict[str, Scenario] = {
     "load": Scenario(
         "Load",
         "Load: processes racing on a few hot budgets",
-        "{load[processes]} worker processes (multiprocessing spawn, one client and one connection "
+        "{load[processes]} worker processes (forkserver, one client and one connection "
         "each) start together and each makes {sizes[load_ops]} runs: preflight an estimate of 1 "
         "to 8 units on one of three hot customers, then record 0 to the estimate by reservation "
         "id, record without an id (closing the agent's oldest open reservation), or release. A "

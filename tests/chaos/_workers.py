@@ -1,10 +1,10 @@
 """What one chaos worker process does: its own client, one loop, a journal of every step.
 
-Workers run in fresh interpreters (multiprocessing "spawn"), so this module imports only
-agentbill and the standard library. Every call is journaled before it is sent and after it
-returns, one JSON array per line on a line-buffered file (each line reaches the OS in one
-write), so for a worker SIGKILLed at any point the test can tell which calls were acknowledged
-and which are in doubt.
+Workers are processes of their own (tests/_processes.py), each importing this module afresh, so
+it imports only agentbill and the standard library. Every call is journaled before it is sent
+and after it returns, one JSON array per line on a line-buffered file (each line reaches the OS
+in one write), so for a worker SIGKILLed at any point the test can tell which calls were
+acknowledged and which are in doubt.
 
 The workers share no lock with the test: a worker killed while holding one would stall the
 others. They read their start and stop signals from, and report their progress in, a shared
@@ -54,7 +54,7 @@ Shared = MutableSequence[int]
 
 @dataclass(frozen=True, slots=True)
 class Spec:
-    """One worker's orders. Picklable: it crosses into the spawned process."""
+    """One worker's orders. Picklable: it crosses into the worker process."""
 
     index: int
     url: str
