@@ -129,3 +129,17 @@ def test_set_budget_repairs_a_scope_whose_thresholds_are_huge(
     raw.hset(_keys(budgeted).budget, "thr", HUGE_THR)
     budgeted.set_budget(CUSTOMER, 1000, period="day", thresholds=(50,))
     assert budgeted.get_budget(CUSTOMER).limit == 1000
+
+
+def test_a_huge_zone_table_fails_a_record_closing_a_reservation(
+    budgeted: AgentBillClient, raw: redis.Redis
+) -> None:
+    """Fails, but only after the reservation was closed and charged: settle reads the customer's
+    scope after its writes (after_charge, finish), and checking it before them costs one more
+    HMGET per record (report-bound.md). Each later call of the customer fails the same way."""
+    check = budgeted.preflight("agent", 1, customer_id=CUSTOMER)
+    raw.hset(_keys(budgeted).budget, "tzt", HUGE_TZT)
+    for _ in range(2):
+        with pytest.raises(StoreError, match="AGENTBILL corrupt tzt") as info:
+            check.record(1)
+        assert not isinstance(info.value, StoreUnavailableError)
