@@ -68,6 +68,25 @@ local REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S
 -- walk a customer's whole backlog while Redis serves no one else.
 local MAX_REAP_S = '10000'
 local MAX_REAP = 10000 -- the same as MAX_REAP_S (no tonumber() at FUNCTION LOAD)
+-- The longest stored value of each kind a call parses. A tenant key may write its own keys raw
+-- (functions run with the caller's ACL, so it holds HSET on them): a value of millions of
+-- entries made every call of that customer walk it for seconds, BUSY for every tenant, and
+-- UNKILLABLE once the call had written. Each bound is far above what the clients write, and
+-- checked with #s (O(1)) before the value is parsed; a longer value is an error (bounded()).
+-- Zone table (tzt): agentbill/_zones.py writes a year back to YEARS_AHEAD (20) years ahead,
+-- ~45 entries of '<utc_ms>:<offset_ms>' (at most 25 bytes each): ~1,100 bytes.
+local MAX_TZT = 16384
+-- Thresholds (thr): at most 20 percents of at most 1000 (ThresholdsSpec in _models.py): 99 bytes.
+local MAX_THR = 1024
+-- Archived periods (arch): '<pid>@<end ms>' (about 40 bytes), one per period that still holds
+-- a reservation or ended less than SPREAD ago: a handful; thousands only for an hourly budget
+-- with reservations open (TTL) across thousands of hours. Each entry costs scope_roll an HMGET.
+local MAX_ARCH = 262144
+-- A record split() parses (reservation, outcome, idempotency and threshold records, and the
+-- packed ARGV[6]): at most 17 fields, ids at most 256 bytes (MAX_ID_LENGTH), digests and
+-- integers shorter: under 5,000 bytes.
+local MAX_RECORD = 65536
+
 -- How many arguments one command is handed at most from a list: Lua's unpack() fails beyond
 -- about 8,000 results ("too many results to unpack").
 local CHUNK = 1000
@@ -82,6 +101,16 @@ local function setting(v, name)
     error({err = 'AGENTBILL bad_setting ' .. name .. ': a decimal integer, as the clients send it'})
   end
   return tonumber(v)
+end
+
+-- `v` (a stored value of `field`, false or nil when absent) if at most `max` bytes long, else
+-- an error: the value is not one agentbill wrote (see MAX_TZT), and parsing it could hold Redis.
+local function bounded(v, max, field)
+  if v and #v > max then
+    error({err = 'AGENTBILL corrupt ' .. field .. ': a stored value of ' .. #v
+      .. ' bytes, longer than agentbill ever writes (' .. max .. ')'})
+  end
+  return v
 end
 
 local function begin(KEYS, ARGV)
@@ -145,6 +174,7 @@ end
 -- string.match with a capture per field, far cheaper than a gmatch loop (each step of which is
 -- a C call); a string of another shape is split field by field as without `n`.
 local function split(s, n)
+  bounded(s, MAX_RECORD, 'record')
   if n then
     local fields = {string.match(s, '^' .. string.rep('([^' .. SEP .. ']*)' .. SEP, n - 1)
       .. '([^' .. SEP .. ']*)$')}
@@ -317,11 +347,11 @@ end
 -- -- scopes ------------------------------------------------------------------------------------
 
 local SCOPE_FIELDS = {'limit', 'period', 'tzt', 'pid', 'spent', 'reserved', 'open', 'rl_n',
-                      'rl_per', 'rl_burst', 'rl_tat', 'cc', 'thr', 'name'}
+                      'rl_per', 'rl_burst', 'rl_tat', 'cc', 'thr', 'name', 'arch'}
 -- The customer scope's read also takes the fields only it holds (see above): policy, customer,
 -- seq. Read in the same HMGET, so a script needs no second read of them (touch() takes policy).
 local CUSTOMER_FIELDS = {'limit', 'period', 'tzt', 'pid', 'spent', 'reserved', 'open', 'rl_n',
-                         'rl_per', 'rl_burst', 'rl_tat', 'cc', 'thr', 'name',
+                         'rl_per', 'rl_burst', 'rl_tat', 'cc', 'thr', 'name', 'arch',
                          'policy', 'customer', 'seq'}
 
 -- The state of scope `p` at `now`. An agent without a period of its own (no budget, or a
@@ -341,13 +371,19 @@ local function scope_read(p, now, fallback)
     for i, f in ipairs(SCOPE_FIELDS) do names[i] = p .. f end
   end
   local v = redis.call('HMGET', K.budget, unpack(names))
+  -- Every stored value this call may parse, checked before the call writes anything (the
+  -- scripts read their scopes first): the zone table here, thr in check_thresholds, arch in
+  -- scope_roll (which always follows this read of its scope).
+  bounded(v[3], MAX_TZT, p .. 'tzt')
+  bounded(v[13], MAX_THR, p .. 'thr')
+  bounded(v[15], MAX_ARCH, p .. 'arch')
   local s = { -- every field named here, so the table is made at its final size
     p = p, limit = v[1] and tonumber(v[1]), period = v[2] or '', tzt = v[3] or '',
     stored = v[4] or '', open = num(v[7]),
     rl_n = v[8] and tonumber(v[8]), rl_per = num(v[9]), rl_burst = num(v[10]),
     rl_tat = num(v[11]), cc = v[12] and tonumber(v[12]), thr = v[13] or '', name = v[14],
     pid = false, pstart = false, pend = false, spent = 0, reserved = 0,
-    policy = v[15] or false, customer = v[16], seq = v[17], -- the customer's alone (else nil)
+    policy = v[16] or false, customer = v[17], seq = v[18], -- the customer's alone (else nil)
   }
   if fallback and s.period == '' then
     s.period, s.tzt = fallback.period, fallback.tzt
@@ -457,7 +493,7 @@ end
 -- its release takes back below (a batch rolled back): the mark and its ledger entry go, so the
 -- real crossing later is reported.
 local function uncross(p, rp, rid)
-  local thr = redis.call('HGET', K.budget, p .. 'thr')
+  local thr = bounded(redis.call('HGET', K.budget, p .. 'thr'), MAX_THR, p .. 'thr')
   if not thr then return end
   local spent, reserved = period_fields(p, rp)
   if not spent then return end
@@ -566,7 +602,7 @@ local function forget_agent(adig)
   local drop = {}
   for _, f in ipairs(SCOPE_FIELDS) do drop[#drop + 1] = p .. f end
   for _, f in ipairs({'pend', 'arch'}) do drop[#drop + 1] = p .. f end
-  for entry in string.gmatch(v[6] or '', '[^,]+') do
+  for entry in string.gmatch(bounded(v[6], MAX_ARCH, p .. 'arch') or '', '[^,]+') do
     local pid = string.match(entry, '^(.*)@')
     drop[#drop + 1] = p .. 's:' .. pid
     drop[#drop + 1] = p .. 'r:' .. pid

@@ -10,5 +10,11 @@
 local adig = ARGV[6]
 
 local now = now_ms()
-if reap(now) then touch() end
-return budget_reply(adig, now)
+-- Read before reaping, so a stored value too long to parse (bounded() in _common.lua) fails
+-- the call before it writes anything; read again only if reaping changed a counter.
+local reply = budget_reply(adig, now)
+if reap(now) then
+  touch()
+  reply = budget_reply(adig, now)
+end
+return reply

@@ -20,14 +20,23 @@ if limit < 1 then
 end
 
 local now = now_ms()
-if reap(now) then touch() end
-local cs = scope_read('', now)
-local agents = {}
-for _, dig in ipairs(redis.call('ZREVRANGE', K.agents, 0, limit - 1)) do
-  local s = scope_read('a:' .. dig .. ':', now, cs)
-  if s.name then
-    agents[#agents + 1] = s.name
-    agents[#agents + 1] = scope_reply(s)
+local function usage()
+  local cs = scope_read('', now)
+  local agents = {}
+  for _, dig in ipairs(redis.call('ZREVRANGE', K.agents, 0, limit - 1)) do
+    local s = scope_read('a:' .. dig .. ':', now, cs)
+    if s.name then
+      agents[#agents + 1] = s.name
+      agents[#agents + 1] = scope_reply(s)
+    end
   end
+  return {scope_reply(cs), agents, now}
 end
-return {scope_reply(cs), agents, now}
+-- Read before reaping, so a stored value too long to parse (bounded() in _common.lua) fails
+-- the call before it writes anything; read again only if reaping changed a counter or agent.
+local reply = usage()
+if reap(now) then
+  touch()
+  reply = usage()
+end
+return reply

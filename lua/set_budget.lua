@@ -18,9 +18,16 @@ local adig, limit, period, tzt, thr = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[1
 local customer_id, agent = ARGV[11], ARGV[12]
 local p = adig == '' and '' or ('a:' .. adig .. ':')
 
+-- The zone table and thresholds it stores, checked before its first write: another caller
+-- than the clients (a tenant key's own FCALL) could send any length (bounded()).
+bounded(tzt, MAX_TZT, 'tzt')
+bounded(thr, MAX_THR, 'thr')
+-- The thresholds stored before, whose marks are dropped: longer than any agentbill writes
+-- (not its own), they are not parsed, so that setting the budget again repairs the scope.
+local old = redis.call('HGET', K.budget, p .. 'thr') or ''
+if #old > MAX_THR then old = '' end
 local now = now_ms()
 reap(now)
-local old = redis.call('HGET', K.budget, p .. 'thr') or ''
 for pct in string.gmatch(old .. ',' .. thr, '%d+') do
   redis.call('HDEL', K.budget, p .. 'thr:' .. pct)
 end

@@ -17,6 +17,7 @@ local customer_id, agent = ARGV[11], ARGV[12]
 local p = adig == '' and '' or ('a:' .. adig .. ':')
 
 local now = now_ms()
+budget_reply(adig, now) -- its stored values checked (bounded()) before the first write
 reap(now)
 if what == 'rate' then
   if n == '' then
