@@ -91,6 +91,13 @@ local MAX_RECORD = 65536
 -- about 8,000 results ("too many results to unpack").
 local CHUNK = 1000
 
+-- HDEL of every field in `fields` (a list of any length), CHUNK at a time.
+local function hdel_all(key, fields)
+  for i = 1, #fields, CHUNK do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + CHUNK - 1, #fields)))
+  end
+end
+
 -- One of the settings (ARGV[1..5]) as a number: a decimal integer, as the clients send them,
 -- else an error before anything is written. Another caller (a tenant key's own FCALL) could
 -- hand in what Lua reads as a number but Redis refuses as an argument ('nan', '0x10', ' 5':
@@ -426,7 +433,7 @@ local function scope_roll(s, now)
     kept[#kept + 1] = s.stored .. '@' .. ends
     redis.call('HSET', K.budget, p .. 's:' .. s.stored, spent, p .. 'r:' .. s.stored, reserved)
   end
-  if #drop > 0 then redis.call('HDEL', K.budget, unpack(drop)) end
+  hdel_all(K.budget, drop) -- thousands when an hourly budget's long reservations all closed
   redis.call('HSET', K.budget, p .. 'pid', s.pid, p .. 'pend', s.pend and fmt(s.pend) or '',
     p .. 'spent', fmt(s.spent), p .. 'reserved', fmt(s.reserved), p .. 'arch', table.concat(kept, ','))
   s.stored = s.pid
@@ -607,7 +614,7 @@ local function forget_agent(adig)
     drop[#drop + 1] = p .. 's:' .. pid
     drop[#drop + 1] = p .. 'r:' .. pid
   end
-  redis.call('HDEL', K.budget, unpack(drop))
+  hdel_all(K.budget, drop)
   return true
 end
 
