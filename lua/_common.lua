@@ -86,6 +86,10 @@ local MAX_ARCH = 262144
 -- packed ARGV[6]): at most 17 fields, ids at most 256 bytes (MAX_ID_LENGTH), digests and
 -- integers shorter: under 5,000 bytes.
 local MAX_RECORD = 65536
+-- The most fields split() returns: records hold at most 17. A record of MAX_RECORD separators
+-- would otherwise cost 65,536 gmatch steps per split, and one call splits thousands of records
+-- (reap) or one threshold mark per listed percent: 300 such records held one call 0.7 s.
+local MAX_FIELDS = 32
 
 -- How many arguments one command is handed at most from a list: Lua's unpack() fails beyond
 -- about 8,000 results ("too many results to unpack").
@@ -190,6 +194,7 @@ local function split(s, n)
   local out = {}
   for field in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do
     out[#out + 1] = field
+    if #out == MAX_FIELDS then break end
   end
   return out
 end
