@@ -86,10 +86,21 @@ local MAX_ARCH = 262144
 -- packed ARGV[6]): at most 17 fields, ids at most 256 bytes (MAX_ID_LENGTH), digests and
 -- integers shorter: under 5,000 bytes.
 local MAX_RECORD = 65536
+-- The most fields split() returns: records hold at most 17. A record of MAX_RECORD separators
+-- would otherwise cost 65,536 gmatch steps per split, and one call splits thousands of records
+-- (reap) or one threshold mark per listed percent: 300 such records held one call 0.7 s.
+local MAX_FIELDS = 32
 
 -- How many arguments one command is handed at most from a list: Lua's unpack() fails beyond
 -- about 8,000 results ("too many results to unpack").
 local CHUNK = 1000
+
+-- HDEL of every field in `fields` (a list of any length), CHUNK at a time.
+local function hdel_all(key, fields)
+  for i = 1, #fields, CHUNK do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + CHUNK - 1, #fields)))
+  end
+end
 
 -- One of the settings (ARGV[1..5]) as a number: a decimal integer, as the clients send them,
 -- else an error before anything is written. Another caller (a tenant key's own FCALL) could
@@ -183,6 +194,7 @@ local function split(s, n)
   local out = {}
   for field in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do
     out[#out + 1] = field
+    if #out == MAX_FIELDS then break end
   end
   return out
 end
@@ -426,7 +438,7 @@ local function scope_roll(s, now)
     kept[#kept + 1] = s.stored .. '@' .. ends
     redis.call('HSET', K.budget, p .. 's:' .. s.stored, spent, p .. 'r:' .. s.stored, reserved)
   end
-  if #drop > 0 then redis.call('HDEL', K.budget, unpack(drop)) end
+  hdel_all(K.budget, drop) -- thousands when an hourly budget's long reservations all closed
   redis.call('HSET', K.budget, p .. 'pid', s.pid, p .. 'pend', s.pend and fmt(s.pend) or '',
     p .. 'spent', fmt(s.spent), p .. 'reserved', fmt(s.reserved), p .. 'arch', table.concat(kept, ','))
   s.stored = s.pid
@@ -607,7 +619,7 @@ local function forget_agent(adig)
     drop[#drop + 1] = p .. 's:' .. pid
     drop[#drop + 1] = p .. 'r:' .. pid
   end
-  redis.call('HDEL', K.budget, unpack(drop))
+  hdel_all(K.budget, drop)
   return true
 end
 

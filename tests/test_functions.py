@@ -510,3 +510,27 @@ def test_get_usage_lists_no_more_agents_than_the_clients_bound_whoever_asks(
     else:
         with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting agent_limit"):
             raw.fcall(fn, len(call.keys), *call.keys, *args)
+
+
+@pytest.mark.parametrize("count", ["0", "-1", "1000000000", "nan"])
+def test_events_returns_no_more_entries_than_the_clients_bound_whoever_asks(
+    client: AgentBillClient, raw: redis.Redis, count: str
+) -> None:
+    """A tenant key's own FCALL_RO of events with a count of a billion copied its whole ledger
+    (which its raw XADD makes as long as it likes) into one script: 300,000 entries held Redis
+    0.8 s, 500,000 past the clients' socket timeout, for every tenant. Refused, or at most
+    10,000 entries (the clients ask for EVENTS_PAGE at a time)."""
+    client.set_budget("c", 100)
+    ledger = client._script_settings.keys.customer("c").ledger
+    pipe = raw.pipeline(transaction=False)
+    for _ in range(12_000):
+        pipe.xadd(ledger, {"t": "x"})
+    pipe.execute()
+    call = _core.events_call(client._script_settings, "c", None, 10)
+    args = (*call.args[:-1], count)
+    fn = installed().function("events")
+    if count == "1000000000":
+        assert len(raw.fcall_ro(fn, len(call.keys), *call.keys, *args)) == 10_000
+    else:
+        with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting count"):
+            raw.fcall_ro(fn, len(call.keys), *call.keys, *args)

@@ -10,6 +10,7 @@ enough that the code before the bounds parsed them and succeeded (so these tests
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -143,3 +144,30 @@ def test_a_huge_zone_table_fails_a_record_closing_a_reservation(
         with pytest.raises(StoreError, match="AGENTBILL corrupt tzt") as info:
             check.record(1)
         assert not isinstance(info.value, StoreUnavailableError)
+
+
+@pytest.mark.parametrize("agent", [False, True])
+def test_thousands_of_archived_periods_forgotten_at_once(
+    client: AgentBillClient, raw: redis.Redis, agent: bool
+) -> None:
+    """An hourly budget whose reservations (long TTLs) kept 5,000 hours archived, all since
+    closed: the next roll forgets them at once (~110 KB of arch, within MAX_ARCH). It dropped
+    them in one HDEL of unpack(): 'too many results to unpack' past ~4,000 periods, after
+    reap's writes, and every later preflight failed the same way."""
+    if agent:
+        client.set_budget(CUSTOMER, 10**9, period="hour", agent_id="agent")
+    else:
+        client.set_budget(CUSTOMER, 10**9, period="hour")
+    p = f"a:{digest('agent')}:" if agent else ""
+    hour = int(time.time() // 3600) - 40  # ended far longer ago than SPREAD (26 h)
+    arch = ",".join(f"h{hour - i}@{(hour - i + 1) * 3600000}" for i in range(5000))
+    raw.hset(
+        _keys(client).budget,
+        mapping={
+            p + "arch": arch,
+            p + "pid": f"h{hour + 1}",
+            p + "pend": f"{(hour + 2) * 3600000}",
+        },
+    )
+    assert client.preflight("agent", 1, customer_id=CUSTOMER).approved
+    assert raw.hget(_keys(client).budget, p + "arch") in ("", None)
