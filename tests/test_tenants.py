@@ -848,3 +848,26 @@ def test_rediss_urls_work(make_client: Make, tmp_path: Path) -> None:
             plain.get_budget("cust")
     finally:
         srv.stop()
+
+
+def test_the_readmes_key_commands_run(server: AclRedisServer) -> None:
+    """The README's shell block of key commands, as written: its export line pointed at this
+    server, and the revoke at the key its own create printed."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(
+        b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "keys create" in b
+    )
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert lines[0].startswith("export AGENTBILL_ADMIN_URL=")
+    commands = [line.removeprefix("agentbill keys ").split() for line in lines[1:] if line]
+    assert [c[0] for c in commands] == ["create", "list", "revoke", "load-library"]
+    ns = f"readme-{uuid.uuid4().hex[:8]}"
+    created = _cli("create", ns, admin_url=server.admin_url)  # the README's `create acme`
+    assert created.returncode == 0, created.stderr
+    parsed = parse_api_key(created.stdout.strip())
+    assert parsed is not None
+    key_id = parsed.key_id
+    for command in commands[1:]:
+        args = [key_id if a == "3f9a0c1d2e4b5a69" else a for a in command]
+        ran = _cli(*args, admin_url=server.admin_url)
+        assert ran.returncode == 0, (command, ran.stderr)
