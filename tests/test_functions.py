@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import random
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -31,8 +35,10 @@ from agentbill._models import RecordRequest
 from agentbill._retry import translate
 from agentbill._scripts import build, installed, no_functions, source
 from tests._clock import movable_clock, shift_clock
+from tests._processes import CTX
 from tests._servers import RedisServer, running
 from tests.conftest import namespace_keys
+from tests.test_concurrency import run_processes
 from tests.test_topology import url_client
 
 KINDS = ["sync", "async"]
@@ -534,3 +540,85 @@ def test_events_returns_no_more_entries_than_the_clients_bound_whoever_asks(
     else:
         with pytest.raises(redis.ResponseError, match="AGENTBILL bad_setting count"):
             raw.fcall_ro(fn, len(call.keys), *call.keys, *args)
+
+
+# -- racing processes: gated runs under a key that may not load the library --------------------
+
+GATED_WORKERS = 4
+GATED_RUNS = 60
+
+
+def gated_worker(
+    url: str, namespace: str, seed: int, finished: Any, loaded: Any
+) -> tuple[int, int, int]:
+    """``GATED_RUNS`` gated runs on one customer through a user that may not load the library,
+    while the test flushes and reloads it. Returns (units its finished bodies reported,
+    preflights refused for the missing library, settlements dropped)."""
+    rng = random.Random(seed)
+    reported = refused = 0
+    with AgentBillClient(redis_url=url, namespace=namespace) as client:
+        for _ in range(GATED_RUNS):
+            units = rng.randint(1, 20)
+
+            @client.gate("agent", 20, customer_id="c", units=units)
+            def body() -> None:
+                time.sleep(rng.random() / 200)
+
+            try:
+                body()
+            except LibraryNotLoadedError:
+                refused += 1  # at the preflight: the body did not run, nothing reserved
+                continue
+            reported += units
+        finished.release()
+        assert loaded.wait(60)
+        while client.flush():
+            time.sleep(0.05)
+        return reported, refused, client.outage_stats.dropped
+
+
+def test_racing_gated_runs_lose_no_record_while_the_library_comes_and_goes(
+    acl_server: RedisServer, namespace: str
+) -> None:
+    """Four processes run gated runs through a key that may not load the library (a tenant's
+    position) while an operator flushes it and loads it back over and over. A run whose record
+    met the missing library is queued; once the library is back for good, every reported unit
+    is charged exactly once and nothing stays reserved."""
+    url = f"redis://caller:secret@127.0.0.1:{acl_server.port}/0"
+    finished, loaded = CTX.Semaphore(0), CTX.Event()
+    with acl_server.client() as admin:
+        admin.function_load(installed().text, replace=True)
+        with AgentBillClient(redis_url=url, namespace=namespace) as client:
+            client.set_budget("c", 10**9)
+        flushes = 0
+
+        def operator() -> None:
+            nonlocal flushes
+            done = 0
+            while done < GATED_WORKERS:
+                admin.function_flush()
+                flushes += 1
+                time.sleep(0.02)
+                admin.function_load(installed().text, replace=True)
+                time.sleep(0.03)
+                while finished.acquire(block=False):
+                    done += 1
+            loaded.set()
+
+        thread = threading.Thread(target=operator)
+        thread.start()
+        try:
+            results = run_processes(
+                gated_worker,
+                [(url, namespace, s, finished, loaded) for s in range(GATED_WORKERS)],
+            )
+        finally:
+            loaded.set()
+            thread.join()
+        with AgentBillClient(redis_url=url, namespace=namespace) as client:
+            budget = client.get_budget("c")
+    assert flushes > 5
+    assert sum(r[1] for r in results) > 0  # the flushes did reach the workers
+    assert [r[2] for r in results] == [0] * GATED_WORKERS
+    assert (budget.reserved, budget.open_reservations) == (0, 0)
+    assert budget.spent == sum(r[0] for r in results)
