@@ -63,11 +63,12 @@ local K, REAP_LIMIT, RETENTION, LEDGER_LEN, TASK_RETENTION, IDLE
 -- number formatting is among the dearer steps of a script.
 local REAP_LIMIT_S, RETENTION_S, LEDGER_LEN_S, IDLE_S
 
--- The most a call reaps of each kind: the clients' own bound on the reap limit (reap_limit in
--- agentbill/_models.py, reapLimit in the TypeScript client), so that no caller can make one call
--- walk a customer's whole backlog while Redis serves no one else.
-local MAX_REAP_S = '10000'
-local MAX_REAP = 10000 -- the same as MAX_REAP_S (no tonumber() at FUNCTION LOAD)
+-- The most items of one kind a call walks, whoever asks: the clients' own bound on the reap
+-- limit (reap_limit in agentbill/_models.py, reapLimit in the TypeScript client), on
+-- get_usage's agents and on an events page, so that no caller can make one call walk a
+-- customer's whole backlog while Redis serves no one else.
+local MAX_ITEMS_S = '10000'
+local MAX_ITEMS = 10000 -- the same as MAX_ITEMS_S (no tonumber() at FUNCTION LOAD)
 -- The longest stored value of each kind a call parses. A tenant key may write its own keys raw
 -- (functions run with the caller's ACL, so it holds HSET on them): a value of millions of
 -- entries made every call of that customer walk it for seconds, BUSY for every tenant, and
@@ -106,12 +107,22 @@ end
 -- else an error before anything is written. Another caller (a tenant key's own FCALL) could
 -- hand in what Lua reads as a number but Redis refuses as an argument ('nan', '0x10', ' 5':
 -- the call failed after its writes), or a count of '-1', which ZRANGEBYSCORE's LIMIT takes
--- for "no limit" (a reap of the whole backlog, past MAX_REAP).
+-- for "no limit" (a reap of the whole backlog, past MAX_ITEMS).
 local function setting(v, name)
   if not (v and #v <= 16 and string.find(v, '^%d+$')) then
     error({err = 'AGENTBILL bad_setting ' .. name .. ': a decimal integer, as the clients send it'})
   end
   return tonumber(v)
+end
+
+-- A count a caller asks for (ARGV, a decimal integer as for setting()): at least 1, else an
+-- error before anything is written; more than MAX_ITEMS is taken as MAX_ITEMS.
+local function count(v, name)
+  local n = setting(v, name)
+  if n < 1 then
+    error({err = 'AGENTBILL bad_setting ' .. name .. ': at least 1'})
+  end
+  return math.min(n, MAX_ITEMS)
 end
 
 -- `v` (a stored value of `field`, false or nil when absent) if at most `max` bytes long, else
@@ -130,9 +141,9 @@ local function begin(KEYS, ARGV)
     tasksx = KEYS[6], closed = KEYS[7], closedx = KEYS[8], ledger = KEYS[9], agents = KEYS[10],
   }
   REAP_LIMIT, REAP_LIMIT_S = setting(ARGV[1], 'reap_limit'), ARGV[1]
-  if REAP_LIMIT > MAX_REAP then
+  if REAP_LIMIT > MAX_ITEMS then
     -- A caller that is not agentbill's client (a tenant key's own FCALL) asked for more.
-    REAP_LIMIT, REAP_LIMIT_S = MAX_REAP, MAX_REAP_S
+    REAP_LIMIT, REAP_LIMIT_S = MAX_ITEMS, MAX_ITEMS_S
   end
   RETENTION = setting(ARGV[2], 'outcome_retention')
   LEDGER_LEN = setting(ARGV[3], 'ledger_max_len')

@@ -7,12 +7,9 @@
 -- ARGV[7] at most this many entries
 -- Reply: XRANGE's: {{id, {field, value, ...}}, ...}
 
--- At most 10,000 entries (the clients ask for EVENTS_PAGE, 1,000, at a time) whoever asks: a
+-- At most MAX_ITEMS entries (the clients ask for EVENTS_PAGE, 1,000, at a time) whoever asks: a
 -- caller other than agentbill's clients (a tenant key's own FCALL_RO) could ask for a billion,
 -- and the ledger is as long as the tenant's raw XADD makes it (300,000 entries held Redis 0.8 s).
-local after, count = ARGV[6], math.min(setting(ARGV[7], 'count'), 10000)
-if count < 1 then
-  return redis.error_reply('AGENTBILL bad_setting count: at least 1')
-end
+local after, n = ARGV[6], count(ARGV[7], 'count')
 local start = after == '-' and '-' or ('(' .. after)
-return redis.call('XRANGE', K.ledger, start, '+', 'COUNT', fmt(count))
+return redis.call('XRANGE', K.ledger, start, '+', 'COUNT', fmt(n))

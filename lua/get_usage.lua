@@ -10,14 +10,11 @@
 -- ARGV[6]     at most this many agents
 -- Reply: {customer scope, {agent id, agent scope, ...}, now_ms}
 
--- At most 10,000 agents (the clients' bound, limit in get_usage) whoever asks: each one listed
+-- At most MAX_ITEMS agents (the clients' bound, limit in get_usage) whoever asks: each one listed
 -- costs a read of its scope, and a caller other than agentbill's clients (a tenant key's own
 -- FCALL) could ask for '0' or '-1' (ZREVRANGE 0 -1: every agent; 100,000 of them held Redis
 -- over 5 s, past the BUSY threshold). Checked before reaping: an error writes nothing.
-local limit = math.min(setting(ARGV[6], 'agent_limit'), 10000)
-if limit < 1 then
-  return redis.error_reply('AGENTBILL bad_setting agent_limit: at least 1')
-end
+local limit = count(ARGV[6], 'agent_limit')
 
 local now = now_ms()
 local function usage()
